@@ -1,0 +1,3 @@
+from convscale_cli.cli import run
+
+run()

@@ -1,0 +1,110 @@
+"""The ``convscale`` command: a thin Typer layer over the library.
+
+Only this package defines options. Commands build typed configs and call library code; library code raises
+:class:`~convscale_cli.errors.ConvscaleError`, which :func:`main` turns into one ``Error: ...`` line on stderr and the
+error's exit code (2 for bad input). ``--debug`` shows the traceback instead.
+
+Keep this import graph free of jax, flax, optax, grain and orbax: ``--help``, ``models``, ``datasets``, ``plugins`` and
+``plan`` must start in well under a second. Commands that train import the engine inside their function body.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Sequence
+
+import typer
+
+from convscale_cli import __version__
+from convscale_cli.cli import _state
+from convscale_cli.errors import ConvscaleError, ExitCode
+
+app = typer.Typer(
+    name="convscale",
+    help=(
+        "Spend a vision pre-training compute budget well: plan the model, epochs and learning rate for a budget, "
+        "train and fine-tune NFNets and ViTs, and fit scaling laws to your runs "
+        "(Smith et al. 2023, 'ConvNets Match Vision Transformers at Scale')."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"convscale {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors."),
+    strict: bool = typer.Option(
+        False, "--strict", help="Fail when a plugin cannot be loaded (default: warn and skip it)."
+    ),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    _state.debug = debug or _state.debug
+    if strict:
+        import os
+
+        os.environ["CONVSCALE_STRICT_PLUGINS"] = "1"
+
+
+def _register_commands() -> None:
+    # Each module adds its commands to `app`; importing them is cheap (no jax at module level).
+    from convscale_cli.cli import registry_cmds  # noqa: F401
+
+
+_register_commands()
+
+
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    print(f"Warning: {message}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console-script entry point; returns the process exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    _state.debug = "--debug" in args
+    warnings.showwarning = _show_warning
+    try:
+        result = app(args=args, prog_name="convscale", standalone_mode=False)
+        return int(result) if isinstance(result, int) else ExitCode.OK
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.Abort:
+        print("Interrupted.", file=sys.stderr)
+        return ExitCode.INTERRUPTED
+    except typer.TyperException as exc:  # typer's (vendored click's) usage errors: unknown command/option, bad value
+        if _state.debug:
+            raise
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            print(exc.ctx.get_help())  # type: ignore[attr-defined]
+            return ExitCode.OK
+        print(f"Error: {_one_line(exc.format_message())}", file=sys.stderr)  # type: ignore[attr-defined]
+        return getattr(exc, "exit_code", ExitCode.USAGE_ERROR)
+    except ConvscaleError as exc:
+        if _state.debug:
+            raise
+        print(f"Error: {_one_line(str(exc))}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("Interrupted.", file=sys.stderr)
+        return ExitCode.INTERRUPTED
+
+
+def run() -> None:
+    """The ``convscale`` console script."""
+    sys.exit(main())

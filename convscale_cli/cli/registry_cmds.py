@@ -1,0 +1,159 @@
+"""``convscale models``, ``datasets`` and ``plugins``: what the installed plugins provide."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from convscale_cli.cli import app
+from convscale_cli.cli._output import print_json, print_table
+from convscale_cli.errors import UsageError
+
+PatternArg = Annotated[str | None, typer.Argument(help="Glob (nfnet-f*) or substring to filter names.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+@app.command()
+def models(
+    pattern: PatternArg = None,
+    family: Annotated[str | None, typer.Option(help="Only this family (nfnet, vit, ...).")] = None,
+    resolution: Annotated[
+        int | None, typer.Option(help="Count MACs at this resolution instead of each model's eval resolution.")
+    ] = None,
+    num_classes: Annotated[int | None, typer.Option(help="Classifier size for the counts (default: 1000).")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """List registered architectures with parameters and forward GMACs per image."""
+    from convscale_cli.plugins import get_registry
+
+    if resolution is not None and resolution <= 0:
+        raise UsageError(f"--resolution must be > 0, got {resolution}")
+    if num_classes is not None and num_classes <= 0:
+        raise UsageError(f"--num-classes must be > 0, got {num_classes}")
+    registry = get_registry()
+    specs = registry.architectures.match(pattern)
+    if family:
+        families = sorted({s.family for s in registry.architectures})
+        if family not in families:
+            from convscale_cli.errors import UnknownNameError
+
+            raise UnknownNameError("family", family, families)
+        specs = [s for s in specs if s.family == family]
+    if pattern and not specs:
+        raise UsageError(f"no model matches {pattern!r}; run `convscale models` to list all")
+    rows = []
+    for spec in specs:
+        res = resolution or spec.eval_resolution
+        classes = num_classes or spec.default_num_classes
+        spec.check_resolution(res)
+        count = spec.count(res, classes)
+        rows.append(
+            {
+                "name": spec.name,
+                "family": spec.family,
+                "params": count.params,
+                "macs": count.macs,
+                "resolution": res,
+                "num_classes": classes,
+                "train_resolution": spec.train_resolution,
+                "eval_resolution": spec.eval_resolution,
+                "tags": list(spec.tags),
+                "plugin": registry.architectures.owner(spec.name),
+                "description": spec.description,
+            }
+        )
+    rows.sort(key=lambda r: (r["family"], r["params"], r["name"]))
+    if json_:
+        print_json(rows)
+        return
+    print_table(
+        None,
+        ["model", "family", "params", "GMACs", "@px", "train/eval px", "tags"],
+        [
+            (
+                r["name"],
+                r["family"],
+                f"{r['params'] / 1e6:.1f}M",
+                f"{r['macs'] / 1e9:.2f}" if r["macs"] >= 1e7 else f"{r['macs'] / 1e9:.4f}",
+                r["resolution"],
+                f"{r['train_resolution']}/{r['eval_resolution']}",
+                ",".join(r["tags"]),
+            )
+            for r in rows
+        ],
+        right=["params", "GMACs", "@px"],
+    )
+
+
+@app.command()
+def datasets(pattern: PatternArg = None, json_: JsonOpt = False) -> None:
+    """List registered datasets with their classes and split sizes."""
+    from convscale_cli.plugins import get_registry
+
+    registry = get_registry()
+    specs = registry.datasets.match(pattern)
+    if pattern and not specs:
+        raise UsageError(f"no dataset matches {pattern!r}; run `convscale datasets` to list all")
+    rows = []
+    for spec in specs:
+        info = spec.static_info
+        rows.append(
+            {
+                "name": spec.name,
+                "num_classes": info.num_classes if info else None,
+                "split_sizes": dict(info.split_sizes) if info else None,
+                "resolution": info.resolution if info else None,
+                "multi_label": info.multi_label if info else None,
+                "options": {k: v for k, v in spec.options.items()},
+                "plugin": registry.datasets.owner(spec.name),
+                "description": spec.description,
+            }
+        )
+    if json_:
+        print_json(rows)
+        return
+    print_table(
+        None,
+        ["dataset", "classes", "train", "eval", "px", "options", "description"],
+        [
+            (
+                r["name"],
+                r["num_classes"] if r["num_classes"] is not None else "from data",
+                (r["split_sizes"] or {}).get("train", "from data"),
+                (r["split_sizes"] or {}).get("eval", "from data"),
+                r["resolution"] or "",
+                ",".join(r["options"]),
+                r["description"],
+            )
+            for r in rows
+        ],
+        right=["classes", "train", "eval", "px"],
+    )
+
+
+@app.command()
+def plugins(json_: JsonOpt = False) -> None:
+    """List loaded plugins: version, origin, hooks implemented and any load error."""
+    from convscale_cli.plugins import load_plugins
+
+    loaded = load_plugins()
+    rows = [
+        {
+            "name": r.name,
+            "version": r.version,
+            "source": r.source,
+            "hooks": r.hooks,
+            "registered": r.registered,
+            "error": r.error,
+        }
+        for r in loaded.records
+    ]
+    if json_:
+        print_json(rows)
+        return
+    print_table(
+        None,
+        ["plugin", "version", "source", "hooks", "error"],
+        [(r["name"], r["version"], r["source"], ", ".join(r["hooks"]), r["error"] or "") for r in rows],
+    )

@@ -1,0 +1,201 @@
+"""Typed run configs: frozen dataclasses filled from TOML files and ``key=value`` overrides.
+
+Unknown keys and wrong types are rejected with the key named and close matches suggested (nanoGPT's configurator,
+without ``exec``). The resolved config, as a plain dict, is what every run saves beside its results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from convscale_cli.errors import ConfigError, close_matches
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+T = TypeVar("T")
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML file; a missing or malformed file is a one-line ConfigError."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config path {str(path)!r} is a directory, expected a .toml file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"malformed TOML in {str(path)!r}: {exc}") from None
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against annotation ``tp``; convert the lossless cases (int->float, list->tuple)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        hint = close_matches(str(value), [str(a) for a in args])
+        extra = f"; did you mean {hint[0]!r}?" if hint else ""
+        raise ConfigError(f"{key} = {value!r} is not one of {', '.join(repr(a) for a in args)}{extra}")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise ConfigError(f"{key} = {value!r} has the wrong type: expected {_type_name(tp)}")
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} = {value!r} has the wrong type: expected a list")
+        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+            items = [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+        elif origin is tuple and args:
+            if len(args) != len(value):
+                raise ConfigError(f"{key} = {value!r} must have {len(args)} items")
+            items = [_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))]
+        else:
+            items = [_coerce(v, args[0], f"{key}[{i}]") if args else v for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin in (dict, Mapping) or tp in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key} = {value!r} has the wrong type: expected a table")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key} = {value!r} has the wrong type: expected a table")
+        return from_dict(tp, value, prefix=f"{key}.")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"{key} = {value!r} has the wrong type: expected {_type_name(tp)}, got {type(value).__name__}")
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], *, prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types.
+
+    Raises:
+        ConfigError: naming the first bad key (with close matches for unknown keys) or an invalid value.
+    """
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            matches = close_matches(key, fields)
+            hint = f"; did you mean {' or '.join(repr(prefix + m) for m in matches)}?" if matches else ""
+            raise ConfigError(f"unknown config key {prefix + key!r}{hint}")
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid config{' ' + prefix.rstrip('.') if prefix else ''}: {exc}") from None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``key=value`` (value in TOML syntax, bare words taken as strings) into ``("key", value)``."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value")
+    key, raw = (part.strip() for part in text.split("=", 1))
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # bare word: a string
+    return key, value
+
+
+def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Overlay ``overrides`` (dotted keys allowed: ``recipe.lr``) onto a nested mapping."""
+    out: dict[str, Any] = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in base.items()}
+    for key, value in overrides.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            child = node.get(parent)
+            node[parent] = child = dict(child) if isinstance(child, Mapping) else {}
+            node = child
+        node[leaf] = value
+    return out
+
+
+def load_config(
+    cls: type[T],
+    path: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    section: str | None = None,
+) -> T:
+    """Resolve a config: TOML file (optionally one ``[section]`` of it), then overrides on top."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = load_toml(path)
+        if section is not None:
+            data = dict(data.get(section, {}))
+    return from_dict(cls, merge(data, overrides or {}))
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The resolved config as plain data (tuples become lists), ready for JSON."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, Mapping):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(config)
+
+
+def diff(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two resolved configs (to refuse reusing a run dir)."""
+    keys = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, Mapping) and isinstance(vb, Mapping):
+            keys += diff(va, vb, prefix=f"{prefix}{key}.")
+        elif va != vb:
+            keys.append(prefix + key)
+    return keys

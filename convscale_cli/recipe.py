@@ -1,0 +1,51 @@
+"""The default training recipe an architecture plugin supplies, consumed by the training engine.
+
+Values are the paper's (2310.16764 §1.3 and the NFNet 2021 JFT recipe it defers to, see
+shared/research/paper-facts.md §1.3, §3.6, §3.8). Every field can be overridden from a run config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+Optimizer = Literal["sgd", "adamw", "adafactor"]
+Loss = Literal["softmax", "sigmoid"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Optimiser, schedule and loss defaults for one architecture family."""
+
+    optimizer: Optimizer = "sgd"
+    # Peak learning rate alpha quoted at `base_batch_size` and scaled linearly with the batch size (the paper's
+    # convention: alpha ~ 1.6 at batch 4096 = 0.1 x 4096/256).
+    lr: float = 1.6
+    base_batch_size: int = 4096
+    momentum: float = 0.9  # SGD momentum, or Adam/Adafactor beta1
+    nesterov: bool = True
+    beta2: float = 0.999  # Adam/Adafactor second-moment decay
+    # L2 weight decay added to the gradient (SGD) or decoupled (AdamW); never on gains, biases or skip gains.
+    weight_decay: float = 1e-6
+    # Adaptive gradient clipping (unit-wise, NFNet 2021 §4): lambda, or None to disable.
+    agc_clip: float | None = 0.01
+    agc_eps: float = 1e-3
+    # Global-norm gradient clipping (ViT recipe), or None.
+    grad_clip_norm: float | None = None
+    # Linear warm-up as a fraction of the run's steps, then cosine decay to 0.
+    warmup_fraction: float = 0.05
+    loss: Loss = "softmax"
+    label_smoothing: float = 0.0
+    # Regular expressions over '/'-joined parameter paths (e.g. 'stages/0/0/conv0/kernel').
+    no_decay: tuple[str, ...] = (r"(gain|bias|skip_gain|scale)$",)
+    agc_exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.base_batch_size <= 0:
+            raise ValueError(f"base_batch_size must be > 0, got {self.base_batch_size}")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if self.agc_clip is not None and self.agc_clip <= 0:
+            raise ValueError(f"agc_clip must be > 0 or None, got {self.agc_clip}")

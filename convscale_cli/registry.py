@@ -1,0 +1,181 @@
+"""What plugins register: architecture and dataset specs, and the registry that holds them.
+
+Specs are frozen dataclasses whose optional fields all have defaults, so adding a capability never breaks a
+third-party plugin. Everything needed to *list* a spec (names, counts, sizes) is plain Python; everything that needs
+jax, flax or grain sits behind a callable that imports it when called.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Generic, TypeVar
+
+from convscale_cli.errors import DuplicateRegistrationError, UnknownNameError, UsageError
+from convscale_cli.recipe import Recipe
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCount:
+    """Analytic size of a model: parameters and forward multiply-accumulates for one image."""
+
+    params: int
+    macs: int
+
+    @property
+    def train_flops(self) -> float:
+        """Training FLOPs per image: forward + backward ~ 3 x forward, 2 FLOPs per MAC."""
+        return 6.0 * self.macs
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchitectureSpec:
+    """One registered model variant (e.g. ``nfnet-f0``, ``vit-b/16``).
+
+    Attributes:
+        name: unique, lower-case registry name.
+        family: family name shared by the variants (``nfnet``, ``vit``); used by ``plan --family``.
+        build: ``build(num_classes=..., dtype=..., **overrides)`` returning a ``flax.linen.Module`` whose
+            ``__call__(images, *, train)`` maps float NHWC images to logits. Imports flax lazily.
+        count: ``count(resolution, num_classes)`` returning a :class:`ModelCount`; pure Python.
+        train_resolution: default training resolution (pixels, square).
+        eval_resolution: default evaluation resolution.
+        recipe: default training recipe of the family.
+        description: one line for ``convscale models``.
+        tags: free-form labels (``paper``, ``ladder``, ``tiny``) used for filtering and by the planner.
+        resolution_multiple: resolutions must be a multiple of this (ViT: the patch size).
+        min_resolution: smallest resolution the model accepts.
+        weight_sources: foreign checkpoints this variant can import, e.g. ``{"timm": "dm_nfnet_f0"}``.
+        import_weights: ``import_weights(source, tensors, num_classes)`` converting a flat name->array mapping
+            (a timm state dict) into this model's ``params`` tree; raises a UsageError naming the first mismatch.
+        options: extra keyword overrides ``build`` accepts, with their defaults (shown by ``models --json``).
+    """
+
+    name: str
+    family: str
+    build: Callable[..., Any]
+    count: Callable[[int, int], ModelCount]
+    train_resolution: int
+    eval_resolution: int
+    recipe: Recipe = dataclasses.field(default_factory=Recipe)
+    description: str = ""
+    tags: tuple[str, ...] = ()
+    resolution_multiple: int = 1
+    min_resolution: int = 1
+    default_num_classes: int = 1000
+    weight_sources: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    import_weights: Callable[..., Any] | None = None
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def check_resolution(self, resolution: int) -> None:
+        """Raise a UsageError if this model cannot run at ``resolution``."""
+        if resolution < self.min_resolution:
+            raise UsageError(f"resolution {resolution} is too small for {self.name} (minimum {self.min_resolution})")
+        if resolution % self.resolution_multiple:
+            raise UsageError(
+                f"resolution {resolution} is not divisible by {self.resolution_multiple} as {self.name} requires"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """Static facts about a dataset (or about one opened with given options)."""
+
+    num_classes: int
+    split_sizes: Mapping[str, int]  # e.g. {"train": N, "eval": M}
+    resolution: int  # native or default image size in pixels
+    multi_label: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """One registered dataset.
+
+    Attributes:
+        name: unique registry name.
+        description: one line for ``convscale datasets``.
+        open: ``open(split, **options)`` returning a random-access source (``len`` and ``__getitem__`` giving
+            ``{"image": uint8[H, W, 3], "label": ..., "id": int}``); imports heavy modules lazily.
+        info: ``info(**options)`` returning :class:`DatasetInfo`; may read the disk (imagefolder) but never jax.
+        options: options ``open``/``info`` accept with their defaults (e.g. ``{"root": None}``).
+        static_info: facts known without options, shown by ``convscale datasets``; None when they depend on options.
+    """
+
+    name: str
+    description: str
+    open: Callable[..., Any]
+    info: Callable[..., DatasetInfo]
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    static_info: DatasetInfo | None = None
+
+
+S = TypeVar("S", ArchitectureSpec, DatasetSpec)
+
+
+class _Table(Generic[S]):
+    """Name -> spec, remembering which plugin registered each name."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._specs: dict[str, S] = {}
+        self._owners: dict[str, str] = {}
+
+    def add(self, spec: S, owner: str) -> None:
+        if not isinstance(spec.name, str) or not spec.name:
+            raise UsageError(f"plugin {owner!r} registered a {self.kind} without a name")
+        if spec.name in self._specs:
+            raise DuplicateRegistrationError(
+                f"{self.kind} {spec.name!r} is registered by both plugin {self._owners[spec.name]!r} "
+                f"and plugin {owner!r}; uninstall one or restrict CONVSCALE_PLUGINS"
+            )
+        self._specs[spec.name] = spec
+        self._owners[spec.name] = owner
+
+    def get(self, name: str) -> S:
+        try:
+            return self._specs[name]
+        except KeyError:
+            lowered = name.lower()
+            if lowered in self._specs:
+                return self._specs[lowered]
+            raise UnknownNameError(self.kind, name, self._specs) from None
+
+    def owner(self, name: str) -> str:
+        return self._owners[self.get(name).name]
+
+    def match(self, pattern: str | None = None) -> list[S]:
+        """Specs whose name matches a glob (``nfnet-f*``) or contains ``pattern``; all when None."""
+        specs = list(self._specs.values())
+        if not pattern:
+            return specs
+        glob = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
+        return [s for s in specs if fnmatch.fnmatchcase(s.name, glob.lower())]
+
+    def names(self) -> list[str]:
+        return list(self._specs)
+
+    def __iter__(self) -> Iterator[S]:
+        return iter(self._specs.values())
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._specs
+
+
+class Registry:
+    """All architectures and datasets registered by the loaded plugins."""
+
+    def __init__(self) -> None:
+        self.architectures: _Table[ArchitectureSpec] = _Table("model")
+        self.datasets: _Table[DatasetSpec] = _Table("dataset")
+
+    def architecture(self, name: str) -> ArchitectureSpec:
+        """The spec registered as ``name``; raises UnknownNameError with close matches."""
+        return self.architectures.get(name)
+
+    def dataset(self, name: str) -> DatasetSpec:
+        """The spec registered as ``name``; raises UnknownNameError with close matches."""
+        return self.datasets.get(name)
