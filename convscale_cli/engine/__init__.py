@@ -1,0 +1,1 @@
+"""The training engine: pre-training and fine-tuning loops, optimiser, checkpoints, compute ledger."""

@@ -1,0 +1,1 @@
+"""Scaling-law fits, plots and the HTML report over a runs directory."""
