@@ -60,7 +60,15 @@ def _root(
 
 def _register_commands() -> None:
     # Each module adds its commands to `app`; importing them is cheap (no jax at module level).
-    from convscale_cli.cli import registry_cmds  # noqa: F401
+    from convscale_cli.cli import (  # noqa: F401
+        data_cmd,
+        finetune_cmd,
+        plan_cmd,
+        pretrain_cmd,
+        registry_cmds,
+        report_cmd,
+        weights_cmd,
+    )
 
 
 _register_commands()

@@ -1,0 +1,3 @@
+"""convscale finetune (fine-tuning)."""
+
+from convscale_cli.cli import app  # noqa: F401  (commands register on the shared app)

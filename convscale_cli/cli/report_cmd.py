@@ -1,0 +1,3 @@
+"""convscale report (analysis)."""
+
+from convscale_cli.cli import app  # noqa: F401  (commands register on the shared app)
