@@ -7,7 +7,7 @@ without ``exec``). The resolved config, as a plain dict, is what every run saves
 from __future__ import annotations
 
 import dataclasses
-import sys
+import tomllib
 import types
 import typing
 from collections.abc import Mapping
@@ -15,11 +15,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from convscale_cli.errors import ConfigError, close_matches
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 T = TypeVar("T")
 

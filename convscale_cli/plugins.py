@@ -148,7 +148,7 @@ def load_plugins(
     for hook_name, table_name in _HOOKS.items():
         table = getattr(registry, table_name)
         # One plugin at a time, so a failure is attributed to its plugin and leaves no partial registrations.
-        for impl in reversed(getattr(manager.hook, hook_name).get_hookimpls()):
+        for impl in getattr(manager.hook, hook_name).get_hookimpls():  # registration order
             record = by_name[impl.plugin_name]
             record.hooks.append(hook_name)
             specs: list[Any] = []

@@ -13,7 +13,9 @@ def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def print_table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]], *, right: Sequence[str] = ()) -> None:
+def print_table(
+    title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]], *, right: Sequence[str] = ()
+) -> None:
     """A Rich table on stdout (plain text when not a terminal)."""
     from rich.console import Console
     from rich.table import Table
@@ -23,7 +25,10 @@ def print_table(title: str | None, columns: Sequence[str], rows: Sequence[Sequen
         table.add_column(column, justify="right" if column in right else "left", no_wrap=True)
     for row in rows:
         table.add_row(*("" if v is None else str(v) for v in row))
-    Console(soft_wrap=True).print(table)
+    console = Console()
+    if not console.is_terminal:  # piped or captured: never squash columns into ellipses
+        console = Console(width=1000)
+    console.print(table)
 
 
 def err(message: str) -> None:

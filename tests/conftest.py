@@ -1,0 +1,56 @@
+"""Shared fixtures: fake-installing plugin packages (a real dist-info on sys.path, found by importlib.metadata)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from convscale_cli import plugins as plugin_loader
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_distribution(root: Path, dist: str, entry_points: dict[str, str], modules: dict[str, str]) -> Path:
+    """Write modules and a ``<dist>.dist-info`` with ``convscale`` entry points under ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name, source in modules.items():
+        (root / f"{name}.py").write_text(textwrap.dedent(source))
+    info = root / f"{dist.replace('-', '_')}-1.2.3.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.2.3\n")
+    lines = ["[convscale]"] + [f"{name} = {target}" for name, target in entry_points.items()]
+    (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture
+def install_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., dict[str, str]]]:
+    """Install a fake third-party plugin distribution for this test; returns an env for subprocesses."""
+    roots: list[Path] = []
+
+    def install(dist: str, entry_points: dict[str, str], modules: dict[str, str]) -> dict[str, str]:
+        root = write_distribution(tmp_path / f"site-{len(roots)}", dist, entry_points, modules)
+        roots.append(root)
+        monkeypatch.syspath_prepend(str(root))
+        plugin_loader.reset()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([*map(str, roots), env.get("PYTHONPATH", "")])
+        return env
+
+    yield install
+    for name in [m for m in sys.modules if m.startswith("fake_plugin")]:
+        del sys.modules[name]
+    plugin_loader.reset()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_plugins() -> Iterator[None]:
+    """Every test starts and ends with an unloaded plugin cache."""
+    plugin_loader.reset()
+    yield
+    plugin_loader.reset()

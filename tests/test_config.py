@@ -1,0 +1,100 @@
+"""Typed TOML configs: unknown keys, wrong types and malformed files give one-line errors naming the key."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+from convscale_cli.config import diff, from_dict, load_config, merge, parse_override, to_dict
+from convscale_cli.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Optim:
+    lr: float = 1.6
+    agc_clip: float | None = 0.01
+    kind: Literal["sgd", "adamw"] = "sgd"
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    model: str = "nfnet-f0"
+    epochs: float = 1.0
+    batch_size: int = 4096
+    fsdp: bool = False
+    depths: tuple[int, ...] = (1, 2, 6, 3)
+    optim: Optim = dataclasses.field(default_factory=Optim)
+
+    def __post_init__(self) -> None:
+        if self.epochs <= 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+
+
+def _toml(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    return path
+
+
+def test_toml_with_overrides_resolves_to_a_frozen_dataclass(tmp_path: Path) -> None:
+    path = _toml(tmp_path, 'model = "nfnet-f1"\nepochs = 2\ndepths = [1, 1]\n[optim]\nlr = 0.8\n')
+    config = load_config(Run, path, {"optim.kind": "adamw", "batch_size": 256})
+    assert config == Run(model="nfnet-f1", epochs=2.0, batch_size=256, depths=(1, 1), optim=Optim(lr=0.8, kind="adamw"))
+    assert isinstance(config.epochs, float)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.epochs = 3  # type: ignore[misc]
+    assert to_dict(config)["depths"] == [1, 1]
+
+
+def test_unknown_key_is_named_with_close_matches() -> None:
+    with pytest.raises(ConfigError, match=r"unknown config key 'batchsize'; did you mean 'batch_size'\?"):
+        from_dict(Run, {"batchsize": 8})
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.lrr'; did you mean 'optim.lr'\?"):
+        from_dict(Run, {"optim": {"lrr": 1.0}})
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"batch_size": "big"}, "batch_size = 'big' has the wrong type: expected int, got str"),
+        ({"batch_size": 1.5}, "batch_size = 1.5 has the wrong type: expected int"),
+        ({"fsdp": 1}, "fsdp = 1 has the wrong type: expected bool"),
+        ({"epochs": True}, "epochs = True has the wrong type: expected float"),
+        ({"optim": {"kind": "sdg"}}, "optim.kind = 'sdg' is not one of 'sgd', 'adamw'; did you mean 'sgd'?"),
+        ({"optim": {"agc_clip": "x"}}, "optim.agc_clip = 'x' has the wrong type"),
+        ({"depths": [1, "two"]}, "depths[1] = 'two' has the wrong type"),
+        ({"optim": 3}, "optim = 3 has the wrong type: expected a table"),
+        ({"epochs": -1}, "invalid config: epochs must be > 0, got -1"),
+    ],
+)
+def test_wrong_values_are_rejected(data: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        from_dict(Run, data)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_malformed_and_missing_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="malformed TOML in .*run.toml"):
+        load_config(Run, _toml(tmp_path, "model = [unclosed\n"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(Run, tmp_path / "nope.toml")
+
+
+def test_overrides_parse_toml_values_and_bare_words() -> None:
+    assert parse_override("epochs=0.25") == ("epochs", 0.25)
+    assert parse_override("model = nfnet-f3") == ("model", "nfnet-f3")
+    assert parse_override("depths=[1,2]") == ("depths", [1, 2])
+    assert parse_override("fsdp=true") == ("fsdp", True)
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_override("epochs")
+
+
+def test_merge_and_diff_name_the_changed_keys() -> None:
+    a = to_dict(Run())
+    b = to_dict(from_dict(Run, merge(a, {"optim.lr": 0.4, "epochs": 2})))
+    assert diff(a, b) == ["epochs", "optim.lr"]
+    assert diff(a, a) == []
