@@ -59,5 +59,6 @@ def test_example_counts_match_the_flax_model(monkeypatch: pytest.MonkeyPatch) ->
         model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))), jnp.zeros((1, 32, 32, 3))
     ).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    # XLA also counts the bias adds, ReLUs and residual adds, which are ~7% of this narrow network's work.
-    assert 1.0 <= cost["flops"] / 2 / spec.count(32, 7).macs < 1.1
+    # The analytic count charges every 3x3 tap (like DeepMind's count_flops); XLA skips taps that fall on the SAME
+    # padding, which is a visible share at 8x8 feature maps, and adds the elementwise ops.
+    assert 0.9 < cost["flops"] / 2 / spec.count(32, 7).macs < 1.1
