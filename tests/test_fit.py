@@ -1,0 +1,101 @@
+"""Scaling-law fits recover known laws from noisy synthetic data and flag what the data cannot identify."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from convscale_cli.errors import UsageError
+from convscale_cli.report.fit import FitError, fit_parametric, fit_power_law
+
+TRUE = {"E": 1.5, "A": 400.0, "alpha": 0.34, "B": 1200.0, "beta": 0.28}
+
+
+def _law(n: np.ndarray, d: np.ndarray) -> np.ndarray:
+    return TRUE["E"] + TRUE["A"] / n ** TRUE["alpha"] + TRUE["B"] / d ** TRUE["beta"]
+
+
+def _grid(sizes: np.ndarray, noise: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    n = np.repeat(sizes, 6)
+    d = np.tile(np.logspace(6, 9, 6), len(sizes))
+    return n, d, _law(n, d) * np.exp(rng.normal(0.0, noise, n.size))
+
+
+def test_power_law_recovers_exponent_with_noise() -> None:
+    rng = np.random.default_rng(3)
+    compute = np.logspace(2, 5, 15)
+    loss = 3.2 * compute**-0.06 * np.exp(rng.normal(0.0, 0.01, compute.size))
+    fit = fit_power_law(compute, loss, bootstrap=300, seed=1)
+    assert fit.b == pytest.approx(0.06, abs=0.006)
+    assert fit.a == pytest.approx(3.2, rel=0.05)
+    assert fit.r2 > 0.9
+    lo, hi = fit.b_interval
+    assert lo < 0.06 < hi and lo > 0
+    band_lo, band_hi = fit.interval([1e3, 1e6])
+    assert np.all(band_lo <= fit.predict([1e3, 1e6])) and np.all(fit.predict([1e3, 1e6]) <= band_hi)
+    # The band widens away from the data (extrapolation is less certain than interpolation).
+    assert band_hi[1] - band_lo[1] > band_hi[0] - band_lo[0]
+    assert fit.to_dict()["bootstrap"] == 300
+
+
+def test_power_law_on_flat_noise_has_low_r2_and_slope_interval_covering_zero() -> None:
+    rng = np.random.default_rng(0)
+    compute = np.logspace(2, 5, 12)
+    fit = fit_power_law(compute, 2.5 * np.exp(rng.normal(0.0, 0.05, 12)), bootstrap=300)
+    assert fit.r2 < 0.5
+    assert fit.b_interval[0] < 0 < fit.b_interval[1]
+
+
+def test_power_law_two_points_is_exact_without_intervals() -> None:
+    fit = fit_power_law([1.0, 10.0], [2.0, 1.0])
+    assert fit.b == pytest.approx(np.log10(2.0))
+    assert fit.b_interval is None and fit.interval([5.0])[0] == pytest.approx(fit.predict([5.0]))
+
+
+@pytest.mark.parametrize(
+    ("compute", "loss", "message"),
+    [
+        ([1.0, 1.0, 1.0], [2.0, 1.9, 1.8], "2 distinct compute"),
+        ([1.0, 2.0], [2.0, -1.0], "loss must be finite and > 0"),
+        ([1.0, 2.0, 3.0], [2.0, 1.0], "differ in length"),
+    ],
+)
+def test_power_law_bad_input(compute: list[float], loss: list[float], message: str) -> None:
+    with pytest.raises(FitError, match=message):
+        fit_power_law(compute, loss)
+    assert issubclass(FitError, UsageError)
+
+
+def test_parametric_recovers_known_law_with_noise() -> None:
+    n, d, loss = _grid(np.logspace(5, 8, 5), noise=0.01)
+    fit = fit_parametric(n, d, loss, bootstrap=20, seed=2)
+    assert fit.alpha == pytest.approx(TRUE["alpha"], abs=0.05)
+    assert fit.beta == pytest.approx(TRUE["beta"], abs=0.05)
+    assert fit.E == pytest.approx(TRUE["E"], abs=0.4)
+    assert fit.identifiable, fit.warnings
+    assert np.allclose(fit.predict(n, d), _law(n, d), rtol=0.02)
+    lo, hi = fit.interval([1e9], [1e10])
+    assert lo[0] <= hi[0]
+    a_exp, b_exp = fit.allocation_exponents()
+    assert a_exp + b_exp == pytest.approx(1.0)
+    assert a_exp == pytest.approx(TRUE["beta"] / (TRUE["alpha"] + TRUE["beta"]), abs=0.05)
+
+
+def test_parametric_warns_on_too_few_sizes() -> None:
+    n, d, loss = _grid(np.array([1e5, 1e6]), noise=0.01)
+    fit = fit_parametric(n, d, loss, bootstrap=10)
+    assert not fit.identifiable
+    assert any("only 2 distinct model sizes" in w for w in fit.warnings)
+    assert fit.to_dict()["identifiable"] is False
+
+
+def test_parametric_warns_on_narrow_range() -> None:
+    n, d, loss = _grid(np.array([1.0e6, 1.3e6, 1.6e6]), noise=0.01)
+    fit = fit_parametric(n, d, loss, bootstrap=0)
+    assert any("span only 1.6x" in w for w in fit.warnings)
+
+
+def test_parametric_needs_five_runs() -> None:
+    with pytest.raises(FitError, match="at least 5 runs"):
+        fit_parametric([1e6, 2e6], [1e7, 1e8], [2.0, 1.9])
