@@ -1,0 +1,265 @@
+"""Weights checkpoints: a model's parameters plus what is needed to rebuild it, and ``load_model``.
+
+A weights checkpoint is a directory::
+
+    CKPT/model.json   {"format": "convscale-weights", "version": 1, "architecture": "vit-b/16", "family": "vit",
+                       "num_classes": 1000, "options": {...build options...}, "params": 86567656,
+                       "source": {"kind": "timm", "model": "vit_base_patch16_224", "file": "...", "note": "..."}}
+    CKPT/params/      the ``params`` collection, an Orbax StandardCheckpointer directory (float32)
+
+``convscale import-weights`` writes one from a foreign checkpoint; :func:`load_model` turns one back into an apply
+function. Nothing here imports jax at module level (the CLI imports this module to start).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from convscale_cli.errors import CheckpointError, UnknownNameError, UsageError
+
+if TYPE_CHECKING:
+    from convscale_cli.registry import ArchitectureSpec, Registry
+
+FORMAT = "convscale-weights"
+VERSION = 1
+MODEL_JSON = "model.json"
+PARAMS_DIR = "params"
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportedWeights:
+    """What an ``ArchitectureSpec.import_weights`` may return instead of a bare params tree.
+
+    Attributes:
+        params: the ``params`` collection (nested dicts of float32 arrays).
+        num_classes: classifier size of ``params``.
+        options: build options the params need (e.g. a ViT's ``resolution`` for its position-embedding grid).
+        note: one line for the checkpoint's provenance (e.g. "new zero-initialised 10-way head").
+    """
+
+    params: Mapping[str, Any]
+    num_classes: int
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    note: str = ""
+
+
+def _abstract_params(spec: ArchitectureSpec, num_classes: int, options: Mapping[str, Any]) -> tuple[Any, Any]:
+    """(module, params as ShapeDtypeStructs) of ``spec`` built with these options, without computing anything."""
+    import jax
+    import jax.numpy as jnp
+
+    module = spec.build(num_classes=num_classes, **options)
+    resolution = int(options.get("resolution", spec.train_resolution))
+    images = jax.ShapeDtypeStruct((1, resolution, resolution, 3), jnp.float32)
+    variables = jax.eval_shape(lambda x: module.init({"params": jax.random.key(0)}, x, train=False), images)
+    return module, variables["params"]
+
+
+def _check_tree(name: str, params: Mapping[str, Any], abstract: Mapping[str, Any]) -> None:
+    """Raise a CheckpointError naming the first parameter whose path or shape differs from the built model's."""
+    from flax.traverse_util import flatten_dict
+
+    got = {"/".join(k): tuple(v.shape) for k, v in flatten_dict(dict(params)).items()}
+    want = {"/".join(k): tuple(v.shape) for k, v in flatten_dict(dict(abstract)).items()}
+    for path, shape in want.items():
+        if path not in got:
+            raise CheckpointError(f"parameter {path!r} of {name} is missing from the converted weights")
+        if got[path] != shape:
+            raise CheckpointError(f"parameter {path!r} has shape {got[path]}, {name} expects {shape}")
+    for path in got:
+        if path not in want:
+            raise CheckpointError(f"parameter {path!r} is not part of {name}")
+
+
+def _empty_out(out: Path) -> Path:
+    out = out.expanduser().resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"output {str(out)!r} already exists and is not an empty directory")
+    return out
+
+
+def save_weights(
+    out: str | Path,
+    *,
+    spec: ArchitectureSpec,
+    params: Mapping[str, Any],
+    num_classes: int,
+    options: Mapping[str, Any] | None = None,
+    source: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a weights checkpoint after checking ``params`` against the model ``spec`` builds.
+
+    Args:
+        out: a directory that does not exist yet or is empty.
+        spec: the architecture the parameters belong to.
+        params: the ``params`` collection.
+        num_classes: classifier size.
+        options: build options to record (JSON-serialisable).
+        source: provenance to record (JSON-serialisable).
+
+    Returns:
+        The absolute checkpoint path.
+    """
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    out = _empty_out(Path(out))
+    options = dict(options or {})
+    _, abstract = _abstract_params(spec, num_classes, options)
+    _check_tree(spec.name, params, abstract)
+    import jax
+
+    params = jax.tree.map(lambda x: np.asarray(x, dtype=np.float32), dict(params))
+    out.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(out / PARAMS_DIR, params)
+        checkpointer.wait_until_finished()
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "architecture": spec.name,
+        "family": spec.family,
+        "num_classes": num_classes,
+        "options": options,
+        "params": int(sum(np.size(x) for x in jax.tree.leaves(params))),
+        "source": dict(source or {}),
+    }
+    # Written last: a directory without model.json is an interrupted save, never a usable checkpoint.
+    (out / MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def read_model_json(path: str | Path) -> dict[str, Any]:
+    """The metadata of a weights checkpoint; a CheckpointError if ``path`` is not one."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a directory")
+    file = path / MODEL_JSON
+    if not file.is_file():
+        raise CheckpointError(f"{str(path)!r} is not a convscale weights checkpoint (no {MODEL_JSON})")
+    try:
+        meta = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{str(file)!r} is not valid JSON: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{str(file)!r} is not a {FORMAT} file")
+    if meta.get("version") != VERSION:
+        raise CheckpointError(f"{str(file)!r} has format version {meta.get('version')!r}, this convscale reads {VERSION}")
+    return meta
+
+
+def load_weights(path: str | Path, registry: Registry | None = None) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """Rebuild the module of a weights checkpoint and restore its parameters.
+
+    Returns:
+        ``(module, variables, meta)``: the Flax module, ``{"params": ...}`` and the parsed ``model.json``.
+    """
+    import orbax.checkpoint as ocp
+
+    from convscale_cli.plugins import get_registry
+
+    path = Path(path).expanduser().resolve()
+    meta = read_model_json(path)
+    spec = (registry or get_registry()).architecture(meta["architecture"])
+    module, abstract = _abstract_params(spec, int(meta["num_classes"]), meta.get("options", {}))
+    with ocp.StandardCheckpointer() as checkpointer:
+        params = checkpointer.restore(path / PARAMS_DIR, abstract)
+    return module, {"params": params}, meta
+
+
+def load_model(path: str | Path) -> tuple[Callable[[Any, Any], Any], dict[str, Any]]:
+    """Load a weights checkpoint for inference.
+
+    Args:
+        path: a directory written by ``convscale import-weights`` (or :func:`save_weights`).
+
+    Returns:
+        ``(apply_fn, variables)`` where ``apply_fn(variables, images)`` maps float32 NHWC images, normalised with the
+        ImageNet mean and std, to float32 logits in inference mode (jitted).
+    """
+    import functools
+
+    import jax
+
+    module, variables, _ = load_weights(path)
+    apply_fn = jax.jit(functools.partial(module.apply, train=False))
+    return apply_fn, variables
+
+
+def find_by_source(registry: Registry, source: str, model: str) -> ArchitectureSpec:
+    """The registered architecture whose ``weight_sources[source]`` is ``model``."""
+    by_model = {spec.weight_sources[source]: spec for spec in registry.architectures if source in spec.weight_sources}
+    if not by_model:
+        sources = sorted({s for spec in registry.architectures for s in spec.weight_sources})
+        raise UnknownNameError("weight source", source, sources)
+    if model not in by_model:
+        raise UnknownNameError(f"{source} model", model, by_model, hint="no registered architecture imports it")
+    return by_model[model]
+
+
+def load_safetensors(file: str | Path) -> dict[str, Any]:
+    """Tensors of a ``.safetensors`` file as numpy arrays (never unpickles anything)."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    file = Path(file).expanduser()
+    if not file.is_file():
+        raise UsageError(f"weights file {str(file)!r} does not exist")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, ValueError, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"{str(file)!r} is not a readable safetensors file ({reason})") from None
+
+
+def import_weights(
+    source: str, model: str, file: str | Path, out: str | Path, num_classes: int | None = None
+) -> tuple[Path, dict[str, Any]]:
+    """Convert a foreign checkpoint into a convscale weights checkpoint.
+
+    Args:
+        source: the foreign library ("timm").
+        model: its model name (e.g. "vit_base_patch16_224"), which selects the convscale architecture.
+        file: a ``.safetensors`` state dict.
+        out: the checkpoint directory to create (absent or empty).
+        num_classes: classifier size; None keeps the file's.
+
+    Returns:
+        ``(checkpoint path, model.json contents)``.
+    """
+    from convscale_cli.plugins import get_registry
+
+    if num_classes is not None and num_classes <= 0:
+        raise UsageError(f"--num-classes must be > 0, got {num_classes}")
+    spec = find_by_source(get_registry(), source, model)
+    if spec.import_weights is None:
+        raise UsageError(f"{spec.name} lists {source} weights but its plugin has no import_weights")
+    _empty_out(Path(out))  # fail before the (slow) conversion
+    tensors = load_safetensors(file)
+    result = spec.import_weights(source, tensors, num_classes)
+    if isinstance(result, ImportedWeights):
+        params, classes, options, note = result.params, result.num_classes, dict(result.options), result.note
+    else:
+        params, options, note = result, {}, ""
+        classes = num_classes if num_classes is not None else spec.default_num_classes
+    provenance = {"kind": source, "model": model, "file": str(Path(file).expanduser().resolve())}
+    if note:
+        provenance["note"] = note
+    path = save_weights(out, spec=spec, params=params, num_classes=classes, options=options, source=provenance)
+    return path, read_model_json(path)
+
+
+__all__ = [
+    "ImportedWeights",
+    "find_by_source",
+    "import_weights",
+    "load_model",
+    "load_safetensors",
+    "load_weights",
+    "read_model_json",
+    "save_weights",
+]
