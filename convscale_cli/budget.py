@@ -237,6 +237,21 @@ class Budget:
         hw = get_hardware(self.unit, peak_flops=peak_flops)
         return self.amount * hw.flops_per_hour(mfu)
 
+    def flops_on(self, hardware: Hardware) -> float:
+        """Model FLOPs the budget buys on ``hardware`` (its peak and MFU, e.g. with a measured ``--mfu``).
+
+        Raises:
+            UsageError: a device-hour budget for a different hardware than ``hardware``.
+        """
+        if self.is_flops:
+            return self.amount
+        if hardware.name != self.unit:
+            raise UsageError(
+                f"budget {self.text or self.format()!r} is in {self.unit_label} but the hardware is {hardware.name!r}; "
+                f"drop --hardware or give the budget as {hardware.unit} or FLOPs"
+            )
+        return self.amount * hardware.flops_per_hour()
+
     def from_flops(self, flops: float, mfu: float | None = None, *, peak_flops: float | None = None) -> float:
         """How many of this budget's units ``flops`` model FLOPs cost."""
         if self.is_flops:
