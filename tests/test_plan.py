@@ -1,0 +1,268 @@
+"""``convscale plan``: the paper's end points (paper-facts §1.5-1.6), the lr prior (§1.4), errors and ``--json``."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from convscale_cli import planner as P
+from convscale_cli import plugins as plugin_loader
+from convscale_cli.budget import get_hardware, parse_budget
+from convscale_cli.cli import main
+from convscale_cli.errors import UnknownNameError, UsageError
+from convscale_cli.hookspecs import hookimpl
+from convscale_cli.registry import ArchitectureSpec, ModelCount, Registry
+
+# The paper's Fig. 2 models with the counts of paper-facts §3.7 (224 px, 30k-class head, mid-128 rounding).
+PAPER_MODELS = {
+    "nfnet-f0": (160.6e6, 9.58e9),
+    "nfnet-f1": (221.8e6, 17.53e9),
+    "nfnet-f3": (344.0e6, 33.43e9),
+    "nfnet-f3+": (542.2e6, 51.84e9),
+    "nfnet-f7": (588.6e6, 65.23e9),
+    "nfnet-f7+": (948.4e6, 100.86e9),
+}
+
+
+def _spec(name: str, params: float, macs_224: float, family: str = "nfnet", tags: tuple[str, ...] = ("paper",)):
+    def count(resolution: int, num_classes: int) -> ModelCount:
+        return ModelCount(params=int(params), macs=int(macs_224 * (resolution / 224) ** 2))
+
+    return ArchitectureSpec(
+        name=name,
+        family=family,
+        build=lambda **_: None,
+        count=count,
+        train_resolution=224,
+        eval_resolution=256,
+        tags=tags,
+    )
+
+
+class _PaperPlugin:
+    @hookimpl
+    def register_architectures(self, register) -> None:  # noqa: ANN001
+        for name, (params, macs) in PAPER_MODELS.items():
+            register(_spec(name, params, macs))
+        register(_spec("nfnet-test", 1e5, 1e6, tags=("tiny",)))
+        register(_spec("vit-l/16", 303e6, 61.4e9, family="vit", tags=()))
+
+
+@pytest.fixture
+def registry() -> Registry:
+    return plugin_loader.load_plugins(extra=[("paper", _PaperPlugin())], entry_points=lambda: []).registry
+
+
+@pytest.fixture
+def cli_registry(registry: Registry, monkeypatch: pytest.MonkeyPatch) -> Iterator[Registry]:
+    """Make the CLI see only the fixture models."""
+    loaded = plugin_loader.load_plugins(extra=[("paper", _PaperPlugin())], entry_points=lambda: [])
+    monkeypatch.setattr(plugin_loader, "_CACHE", loaded)
+    yield loaded.registry
+
+
+def _request(budget: str, **kwargs) -> P.PlanRequest:  # noqa: ANN003
+    parsed = parse_budget(budget)
+    hw = get_hardware("tpu-v4" if parsed.is_flops else parsed.unit)
+    dataset = P.DatasetPlan(None, P.JFT4B_SIZE, P.JFT4B_CLASSES, 224)
+    return P.PlanRequest(budget=parsed, hardware=hw, dataset=dataset, **kwargs)
+
+
+def test_smallest_paper_budget_trains_f0_for_a_quarter_epoch(registry: Registry) -> None:
+    best = P.plan_prior(_request("0.4k-core-hours"), registry).recommendation
+    assert best.model == "nfnet-f0"
+    # The calibrated MFU prices F0 x 0.25 epochs at ~0.33k core-hours, so 0.4k buys ~0.3 epochs.
+    assert 0.25 <= best.epochs <= 0.35
+    assert best.lr == 1.6
+
+
+def test_largest_paper_budget_trains_f7plus_for_8_epochs(registry: Registry) -> None:
+    best = P.plan_prior(_request("110k-core-hours"), registry).recommendation
+    assert best.model == "nfnet-f7+"
+    assert best.epochs == pytest.approx(8.0, rel=1e-3)
+    assert best.cost_fraction == pytest.approx(1.0, rel=1e-3)
+    assert best.lr == pytest.approx(0.4)
+    assert best.lr_trials == (0.4, 0.2)
+
+
+def _log_budgets(low: float, high: float, n: int) -> list[float]:
+    return [low * (high / low) ** (i / (n - 1)) for i in range(n)]
+
+
+def test_optimal_epochs_cross_one_near_5k_core_hours(registry: Registry) -> None:
+    for hours in _log_budgets(5e3, 3e5, 60):
+        best = P.plan_prior(_request(f"{hours}-core-hours"), registry).recommendation
+        assert best.epochs > 1.0, (hours, best)
+    for hours in _log_budgets(0.4e3, 4e3, 30):
+        best = P.plan_prior(_request(f"{hours}-core-hours"), registry).recommendation
+        assert best.epochs <= 1.0, (hours, best)
+
+
+def test_model_size_and_epochs_grow_with_compute(registry: Registry) -> None:
+    picks = [P.plan_prior(_request(f"{h}-core-hours"), registry).recommendation for h in _log_budgets(400, 2e5, 40)]
+    sizes = [c.macs_per_image for c in picks]
+    assert sizes == sorted(sizes)
+    assert picks[-1].epochs > picks[len(picks) // 2].epochs > picks[0].epochs
+
+
+def test_frontier_passes_through_the_anchors() -> None:
+    frontier = P.Frontier()
+    for flops, examples in P.FRONTIER_ANCHORS:
+        assert frontier.examples(flops) == pytest.approx(examples)
+    low, high = frontier.exponents()
+    assert 0.45 < low < 0.55 and 0.6 < high < 0.7  # epochs ~ C^0.5 .. C^0.67
+
+
+def test_lr_prior_is_monotone_on_the_factor_two_grid() -> None:
+    epochs = [0.25, 0.5, 1, 2, 4, 8, 16]
+    sizes = [9.58e9, 17.53e9, 33.43e9, 51.84e9, 65.23e9, 100.86e9, 400e9]
+    table = [[P.prior_lr(1.6, m, e) for e in epochs] for m in sizes]
+    for row in table:
+        assert all(a >= b for a, b in zip(row, row[1:], strict=False))
+        assert set(row) <= {1.6, 0.8, 0.4}
+    for column in zip(*table, strict=True):
+        assert all(a >= b for a, b in zip(column, column[1:], strict=False))
+    assert all(row[0] == row[1] == 1.6 for row in table)  # alpha ~ 1.6 at small epoch budgets
+    f0, f7p = table[0], table[5]
+    assert any(b < a for a, b in zip(f0, f7p, strict=True))  # large models fall faster
+    assert P.prior_lr(1e-3, 100.86e9, 8) == pytest.approx(2.5e-4)  # scales with the recipe's alpha
+
+
+def test_impossible_budget_names_the_smallest_feasible_budget(registry: Registry) -> None:
+    with pytest.raises(UsageError) as info:
+        P.plan_prior(_request("100-core-hours"), registry)
+    message = str(info.value)
+    assert "nfnet-f0" in message and "0.25 epochs" in message
+    feasible = float(re.search(r"smallest feasible budget is ([\d.]+) core-hours", message).group(1))
+    assert 300 < feasible < 350
+    assert P.plan_prior(_request(f"{feasible * 1.01}-core-hours"), registry).recommendation.model == "nfnet-f0"
+
+
+def test_candidates_fit_the_budget_and_are_ranked_by_frontier_distance(registry: Registry) -> None:
+    plan = P.plan_prior(_request("20k-core-hours", top=6), registry)
+    assert len(plan.candidates) == 6
+    distances = [c.frontier_distance for c in plan.candidates]
+    assert distances == sorted(distances)
+    for c in plan.candidates:
+        assert 0.95 < c.cost_fraction <= 1.0
+        assert c.steps == math.ceil(c.examples / 4096)
+        assert c.lr_trials == (c.lr, c.lr / 2)
+
+
+def test_family_and_model_patterns(registry: Registry) -> None:
+    vit = P.plan_prior(_request("20k-core-hours", family="vit"), registry)
+    assert [c.model for c in vit.candidates] == ["vit-l/16"]
+    only = P.plan_prior(_request("20k-core-hours", models=("nfnet-f1", "nfnet-f0")), registry)
+    assert {c.model for c in only.candidates} == {"nfnet-f0", "nfnet-f1"}
+    with pytest.raises(UnknownNameError, match="family"):
+        P.plan_prior(_request("20k-core-hours", family="resnet"), registry)
+    with pytest.raises(UsageError, match="no nfnet model matches"):
+        P.plan_prior(_request("20k-core-hours", models=("nfnet-z*",)), registry)
+
+
+def test_device_hour_budgets_use_their_hardware(registry: Registry) -> None:
+    h100 = P.plan_prior(_request("2k-h100-hours"), registry).recommendation
+    assert 0.95 < h100.device_hours / 2e3 <= 1.0
+    assert h100.core_hours == pytest.approx(h100.device_hours * 989 / 137.5)
+
+
+def test_round_down() -> None:
+    assert P.round_down(0.30649) == 0.306
+    assert P.round_down(8 * (1 - 1e-12)) == 8.0
+    assert P.round_down(1234.5) == 1230.0
+
+
+def test_plan_json_schema(cli_registry: Registry, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--budget", "110k-core-hours", "--json", "--top", "3"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert set(doc) == {
+        "mode",
+        "budget",
+        "hardware",
+        "dataset",
+        "family",
+        "batch_size",
+        "frontier",
+        "candidates",
+        "recommendation",
+        "fit",
+        "notes",
+    }
+    assert doc["mode"] == "prior" and doc["fit"] is None
+    assert doc["budget"]["unit"] == "core-hours" and doc["budget"]["core_hours"] == pytest.approx(110e3)
+    assert doc["dataset"] == {"name": None, "size": 4_000_000_000, "num_classes": 30_000, "resolution": 224}
+    assert len(doc["candidates"]) == 3
+    keys = {
+        "model",
+        "family",
+        "params",
+        "macs_per_image",
+        "epochs",
+        "examples",
+        "steps",
+        "flops",
+        "cost",
+        "cost_fraction",
+        "core_hours",
+        "device_hours",
+        "lr",
+        "lr_trials",
+        "frontier_distance",
+        "predicted_loss",
+        "loss_interval",
+        "extrapolated",
+    }
+    assert all(set(c) == keys for c in doc["candidates"])
+    rec = doc["recommendation"]
+    assert rec["model"] == "nfnet-f7+" and rec["epochs"] == 8.0
+    assert rec["commands"] == [
+        "convscale pretrain --model nfnet-f7+ --dataset DATASET --epochs 8 --lr 0.4 --batch-size 4096 "
+        "--resolution 224 --out runs/nfnet-f7+-e8-lr0.4",
+        "convscale pretrain --model nfnet-f7+ --dataset DATASET --epochs 8 --lr 0.2 --batch-size 4096 "
+        "--resolution 224 --out runs/nfnet-f7+-e8-lr0.2",
+    ]
+
+
+def test_plan_table_output(cli_registry: Registry, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--budget", "0.4k-core-hours"]) == 0
+    out = capsys.readouterr().out
+    assert "Recommendation: nfnet-f0 for 0.3" in out
+    assert "--lr 1.6" in out and "--lr 0.8" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--budget", "10k"], "has no unit"),
+        (["--budget", "100-core-hours"], "smallest feasible budget"),
+        (["--budget", "250-h100-hours", "--hardware", "a100"], "drop --hardware"),
+        (["--budget", "1e21-flops", "--mfu", "0.5"], "no effect on a FLOP budget"),
+        (["--budget", "10k-core-hours", "--mfu", "1.5"], "MFU 1.5"),
+        (["--budget", "10k-core-hours", "--batch-size", "0"], "--batch-size"),
+        (["--budget", "10k-core-hours", "--family", "resnt"], "unknown family"),
+    ],
+)
+def test_plan_bad_input_is_a_usage_error(
+    cli_registry: Registry, capsys: pytest.CaptureFixture[str], args: list[str], needle: str
+) -> None:
+    assert main(["plan", *args]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1
+
+
+def test_plan_never_imports_jax() -> None:
+    code = (
+        "import sys, io, contextlib; from convscale_cli.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    rc = main(['plan', '--budget', '10k-core-hours', '--json'])\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'jax', 'flax', 'optax', 'grain', 'orbax'})\n"
+        "print(rc, heavy)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert result.stdout.split("\n")[0] == "0 []", result.stdout + result.stderr
