@@ -1,3 +1,59 @@
-"""convscale report (analysis)."""
+"""``convscale report``: scaling-law fits, plots and an HTML report over a directory of runs."""
 
-from convscale_cli.cli import app  # noqa: F401  (commands register on the shared app)
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from convscale_cli.cli import app
+from convscale_cli.cli._output import print_json
+
+
+@app.command()
+def report(
+    runs_dir: Annotated[Path, typer.Argument(help="Directory of run directories (each with summary.json).")],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Output directory (default: RUNS_DIR/report).")
+    ] = None,
+    dataset: Annotated[
+        str | None, typer.Option(help="Pre-training dataset to report on, when the runs span several.")
+    ] = None,
+    size: Annotated[
+        str, typer.Option(help="Model size N in the parametric law L(N, D): params or macs (MACs per image).")
+    ] = "params",
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples of the power-law fits.")] = 1000,
+    parametric_bootstrap: Annotated[
+        int, typer.Option(help="Bootstrap resamples of the parametric fit (one L-BFGS run each).")
+    ] = 100,
+    holdout: Annotated[float, typer.Option(help="Share of the largest-compute cells held out in the back-test.")] = 0.2,
+    seed: Annotated[int, typer.Option(help="Bootstrap seed (reports are reproducible).")] = 0,
+    json_: Annotated[bool, typer.Option("--json", help="Print fit.json to stdout instead of the summary.")] = False,
+) -> None:
+    """Fit scaling laws to finished runs and write report.md, a self-contained report.html, PNGs and fit.json."""
+    from convscale_cli.report import build_report
+
+    out_dir = out if out is not None else runs_dir / "report"
+    result = build_report(
+        runs_dir,
+        out_dir,
+        dataset=dataset,
+        size_axis=size,
+        bootstrap=bootstrap,
+        parametric_bootstrap=parametric_bootstrap,
+        holdout_fraction=holdout,
+        seed=seed,
+    )
+    if json_:
+        print_json(result)
+        return
+    for verdict in result["verdicts"]:
+        print(f"({verdict['finding']}) {verdict['text']}")
+    if result["skipped"]:
+        print(f"skipped {len(result['skipped'])} run directories (listed in the report)")
+    files = result["files"]
+    print(f"report: {files['report_html']}")
+    print(f"        {files['report_md']}")
+    print(f"fits:   {files['fit_json']}")
+    print(f"plots:  {', '.join(Path(p).name for p in files['plots'].values())} in {out_dir}")

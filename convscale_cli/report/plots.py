@@ -1,0 +1,189 @@
+"""Matplotlib PNGs of the report, drawn like the paper's figures (log-log axes, one curve per model).
+
+Figures are built with :class:`matplotlib.figure.Figure` and the Agg canvas directly rather than ``pyplot``: no global
+state, no GUI backend, safe in threads and on headless machines. matplotlib is imported inside the functions so that
+importing the report package stays cheap.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convscale_cli.report.analysis import REFERENCE_POINTS, Cell
+from convscale_cli.report.fit import PowerLawFit
+
+_DPI = 110
+_SIZE = (7.0, 4.6)
+
+
+def _figure(ncols: int = 1):  # noqa: ANN202  (matplotlib types are imported lazily)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(_SIZE[0] * (1 if ncols == 1 else 0.8 * ncols), _SIZE[1]), dpi=_DPI)
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, ncols, squeeze=False)[0]
+    for ax in axes:
+        ax.grid(True, which="major", alpha=0.3)
+        ax.grid(True, which="minor", alpha=0.1)
+    return figure, axes
+
+
+def _save(figure: Any, path: Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, format="png")
+    return path
+
+
+def _by_model(cells: Sequence[Cell]) -> dict[str, list[Cell]]:
+    groups: dict[str, list[Cell]] = defaultdict(list)
+    for cell in sorted(cells, key=lambda c: (c.params, c.model, c.epochs)):
+        groups[cell.model].append(cell)
+    return groups
+
+
+def _draw_fit(ax: Any, fit: PowerLawFit, low: float, high: float, label: str, color: str = "black") -> None:
+    grid = np.logspace(np.log10(low), np.log10(high), 100)
+    ax.plot(grid, fit.predict(grid), "--", color=color, lw=1.4, label=label)
+    if len(fit.samples):
+        lo, hi = fit.interval(grid)
+        ax.fill_between(grid, lo, hi, color=color, alpha=0.12, lw=0)
+
+
+def loss_vs_compute(cells: Sequence[Cell], front: Sequence[Cell], fit: PowerLawFit | None, path: Path) -> Path:
+    """Held-out loss vs compute: a curve per model over epoch budgets, the frontier and the fitted law (Fig. 2)."""
+    figure, (ax,) = _figure()
+    for model, group in _by_model(cells).items():
+        group = sorted(group, key=lambda c: c.core_hours)
+        ax.plot([c.core_hours for c in group], [c.loss for c in group], "o-", ms=4, lw=1.2, label=model)
+    ax.plot(
+        [c.core_hours for c in front], [c.loss for c in front], "s", ms=9, mfc="none", mec="black", label="frontier"
+    )
+    if fit is not None:
+        low, high = fit.compute_range
+        ci = f", b in [{fit.b_interval[0]:.3f}, {fit.b_interval[1]:.3f}]" if fit.b_interval else ""
+        _draw_fit(ax, fit, low, high * 3, f"L = {fit.a:.3g} C^-{fit.b:.3f} (R^2 {fit.r2:.2f}{ci})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("pre-training compute (TPU-v4 core-hours)")
+    ax.set_ylabel("held-out loss")
+    ax.set_title("Held-out loss vs compute (best lr per model and epoch budget)")
+    ax.legend(fontsize=8, loc="best")
+    return _save(figure, path)
+
+
+def compute_optimal(front: Sequence[Cell], optimal: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Compute-optimal parameters and epochs vs compute: observed frontier and parametric-fit prediction."""
+    figure, (left, right) = _figure(2)
+    compute = [c.core_hours for c in front]
+    left.plot(compute, [c.params for c in front], "o-", color="C0", label="frontier (observed)")
+    right.plot(compute, [c.epochs for c in front], "o-", color="C0", label="frontier (observed)")
+    if optimal:
+        grid = [row["core_hours"] for row in optimal]
+        left.plot(grid, [row["params"] for row in optimal], "s--", color="C1", ms=4, label="parametric fit")
+        right.plot(grid, [row["epochs"] for row in optimal], "s--", color="C1", ms=4, label="parametric fit")
+    for ax, label in ((left, "parameters"), (right, "epochs")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("compute (TPU-v4 core-hours)")
+        ax.set_ylabel(f"compute-optimal {label}")
+        ax.legend(fontsize=8)
+    figure.suptitle("Compute-optimal model size and epoch budget")
+    return _save(figure, path)
+
+
+def lr_vs_epochs(table: dict[str, list[dict[str, Any]]], path: Path) -> Path:
+    """Optimal learning rate vs epoch budget per model, log2 axes like Fig. 3."""
+    figure, (ax,) = _figure()
+    for model, rows in sorted(table.items()):
+        rows = sorted(rows, key=lambda r: r["epochs"])
+        ax.plot([r["epochs"] for r in rows], [r["lr"] for r in rows], "o-", label=model)
+        edges = [r for r in rows if r["at_edge"]]
+        if edges:
+            ax.plot([r["epochs"] for r in edges], [r["lr"] for r in edges], "x", color="red", ms=8)
+    ax.plot([], [], "x", color="red", label="optimum at grid edge")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("epoch budget")
+    ax.set_ylabel("optimal learning rate (alpha at batch 4096)")
+    ax.set_title("Optimal learning rate vs epoch budget")
+    ax.legend(fontsize=8)
+    return _save(figure, path)
+
+
+def backtest(result: dict[str, Any], path: Path) -> Path:
+    """Predicted vs observed loss of the held-out largest-compute cells."""
+    figure, (ax,) = _figure()
+    rows = result["rows"]
+    observed = [r["observed"] for r in rows]
+    values = list(observed)
+    for key, marker, label in (("power_law", "o", "frontier power law"), ("parametric", "s", "parametric L(N, D)")):
+        points = [
+            (r["observed"], r[key]) for r in rows if r[key] is not None and (key != "power_law" or r["on_frontier"])
+        ]
+        if points:
+            ax.plot(*zip(*points, strict=True), marker, ms=7, mfc="none", label=label)
+            values += [p[1] for p in points]
+    low, high = min(values) * 0.98, max(values) * 1.02
+    ax.plot([low, high], [low, high], "-", color="gray", lw=1, label="prediction = observation")
+    ax.set_xlim(low, high)
+    ax.set_ylim(low, high)
+    ax.set_xlabel("observed held-out loss")
+    ax.set_ylabel("predicted held-out loss")
+    ax.set_title(f"Back-test: {result['held_out']} largest-compute cells held out")
+    ax.legend(fontsize=8)
+    return _save(figure, path)
+
+
+def finetune(points: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Fine-tuned top-1 vs pre-training compute, with the published JFT->ImageNet reference points labelled."""
+    figure, (ax,) = _figure()
+    by_model: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for point in points:
+        by_model[f"{point['model']} ({point['dataset']})"].append(point)
+    for label, group in sorted(by_model.items()):
+        group = sorted(group, key=lambda p: p["pretrain_core_hours"])
+        ax.plot([p["pretrain_core_hours"] for p in group], [p["top1"] for p in group], "o-", label=label)
+    for ref in REFERENCE_POINTS:
+        ax.plot(ref["core_hours"], ref["top1"], "*", color="gray", ms=10)
+        ax.annotate(
+            ref["model"], (ref["core_hours"], ref["top1"]), fontsize=7, xytext=(4, 2), textcoords="offset points"
+        )
+    ax.plot([], [], "*", color="gray", label="published, JFT -> ImageNet (reference only)")
+    ax.set_xscale("log")
+    ax.set_xlabel("pre-training compute (TPU-v4 core-hours)")
+    ax.set_ylabel("fine-tuned top-1 (%)")
+    ax.set_title("Fine-tuned top-1 vs pre-training compute")
+    ax.legend(fontsize=8)
+    return _save(figure, path)
+
+
+def families(comparison: dict[str, Any], cells: Sequence[Cell], path: Path) -> Path:
+    """Frontier (and power law) per family on one plot: ConvNets and ViTs at equal compute."""
+    figure, (ax,) = _figure()
+    for index, (name, entry) in enumerate(sorted(comparison["families"].items())):
+        color = f"C{index}"
+        members = [c for c in cells if c.family == name]
+        ax.plot([c.core_hours for c in members], [c.loss for c in members], ".", color=color, alpha=0.35)
+        front = entry["frontier"]
+        ax.plot(
+            [c["core_hours"] for c in front], [c["loss"] for c in front], "o-", color=color, label=f"{name} frontier"
+        )
+        fit = entry.get("fit")
+        if fit:
+            grid = np.logspace(*np.log10(fit["compute_range"]), 50)
+            ax.plot(grid, fit["a"] * grid ** -fit["b"], "--", color=color, lw=1, label=f"{name}: b = {fit['b']:.3f}")
+    if comparison.get("overlap"):
+        ax.axvspan(*comparison["overlap"], color="gray", alpha=0.08, label="matched-compute range")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("pre-training compute (TPU-v4 core-hours)")
+    ax.set_ylabel("held-out loss")
+    ax.set_title("Families at equal compute")
+    ax.legend(fontsize=8)
+    return _save(figure, path)

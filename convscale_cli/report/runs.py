@@ -1,0 +1,267 @@
+"""Load and validate the run directories a report is built from.
+
+A runs directory holds run directories (possibly nested one level, e.g. ``sweep/f0-e1-lr1.6``), each finished run
+with a ``summary.json`` written by the engine. Runs that cannot be used (no or broken summary, failed, missing
+numbers) are skipped and listed with the reason, so one bad run never hides the rest of a study.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from convscale_cli.errors import UsageError
+
+# A run stopped by its compute budget is a complete data point: the budget is the study's design (§1.6).
+USABLE_STATUSES = ("finished", "budget")
+# Files that mark a directory as a run directory even before summary.json exists (an unfinished or crashed run).
+_RUN_MARKERS = ("config.json", "metrics.jsonl", "checkpoints")
+_MAX_DEPTH = 3
+
+
+@dataclass(frozen=True)
+class Run:
+    """One usable run, flattened from its ``summary.json``.
+
+    Attributes:
+        name: Path of the run directory relative to the runs directory.
+        kind: "pretrain" or "finetune".
+        model: Architecture name.
+        family: Model family ("nfnet", "vit", ...).
+        dataset: Dataset trained on.
+        epochs: Epoch budget.
+        lr: Peak learning rate alpha at batch 4096.
+        seed: Training seed.
+        params: Parameter count.
+        macs_per_image: Forward MACs per image at the training resolution.
+        examples_seen: Training examples processed.
+        eval_loss: Held-out loss at the end of training.
+        eval_top1: Held-out top-1 accuracy (fraction) at the end, best of raw and EMA weights for fine-tunes.
+        core_hours: Training compute in TPU-v4 core-hour equivalents.
+        pretrain_run: Name of the pre-training run a fine-tune started from ("" for pre-training runs).
+        pretrain_core_hours: Pre-training compute behind a fine-tune (0 for pre-training runs).
+    """
+
+    name: str
+    kind: str
+    model: str
+    family: str
+    dataset: str
+    epochs: float
+    lr: float
+    seed: int
+    params: float
+    macs_per_image: float
+    examples_seen: float
+    eval_loss: float
+    eval_top1: float
+    core_hours: float
+    pretrain_run: str = ""
+    pretrain_core_hours: float = 0.0
+
+    @property
+    def examples_per_epoch(self) -> float:
+        """Training-set size implied by the run (examples seen / epochs)."""
+        return self.examples_seen / self.epochs
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready copy."""
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A run directory that was not used, and why."""
+
+    path: str
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        """JSON-ready copy."""
+        return {"path": self.path, "reason": self.reason}
+
+
+class _Invalid(Exception):
+    """Internal: a summary that cannot be turned into a Run (the message is the skip reason)."""
+
+
+def _number(data: Mapping[str, Any], key: str, where: str = "", *, positive: bool = True) -> float:
+    value = data.get(key)
+    label = f"{where}.{key}" if where else key
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise _Invalid(f"{label} is missing or not a finite number ({value!r})")
+    if positive and value <= 0:
+        raise _Invalid(f"{label} must be > 0, got {value!r}")
+    return float(value)
+
+
+def _text(data: Mapping[str, Any], key: str) -> str:
+    value = data.get(key)
+    if not isinstance(value, str) or not value:
+        raise _Invalid(f"{key} is missing or not a string ({value!r})")
+    return value
+
+
+def _section(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = data.get(key)
+    if not isinstance(value, Mapping):
+        raise _Invalid(f"{key} is missing or not an object")
+    return value
+
+
+def _core_hours(ledger: Mapping[str, Any]) -> float:
+    value = ledger.get("core_hours")
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
+        return float(value)
+    # Older or partial ledgers may only hold FLOPs: convert on the paper's axis with the planner's calibration.
+    flops = _number(ledger, "train_flops", "ledger")
+    from convscale_cli.budget import flops_to_core_hours
+
+    return float(flops_to_core_hours(flops))
+
+
+def _top1(summary: Mapping[str, Any]) -> float:
+    candidates = []
+    for key in ("final", "final_ema"):
+        section = summary.get(key)
+        value = section.get("eval_top1") if isinstance(section, Mapping) else None
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            # The engine writes fractions; accept percentages from other tools too.
+            candidates.append(float(value) / 100.0 if value > 1.0 else float(value))
+    # The engine evaluates both raw and EMA weights after fine-tuning; the better one is what a user would ship.
+    return max(candidates) if candidates else math.nan
+
+
+def parse_summary(summary: Mapping[str, Any], name: str) -> Run:
+    """Turn one ``summary.json`` object into a :class:`Run`.
+
+    Raises:
+        _Invalid: With the reason, when the summary lacks a field the report needs.
+    """
+    kind = _text(summary, "kind")
+    if kind not in ("pretrain", "finetune"):
+        raise _Invalid(f"kind must be 'pretrain' or 'finetune', got {kind!r}")
+    status = summary.get("status")
+    if status not in USABLE_STATUSES:
+        raise _Invalid(f"status {status!r} is not one of {', '.join(USABLE_STATUSES)}")
+    final = _section(summary, "final")
+    ledger = _section(summary, "ledger")
+    pretrain_run, pretrain_hours = "", 0.0
+    if kind == "finetune":
+        pretrain = _section(summary, "pretrain")
+        pretrain_run = str(pretrain.get("run") or "")
+        pretrain_hours = _number(pretrain, "core_hours", "pretrain")
+    seed = summary.get("seed", 0)
+    return Run(
+        name=name,
+        kind=kind,
+        model=_text(summary, "model"),
+        family=_text(summary, "family"),
+        dataset=_text(summary, "dataset"),
+        epochs=_number(summary, "epochs"),
+        lr=_number(summary, "lr"),
+        seed=int(seed) if isinstance(seed, int) else 0,
+        params=_number(summary, "params"),
+        macs_per_image=_number(summary, "macs_per_image"),
+        examples_seen=_number(summary, "examples_seen"),
+        eval_loss=_number(final, "eval_loss", "final"),
+        eval_top1=_top1(summary),
+        core_hours=_core_hours(ledger),
+        pretrain_run=pretrain_run,
+        pretrain_core_hours=pretrain_hours,
+    )
+
+
+def _candidate_dirs(root: Path) -> list[Path]:
+    """Directories under ``root`` that are (or look like) run directories, not descending into runs."""
+    found: list[Path] = []
+
+    def walk(directory: Path, depth: int) -> None:
+        for child in sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if (child / "summary.json").exists() or any((child / m).exists() for m in _RUN_MARKERS):
+                found.append(child)
+            elif depth < _MAX_DEPTH:
+                walk(child, depth + 1)
+
+    walk(root, 1)
+    return found
+
+
+def load_runs(runs_dir: str | Path) -> tuple[list[Run], list[Skipped]]:
+    """Read every run directory under ``runs_dir``.
+
+    Args:
+        runs_dir: Directory holding run directories.
+
+    Returns:
+        ``(runs, skipped)``: the usable runs sorted by name, and the run directories that were skipped with reasons.
+
+    Raises:
+        UsageError: The directory does not exist, is not a directory, or holds no run directories at all.
+    """
+    root = Path(runs_dir)
+    if not root.exists():
+        raise UsageError(f"runs directory {str(root)!r} does not exist")
+    if not root.is_dir():
+        raise UsageError(f"runs directory {str(root)!r} is not a directory")
+    candidates = _candidate_dirs(root)
+    if not candidates:
+        raise UsageError(
+            f"no run directories in {str(root)!r}: expected sub-directories with summary.json "
+            "(written by `convscale pretrain` / `finetune`)"
+        )
+    runs: list[Run] = []
+    skipped: list[Skipped] = []
+    for directory in candidates:
+        name = directory.relative_to(root).as_posix()
+        path = directory / "summary.json"
+        if not path.exists():
+            skipped.append(Skipped(name, "no summary.json (unfinished or crashed run)"))
+            continue
+        try:
+            summary = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(summary, Mapping):
+                raise _Invalid("summary.json is not a JSON object")
+            runs.append(parse_summary(summary, name))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            skipped.append(Skipped(name, f"summary.json is not valid JSON ({exc})"))
+        except _Invalid as exc:
+            skipped.append(Skipped(name, str(exc)))
+    return runs, skipped
+
+
+def select_dataset(runs: Iterable[Run], dataset: str | None = None) -> list[Run]:
+    """Keep the pre-training runs of one dataset and the fine-tunes that started from them.
+
+    Losses on different datasets are not comparable, so a report covers one pre-training dataset.
+
+    Raises:
+        UsageError: No pre-training runs, an unknown ``dataset``, or several datasets and no choice.
+    """
+    runs = list(runs)
+    pretrain = [r for r in runs if r.kind == "pretrain"]
+    datasets = sorted({r.dataset for r in pretrain})
+    if not datasets:
+        raise UsageError("no usable pre-training runs: a report needs finished runs with kind 'pretrain'")
+    if dataset is None:
+        if len(datasets) > 1:
+            raise UsageError(f"runs span {len(datasets)} datasets ({', '.join(datasets)}): pick one with --dataset")
+        dataset = datasets[0]
+    elif dataset not in datasets:
+        from convscale_cli.errors import UnknownNameError
+
+        raise UnknownNameError("dataset", dataset, datasets)
+    chosen = [r for r in pretrain if r.dataset == dataset]
+    names = {r.name for r in chosen} | {r.name.rsplit("/", 1)[-1] for r in chosen}
+
+    def from_chosen(run: Run) -> bool:
+        link = run.pretrain_run.rstrip("/")
+        if not link:
+            return len(datasets) == 1  # unlinked fine-tunes are only attributable when there is one dataset
+        return link in names or link.rsplit("/", 1)[-1] in names
+
+    return chosen + [r for r in runs if r.kind == "finetune" and from_chosen(r)]
