@@ -1,0 +1,393 @@
+"""``pretrain(config)``: the library entry point behind ``convscale pretrain``.
+
+It resolves the config, claims the run directory (resuming a run with the same config, refusing a different one),
+builds the model, optimiser, mesh and compiled steps, restores the newest readable checkpoint, runs the loop, and
+writes ``summary.json``. Usable from a notebook: pass a registry to train models registered in code.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import platform
+import time
+from types import ModuleType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from convscale_cli.engine import loop
+from convscale_cli.engine.checkpoint import Checkpoints
+from convscale_cli.engine.config import PretrainConfig
+from convscale_cli.engine.hardware import device_peak
+from convscale_cli.engine.ledger import Ledger, xla_flops
+from convscale_cli.engine.mesh import (
+    batch_sharding,
+    check_batch,
+    init_distributed,
+    make_mesh,
+    replicated,
+    state_shardings,
+)
+from convscale_cli.engine.optim import learning_rate_schedule, make_optimizer
+from convscale_cli.engine.progress import Progress
+from convscale_cli.engine.resolve import ResolvedRun, resolve, resolved_dict
+from convscale_cli.engine.rundir import MetricsLog, RunDir
+from convscale_cli.engine.state import TrainState
+from convscale_cli.engine.step import eval_step, train_step
+from convscale_cli.errors import RunInterrupted, UsageError
+from convscale_cli.registry import Registry
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("convscale", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _abstract_batch(run: ResolvedRun, batch: int, resolution: int, sharding: Any) -> dict[str, jax.ShapeDtypeStruct]:
+    if run.info.multi_label:
+        label = jax.ShapeDtypeStruct((batch, run.num_classes), jnp.float32, sharding=sharding)
+    else:
+        label = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharding)
+    return {
+        "image": jax.ShapeDtypeStruct((batch, resolution, resolution, 3), jnp.uint8, sharding=sharding),
+        "label": label,
+        "mask": jax.ShapeDtypeStruct((batch,), jnp.float32, sharding=sharding),
+    }
+
+
+def _host_batch(batch: dict[str, Any], multi_label: bool) -> dict[str, np.ndarray]:
+    # Fixed dtypes and keys, so every step feeds the one compiled executable.
+    return {
+        "image": np.asarray(batch["image"], np.uint8),
+        "label": np.asarray(batch["label"], np.float32 if multi_label else np.int32),
+        "mask": np.asarray(batch["mask"], np.float32),
+    }
+
+
+class _Head:
+    """The first ``n`` examples of a random-access source (``eval_examples``)."""
+
+    def __init__(self, source: Any, n: int) -> None:
+        self.source, self.n = source, min(n, len(source))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> Any:
+        if not 0 <= index < self.n:
+            raise IndexError(index)
+        return self.source[index]
+
+
+def _eval_batch_size(run: ResolvedRun, eval_size: int, devices: int) -> int:
+    # Never pad a small held-out set up to a 4096 batch: the smallest multiple of the device (and process) count
+    # that holds the whole set, capped at the training batch.
+    unit = devices * jax.process_count() // np.gcd(devices, jax.process_count())
+    return min(run.batch_size, max(unit, -(-eval_size // unit) * unit))
+
+
+def pretrain(
+    config: PretrainConfig, registry: Registry | None = None, *, pipeline: ModuleType | None = None
+) -> dict[str, Any]:
+    """Pre-train (or resume pre-training) one model and return its ``summary.json`` contents.
+
+    Args:
+        config: the run config.
+        registry: where models and datasets are looked up (default: the installed plugins).
+        pipeline: the input pipeline module (default :mod:`convscale_cli.data`): ``train_loader``, ``eval_loader``,
+            ``normalize`` and ``to_global`` as documented there.
+
+    Raises:
+        UsageError: bad config, unknown names, a run directory holding another run, an indivisible batch.
+        TrainingError: a non-finite loss (exit code 3).
+        RunInterrupted: SIGTERM/SIGINT, after saving a checkpoint (exit code 130).
+        CheckpointError: a checkpoint save failed (the previous checkpoint is intact).
+    """
+    init_distributed(config.coordinator_address, config.num_processes, config.process_id)
+    if registry is None:
+        from convscale_cli.plugins import get_registry
+
+        registry = get_registry()
+    if pipeline is None:
+        import convscale_cli.data as pipeline
+    run = resolve(config, registry)
+    primary = jax.process_index() == 0
+    rundir = RunDir(config.out, primary=primary)
+    resolved = resolved_dict(run)
+    resuming = rundir.prepare(resolved, force=config.force)
+    progress = Progress(run.duration.steps, mode=config.progress if primary else "none")
+    previous = rundir.summary() if resuming else None
+    if previous and (
+        previous.get("status") == "finished"
+        or (previous.get("status") == "budget" and previous.get("budget") == config.budget)
+    ):
+        progress.message(
+            f"{config.out}: run already {previous['status']} at step {previous.get('steps')}; nothing to do"
+        )
+        return previous
+    _sync("prepared")
+    rundir.remove_summary()
+
+    mesh = make_mesh()
+    check_batch(run.batch_size, mesh, jax.process_count())
+    model = run.arch.build(
+        num_classes=run.num_classes,
+        dtype="bfloat16" if config.precision == "bf16" else "float32",
+        stochdepth_rate=config.stochdepth_rate,
+        drop_rate=config.drop_rate,
+        **config.model_options,
+    )
+    schedule = learning_rate_schedule(run.peak_lr, run.duration.steps, run.recipe.warmup_fraction)
+    tx = make_optimizer(run.recipe, schedule)
+
+    def init() -> TrainState:
+        init_key, dropout_key = jax.random.split(jax.random.PRNGKey(config.seed))
+        dummy = jnp.zeros((1, run.resolution, run.resolution, 3), jnp.float32)
+        params = model.init({"params": init_key}, dummy, train=False)["params"]
+        return TrainState.create(params, tx, dropout_key)
+
+    abstract = jax.eval_shape(init)
+    shardings = state_shardings(abstract, mesh, fsdp=config.fsdp)
+    abstract = jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+    hardware, peak = device_peak(config.hardware, config.peak_flops)
+    ledger = Ledger(flops_per_example=run.flops_per_example, num_devices=mesh.size, hardware=hardware, peak_flops=peak)
+    checkpoints = Checkpoints(rundir.checkpoints, keep=config.keep)
+    try:
+        return _train(
+            config,
+            run,
+            rundir,
+            resolved,
+            progress,
+            pipeline,
+            mesh,
+            model,
+            schedule,
+            tx,
+            init,
+            abstract,
+            shardings,
+            ledger,
+            checkpoints,
+        )
+    finally:
+        checkpoints.close()
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _train(
+    config: PretrainConfig,
+    run: ResolvedRun,
+    rundir: RunDir,
+    resolved: dict[str, Any],
+    progress: Progress,
+    pipeline: ModuleType,
+    mesh: Any,
+    model: Any,
+    schedule: Any,
+    tx: Any,
+    init: Any,
+    abstract: Any,
+    shardings: Any,
+    ledger: Ledger,
+    checkpoints: Checkpoints,
+) -> dict[str, Any]:
+    restored = checkpoints.restore(abstract)
+    start_step, data_state = 0, None
+    if restored is not None:
+        start_step, state, data_state, saved_ledger = restored
+        lost = _lost_seconds(rundir.live_ledger(), saved_ledger)
+        ledger = Ledger.from_dict(
+            {
+                **saved_ledger,
+                "num_devices": ledger.num_devices,
+                "hardware": ledger.hardware,
+                "peak_flops": ledger.peak_flops,
+            }
+        )
+        ledger.device_seconds["lost"] += lost
+        rundir.truncate_metrics(start_step)
+        progress.message(f"resuming {config.out} from step {start_step} ({lost:.1f} device-seconds lost)")
+    else:
+        rundir.truncate_metrics(0)
+        with ledger.timed("compile"):
+            state = jax.jit(init, out_shardings=shardings)()
+            jax.block_until_ready(state)
+
+    data_sharding = batch_sharding(mesh)
+    normalize = pipeline.normalize
+    train_jit = jax.jit(
+        functools.partial(
+            train_step,
+            model=model,
+            tx=tx,
+            schedule=schedule,
+            normalize=normalize,
+            loss=run.recipe.loss,
+            num_classes=run.num_classes,
+            label_smoothing=run.recipe.label_smoothing,
+        ),
+        donate_argnums=0,
+        out_shardings=(shardings, replicated(mesh)),
+    )
+    eval_jit = jax.jit(
+        functools.partial(
+            eval_step, model=model, normalize=normalize, loss=run.recipe.loss, num_classes=run.num_classes
+        ),
+        out_shardings=replicated(mesh),
+    )
+    eval_source = run.data.open("eval", **config.data_options)
+    if config.eval_examples is not None:
+        eval_source = _Head(eval_source, config.eval_examples)
+    eval_batch = _eval_batch_size(run, len(eval_source), mesh.size)
+    with ledger.timed("compile"):
+        train_fn = train_jit.lower(abstract, _abstract_batch(run, run.batch_size, run.resolution, data_sharding))
+        train_fn = train_fn.compile()
+        eval_fn = eval_jit.lower(
+            abstract.params, _abstract_batch(run, eval_batch, run.eval_resolution, data_sharding)
+        ).compile()
+    ledger.xla_flops_per_step = xla_flops(train_fn) * mesh.size
+
+    def to_device(batch: dict[str, Any]) -> Any:
+        return pipeline.to_global(_host_batch(batch, run.info.multi_label), data_sharding)
+
+    def evaluate(params: Any) -> dict[str, float]:
+        with ledger.timed("eval"):
+            sums = None
+            for batch in pipeline.eval_loader(
+                eval_source,
+                global_batch_size=eval_batch,
+                resolution=run.eval_resolution,
+                process_index=jax.process_index(),
+                process_count=jax.process_count(),
+                worker_count=config.worker_count,
+            ):
+                out = eval_fn(params, to_device(batch))
+                sums = out if sums is None else jax.tree_util.tree_map(jnp.add, sums, out)
+            host = {k: float(v) for k, v in jax.device_get(sums).items()}
+        count = max(host["count"], 1.0)
+        return {
+            "eval_loss": host["loss_sum"] / count,
+            "eval_top1": host["top1_sum"] / count,
+            "eval_top5": host["top5_sum"] / count,
+        }
+
+    loader = pipeline.train_loader(
+        run.data.open("train", **config.data_options),
+        global_batch_size=run.batch_size,
+        resolution=run.resolution,
+        seed=config.seed,
+        num_examples=run.duration.examples,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        worker_count=config.worker_count,
+    )
+    if data_state:
+        loader.set_state(data_state)
+    log = MetricsLog(rundir, tensorboard=config.tensorboard)
+    ctx = loop.LoopContext(
+        run=run,
+        rundir=rundir,
+        log=log,
+        checkpoints=checkpoints,
+        ledger=ledger,
+        train_fn=train_fn,
+        evaluate=evaluate,
+        to_device=to_device,
+        progress=progress,
+    )
+    try:
+        with progress:
+            state, status, step = loop.train(ctx, state, loader, start_step)
+            if step != start_step or restored is None:
+                loop.save(ctx, state, loader, step)
+            checkpoints.wait()
+            if status == "interrupted":
+                rundir.write_live_ledger(ledger.to_dict())
+                raise RunInterrupted(
+                    f"interrupted at step {step}; checkpoint saved in {config.out}, rerun the same command to resume"
+                )
+            final = loop.evaluate_and_log(ctx, state.params, step)
+            rundir.write_live_ledger(ledger.to_dict())
+    finally:
+        log.close()
+    summary = _summary(run, resolved, status, step, final, ledger, state.params)
+    rundir.write_summary(summary)
+    _sync("summary")
+    progress.message(
+        f"{status}: step {step}, eval loss {final['eval_loss']:.4f}, top-1 {final['eval_top1']:.4f}, "
+        f"{ledger.core_hours:.3g} TPU-v4 core-hours"
+    )
+    return summary
+
+
+def _lost_seconds(live: dict[str, Any] | None, saved: dict[str, Any]) -> float:
+    """Device-seconds spent after the restored checkpoint by the run that died (from its last heartbeat)."""
+    if not live:
+        return 0.0
+    spent = sum(float(v) for v in live.get("device_seconds", {}).values())
+    kept = sum(float(v) for v in saved.get("device_seconds", {}).values())
+    return max(0.0, spent - kept)
+
+
+def _summary(
+    run: ResolvedRun,
+    resolved: dict[str, Any],
+    status: str,
+    step: int,
+    final: dict[str, float],
+    ledger: Ledger,
+    params: Any,
+) -> dict[str, Any]:
+    config = run.config
+    train_size = max(int(run.info.split_sizes.get("train", 0)), 1)
+    out = {
+        "kind": "pretrain",
+        "status": status,
+        "run": str(config.out),
+        "model": run.arch.name,
+        "family": run.arch.family,
+        "dataset": run.data.name,
+        "epochs": run.duration.epochs,
+        "epochs_seen": ledger.examples / train_size,
+        "lr": run.recipe.lr,
+        "peak_lr": run.peak_lr,
+        "batch_size": run.batch_size,
+        "seed": config.seed,
+        "params": int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params))),
+        "macs_per_image": run.macs_per_image,
+        "train_resolution": run.resolution,
+        "eval_resolution": run.eval_resolution,
+        "num_classes": run.num_classes,
+        "examples_seen": ledger.examples,
+        "steps": step,
+        "total_steps": run.duration.steps,
+        "budget": config.budget,
+        "final": final,
+        "ledger": ledger.summary(),
+        "config": resolved,
+        "versions": _versions(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if run.budget is not None:
+        out["budget_spent"] = ledger.spent(run.budget)
+    return out
+
+
+__all__ = ["PretrainConfig", "UsageError", "pretrain"]

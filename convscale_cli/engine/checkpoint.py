@@ -1,0 +1,136 @@
+"""Orbax checkpoints of a run: asynchronous, atomic, the newest K kept, corrupt ones skipped on restore.
+
+A checkpoint holds three items: ``state`` (params, optimiser state, EMA, base RNG, step: a sharded pytree every
+process writes its shards of), ``data`` (the input iterator's JSON state) and ``ledger`` (the compute ledger). Orbax
+writes each step into a temporary directory and renames it when complete, so a run killed mid-save leaves the
+previous checkpoint as the newest complete one.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+from convscale_cli.errors import CheckpointError
+
+ITEMS = ("state", "data", "ledger")
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was unreadable and an older one was used instead."""
+
+
+class Checkpoints:
+    """The ``checkpoints/`` directory of a run.
+
+    Args:
+        directory: where step directories live (created if missing).
+        keep: how many of the newest checkpoints to keep.
+        use_async: save in a background thread (the training step goes on while the arrays are written).
+    """
+
+    def __init__(self, directory: str | Path, *, keep: int, use_async: bool = True) -> None:
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            create=True,
+            cleanup_tmp_directories=True,  # remove what a killed save left behind
+            enable_async_checkpointing=use_async,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+    def steps(self) -> list[int]:
+        """Steps of the complete checkpoints, oldest first."""
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or None."""
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def save(self, step: int, state: Any, data_state: dict[str, Any], ledger: dict[str, Any]) -> None:
+        """Start saving a checkpoint of ``step`` (returns once the arrays are copied off the devices).
+
+        Raises:
+            CheckpointError: this save, or a previous asynchronous one, failed (disk full, permissions); the
+                newest complete checkpoint on disk is untouched.
+        """
+        try:
+            self._manager.check_for_errors()
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    data=ocp.args.JsonSave(data_state),
+                    ledger=ocp.args.JsonSave(ledger),
+                ),
+                force=True,
+            )
+        except Exception as exc:
+            raise self._failure(step, exc) from exc
+
+    def wait(self) -> None:
+        """Block until pending saves are on disk.
+
+        Raises:
+            CheckpointError: an asynchronous save failed.
+        """
+        try:
+            self._manager.wait_until_finished()
+            self._manager.check_for_errors()
+        except Exception as exc:
+            raise self._failure(None, exc) from exc
+
+    def _failure(self, step: int | None, exc: BaseException) -> CheckpointError:
+        what = f"at step {step}" if step is not None else "in the background"
+        good = [s for s in self.steps() if s != step]
+        kept = f"the checkpoint of step {good[-1]} is intact" if good else "no earlier checkpoint exists"
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        return CheckpointError(f"saving a checkpoint {what} failed ({type(exc).__name__}: {detail}); {kept}")
+
+    def restore(self, abstract_state: Any) -> tuple[int, Any, dict[str, Any], dict[str, Any]] | None:
+        """Restore the newest readable checkpoint into the layout of ``abstract_state``.
+
+        ``abstract_state`` is a pytree of :class:`jax.ShapeDtypeStruct` with the *current* run's shardings, so a
+        checkpoint written on N devices loads onto M devices. An unreadable newest checkpoint (truncated or corrupt)
+        is reported with a warning and the previous one is tried.
+
+        Returns:
+            ``(step, state, data_state, ledger)``, or None when there is no checkpoint.
+
+        Raises:
+            CheckpointError: checkpoints exist but none can be read.
+        """
+        steps = self.steps()
+        errors = []
+        for step in reversed(steps):
+            try:
+                restored = self._manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state),
+                        data=ocp.args.JsonRestore(),
+                        ledger=ocp.args.JsonRestore(),
+                    ),
+                )
+            except Exception as exc:
+                detail = " ".join(str(exc).split())[:200]
+                errors.append(f"step {step}: {type(exc).__name__}: {detail}")
+                warnings.warn(
+                    f"checkpoint of step {step} in {self.directory} is unreadable ({type(exc).__name__}); "
+                    "trying the previous one",
+                    CheckpointWarning,
+                    stacklevel=2,
+                )
+                continue
+            return step, restored["state"], dict(restored["data"] or {}), dict(restored["ledger"] or {})
+        if steps:
+            raise CheckpointError(f"no readable checkpoint in {self.directory}: {'; '.join(errors)}")
+        return None
+
+    def close(self) -> None:
+        """Finish pending saves and release the manager."""
+        self._manager.close()

@@ -1,0 +1,154 @@
+"""The pre-training run config: a frozen dataclass filled from ``run.toml``, CLI flags and ``--set`` overrides.
+
+Values left as ``None`` are taken from the architecture's :class:`~convscale_cli.recipe.Recipe` and from the model and
+dataset specs when the run is resolved (:mod:`convscale_cli.engine.resolve`). The resolved config is what
+``RUN/config.json`` holds and what a restarted command is compared against.
+
+This module is jax-free: the CLI builds the config before importing the engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Literal
+
+from convscale_cli.errors import ConfigError, close_matches
+from convscale_cli.recipe import Recipe
+
+Precision = Literal["bf16", "fp32"]
+LossName = Literal["softmax", "sigmoid"]
+
+# Keys that may change between the invocations of one run without changing what it computes: where and how often it
+# writes, how long it may spend, how the devices are laid out. Any other difference refuses to resume (issue #5).
+MUTABLE_KEYS = frozenset(
+    {
+        "out",
+        "force",
+        "budget",
+        "checkpoint_every",
+        "checkpoint_minutes",
+        "keep",
+        "log_every",
+        "eval_every",
+        "fsdp",
+        "worker_count",
+        "coordinator_address",
+        "num_processes",
+        "process_id",
+        "hardware",
+        "peak_flops",
+        "tensorboard",
+        "progress",
+    }
+)
+
+_RECIPE_FIELDS = frozenset(f.name for f in dataclasses.fields(Recipe))
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+    """Everything a pre-training run needs; ``None`` means "the model's recipe / spec default".
+
+    Exactly one duration (``epochs``, ``examples`` or ``steps``) may be given; with none, a FLOP or core-hour
+    ``budget`` sets the duration instead (big_vision ``utils.steps``: one function converts, see ``steps.py``).
+    """
+
+    # --- what to train -------------------------------------------------------------------------------------------
+    model: str = ""  # registry name of the architecture, e.g. "nfnet-f0"
+    dataset: str = ""  # registry name of the dataset, e.g. "shapes"
+    out: str = ""  # run directory: config.json, metrics.jsonl, checkpoints/, summary.json
+    data_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # DatasetSpec.open/info options (root=...)
+    model_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # extra ArchitectureSpec.build options
+    num_classes: int | None = None  # classifier size; default: the dataset's
+
+    # --- how long (one of these, or a FLOP/core-hour budget) -------------------------------------------------------
+    epochs: float | None = None  # passes over the train split; fractional epochs are exact (paper: 0.25 .. 8, §1.3)
+    examples: int | None = None  # training examples seen
+    steps: int | None = None  # optimiser steps
+    # Compute budget ("2-cpu-hours", "1e15-flops", "0.01-core-hours"): the run stops cleanly with status "budget"
+    # once the ledger has spent it. A FLOP or core-hour budget also sets the duration when none is given.
+    budget: str | None = None
+
+    # --- recipe (None: the architecture's Recipe) ------------------------------------------------------------------
+    batch_size: int | None = None  # global batch; default the recipe's base batch (4096 in the paper, §1.3)
+    # Peak learning rate alpha quoted at the recipe's base batch (4096) and scaled linearly: lr = alpha * B / 4096.
+    lr: float | None = None
+    loss: LossName | None = None  # softmax cross-entropy or sigmoid (multi-label) cross-entropy
+    label_smoothing: float | None = None  # softmax only
+    recipe: dict[str, Any] = dataclasses.field(default_factory=dict)  # any other Recipe field, e.g. weight_decay
+    stochdepth_rate: float = 0.0  # the JFT pre-training recipe uses no stochastic depth (NFNet 2021 A.5)
+    drop_rate: float = 0.0  # nor dropout
+    resolution: int | None = None  # training resolution; default the model's (224 in the paper, §1.3)
+    eval_resolution: int | None = None  # held-out resolution; default the model's (256 in the paper)
+    precision: Precision = "bf16"  # bf16 activations with fp32 params/optimizer (NFNet A.1); fp32 for exactness
+    seed: int = 0  # initialisation, data order and dropout
+
+    # --- evaluation, checkpoints, logging --------------------------------------------------------------------------
+    eval_every: int = 0  # held-out eval every N steps (0: only at the end)
+    eval_examples: int | None = None  # cap on held-out examples per eval (None: the whole eval split)
+    checkpoint_every: int = 1000  # save every N steps (0: only on exit)
+    checkpoint_minutes: float = 30.0  # and at least every M minutes of wall time (0: off)
+    keep: int = 3  # checkpoints kept (the newest K); older ones are deleted after a newer save completes
+    log_every: int = 50  # metrics.jsonl / progress every N steps
+    tensorboard: bool = True  # TensorBoard events when tensorboardX is importable
+    progress: Literal["auto", "rich", "plain", "none"] = "auto"  # Rich on a TTY, plain lines otherwise
+
+    # --- hardware and scale-out ------------------------------------------------------------------------------------
+    fsdp: bool = False  # shard params and optimizer state over the data axis (ZeRO-3 style) instead of replicating
+    worker_count: int = 0  # grain worker processes for the input pipeline
+    hardware: str | None = None  # hardware table key for MFU (default: detected from the devices)
+    peak_flops: float | None = None  # per-device peak FLOP/s override (CPU default: measured by a matmul benchmark)
+    coordinator_address: str | None = None  # multi-host: "host:port" of process 0 (auto on TPU pods / SLURM)
+    num_processes: int | None = None  # multi-host: number of processes
+    process_id: int | None = None  # multi-host: this process's index
+    force: bool = False  # start over in a run directory whose config differs
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ConfigError("model is required, e.g. --model nfnet-f0")
+        if not self.dataset:
+            raise ConfigError("dataset is required, e.g. --dataset shapes")
+        if not self.out:
+            raise ConfigError("out (the run directory) is required, e.g. --out runs/f0-shapes")
+        given = [k for k in ("epochs", "examples", "steps") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ConfigError(f"give one duration, not {' and '.join(given)}: choose epochs, examples or steps")
+        if not given and self.budget is None:
+            raise ConfigError("no duration: give epochs, examples, steps or a FLOP/core-hour budget")
+        _positive(self, "epochs", "examples", "steps", "batch_size", "lr", "resolution", "eval_resolution")
+        _positive(self, "num_classes", "eval_examples", "peak_flops", "num_processes")
+        if self.epochs is not None and not math.isfinite(self.epochs):
+            raise ConfigError(f"epochs = {self.epochs!r} must be a finite number > 0")
+        if self.label_smoothing is not None and not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"label_smoothing = {self.label_smoothing!r} must be in [0, 1)")
+        for key in ("stochdepth_rate", "drop_rate"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"{key} = {getattr(self, key)!r} must be in [0, 1)")
+        for key in ("eval_every", "checkpoint_every", "worker_count"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} = {getattr(self, key)!r} must be >= 0")
+        if self.checkpoint_minutes < 0:
+            raise ConfigError(f"checkpoint_minutes = {self.checkpoint_minutes!r} must be >= 0")
+        if self.keep < 1:
+            raise ConfigError(f"keep = {self.keep!r} must be >= 1")
+        if self.log_every < 1:
+            raise ConfigError(f"log_every = {self.log_every!r} must be >= 1")
+        unknown = sorted(set(self.recipe) - _RECIPE_FIELDS)
+        if unknown:
+            matches = close_matches(unknown[0], _RECIPE_FIELDS)
+            hint = f"; did you mean {' or '.join(repr('recipe.' + m) for m in matches)}?" if matches else ""
+            raise ConfigError(f"unknown config key {'recipe.' + unknown[0]!r}{hint}")
+        if self.process_id is not None and self.process_id < 0:
+            raise ConfigError(f"process_id = {self.process_id!r} must be >= 0")
+        if self.budget is not None:
+            from convscale_cli.budget import parse_budget
+
+            parse_budget(self.budget)  # fail at config time, not after compiling
+
+
+def _positive(config: PretrainConfig, *keys: str) -> None:
+    for key in keys:
+        value = getattr(config, key)
+        if value is not None and not value > 0:
+            raise ConfigError(f"{key} = {value!r} must be > 0")

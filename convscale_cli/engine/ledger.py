@@ -1,0 +1,146 @@
+"""The compute ledger: what a run has spent, in examples, FLOPs, device-seconds and TPU-v4 core-hours.
+
+Smith et al. (2023) put every run on an axis of TPU-v4 core-hours estimated from steps per second (footnote 2,
+paper-facts §1.6). The ledger keeps both sides of that conversion: the analytic model FLOPs (``6 x MACs x examples``)
+and XLA's own count, the measured device-seconds per activity, and the MFU they imply against the hardware table of
+:mod:`convscale_cli.budget`. It is saved in every checkpoint, so a resumed run keeps counting (big_vision ``Chrono``),
+and the time lost to a crash (device-seconds since the last checkpoint) is charged on resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from convscale_cli.budget import Budget, flops_to_core_hours
+
+CATEGORIES = ("train", "eval", "compile", "checkpoint", "lost")
+
+
+@dataclasses.dataclass
+class Ledger:
+    """Running totals of one run (global across processes and devices).
+
+    Attributes:
+        steps: optimiser steps taken.
+        examples: real (unpadded) training examples seen.
+        flops_per_example: analytic training FLOPs of one example at the training resolution (6 x MACs).
+        xla_flops_per_step: FLOPs of one compiled training step as XLA's cost analysis reports it, for all devices.
+        device_seconds: wall seconds x devices spent per activity (train, eval, compile, checkpoint, lost).
+        num_devices: devices the run currently uses.
+        hardware: hardware table key (``cpu``, ``tpu-v4``, ``h100``, ...).
+        peak_flops: dense peak FLOP/s of one device used for the MFU.
+    """
+
+    steps: int = 0
+    examples: int = 0
+    flops_per_example: float = 0.0
+    xla_flops_per_step: float = 0.0
+    device_seconds: dict[str, float] = dataclasses.field(default_factory=lambda: dict.fromkeys(CATEGORIES, 0.0))
+    num_devices: int = 1
+    hardware: str = "cpu"
+    peak_flops: float = 0.0
+
+    @property
+    def train_flops(self) -> float:
+        """Analytic model FLOPs spent on training: 6 x MACs x examples."""
+        return self.flops_per_example * self.examples
+
+    @property
+    def xla_flops(self) -> float:
+        """XLA-reported FLOPs of the training steps taken (padding included)."""
+        return self.xla_flops_per_step * self.steps
+
+    @property
+    def core_hours(self) -> float:
+        """The paper's axis: TPU-v4 core-hours these training FLOPs take at the calibrated utilisation."""
+        return flops_to_core_hours(self.train_flops)
+
+    @property
+    def total_device_seconds(self) -> float:
+        """Every device-second the run has spent, lost time included."""
+        return sum(self.device_seconds.values())
+
+    @property
+    def img_per_sec_per_device(self) -> float:
+        """Training throughput per device (examples per train device-second)."""
+        seconds = self.device_seconds["train"]
+        return self.examples / seconds if seconds > 0 else 0.0
+
+    @property
+    def mfu(self) -> float:
+        """Model-FLOP utilisation of the training steps against the hardware's dense peak."""
+        denom = self.device_seconds["train"] * self.peak_flops
+        return self.train_flops / denom if denom > 0 else 0.0
+
+    def add_steps(self, steps: int, examples: int) -> None:
+        """Count ``steps`` optimiser steps that saw ``examples`` real examples."""
+        self.steps += int(steps)
+        self.examples += int(examples)
+
+    def charge(self, category: str, wall_seconds: float) -> None:
+        """Charge ``wall_seconds`` of every device of the run to ``category``."""
+        self.device_seconds[category] += float(wall_seconds) * self.num_devices
+
+    @contextlib.contextmanager
+    def timed(self, category: str) -> Iterator[None]:
+        """Charge the wall time of the ``with`` body to ``category`` (the body must block on its device work)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.charge(category, time.perf_counter() - start)
+
+    def spent(self, budget: Budget) -> float:
+        """The part of ``budget`` used so far, in its own unit.
+
+        FLOP and TPU-v4 core-hour budgets are counted in model FLOPs (the paper's axis); other device-hour budgets
+        (``2-cpu-hours``, ``10-h100-hours``) in measured device time, everything included.
+        """
+        if budget.is_flops:
+            return self.train_flops
+        if budget.unit == "tpu-v4":
+            return self.core_hours
+        return self.total_device_seconds / 3600.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """What checkpoints hold (plain JSON)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Ledger:
+        """Rebuild from :meth:`to_dict` output (unknown keys are ignored, missing categories start at 0)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        ledger = cls(**{k: v for k, v in data.items() if k in fields})
+        ledger.device_seconds = {**dict.fromkeys(CATEGORIES, 0.0), **ledger.device_seconds}
+        return ledger
+
+    def summary(self) -> dict[str, Any]:
+        """The ``ledger`` block of ``summary.json``."""
+        return {
+            "steps": self.steps,
+            "examples": self.examples,
+            "train_flops": self.train_flops,
+            "xla_flops": self.xla_flops,
+            "core_hours": self.core_hours,
+            "device_seconds": dict(self.device_seconds),
+            "img_per_sec_per_device": self.img_per_sec_per_device,
+            "mfu": self.mfu,
+            "hardware": self.hardware,
+            "peak_flops_per_device": self.peak_flops,
+            "num_devices": self.num_devices,
+        }
+
+
+def xla_flops(compiled: Any) -> float:
+    """FLOPs of a compiled computation from XLA's cost analysis (0.0 when the backend reports none)."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # some backends do not implement cost analysis
+        return 0.0
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", 0.0) or 0.0)

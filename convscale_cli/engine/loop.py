@@ -1,0 +1,212 @@
+"""The training loop: short, and made of small helpers (flax examples/imagenet).
+
+The loop never blocks on the device between log points: per-step metrics stay on device until a *flush*, where
+they are fetched together, checked for non-finite loss (naming the exact step), logged, and the elapsed wall time
+is charged to the ledger. A flush always precedes a checkpoint, so a checkpoint never holds a diverged state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import numpy as np
+
+from convscale_cli.engine.checkpoint import Checkpoints
+from convscale_cli.engine.ledger import Ledger
+from convscale_cli.engine.progress import Progress
+from convscale_cli.engine.resolve import ResolvedRun
+from convscale_cli.engine.rundir import MetricsLog, RunDir
+from convscale_cli.errors import TrainingError
+
+
+@dataclasses.dataclass
+class LoopContext:
+    """What the loop needs besides the state and the data iterator.
+
+    Attributes:
+        run: the resolved run.
+        rundir: the run directory.
+        log: metrics.jsonl / TensorBoard writer.
+        checkpoints: the Orbax checkpoints.
+        ledger: the compute ledger (mutated in place).
+        train_fn: the compiled training step ``(state, batch) -> (state, metrics)``.
+        evaluate: ``evaluate(params) -> {"eval_loss", "eval_top1", "eval_top5"}`` (blocks, charges the ledger).
+        to_device: per-process numpy batch -> global device batch.
+        progress: the progress display.
+    """
+
+    run: ResolvedRun
+    rundir: RunDir
+    log: MetricsLog
+    checkpoints: Checkpoints
+    ledger: Ledger
+    train_fn: Callable[[Any, Any], tuple[Any, Any]]
+    evaluate: Callable[[Any], dict[str, float]]
+    to_device: Callable[[dict[str, np.ndarray]], Any]
+    progress: Progress
+
+
+class StopSignals:
+    """SIGTERM and SIGINT ask the loop to save and stop at the next step instead of killing it mid-step."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signal.Signals(signum).name
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+def examples_in_step(step: int, batch_size: int, total_examples: int) -> int:
+    """Real examples in (1-based) ``step``: a full batch except the padded last one. Known on the host, no sync."""
+    return max(0, min(batch_size, total_examples - (step - 1) * batch_size))
+
+
+def budget_spent(ctx: LoopContext, unflushed_seconds: float = 0.0) -> bool:
+    """Whether the run's compute budget is used up (counting train time not yet charged to the ledger)."""
+    budget = ctx.run.budget
+    if budget is None:
+        return False
+    ledger = ctx.ledger
+    if budget.is_flops or budget.unit == "tpu-v4":
+        return ledger.spent(budget) >= budget.amount
+    pending = unflushed_seconds * ledger.num_devices / 3600.0
+    return ledger.spent(budget) + pending >= budget.amount
+
+
+def _status_fields(ctx: LoopContext, loss: float) -> dict[str, Any]:
+    ledger, budget = ctx.ledger, ctx.run.budget
+    fields: dict[str, Any] = {
+        "epoch": ledger.examples / max(ctx.run.info.split_sizes.get("train", 1), 1),
+        "loss": loss,
+        "img/s": ledger.img_per_sec_per_device * ledger.num_devices,
+        "mfu": ledger.mfu,
+        "core-h": ledger.core_hours,
+    }
+    if budget is not None:
+        fields["budget"] = f"{budget.format(ledger.spent(budget))} / {budget}"
+    return fields
+
+
+def flush(ctx: LoopContext, pending: list[tuple[int, Any]], since: float) -> float:
+    """Fetch the pending step metrics, check them, log them, charge the train time; return the new time origin.
+
+    Raises:
+        TrainingError: a non-finite loss, naming the first bad step and the last good checkpoint.
+    """
+    if not pending:
+        return since
+    values = jax.device_get([m for _, m in pending])
+    now = time.perf_counter()
+    ctx.ledger.charge("train", now - since)
+    for (step, _), v in zip(pending, values, strict=True):
+        if not math.isfinite(float(v["loss"])):
+            ctx.checkpoints.wait()
+            good = ctx.checkpoints.latest_step()
+            kept = f"the last good checkpoint is step {good}" if good is not None else "no checkpoint was saved"
+            raise TrainingError(f"non-finite loss ({float(v['loss'])}) at step {step}; stopped, {kept}")
+    step = pending[-1][0]
+    loss = float(np.mean([float(v["loss"]) for v in values]))
+    record = {
+        "step": step,
+        "split": "train",
+        "loss": loss,
+        "top1": float(np.mean([float(v["top1"]) for v in values])),
+        "lr": float(values[-1]["lr"]),
+        "grad_norm": float(values[-1]["grad_norm"]),
+        "examples": ctx.ledger.examples,
+        "epoch": ctx.ledger.examples / max(ctx.run.info.split_sizes.get("train", 1), 1),
+        "img_per_sec_per_device": ctx.ledger.img_per_sec_per_device,
+        "mfu": ctx.ledger.mfu,
+        "train_flops": ctx.ledger.train_flops,
+        "core_hours": ctx.ledger.core_hours,
+        "device_seconds": ctx.ledger.total_device_seconds,
+        "time": time.time(),
+    }
+    ctx.log.write(record)
+    ctx.rundir.write_live_ledger(ctx.ledger.to_dict())
+    ctx.progress.update(step, _status_fields(ctx, loss))
+    return time.perf_counter()
+
+
+def evaluate_and_log(ctx: LoopContext, params: Any, step: int) -> dict[str, float]:
+    """Held-out evaluation at the eval resolution, logged as an ``eval`` record."""
+    result = ctx.evaluate(params)
+    ctx.log.write({"step": step, "split": "eval", **result, "core_hours": ctx.ledger.core_hours, "time": time.time()})
+    ctx.progress.message(
+        f"eval @ step {step}: loss {result['eval_loss']:.4f}  top-1 {result['eval_top1']:.4f}  "
+        f"top-5 {result['eval_top5']:.4f}"
+    )
+    return result
+
+
+def save(ctx: LoopContext, state: Any, loader: Any, step: int) -> None:
+    """Start an asynchronous checkpoint of ``step`` holding the state, the data-iterator state and the ledger."""
+    with ctx.ledger.timed("checkpoint"):
+        ctx.checkpoints.save(step, state, loader.get_state(), ctx.ledger.to_dict())
+    ctx.rundir.write_live_ledger(ctx.ledger.to_dict())
+
+
+def train(ctx: LoopContext, state: Any, loader: Any, start_step: int) -> tuple[Any, str, int]:
+    """Train from ``start_step`` to the end of the run, a spent budget, or a stop signal.
+
+    Returns:
+        ``(state, status, step)`` with status ``finished``, ``budget`` or ``interrupted`` (the caller saves the
+        final checkpoint and writes the summary).
+    """
+    config, total = ctx.run.config, ctx.run.duration.steps
+    step, status = start_step, "finished"
+    pending: list[tuple[int, Any]] = []
+    since, last_save = time.perf_counter(), time.monotonic()
+    batches: Iterator[dict[str, np.ndarray]] = iter(loader)
+    with StopSignals() as signals:
+        while step < total:
+            if budget_spent(ctx, time.perf_counter() - since):
+                since = flush(ctx, pending, since)
+                pending = []
+                if budget_spent(ctx):
+                    status = "budget"
+                    break
+            state, metrics = ctx.train_fn(state, ctx.to_device(next(batches)))
+            step += 1
+            ctx.ledger.add_steps(1, examples_in_step(step, ctx.run.batch_size, ctx.run.duration.examples))
+            pending.append((step, metrics))
+            minutes = config.checkpoint_minutes
+            save_due = bool(config.checkpoint_every and step % config.checkpoint_every == 0) or bool(
+                minutes and time.monotonic() - last_save >= 60.0 * minutes
+            )
+            eval_due = bool(config.eval_every and step % config.eval_every == 0 and step < total)
+            if step % config.log_every == 0 or save_due or eval_due or signals.received or step == total:
+                since = flush(ctx, pending, since)
+                pending = []
+            if signals.received:
+                ctx.progress.message(f"{signals.received} received: saving step {step} and stopping")
+                status = "interrupted"
+                break
+            if eval_due:
+                evaluate_and_log(ctx, state.params, step)
+                since = time.perf_counter()
+            if save_due and step < total:
+                save(ctx, state, loader, step)
+                last_save = time.monotonic()
+                since = time.perf_counter()
+    flush(ctx, pending, since)
+    return state, status, step

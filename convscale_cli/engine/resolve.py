@@ -1,0 +1,142 @@
+"""Turning a :class:`PretrainConfig` into a fully resolved run: specs looked up, recipe merged, duration in steps.
+
+Everything that is ``None`` in the config gets its value here, from the architecture's recipe and the model and
+dataset specs, and :func:`resolved_dict` is what ``RUN/config.json`` holds. jax-free.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from convscale_cli.budget import Budget, parse_budget
+from convscale_cli.config import from_dict, to_dict
+from convscale_cli.engine.config import PretrainConfig
+from convscale_cli.engine.steps import Duration, resolve_duration
+from convscale_cli.errors import UnknownNameError, UsageError
+from convscale_cli.recipe import Recipe
+from convscale_cli.registry import ArchitectureSpec, DatasetInfo, DatasetSpec, Registry
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedRun:
+    """A pre-training run with every default filled in.
+
+    Attributes:
+        config: the config as given.
+        arch: the architecture spec.
+        data: the dataset spec.
+        info: the dataset's info under the config's data options.
+        recipe: the architecture's recipe with the config's overrides applied.
+        batch_size: global batch size.
+        peak_lr: the learning rate actually used at the peak: ``recipe.lr * batch_size / recipe.base_batch_size``.
+        resolution: training resolution.
+        eval_resolution: held-out resolution.
+        num_classes: classifier size.
+        duration: steps / examples / epochs.
+        macs_per_image: forward MACs of one image at the training resolution.
+        budget: the parsed compute budget, or None.
+    """
+
+    config: PretrainConfig
+    arch: ArchitectureSpec
+    data: DatasetSpec
+    info: DatasetInfo
+    recipe: Recipe
+    batch_size: int
+    peak_lr: float
+    resolution: int
+    eval_resolution: int
+    num_classes: int
+    duration: Duration
+    macs_per_image: int
+    budget: Budget | None
+
+    @property
+    def flops_per_example(self) -> float:
+        """Training FLOPs of one example: 6 x MACs (forward + backward ~ 3 forwards, 2 FLOPs per MAC)."""
+        return 6.0 * self.macs_per_image
+
+
+def _recipe(base: Recipe, config: PretrainConfig) -> Recipe:
+    merged = {**to_dict(base), **config.recipe}
+    for key in ("lr", "loss", "label_smoothing"):
+        if getattr(config, key) is not None:
+            merged[key] = getattr(config, key)
+    recipe = from_dict(Recipe, merged, prefix="recipe.")
+    if recipe.loss == "sigmoid" and recipe.label_smoothing:
+        raise UsageError(f"label smoothing {recipe.label_smoothing} applies to the softmax loss only, not sigmoid")
+    return recipe
+
+
+def resolve(config: PretrainConfig, registry: Registry) -> ResolvedRun:
+    """Look up the model and dataset and fill in every default.
+
+    Raises:
+        UnknownNameError: unknown model or dataset (with close matches).
+        UsageError: an impossible combination (resolution the model refuses, a duration under one example, ...).
+    """
+    arch = registry.architecture(config.model)
+    data = registry.dataset(config.dataset)
+    unknown = sorted(set(config.data_options) - set(data.options))
+    if unknown:
+        raise UnknownNameError(f"{data.name} data option", unknown[0], data.options)
+    info = data.info(**config.data_options)
+    recipe = _recipe(arch.recipe, config)
+    batch_size = config.batch_size or recipe.base_batch_size
+    resolution = config.resolution or arch.train_resolution
+    eval_resolution = config.eval_resolution or arch.eval_resolution
+    arch.check_resolution(resolution)
+    arch.check_resolution(eval_resolution)
+    num_classes = config.num_classes or info.num_classes
+    train_size = int(info.split_sizes.get("train", 0))
+    if "eval" not in info.split_sizes or not info.split_sizes["eval"]:
+        raise UsageError(f"dataset {data.name!r} has no held-out 'eval' split to evaluate on")
+    macs = int(arch.count(resolution, num_classes).macs)
+    budget = parse_budget(config.budget) if config.budget is not None else None
+    budget_flops = None
+    if budget is not None and config.epochs is None and config.examples is None and config.steps is None:
+        budget_flops = budget.to_flops()
+    duration = resolve_duration(
+        train_size=train_size,
+        batch_size=batch_size,
+        epochs=config.epochs,
+        examples=config.examples,
+        steps=config.steps,
+        budget_flops=budget_flops,
+        flops_per_example=6.0 * macs,
+    )
+    return ResolvedRun(
+        config=config,
+        arch=arch,
+        data=data,
+        info=info,
+        recipe=recipe,
+        batch_size=batch_size,
+        peak_lr=recipe.lr * batch_size / recipe.base_batch_size,
+        resolution=resolution,
+        eval_resolution=eval_resolution,
+        num_classes=num_classes,
+        duration=duration,
+        macs_per_image=macs,
+        budget=budget,
+    )
+
+
+def resolved_dict(run: ResolvedRun) -> dict[str, Any]:
+    """The resolved config as plain JSON: the given config with every default replaced by its value."""
+    out = to_dict(run.config)
+    out.update(
+        batch_size=run.batch_size,
+        lr=run.recipe.lr,
+        loss=run.recipe.loss,
+        label_smoothing=run.recipe.label_smoothing,
+        recipe=to_dict(run.recipe),
+        resolution=run.resolution,
+        eval_resolution=run.eval_resolution,
+        num_classes=run.num_classes,
+        total_steps=run.duration.steps,
+        total_examples=run.duration.examples,
+        peak_lr=run.peak_lr,
+    )
+    return out

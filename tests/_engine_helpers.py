@@ -1,0 +1,161 @@
+"""Test doubles for the engine: a tiny CNN and an in-memory dataset, registered in code like any plugin.
+
+Also runnable as a script (``python tests/_engine_helpers.py OUT [key=value ...]``) so subprocess tests (SIGKILL
+resume, 1 vs 4 devices, 2 processes) train the same tiny setup with whatever ``XLA_FLAGS`` they choose.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convscale_cli.hookspecs import hookimpl
+from convscale_cli.recipe import Recipe
+from convscale_cli.registry import ArchitectureSpec, DatasetInfo, DatasetSpec, ModelCount
+
+TRAIN_SIZE, EVAL_SIZE, CLASSES, NATIVE = 96, 32, 4, 8
+WIDTH = 8
+
+
+def build_tiny(
+    num_classes: int, dtype: str = "float32", stochdepth_rate: float = 0.0, drop_rate: float = 0.0, **_: Any
+) -> Any:
+    """A conv -> gelu -> conv -> mean-pool -> dropout -> dense classifier (two stages, like a miniature NFNet)."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    class Tiny(nn.Module):
+        @nn.compact
+        def __call__(self, x: Any, *, train: bool) -> Any:
+            dt = jnp.dtype(dtype)
+            x = nn.Conv(WIDTH, (3, 3), dtype=dt, name="stem")(x.astype(dt))
+            x = nn.gelu(x)
+            x = nn.Conv(WIDTH, (3, 3), strides=(2, 2), dtype=dt, name="conv")(x)
+            x = nn.gelu(x).mean(axis=(1, 2))
+            x = nn.Dropout(drop_rate, deterministic=not train)(x)
+            return nn.Dense(num_classes, dtype=dt, name="head")(x).astype(jnp.float32)
+
+    return Tiny()
+
+
+def count_tiny(resolution: int, num_classes: int) -> ModelCount:
+    """Analytic counts of :func:`build_tiny` (weights + biases; MACs of the convs and the head)."""
+    half = -(-resolution // 2)
+    params = (27 * WIDTH + WIDTH) + (9 * WIDTH * WIDTH + WIDTH) + (WIDTH * num_classes + num_classes)
+    macs = resolution**2 * 27 * WIDTH + half**2 * 9 * WIDTH * WIDTH + WIDTH * num_classes
+    return ModelCount(params=params, macs=macs)
+
+
+class ColourSource:
+    """Images whose class is the dominant colour channel plus brightness: learnable in a few steps."""
+
+    def __init__(self, split: str, size: int, seed: int) -> None:
+        rng = np.random.default_rng(seed + (0 if split == "train" else 1))
+        self.labels = rng.integers(0, CLASSES, size)
+        base = rng.integers(0, 80, (size, NATIVE, NATIVE, 3))
+        for i, label in enumerate(self.labels):
+            base[i, ..., label % 3] += 120 + 50 * (label // 3)
+        self.images = np.clip(base, 0, 255).astype(np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"image": self.images[index], "label": int(self.labels[index]), "id": int(index)}
+
+
+class TinyPlugin:
+    """Registers ``tiny-cnn`` and ``colours`` through the ordinary hooks."""
+
+    @hookimpl
+    def register_architectures(self, register: Any) -> None:
+        register(
+            ArchitectureSpec(
+                name="tiny-cnn",
+                family="tiny",
+                build=build_tiny,
+                count=count_tiny,
+                train_resolution=NATIVE,
+                eval_resolution=NATIVE,
+                recipe=Recipe(lr=0.4, base_batch_size=16, weight_decay=1e-5, agc_exclude=(r"^head/kernel$",)),
+                tags=("tiny",),
+            )
+        )
+
+    @hookimpl
+    def register_datasets(self, register: Any) -> None:
+        def info(**options: Any) -> DatasetInfo:
+            return DatasetInfo(CLASSES, {"train": options.get("size", TRAIN_SIZE), "eval": EVAL_SIZE}, NATIVE)
+
+        register(
+            DatasetSpec(
+                name="colours",
+                description="in-memory colour classes (engine tests)",
+                open=lambda split, size=TRAIN_SIZE: ColourSource(split, size if split == "train" else EVAL_SIZE, 0),
+                info=info,
+                options={"size": TRAIN_SIZE},
+            )
+        )
+
+
+def registry() -> Any:
+    """A registry holding only the tiny test model and dataset."""
+    from convscale_cli.plugins import load_plugins
+
+    return load_plugins(extra=[("engine-test", TinyPlugin())], entry_points=lambda: []).registry
+
+
+def config(out: str | Path, **overrides: Any) -> Any:
+    """A small fp32 config of the tiny setup (batch 16, 8 px, plain progress lines)."""
+    from convscale_cli.engine.config import PretrainConfig
+
+    values: dict[str, Any] = dict(
+        model="tiny-cnn",
+        dataset="colours",
+        out=str(out),
+        steps=12,
+        batch_size=16,
+        precision="fp32",
+        log_every=4,
+        checkpoint_every=4,
+        checkpoint_minutes=0.0,
+        progress="none",
+        tensorboard=False,
+    )
+    values.update(overrides)
+    return PretrainConfig(**values)
+
+
+def final_params(out: str | Path) -> dict[str, np.ndarray]:
+    """The parameters of a run's newest checkpoint as flat ``path -> array``."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    ckpts = Path(out) / "checkpoints"
+    step = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+    tree = ocp.PyTreeCheckpointer().restore(ckpts / str(step) / "state")
+    flat = jax.tree_util.tree_flatten_with_path(tree["params"])[0]
+    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in flat}
+
+
+def main(argv: list[str]) -> int:
+    """Script entry: train the tiny setup into ``argv[0]`` with ``key=value`` (JSON values) overrides."""
+    from convscale_cli.engine.api import pretrain
+    from convscale_cli.errors import ConvscaleError
+
+    overrides = {k: json.loads(v) for k, v in (a.split("=", 1) for a in argv[1:])}
+    try:
+        summary = pretrain(config(argv[0], **overrides), registry())
+    except ConvscaleError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return int(exc.exit_code)
+    print(json.dumps({"status": summary["status"], "steps": summary["steps"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
