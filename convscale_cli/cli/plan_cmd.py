@@ -18,6 +18,8 @@ from convscale_cli.errors import UsageError
 if TYPE_CHECKING:
     from convscale_cli.planner import DatasetPlan, Plan
     from convscale_cli.registry import Registry
+    from convscale_cli.sweep import CellPlan, StudyConfig, SweepResult
+    from convscale_cli.tuning import TuneResult
 
 
 def _dataset_plan(
@@ -203,3 +205,171 @@ def _print_plan(plan: Plan, document: dict[str, Any]) -> None:
         print("* model size outside the fitted runs' range: the prediction extrapolates")
     for note in document["notes"]:
         print(f"Note: {note}")
+
+
+def _overrides(items: list[str] | None) -> dict[str, Any]:
+    from convscale_cli.config import parse_override
+
+    return dict(parse_override(item) for item in items or [])
+
+
+def _infer_dataset(runs_dir: Path) -> str:
+    from convscale_cli.tuning import load_runs
+
+    found = sorted({r.dataset for r in load_runs(runs_dir)}) if runs_dir.is_dir() else []
+    if len(found) != 1:
+        where = f"it holds runs on {', '.join(found)}" if found else "it holds no finished runs"
+        raise UsageError(f"cannot infer the dataset from {str(runs_dir)!r} ({where}); pass --dataset")
+    return found[0]
+
+
+@app.command("tune-lr")
+def tune_lr(
+    model: Annotated[str, typer.Option(help="Registered model to tune, e.g. nfnet-tiny-l2.")],
+    epochs: Annotated[float, typer.Option(help="Epoch budget of the cell.")],
+    runs: Annotated[Path, typer.Option(help="Runs directory: trials are written here, earlier cells read from here.")],
+    dataset: Annotated[
+        str | None, typer.Option(help="Registered dataset (default: the one the runs directory holds).")
+    ] = None,
+    grid: Annotated[bool, typer.Option("--grid", help="Run the full factor-2 grid instead of two trials.")] = False,
+    lr_grid: Annotated[
+        str | None, typer.Option(help="Comma-separated grid for --grid (default: alpha x 2, 1, 1/2 .. 1/16).")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Global batch size (default: the recipe's).")] = None,
+    resolution: Annotated[int | None, typer.Option(help="Training resolution (default: the model's).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of every trial.")] = 0,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Further engine config fields as KEY=VALUE (e.g. precision=fp32); repeatable."),
+    ] = None,
+    size_axis: Annotated[str, typer.Option(help="Judge 'smaller model' by params or macs.")] = "params",
+    json_: Annotated[bool, typer.Option("--json", help="Print the decision as JSON.")] = False,
+) -> None:
+    """Tune one cell's learning rate by the paper's two-trial rule (alpha, alpha/2) and record the decision.
+
+    alpha is the best learning rate of the nearest finished cell with a smaller-or-equal model and epoch budget in
+    RUNS (none: the recipe's, 1.6 for NFNets). Decisions are appended to RUNS/tuning.jsonl.
+    """
+    from convscale_cli.plugins import get_registry
+    from convscale_cli.tuning import tune_cell
+
+    if size_axis not in ("params", "macs"):
+        raise UsageError(f"--size-axis {size_axis!r} is not one of 'params', 'macs'")
+    options: dict[str, Any] = {"seed": seed, **_overrides(set_)}
+    if batch_size is not None:
+        options["batch_size"] = batch_size
+    if resolution is not None:
+        options["resolution"] = resolution
+    grid_values: bool | list[float] = grid
+    if lr_grid is not None:
+        if not grid:
+            raise UsageError("--lr-grid needs --grid (the two-trial rule picks its own two learning rates)")
+        try:
+            grid_values = [float(x) for x in lr_grid.split(",") if x.strip()]
+        except ValueError:
+            raise UsageError(
+                f"--lr-grid {lr_grid!r} is not a comma-separated list of numbers, e.g. 1.6,0.8,0.4"
+            ) from None
+    result = tune_cell(
+        model,
+        epochs,
+        runs,
+        dataset=dataset or _infer_dataset(runs),
+        registry=get_registry(),
+        options=options,
+        grid=grid_values,
+        size_axis=size_axis,  # type: ignore[arg-type]
+    )
+    if json_:
+        print_json(result.to_dict())
+        return
+    print(result.message())
+    if result.next_lr is not None:
+        command = (
+            f"convscale tune-lr --model {result.model} --epochs {result.epochs:g} --runs {runs} --grid "
+            f"--lr-grid {result.next_lr:g} --dataset {result.dataset}"
+        )
+        print(f"Next trial: {command}")
+
+
+@app.command()
+def sweep(
+    study: Annotated[Path, typer.Argument(help="Study file (TOML), e.g. examples/quickstart.toml.")],
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a study key as KEY=VALUE (e.g. out=runs/b); repeatable.")
+    ] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print the decisions as JSON at the end.")] = False,
+) -> None:
+    """Run a study: every (model, epoch budget) cell, cheapest first, each tuned by the two-trial rule.
+
+    Resumable: rerun the same command and finished runs are skipped (an interrupted run resumes from its checkpoint).
+    """
+    from convscale_cli.plugins import get_registry
+    from convscale_cli.sweep import load_study, run_sweep
+
+    config = load_study(study, _overrides(set_))
+    registry = get_registry()
+    if json_:
+        result = run_sweep(config, registry)
+        print_json(
+            {
+                "out": config.out,
+                "cells": [r.to_dict() for r in result.results],
+                "runs_used": result.runs_used,
+                "trained": result.trained,
+                "full_grid_runs": result.full_grid_runs,
+            }
+        )
+        return
+    result = _sweep_live(config, registry)
+    print(
+        f"{len(result.results)} cells: the {config.rule} rule used {result.runs_used} runs "
+        f"({result.trained} trained now) where a full {result.grid_size}-point lr grid needs {result.full_grid_runs}."
+    )
+
+
+def _sweep_live(config: StudyConfig, registry: Registry) -> SweepResult:
+    from rich.console import Console
+    from rich.live import Live
+    from rich.table import Table
+
+    from convscale_cli.sweep import plan_cells, run_sweep
+
+    rows: dict[tuple[str, float], list[str]] = {
+        (c.model, c.epochs): [c.model, f"{c.epochs:g}", "pending", "", "", ""] for c in plan_cells(config, registry)
+    }
+
+    def render() -> Table:
+        table = Table(title=f"sweep -> {config.out}", header_style="bold", box=None, pad_edge=False)
+        for column in ("model", "epochs", "status", "trials (alpha: loss)", "best alpha", "note"):
+            table.add_column(column, no_wrap=True)
+        for row in rows.values():
+            table.add_row(*row)
+        return table
+
+    console = Console()
+    live_mode = console.is_terminal
+
+    def start(cell: CellPlan) -> None:
+        rows[(cell.model, cell.epochs)][2] = "running"
+        if live_mode:
+            live.update(render())
+
+    def done(cell: CellPlan, result: TuneResult) -> None:
+        trials = ", ".join(
+            f"{t.lr:g}: {'failed' if t.status == 'failed' else f'{t.eval_loss:.4f}'}" for t in result.trials
+        )
+        reused = all(t.status == "reused" for t in result.trials)
+        note = f"optimum may be lower: try {result.next_lr:g}" if result.next_lr is not None else ""
+        rows[(cell.model, cell.epochs)][2:] = ["done" if reused else "trained", trials, f"{result.best_lr:g}", note]
+        if live_mode:
+            live.update(render())
+        else:
+            print(" ".join(x for x in rows[(cell.model, cell.epochs)] if x), flush=True)
+
+    if live_mode:
+        with Live(render(), console=console, refresh_per_second=4, redirect_stdout=True, redirect_stderr=True) as live:
+            return run_sweep(config, registry, on_start=start, on_done=done)
+    result = run_sweep(config, registry, on_start=start, on_done=done)
+    Console(width=1000).print(render())
+    return result

@@ -1,0 +1,177 @@
+"""``convscale sweep STUDY.toml``: a grid of (model, epoch budget) cells, each tuned by the two-trial rule.
+
+This is the experiment behind the paper's Figs. 2 and 3 (paper-facts §1.3-1.5) at any scale: every model of the study
+trained for every epoch budget, the learning rate of each cell tuned on a factor-2 grid. Cells run cheapest first, so
+when a cell starts, every cell with a smaller-or-equal model and epoch budget has finished and the two-trial rule
+(:func:`convscale_cli.tuning.tune_cell`) can take its start alpha from the nearest of them. All runs go into one
+directory; a rerun skips finished runs (and the engine resumes an interrupted one from its checkpoint), so the sweep
+is resumable by running the same command again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from convscale_cli.config import load_config
+from convscale_cli.errors import ConfigError
+from convscale_cli.registry import Registry
+from convscale_cli.tuning import Trainer, TuneResult, lr_grid, tune_cell
+
+# Engine fields the study sets itself; putting them under [engine] would silently fight the sweep.
+_RESERVED = frozenset({"model", "dataset", "epochs", "lr", "out", "seed", "batch_size", "resolution", "data_options"})
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+    """A sweep study (``STUDY.toml``; unknown keys are errors). See ``examples/quickstart.toml``."""
+
+    out: str  # the runs directory shared by every cell (run dirs are named {model}-e{epochs}-lr{alpha})
+    dataset: str  # registered dataset name
+    models: tuple[str, ...]  # registered architecture names; one or more families
+    epochs: tuple[float, ...]  # epoch budgets (the paper's grid is 0.25 .. 8, factors of 2)
+    data_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # DatasetSpec options, e.g. size
+    resolution: int | None = None  # training resolution; None: each model's default
+    batch_size: int | None = None  # global batch; None: the recipe's (4096); alpha is quoted at 4096 either way
+    seed: int = 0
+    rule: Literal["two-trial", "grid"] = "two-trial"  # lr tuning per cell
+    # Explicit lr grid for rule = "grid" and for the "full grid" count; empty: the recipe's alpha x 2^(1 .. -4).
+    lr_grid: tuple[float, ...] = ()
+    size_axis: Literal["params", "macs"] = "params"  # how "smaller model" is judged by the two-trial rule
+    engine: dict[str, Any] = dataclasses.field(default_factory=dict)  # other PretrainConfig fields (precision, ...)
+
+    def __post_init__(self) -> None:
+        if not self.out:
+            raise ConfigError("out must name the runs directory, e.g. out = 'runs/quickstart'")
+        if not self.models:
+            raise ConfigError("models must list at least one registered model, e.g. models = ['nfnet-tiny-l0']")
+        if len(set(self.models)) != len(self.models):
+            raise ConfigError(f"models lists a model twice: {list(self.models)}")
+        if not self.epochs or any(not (math.isfinite(e) and e > 0) for e in self.epochs):
+            raise ConfigError(f"epochs must be positive numbers, e.g. epochs = [0.25, 0.5, 1], got {list(self.epochs)}")
+        if any(not lr > 0 for lr in self.lr_grid):
+            raise ConfigError(f"lr_grid must hold positive values, got {list(self.lr_grid)}")
+        clash = sorted(set(self.engine) & _RESERVED)
+        if clash:
+            raise ConfigError(f"engine.{clash[0]} is set by the study itself; use the top-level key {clash[0]!r}")
+        for key, value in (("resolution", self.resolution), ("batch_size", self.batch_size)):
+            if value is not None and value <= 0:
+                raise ConfigError(f"{key} = {value} must be > 0")
+
+
+def load_study(path: str | Path, overrides: Mapping[str, Any] | None = None) -> StudyConfig:
+    """Read a study file (``key=value`` overrides on top); unknown keys and wrong types are ConfigErrors."""
+    return load_config(StudyConfig, path, overrides)
+
+
+@dataclasses.dataclass(frozen=True)
+class CellPlan:
+    """One cell of the study, with its cost (for ordering)."""
+
+    model: str
+    family: str
+    epochs: float
+    flops: float  # 6 x MACs x examples
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepResult:
+    """What the sweep did: a decision per cell and how many runs the rule needed."""
+
+    results: tuple[TuneResult, ...]
+    grid_size: int  # learning rates per cell of the full grid
+
+    @property
+    def runs_used(self) -> int:
+        """Distinct runs the tuning rule used, reused ones included."""
+        return len({t.run for r in self.results for t in r.trials})
+
+    @property
+    def trained(self) -> int:
+        """Runs trained (or failed) by this invocation."""
+        return sum(r.trained for r in self.results)
+
+    @property
+    def full_grid_runs(self) -> int:
+        """Runs a full lr grid over every cell would have needed."""
+        return len(self.results) * self.grid_size
+
+
+def plan_cells(study: StudyConfig, registry: Registry) -> list[CellPlan]:
+    """The study's cells, cheapest first (ties: smaller model, then fewer epochs).
+
+    Raises:
+        UnknownNameError: a model or the dataset is not registered.
+    """
+    data = registry.dataset(study.dataset)
+    info = data.info(**study.data_options) if study.data_options or data.static_info is None else data.static_info
+    train_size = int(info.split_sizes.get("train", 0))
+    classes = int(study.engine.get("num_classes") or info.num_classes)
+    cells = []
+    for name in study.models:
+        spec = registry.architecture(name)
+        resolution = study.resolution or spec.train_resolution
+        spec.check_resolution(resolution)
+        macs = spec.count(resolution, classes).macs
+        for epochs in study.epochs:
+            cells.append(CellPlan(spec.name, spec.family, float(epochs), 6.0 * macs * epochs * train_size))
+    return sorted(cells, key=lambda c: (c.flops, c.model, c.epochs))
+
+
+def trainer_options(study: StudyConfig) -> dict[str, Any]:
+    """Engine options every run of the study gets."""
+    options: dict[str, Any] = {"seed": study.seed, **study.engine}
+    if study.data_options:
+        options["data_options"] = dict(study.data_options)
+    if study.resolution is not None:
+        options["resolution"] = study.resolution
+    if study.batch_size is not None:
+        options["batch_size"] = study.batch_size
+    return options
+
+
+def run_sweep(
+    study: StudyConfig,
+    registry: Registry,
+    *,
+    trainer: Trainer | None = None,
+    on_start: Callable[[CellPlan], None] | None = None,
+    on_done: Callable[[CellPlan, TuneResult], None] | None = None,
+) -> SweepResult:
+    """Run (or resume) every cell of the study, cheapest first, each tuned by the study's rule.
+
+    Args:
+        study: the study.
+        registry: models and datasets.
+        trainer: ``trainer(model, dataset, epochs, lr, out, **options) -> summary``; default: the jax engine
+            (:func:`convscale_cli.tuning.engine_trainer`).
+        on_start: called before a cell runs (live display).
+        on_done: called with each cell's decision.
+    """
+    cells = plan_cells(study, registry)
+    options = trainer_options(study)
+    grid: bool | tuple[float, ...] = False
+    if study.rule == "grid":
+        grid = study.lr_grid or True
+    results = []
+    for cell in cells:
+        if on_start is not None:
+            on_start(cell)
+        result = tune_cell(
+            cell.model,
+            cell.epochs,
+            study.out,
+            dataset=study.dataset,
+            registry=registry,
+            trainer=trainer,
+            options=options,
+            grid=grid,
+            size_axis=study.size_axis,
+        )
+        results.append(result)
+        if on_done is not None:
+            on_done(cell, result)
+    return SweepResult(results=tuple(results), grid_size=len(study.lr_grid) or len(lr_grid(1.0)))

@@ -1,0 +1,371 @@
+"""Learning-rate tuning by the paper's two-trial rule, and the run records it reads.
+
+Smith et al. (2023, §2; paper-facts §1.4): "one can efficiently tune the learning rate within 2 trials by assuming
+that the optimal learning rate falls slowly but monotonically as both the model size and the epoch budget increases."
+So for a new cell (model, epochs) :func:`tune_cell` takes the best alpha of the nearest finished cell with a smaller
+or equal model and a smaller or equal epoch budget (none: the recipe's alpha, 1.6 for NFNets), trains alpha and
+alpha/2 and keeps the lower held-out loss. If alpha/2 wins the optimum may lie lower still, and the next trial
+(alpha/4) is offered, not run: the rule's promise is two trials per cell. ``grid=True`` runs the full factor-2 grid.
+
+Training goes through an injectable ``trainer(model, dataset, epochs, lr, out, **options) -> summary``; the default
+one, :func:`engine_trainer`, imports the jax engine only when called. Nothing here imports jax at module level.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from convscale_cli.errors import TrainingError, UsageError
+from convscale_cli.planner import run_name
+from convscale_cli.registry import Registry
+
+Trainer = Callable[..., Mapping[str, Any]]
+SizeAxis = Literal["params", "macs"]
+TUNING_LOG = "tuning.jsonl"
+# The default grid of --grid: factors of 2 around the recipe's alpha (3.2 .. 0.1 for NFNets; Fig. 3 spans 0.4-1.6).
+GRID_OCTAVES = (1, 0, -1, -2, -3, -4)
+
+
+class RunWarning(UserWarning):
+    """A run directory was skipped because its summary could not be read."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+    """The fields of one finished pre-training run's ``summary.json`` that planning and tuning use."""
+
+    path: Path
+    model: str
+    family: str
+    dataset: str
+    epochs: float
+    lr: float
+    batch_size: int
+    params: int
+    macs_per_image: int
+    train_resolution: int
+    num_classes: int
+    examples_seen: int
+    eval_loss: float
+    train_flops: float
+    core_hours: float
+
+    @classmethod
+    def from_summary(cls, path: Path, summary: Mapping[str, Any]) -> RunRecord:
+        """Build a record from a summary dict; raises KeyError/TypeError/ValueError on a malformed one."""
+        ledger = summary.get("ledger") or {}
+        loss = summary["final"]["eval_loss"]
+        return cls(
+            path=path,
+            model=str(summary["model"]),
+            family=str(summary["family"]),
+            dataset=str(summary["dataset"]),
+            epochs=float(summary["epochs"]),
+            lr=float(summary["lr"]),
+            batch_size=int(summary["batch_size"]),
+            params=int(summary["params"]),
+            macs_per_image=int(summary["macs_per_image"]),
+            train_resolution=int(summary["train_resolution"]),
+            num_classes=int(summary["num_classes"]),
+            examples_seen=int(summary["examples_seen"]),
+            # A diverged run counts as infinitely bad rather than vanishing from the comparison.
+            eval_loss=float(loss) if loss is not None and math.isfinite(float(loss)) else math.inf,
+            train_flops=float(ledger.get("train_flops", 6.0 * summary["macs_per_image"] * summary["examples_seen"])),
+            core_hours=float(ledger.get("core_hours", math.nan)),
+        )
+
+
+def read_finished(run_dir: Path) -> dict[str, Any] | None:
+    """The run's ``summary.json`` if it finished (``status == "finished"``), else None."""
+    path = Path(run_dir) / "summary.json"
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        warnings.warn(f"skipping {path}: {exc}", RunWarning, stacklevel=2)
+        return None
+    return summary if isinstance(summary, dict) and summary.get("status") == "finished" else None
+
+
+def load_runs(runs_dir: str | Path, *, kind: str = "pretrain") -> list[RunRecord]:
+    """Every finished run of ``kind`` directly under ``runs_dir`` (or ``runs_dir`` itself if it is one run).
+
+    Raises:
+        UsageError: ``runs_dir`` does not exist or is not a directory.
+    """
+    root = Path(runs_dir)
+    if not root.is_dir():
+        raise UsageError(f"runs directory {str(root)!r} does not exist or is not a directory")
+    records = []
+    for run_dir in [root, *sorted(p for p in root.iterdir() if p.is_dir())]:
+        summary = read_finished(run_dir)
+        if summary is None or summary.get("kind", "pretrain") != kind:
+            continue
+        try:
+            records.append(RunRecord.from_summary(run_dir, summary))
+        except (KeyError, TypeError, ValueError) as exc:
+            warnings.warn(f"skipping {run_dir / 'summary.json'}: missing or bad field {exc}", RunWarning, stacklevel=2)
+    return records
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """All finished trials of one (model, epoch budget)."""
+
+    model: str
+    family: str
+    epochs: float
+    size: float  # params or MACs per image, per the lookup's size axis
+    runs: tuple[RunRecord, ...]
+
+    @property
+    def best(self) -> RunRecord:
+        """The trial with the lowest held-out loss (ties: the larger lr, the paper's fine-tuning preference §1.5)."""
+        return min(self.runs, key=lambda r: (r.eval_loss, -r.lr))
+
+
+def group_cells(runs: Iterable[RunRecord], size_axis: SizeAxis = "params") -> list[Cell]:
+    """Group runs into cells by (model, epochs)."""
+    grouped: dict[tuple[str, float], list[RunRecord]] = {}
+    for run in runs:
+        grouped.setdefault((run.model, round(run.epochs, 9)), []).append(run)
+    return [
+        Cell(model, trials[0].family, epochs, float(getattr(trials[0], size_axis)), tuple(trials))
+        for (model, epochs), trials in sorted(grouped.items())
+    ]
+
+
+def nearest_cell(cells: Iterable[Cell], model: str, size: float, epochs: float) -> Cell | None:
+    """The closest cell (log distance over size and epochs) with size <= ``size`` and epochs <= ``epochs``.
+
+    The target cell itself is excluded: its own trials are the ones being decided.
+    """
+    eligible = [
+        c
+        for c in cells
+        if c.size <= size * (1 + 1e-9)
+        and c.epochs <= epochs * (1 + 1e-9)
+        and not (c.model == model and _same(c, epochs))
+    ]
+    if not eligible:
+        return None
+    return min(
+        eligible,
+        key=lambda c: (math.hypot(math.log(size / c.size), math.log(epochs / c.epochs)), -c.size, -c.epochs, c.model),
+    )
+
+
+def _same(cell: Cell, epochs: float) -> bool:
+    return math.isclose(cell.epochs, epochs, rel_tol=1e-9)
+
+
+def lr_grid(base_lr: float) -> list[float]:
+    """The factor-2 grid of ``--grid``: base x 2, base, base / 2, ... base / 16."""
+    return [_clean(base_lr * 2.0**k) for k in GRID_OCTAVES]
+
+
+def _clean(lr: float) -> float:
+    return float(f"{lr:.6g}")  # 1.6 / 8 prints as 0.2, not 0.19999999999999998
+
+
+@dataclasses.dataclass(frozen=True)
+class Trial:
+    """One learning rate tried for a cell."""
+
+    lr: float
+    run: str
+    eval_loss: float
+    status: Literal["trained", "reused", "failed"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneResult:
+    """The decision for one cell, as recorded in ``RUNS_DIR/tuning.jsonl``."""
+
+    model: str
+    dataset: str
+    epochs: float
+    rule: Literal["two-trial", "grid"]
+    start_lr: float
+    source: str  # where start_lr came from: "cell nfnet-tiny-l1 x 0.5 epochs" or "recipe default"
+    trials: tuple[Trial, ...]
+    best_lr: float
+    best_run: str
+    next_lr: float | None  # alpha/4 when alpha/2 won the two-trial rule
+
+    @property
+    def trained(self) -> int:
+        """How many trials were trained in this call (reused ones excluded)."""
+        return sum(t.status != "reused" for t in self.trials)
+
+    def message(self) -> str:
+        """What was decided, in one paragraph."""
+        tried = ", ".join(
+            f"alpha {t.lr:g}: {'failed' if t.status == 'failed' else f'loss {t.eval_loss:.4f}'}" for t in self.trials
+        )
+        text = f"{self.model} x {self.epochs:g} epochs: start alpha {self.start_lr:g} ({self.source}); {tried}; "
+        text += f"best alpha {self.best_lr:g} ({self.best_run})."
+        if self.next_lr is not None:
+            text += f" alpha/2 won, so the optimum may lie lower: try alpha {self.next_lr:g} next."
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (one line of ``tuning.jsonl``)."""
+        out = dataclasses.asdict(self)
+        out["trials"] = [dataclasses.asdict(t) for t in self.trials]
+        return out
+
+
+def engine_trainer(model: str, dataset: str, epochs: float, lr: float, out: str | Path, **options: Any) -> dict:
+    """Train one run with the jax engine (imported here, never at module level) and return its summary.
+
+    ``options`` are further :class:`~convscale_cli.engine.config.PretrainConfig` fields (``batch_size``, ``seed``,
+    ``resolution``, ``data_options``, ...); unknown keys raise a ConfigError naming them.
+    """
+    from convscale_cli.config import from_dict
+    from convscale_cli.engine.api import pretrain
+    from convscale_cli.engine.config import PretrainConfig
+
+    fields = {"model": model, "dataset": dataset, "epochs": epochs, "lr": lr, "out": str(out), **options}
+    return dict(pretrain(from_dict(PretrainConfig, fields)))
+
+
+def _loss(summary: Mapping[str, Any]) -> float:
+    try:
+        value = float(summary["final"]["eval_loss"])
+    except (KeyError, TypeError, ValueError):
+        return math.inf
+    return value if math.isfinite(value) else math.inf
+
+
+def run_trial(
+    model: str, dataset: str, epochs: float, lr: float, runs_dir: Path, trainer: Trainer, options: Mapping[str, Any]
+) -> Trial:
+    """Train (or reuse, when its run directory already holds a finished run) one learning rate of a cell.
+
+    A run that ends in :class:`TrainingError` (a non-finite loss, likely at too high an lr) is a failed trial with an
+    infinite loss: the comparison still has an answer.
+    """
+    name = run_name(model, epochs, lr)
+    out = runs_dir / name
+    finished = read_finished(out)
+    if finished is not None:
+        return Trial(lr, name, _loss(finished), "reused")
+    try:
+        summary = trainer(model, dataset, epochs, lr, out, **options)
+    except TrainingError:
+        return Trial(lr, name, math.inf, "failed")
+    return Trial(lr, name, _loss(summary), "trained")
+
+
+def target_size(registry: Registry, model: str, size_axis: SizeAxis, resolution: int | None, classes: int) -> float:
+    """Size of ``model`` on the lookup's axis at the run's resolution and class count."""
+    spec = registry.architecture(model)
+    count = spec.count(resolution or spec.train_resolution, classes)
+    return float(count.params if size_axis == "params" else count.macs)
+
+
+def tune_cell(
+    model: str,
+    epochs: float,
+    runs_dir: str | Path,
+    *,
+    dataset: str,
+    registry: Registry,
+    trainer: Trainer | None = None,
+    options: Mapping[str, Any] | None = None,
+    grid: bool | Sequence[float] = False,
+    size_axis: SizeAxis = "params",
+    num_classes: int | None = None,
+) -> TuneResult:
+    """Tune the learning rate of one cell by the two-trial rule (or a full grid) and record the decision.
+
+    Args:
+        model: registered architecture name.
+        epochs: epoch budget of the cell.
+        runs_dir: where trials are written (``{model}-e{epochs}-lr{alpha}``) and earlier cells are looked up.
+        dataset: registered dataset name; only earlier runs on it count.
+        registry: resolves the model's family, recipe alpha and size.
+        trainer: ``trainer(model, dataset, epochs, lr, out, **options) -> summary`` (default: :func:`engine_trainer`).
+        options: passed to the trainer (engine config fields).
+        grid: True for the default factor-2 grid, a sequence for an explicit grid, False for the two-trial rule.
+        size_axis: compare models by ``params`` or ``macs`` when looking for a smaller cell.
+        num_classes: class count for the size comparison (default: the dataset's).
+
+    Raises:
+        UsageError: unknown model or dataset, a non-positive epoch budget or lr.
+    """
+    if not (math.isfinite(epochs) and epochs > 0):
+        raise UsageError(f"--epochs must be a positive number, got {epochs}")
+    options = dict(options or {})
+    trainer = trainer or engine_trainer
+    spec = registry.architecture(model)
+    data = registry.dataset(dataset)
+    if num_classes is None:
+        info = data.static_info or data.info(**options.get("data_options", {}))
+        num_classes = options.get("num_classes") or info.num_classes
+    root = Path(runs_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    runs = [r for r in load_runs(root) if r.dataset == data.name and r.family == spec.family]
+    size = target_size(registry, spec.name, size_axis, options.get("resolution"), num_classes)
+    neighbour = nearest_cell(group_cells(runs, size_axis), spec.name, size, epochs)
+    if neighbour is not None:
+        start, source = neighbour.best.lr, f"best of cell {neighbour.model} x {neighbour.epochs:g} epochs"
+    else:
+        start, source = spec.recipe.lr, "recipe default, no smaller finished cell"
+    if grid is not False:
+        lrs = [_clean(x) for x in (lr_grid(spec.recipe.lr) if grid is True else grid)]
+        if not lrs or min(lrs) <= 0:
+            raise UsageError(f"the lr grid must hold positive values, got {lrs}")
+        rule: Literal["two-trial", "grid"] = "grid"
+    else:
+        lrs, rule = [_clean(start), _clean(start / 2)], "two-trial"
+    trials = tuple(run_trial(spec.name, data.name, epochs, lr, root, trainer, options) for lr in lrs)
+    best = min(trials, key=lambda t: (t.eval_loss, -t.lr))
+    next_lr = _clean(start / 4) if rule == "two-trial" and best.lr == lrs[1] else None
+    result = TuneResult(
+        model=spec.name,
+        dataset=data.name,
+        epochs=epochs,
+        rule=rule,
+        start_lr=_clean(start),
+        source=source,
+        trials=trials,
+        best_lr=best.lr,
+        best_run=best.run,
+        next_lr=next_lr,
+    )
+    if result.trained or not _logged(root, result):
+        record(root, result)
+    return result
+
+
+def _logged(runs_dir: Path, result: TuneResult) -> bool:
+    """Whether ``tuning.jsonl`` already holds this decision (a resumed sweep must not duplicate it)."""
+    path = runs_dir / TUNING_LOG
+    if not path.is_file():
+        return False
+    mine = result.to_dict()
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if all(entry.get(k) == mine[k] for k in ("model", "dataset", "epochs", "rule", "best_run")):
+            return True
+    return False
+
+
+def record(runs_dir: Path, result: TuneResult) -> None:
+    """Append the decision to ``RUNS_DIR/tuning.jsonl``."""
+    line = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **result.to_dict()}
+    with (runs_dir / TUNING_LOG).open("a") as f:
+        f.write(json.dumps(line) + "\n")

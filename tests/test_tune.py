@@ -1,0 +1,277 @@
+"""The two-trial learning-rate rule (paper-facts §1.4), ``tune-lr`` and resumable ``sweep``, with a fake trainer."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from convscale_cli import plugins as plugin_loader
+from convscale_cli import tuning
+from convscale_cli.cli import main
+from convscale_cli.errors import ConfigError, TrainingError
+from convscale_cli.hookspecs import hookimpl
+from convscale_cli.registry import ArchitectureSpec, DatasetInfo, DatasetSpec, ModelCount, Registry
+from convscale_cli.sweep import StudyConfig, load_study, plan_cells, run_sweep
+
+SIZES = {"toy-s": 1_000, "toy-m": 4_000, "toy-l": 16_000}  # params; MACs = 10 x params at 32 px
+TRAIN_SIZE = 1_000
+
+
+def _arch(name: str, params: int, family: str = "toy") -> ArchitectureSpec:
+    return ArchitectureSpec(
+        name=name,
+        family=family,
+        build=lambda **_: None,
+        count=lambda resolution, num_classes: ModelCount(params=params, macs=10 * params * resolution**2 // 1024),
+        train_resolution=32,
+        eval_resolution=32,
+    )
+
+
+class _ToyPlugin:
+    @hookimpl
+    def register_architectures(self, register) -> None:  # noqa: ANN001
+        for name, params in SIZES.items():
+            register(_arch(name, params))
+        register(_arch("other-s", 500, family="other"))
+
+    @hookimpl
+    def register_datasets(self, register) -> None:  # noqa: ANN001
+        for name in ("toyset", "otherset"):
+            info = DatasetInfo(num_classes=10, split_sizes={"train": TRAIN_SIZE, "eval": 100}, resolution=32)
+            register(
+                DatasetSpec(
+                    name=name, description="", open=lambda split: [], info=lambda info=info: info, static_info=info
+                )
+            )
+
+
+def optimum(params: int, epochs: float) -> float:
+    """The fake loss surface's optimal alpha: falls monotonically with size and epochs (Fig. 3's shape)."""
+    return 1.6 / 2 ** (0.5 * math.log2(params / 1_000) / 2 + max(0.0, math.log2(epochs / 0.5)) * 0.75)
+
+
+class FakeTrainer:
+    """Writes a finished summary whose loss is a bowl in log2(lr) around :func:`optimum`; counts calls."""
+
+    def __init__(self, diverge_above: float = math.inf) -> None:
+        self.calls: list[tuple[str, float, float]] = []
+        self.diverge_above = diverge_above
+
+    def __call__(self, model: str, dataset: str, epochs: float, lr: float, out: Path, **options: Any) -> dict:
+        self.calls.append((model, epochs, lr))
+        if lr > self.diverge_above:
+            raise TrainingError(f"non-finite loss at lr {lr}")
+        params = SIZES.get(model, 500)
+        loss = (
+            3.0
+            - 0.1 * math.log10(params)
+            - 0.1 * math.log2(epochs + 1)
+            + 0.05 * math.log2(lr / optimum(params, epochs)) ** 2
+        )
+        summary = fake_summary(model, dataset, epochs, lr, loss)
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "summary.json").write_text(json.dumps(summary))
+        return summary
+
+
+def fake_summary(model: str, dataset: str, epochs: float, lr: float, loss: float, family: str = "toy") -> dict:
+    params = SIZES.get(model, 500)
+    examples = int(epochs * TRAIN_SIZE)
+    return {
+        "kind": "pretrain", "status": "finished", "model": model, "family": family, "dataset": dataset,
+        "epochs": epochs, "lr": lr, "batch_size": 64, "seed": 0, "params": params, "macs_per_image": 10 * params,
+        "train_resolution": 32, "eval_resolution": 32, "num_classes": 10, "examples_seen": examples, "steps": 1,
+        "final": {"eval_loss": loss, "eval_top1": 0.5, "eval_top5": 0.9},
+        "ledger": {"train_flops": 60.0 * params * examples, "core_hours": 1e-9},
+    }  # fmt: skip
+
+
+def write_run(root: Path, model: str, epochs: float, lr: float, loss: float, **kw: Any) -> None:
+    run = root / tuning.run_name(model, epochs, lr)
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(
+        json.dumps(fake_summary(model, kw.pop("dataset", "toyset"), epochs, lr, loss, **kw))
+    )
+
+
+@pytest.fixture
+def registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[Registry]:
+    loaded = plugin_loader.load_plugins(extra=[("toy", _ToyPlugin())], entry_points=lambda: [])
+    monkeypatch.setattr(plugin_loader, "_CACHE", loaded)
+    yield loaded.registry
+
+
+def _log(root: Path) -> list[dict]:
+    return [json.loads(line) for line in (root / tuning.TUNING_LOG).read_text().splitlines()]
+
+
+def test_two_trials_without_a_smaller_cell_start_at_the_recipe_alpha(registry: Registry, tmp_path: Path) -> None:
+    fake = FakeTrainer()
+    result = tuning.tune_cell("toy-s", 0.5, tmp_path, dataset="toyset", registry=registry, trainer=fake)
+    assert [lr for _, _, lr in fake.calls] == [1.6, 0.8]
+    assert result.start_lr == 1.6 and "recipe default" in result.source
+    assert result.best_lr == 1.6 and result.next_lr is None  # the optimum of toy-s x 0.5 is 1.6
+    assert result.best_run == "toy-s-e0.5-lr1.6"
+    [entry] = _log(tmp_path)
+    assert entry["best_lr"] == 1.6 and [t["lr"] for t in entry["trials"]] == [1.6, 0.8]
+
+
+def test_alpha_half_winning_offers_the_next_trial(registry: Registry, tmp_path: Path) -> None:
+    fake = FakeTrainer()
+    result = tuning.tune_cell("toy-l", 4, tmp_path, dataset="toyset", registry=registry, trainer=fake)
+    assert len(fake.calls) == 2
+    assert result.best_lr == 0.8 and result.next_lr == 0.4
+    assert "optimum may lie lower" in result.message() and "alpha 0.4" in result.message()
+
+
+def test_start_alpha_comes_from_the_nearest_smaller_cell(registry: Registry, tmp_path: Path) -> None:
+    write_run(tmp_path, "toy-s", 0.5, 0.8, 2.9)
+    write_run(tmp_path, "toy-s", 0.5, 0.4, 2.7)  # best of (toy-s, 0.5): 0.4
+    write_run(tmp_path, "toy-m", 1, 0.2, 2.5)  # the target cell itself: not a neighbour, but its 0.2 trial is reused
+    write_run(tmp_path, "toy-s", 2, 0.1, 2.5)  # more epochs than the target: not eligible
+    write_run(tmp_path, "toy-l", 0.5, 0.05, 2.5)  # larger model: not eligible
+    write_run(tmp_path, "toy-s", 1, 0.025, 2.0, dataset="otherset")  # other dataset: ignored
+    write_run(tmp_path, "other-s", 1, 0.0125, 2.0, family="other")  # other family: ignored
+    fake = FakeTrainer()
+    result = tuning.tune_cell("toy-m", 1, tmp_path, dataset="toyset", registry=registry, trainer=fake)
+    assert result.start_lr == 0.4 and result.source == "best of cell toy-s x 0.5 epochs"
+    assert [lr for _, _, lr in fake.calls] == [0.4]
+    assert [(t.lr, t.status) for t in result.trials] == [(0.4, "trained"), (0.2, "reused")]
+
+
+def test_nearest_cell_prefers_the_closest_in_log_space() -> None:
+    def cell(model: str, size: float, epochs: float) -> tuning.Cell:
+        return tuning.Cell(model, "toy", epochs, size, ())
+
+    cells = [cell("a", 1e3, 0.25), cell("a", 1e3, 1.0), cell("b", 4e3, 0.5), cell("c", 16e3, 0.25)]
+    assert tuning.nearest_cell(cells, "x", 4e3, 1.0).model == "b"
+    assert tuning.nearest_cell(cells, "x", 1e3, 2.0).epochs == 1.0
+    assert tuning.nearest_cell(cells, "x", 500, 2.0) is None
+
+
+def test_rerun_reuses_trials_and_trains_nothing(registry: Registry, tmp_path: Path) -> None:
+    tuning.tune_cell("toy-m", 1, tmp_path, dataset="toyset", registry=registry, trainer=FakeTrainer())
+    again = FakeTrainer()
+    result = tuning.tune_cell("toy-m", 1, tmp_path, dataset="toyset", registry=registry, trainer=again)
+    assert again.calls == [] and result.trained == 0
+    assert {t.status for t in result.trials} == {"reused"}
+    assert len(_log(tmp_path)) == 1
+
+
+def test_a_diverged_trial_loses(registry: Registry, tmp_path: Path) -> None:
+    fake = FakeTrainer(diverge_above=1.0)
+    result = tuning.tune_cell("toy-s", 0.5, tmp_path, dataset="toyset", registry=registry, trainer=fake)
+    assert [t.status for t in result.trials] == ["failed", "trained"]
+    assert result.best_lr == 0.8 and "alpha 1.6: failed" in result.message()
+
+
+def test_grid_runs_every_learning_rate(registry: Registry, tmp_path: Path) -> None:
+    fake = FakeTrainer()
+    result = tuning.tune_cell("toy-m", 2, tmp_path, dataset="toyset", registry=registry, trainer=fake, grid=True)
+    assert [lr for _, _, lr in fake.calls] == [3.2, 1.6, 0.8, 0.4, 0.2, 0.1]
+    assert result.rule == "grid" and result.next_lr is None
+    assert result.best_lr == min(result.trials, key=lambda t: t.eval_loss).lr
+
+
+def test_tune_lr_cli_prints_the_decision_and_next_command(
+    registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake = FakeTrainer()
+    monkeypatch.setattr(tuning, "engine_trainer", fake)
+    runs = tmp_path / "runs"
+    args = ["tune-lr", "--model", "toy-l", "--epochs", "4", "--runs", str(runs), "--dataset", "toyset"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "best alpha 0.8" in out
+    assert f"Next trial: convscale tune-lr --model toy-l --epochs 4 --runs {runs} --grid --lr-grid 0.4" in out
+    # The dataset is inferred from the runs directory; the offered next trial runs exactly one more lr.
+    assert (
+        main(["tune-lr", "--model", "toy-l", "--epochs", "4", "--runs", str(runs), "--grid", "--lr-grid", "0.4"]) == 0
+    )
+    assert [lr for _, _, lr in fake.calls] == [1.6, 0.8, 0.4]
+
+
+def _study(tmp_path: Path, **extra: Any) -> Path:
+    lines = [
+        f"out = '{tmp_path / 'runs'}'",
+        "dataset = 'toyset'",
+        "models = ['toy-l', 'toy-s', 'toy-m']",
+        "epochs = [2, 0.5, 1]",
+        "seed = 3",
+        *(f"{k} = {json.dumps(v)}" for k, v in extra.items()),
+        "[engine]",
+        "precision = 'fp32'",
+    ]
+    path = tmp_path / "study.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_sweep_runs_cheapest_first_two_trials_each_and_resumes(registry: Registry, tmp_path: Path) -> None:
+    study = load_study(_study(tmp_path))
+    first = FakeTrainer()
+    result = run_sweep(study, registry, trainer=first)
+    costs = [SIZES[m] * e for m, e, _ in first.calls]
+    assert costs == sorted(costs)
+    assert len(first.calls) == 18 and result.trained == 18  # 9 cells x 2 trials
+    assert result.runs_used == 18 and result.full_grid_runs == 54
+    again = FakeTrainer()
+    resumed = run_sweep(study, registry, trainer=again)
+    assert again.calls == [] and resumed.trained == 0
+    assert [r.best_lr for r in resumed.results] == [r.best_lr for r in result.results]
+    assert len(_log(Path(study.out))) == 9
+
+
+def test_sweep_passes_study_options_to_the_trainer(registry: Registry, tmp_path: Path) -> None:
+    seen: list[dict] = []
+
+    def trainer(model: str, dataset: str, epochs: float, lr: float, out: Path, **options: Any) -> dict:
+        seen.append(options)
+        return FakeTrainer()(model, dataset, epochs, lr, out)
+
+    study = load_study(_study(tmp_path, batch_size=64, resolution=32), {"models": ["toy-s"], "epochs": [0.5]})
+    run_sweep(study, registry, trainer=trainer)
+    assert seen[0] == {"seed": 3, "precision": "fp32", "batch_size": 64, "resolution": 32}
+
+
+def test_sweep_cli_reports_rule_versus_grid(
+    registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(tuning, "engine_trainer", FakeTrainer())
+    assert main(["sweep", str(_study(tmp_path)), "--set", "models=['toy-s','toy-m']"]) == 0
+    out = capsys.readouterr().out
+    assert "6 cells: the two-trial rule used 12 runs (12 trained now) where a full 6-point lr grid needs 36." in out
+    assert main(["sweep", str(_study(tmp_path)), "--set", "models=['toy-s','toy-m']"]) == 0
+    assert "(0 trained now)" in capsys.readouterr().out
+
+
+def test_plan_cells_orders_by_cost(registry: Registry, tmp_path: Path) -> None:
+    cells = plan_cells(load_study(_study(tmp_path)), registry)
+    assert [c.flops for c in cells] == sorted(c.flops for c in cells)
+    assert (cells[0].model, cells[0].epochs) == ("toy-s", 0.5)
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ({"modles": ["toy-s"]}, "did you mean 'models'"),
+        ({"epochs": [0]}, "epochs must be positive"),
+        ({"engine": {"lr": 0.1}}, "engine.lr is set by the study"),
+        ({"rule": "three-trial"}, "is not one of"),
+        ({"models": []}, "at least one"),
+    ],
+)
+def test_bad_study_is_a_config_error(tmp_path: Path, override: dict, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        load_study(_study(tmp_path), override)
+
+
+def test_study_defaults() -> None:
+    study = StudyConfig(out="runs", dataset="toyset", models=("toy-s",), epochs=(1.0,))
+    assert study.rule == "two-trial" and study.lr_grid == () and study.engine == {}
