@@ -1,3 +1,143 @@
-"""convscale pretrain (training engine)."""
+"""``convscale pretrain``: pre-train a model with the paper's recipe (issue #5).
 
-from convscale_cli.cli import app  # noqa: F401  (commands register on the shared app)
+Only options live here; the command builds a :class:`~convscale_cli.engine.config.PretrainConfig` (TOML file, then
+flags, then ``--set`` overrides) and calls :func:`convscale_cli.engine.api.pretrain`, imported inside the command so
+``convscale --help`` never loads jax.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from convscale_cli.cli import app
+from convscale_cli.cli._output import print_json
+
+_HELP = """Pre-train a model on a dataset with its family's recipe (Smith et al. 2023: SGD + Nesterov + AGC,
+cosine schedule, bf16 activations).
+
+The learning rate follows the paper's convention: --lr is the peak rate alpha quoted at batch 4096 (alpha ~ 1.6 for
+small epoch budgets) and is scaled linearly with the batch size, lr_actual = alpha x batch / 4096.
+
+Give one duration: --epochs, --steps, --examples, or a FLOP / core-hour --budget. Running the same command again
+resumes the run from its newest checkpoint; a finished run says so and exits 0; a different config in the same --out
+is refused (naming the differing keys) unless --force. SIGINT/SIGTERM save a checkpoint and exit with code 130; a
+non-finite loss stops the run with exit code 3.
+
+Writes OUT/config.json, OUT/metrics.jsonl, OUT/checkpoints/, OUT/tb/ and, at the end, OUT/summary.json."""
+
+
+def _parse_pairs(pairs: list[str] | None, prefix: str = "") -> dict[str, Any]:
+    from convscale_cli.config import parse_override
+
+    out: dict[str, Any] = {}
+    for text in pairs or []:
+        key, value = parse_override(text)
+        out[prefix + key] = value
+    return out
+
+
+@app.command(help=_HELP)
+def pretrain(
+    config: Annotated[Path | None, typer.Option("--config", help="Run config TOML (flags override it).")] = None,
+    model: Annotated[str | None, typer.Option(help="Architecture, e.g. nfnet-f0 (see `convscale models`).")] = None,
+    dataset: Annotated[str | None, typer.Option(help="Dataset, e.g. shapes (see `convscale datasets`).")] = None,
+    out: Annotated[str | None, typer.Option(help="Run directory (created; rerun to resume).")] = None,
+    epochs: Annotated[float | None, typer.Option(help="Duration in passes over the train split (0.25 .. 8).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Duration in optimiser steps.")] = None,
+    examples: Annotated[int | None, typer.Option(help="Duration in training examples.")] = None,
+    budget: Annotated[
+        str | None,
+        typer.Option(help="Stop cleanly once spent: 2-cpu-hours, 1e15-flops, 0.01-core-hours (TPU-v4)."),
+    ] = None,
+    lr: Annotated[
+        float | None, typer.Option(help="Peak lr alpha at batch 4096, scaled by batch/4096 (default: recipe, 1.6).")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Global batch size (default: recipe, 4096).")] = None,
+    resolution: Annotated[int | None, typer.Option(help="Training resolution in pixels.")] = None,
+    eval_resolution: Annotated[int | None, typer.Option(help="Held-out evaluation resolution.")] = None,
+    precision: Annotated[str | None, typer.Option(help="bf16 (activations; fp32 params) or fp32.")] = None,
+    loss: Annotated[str | None, typer.Option(help="softmax or sigmoid cross-entropy.")] = None,
+    label_smoothing: Annotated[float | None, typer.Option(help="Softmax label smoothing.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Initialisation, data order and dropout seed.")] = None,
+    eval_every: Annotated[int | None, typer.Option(help="Evaluate every N steps (0: at the end only).")] = None,
+    eval_examples: Annotated[int | None, typer.Option(help="Evaluate on the first N held-out examples.")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps (0: on exit only).")] = None,
+    checkpoint_minutes: Annotated[float | None, typer.Option(help="...and at least every M minutes.")] = None,
+    keep: Annotated[int | None, typer.Option(help="Checkpoints to keep.")] = None,
+    log_every: Annotated[int | None, typer.Option(help="Log metrics every N steps.")] = None,
+    data_option: Annotated[
+        list[str] | None, typer.Option("--data-option", help="Dataset option key=value, e.g. root=/data (repeat).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Any config key=value, e.g. recipe.weight_decay=1e-5 (repeat)."),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Start over in an --out holding a different run.")] = False,
+    fsdp: Annotated[bool, typer.Option("--fsdp", help="Shard params and optimizer state over devices.")] = False,
+    workers: Annotated[int | None, typer.Option(help="Input-pipeline worker processes.")] = None,
+    hardware: Annotated[str | None, typer.Option(help="Hardware for MFU (default: detected).")] = None,
+    coordinator_address: Annotated[
+        str | None, typer.Option(help="Multi-host: host:port of process 0 (auto on TPU pods and SLURM).")
+    ] = None,
+    num_processes: Annotated[int | None, typer.Option(help="Multi-host: number of processes.")] = None,
+    process_id: Annotated[int | None, typer.Option(help="Multi-host: this process's index.")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print summary.json to stdout at the end.")] = False,
+) -> None:
+    from convscale_cli.config import load_toml, merge
+    from convscale_cli.engine.config import PretrainConfig
+
+    flags = {
+        "model": model,
+        "dataset": dataset,
+        "out": out,
+        "epochs": epochs,
+        "steps": steps,
+        "examples": examples,
+        "budget": budget,
+        "lr": lr,
+        "batch_size": batch_size,
+        "resolution": resolution,
+        "eval_resolution": eval_resolution,
+        "precision": precision,
+        "loss": loss,
+        "label_smoothing": label_smoothing,
+        "seed": seed,
+        "eval_every": eval_every,
+        "eval_examples": eval_examples,
+        "checkpoint_every": checkpoint_every,
+        "checkpoint_minutes": checkpoint_minutes,
+        "keep": keep,
+        "log_every": log_every,
+        "worker_count": workers,
+        "hardware": hardware,
+        "coordinator_address": coordinator_address,
+        "num_processes": num_processes,
+        "process_id": process_id,
+    }
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    if force:
+        overrides["force"] = True
+    if fsdp:
+        overrides["fsdp"] = True
+    data: dict[str, Any] = {}
+    if config is not None:
+        data = load_toml(config)
+        data = dict(data.get("pretrain", data))  # a [pretrain] table, or the whole file
+    # A duration on the command line replaces the file's (one duration per run).
+    if any(k in overrides for k in ("epochs", "steps", "examples")):
+        for key in ("epochs", "steps", "examples"):
+            data.pop(key, None)
+    overrides.update(_parse_pairs(data_option, prefix="data_options."))
+    overrides.update(_parse_pairs(set_))
+    from convscale_cli.config import from_dict
+
+    run_config = from_dict(PretrainConfig, merge(data, overrides))
+
+    from convscale_cli.engine.api import pretrain as run_pretrain
+
+    summary = run_pretrain(run_config)
+    if json_:
+        print_json(summary)
