@@ -178,6 +178,12 @@ class Loader:
 
         ds = grain.MapDataset.range(start, self.steps).map(self._examples)
         if self.worker_count > 0:
+            from absl import flags
+
+            # Grain's worker processes read absl flags, which only an absl `app.run` program has parsed; the
+            # defaults are what we want (grain issue: "Trying to access flag ... before flags were parsed").
+            if not flags.FLAGS.is_parsed():
+                flags.FLAGS.mark_as_parsed()
             # Worker processes (spawned) decode and augment whole batches; one reading thread each keeps the order.
             ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=_PREFETCH_BATCHES))
             return ids.mp_prefetch(

@@ -1,0 +1,204 @@
+"""Training and evaluation loaders: exactly-once epochs, sharding, padding, resume state, augmentation determinism."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+
+from convscale_cli.data import AugmentConfig, eval_loader, train_loader
+from convscale_cli.data import pipeline as pipeline_module
+from convscale_cli.errors import DataError, UsageError
+
+
+class ArraySource:
+    """A tiny in-memory source whose image pixels encode the example id (so crops can be checked)."""
+
+    def __init__(self, size: int, hw: tuple[int, int] = (12, 12), multi_hot: int = 0) -> None:
+        self.size, self.hw, self.multi_hot = size, hw, multi_hot
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image = np.full((*self.hw, 3), index % 251, np.uint8)
+        if self.multi_hot:
+            label = np.zeros(self.multi_hot, np.float32)
+            label[index % self.multi_hot] = 1.0
+            return {"image": image, "label": label, "id": index}
+        return {"image": image, "label": index % 7, "id": index}
+
+
+def _ids(loader) -> np.ndarray:
+    return np.concatenate([b["id"][b["mask"] > 0] for b in loader])
+
+
+def test_exactly_once_per_epoch_and_reshuffled():
+    n = 50
+    loader = train_loader(ArraySource(n), global_batch_size=16, resolution=8, seed=3, num_examples=3 * n + 10)
+    assert loader.steps == math.ceil((3 * n + 10) / 16)
+    ids = _ids(loader)
+    assert len(ids) == 3 * n + 10
+    epochs = [ids[k * n : (k + 1) * n] for k in range(3)]
+    for epoch in epochs:
+        assert sorted(epoch.tolist()) == list(range(n))
+    assert len(set(ids[3 * n :].tolist())) == 10  # the partial 4th epoch repeats nothing
+    assert not np.array_equal(epochs[0], epochs[1])  # a new global order every epoch
+    other = _ids(train_loader(ArraySource(n), global_batch_size=16, resolution=8, seed=4, num_examples=n))
+    assert not np.array_equal(other, epochs[0])
+
+
+def test_fractional_epochs_are_exact_and_final_batch_is_padded():
+    n = 40
+    num = round(0.25 * n)
+    loader = train_loader(ArraySource(n), global_batch_size=8, resolution=8, seed=0, num_examples=num)
+    batches = list(loader)
+    assert len(batches) == loader.steps == 2
+    last = batches[-1]
+    assert last["mask"].tolist() == [1.0, 1.0] + [0.0] * 6
+    assert (last["id"][2:] == -1).all() and (last["image"][2:] == 0).all()
+    assert batches[0]["image"].dtype == np.uint8 and batches[0]["image"].shape == (8, 8, 8, 3)
+    assert batches[0]["label"].dtype == np.int32 and batches[0]["id"].dtype == np.int64
+    assert batches[0]["mask"].dtype == np.float32
+    assert len(set(np.concatenate([b["id"][b["mask"] > 0] for b in batches]).tolist())) == num
+
+
+def test_processes_read_disjoint_slices_of_each_global_batch():
+    kwargs = dict(global_batch_size=12, resolution=8, seed=5, num_examples=70)
+    whole = list(train_loader(ArraySource(30), **kwargs))
+    parts = [list(train_loader(ArraySource(30), process_index=i, process_count=3, **kwargs)) for i in range(3)]
+    for step, batch in enumerate(whole):
+        for key in ("image", "label", "id", "mask"):
+            joined = np.concatenate([parts[i][step][key] for i in range(3)])
+            np.testing.assert_array_equal(joined, batch[key])
+    assert parts[0][0]["image"].shape[0] == 4
+
+
+def test_resume_is_exact_and_allows_a_different_process_count():
+    kwargs = dict(global_batch_size=8, resolution=8, seed=9, num_examples=60)
+    full = list(train_loader(ArraySource(25), **kwargs))
+    first = train_loader(ArraySource(25), **kwargs)
+    it = iter(first)
+    for _ in range(3):
+        next(it)
+    state = json.loads(json.dumps(first.get_state()))
+    first.close()
+    assert state["step"] == 3 and state["examples_consumed"] == 24
+    shards = []
+    for index in range(2):
+        resumed = train_loader(ArraySource(25), process_index=index, process_count=2, **kwargs)
+        resumed.set_state(state)
+        shards.append(list(resumed))
+    for k, batch in enumerate(full[3:]):
+        np.testing.assert_array_equal(np.concatenate([shards[0][k]["id"], shards[1][k]["id"]]), batch["id"])
+        np.testing.assert_array_equal(np.concatenate([shards[0][k]["image"], shards[1][k]["image"]]), batch["image"])
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"seed": 10}, "seed"),
+        ({"global_batch_size": 16}, "global_batch_size"),
+        ({"num_examples": 61}, "num_examples"),
+    ],
+)
+def test_resume_refuses_a_different_example_stream(change, message):
+    kwargs = dict(global_batch_size=8, resolution=8, seed=9, num_examples=60)
+    state = train_loader(ArraySource(25), **kwargs).get_state()
+    other = train_loader(ArraySource(25), **{**kwargs, **change})
+    with pytest.raises(DataError, match=message):
+        other.set_state(state)
+
+
+def test_bad_states_and_layouts_are_errors():
+    loader = train_loader(ArraySource(10), global_batch_size=4, resolution=8, seed=0, num_examples=10)
+    with pytest.raises(DataError, match="version"):
+        loader.set_state({"version": 99})
+    with pytest.raises(DataError, match="step 7"):
+        loader.set_state({**loader.get_state(), "step": 7})
+    with pytest.raises(UsageError, match="not divisible by 3 processes"):
+        train_loader(ArraySource(10), global_batch_size=4, resolution=8, seed=0, num_examples=10, process_count=3)
+    with pytest.raises(DataError, match="empty"):
+        train_loader(ArraySource(0), global_batch_size=4, resolution=8, seed=0, num_examples=10)
+
+
+def test_repeated_augmentation_draws_each_example_k_times_with_different_crops():
+    n, k = 12, 3
+    # A gradient image, so that different crops give different pixels.
+    gradient = np.arange(16 * 16 * 3, dtype=np.uint32).reshape(16, 16, 3) % 256
+
+    class Gradient(ArraySource):
+        def __getitem__(self, index: int) -> dict[str, Any]:
+            return {"image": gradient.astype(np.uint8), "label": index % 7, "id": index}
+
+    loader = train_loader(
+        Gradient(n, hw=(16, 16)),
+        global_batch_size=6,
+        resolution=8,
+        seed=1,
+        num_examples=k * n,
+        augment=AugmentConfig(repeats=k),
+    )
+    batches = list(loader)
+    ids = np.concatenate([b["id"] for b in batches])
+    images = np.concatenate([b["image"] for b in batches])
+    assert sorted(ids.tolist()) == sorted(list(range(n)) * k)
+    assert (ids.reshape(n, k) == ids.reshape(n, k)[:, :1]).all()  # repeats are consecutive
+    assert not np.array_equal(images[0], images[1])  # independent augmentations
+    assert loader.epochs == pytest.approx(1.0)
+
+
+def test_augmentation_is_deterministic_in_seed_and_position():
+    kwargs = dict(global_batch_size=8, resolution=10, num_examples=16)
+    source = ArraySource(16, hw=(20, 24))
+    a = list(train_loader(source, seed=2, **kwargs))
+    b = list(train_loader(source, seed=2, **kwargs))
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x["image"], y["image"])
+    assert a[0]["image"].shape == (8, 10, 10, 3)
+
+
+def test_multi_hot_labels_are_batched_as_float_and_padded_with_zeros():
+    source = ArraySource(5, multi_hot=4)
+    batches = list(train_loader(source, global_batch_size=4, resolution=8, seed=0, num_examples=5))
+    assert batches[0]["label"].dtype == np.float32 and batches[0]["label"].shape == (4, 4)
+    assert batches[1]["label"][1:].sum() == 0 and batches[1]["label"][0].sum() == 1
+
+
+def test_eval_loader_is_one_ordered_padded_pass():
+    source = ArraySource(10, hw=(16, 20))
+    loader = eval_loader(source, global_batch_size=4, resolution=8)
+    batches = list(loader)
+    assert loader.steps == 3
+    assert np.concatenate([b["id"] for b in batches]).tolist() == [*range(10), -1, -1]
+    assert batches[-1]["mask"].tolist() == [1, 1, 0, 0]
+    assert batches[0]["image"].shape == (4, 8, 8, 3)
+    # Pixels encode the id: the centre crop of a constant image is that constant.
+    assert (batches[1]["image"][2] == 6).all()
+    shards = [
+        list(eval_loader(source, global_batch_size=4, resolution=8, process_index=i, process_count=2)) for i in range(2)
+    ]
+    assert sorted(np.concatenate([b["id"] for s in shards for b in s]).tolist()) == [-1, -1, *range(10)]
+
+
+def test_large_datasets_use_grains_index_shuffle(monkeypatch):
+    # Above the table limit the order comes from grain's index_shuffle: still a bijection per epoch.
+    monkeypatch.setattr(pipeline_module, "PERMUTATION_TABLE_MAX", 8)
+    ids = _ids(train_loader(ArraySource(20), global_batch_size=8, resolution=8, seed=0, num_examples=40))
+    assert sorted(ids[:20].tolist()) == sorted(ids[20:].tolist()) == list(range(20))
+    assert not np.array_equal(ids[:20], ids[20:])
+
+
+@pytest.mark.slow
+def test_worker_processes_produce_the_same_batches():
+    kwargs = dict(global_batch_size=8, resolution=8, seed=4, num_examples=40)
+    inline = list(train_loader(ArraySource(30), **kwargs))
+    loader = train_loader(ArraySource(30), worker_count=2, **kwargs)
+    workers = list(loader)
+    assert len(workers) == len(inline)
+    for x, y in zip(inline, workers, strict=True):
+        np.testing.assert_array_equal(x["id"], y["id"])
+        np.testing.assert_array_equal(x["image"], y["image"])
