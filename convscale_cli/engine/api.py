@@ -11,7 +11,6 @@ import functools
 import importlib.metadata
 import platform
 import time
-from types import ModuleType
 from typing import Any
 
 import jax
@@ -94,9 +93,7 @@ def _eval_batch_size(run: ResolvedRun, eval_size: int, devices: int) -> int:
     return min(run.batch_size, max(unit, -(-eval_size // unit) * unit))
 
 
-def pretrain(
-    config: PretrainConfig, registry: Registry | None = None, *, pipeline: ModuleType | None = None
-) -> dict[str, Any]:
+def pretrain(config: PretrainConfig, registry: Registry | None = None, *, pipeline: Any = None) -> dict[str, Any]:
     """Pre-train (or resume pre-training) one model and return its ``summary.json`` contents.
 
     Args:
@@ -197,7 +194,7 @@ def _train(
     rundir: RunDir,
     resolved: dict[str, Any],
     progress: Progress,
-    pipeline: ModuleType,
+    pipeline: Any,
     mesh: Any,
     model: Any,
     schedule: Any,

@@ -1,0 +1,174 @@
+"""Unit tests of the engine's pieces: durations, optimiser (AGC, decay masks, schedule), losses, config, ledger."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from convscale_cli.budget import parse_budget
+from convscale_cli.engine.config import PretrainConfig
+from convscale_cli.engine.ledger import Ledger
+from convscale_cli.engine.mesh import _fsdp_spec, check_batch
+from convscale_cli.engine.optim import learning_rate_schedule, make_optimizer, param_path, peak_learning_rate
+from convscale_cli.engine.step import per_example_loss, topk_correct
+from convscale_cli.engine.steps import resolve_duration
+from convscale_cli.errors import ConfigError, UsageError
+from convscale_cli.recipe import Recipe
+
+
+def test_fractional_epochs_are_exact_examples() -> None:
+    d = resolve_duration(train_size=1000, batch_size=64, epochs=0.25)
+    assert (d.examples, d.steps, d.epochs) == (250, 4, 0.25)
+    assert resolve_duration(train_size=1000, batch_size=64, steps=3).examples == 192
+    assert resolve_duration(train_size=1000, batch_size=64, examples=65).steps == 2
+
+
+def test_flop_budget_sets_the_duration() -> None:
+    d = resolve_duration(train_size=10**6, batch_size=10, budget_flops=1e6, flops_per_example=3e4)
+    assert d.examples == 33 and d.steps == 4
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({}, "exactly one duration"),
+        ({"epochs": 1.0, "steps": 3}, "exactly one duration"),
+        ({"epochs": -1.0}, "epochs -1.0 must be > 0"),
+        ({"steps": 0}, "steps 0 must be > 0"),
+        ({"epochs": 1e-9}, "< 1 example"),
+    ],
+)
+def test_bad_durations(kwargs: dict, needle: str) -> None:
+    with pytest.raises(UsageError, match=needle):
+        resolve_duration(train_size=100, batch_size=8, **kwargs)
+
+
+def _params() -> dict:
+    rng = np.random.default_rng(0)
+    return {
+        "conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32), "bias": jnp.ones(4)},
+        "head": {"kernel": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32), "bias": jnp.zeros(3)},
+    }
+
+
+def test_agc_clips_unitwise_except_excluded_and_decay_skips_biases() -> None:
+    params = _params()
+    grads = jax.tree_util.tree_map(lambda p: 1e3 * jnp.ones_like(p), params)
+    recipe = Recipe(momentum=0.0, nesterov=False, weight_decay=0.5, agc_exclude=(r"^head/kernel$",))
+    tx = make_optimizer(recipe, optax.constant_schedule(1.0))
+    updates, _ = tx.update(grads, tx.init(params), params)
+    # conv kernel: each output unit's gradient is rescaled to lambda * ||W_unit|| (NFNet §4), then L2 decay is added.
+    w = params["conv"]["kernel"]
+    g = -updates["conv"]["kernel"] - 0.5 * w
+    unit_norm = lambda x: jnp.sqrt((x**2).sum(axis=(0, 1, 2)))  # noqa: E731
+    np.testing.assert_allclose(unit_norm(g), 0.01 * unit_norm(w), rtol=1e-5)
+    # head kernel is not clipped; the bias is clipped (whole-vector norm, eps floor) and gets no decay.
+    np.testing.assert_allclose(-updates["head"]["kernel"], 1e3 + 0.5 * params["head"]["kernel"], rtol=1e-6)
+    bias_update = -updates["head"]["bias"]
+    np.testing.assert_allclose(jnp.linalg.norm(bias_update), 0.01 * 1e-3, rtol=1e-5)
+
+
+def test_nesterov_sgd_matches_optax_sgd_without_clipping() -> None:
+    params = _params()
+    grads = jax.tree_util.tree_map(lambda p: 0.1 * jnp.ones_like(p), params)
+    recipe = Recipe(agc_clip=None, weight_decay=0.0)
+    tx, ref = make_optimizer(recipe, optax.constant_schedule(0.3)), optax.sgd(0.3, momentum=0.9, nesterov=True)
+    s, r = tx.init(params), ref.init(params)
+    for _ in range(3):
+        u, s = tx.update(grads, s, params)
+        v, r = ref.update(grads, r, params)
+    for a, b in zip(jax.tree_util.tree_leaves(u), jax.tree_util.tree_leaves(v), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["adamw", "adafactor"])
+def test_vit_optimizers_build_and_step(name: str) -> None:
+    params = _params()
+    tx = make_optimizer(Recipe(optimizer=name, agc_clip=None, grad_clip_norm=1.0), optax.constant_schedule(1e-3))
+    updates, _ = tx.update(jax.tree_util.tree_map(jnp.ones_like, params), tx.init(params), params)
+    assert all(bool(jnp.isfinite(u).all()) for u in jax.tree_util.tree_leaves(updates))
+
+
+def test_schedule_warms_up_then_decays_to_zero_and_lr_scales_with_batch() -> None:
+    assert peak_learning_rate(1.6, 256, 4096) == pytest.approx(0.1)
+    sched = learning_rate_schedule(0.8, total_steps=100, warmup_fraction=0.1)
+    assert float(sched(0)) == 0.0
+    assert float(sched(10)) == pytest.approx(0.8)
+    assert float(sched(55)) == pytest.approx(0.4, rel=1e-3)
+    assert float(sched(100)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_param_path_joins_dict_keys() -> None:
+    paths = [param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(_params())[0]]
+    assert "conv/kernel" in paths and "head/bias" in paths
+
+
+def test_losses_match_optax_and_handle_multi_hot() -> None:
+    logits = jnp.asarray([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]])
+    labels = jnp.asarray([0, 2])
+    smooth = optax.smooth_labels(jax.nn.one_hot(labels, 3), 0.1)
+    np.testing.assert_allclose(
+        per_example_loss(logits, labels, loss="softmax", num_classes=3, label_smoothing=0.1),
+        optax.softmax_cross_entropy(logits, smooth),
+        rtol=1e-6,
+    )
+    sig = per_example_loss(logits, labels, loss="sigmoid", num_classes=3)
+    np.testing.assert_allclose(sig, optax.sigmoid_binary_cross_entropy(logits, jax.nn.one_hot(labels, 3)).sum(-1))
+    multi = jnp.asarray([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    soft = per_example_loss(logits, multi, loss="softmax", num_classes=3)
+    np.testing.assert_allclose(soft, optax.softmax_cross_entropy(logits, multi / multi.sum(-1, keepdims=True)))
+    assert topk_correct(logits, labels, 1).tolist() == [1.0, 1.0]
+    assert topk_correct(logits, jnp.asarray([1, 0]), 1).tolist() == [0.0, 0.0]
+    assert topk_correct(logits, jnp.asarray([1, 0]), 2).tolist() == [1.0, 0.0]
+    assert topk_correct(logits, multi, 1).tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({"epochs": 0.0}, "epochs = 0.0 must be > 0"),
+        ({"epochs": 1.0, "lr": 0.0}, "lr = 0.0 must be > 0"),
+        ({"epochs": 1.0, "steps": 5}, "give one duration"),
+        ({}, "no duration"),
+        ({"epochs": 1.0, "recipe": {"weight_decy": 1.0}}, "did you mean 'recipe.weight_decay'"),
+        ({"epochs": 1.0, "budget": "3-parsecs"}, "unknown budget unit"),
+        ({"epochs": 1.0, "keep": 0}, "keep = 0 must be >= 1"),
+    ],
+)
+def test_config_validation(kwargs: dict, needle: str) -> None:
+    with pytest.raises((ConfigError, UsageError), match=needle):
+        PretrainConfig(model="m", dataset="d", out="o", **kwargs)
+
+
+def test_ledger_accounts_and_round_trips() -> None:
+    ledger = Ledger(flops_per_example=6e9, num_devices=4, hardware="tpu-v4", peak_flops=137.5e12)
+    ledger.add_steps(10, 40_000)
+    ledger.charge("train", 100.0)
+    ledger.charge("compile", 5.0)
+    assert ledger.train_flops == 2.4e14
+    assert ledger.device_seconds["train"] == 400.0
+    assert ledger.img_per_sec_per_device == 100.0
+    assert ledger.mfu == pytest.approx(2.4e14 / (400 * 137.5e12))
+    assert ledger.spent(parse_budget("1e14-flops")) == 2.4e14
+    assert ledger.spent(parse_budget("1-cpu-hours")) == pytest.approx(420 / 3600)
+    assert ledger.spent(parse_budget("1-core-hours")) == pytest.approx(ledger.core_hours)
+    again = Ledger.from_dict(ledger.to_dict())
+    assert again == ledger and again.summary()["train_flops"] == 2.4e14
+
+
+def test_batch_divisibility_error_names_devices() -> None:
+    class FakeMesh:
+        size = 4
+
+    with pytest.raises(UsageError, match="batch size 10 is not divisible by 4 devices"):
+        check_batch(10, FakeMesh(), 1)  # type: ignore[arg-type]
+    check_batch(12, FakeMesh(), 2)  # type: ignore[arg-type]
+
+
+def test_fsdp_shards_largest_divisible_dimension() -> None:
+    assert tuple(_fsdp_spec((3, 3, 64, 128), 4)) == (None, None, None, "data")
+    assert tuple(_fsdp_spec((8,), 4)) == ()  # small arrays stay replicated
+    assert tuple(_fsdp_spec((4099, 3), 4)) == ()  # nothing divisible
