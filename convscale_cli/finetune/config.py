@@ -1,0 +1,140 @@
+"""The fine-tuning run config: a frozen dataclass filled from a TOML file, CLI flags and ``--set`` overrides.
+
+Defaults are the transfer recipe of Smith et al. (2023 §3, paper-facts §2.1) where the paper states it (SAM, stochastic
+depth, dropout, optional repeated augmentation with multiplicity 4) and the NFNet 2021 JFT -> ImageNet recipe it builds
+on where it does not (Brock et al. 2021 A.4-A.5: SAM rho 0.05 on 20% of the batch, stochastic depth 0.1, dropout
+0.25, weight decay 1e-5, EMA 0.9999, batch 2048 at lr 0.1). ``None`` means "the model's recipe / spec default".
+
+jax-free: the CLI builds the config before importing the engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Literal
+
+from convscale_cli.errors import ConfigError, close_matches
+from convscale_cli.recipe import Recipe
+
+Precision = Literal["bf16", "fp32"]
+LossName = Literal["softmax", "sigmoid"]
+
+# NFNet 2021 A.5 fine-tunes at batch 2048 with lr 0.1 where pre-training used 1.6 at batch 4096: with the learning
+# rate quoted at batch 4096 and scaled linearly (the engine's convention), that is 1/8 of the pre-training alpha.
+DEFAULT_BATCH_SIZE = 2048
+FINETUNE_LR_FRACTION = 1.0 / 8.0
+
+_RECIPE_FIELDS = frozenset(f.name for f in dataclasses.fields(Recipe))
+_AUGMENT_FIELDS = frozenset({"crop", "min_area", "max_area", "aspect_ratio", "flip"})
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """Everything a fine-tuning run needs. Exactly one duration (epochs, examples or steps) is required."""
+
+    # --- what to fine-tune ----------------------------------------------------------------------------------------
+    # ``--from``: a pre-training run directory (its newest checkpoint), one checkpoint directory inside it
+    # (RUN/checkpoints/<step>), or an imported-weights directory (``convscale import-weights``).
+    pretrained: str = ""
+    dataset: str = ""  # registry name of the target dataset, e.g. "digits"
+    out: str = ""  # run directory of the fine-tuning run
+    model: str | None = None  # optional check: the architecture the checkpoint must hold
+    data_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # DatasetSpec.open/info options
+    num_classes: int | None = None  # size of the new classifier; default the dataset's
+
+    # --- how long (one of these; with repeated augmentation they count augmented samples, so the compute of
+    # ``--epochs 50 --repeat-aug 4`` equals that of ``--epochs 50`` in 1/4 of the passes: paper footnote 4) ----------
+    epochs: float | None = None
+    examples: int | None = None
+    steps: int | None = None
+
+    # --- optimiser (the architecture's recipe with these overrides) ------------------------------------------------
+    batch_size: int | None = None  # global batch; default DEFAULT_BATCH_SIZE (NFNet A.5)
+    lr: float | None = None  # peak alpha at the recipe's base batch, scaled linearly; default recipe.lr / 8
+    weight_decay: float = 1e-5  # NFNet A.5 fine-tuning (pre-training on JFT used 1e-6)
+    loss: LossName | None = None  # default: the recipe's
+    recipe: dict[str, Any] = dataclasses.field(default_factory=dict)  # any other Recipe field (warmup_fraction, ...)
+
+    # --- the regularisers of the transfer recipe ---------------------------------------------------------------------
+    sam_rho: float = 0.05  # SAM radius (Foret et al. 2021; NFNet A.5); 0 disables SAM
+    sam_fraction: float = 0.2  # fraction of each batch the SAM ascent step uses (NFNet A.4: 20%)
+    stochdepth_rate: float = 0.1  # NFNet A.5 transfer; linear in depth inside the model
+    drop_rate: float = 0.25  # dropout before the classifier (NFNet A.5)
+    ema_decay: float = 0.9999  # parameter EMA, warmed up as min(decay, (1+t)/(10+t)); 0 disables
+    repeat_aug: int = 1  # repeated-augmentation multiplicity k (paper: 4 for its best 90.4% model)
+    randaugment: tuple[int, float] = (0, 0.0)  # RandAugment (layers, magnitude); (0, 0) disables
+    mixup: float = 0.0  # MixUp Beta(alpha, alpha); 0 disables
+    cutmix: float = 0.0  # CutMix Beta(alpha, alpha); 0 disables (with both, half the batch gets each: NFNet A.3)
+    label_smoothing: float = 0.0  # softmax targets mixed with the uniform distribution
+    augment: dict[str, Any] = dataclasses.field(default_factory=dict)  # crop/min_area/max_area/aspect_ratio/flip
+
+    # --- resolution (the paper trains at 384 and evaluates at 480: ConvNets run at any size, ViTs resample their
+    # position embedding) --------------------------------------------------------------------------------------------
+    resolution: int | None = None  # default: the model's training resolution
+    eval_resolution: int | None = None  # default: the model's evaluation resolution
+    precision: Precision = "bf16"  # bf16 activations, fp32 params/optimiser/EMA; fp32 for bitwise-exact tests
+    seed: int = 0  # new head, data order, augmentation, dropout
+
+    # --- evaluation, checkpoints, logging (as in pre-training) --------------------------------------------------------
+    eval_every: int = 0  # held-out eval of the raw parameters every N steps (0: only at the end, raw and EMA)
+    eval_examples: int | None = None  # cap on held-out examples per eval
+    checkpoint_every: int = 1000
+    checkpoint_minutes: float = 30.0
+    keep: int = 3
+    log_every: int = 50
+    tensorboard: bool = True
+    progress: Literal["auto", "rich", "plain", "none"] = "auto"
+    worker_count: int = 0
+    hardware: str | None = None
+    peak_flops: float | None = None
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        for key, flag in (("pretrained", "--from"), ("dataset", "--dataset"), ("out", "--out")):
+            if not getattr(self, key):
+                raise ConfigError(f"{key} is required ({flag})")
+        given = [k for k in ("epochs", "examples", "steps") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ConfigError(f"give exactly one duration (epochs, examples or steps), got {given or 'none'}")
+        for key in ("epochs", "examples", "steps", "batch_size", "lr", "resolution", "eval_resolution", "num_classes",
+                    "eval_examples", "peak_flops"):
+            value = getattr(self, key)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"{key} = {value!r} must be > 0")
+        if not (math.isfinite(self.sam_rho) and self.sam_rho >= 0):
+            raise ConfigError(f"sam_rho = {self.sam_rho!r} must be >= 0 (0 disables SAM)")
+        if not (math.isfinite(self.sam_fraction) and 0.0 < self.sam_fraction <= 1.0):
+            raise ConfigError(f"sam_fraction = {self.sam_fraction!r} must be in (0, 1]")
+        if self.repeat_aug < 1:
+            raise ConfigError(f"repeat_aug = {self.repeat_aug!r} must be >= 1 (k augmented copies of each image)")
+        if not (math.isfinite(self.ema_decay) and 0.0 <= self.ema_decay < 1.0):
+            raise ConfigError(f"ema_decay = {self.ema_decay!r} must be in [0, 1) (0 disables the EMA)")
+        for key in ("stochdepth_rate", "drop_rate", "label_smoothing"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"{key} = {getattr(self, key)!r} must be in [0, 1)")
+        if self.weight_decay < 0 or self.mixup < 0 or self.cutmix < 0:
+            raise ConfigError("weight_decay, mixup and cutmix must be >= 0, got "
+                              f"{self.weight_decay!r}, {self.mixup!r}, {self.cutmix!r}")
+        layers, magnitude = self.randaugment
+        if layers < 0 or magnitude < 0:
+            raise ConfigError(f"randaugment = {list(self.randaugment)!r} must be (layers >= 0, magnitude >= 0)")
+        for key in ("eval_every", "checkpoint_every", "worker_count"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} = {getattr(self, key)!r} must be >= 0")
+        if self.checkpoint_minutes < 0 or self.keep < 1 or self.log_every < 1:
+            raise ConfigError(f"checkpoint_minutes must be >= 0, keep and log_every >= 1; got "
+                              f"{self.checkpoint_minutes!r}, {self.keep!r}, {self.log_every!r}")
+        _known(self.recipe, _RECIPE_FIELDS, "recipe")
+        _known(self.augment, _AUGMENT_FIELDS, "augment")
+
+
+def _known(values: dict[str, Any], fields: frozenset[str], prefix: str) -> None:
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        matches = close_matches(unknown[0], fields)
+        hint = f"; did you mean {' or '.join(repr(prefix + '.' + m) for m in matches)}?" if matches else ""
+        raise ConfigError(f"unknown config key {prefix + '.' + unknown[0]!r}{hint}")
+
+
+__all__ = ["DEFAULT_BATCH_SIZE", "FINETUNE_LR_FRACTION", "FinetuneConfig"]

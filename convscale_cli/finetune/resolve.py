@@ -1,0 +1,165 @@
+"""Turning a :class:`FinetuneConfig` into a fully resolved fine-tuning run (the counterpart of the engine's resolve).
+
+The architecture comes from the checkpoint ``--from`` names (``--model`` only checks it); the recipe is the
+architecture's with the fine-tuning overrides; the duration is counted in augmented samples, so repeated augmentation
+keeps the compute of a run fixed and makes fewer passes over the data (Smith et al. 2023, footnote 4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from convscale_cli.config import from_dict, to_dict
+from convscale_cli.data.augment import AugmentConfig
+from convscale_cli.engine.steps import Duration, resolve_duration
+from convscale_cli.errors import UnknownNameError, UsageError
+from convscale_cli.finetune.backbone import Pretrained, locate
+from convscale_cli.finetune.config import DEFAULT_BATCH_SIZE, FINETUNE_LR_FRACTION, FinetuneConfig
+from convscale_cli.recipe import Recipe
+from convscale_cli.registry import ArchitectureSpec, DatasetInfo, DatasetSpec, Registry
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneRun:
+    """A fine-tuning run with every default filled in (the attributes the engine's loop reads included).
+
+    Attributes:
+        config: the config as given.
+        pretrained: the located checkpoint.
+        arch: the checkpoint's architecture.
+        data: the target dataset.
+        info: its info under the config's data options.
+        recipe: the architecture's recipe with the fine-tuning overrides.
+        augment: the host-side and on-device augmentation.
+        build_options: ``ArchitectureSpec.build`` options (the checkpoint's, plus stochastic depth and dropout).
+        batch_size: global batch size.
+        peak_lr: ``recipe.lr * batch_size / recipe.base_batch_size``.
+        resolution: training resolution.
+        eval_resolution: held-out resolution.
+        num_classes: classes of the new classifier.
+        duration: steps / examples (augmented samples) / epochs.
+        macs_per_image: forward MACs of one image at the training resolution.
+        budget: always None (read by the engine's loop: fine-tuning has no compute-budget stop).
+    """
+
+    config: FinetuneConfig
+    pretrained: Pretrained
+    arch: ArchitectureSpec
+    data: DatasetSpec
+    info: DatasetInfo
+    recipe: Recipe
+    augment: AugmentConfig
+    build_options: dict[str, Any]
+    batch_size: int
+    peak_lr: float
+    resolution: int
+    eval_resolution: int
+    num_classes: int
+    duration: Duration
+    macs_per_image: int
+    budget: None = None
+
+    @property
+    def flops_per_example(self) -> float:
+        """Training FLOPs of one example: 6 x MACs, plus the SAM ascent pass over ``sam_fraction`` of the batch."""
+        sam = self.config.sam_fraction if self.config.sam_rho > 0 else 0.0
+        return 6.0 * self.macs_per_image * (1.0 + sam)
+
+
+def _recipe(base: Recipe, config: FinetuneConfig) -> Recipe:
+    merged = {**to_dict(base), "weight_decay": config.weight_decay, "lr": base.lr * FINETUNE_LR_FRACTION}
+    merged.update(config.recipe)
+    if config.lr is not None:
+        merged["lr"] = config.lr
+    if config.loss is not None:
+        merged["loss"] = config.loss
+    # Label smoothing is applied to the targets with MixUp/CutMix on device (one place), never twice.
+    merged["label_smoothing"] = config.label_smoothing
+    recipe = from_dict(Recipe, merged, prefix="recipe.")
+    if recipe.loss == "sigmoid" and recipe.label_smoothing:
+        raise UsageError(f"label smoothing {recipe.label_smoothing} applies to the softmax loss only, not sigmoid")
+    return recipe
+
+
+def resolve(config: FinetuneConfig, registry: Registry) -> FinetuneRun:
+    """Locate the checkpoint, look up the model and dataset and fill in every default.
+
+    Raises:
+        CheckpointError: ``--from`` is not a usable checkpoint.
+        UsageError: ``--model`` differs from the checkpoint's architecture, a resolution the model refuses, an
+            unknown dataset or option, a duration under one example.
+    """
+    pre = locate(config.pretrained)
+    arch = registry.architecture(pre.architecture)
+    if config.model is not None and registry.architecture(config.model).name != arch.name:
+        raise UsageError(f"--from {config.pretrained!r} holds a {arch.name} checkpoint, not --model {config.model}")
+    data = registry.dataset(config.dataset)
+    unknown = sorted(set(config.data_options) - set(data.options))
+    if unknown:
+        raise UnknownNameError(f"{data.name} data option", unknown[0], data.options)
+    info = data.info(**config.data_options)
+    if not info.split_sizes.get("eval"):
+        raise UsageError(f"dataset {data.name!r} has no held-out 'eval' split to evaluate on")
+    recipe = _recipe(arch.recipe, config)
+    batch_size = config.batch_size or DEFAULT_BATCH_SIZE
+    resolution = config.resolution or arch.train_resolution
+    eval_resolution = config.eval_resolution or arch.eval_resolution
+    arch.check_resolution(resolution)
+    arch.check_resolution(eval_resolution)
+    num_classes = config.num_classes or info.num_classes
+    layers, magnitude = config.randaugment
+    augment = from_dict(
+        AugmentConfig,
+        {**config.augment, "randaugment_layers": layers, "randaugment_magnitude": magnitude,
+         "mixup_alpha": config.mixup, "cutmix_alpha": config.cutmix, "label_smoothing": config.label_smoothing,
+         "repeats": config.repeat_aug},
+        prefix="augment.",
+    )
+    duration = resolve_duration(
+        train_size=int(info.split_sizes.get("train", 0)), batch_size=batch_size, epochs=config.epochs,
+        examples=config.examples, steps=config.steps,
+    )
+    return FinetuneRun(
+        config=config,
+        pretrained=pre,
+        arch=arch,
+        data=data,
+        info=info,
+        recipe=recipe,
+        augment=augment,
+        build_options={**pre.options, "stochdepth_rate": config.stochdepth_rate, "drop_rate": config.drop_rate},
+        batch_size=batch_size,
+        peak_lr=recipe.lr * batch_size / recipe.base_batch_size,
+        resolution=resolution,
+        eval_resolution=eval_resolution,
+        num_classes=num_classes,
+        duration=duration,
+        macs_per_image=int(arch.count(resolution, num_classes).macs),
+    )
+
+
+def resolved_dict(run: FinetuneRun) -> dict[str, Any]:
+    """The resolved config as plain JSON (what ``RUN/config.json`` holds and a rerun is compared against)."""
+    out = to_dict(run.config)
+    out.update(
+        kind="finetune",
+        model=run.arch.name,
+        pretrained_checkpoint={"path": str(run.pretrained.params_dir), "step": run.pretrained.step},
+        batch_size=run.batch_size,
+        lr=run.recipe.lr,
+        loss=run.recipe.loss,
+        recipe=to_dict(run.recipe),
+        augment=to_dict(run.augment),
+        model_options=run.build_options,
+        resolution=run.resolution,
+        eval_resolution=run.eval_resolution,
+        num_classes=run.num_classes,
+        total_steps=run.duration.steps,
+        total_examples=run.duration.examples,
+        peak_lr=run.peak_lr,
+    )
+    return out
+
+
+__all__ = ["FinetuneRun", "resolve", "resolved_dict"]
