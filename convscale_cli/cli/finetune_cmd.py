@@ -1,3 +1,157 @@
-"""convscale finetune (fine-tuning)."""
+"""``convscale finetune``: fine-tune a pre-trained run or imported weights with the paper's transfer recipe (#7).
 
-from convscale_cli.cli import app  # noqa: F401  (commands register on the shared app)
+Only options live here; the command builds a :class:`~convscale_cli.finetune.config.FinetuneConfig` (TOML file, then
+flags, then ``--set`` overrides) and calls :func:`convscale_cli.finetune.api.finetune`, imported inside the command so
+``convscale --help`` never loads jax.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from convscale_cli.cli import app
+from convscale_cli.cli._output import print_json
+from convscale_cli.errors import UsageError
+
+_HELP = """Fine-tune a pre-trained model on a labelled dataset (Smith et al. 2023 §3: 50 epochs with SAM,
+stochastic depth and dropout, train at 384 px and evaluate at 480 px; optional repeated augmentation x4).
+
+--from takes a pre-training run directory (its newest checkpoint), a checkpoint directory inside it
+(RUN/checkpoints/STEP), or an imported-weights directory (`convscale import-weights`). The classifier is replaced by
+a new one sized for --dataset (N(0, 0.01) weights, zero bias); every other tensor must match the model.
+
+Defaults follow the NFNet transfer recipe: SAM rho 0.05 on 20% of the batch, stochastic depth 0.1, dropout 0.25,
+weight decay 1e-5, parameter EMA 0.9999 (evaluated as final_ema), batch 2048, lr alpha = 1/8 of the pre-training
+alpha (0.2 at batch 4096 for NFNets, scaled linearly with the batch). With --repeat-aug k each image appears k times
+per batch stream with independent augmentations and the duration counts augmented samples, so the compute stays
+the same with k times fewer passes.
+
+Rerunning the same command resumes; a finished run says so and exits 0. Writes OUT/config.json, metrics.jsonl,
+checkpoints/ and summary.json (kind "finetune": final, final_ema, and the pre-training cost under pretrain)."""
+
+
+def _parse_pairs(pairs: list[str] | None, prefix: str = "") -> dict[str, Any]:
+    from convscale_cli.config import parse_override
+
+    out: dict[str, Any] = {}
+    for text in pairs or []:
+        key, value = parse_override(text)
+        out[prefix + key] = value
+    return out
+
+
+def _randaugment(text: str) -> list[float]:
+    """``"L,M"`` -> ``[L, M]`` (layers, magnitude)."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        layers, magnitude = int(parts[0]), float(parts[1])
+    except ValueError:
+        raise UsageError(f"--randaugment {text!r} must look like LAYERS,MAGNITUDE, e.g. 4,15") from None
+    return [layers, magnitude]
+
+
+@app.command(help=_HELP)
+def finetune(
+    from_: Annotated[
+        str | None, typer.Option("--from", help="Pre-training run dir, a checkpoint in it, or imported weights.")
+    ] = None,
+    dataset: Annotated[str | None, typer.Option(help="Target dataset, e.g. digits (see `convscale datasets`).")] = None,
+    out: Annotated[str | None, typer.Option(help="Run directory (created; rerun to resume).")] = None,
+    model: Annotated[str | None, typer.Option(help="Check that the checkpoint holds this architecture.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="Run config TOML (flags override it).")] = None,
+    epochs: Annotated[float | None, typer.Option(help="Duration: augmented samples / train size (50).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Duration in optimiser steps.")] = None,
+    examples: Annotated[int | None, typer.Option(help="Duration in (augmented) training examples.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak lr alpha at batch 4096, scaled by batch/4096.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Global batch size (default 2048).")] = None,
+    resolution: Annotated[int | None, typer.Option(help="Training resolution (paper: 384).")] = None,
+    eval_resolution: Annotated[int | None, typer.Option(help="Evaluation resolution (paper: 480).")] = None,
+    sam_rho: Annotated[float | None, typer.Option(help="SAM radius rho (default 0.05; 0 disables SAM).")] = None,
+    sam_fraction: Annotated[
+        float | None, typer.Option(help="Fraction of the batch for the SAM ascent step, in (0, 1] (default 0.2).")
+    ] = None,
+    stochdepth_rate: Annotated[float | None, typer.Option(help="Stochastic depth rate (default 0.1).")] = None,
+    drop_rate: Annotated[float | None, typer.Option(help="Dropout before the classifier (default 0.25).")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="Weight decay (default 1e-5).")] = None,
+    ema_decay: Annotated[float | None, typer.Option(help="Parameter EMA decay (default 0.9999; 0 disables).")] = None,
+    repeat_aug: Annotated[
+        int | None, typer.Option("--repeat-aug", help="Repeated-augmentation multiplicity k (paper: 4).")
+    ] = None,
+    randaugment: Annotated[
+        str | None, typer.Option(help="RandAugment LAYERS,MAGNITUDE, e.g. 4,15 (default off).")
+    ] = None,
+    mixup: Annotated[float | None, typer.Option(help="MixUp alpha (default 0: off).")] = None,
+    cutmix: Annotated[float | None, typer.Option(help="CutMix alpha (default 0: off).")] = None,
+    label_smoothing: Annotated[float | None, typer.Option(help="Softmax label smoothing (default 0).")] = None,
+    precision: Annotated[str | None, typer.Option(help="bf16 (activations; fp32 params) or fp32.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Head initialisation, data order and dropout seed.")] = None,
+    eval_every: Annotated[int | None, typer.Option(help="Evaluate every N steps (0: at the end only).")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps (0: on exit only).")] = None,
+    log_every: Annotated[int | None, typer.Option(help="Log metrics every N steps.")] = None,
+    data_option: Annotated[
+        list[str] | None, typer.Option("--data-option", help="Dataset option key=value, e.g. root=/data (repeat).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Any config key=value, e.g. augment.min_area=0.5 (repeat).")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Start over in an --out holding a different run.")] = False,
+    workers: Annotated[int | None, typer.Option(help="Input-pipeline worker processes.")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print summary.json to stdout at the end.")] = False,
+) -> None:
+    from convscale_cli.config import from_dict, load_toml, merge
+    from convscale_cli.finetune.config import FinetuneConfig
+
+    flags = {
+        "pretrained": from_,
+        "dataset": dataset,
+        "out": out,
+        "model": model,
+        "epochs": epochs,
+        "steps": steps,
+        "examples": examples,
+        "lr": lr,
+        "batch_size": batch_size,
+        "resolution": resolution,
+        "eval_resolution": eval_resolution,
+        "sam_rho": sam_rho,
+        "sam_fraction": sam_fraction,
+        "stochdepth_rate": stochdepth_rate,
+        "drop_rate": drop_rate,
+        "weight_decay": weight_decay,
+        "ema_decay": ema_decay,
+        "repeat_aug": repeat_aug,
+        "randaugment": _randaugment(randaugment) if randaugment is not None else None,
+        "mixup": mixup,
+        "cutmix": cutmix,
+        "label_smoothing": label_smoothing,
+        "precision": precision,
+        "seed": seed,
+        "eval_every": eval_every,
+        "checkpoint_every": checkpoint_every,
+        "log_every": log_every,
+        "worker_count": workers,
+    }
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    if force:
+        overrides["force"] = True
+    data: dict[str, Any] = {}
+    if config is not None:
+        data = load_toml(config)
+        data = dict(data.get("finetune", data))  # a [finetune] table, or the whole file
+    if any(k in overrides for k in ("epochs", "steps", "examples")):
+        for key in ("epochs", "steps", "examples"):  # one duration per run: the command line's wins
+            data.pop(key, None)
+    overrides.update(_parse_pairs(data_option, prefix="data_options."))
+    overrides.update(_parse_pairs(set_))
+    run_config = from_dict(FinetuneConfig, merge(data, overrides))
+
+    from convscale_cli.finetune.api import finetune as run_finetune
+
+    summary = run_finetune(run_config)
+    if json_:
+        print_json(summary)
