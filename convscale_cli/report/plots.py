@@ -34,6 +34,16 @@ def _figure(ncols: int = 1):  # noqa: ANN202  (matplotlib types are imported laz
     return figure, axes
 
 
+def _plain_ticks(ax: Any) -> None:
+    """Label log axes 2.4, 2.6 ... and 0.5, 1, 2 instead of 2.4x10^0 and 2^-1: losses span less than a decade."""
+    from matplotlib.ticker import FuncFormatter
+
+    formatter = FuncFormatter(lambda value, _: f"{value:g}")
+    ax.yaxis.set_major_formatter(formatter)
+    ax.yaxis.set_minor_formatter(formatter)
+    ax.tick_params(axis="y", which="minor", labelsize=7)
+
+
 def _save(figure: Any, path: Path) -> Path:
     figure.tight_layout()
     figure.savefig(path, format="png")
@@ -72,6 +82,7 @@ def loss_vs_compute(cells: Sequence[Cell], front: Sequence[Cell], fit: PowerLawF
     ax.set_yscale("log")
     ax.set_xlabel("pre-training compute (TPU-v4 core-hours)")
     ax.set_ylabel("held-out loss")
+    _plain_ticks(ax)
     ax.set_title("Held-out loss vs compute (best lr per model and epoch budget)")
     ax.legend(fontsize=8, loc="best")
     return _save(figure, path)
@@ -81,8 +92,10 @@ def compute_optimal(front: Sequence[Cell], optimal: Sequence[dict[str, Any]], pa
     """Compute-optimal parameters and epochs vs compute: observed frontier and parametric-fit prediction."""
     figure, (left, right) = _figure(2)
     compute = [c.core_hours for c in front]
-    left.plot(compute, [c.params for c in front], "o-", color="C0", label="frontier (observed)")
-    right.plot(compute, [c.epochs for c in front], "o-", color="C0", label="frontier (observed)")
+    # Markers only: consecutive frontier points often alternate between neighbouring models, and a line through
+    # them would suggest an oscillation that is just the discreteness of the model and epoch grids.
+    left.plot(compute, [c.params for c in front], "o", color="C0", label="frontier (observed)")
+    right.plot(compute, [c.epochs for c in front], "o", color="C0", label="frontier (observed)")
     if optimal:
         grid = [row["core_hours"] for row in optimal]
         left.plot(grid, [row["params"] for row in optimal], "s--", color="C1", ms=4, label="parametric fit")
@@ -93,6 +106,7 @@ def compute_optimal(front: Sequence[Cell], optimal: Sequence[dict[str, Any]], pa
         ax.set_xlabel("compute (TPU-v4 core-hours)")
         ax.set_ylabel(f"compute-optimal {label}")
         ax.legend(fontsize=8)
+    _plain_ticks(right)
     figure.suptitle("Compute-optimal model size and epoch budget")
     return _save(figure, path)
 
@@ -111,6 +125,7 @@ def lr_vs_epochs(table: dict[str, list[dict[str, Any]]], path: Path) -> Path:
     ax.set_yscale("log", base=2)
     ax.set_xlabel("epoch budget")
     ax.set_ylabel("optimal learning rate (alpha at batch 4096)")
+    _plain_ticks(ax)
     ax.set_title("Optimal learning rate vs epoch budget")
     ax.legend(fontsize=8)
     return _save(figure, path)
@@ -184,6 +199,7 @@ def families(comparison: dict[str, Any], cells: Sequence[Cell], path: Path) -> P
     ax.set_yscale("log")
     ax.set_xlabel("pre-training compute (TPU-v4 core-hours)")
     ax.set_ylabel("held-out loss")
+    _plain_ticks(ax)
     ax.set_title("Families at equal compute")
     ax.legend(fontsize=8)
     return _save(figure, path)
