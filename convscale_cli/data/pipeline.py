@@ -9,7 +9,8 @@ restarted". Here the whole example stream is a pure function of a position count
   bijection of ``[0, N)`` (Grain's ``index_shuffle``) keyed by ``(seed, epoch)``: a new global order every epoch;
 * global batch ``k`` holds positions ``[k B, (k + 1) B)``; process ``i`` of ``P`` takes the contiguous slice
   ``[k B + i b, k B + (i + 1) b)`` with ``b = B / P`` (so each process reads only its own shard of every batch);
-* positions ``>= num_examples`` are padding (mask 0, id -1) in the final batch only;
+* positions ``>= num_examples`` are padding (mask 0, id -1) in the final batch only; so is an example whose
+  source returned ``"image": None`` (a corrupt file the source skipped and reported);
 * augmentation randomness is seeded by ``(seed, p)``.
 
 The iterator state is therefore just the number of global batches consumed. Restarting from it replays nothing and
@@ -105,11 +106,13 @@ class _Examples:
         # Datasets too large for a table (JFT-scale) use Grain's O(1)-memory Feistel bijection instead.
         return int(index_shuffle(offset, max_index=self.size - 1, seed=self._key(epoch), rounds=4))
 
-    def _example(self, position: int, u: np.ndarray | None = None) -> dict[str, Any]:
+    def _example(self, position: int, u: np.ndarray | None) -> dict[str, Any]:
         element = self.source[self.index(position)]
-        if self.train:
-            if u is None:
-                u = uniforms(self.seed, np.asarray([position]))[0]
+        if element["image"] is None:
+            # The source could not decode this example (a corrupt file it has already reported): skip it by
+            # giving it the padding's mask 0, so the batch keeps its static shape.
+            return self._padding()
+        if u is not None:
             image = train_transform(element["image"], self.resolution, u, self.augment)
         else:
             image = eval_transform(element["image"], self.resolution, self.crop_fraction)
@@ -121,10 +124,10 @@ class _Examples:
         if self._template is None:
             # Label shape (scalar or multi-hot) comes from a real example: a process's slice of the final batch may
             # hold no real example at all.
-            real = self._example(0)
+            label = self.source[0]["label"]
             self._template = {
                 "image": np.zeros((self.resolution, self.resolution, 3), np.uint8),
-                "label": np.zeros_like(real["label"]),
+                "label": np.zeros(np.shape(label), np.float32 if np.ndim(label) else np.int32),
                 "id": np.int64(-1),
                 "mask": np.float32(0.0),
             }

@@ -1,0 +1,81 @@
+"""The convscale ArrayRecord layout: shards of (encoded image, labels, id) records plus a JSON manifest.
+
+ArrayRecord gives O(1) random access to records in large shard files, which is what exactly-once global shuffling
+needs (Grain's own file format). Layout of a converted dataset ``DIR``::
+
+    DIR/convscale-dataset.json          manifest: format version, class names, multi_label, per-split counts/shards
+    DIR/train-00000-of-00004.array_record
+    DIR/eval-00000-of-00001.array_record
+
+A record is ``b"CSR1" | int64 id | uint32 n | int32 labels[n] | encoded image bytes`` (little endian). Images keep
+their original JPEG/PNG encoding: conversion never re-encodes (no quality loss, fast), decoding happens in the loader.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+from convscale_cli.errors import DataError
+
+MANIFEST = "convscale-dataset.json"
+FORMAT = "convscale-arrayrecord"
+FORMAT_VERSION = 1
+_MAGIC = b"CSR1"
+_HEADER = struct.Struct("<4sqI")
+
+
+def shard_name(split: str, index: int, count: int) -> str:
+    """File name of shard ``index`` of ``count`` of ``split``."""
+    return f"{split}-{index:05d}-of-{count:05d}.array_record"
+
+
+def encode_record(image: bytes, labels: list[int] | tuple[int, ...], example_id: int) -> bytes:
+    """Serialise one example."""
+    return _HEADER.pack(_MAGIC, example_id, len(labels)) + struct.pack(f"<{len(labels)}i", *labels) + image
+
+
+def decode_record(record: bytes) -> tuple[bytes, tuple[int, ...], int]:
+    """Inverse of :func:`encode_record`: ``(image bytes, labels, id)``."""
+    magic, example_id, count = _HEADER.unpack_from(record)
+    if magic != _MAGIC:
+        raise DataError(f"record does not start with {_MAGIC!r} (got {magic!r}): not a convscale ArrayRecord shard")
+    start = _HEADER.size
+    labels = struct.unpack_from(f"<{count}i", record, start)
+    return record[start + 4 * count :], labels, example_id
+
+
+def write_manifest(root: Path, *, classes: list[str], splits: dict[str, dict[str, Any]], multi_label: bool) -> None:
+    """Write ``root/convscale-dataset.json``."""
+    manifest = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "classes": classes,
+        "multi_label": multi_label,
+        "splits": splits,
+    }
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def read_manifest(root: str | Path) -> dict[str, Any]:
+    """Read and check the manifest of a converted dataset; DataError if missing or malformed."""
+    root = Path(root).expanduser()
+    path = root / MANIFEST
+    if not path.is_file():
+        raise DataError(f"{path} not found: convert an image folder with `convscale data convert SRC --out {root}`")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is not valid JSON: {exc}") from exc
+    if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
+        raise DataError(
+            f"{path} has format {manifest.get('format')!r} version {manifest.get('version')!r}: "
+            f"expected {FORMAT!r} version {FORMAT_VERSION}"
+        )
+    for split, entry in manifest["splits"].items():
+        for shard in entry["shards"]:
+            if not (root / shard).is_file():
+                raise DataError(f"shard {root / shard} of split {split!r} listed in {path} is missing")
+    return manifest
