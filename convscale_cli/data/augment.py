@@ -87,7 +87,7 @@ class AugmentConfig:
 _CROP_TRIES = 10
 _FLIP_SLOT = 4 * _CROP_TRIES
 _RANDAUGMENT_SLOT = _FLIP_SLOT + 1
-NUM_UNIFORMS = _RANDAUGMENT_SLOT + 3 * 16  # room for 16 RandAugment layers (op, sign, magnitude noise)
+NUM_UNIFORMS = _RANDAUGMENT_SLOT + 4 * 16  # room for 16 RandAugment layers (op, sign, cutout row and column)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
