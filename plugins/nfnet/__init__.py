@@ -1,1 +1,184 @@
-"""Built-in NFNet plugin (Brock et al. 2021; DeepMind reference implementation)."""
+"""Built-in NFNet plugin (Brock et al. 2021, arXiv 2102.06171; DeepMind reference deepmind-research/nfnets).
+
+Registers, through the same ``register_architectures`` hook a third-party plugin uses:
+
+* ``nfnet-f0`` .. ``nfnet-f7`` and the wider ``nfnet-f0+`` .. ``nfnet-f7+`` (tag ``paper``), whose analytic counts
+  reproduce the NFNet paper's Table 3 and paper-facts §3.7; F0-F6 import timm ``dm_nfnet_fN`` state dicts.
+* the laptop ladder ``nfnet-tiny-l0`` .. ``nfnet-tiny-l6`` (tag ``ladder``): the same block structure at 1/16 .. 1/2
+  width and F0/F1-style depths, trained and evaluated at 32 px, spanning 120x in MACs;
+* ``nfnet-test`` (tag ``tiny``) for unit tests.
+
+Laptop ladder at 32 px, 10 classes (MACs analytic; step = one jitted SGD train step, forward + backward + update,
+float32, batch 64, measured on the 2-core CI CPU, median of 10 after compilation, by the snippet in
+``tests/test_nfnet.py::test_ladder_timings_snippet``):
+
+============== ========= ======== ======= =========
+model          width     depths   MACs    step (ms)
+============== ========= ======== ======= =========
+nfnet-tiny-l0  1/16      1,1,1,1  0.45M   LADDER_L0
+nfnet-tiny-l1  1/16      1,2,6,3  0.92M   LADDER_L1
+nfnet-tiny-l2  1/8       1,2,2,1  2.02M   LADDER_L2
+nfnet-tiny-l3  1/8       2,4,12,6 6.28M   LADDER_L3
+nfnet-tiny-l4  1/4       1,2,6,3  13.5M   LADDER_L4
+nfnet-tiny-l5  1/4       2,4,12,6 24.9M   LADDER_L5
+nfnet-tiny-l6  1/2       1,2,6,3  53.8M   LADDER_L6
+============== ========= ======== ======= =========
+
+This module stays importable without jax: the model lives in ``model.py`` (imported by ``build``), the counts in
+``variants.py`` and the timm conversion in ``timm_import.py`` (numpy only).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+from convscale_plugins.nfnet.variants import VARIANTS, NFNetConfig, Variant
+
+from convscale_cli.errors import UnknownNameError, UsageError
+from convscale_cli.hookspecs import hookimpl
+from convscale_cli.recipe import Recipe
+from convscale_cli.registry import ArchitectureSpec, ModelCount
+
+__all__ = ["RECIPE", "VARIANTS", "build", "count", "options", "register_architectures", "spec"]
+
+# The NFNet 2021 JFT pre-training recipe that 2310.16764 says it reused (paper-facts §1.3, §3.8): SGD + Nesterov 0.9,
+# peak lr 0.1 x B/256 = 1.6 at batch 4096, AGC lambda 0.01 (eps 1e-3) on everything but the classifier weight,
+# L2 weight decay 1e-6 except on WS gains, biases and skip gains, softmax cross-entropy (the JFT loss is not stated).
+RECIPE = Recipe(
+    optimizer="sgd",
+    lr=1.6,
+    base_batch_size=4096,
+    momentum=0.9,
+    nesterov=True,
+    weight_decay=1e-6,
+    agc_clip=0.01,
+    agc_eps=1e-3,
+    loss="softmax",
+    label_smoothing=0.0,
+    # Anchored so they select the same parameters under re.search and re.fullmatch.
+    no_decay=(r"^(.*/)?(gain|bias|skip_gain)$",),
+    agc_exclude=(r"^(.*/)?fc/kernel$",),  # the final classifier only: not the SE layers' se/fc0, se/fc1
+)
+
+_PLUS_STAGE1_MID = 128  # the code's rounding of the 192-wide "+" stage-1 bottleneck; 192 gives the paper's F4+
+
+
+def options(variant: Variant) -> dict[str, Any]:
+    """Build overrides a variant accepts, with their defaults (shown by ``convscale models --json``)."""
+    opts: dict[str, Any] = {
+        "activation": "gelu",
+        "se_activation": "relu",
+        "stochdepth_rate": 0.0,
+        "drop_rate": variant.config.drop_rate,
+        "ws_eps": 1e-4,
+        "ws_eps_style": "dm",
+    }
+    if variant.plus:
+        opts["plus_stage1_mid"] = _PLUS_STAGE1_MID
+    return opts
+
+
+def _config(variant: Variant, plus_stage1_mid: int | None) -> NFNetConfig:
+    import dataclasses
+
+    if plus_stage1_mid is None or plus_stage1_mid == _PLUS_STAGE1_MID:
+        return variant.config
+    if not isinstance(plus_stage1_mid, int) or plus_stage1_mid < 1:
+        raise UsageError(f"plus_stage1_mid must be a positive integer, got {plus_stage1_mid!r}")
+    try:
+        return dataclasses.replace(variant.config, stage1_mid=plus_stage1_mid)
+    except ValueError as exc:
+        raise UsageError(f"plus_stage1_mid={plus_stage1_mid}: {exc}") from None
+
+
+def build(variant: Variant | str, num_classes: int | None = None, dtype: Any = "float32", **overrides: Any) -> Any:
+    """The Flax ``NFNet`` module of a variant; ``overrides`` are the keys of :func:`options`.
+
+    Raises:
+        UsageError: an unknown option or an out-of-range value, naming the valid choices.
+    """
+    if isinstance(variant, str):
+        if variant not in VARIANTS:
+            raise UnknownNameError("model", variant, VARIANTS)
+        variant = VARIANTS[variant]
+    valid = options(variant)
+    for key in overrides:
+        if key not in valid:
+            raise UnknownNameError(f"{variant.name} option", key, valid)
+    opts = {**valid, **{k: v for k, v in overrides.items() if v is not None}}
+
+    import jax.numpy as jnp
+    from convscale_plugins.nfnet.model import ACTIVATIONS, WS_EPS_STYLES, NFNet
+
+    for key, choices in (("activation", ACTIVATIONS), ("se_activation", ACTIVATIONS), ("ws_eps_style", WS_EPS_STYLES)):
+        if opts[key] not in choices:
+            raise UnknownNameError(key, str(opts[key]), choices)
+    for key in ("stochdepth_rate", "drop_rate"):
+        if not 0.0 <= float(opts[key]) < 1.0:
+            raise UsageError(f"{key} must be in [0, 1), got {opts[key]}")
+    if float(opts["ws_eps"]) <= 0:
+        raise UsageError(f"ws_eps must be > 0, got {opts['ws_eps']}")
+    num_classes = 1000 if num_classes is None else int(num_classes)
+    if num_classes < 1:
+        raise UsageError(f"num_classes must be >= 1, got {num_classes}")
+    try:
+        dtype = jnp.dtype(dtype or "float32")
+    except TypeError:
+        raise UsageError(f"unknown dtype {dtype!r}: use float32 or bfloat16") from None
+    return NFNet(
+        config=_config(variant, opts.get("plus_stage1_mid")),
+        num_classes=num_classes,
+        activation=opts["activation"],
+        se_activation=opts["se_activation"],
+        stochdepth_rate=float(opts["stochdepth_rate"]),
+        drop_rate=float(opts["drop_rate"]),
+        ws_eps=float(opts["ws_eps"]),
+        ws_eps_style=opts["ws_eps_style"],
+        dtype=dtype,
+    )
+
+
+def count(variant: Variant | str, resolution: int, num_classes: int) -> ModelCount:
+    """Analytic parameters and forward MACs per image (pure Python)."""
+    if isinstance(variant, str):
+        variant = VARIANTS[variant]
+    params, macs = variant.count(resolution, num_classes)
+    return ModelCount(params=params, macs=macs)
+
+
+def _import_weights(variant: Variant, source: str, tensors: Mapping[str, Any], num_classes: int | None) -> Any:
+    if source != "timm":
+        raise UnknownNameError("weight source", source, ["timm"])
+    from convscale_plugins.nfnet.timm_import import import_timm
+
+    return import_timm(variant, tensors, num_classes)
+
+
+def spec(variant: Variant) -> ArchitectureSpec:
+    """The registry entry of one variant."""
+    return ArchitectureSpec(
+        name=variant.name,
+        family="nfnet",
+        build=functools.partial(build, variant),
+        count=functools.partial(count, variant),
+        train_resolution=variant.train_resolution,
+        eval_resolution=variant.eval_resolution,
+        recipe=RECIPE,
+        description=variant.description,
+        tags=variant.tags,
+        resolution_multiple=1,  # SAME padding accepts any size; multiples of 32 keep every stage's map whole
+        min_resolution=32,
+        default_num_classes=1000,
+        weight_sources={"timm": variant.timm_name} if variant.timm_name else {},
+        import_weights=functools.partial(_import_weights, variant) if variant.timm_name else None,
+        options=options(variant),
+    )
+
+
+@hookimpl
+def register_architectures(register: Any) -> None:
+    """Register every NFNet variant of :data:`VARIANTS`."""
+    for variant in VARIANTS.values():
+        register(spec(variant))

@@ -1,0 +1,262 @@
+"""Flax linen NFNet (Brock et al. 2021, arXiv 2102.06171), numerically following the DeepMind reference.
+
+Reference: github.com/google-deepmind/deepmind-research nfnets/nfnet.py and base.py (``NFNet``, ``NFBlock``,
+``WSConv2D``, ``SqueezeExcite``, ``StochDepth``); names (``alpha``, ``beta``, ``skip_gain``, ``stochdepth_rate``,
+``se_ratio``, ``conv0``/``conv1``/``conv1b``/``conv2``/``conv_shortcut``) are kept so the two can be read side by side.
+The architecture itself (block plan, widths, betas) comes from :mod:`convscale_plugins.nfnet.variants`.
+
+Options and where they depart from the paper text (paper-facts §3):
+    activation: "gelu" (default) is ``jax.nn.gelu`` as DM calls it, i.e. the tanh approximation; "gelu_exact" is
+        the erf GELU of PyTorch/timm (same gamma). Every nonlinearity of DM's table is available, scaled by its gamma.
+    se_activation: the SE inner nonlinearity, unscaled. "relu" as in the released code (default); the paper's
+        App. C writes GELU: use "gelu".
+    plus_stage1_mid ("+" variants only): 128 = the code's rounding (192 // 128 = 1 group of 128); 192 = one
+        unrounded group of 192, which reproduces the paper's F4+ at 527M params / 367B MACs (paper-facts §3.7).
+    stochdepth_rate: 0.0 by default (JFT pre-training recipe, paper-facts §1.3); set 0.25 (ImageNet from scratch) or
+        0.1 for fine-tuning. Per-block rate = stochdepth_rate * block_index / num_blocks, dropped per example, no
+        1/keep rescaling (DM ``StochDepth(scale_by_keep=False)``).
+    ws_eps, ws_eps_style: Scaled WS computes ``(w - mean) * rsqrt(max(var * fan_in, ws_eps)) * gain`` with
+        ws_eps = 1e-4 in DM style ("dm"); timm's ScaledStdConv2d computes ``(w - mean) * rsqrt((var + ws_eps) *
+        fan_in) * gain`` with ws_eps = 1e-5 ("timm"), which the timm parity test selects.
+
+Random numbers: dropout and stochastic depth both draw from the ``"dropout"`` RNG stream, so
+``model.apply(variables, x, train=True, rngs={"dropout": key})`` is all a training step needs.
+
+Precision: parameters are float32; with ``dtype=jnp.bfloat16`` weights are standardised in float32 and the
+convolutions run in bfloat16 (N A.1). Logits are always returned in float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from convscale_plugins.nfnet.variants import GAMMA, BlockPlan, NFNetConfig, block_plan
+from jax import lax
+
+Activation = Callable[[jax.Array], jax.Array]
+
+_RAW: dict[str, Activation] = {
+    "identity": lambda x: x,
+    "celu": jax.nn.celu,
+    "elu": jax.nn.elu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False),
+    "leaky_relu": jax.nn.leaky_relu,
+    "log_sigmoid": jax.nn.log_sigmoid,
+    "log_softmax": jax.nn.log_softmax,
+    "relu": jax.nn.relu,
+    "relu6": jax.nn.relu6,
+    "selu": jax.nn.selu,
+    "sigmoid": jax.nn.sigmoid,
+    "silu": jax.nn.silu,
+    "soft_sign": jax.nn.soft_sign,
+    "softplus": jax.nn.softplus,
+    "tanh": jnp.tanh,
+}
+# DM's table also has "glu", which halves the channels and so cannot be the NFNet nonlinearity.
+ACTIVATIONS = tuple(_RAW)
+WS_EPS_STYLES = ("dm", "timm")
+
+
+def activation_fn(name: str) -> Activation:
+    """The gamma-scaled nonlinearity of DM base.py ``nonlinearities`` (variance-preserving for N(0, 1) inputs)."""
+    raw, gamma = _RAW[name], GAMMA[name]
+    return lambda x: raw(x) * jnp.asarray(gamma, x.dtype)
+
+
+def standardize_weight(kernel: jax.Array, gain: jax.Array, eps: float, style: str = "dm") -> jax.Array:
+    """Scaled Weight Standardization of an HWIO kernel: zero mean, unit fan-in variance per output channel, x gain."""
+    mean = jnp.mean(kernel, axis=(0, 1, 2), keepdims=True)
+    var = jnp.var(kernel, axis=(0, 1, 2), keepdims=True)
+    fan_in = kernel.shape[0] * kernel.shape[1] * kernel.shape[2]
+    if style == "dm":
+        scale = lax.rsqrt(jnp.maximum(var * fan_in, eps)) * gain
+    else:
+        scale = lax.rsqrt((var + eps) * fan_in) * gain
+    return kernel * scale - mean * scale
+
+
+class WSConv2D(nn.Module):
+    """Convolution with Scaled Weight Standardization, a learnable gain (init 1) and a bias (init 0); SAME padding."""
+
+    features: int
+    kernel_size: int = 1
+    stride: int = 1
+    groups: int = 1
+    eps: float = 1e-4
+    eps_style: str = "dm"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.kernel_size
+        shape = (k, k, x.shape[-1] // self.groups, self.features)
+        # DM: VarianceScaling(1.0, 'fan_in', 'normal'); fan-in is k*k*in/groups, WS is largely insensitive to it.
+        kernel = self.param("kernel", nn.initializers.variance_scaling(1.0, "fan_in", "normal"), shape, jnp.float32)
+        gain = self.param("gain", nn.initializers.ones, (self.features,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        weight = standardize_weight(kernel, gain, self.eps, self.eps_style).astype(self.dtype)
+        out = lax.conv_general_dilated(
+            x.astype(self.dtype),
+            weight,
+            window_strides=(self.stride, self.stride),
+            padding="SAME",  # TF/XLA SAME: for stride 2 on even sizes pad only bottom/right (= timm Conv2dSame)
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=self.groups,
+        )
+        return out + bias.astype(self.dtype)
+
+
+class SqueezeExcite(nn.Module):
+    """DM base.py SqueezeExcite: pool -> fc0 -> act -> fc1 -> sigmoid (the block multiplies by 2x this)."""
+
+    hidden: int
+    activation: str = "relu"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        h = nn.Dense(self.hidden, dtype=self.dtype, name="fc0")(h)
+        h = _RAW[self.activation](h)  # plain, unscaled (DM default jax.nn.relu)
+        h = nn.Dense(x.shape[-1], dtype=self.dtype, name="fc1")(h)
+        return jax.nn.sigmoid(h)[:, None, None, :].astype(x.dtype)
+
+
+def stochastic_depth(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
+    """Zero whole examples of a residual branch with probability ``rate``; no 1/keep rescaling (DM StochDepth)."""
+    r = jax.random.uniform(rng, (x.shape[0],) + (1,) * (x.ndim - 1), dtype=jnp.float32)
+    keep = jnp.floor(1.0 - rate + r)
+    return x * keep.astype(x.dtype)
+
+
+class NFBlock(nn.Module):
+    """Pre-activation bottleneck: two grouped 3x3 convs, SE, stochastic depth, skip gain, alpha (paper-facts §3.3)."""
+
+    plan: BlockPlan
+    alpha: float = 0.2
+    activation: str = "gelu"
+    se_activation: str = "relu"
+    stochdepth_rate: float = 0.0  # this block's rate (already multiplied by block_index / num_blocks)
+    ws_eps: float = 1e-4
+    ws_eps_style: str = "dm"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        b = self.plan
+        act = activation_fn(self.activation)
+
+        def conv(features: int, k: int, name: str, stride: int = 1, groups: int = 1) -> WSConv2D:
+            return WSConv2D(features, k, stride, groups, self.ws_eps, self.ws_eps_style, self.dtype, name=name)
+
+        out = act(x) * jnp.asarray(b.beta, x.dtype)
+        # Transition blocks take the shortcut from the pre-activated, beta-scaled input: this resets the variance.
+        if b.stride > 1:
+            shortcut = nn.avg_pool(out, (2, 2), strides=(2, 2), padding="SAME", count_include_pad=False)
+            shortcut = conv(b.out_ch, 1, "conv_shortcut")(shortcut)
+        elif b.use_projection:
+            shortcut = conv(b.out_ch, 1, "conv_shortcut")(out)
+        else:
+            shortcut = x
+        out = conv(b.mid, 1, "conv0")(out)
+        out = conv(b.mid, 3, "conv1", b.stride, b.groups)(act(out))
+        out = conv(b.mid, 3, "conv1b", 1, b.groups)(act(out))
+        out = conv(b.out_ch, 1, "conv2")(act(out))
+        out = 2.0 * SqueezeExcite(b.se_hidden, self.se_activation, self.dtype, name="se")(out) * out
+        if train and 0.0 < self.stochdepth_rate < 1.0:
+            out = stochastic_depth(out, self.stochdepth_rate, self.make_rng("dropout"))
+        skip_gain = self.param("skip_gain", nn.initializers.zeros, (), jnp.float32)  # SkipInit
+        out = out * skip_gain.astype(out.dtype)
+        return out * jnp.asarray(self.alpha, out.dtype) + shortcut.astype(out.dtype)
+
+
+class NFNet(nn.Module):
+    """Normalizer-Free ResNet: deep stem, four stages of :class:`NFBlock`, 2x-wide 1x1 head conv, linear classifier.
+
+    Parameters live at '/'-joined paths ``stem/conv{0..3}``, ``stage{s}/block{b}/{conv0,conv1,conv1b,conv2,
+    conv_shortcut,se/fc0,se/fc1}``, ``stage{s}/block{b}/skip_gain``, ``final_conv`` and ``fc``; convs hold
+    ``kernel``/``gain``/``bias``. :func:`convscale_plugins.nfnet.variants.param_shapes` lists them exactly.
+    """
+
+    config: NFNetConfig
+    num_classes: int = 1000
+    activation: str = "gelu"
+    se_activation: str = "relu"
+    stochdepth_rate: float = 0.0
+    drop_rate: float | None = None  # None: the variant's rate (config.drop_rate)
+    ws_eps: float = 1e-4
+    ws_eps_style: str = "dm"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
+        cfg = self.config
+        act = activation_fn(self.activation)
+        ws = {"eps": self.ws_eps, "eps_style": self.ws_eps_style, "dtype": self.dtype}
+        x = images.astype(self.dtype)
+        stem = _Stem(cfg.stem_widths + (cfg.stem_out,), self.activation, ws, name="stem")
+        x = stem(x)
+        plan = block_plan(cfg)
+        for stage in range(4):
+            blocks = tuple(b for b in plan if b.stage == stage)
+            x = _Stage(blocks, cfg.alpha, self.activation, self.se_activation, self.stochdepth_rate, ws,
+                       name=f"stage{stage}")(x, train=train)  # fmt: skip
+        x = act(WSConv2D(cfg.num_features, 1, name="final_conv", **ws)(x))
+        pool = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        rate = cfg.drop_rate if self.drop_rate is None else self.drop_rate
+        pool = nn.Dropout(rate, deterministic=not train or rate == 0.0)(pool)
+        logits = nn.Dense(
+            self.num_classes,
+            dtype=self.dtype,
+            kernel_init=nn.initializers.normal(0.01),  # N(0, 0.01): zero init can be unstable with many classes
+            bias_init=nn.initializers.zeros,
+            name="fc",
+        )(pool)
+        return logits.astype(jnp.float32)
+
+
+class _Stem(nn.Module):
+    """DM stem: 3x3 convs with strides 2, 1, 1, 2; activation after all but the last."""
+
+    widths: tuple[int, ...]
+    activation: str
+    ws: dict[str, Any]
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        act = activation_fn(self.activation)
+        for i, (width, stride) in enumerate(zip(self.widths, (2, 1, 1, 2), strict=True)):
+            x = WSConv2D(width, 3, stride, name=f"conv{i}", **self.ws)(x)
+            if i < 3:
+                x = act(x)
+        return x
+
+
+class _Stage(nn.Module):
+    blocks: tuple[BlockPlan, ...]
+    alpha: float
+    activation: str
+    se_activation: str
+    stochdepth_rate: float
+    ws: dict[str, Any]
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        for b in self.blocks:
+            x = NFBlock(
+                b,
+                self.alpha,
+                self.activation,
+                self.se_activation,
+                self.stochdepth_rate * b.depth_fraction,
+                self.ws["eps"],
+                self.ws["eps_style"],
+                self.ws["dtype"],
+                name=f"block{b.index}",
+            )(x, train=train)
+        return x
