@@ -166,6 +166,18 @@ def test_report_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
             final_ema={"eval_top1": 0.91},
         ),
     )
+    decision = {
+        "model": "f0",
+        "dataset": "jft",
+        "epochs": 1.0,
+        "rule": "two-trial",
+        "start_lr": 1.6,
+        "source": "recipe default",
+        "trials": [{"lr": 1.6}, {"lr": 0.8}],
+        "best_lr": 0.8,
+        "next_lr": 0.4,
+    }
+    (runs / "tuning.jsonl").write_text(json.dumps(decision) + "\n{broken\n")
     out = tmp_path / "out"
     code = main(["report", str(runs), "--out", str(out), "--bootstrap", "100", "--parametric-bootstrap", "3"])
     printed = capsys.readouterr().out
@@ -196,7 +208,10 @@ def test_report_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert set(result["families"]["families"]) == {"nfnet", "vit"}
     assert result["families"]["matched"], "identical synthetic families overlap in compute"
     assert result["parametric"]["n"] == len(result["cells"]) == 24
-    assert "| run | kind |" in (out / "report.md").read_text()
+    assert result["tuning"]["unreadable_lines"] == 1 and result["tuning"]["decisions"][0]["best_lr"] == 0.8
+    markdown = (out / "report.md").read_text()
+    assert "| run | kind |" in markdown and "| f0 | 1 | two-trial | 1.6 (recipe default) | 1.6, 0.8 | 0.8 |" in markdown
+    assert "1 run directory skipped" in markdown
 
 
 def test_report_json_flag_and_macs_axis(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -51,7 +51,8 @@ def report(
     for verdict in result["verdicts"]:
         print(f"({verdict['finding']}) {verdict['text']}")
     if result["skipped"]:
-        print(f"skipped {len(result['skipped'])} run directories (listed in the report)")
+        count = len(result["skipped"])
+        print(f"skipped {count} run {'directory' if count == 1 else 'directories'} (listed in the report)")
     files = result["files"]
     print(f"report: {files['report_html']}")
     print(f"        {files['report_md']}")

@@ -17,7 +17,7 @@ from convscale_cli.report import analysis, plots, verdicts
 from convscale_cli.report.document import build_document
 from convscale_cli.report.fit import FitError, ParametricFit, PowerLawFit, fit_parametric, fit_power_law
 from convscale_cli.report.render import to_html, to_markdown
-from convscale_cli.report.runs import load_runs, select_dataset
+from convscale_cli.report.runs import load_runs, load_tuning, select_dataset
 
 SIZE_AXES = ("params", "macs")
 
@@ -126,6 +126,8 @@ def build_report(
     }
     lr_table = analysis.lr_by_epochs(cells)
     result["lr_by_epochs"] = lr_table
+    decisions, unreadable = load_tuning(runs_dir, dataset)
+    result["tuning"] = {"decisions": decisions, "unreadable_lines": unreadable}
     result["backtest"] = (
         analysis.backtest(cells, holdout_fraction=holdout_fraction, size_axis=size_axis) if len(cells) >= 3 else None
     )

@@ -21,6 +21,10 @@ def _interval(pair: Any, digits: int = 3) -> str:
     return f"[{_g(pair[0], digits)}, {_g(pair[1], digits)}]" if pair else "–"
 
 
+def _count(n: int, noun: str, plural: str = "") -> str:
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 def _params(value: float) -> str:
     return f"{value / 1e6:.3g}M"
 
@@ -30,10 +34,10 @@ def _summary(result: dict[str, Any]) -> list[Block]:
     pretrain = sum(r["kind"] == "pretrain" for r in runs)
     text = (
         f"Dataset **{result['dataset']}**: {pretrain} pre-training and {len(runs) - pretrain} fine-tuning runs used, "
-        f"{len(result['skipped'])} run directories skipped"
+        f"{_count(len(result['skipped']), 'run directory', 'run directories')} skipped"
     )
     if result["excluded_other_datasets"]:
-        text += f", {result['excluded_other_datasets']} runs on other datasets left out"
+        text += f", {_count(result['excluded_other_datasets'], 'run')} on other datasets left out"
     text += (
         f". The learning rate is chosen per (model, epoch budget) cell, leaving {len(result['cells'])} cells, "
         f"{len(result['frontier'])} of them on the compute frontier. Compute is in {result['compute_unit']} "
@@ -134,6 +138,31 @@ def _lr_section(result: dict[str, Any], images: dict[str, str]) -> list[Block]:
         for r in entries
     )
     blocks.append(Table(("model", "epochs", "best lr", "lrs tried", "at grid edge"), rows))
+    return blocks
+
+
+def _tuning_section(result: dict[str, Any]) -> list[Block]:
+    tuning = result["tuning"]
+    if not tuning["decisions"] and not tuning["unreadable_lines"]:
+        return []
+    rows = tuple(
+        (
+            d["model"],
+            _g(d["epochs"]),
+            str(d.get("rule", "")),
+            f"{_g(d.get('start_lr'))} ({d.get('source', '')})",
+            ", ".join(_g(t.get("lr")) for t in d["trials"] if isinstance(t, dict)),
+            _g(d["best_lr"]),
+            f"try {_g(d['next_lr'])} next" if d.get("next_lr") is not None else "",
+        )
+        for d in sorted(tuning["decisions"], key=lambda d: (d["model"], d["epochs"]))
+    )
+    blocks: list[Block] = [
+        Heading("Learning-rate tuning decisions", 3),
+        Table(("model", "epochs", "rule", "start lr (from)", "lrs tried", "best lr", "note"), rows),
+    ]
+    if tuning["unreadable_lines"]:
+        blocks.append(Paragraph(f"{_count(tuning['unreadable_lines'], 'line')} of tuning.jsonl could not be read."))
     return blocks
 
 
@@ -257,6 +286,7 @@ def build_document(result: dict[str, Any], images: dict[str, str]) -> list[Block
         *_parametric_section(result),
         *_optimal_section(result, images),
         *_lr_section(result, images),
+        *_tuning_section(result),
         *_backtest_section(result, images),
         *_family_section(result, images),
         *_finetune_section(result, images),

@@ -44,7 +44,34 @@ def _plain_ticks(ax: Any) -> None:
     ax.tick_params(axis="y", which="minor", labelsize=7)
 
 
+def _log_x(ax: Any) -> None:
+    """Log x axis; its minor labels are settled in :func:`_save` once the data limits are known."""
+    ax.set_xscale("log")
+
+
+def _tidy_log_x(ax: Any) -> None:
+    """Label minor ticks only when the axis spans under two decades, and then as plain numbers.
+
+    matplotlib's default labels some minor ticks as 3x10^-2 when the data span one or two decades, and they collide.
+    """
+    import math
+
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    if ax.get_xscale() != "log":
+        return
+    low, high = ax.get_xlim()
+    if math.log10(high / low) >= 2:
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        return
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.tick_params(axis="x", which="minor", labelsize=7)
+
+
 def _save(figure: Any, path: Path) -> Path:
+    for ax in figure.axes:
+        _tidy_log_x(ax)
     figure.tight_layout()
     figure.savefig(path, format="png")
     return path
@@ -78,7 +105,7 @@ def loss_vs_compute(cells: Sequence[Cell], front: Sequence[Cell], fit: PowerLawF
         low, high = fit.compute_range
         ci = f", b in [{fit.b_interval[0]:.3f}, {fit.b_interval[1]:.3f}]" if fit.b_interval else ""
         _draw_fit(ax, fit, low, high * 3, f"L = {fit.a:.3g} C^-{fit.b:.3f} (R^2 {fit.r2:.2f}{ci})")
-    ax.set_xscale("log")
+    _log_x(ax)
     ax.set_yscale("log")
     ax.set_xlabel("pre-training compute (TPU-v4 core-hours)")
     ax.set_ylabel("held-out loss")
@@ -101,7 +128,7 @@ def compute_optimal(front: Sequence[Cell], optimal: Sequence[dict[str, Any]], pa
         left.plot(grid, [row["params"] for row in optimal], "s--", color="C1", ms=4, label="parametric fit")
         right.plot(grid, [row["epochs"] for row in optimal], "s--", color="C1", ms=4, label="parametric fit")
     for ax, label in ((left, "parameters"), (right, "epochs")):
-        ax.set_xscale("log")
+        _log_x(ax)
         ax.set_yscale("log")
         ax.set_xlabel("compute (TPU-v4 core-hours)")
         ax.set_ylabel(f"compute-optimal {label}")
@@ -164,17 +191,23 @@ def finetune(points: Sequence[dict[str, Any]], path: Path) -> Path:
     for label, group in sorted(by_model.items()):
         group = sorted(group, key=lambda p: p["pretrain_core_hours"])
         ax.plot([p["pretrain_core_hours"] for p in group], [p["top1"] for p in group], "o-", label=label)
-    for ref in REFERENCE_POINTS:
-        ax.plot(ref["core_hours"], ref["top1"], "*", color="gray", ms=10)
-        ax.annotate(
-            ref["model"], (ref["core_hours"], ref["top1"]), fontsize=7, xytext=(4, 2), textcoords="offset points"
+    # One marker per published point with its own legend entry: the points sit within 0.3% and 3x compute of each
+    # other, so text labels next to them would overlap.
+    for ref, marker in zip(REFERENCE_POINTS, "*PXD^v", strict=False):
+        ax.plot(
+            ref["core_hours"],
+            ref["top1"],
+            marker,
+            color="dimgray",
+            mfc="none",
+            ms=9,
+            label=f"{ref['model']}: {ref['top1']:g}% (published, JFT -> ImageNet)",
         )
-    ax.plot([], [], "*", color="gray", label="published, JFT -> ImageNet (reference only)")
-    ax.set_xscale("log")
+    _log_x(ax)
     ax.set_xlabel("pre-training compute (TPU-v4 core-hours)")
     ax.set_ylabel("fine-tuned top-1 (%)")
     ax.set_title("Fine-tuned top-1 vs pre-training compute")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="best")
     return _save(figure, path)
 
 
@@ -195,7 +228,7 @@ def families(comparison: dict[str, Any], cells: Sequence[Cell], path: Path) -> P
             ax.plot(grid, fit["a"] * grid ** -fit["b"], "--", color=color, lw=1, label=f"{name}: b = {fit['b']:.3f}")
     if comparison.get("overlap"):
         ax.axvspan(*comparison["overlap"], color="gray", alpha=0.08, label="matched-compute range")
-    ax.set_xscale("log")
+    _log_x(ax)
     ax.set_yscale("log")
     ax.set_xlabel("pre-training compute (TPU-v4 core-hours)")
     ax.set_ylabel("held-out loss")

@@ -234,6 +234,32 @@ def load_runs(runs_dir: str | Path) -> tuple[list[Run], list[Skipped]]:
     return runs, skipped
 
 
+def load_tuning(runs_dir: str | Path, dataset: str) -> tuple[list[dict[str, Any]], int]:
+    """Learning-rate decisions that ``convscale tune-lr`` / ``sweep`` appended to ``RUNS_DIR/tuning.jsonl``.
+
+    Returns:
+        ``(decisions, unreadable)``: the decisions for ``dataset`` in file order (a later decision for the same cell
+        supersedes an earlier one in the report), and how many lines could not be read.
+    """
+    path = Path(runs_dir) / "tuning.jsonl"
+    if not path.is_file():
+        return [], 0
+    decisions, unreadable = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            required = (entry["model"], entry["epochs"], entry["best_lr"], entry["trials"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            unreadable += 1
+            continue
+        if all(value is not None for value in required) and entry.get("dataset", dataset) == dataset:
+            decisions.append(entry)
+    latest = {(d["model"], d["epochs"]): d for d in decisions}
+    return list(latest.values()), unreadable
+
+
 def select_dataset(runs: Iterable[Run], dataset: str | None = None) -> list[Run]:
     """Keep the pre-training runs of one dataset and the fine-tunes that started from them.
 
