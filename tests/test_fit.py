@@ -99,3 +99,17 @@ def test_parametric_warns_on_narrow_range() -> None:
 def test_parametric_needs_five_runs() -> None:
     with pytest.raises(FitError, match="at least 5 runs"):
         fit_parametric([1e6, 2e6], [1e7, 1e8], [2.0, 1.9])
+
+
+def test_optimal_allocation_minimises_the_law_at_fixed_compute() -> None:
+    n, d, loss = _grid(np.logspace(5, 8, 5), noise=0.0)
+    fit = fit_parametric(n, d, loss, bootstrap=0)
+    budget = 6.0 * 1e7 * 1e8
+    n_opt, d_opt = fit.optimal_allocation(budget)
+    assert 6.0 * n_opt[0] * d_opt[0] == pytest.approx(budget)
+    sizes = np.logspace(4, 11, 4001)
+    best = sizes[np.argmin(fit.predict(sizes, budget / (6.0 * sizes)))]
+    assert n_opt[0] == pytest.approx(best, rel=0.01)
+    # Ten times the compute moves N_opt by 10**a with a = beta / (alpha + beta).
+    ratio = fit.optimal_allocation(10 * budget)[0][0] / n_opt[0]
+    assert ratio == pytest.approx(10 ** fit.allocation_exponents()[0])

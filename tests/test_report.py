@@ -131,6 +131,12 @@ def test_bad_runs_dir_is_a_usage_error(tmp_path: Path, layout: str, capsys: pyte
     assert err.startswith("Error: ") and err.count("\n") == 1
 
 
+def test_a_single_run_dir_is_a_usage_error(tmp_path: Path) -> None:
+    run = write(tmp_path, "one", summary())
+    with pytest.raises(UsageError, match="single run directory"):
+        load_runs(run)
+
+
 def test_only_broken_runs_is_a_usage_error(tmp_path: Path) -> None:
     write(tmp_path, "broken", "[]")
     with pytest.raises(UsageError, match="no usable runs .*not a JSON object"):
@@ -230,6 +236,7 @@ def test_report_json_flag_and_macs_axis(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["parametric"]["size_axis"] == "macs"
+    assert all(row["continuous_macs"] > 0 for row in result["compute_optimal"]["predicted"])
     assert Path(result["files"]["fit_json"]).parent == tmp_path / "runs" / "report"
     assert main([*args[:-6], "--size", "flops"]) == 2
     assert "unknown size axis 'flops'" in capsys.readouterr().err

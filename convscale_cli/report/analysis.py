@@ -174,6 +174,10 @@ def optimal_configs(
         per_epoch = statistics.median(c.examples / c.epochs for c in group)
         candidates.append((model, group[0].size(size_axis), group[0].params, cost, per_epoch))
     largest = max(c[1] for c in candidates)
+    # With N in MACs the law also gives a continuous optimum (Hoffmann et al. eq. 4) at C = 6 * MACs * D FLOPs; the
+    # FLOPs per core-hour are read off the runs so the budget stays on the paper's axis.
+    flops_per_core_hour = statistics.median(6.0 * c.macs * c.examples / c.core_hours for c in cells)
+    per_epoch_all = statistics.median(c.examples / c.epochs for c in cells)
     rows = []
     for compute in computes:
         options = []
@@ -181,8 +185,13 @@ def optimal_configs(
             examples = compute / cost
             options.append((float(fit.predict(size, examples)[0]), model, size, params, examples, per_epoch))
         loss, model, size, params, examples, per_epoch = min(options)
+        continuous: dict[str, float] = {}
+        if size_axis == "macs":
+            n_opt, d_opt = fit.optimal_allocation(compute * flops_per_core_hour)
+            continuous = {"continuous_macs": float(n_opt[0]), "continuous_epochs": float(d_opt[0]) / per_epoch_all}
         rows.append(
             {
+                **continuous,
                 "core_hours": float(compute),
                 "model": model,
                 "params": params,

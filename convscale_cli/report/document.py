@@ -106,6 +106,17 @@ def _optimal_section(result: dict[str, Any], images: dict[str, str]) -> list[Blo
         )
     )
     predicted = result["compute_optimal"]["predicted"]
+    if predicted and "continuous_macs" in predicted[0]:
+        blocks.append(
+            Table(
+                ("core-hours", "optimal GMACs/image", "optimal epochs"),
+                tuple(
+                    (_g(r["core_hours"]), _g(r["continuous_macs"] / 1e9), _g(r["continuous_epochs"])) for r in predicted
+                ),
+                caption="Continuous optimum of the parametric law (N = MACs, C = 6 * MACs * D): "
+                "the ideal model size, whether or not such a model exists.",
+            )
+        )
     if predicted:
         blocks.append(
             Table(

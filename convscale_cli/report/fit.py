@@ -259,6 +259,27 @@ class ParametricFit:
         total = self.alpha + self.beta
         return self.beta / total, self.alpha / total
 
+    def optimal_allocation(
+        self, compute: ArrayLike, cost_per_size_example: float = 6.0
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Compute-optimal ``(N, D)`` for a budget ``compute = cost_per_size_example * N * D`` (Hoffmann et al., eq. 4).
+
+        With N in MACs per image and compute in FLOPs, training costs ~6 FLOPs per MAC per example (forward plus
+        backward), hence the default. The result is a continuous size: a model of that size may not exist.
+
+        Args:
+            compute: Budget(s) in the unit that ``cost_per_size_example * N * D`` is measured in.
+            cost_per_size_example: Compute per unit of N per training example.
+
+        Returns:
+            ``(N_opt, D_opt)`` arrays.
+        """
+        c = _positive_array("compute", compute) / cost_per_size_example
+        a_exp, b_exp = self.allocation_exponents()
+        g = (self.alpha * self.A / (self.beta * self.B)) ** (1.0 / (self.alpha + self.beta))
+        n_opt = g * c**a_exp
+        return n_opt, c / n_opt
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (no bootstrap draws)."""
         a_exp, b_exp = self.allocation_exponents()

@@ -208,6 +208,10 @@ def load_runs(runs_dir: str | Path) -> tuple[list[Run], list[Skipped]]:
         raise UsageError(f"runs directory {str(root)!r} does not exist")
     if not root.is_dir():
         raise UsageError(f"runs directory {str(root)!r} is not a directory")
+    if (root / "summary.json").exists():
+        raise UsageError(
+            f"{str(root)!r} is a single run directory; pass the directory that holds the runs ({str(root.parent)!r})"
+        )
     candidates = _candidate_dirs(root)
     if not candidates:
         raise UsageError(
