@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -137,7 +138,9 @@ def final_params(out: str | Path) -> dict[str, np.ndarray]:
 
     ckpts = Path(out) / "checkpoints"
     step = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
-    tree = ocp.PyTreeCheckpointer().restore(ckpts / str(step) / "state")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sharding info not provided": we want host numpy arrays
+        tree = ocp.PyTreeCheckpointer().restore(ckpts / str(step) / "state")
     flat = jax.tree_util.tree_flatten_with_path(tree["params"])[0]
     return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in flat}
 

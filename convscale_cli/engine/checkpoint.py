@@ -8,10 +8,12 @@ previous checkpoint as the newest complete one.
 
 from __future__ import annotations
 
+import time
 import warnings
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 from convscale_cli.errors import CheckpointError
@@ -126,10 +128,26 @@ class Checkpoints:
                     stacklevel=2,
                 )
                 continue
+            self._set_aside(s for s in steps if s > step)
             return step, restored["state"], dict(restored["data"] or {}), dict(restored["ledger"] or {})
         if steps:
             raise CheckpointError(f"no readable checkpoint in {self.directory}: {'; '.join(errors)}")
         return None
+
+    def _set_aside(self, steps: Any) -> None:
+        # Unreadable newer checkpoints would block re-saving their step; keep them for inspection under a name the
+        # manager ignores (only process 0 touches the shared directory).
+        moved = False
+        for step in steps:
+            if jax.process_index() == 0:
+                (self.directory / str(step)).rename(self.directory / f"unreadable-{step}-{int(time.time())}")
+            moved = True
+        if moved:
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices("convscale-set-aside-checkpoints")
+            self._manager.reload()
 
     def close(self) -> None:
         """Finish pending saves and release the manager."""

@@ -40,6 +40,7 @@ class LoopContext:
         evaluate: ``evaluate(params) -> {"eval_loss", "eval_top1", "eval_top5"}`` (blocks, charges the ledger).
         to_device: per-process numpy batch -> global device batch.
         progress: the progress display.
+        saved_step: the step of the newest checkpoint this process started saving (None before the first).
     """
 
     run: ResolvedRun
@@ -51,6 +52,7 @@ class LoopContext:
     evaluate: Callable[[Any], dict[str, float]]
     to_device: Callable[[dict[str, np.ndarray]], Any]
     progress: Progress
+    saved_step: int | None = None
 
 
 class StopSignals:
@@ -162,6 +164,7 @@ def save(ctx: LoopContext, state: Any, loader: Any, step: int) -> None:
     """Start an asynchronous checkpoint of ``step`` holding the state, the data-iterator state and the ledger."""
     with ctx.ledger.timed("checkpoint"):
         ctx.checkpoints.save(step, state, loader.get_state(), ctx.ledger.to_dict())
+    ctx.saved_step = step
     ctx.rundir.write_live_ledger(ctx.ledger.to_dict())
 
 

@@ -119,7 +119,7 @@ def train_step(
     metrics = {
         "loss": value,
         "top1": _masked_mean(topk_correct(logits, batch["label"], 1), mask),
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "lr": jnp.asarray(schedule(state.step), jnp.float32),
         "examples": mask.sum(),
     }

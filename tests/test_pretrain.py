@@ -1,0 +1,200 @@
+"""End-to-end pre-training runs of a tiny CNN on an in-memory dataset (in process, CPU, fp32, 8 px)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import types
+from pathlib import Path
+from typing import Any
+
+import _engine_helpers as helpers
+import numpy as np
+import pytest
+
+import convscale_cli.data as data
+from convscale_cli.engine.api import pretrain
+from convscale_cli.engine.checkpoint import CheckpointWarning
+from convscale_cli.errors import CheckpointError, ExitCode, RunInterrupted, TrainingError, UnknownNameError, UsageError
+
+SUMMARY_KEYS = {
+    "kind", "status", "model", "family", "dataset", "epochs", "lr", "batch_size", "seed", "params", "macs_per_image",
+    "train_resolution", "eval_resolution", "num_classes", "examples_seen", "steps", "final", "ledger", "config",
+    "versions",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def registry() -> Any:
+    return helpers.registry()
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory, registry: Any) -> tuple[Path, dict[str, Any]]:
+    """One uninterrupted 12-step run shared by the tests that only read it."""
+    out = tmp_path_factory.mktemp("run") / "full"
+    return out, pretrain(helpers.config(out), registry)
+
+
+def _sigterm_after(batches: int) -> Any:
+    """A pipeline whose training iterator sends this process SIGTERM after ``batches`` batches."""
+
+    def train_loader(*args: Any, **kwargs: Any) -> Any:
+        loader = data.train_loader(*args, **kwargs)
+        original_iter = type(loader).__iter__
+
+        class Interrupting(type(loader)):  # type: ignore[misc]
+            def __iter__(self) -> Any:
+                for i, batch in enumerate(original_iter(self)):
+                    if i == batches:
+                        os.kill(os.getpid(), signal.SIGTERM)
+                    yield batch
+
+        loader.__class__ = Interrupting
+        return loader
+
+    return types.SimpleNamespace(
+        train_loader=train_loader, eval_loader=data.eval_loader, normalize=data.normalize, to_global=data.to_global
+    )
+
+
+def test_run_writes_summary_metrics_and_config(finished: tuple[Path, dict[str, Any]]) -> None:
+    out, summary = finished
+    assert SUMMARY_KEYS <= set(summary)
+    assert summary["status"] == "finished" and summary["kind"] == "pretrain"
+    assert summary["steps"] == 12 and summary["examples_seen"] == 192
+    assert summary["final"]["eval_top1"] > 0.5  # the colour classes are learnable in 12 steps
+    ledger = summary["ledger"]
+    assert ledger["train_flops"] == pytest.approx(6 * summary["macs_per_image"] * 192)
+    assert ledger["xla_flops"] > 0 and ledger["core_hours"] > 0 and 0 < ledger["mfu"] < 1
+    assert set(ledger["device_seconds"]) == {"train", "eval", "compile", "checkpoint", "lost"}
+    assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary, default=str))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in train] == [4, 8, 12]
+    assert train[-1]["loss"] < train[0]["loss"]
+    assert records[-1]["split"] == "eval"
+    assert json.loads((out / "config.json").read_text())["total_steps"] == 12
+    assert sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == [4, 8, 12]
+
+
+def test_finished_run_is_not_trained_again(finished: tuple[Path, dict[str, Any]], registry: Any) -> None:
+    out, summary = finished
+    # A changed checkpoint cadence is not a different run.
+    again = pretrain(helpers.config(out, checkpoint_every=2), registry)
+    assert again["finished_at"] == summary["finished_at"]
+
+
+def test_different_config_is_refused_then_forced(
+    finished: tuple[Path, dict[str, Any]], registry: Any, tmp_path: Path
+) -> None:
+    out = tmp_path / "copy"
+    shutil.copytree(finished[0], out)
+    with pytest.raises(CheckpointError, match=r"different config \((lr|.*lr).*\).*--force"):
+        pretrain(helpers.config(out, lr=0.8, seed=3), registry)
+    forced = pretrain(helpers.config(out, lr=0.8, steps=4, force=True), registry)
+    assert forced["steps"] == 4 and forced["lr"] == 0.8
+
+
+def test_sigterm_saves_and_resume_is_bitwise_exact(
+    finished: tuple[Path, dict[str, Any]], registry: Any, tmp_path: Path
+) -> None:
+    out = tmp_path / "interrupted"
+    with pytest.raises(RunInterrupted, match="interrupted at step 6") as info:
+        pretrain(helpers.config(out), registry, pipeline=_sigterm_after(5))
+    assert info.value.exit_code == ExitCode.INTERRUPTED
+    assert not (out / "summary.json").exists()
+    resumed = pretrain(helpers.config(out), registry)
+    assert resumed["steps"] == 12 and resumed["ledger"]["examples"] == 192
+    reference, got = helpers.final_params(finished[0]), helpers.final_params(out)
+    for key, value in reference.items():
+        np.testing.assert_array_equal(got[key], value, err_msg=key)
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps)  # records of redone steps were dropped on resume
+
+
+def test_corrupt_latest_checkpoint_falls_back(
+    finished: tuple[Path, dict[str, Any]], registry: Any, tmp_path: Path
+) -> None:
+    out = tmp_path / "corrupt"
+    shutil.copytree(finished[0], out)
+    (out / "summary.json").unlink()
+    for path in (out / "checkpoints" / "12" / "state").rglob("*"):
+        if path.is_file() and path.stat().st_size > 0:
+            path.write_bytes(b"\0" * 7)  # truncated garbage
+    with pytest.warns(CheckpointWarning, match="step 12"):
+        summary = pretrain(helpers.config(out), registry)
+    assert summary["status"] == "finished" and summary["steps"] == 12
+    got = helpers.final_params(out)
+    for key, value in helpers.final_params(finished[0]).items():
+        np.testing.assert_array_equal(got[key], value, err_msg=key)
+
+
+def test_failed_save_keeps_previous_checkpoint(registry: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from convscale_cli.engine import checkpoint
+
+    out = tmp_path / "full-disk"
+    real_save = checkpoint.Checkpoints.save
+
+    def save(self: Any, step: int, *args: Any) -> None:
+        if step >= 8:
+            self._manager.save = _raise_disk_full
+        real_save(self, step, *args)
+
+    monkeypatch.setattr(checkpoint.Checkpoints, "save", save)
+    with pytest.raises(CheckpointError, match=r"step 8 failed \(OSError.*No space left.*step 4 is intact"):
+        pretrain(helpers.config(out), registry)
+    monkeypatch.undo()
+    assert sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == [4]
+    assert pretrain(helpers.config(out), registry)["steps"] == 12
+
+
+def _raise_disk_full(*args: Any, **kwargs: Any) -> None:
+    raise OSError(28, "No space left on device")
+
+
+def test_non_finite_loss_stops_naming_the_step(registry: Any, tmp_path: Path) -> None:
+    out = tmp_path / "nan"
+    config = helpers.config(out, lr=1e30, checkpoint_every=1, log_every=1, recipe={"agc_clip": None})
+    with pytest.raises(TrainingError, match=r"non-finite loss \(\w+\) at step (\d+); stopped, the last good") as info:
+        pretrain(config, registry)
+    assert info.value.exit_code == ExitCode.TRAINING_FAILED
+    bad = int(str(info.value).split("at step ")[1].split(";")[0])
+    kept = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept and max(kept) < bad
+    assert not (out / "summary.json").exists()
+
+
+def test_flop_budget_stops_cleanly(registry: Any, tmp_path: Path) -> None:
+    out = tmp_path / "budget"
+    per_step = 6 * helpers.count_tiny(8, 4).macs * 16
+    summary = pretrain(helpers.config(out, budget=f"{3.5 * per_step}-flops"), registry)
+    assert summary["status"] == "budget" and summary["steps"] == 4
+    assert summary["budget_spent"] >= 3.5 * per_step
+    assert summary["final"]["eval_loss"] > 0
+    assert pretrain(helpers.config(out, budget=f"{3.5 * per_step}-flops"), registry)["steps"] == 4  # says it is done
+    assert pretrain(helpers.config(out), registry)["steps"] == 12  # budget lifted: resumes
+
+
+@pytest.mark.parametrize(
+    "overrides, error, needle",
+    [
+        ({"model": "tiny-cn"}, UnknownNameError, "did you mean 'tiny-cnn'"),
+        ({"dataset": "colors"}, UnknownNameError, "did you mean 'colours'"),
+        ({"resolution": 0}, UsageError, "resolution = 0 must be > 0"),
+        ({"batch_size": 16, "epochs": 1e-6, "steps": None}, UsageError, "< 1 example"),
+        ({"data_options": {"root": "/x"}}, UnknownNameError, "unknown colours data option 'root'"),
+    ],
+)
+def test_bad_input(registry: Any, tmp_path: Path, overrides: dict, error: type, needle: str) -> None:
+    with pytest.raises(error, match=needle):
+        pretrain(helpers.config(tmp_path / "bad", **overrides), registry)
+
+
+def test_out_is_a_file(registry: Any, tmp_path: Path) -> None:
+    path = tmp_path / "file"
+    path.write_text("x")
+    with pytest.raises(UsageError, match="is a file"):
+        pretrain(helpers.config(path), registry)
