@@ -148,7 +148,8 @@ def read_model_json(path: str | Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{str(file)!r} is not a {FORMAT} file")
     if meta.get("version") != VERSION:
-        raise CheckpointError(f"{str(file)!r} has format version {meta.get('version')!r}, this convscale reads {VERSION}")
+        version = meta.get("version")
+        raise CheckpointError(f"{str(file)!r} has format version {version!r}, this convscale reads {VERSION}")
     return meta
 
 

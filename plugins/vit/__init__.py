@@ -15,10 +15,11 @@ import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from convscale_plugins.vit.variants import VARIANTS, Variant
+
 from convscale_cli.hookspecs import hookimpl
 from convscale_cli.recipe import Recipe
 from convscale_cli.registry import ArchitectureSpec, ModelCount
-from convscale_plugins.vit.variants import VARIANTS, Variant
 
 # AdamW as in Dosovitskiy et al. 2021 (Table 3 and App. B.1): beta1 0.9, beta2 0.999, batch 4096, global-norm
 # gradient clipping at 1. lr 1e-3 with decoupled weight decay 0.03 is their ImageNet-21k pre-training row for B/16 and

@@ -23,9 +23,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from convscale_plugins.vit.variants import ViTConfig, check_options
 
 from convscale_cli.errors import UsageError
-from convscale_plugins.vit.variants import ViTConfig, check_options
 
 Dtype = Any
 

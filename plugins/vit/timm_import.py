@@ -16,10 +16,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from convscale_plugins.vit.variants import Variant, ViTConfig
 
 from convscale_cli.errors import UnknownNameError, UsageError
 from convscale_cli.weights import ImportedWeights
-from convscale_plugins.vit.variants import Variant, ViTConfig
 
 SOURCES = ("timm",)
 

@@ -75,7 +75,8 @@ def _attention(prefix: str, config: ViTConfig, qkv_bias: bool) -> dict[str, tupl
 
 
 def _mlp(prefix: str, config: ViTConfig) -> dict[str, tuple[int, ...]]:
-    return {**_dense(f"{prefix}/fc1", config.width, config.mlp_dim), **_dense(f"{prefix}/fc2", config.mlp_dim, config.width)}
+    fc1 = _dense(f"{prefix}/fc1", config.width, config.mlp_dim)
+    return {**fc1, **_dense(f"{prefix}/fc2", config.mlp_dim, config.width)}
 
 
 def param_shapes(
