@@ -26,7 +26,10 @@ def _count(n: int, noun: str, plural: str = "") -> str:
 
 
 def _params(value: float) -> str:
-    return f"{value / 1e6:.3g}M"
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if value >= scale:
+            return f"{value / scale:.3g}{suffix}"
+    return f"{value:.3g}"
 
 
 def _summary(result: dict[str, Any]) -> list[Block]:
@@ -39,7 +42,8 @@ def _summary(result: dict[str, Any]) -> list[Block]:
     if result["excluded_other_datasets"]:
         text += f", {_count(result['excluded_other_datasets'], 'run')} on other datasets left out"
     text += (
-        f". The learning rate is chosen per (model, epoch budget) cell, leaving {len(result['cells'])} cells, "
+        ". The learning rate is chosen per (model, epoch budget) cell, leaving "
+        f"{_count(len(result['cells']), 'cell')}, "
         f"{len(result['frontier'])} of them on the compute frontier. Compute is in {result['compute_unit']} "
         "(the paper's axis, §1.6)."
     )

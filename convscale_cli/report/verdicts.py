@@ -60,7 +60,12 @@ def log_log_law(fit: PowerLawFit | None, n_frontier: int, r2_threshold: float = 
     """(a) Is the frontier a straight line on log-log axes, with a slope distinguishable from zero?"""
     claim = "held-out loss follows a log-log (power) law in pre-training compute"
     if fit is None or n_frontier < 3:
-        return Verdict("log_log_law", claim, INCONCLUSIVE, f"only {n_frontier} frontier points; need >= 3")
+        return Verdict(
+            "log_log_law",
+            claim,
+            INCONCLUSIVE,
+            f"only {n_frontier} frontier point{'s' if n_frontier != 1 else ''}; need >= 3",
+        )
     numbers = {"r2": fit.r2, "b": fit.b, "b_interval": list(fit.b_interval) if fit.b_interval else None}
     if fit.b_interval is None:
         return Verdict("log_log_law", claim, INCONCLUSIVE, "no bootstrap interval for the slope", numbers)
@@ -97,7 +102,12 @@ def scale_together(
     if len(budgets) < 2:
         return Verdict("scale_together", claim, INCONCLUSIVE, "only one epoch budget was trained")
     if len(front) < 3:
-        return Verdict("scale_together", claim, INCONCLUSIVE, f"only {len(front)} frontier points; need >= 3")
+        return Verdict(
+            "scale_together",
+            claim,
+            INCONCLUSIVE,
+            f"only {len(front)} frontier point{'s' if len(front) != 1 else ''}; need >= 3",
+        )
     compute = [c.core_hours for c in front]
     rho_size = _rho_or_zero(compute, [c.params for c in front])
     rho_epochs = _rho_or_zero(compute, [c.epochs for c in front])
