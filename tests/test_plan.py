@@ -266,3 +266,116 @@ def test_plan_never_imports_jax() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert result.stdout.split("\n")[0] == "0 []", result.stdout + result.stderr
+
+
+# --- fitted mode: plan --from RUNS ------------------------------------------------------------------------------------
+
+LADDER = {"lad-0": 20_000, "lad-1": 80_000, "lad-2": 320_000, "lad-3": 1_280_000}
+TOY_TRAIN = 100_000
+
+
+def true_loss(params: float, examples: float) -> float:
+    return 1.5 + 40 / params**0.35 + 60 / examples**0.3
+
+
+class _LadderPlugin:
+    @hookimpl
+    def register_architectures(self, register) -> None:  # noqa: ANN001
+        for name, params in LADDER.items():
+            register(
+                ArchitectureSpec(
+                    name=name, family="toy", build=lambda **_: None, train_resolution=32, eval_resolution=32,
+                    count=lambda r, c, p=params: ModelCount(p, 10 * p * r * r // 1024), tags=("ladder",),
+                )
+            )  # fmt: skip
+
+    @hookimpl
+    def register_datasets(self, register) -> None:  # noqa: ANN001
+        from convscale_cli.registry import DatasetInfo, DatasetSpec
+
+        info = DatasetInfo(num_classes=10, split_sizes={"train": TOY_TRAIN, "eval": 1000}, resolution=32)
+        for name in ("toyset", "otherset"):
+            register(DatasetSpec(name=name, description="", open=lambda s: [], info=lambda: info, static_info=info))
+
+
+def _write_runs(root, models=("lad-0", "lad-1", "lad-2"), epochs=(0.25, 0.5, 1.0, 2.0), dataset="toyset") -> None:  # noqa: ANN001
+    for i, model in enumerate(models):
+        for j, ep in enumerate(epochs):
+            for lr, penalty in ((0.8, 0.0), (0.4, 0.05)):  # the fit must use each cell's best-lr run
+                params, examples = LADDER[model], int(ep * TOY_TRAIN)
+                noise = 0.004 * ((3 * i + j) % 3 - 1)
+                summary = {
+                    "kind": "pretrain", "status": "finished", "model": model, "family": "toy", "dataset": dataset,
+                    "epochs": ep, "lr": lr if model != "lad-2" else lr / 2, "batch_size": 64, "params": params,
+                    "macs_per_image": 10 * params, "train_resolution": 32, "num_classes": 10,
+                    "examples_seen": examples, "final": {"eval_loss": true_loss(params, examples) + noise + penalty},
+                    "ledger": {"train_flops": 60.0 * params * examples},
+                }  # fmt: skip
+                run = root / P.run_name(model, ep, summary["lr"])
+                run.mkdir(parents=True)
+                (run / "summary.json").write_text(json.dumps(summary))
+
+
+@pytest.fixture
+def ladder(monkeypatch: pytest.MonkeyPatch) -> Registry:
+    loaded = plugin_loader.load_plugins(extra=[("ladder", _LadderPlugin())], entry_points=lambda: [])
+    monkeypatch.setattr(plugin_loader, "_CACHE", loaded)
+    return loaded.registry
+
+
+def _toy_request(budget: str = "3e13-flops", **kwargs) -> P.PlanRequest:  # noqa: ANN003
+    dataset = P.DatasetPlan("toyset", TOY_TRAIN, 10, 32)
+    return P.PlanRequest(parse_budget(budget), get_hardware("tpu-v4"), dataset, family="toy", top=4, **kwargs)
+
+
+def test_fitted_plan_ranks_by_predicted_loss_with_intervals(ladder: Registry, tmp_path) -> None:  # noqa: ANN001
+    from convscale_cli.plan_fit import plan_fitted
+
+    _write_runs(tmp_path)
+    plan = plan_fitted(_toy_request(), ladder, tmp_path, bootstrap=10)
+    assert plan.mode == "fitted"
+    assert {c.model for c in plan.candidates} == set(LADDER)  # runs' models plus same-tag registry models
+    losses = [c.predicted_loss for c in plan.candidates]
+    assert losses == sorted(losses)
+    for c in plan.candidates:
+        assert c.loss_interval[0] <= c.predicted_loss <= c.loss_interval[1]
+        assert c.predicted_loss == pytest.approx(true_loss(LADDER[c.model], c.examples), rel=0.03)
+    truth = {c.model: true_loss(LADDER[c.model], c.examples) for c in plan.candidates}
+    assert truth[plan.recommendation.model] == pytest.approx(min(truth.values()), rel=0.01)
+    assert truth[plan.recommendation.model] < max(truth.values()) - 0.1
+    assert plan.fit["cells"] == 12 and plan.fit["alpha"] == pytest.approx(0.35, abs=0.1)
+    by_model = {c.model: c for c in plan.candidates}
+    assert by_model["lad-3"].extrapolated and by_model["lad-3"].lr == 0.4  # nearest smaller cell: lad-2's best alpha
+    assert by_model["lad-0"].lr == 0.8
+
+
+def test_fitted_plan_needs_five_cells_and_one_dataset(ladder: Registry, tmp_path) -> None:  # noqa: ANN001
+    from convscale_cli.plan_fit import plan_fitted
+
+    _write_runs(tmp_path / "few", models=("lad-0", "lad-1"), epochs=(0.5, 1.0))
+    with pytest.raises(UsageError, match="needs at least 5 cells"):
+        plan_fitted(_toy_request(), ladder, tmp_path / "few", bootstrap=0)
+    _write_runs(tmp_path / "mixed")
+    _write_runs(tmp_path / "mixed", models=("lad-3",), dataset="otherset")
+    plain = P.DatasetPlan(None, TOY_TRAIN, 10, 32)
+    request = P.PlanRequest(parse_budget("3e13-flops"), get_hardware("tpu-v4"), plain, family="toy")
+    with pytest.raises(UsageError, match="pass --dataset"):
+        plan_fitted(request, ladder, tmp_path / "mixed", bootstrap=0)
+    assert plan_fitted(_toy_request(), ladder, tmp_path / "mixed", bootstrap=0).fit["cells"] == 12
+    with pytest.raises(UsageError, match="does not exist"):
+        plan_fitted(_toy_request(), ladder, tmp_path / "missing", bootstrap=0)
+
+
+def test_plan_from_runs_json(ladder: Registry, tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+    _write_runs(tmp_path)
+    args = ["plan", "--budget", "3e13-flops", "--family", "toy", "--dataset", "toyset", "--from", str(tmp_path)]
+    args += ["--bootstrap", "5"]
+    assert main([*args, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["mode"] == "fitted" and doc["fit"]["law"] == "L = E + A / N^alpha + B / D^beta"
+    assert all(c["predicted_loss"] is not None and len(c["loss_interval"]) == 2 for c in doc["candidates"])
+    assert doc["recommendation"]["commands"][0].startswith(
+        f"convscale pretrain --model {doc['recommendation']['model']} --dataset toyset"
+    )
+    assert main(args) == 0
+    assert "pred. loss (interval)" in capsys.readouterr().out

@@ -99,6 +99,9 @@ def plan(
         Path | None,
         typer.Option("--from", help="Runs directory: fit L(N, D) to its finished runs and rank by predicted loss."),
     ] = None,
+    bootstrap: Annotated[
+        int, typer.Option(help="With --from: bootstrap resamples for the predicted-loss intervals (0: none).")
+    ] = 100,
     top: Annotated[int, typer.Option(help="How many ranked candidates to show.")] = 5,
     json_: Annotated[bool, typer.Option("--json", help="Print the plan as JSON (schema in README).")] = False,
 ) -> None:
@@ -129,7 +132,9 @@ def plan(
     if from_ is not None:
         from convscale_cli.plan_fit import plan_fitted
 
-        result = plan_fitted(request, registry, from_)
+        if bootstrap < 0:
+            raise UsageError(f"--bootstrap must be >= 0, got {bootstrap}")
+        result = plan_fitted(request, registry, from_, bootstrap=bootstrap)
     else:
         result = planner.plan_prior(request, registry)
     document = planner.plan_to_dict(result)
@@ -171,7 +176,7 @@ def _print_plan(plan: Plan, document: dict[str, Any]) -> None:
         "% budget",
     ]
     if fitted:
-        columns.append("pred. loss [interval]")
+        columns.append("pred. loss (interval)")
     columns += ["lr", "trials"]
     rows = []
     for i, c in enumerate(plan.candidates, 1):
@@ -189,7 +194,7 @@ def _print_plan(plan: Plan, document: dict[str, Any]) -> None:
         if fitted:
             low, high = c.loss_interval or (c.predicted_loss, c.predicted_loss)
             mark = "*" if c.extrapolated else ""
-            row.append(f"{c.predicted_loss:.3f} [{low:.3f}, {high:.3f}]{mark}")
+            row.append(f"{c.predicted_loss:.3f} ({low:.3f}-{high:.3f}){mark}")
         row += [f"{c.lr:g}", f"{c.lr_trials[0]:g}, {c.lr_trials[1]:g}"]
         rows.append(row)
     print_table(None, columns, rows, right=["params", "GMACs", "epochs", "examples", "steps", "% budget"])
@@ -208,9 +213,10 @@ def _print_plan(plan: Plan, document: dict[str, Any]) -> None:
 
 
 def _overrides(items: list[str] | None) -> dict[str, Any]:
-    from convscale_cli.config import parse_override
+    from convscale_cli.config import merge, parse_override
 
-    return dict(parse_override(item) for item in items or [])
+    # Dotted keys (data_options.size=4096) become nested tables, as in a TOML file.
+    return merge({}, dict(parse_override(item) for item in items or []))
 
 
 def _infer_dataset(runs_dir: Path) -> str:
