@@ -113,3 +113,20 @@ def test_optimal_allocation_minimises_the_law_at_fixed_compute() -> None:
     # Ten times the compute moves N_opt by 10**a with a = beta / (alpha + beta).
     ratio = fit.optimal_allocation(10 * budget)[0][0] / n_opt[0]
     assert ratio == pytest.approx(10 ** fit.allocation_exponents()[0])
+
+
+def test_fits_round_trip_through_their_json_form() -> None:
+    import json
+
+    from convscale_cli.report.fit import ParametricFit, PowerLawFit
+
+    power = fit_power_law(np.logspace(0, 3, 6), 3.0 * np.logspace(0, 3, 6) ** -0.05, bootstrap=50)
+    again = PowerLawFit.from_dict(json.loads(json.dumps(power.to_dict())))
+    assert again.predict([7.0]) == pytest.approx(power.predict([7.0]))
+    assert again.b_interval == pytest.approx(power.b_interval)
+    n, d, loss = _grid(np.logspace(5, 8, 4), noise=0.0)
+    parametric = fit_parametric(n, d, loss, bootstrap=0)
+    rebuilt = ParametricFit.from_dict(json.loads(json.dumps(parametric.to_dict())))
+    assert rebuilt.predict(3e6, 3e7) == pytest.approx(parametric.predict(3e6, 3e7))
+    with pytest.raises(FitError, match="not a parametric fit"):
+        ParametricFit.from_dict({"E": 1.0})

@@ -161,9 +161,9 @@ def optimal_configs(
 ) -> list[dict[str, Any]]:
     """Compute-optimal model and epoch budget per compute value, predicted by the parametric law.
 
-    Each observed model is a candidate. Its cost per example is measured from its own runs (core-hours per example
-    seen), which is how the paper measures compute (§1.6, by steps per second) rather than from nominal FLOPs, so the
-    same hardware efficiencies carry over to the extrapolation. ``C ~ 6 * MACs * D`` up to that measured factor.
+    Each observed model is a candidate. Its cost per example is read from its own runs' ledgers (core-hours per
+    example seen), so the extrapolation uses exactly the compute accounting of the data (``C ~ 6 * MACs * D`` when the
+    ledger counts FLOPs; measured throughput, as in the paper's §1.6, when it counts time).
     """
     per_model: dict[str, list[Cell]] = defaultdict(list)
     for cell in cells:
