@@ -366,7 +366,7 @@ def _sweep_live(config: StudyConfig, registry: Registry) -> SweepResult:
             f"{t.lr:g}: {'failed' if t.status == 'failed' else f'{t.eval_loss:.4f}'}" for t in result.trials
         )
         reused = all(t.status == "reused" for t in result.trials)
-        note = f"optimum may be lower: try {result.next_lr:g}" if result.next_lr is not None else ""
+        note = f"alpha/2 won: try {result.next_lr:g} next" if result.next_lr is not None else ""
         rows[(cell.model, cell.epochs)][2:] = ["done" if reused else "trained", trials, f"{result.best_lr:g}", note]
         if live_mode:
             live.update(render())
@@ -374,6 +374,12 @@ def _sweep_live(config: StudyConfig, registry: Registry) -> SweepResult:
             print(" ".join(x for x in rows[(cell.model, cell.epochs)] if x), flush=True)
 
     if live_mode:
+        import dataclasses
+
+        # One live display at a time: the engine's own Rich bar would clash with the table, so runs log plain lines,
+        # which Live prints above the table.
+        if "progress" not in config.engine:
+            config = dataclasses.replace(config, engine={**config.engine, "progress": "plain"})
         with Live(render(), console=console, refresh_per_second=4, redirect_stdout=True, redirect_stderr=True) as live:
             return run_sweep(config, registry, on_start=start, on_done=done)
     result = run_sweep(config, registry, on_start=start, on_done=done)
