@@ -67,7 +67,7 @@ def _check_tree(name: str, params: Mapping[str, Any], abstract: Mapping[str, Any
     want = {"/".join(k): tuple(v.shape) for k, v in flatten_dict(dict(abstract)).items()}
     for path, shape in want.items():
         if path not in got:
-            raise CheckpointError(f"parameter {path!r} of {name} is missing from the converted weights")
+            raise CheckpointError(f"parameter {path!r} is missing from the weights given for {name}")
         if got[path] != shape:
             raise CheckpointError(f"parameter {path!r} has shape {got[path]}, {name} expects {shape}")
     for path in got:

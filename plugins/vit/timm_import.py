@@ -77,7 +77,7 @@ def _check(variant: Variant, tensors: Mapping[str, Any], expected: Mapping[str, 
         got = tuple(np.shape(tensors[name]))
         if got != shape:
             raise UsageError(f"tensor {name!r} has shape {got}, {what} expects {shape}")
-    for name in tensors:
+    for name in sorted(tensors):  # sorted: the named tensor does not depend on the file's layout
         if name not in expected:
             raise UsageError(f"unexpected tensor {name!r}: these are not the weights of {what}")
 
