@@ -214,6 +214,8 @@ def test_report_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert set(result["families"]["families"]) == {"nfnet", "vit"}
     assert result["families"]["matched"], "identical synthetic families overlap in compute"
     assert result["parametric"]["n"] == len(result["cells"]) == 24
+    above_one = [c for c in result["frontier"] if c["epochs"] > 1]
+    assert result["compute_optimal"]["epochs_above_one_from"] == above_one[0]["core_hours"]
     assert result["tuning"]["unreadable_lines"] == 1 and result["tuning"]["decisions"][0]["best_lr"] == 0.8
     markdown = (out / "report.md").read_text()
     assert "| run | kind |" in markdown and "| f0 | 1 | two-trial | 1.6 (recipe default) | 1.6, 0.8 | 0.8 |" in markdown

@@ -120,6 +120,8 @@ def build_report(
             {"core_hours": c.core_hours, "model": c.model, "params": c.params, "epochs": c.epochs, "loss": c.loss}
             for c in front
         ],
+        # Smith et al. (§2): the optimal epoch budget exceeded 1 above roughly 5k TPU-v4 core-hours on JFT-4B.
+        "epochs_above_one_from": next((c.core_hours for c in front if c.epochs > 1), None),
         "predicted": (
             analysis.optimal_configs(parametric, cells, analysis.compute_grid(cells), size_axis) if parametric else []
         ),

@@ -109,6 +109,15 @@ def _optimal_section(result: dict[str, Any], images: dict[str, str]) -> list[Blo
             caption="Observed: the frontier (the best run at each compute).",
         )
     )
+    crossing = result["compute_optimal"]["epochs_above_one_from"]
+    blocks.append(
+        Paragraph(
+            f"The frontier first trains for more than one epoch at {_g(crossing)} core-hours "
+            "(Smith et al. 2023: above roughly 5k TPU-v4 core-hours on JFT-4B)."
+            if crossing is not None
+            else "No frontier run trains for more than one epoch."
+        )
+    )
     predicted = result["compute_optimal"]["predicted"]
     if predicted and "continuous_macs" in predicted[0]:
         blocks.append(
