@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import Counter
 from pathlib import Path
 
 from convscale_cli.errors import UsageError
@@ -87,8 +88,8 @@ def plan_fitted(
     frontier = Frontier()
     found, frontier_macs = candidates(request, specs, frontier)
     # N as the runs counted it: at their resolution and class count (one dataset, so one of each in practice).
-    fit_resolution = max({r.train_resolution for r in best}, key=[r.train_resolution for r in best].count)
-    fit_classes = max({r.num_classes for r in best}, key=[r.num_classes for r in best].count)
+    fit_resolution = Counter(r.train_resolution for r in best).most_common(1)[0][0]
+    fit_classes = Counter(r.num_classes for r in best).most_common(1)[0][0]
     sizes = np.array(
         [registry.architecture(c.model).count(fit_resolution, fit_classes).params for c in found], dtype=float
     )

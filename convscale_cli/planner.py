@@ -238,9 +238,7 @@ def select_models(
     return chosen or [s for s in specs if "tiny" not in s.tags]
 
 
-def affordable(
-    request: PlanRequest, spec: ArchitectureSpec, frontier: Frontier, frontier_macs: float
-) -> Candidate | None:
+def affordable(request: PlanRequest, spec: ArchitectureSpec, frontier_macs: float) -> Candidate | None:
     """The longest run of ``spec`` the budget affords (epochs rounded down), or None below ``min_epochs``."""
     count = spec.count(request.dataset.resolution, request.dataset.num_classes)
     per_example = 6.0 * count.macs
@@ -290,10 +288,18 @@ def candidates(
     Raises:
         UsageError: the budget cannot pay for the smallest model's shortest run; names the smallest feasible budget.
     """
+    runnable, errors = [], []
     for spec in specs:
-        spec.check_resolution(request.dataset.resolution)
+        try:
+            spec.check_resolution(request.dataset.resolution)
+            runnable.append(spec)
+        except UsageError as exc:  # e.g. a /14 ViT at 32 px: not a candidate, unless no model fits
+            errors.append(exc)
+    if not runnable:
+        raise errors[0]
+    specs = runnable
     frontier_macs = frontier.macs(request.flops)
-    found = [c for c in (affordable(request, s, frontier, frontier_macs) for s in specs) if c is not None]
+    found = [c for c in (affordable(request, s, frontier_macs) for s in specs) if c is not None]
     if not found:
         name, flops = smallest_run(request, specs)
         need = request.budget.amount * flops / request.flops
