@@ -7,7 +7,9 @@ resume, 1 vs 4 devices, 2 processes) train the same tiny setup with whatever ``X
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ WIDTH = 8
 
 
 def build_tiny(
-    num_classes: int, dtype: str = "float32", stochdepth_rate: float = 0.0, drop_rate: float = 0.0, **_: Any
+    num_classes: int, dtype: str = "float32", stochdepth_rate: float = 0.0, drop_rate: float = 0.0, width: int = WIDTH
 ) -> Any:
     """A conv -> gelu -> conv -> mean-pool -> dropout -> dense classifier (two stages, like a miniature NFNet)."""
     import flax.linen as nn
@@ -33,9 +35,9 @@ def build_tiny(
         @nn.compact
         def __call__(self, x: Any, *, train: bool) -> Any:
             dt = jnp.dtype(dtype)
-            x = nn.Conv(WIDTH, (3, 3), dtype=dt, name="stem")(x.astype(dt))
+            x = nn.Conv(width, (3, 3), dtype=dt, name="stem")(x.astype(dt))
             x = nn.gelu(x)
-            x = nn.Conv(WIDTH, (3, 3), strides=(2, 2), dtype=dt, name="conv")(x)
+            x = nn.Conv(width, (3, 3), strides=(2, 2), dtype=dt, name="conv")(x)
             x = nn.gelu(x).mean(axis=(1, 2))
             x = nn.Dropout(drop_rate, deterministic=not train)(x)
             return nn.Dense(num_classes, dtype=dt, name="head")(x).astype(jnp.float32)
@@ -145,14 +147,43 @@ def final_params(out: str | Path) -> dict[str, np.ndarray]:
     return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in flat}
 
 
+def slow_pipeline(seconds: float) -> Any:
+    """The real input pipeline with a pause before each training batch (so a test can kill a run mid-way)."""
+    import types
+
+    import convscale_cli.data as data
+
+    def train_loader(*args: Any, **kwargs: Any) -> Any:
+        loader = data.train_loader(*args, **kwargs)
+        batches = type(loader).__iter__
+
+        class Slow(type(loader)):  # type: ignore[misc]
+            def __iter__(self) -> Any:
+                for batch in batches(self):
+                    time.sleep(seconds)
+                    yield batch
+
+        loader.__class__ = Slow
+        return loader
+
+    return types.SimpleNamespace(
+        train_loader=train_loader, eval_loader=data.eval_loader, normalize=data.normalize, to_global=data.to_global
+    )
+
+
 def main(argv: list[str]) -> int:
-    """Script entry: train the tiny setup into ``argv[0]`` with ``key=value`` (JSON values) overrides."""
+    """Script entry: train the tiny setup into ``argv[0]`` with ``key=value`` (JSON values) overrides.
+
+    ``CONVSCALE_TEST_STEP_DELAY`` (seconds) slows every training step down.
+    """
     from convscale_cli.engine.api import pretrain
     from convscale_cli.errors import ConvscaleError
 
     overrides = {k: json.loads(v) for k, v in (a.split("=", 1) for a in argv[1:])}
+    delay = float(os.environ.get("CONVSCALE_TEST_STEP_DELAY", "0") or 0)
+    pipeline = slow_pipeline(delay) if delay else None
     try:
-        summary = pretrain(config(argv[0], **overrides), registry())
+        summary = pretrain(config(argv[0], **overrides), registry(), pipeline=pipeline)
     except ConvscaleError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return int(exc.exit_code)

@@ -48,9 +48,9 @@ def init_distributed(coordinator_address: str | None, num_processes: int | None,
             raise UsageError(f"process_id {process_id} is not in [0, {num_processes})")
         if jax.distributed.is_initialized():
             return
-        if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-            # CPU collectives across processes need gloo (the default implementation is single-process only).
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        # CPU collectives across processes need gloo (the default is single-process only); accelerators ignore it.
+        # Asking for the backend here would initialise it, which must wait until after `initialize`.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address, num_processes=num_processes, process_id=process_id)
     elif _auto_cluster() and not jax.distributed.is_initialized():
         jax.distributed.initialize()
