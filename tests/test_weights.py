@@ -1,7 +1,8 @@
 """Weights checkpoints: save/load round trip, ``import-weights`` from safetensors, and every way it can be misused.
 
 The import tests use a tiny ViT registered in code with a made-up timm name and numpy tensors laid out like a timm
-state dict (no torch needed); numerical parity with timm itself is tests/test_vit_parity.py.
+state dict (no torch needed); numerical parity with timm itself is tests/test_vit_parity.py. The NFNet round trip takes
+its tensor layout from timm (skipped without torch).
 """
 
 from __future__ import annotations
@@ -177,3 +178,23 @@ def test_load_model_rejects_what_is_not_a_weights_checkpoint(tmp_path: Path) -> 
     (tmp_path / MODEL_JSON).write_text(json.dumps({"format": "convscale-weights", "version": 99}))
     with pytest.raises(CheckpointError, match="format version 99"):
         load_model(tmp_path)
+
+
+def test_import_weights_cli_handles_another_family(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    """The command is family-agnostic: a dm_nfnet_f0 state dict (timm's layout, random values) imports as nfnet-f0."""
+    from _timm import import_timm
+
+    timm = import_timm()
+    import torch
+
+    with torch.device("meta"):  # shapes only; the values come from numpy
+        shapes = {k: tuple(v.shape) for k, v in timm.create_model("dm_nfnet_f0", pretrained=False).state_dict().items()}
+    rng = np.random.default_rng(0)
+    file = _file(tmp_path, {k: np.asarray(0.01 * rng.standard_normal(s), np.float32) for k, s in shapes.items()})
+    argv = ["import-weights", "timm", "dm_nfnet_f0", str(file), "--out", str(tmp_path / "c"), "--num-classes", "3"]
+    code, out, err = _run(argv, capsys)
+    assert code == 0, err
+    assert "as nfnet-f0" in out
+    apply_fn, variables = load_model(tmp_path / "c")
+    logits = apply_fn(variables, _images(size=32))
+    assert logits.shape == (2, 3) and np.isfinite(logits).all()
