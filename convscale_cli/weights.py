@@ -104,6 +104,7 @@ def save_weights(
     Returns:
         The absolute checkpoint path.
     """
+    import jax
     import numpy as np
     import orbax.checkpoint as ocp
 
@@ -111,8 +112,6 @@ def save_weights(
     options = dict(options or {})
     _, abstract = _abstract_params(spec, num_classes, options)
     _check_tree(spec.name, params, abstract)
-    import jax
-
     params = jax.tree.map(lambda x: np.asarray(x, dtype=np.float32), dict(params))
     out.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as checkpointer:

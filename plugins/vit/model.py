@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from convscale_plugins.vit.variants import ViTConfig, check_options
 
-from convscale_cli.errors import UsageError
+from convscale_cli.errors import UnknownNameError, UsageError
 
 Dtype = Any
 
@@ -265,8 +265,6 @@ def build(
     layernorm_eps: float = 1e-6,
 ) -> ViT:
     """Validate the options and return the module (the ``ArchitectureSpec.build`` of every ViT variant)."""
-    from convscale_cli.errors import UnknownNameError
-
     if not isinstance(num_classes, int) or num_classes <= 0:
         raise UsageError(f"num_classes must be a positive integer, got {num_classes!r}")
     dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from convscale_cli.errors import UnknownNameError, UsageError
+
 POOLS = ("tok", "gap", "map")  # class token (timm default), global average pooling, multi-head attention pooling
 POSEMBS = ("learn", "sincos2d")
 
@@ -44,8 +46,6 @@ class ViTConfig:
 
 def check_options(pool: str, posemb: str, width: int) -> None:
     """Raise a UsageError for a pool or position-embedding choice the model does not implement."""
-    from convscale_cli.errors import UnknownNameError, UsageError
-
     if pool not in POOLS:
         raise UnknownNameError("pool", pool, POOLS)
     if posemb not in POSEMBS:
