@@ -275,7 +275,10 @@ def load_params(
     item: Any = unflatten_dict(body)
     for key in reversed(pre.params_key):
         item = {key: item}
-    restore_args = jax.tree_util.tree_map(lambda a: ocp.ArrayRestoreArgs(dtype=a.dtype), item)
+    # Restored onto one device; the caller's jitted state init lays the arrays out over the mesh. An explicit
+    # sharding is needed because imported weights are saved from host arrays, which record none.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    restore_args = jax.tree_util.tree_map(lambda a: ocp.ArrayRestoreArgs(dtype=a.dtype, sharding=device), item)
     try:
         restored = ocp.PyTreeCheckpointer().restore(
             pre.params_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)

@@ -1,0 +1,238 @@
+"""Fine-tuning a tiny pre-trained CNN: every option, the summary, backbone loading, head replacement, bad input.
+
+The tiny CNN and the in-memory ``colours`` dataset come from ``tests/_engine_helpers.py``; the pre-training run is
+made once per module with the engine (fp32, 8 px) and fine-tuned in process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+from pathlib import Path
+from typing import Any
+
+import _engine_helpers as helpers
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from convscale_cli import plugins as plugin_loader
+from convscale_cli.cli import main
+from convscale_cli.errors import CheckpointError, ConfigError, ExitCode
+from convscale_cli.finetune.backbone import head_paths, load_params, locate
+from convscale_cli.finetune.config import FinetuneConfig
+from convscale_cli.hookspecs import hookimpl
+from convscale_cli.weights import MODEL_JSON
+
+MIN_RESOLUTION = 4
+
+
+class _Plugin:
+    """The engine's tiny CNN (with a minimum resolution, to test that check) and its ``colours`` dataset."""
+
+    @hookimpl
+    def register_architectures(self, register: Any) -> None:
+        specs: list[Any] = []
+        helpers.TinyPlugin().register_architectures(specs.append)
+        for spec in specs:
+            register(dataclasses.replace(spec, min_resolution=MIN_RESOLUTION))
+
+    @hookimpl
+    def register_datasets(self, register: Any) -> None:
+        helpers.TinyPlugin().register_datasets(register)
+
+
+@pytest.fixture(scope="module")
+def loaded() -> plugin_loader.Plugins:
+    return plugin_loader.load_plugins(extra=[("finetune-test", _Plugin())], entry_points=lambda: [])
+
+
+@pytest.fixture
+def cli_registry(loaded: plugin_loader.Plugins, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Make the tiny plugins the CLI's process-wide registry for one test."""
+    monkeypatch.setattr(plugin_loader, "_CACHE", loaded)
+    return loaded.registry
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory: pytest.TempPathFactory, loaded: plugin_loader.Plugins) -> Path:
+    from convscale_cli.engine.api import pretrain
+
+    out = tmp_path_factory.mktemp("pre") / "run"
+    pretrain(helpers.config(out, steps=8), loaded.registry)
+    return out
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err.strip()
+
+
+def _restore_params(step_dir: Path) -> dict[str, np.ndarray]:
+    tree = ocp.PyTreeCheckpointer().restore(step_dir / "state")
+    flat = jax.tree_util.tree_flatten_with_path(tree["params"])[0]
+    return {"/".join(str(k.key) for k in path): np.asarray(leaf) for path, leaf in flat}
+
+
+def _flat(tree: Any) -> dict[str, np.ndarray]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(k.key) for k in path): np.asarray(leaf) for path, leaf in flat}
+
+
+def test_locate_accepts_the_run_its_checkpoints_and_one_checkpoint(pretrained: Path) -> None:
+    run = locate(pretrained)
+    assert (run.kind, run.step, run.architecture, run.num_classes) == ("run", 8, "tiny-cnn", helpers.CLASSES)
+    assert run.core_hours is not None and run.core_hours > 0
+    assert locate(pretrained / "checkpoints").step == 8
+    assert locate(pretrained / "checkpoints" / "4").step == 4
+    assert locate(pretrained / "checkpoints" / "4").params_dir == pretrained / "checkpoints" / "4" / "state"
+
+
+def test_backbone_is_kept_and_the_head_is_new(pretrained: Path, loaded: plugin_loader.Plugins) -> None:
+    spec = loaded.registry.architecture("tiny-cnn")
+    assert head_paths(spec, 7, {}, 8) == ["head/bias", "head/kernel"]
+    params = _flat(load_params(locate(pretrained), spec, num_classes=7, options={}, resolution=8,
+                               rng=jax.random.PRNGKey(0)))
+    saved = _restore_params(pretrained / "checkpoints" / "8")
+    for path, value in saved.items():
+        if not path.startswith("head/"):
+            np.testing.assert_array_equal(params[path], value, err_msg=path)
+    assert params["head/kernel"].shape == (helpers.WIDTH, 7)
+    assert np.all(params["head/bias"] == 0.0)
+    assert 0.003 < params["head/kernel"].std() < 0.02  # N(0, 0.01) over 56 draws
+
+
+def test_mismatched_backbone_names_the_first_tensor(tmp_path: Path, pretrained: Path, loaded: Any) -> None:
+    """An imported-weights directory whose 'conv' layer is narrower than the model's."""
+    spec = loaded.registry.architecture("tiny-cnn")
+    params = _restore_params(pretrained / "checkpoints" / "8")
+    tree: dict[str, Any] = {}
+    for path, value in params.items():
+        layer, name = path.split("/")
+        tree.setdefault(layer, {})[name] = value
+    tree["conv"]["kernel"] = np.zeros((3, 3, helpers.WIDTH, helpers.WIDTH - 2), np.float32)
+    weights = tmp_path / "weights"
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(weights / "params", tree)
+    meta = {"format": "convscale-weights", "version": 1, "architecture": "tiny-cnn", "family": "tiny",
+            "num_classes": helpers.CLASSES, "options": {}, "source": {"kind": "test"}}
+    (weights / MODEL_JSON).write_text(json.dumps(meta))
+    pre = locate(weights)
+    assert pre.kind == "weights" and pre.core_hours is None
+    needle = r"parameter 'conv/kernel' has shape \(3, 3, 8, 6\) in the checkpoint but tiny-cnn expects \(3, 3, 8, 8\)"
+    with pytest.raises(CheckpointError, match=needle):
+        load_params(pre, spec, num_classes=3, options={}, resolution=8, rng=jax.random.PRNGKey(0))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        ({"sam_rho": -0.1}, "sam_rho"),
+        ({"sam_fraction": 0.0}, "sam_fraction"),
+        ({"sam_fraction": 1.5}, "sam_fraction"),
+        ({"repeat_aug": 0}, "repeat_aug"),
+        ({"ema_decay": 1.0}, "ema_decay"),
+        ({"drop_rate": 1.0}, "drop_rate"),
+        ({"randaugment": (-1, 5.0)}, "randaugment"),
+        ({"epochs": 1.0}, "exactly one duration"),
+        ({"recipe": {"weight_decy": 0.1}}, "did you mean 'recipe.weight_decay'"),
+        ({"augment": {"min_areaa": 0.5}}, "augment.min_area"),
+    ],
+)
+def test_config_validation(overrides: dict[str, Any], needle: str) -> None:
+    base = {"pretrained": "x", "dataset": "colours", "out": "o", "steps": 4}
+    with pytest.raises(ConfigError, match=needle):
+        FinetuneConfig(**{**base, **overrides})
+
+
+def test_bad_input_exits_2_with_one_line(
+    tmp_path: Path, pretrained: Path, cli_registry: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "notes.txt").write_text("not a checkpoint")
+    base = ["finetune", "--dataset", "colours", "--out", str(tmp_path / "ft"), "--steps", "2", "--batch-size", "8"]
+    cases = [
+        (["--from", str(tmp_path / "nowhere")], "does not exist"),
+        (["--from", str(plain)], "is not a pre-training run, a checkpoint inside one, or an imported-weights"),
+        (["--from", str(pretrained / "checkpoints" / "3")], "does not exist"),
+        (["--from", str(pretrained), "--model", "tiny-cnx"], "did you mean 'tiny-cnn'"),
+        (["--from", str(pretrained), "--sam-rho", "-0.5"], "sam_rho = -0.5 must be >= 0"),
+        (["--from", str(pretrained), "--sam-fraction", "1.5"], "sam_fraction = 1.5 must be in (0, 1]"),
+        (["--from", str(pretrained), "--repeat-aug", "0"], "repeat_aug = 0 must be >= 1"),
+        (["--from", str(pretrained), "--randaugment", "4"], "must look like LAYERS,MAGNITUDE"),
+        (["--from", str(pretrained), "--eval-resolution", "2"], "resolution 2 is too small for tiny-cnn (minimum 4)"),
+        (["--from", str(pretrained), "--data-option", "colour=1"], "unknown colours data option 'colour'"),
+    ]
+    for extra, needle in cases:
+        code, _, err = _run([*base, *extra], capsys)
+        assert code == ExitCode.USAGE_ERROR, (extra, err)
+        assert err.startswith("Error: ") and "\n" not in err and needle in err, (extra, err)
+
+
+def test_model_check_refuses_another_architecture(tmp_path: Path, pretrained: Path, loaded: Any, capsys: Any,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    other = types.SimpleNamespace()
+
+    @hookimpl
+    def register_architectures(register: Any) -> None:
+        specs: list[Any] = []
+        helpers.TinyPlugin().register_architectures(specs.append)
+        register(dataclasses.replace(specs[0], name="tiny-cnn-2"))
+
+    other.register_architectures = register_architectures
+    plugins = plugin_loader.load_plugins(extra=[("a", _Plugin()), ("b", other)], entry_points=lambda: [])
+    monkeypatch.setattr(plugin_loader, "_CACHE", plugins)
+    argv = ["finetune", "--from", str(pretrained), "--model", "tiny-cnn-2", "--dataset", "colours",
+            "--out", str(tmp_path / "ft"), "--steps", "2"]
+    code, _, err = _run(argv, capsys)
+    assert code == ExitCode.USAGE_ERROR
+    assert "holds a tiny-cnn checkpoint, not --model tiny-cnn-2" in err
+
+
+def test_every_option_end_to_end_then_rerun_is_a_no_op(
+    tmp_path: Path, pretrained: Path, cli_registry: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "ft"
+    argv = [
+        "finetune", "--from", str(pretrained / "checkpoints" / "4"), "--model", "tiny-cnn", "--dataset", "colours",
+        "--out", str(out), "--steps", "6", "--batch-size", "8", "--lr", "0.2", "--resolution", "8",
+        "--eval-resolution", "12", "--sam-rho", "0.1", "--sam-fraction", "0.25", "--stochdepth-rate", "0.1",
+        "--drop-rate", "0.2", "--weight-decay", "1e-4", "--ema-decay", "0.9", "--repeat-aug", "2",
+        "--randaugment", "2,5", "--mixup", "0.2", "--cutmix", "1.0", "--label-smoothing", "0.1", "--seed", "3",
+        "--precision", "fp32", "--log-every", "2", "--checkpoint-every", "3", "--data-option", "size=40",
+        "--set", "augment.crop=resize", "--set", "progress=none", "--set", "tensorboard=false",
+        "--set", "checkpoint_minutes=0", "--set", "recipe.warmup_fraction=0.2", "--json",
+    ]  # fmt: skip
+    code, stdout, err = _run(argv, capsys)
+    assert code == ExitCode.OK, err
+    summary = json.loads(stdout)
+    assert summary == json.loads((out / "summary.json").read_text())
+    assert (summary["kind"], summary["status"], summary["model"], summary["steps"]) == ("finetune", "finished",
+                                                                                         "tiny-cnn", 6)
+    assert summary["pretrain"]["run"] == str(pretrained) and summary["pretrain"]["step"] == 4
+    assert summary["pretrain"]["core_hours"] == pytest.approx(locate(pretrained / "checkpoints" / "4").core_hours)
+    for key in ("final", "final_ema"):
+        assert set(summary[key]) == {"eval_loss", "eval_top1", "eval_top5"}
+    assert summary["final"] != summary["final_ema"]
+    assert (summary["train_resolution"], summary["eval_resolution"]) == (8, 12)
+    assert summary["repeat_aug"] == 2 and summary["epochs"] == pytest.approx(48 / 40)
+    assert summary["passes"] == pytest.approx(summary["epochs"] / 2)
+    ledger = summary["ledger"]
+    # The fine-tuning ledger starts at zero and counts the SAM ascent pass over 25% of each batch.
+    assert ledger["examples"] == 48 and ledger["steps"] == 6
+    assert ledger["train_flops"] == pytest.approx(48 * 6 * summary["macs_per_image"] * 1.25)
+    config = summary["config"]
+    assert config["augment"]["repeats"] == 2 and config["augment"]["randaugment_layers"] == 2
+    assert config["recipe"]["weight_decay"] == 1e-4 and config["recipe"]["warmup_fraction"] == 0.2
+    assert config["model_options"] == {"stochdepth_rate": 0.1, "drop_rate": 0.2}
+    state = ocp.PyTreeCheckpointer().restore(out / "checkpoints" / "6" / "state")
+    assert set(state) >= {"params", "ema", "opt_state"} and state["ema"] is not None
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["split"] for r in records][-2:] == ["eval", "eval_ema"]
+
+    code, stdout, err = _run(argv, capsys)  # the same command again: finished, nothing is trained
+    assert code == ExitCode.OK and json.loads(stdout)["finished_at"] == summary["finished_at"]
