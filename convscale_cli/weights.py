@@ -201,8 +201,38 @@ def find_by_source(registry: Registry, source: str, model: str) -> ArchitectureS
     return by_model[model]
 
 
+def _read_safetensors(file: Path) -> dict[str, Any]:
+    """Parse a safetensors file directly: its 8-byte header length, JSON header, then raw little-endian tensors.
+
+    Used when numpy cannot name a dtype (bfloat16, common in large published checkpoints); values are widened to
+    float32 exactly.
+    """
+    import struct
+
+    import ml_dtypes
+    import numpy as np
+
+    dtypes = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "I64": np.int64,
+              "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+    data = file.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    body = memoryview(data)[8 + length :]
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in dtypes:
+            raise UsageError(f"tensor {name!r} of {str(file)!r} has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        array = np.frombuffer(body[start:end], dtype=np.dtype(dtypes[info["dtype"]]).newbyteorder("<"))
+        array = array.reshape(info["shape"])
+        tensors[name] = array.astype(np.float32) if info["dtype"] == "BF16" else array.copy()
+    return tensors
+
+
 def load_safetensors(file: str | Path) -> dict[str, Any]:
-    """Tensors of a ``.safetensors`` file as numpy arrays (never unpickles anything)."""
+    """Tensors of a ``.safetensors`` file as numpy arrays (never unpickles anything); bfloat16 becomes float32."""
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
@@ -211,6 +241,8 @@ def load_safetensors(file: str | Path) -> dict[str, Any]:
         raise UsageError(f"weights file {str(file)!r} does not exist")
     try:
         return load_file(str(file))
+    except TypeError:  # numpy has no bfloat16: read the (already validated) file ourselves
+        return _read_safetensors(file)
     except (SafetensorError, ValueError, OSError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"{str(file)!r} is not a readable safetensors file ({reason})") from None

@@ -198,3 +198,35 @@ def test_import_weights_cli_handles_another_family(tmp_path: Path, capsys) -> No
     apply_fn, variables = load_model(tmp_path / "c")
     logits = apply_fn(variables, _images(size=32))
     assert logits.shape == (2, 3) and np.isfinite(logits).all()
+
+
+def _save_bfloat16(tensors: dict, path: Path) -> None:
+    """A bfloat16 safetensors file written by hand (numpy's safetensors writer has no bfloat16)."""
+    import struct
+
+    import ml_dtypes
+
+    header, chunks, offset = {}, [], 0
+    for name, array in tensors.items():
+        data = np.asarray(array, ml_dtypes.bfloat16).tobytes()
+        header[name] = {"dtype": "BF16", "shape": list(np.shape(array)), "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + b"".join(chunks))
+
+
+def test_bfloat16_checkpoints_import_as_float32(tmp_path: Path, registry, capsys) -> None:  # noqa: ANN001
+    import ml_dtypes
+
+    tensors = _tensors()
+    _save_bfloat16(tensors, tmp_path / "bf16.safetensors")
+    argv = ["import-weights", "timm", "vit_timmtest", str(tmp_path / "bf16.safetensors"), "--out", str(tmp_path / "c")]
+    code, _, err = _run(argv, capsys)
+    assert code == 0, err
+    _, variables, _ = load_weights(tmp_path / "c")
+    head = variables["params"]["head"]["kernel"]
+    assert head.dtype == np.float32
+    rounded = np.asarray(tensors["head.weight"], ml_dtypes.bfloat16).astype(np.float32).T
+    np.testing.assert_array_equal(head, rounded)
