@@ -124,19 +124,27 @@ def resolve(config: PretrainConfig, registry: Registry) -> ResolvedRun:
 
 
 def resolved_dict(run: ResolvedRun) -> dict[str, Any]:
-    """The resolved config as plain JSON: the given config with every default replaced by its value."""
+    """The resolved config as plain JSON: the given config with every default replaced by its value.
+
+    ``lr``, ``loss`` and ``label_smoothing`` stay top-level (the recipe block holds the other recipe fields), and
+    values computed from the rest sit under ``derived``, so a changed flag is named once when a run is compared.
+    """
     out = to_dict(run.config)
+    recipe = {k: v for k, v in to_dict(run.recipe).items() if k not in ("lr", "loss", "label_smoothing")}
     out.update(
         batch_size=run.batch_size,
         lr=run.recipe.lr,
         loss=run.recipe.loss,
         label_smoothing=run.recipe.label_smoothing,
-        recipe=to_dict(run.recipe),
+        recipe=recipe,
         resolution=run.resolution,
         eval_resolution=run.eval_resolution,
         num_classes=run.num_classes,
-        total_steps=run.duration.steps,
-        total_examples=run.duration.examples,
-        peak_lr=run.peak_lr,
+        derived={
+            "total_steps": run.duration.steps,
+            "total_examples": run.duration.examples,
+            "peak_lr": run.peak_lr,
+            "macs_per_image": run.macs_per_image,
+        },
     )
     return out

@@ -86,10 +86,13 @@ class RunDir:
         saved = read_json(self.path / "config.json")
         if saved is not None:
             changed = [k for k in diff(saved, resolved) if k.split(".")[0] not in MUTABLE_KEYS]
+            # Derived values (total steps, peak lr) only name the difference when no given value explains it.
+            changed = [k for k in changed if not k.startswith("derived.")] or changed
             if changed and not force:
                 shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
                 raise CheckpointError(
-                    f"{str(self.path)!r} holds a run with a different config ({shown} differ); "
+                    f"{str(self.path)!r} holds a run with a different config "
+                    f"({shown} {'differs' if len(changed) == 1 else 'differ'}); "
                     "choose another --out or pass --force to start over"
                 )
             if changed:
