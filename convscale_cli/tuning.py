@@ -310,7 +310,8 @@ def tune_cell(
     spec = registry.architecture(model)
     data = registry.dataset(dataset)
     if num_classes is None:
-        info = data.static_info or data.info(**options.get("data_options", {}))
+        data_options = options.get("data_options") or {}
+        info = data.info(**data_options) if data_options or data.static_info is None else data.static_info
         num_classes = options.get("num_classes") or info.num_classes
     root = Path(runs_dir)
     root.mkdir(parents=True, exist_ok=True)

@@ -275,3 +275,14 @@ def test_bad_study_is_a_config_error(tmp_path: Path, override: dict, needle: str
 def test_study_defaults() -> None:
     study = StudyConfig(out="runs", dataset="toyset", models=("toy-s",), epochs=(1.0,))
     assert study.rule == "two-trial" and study.lr_grid == () and study.engine == {}
+
+
+def test_quickstart_study_is_valid_for_the_builtin_plugins() -> None:
+    from convscale_cli.plugins import get_registry
+
+    study = load_study(Path(__file__).resolve().parents[1] / "examples" / "quickstart.toml")
+    registry = get_registry()
+    cells = plan_cells(study, registry)
+    assert len(study.models) >= 3 and len(study.epochs) >= 3 and len(cells) == len(study.models) * len(study.epochs)
+    assert all("ladder" in registry.architecture(m).tags for m in study.models)
+    assert study.dataset == "shapes" and study.resolution == 32
