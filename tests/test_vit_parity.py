@@ -86,9 +86,10 @@ def tiny_registered() -> None:
     plugin_loader._CACHE = plugin_loader.load_plugins(extra=[("paritytest", plugin)])  # reset by conftest
 
 
-@pytest.mark.parametrize("size", [24, 12])
-def test_resized_posemb_matches_timm_dynamic_img_size(size: int, tmp_path: Path, tiny_registered) -> None:  # noqa: ANN001
-    """A model created at 16 px applied at 24 px (grid 4 -> 6) and 12 px (4 -> 3) gives timm's logits."""
+@pytest.mark.parametrize(("pool", "size"), [("tok", 24), ("tok", 12), ("map", 20)])
+def test_imported_tiny_vit_matches_timm_at_other_sizes(pool: str, size: int, tmp_path: Path, tiny_registered) -> None:  # noqa: ANN001
+    """Created at 16 px, applied at 24 px (grid 4 -> 6), 12 px (4 -> 3) or 20 px: timm's logits, for the class-token
+    layout and the MAP layout (timm ``global_pool="map"`` without class token, as SigLIP / SoViT)."""
     import_timm()
     from timm.models.vision_transformer import VisionTransformer
 
@@ -96,10 +97,12 @@ def test_resized_posemb_matches_timm_dynamic_img_size(size: int, tmp_path: Path,
     model = VisionTransformer(
         img_size=16, patch_size=c.patch_size, embed_dim=c.width, depth=c.depth, num_heads=c.num_heads,
         mlp_ratio=c.mlp_dim / c.width, num_classes=3, dynamic_img_size=True,
+        class_token=pool == "tok", global_pool="token" if pool == "tok" else "map",
     )
     file = tmp_path / "tiny.safetensors"
     save_file(_randomise(model, seed=2), str(file))
-    import_weights("timm", "vit_paritytest", file, tmp_path / "ckpt")
+    _, meta = import_weights("timm", "vit_paritytest", file, tmp_path / "ckpt")
+    assert meta["options"]["pool"] == pool
     apply_fn, variables = load_model(tmp_path / "ckpt")
     images = np.random.default_rng(3).standard_normal((2, size, size, 3)).astype(np.float32)
     assert _relative_error(apply_fn(variables, jnp.asarray(images)), _logits(model, images)) <= TOLERANCE
@@ -129,5 +132,6 @@ def test_every_timm_source_has_the_layout_import_weights_expects() -> None:
             model = timm.create_model(variant.timm_name, pretrained=False)
         state = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         grid = variant.train_resolution // variant.config.patch_size
-        expected = timm_shapes(variant.config, grid, model.num_classes or None)
+        pool = "map" if model.global_pool == "map" else "tok"
+        expected = timm_shapes(variant.config, grid, model.num_classes or None, pool)
         assert list(state.items()) == list(expected.items()), variant.name

@@ -1,9 +1,15 @@
 """Convert a timm ``VisionTransformer`` state dict (numpy arrays) into this plugin's Flax parameters.
 
-Accepted: the standard timm layout of ``vit_{tiny,small,base,large}_patch16_224``, ``vit_base_patch32_224`` and
-``vit_{huge,giant,gigantic}_patch14_224`` (class token, learned position embedding with a class slot, pre-norm blocks
-with a fused qkv projection, final norm, linear head). Anything else (layer scale, register tokens, a MAP pool, a
-pre-norm stem, another family's weights) fails on the first tensor that does not fit, by name.
+Accepted: the two standard timm layouts, told apart by the presence of ``attn_pool.latent``:
+
+* class token (``vit_{tiny,small,base,large}_patch16_224``, ``vit_base_patch32_224``,
+  ``vit_{huge,giant,gigantic}_patch14_224``): learned position embedding with a class slot, pre-norm blocks with a
+  fused qkv projection, final norm, linear head;
+* MAP pooling without a class token (``vit_so400m_patch14_siglip_224``): the same blocks, a position embedding
+  without class slot, and timm's ``AttentionPoolLatent``, which is big_vision's MAP head.
+
+Anything else (layer scale, register tokens, a pre-norm stem, fc_norm after average pooling, another family's
+weights) fails on the first tensor that does not fit, by name.
 
 Weights are matched strictly, so that a wrong file never loads silently; the only freedom is the position-embedding
 grid (a timm model created with another ``img_size``), which sets the ``resolution`` build option of the result.
@@ -24,15 +30,31 @@ from convscale_cli.weights import ImportedWeights
 SOURCES = ("timm",)
 
 
-def timm_shapes(config: ViTConfig, grid: int, num_classes: int | None) -> dict[str, tuple[int, ...]]:
-    """The tensors of a timm ViT state dict, name -> shape, in timm's order (head omitted when num_classes is None)."""
+def _mlp_shapes(prefix: str, d: int, m: int) -> dict[str, tuple[int, ...]]:
+    fc1 = {f"{prefix}.fc1.weight": (m, d), f"{prefix}.fc1.bias": (m,)}
+    return {**fc1, f"{prefix}.fc2.weight": (d, m), f"{prefix}.fc2.bias": (d,)}
+
+
+def timm_shapes(
+    config: ViTConfig, grid: int, num_classes: int | None, pool: str = "tok"
+) -> dict[str, tuple[int, ...]]:
+    """The tensors of a timm ViT state dict, name -> shape, in timm's order.
+
+    Args:
+        config: the ViT shape.
+        grid: side of the position-embedding grid.
+        num_classes: classifier size, or None for a headless model (timm ``num_classes=0``).
+        pool: "tok" (class token) or "map" (``global_pool="map"``, no class token).
+    """
     d, m, p = config.width, config.mlp_dim, config.patch_size
-    shapes: dict[str, tuple[int, ...]] = {
-        "cls_token": (1, 1, d),
-        "pos_embed": (1, 1 + grid * grid, d),
-        "patch_embed.proj.weight": (d, 3, p, p),
-        "patch_embed.proj.bias": (d,),
-    }
+    shapes: dict[str, tuple[int, ...]] = {"cls_token": (1, 1, d)} if pool == "tok" else {}
+    shapes.update(
+        {
+            "pos_embed": (1, (pool == "tok") + grid * grid, d),
+            "patch_embed.proj.weight": (d, 3, p, p),
+            "patch_embed.proj.bias": (d,),
+        }
+    )
     for i in range(config.depth):
         b = f"blocks.{i}"
         shapes.update(
@@ -45,28 +67,40 @@ def timm_shapes(config: ViTConfig, grid: int, num_classes: int | None) -> dict[s
                 f"{b}.attn.proj.bias": (d,),
                 f"{b}.norm2.weight": (d,),
                 f"{b}.norm2.bias": (d,),
-                f"{b}.mlp.fc1.weight": (m, d),
-                f"{b}.mlp.fc1.bias": (m,),
-                f"{b}.mlp.fc2.weight": (d, m),
-                f"{b}.mlp.fc2.bias": (d,),
+                **_mlp_shapes(f"{b}.mlp", d, m),
             }
         )
     shapes["norm.weight"] = (d,)
     shapes["norm.bias"] = (d,)
+    if pool == "map":
+        shapes.update(
+            {
+                "attn_pool.latent": (1, 1, d),
+                "attn_pool.q.weight": (d, d),
+                "attn_pool.q.bias": (d,),
+                "attn_pool.kv.weight": (2 * d, d),
+                "attn_pool.kv.bias": (2 * d,),
+                "attn_pool.proj.weight": (d, d),
+                "attn_pool.proj.bias": (d,),
+                "attn_pool.norm.weight": (d,),
+                "attn_pool.norm.bias": (d,),
+                **_mlp_shapes("attn_pool.mlp", d, m),
+            }
+        )
     if num_classes is not None:
         shapes["head.weight"] = (num_classes, d)
         shapes["head.bias"] = (num_classes,)
     return shapes
 
 
-def _grid(variant: Variant, tensors: Mapping[str, Any]) -> int:
+def _grid(variant: Variant, tensors: Mapping[str, Any], prefix: int) -> int:
     """Side of the position-embedding grid stored in the file (the variant's own when it cannot be read)."""
     default = variant.train_resolution // variant.config.patch_size
     posemb = tensors.get("pos_embed")
     if posemb is None or np.ndim(posemb) != 3:
         return default
-    side = math.isqrt(max(posemb.shape[1] - 1, 0))
-    return side if side > 0 and side * side == posemb.shape[1] - 1 else default
+    side = math.isqrt(max(posemb.shape[1] - prefix, 0))
+    return side if side > 0 and side * side == posemb.shape[1] - prefix else default
 
 
 def _check(variant: Variant, tensors: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]]) -> None:
@@ -94,26 +128,56 @@ def _norm(prefix: str, tensors: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return {"scale": _f32(tensors[f"{prefix}.weight"]), "bias": _f32(tensors[f"{prefix}.bias"])}
 
 
-def _attention(prefix: str, config: ViTConfig, tensors: Mapping[str, Any]) -> dict[str, Any]:
+def _heads(kernel: np.ndarray, bias: np.ndarray, config: ViTConfig) -> dict[str, np.ndarray]:
+    """A torch (out, in) projection onto all heads -> flax DenseGeneral (in, heads, head_dim)."""
+    h, hd = config.num_heads, config.head_dim
+    return {"kernel": kernel.T.reshape(-1, h, hd), "bias": bias.reshape(h, hd)}
+
+
+def _attention(q: tuple, k: tuple, v: tuple, proj: tuple, config: ViTConfig) -> dict[str, Any]:
+    """Query/key/value/out params from (weight, bias) pairs of torch linear layers."""
     d, h, hd = config.width, config.num_heads, config.head_dim
-    # timm's fused qkv output is laid out (3, heads, head_dim): split it, then put heads on their own axis.
-    qkv_w = _f32(tensors[f"{prefix}.qkv.weight"]).reshape(3, d, d)
-    qkv_b = _f32(tensors[f"{prefix}.qkv.bias"]).reshape(3, h, hd)
-    out = {
-        name: {"kernel": qkv_w[i].T.reshape(d, h, hd), "bias": qkv_b[i]}
-        for i, name in enumerate(("query", "key", "value"))
-    }
-    out["out"] = {
-        "kernel": _f32(tensors[f"{prefix}.proj.weight"]).T.reshape(h, hd, d),
-        "bias": _f32(tensors[f"{prefix}.proj.bias"]),
-    }
+    pairs = zip(("query", "key", "value"), (q, k, v), strict=True)
+    out = {name: _heads(_f32(w), _f32(b), config) for name, (w, b) in pairs}
+    out["out"] = {"kernel": _f32(proj[0]).T.reshape(h, hd, d), "bias": _f32(proj[1])}
     return out
+
+
+def _block_attention(prefix: str, config: ViTConfig, tensors: Mapping[str, Any]) -> dict[str, Any]:
+    d = config.width
+    # timm's fused qkv output is laid out (3, heads, head_dim): split it, then put heads on their own axis.
+    w = _f32(tensors[f"{prefix}.qkv.weight"]).reshape(3, d, d)
+    b = _f32(tensors[f"{prefix}.qkv.bias"]).reshape(3, d)
+    proj = (tensors[f"{prefix}.proj.weight"], tensors[f"{prefix}.proj.bias"])
+    return _attention((w[0], b[0]), (w[1], b[1]), (w[2], b[2]), proj, config)
+
+
+def _mlp(prefix: str, tensors: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "fc1": _dense(tensors[f"{prefix}.fc1.weight"], tensors[f"{prefix}.fc1.bias"]),
+        "fc2": _dense(tensors[f"{prefix}.fc2.weight"], tensors[f"{prefix}.fc2.bias"]),
+    }
+
+
+def _map_head(config: ViTConfig, tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """timm ``AttentionPoolLatent`` (latent query, fused kv laid out (2, heads, head_dim)) -> the MAP head."""
+    d = config.width
+    kv_w = _f32(tensors["attn_pool.kv.weight"]).reshape(2, d, d)
+    kv_b = _f32(tensors["attn_pool.kv.bias"]).reshape(2, d)
+    q = (tensors["attn_pool.q.weight"], tensors["attn_pool.q.bias"])
+    proj = (tensors["attn_pool.proj.weight"], tensors["attn_pool.proj.bias"])
+    return {
+        "probe": _f32(tensors["attn_pool.latent"]),
+        "attn": _attention(q, (kv_w[0], kv_b[0]), (kv_w[1], kv_b[1]), proj, config),
+        "norm": _norm("attn_pool.norm", tensors),
+        "mlp": _mlp("attn_pool.mlp", tensors),
+    }
 
 
 def import_weights(
     variant: Variant, source: str, tensors: Mapping[str, Any], num_classes: int | None
 ) -> ImportedWeights:
-    """Convert a timm state dict into the params of ``variant`` (class-token pool, learned position embedding).
+    """Convert a timm state dict into the params of ``variant`` (class-token or MAP pool, learned posemb).
 
     Args:
         variant: the registered variant the weights are for.
@@ -132,40 +196,43 @@ def import_weights(
     if num_classes is not None and num_classes <= 0:
         raise UsageError(f"num_classes must be > 0, got {num_classes}")
     config = variant.config
-    grid = _grid(variant, tensors)
+    pool = "map" if "attn_pool.latent" in tensors else "tok"
+    grid = _grid(variant, tensors, prefix=1 if pool == "tok" else 0)
     head = tensors.get("head.weight")
     file_classes = int(np.shape(head)[0]) if head is not None and np.ndim(head) == 2 else None
-    _check(variant, tensors, timm_shapes(config, grid, file_classes))
+    _check(variant, tensors, timm_shapes(config, grid, file_classes, pool))
     classes = num_classes if num_classes is not None else file_classes
     if classes is None:
         raise UsageError(f"the {variant.timm_name} weights have no classifier head; pass the number of classes")
 
     d, p = config.width, config.patch_size
     posemb = _f32(tensors["pos_embed"])
-    # The class slot of the position embedding is a constant added to the (constant) class token: fold it in.
     params: dict[str, Any] = {
         "embedding": {
             # (D, C, p, p) conv -> (p, p, C, D) -> dense over (row, column, channel)-flattened patches.
             "kernel": _f32(tensors["patch_embed.proj.weight"]).transpose(2, 3, 1, 0).reshape(p * p * 3, d),
             "bias": _f32(tensors["patch_embed.proj.bias"]),
         },
-        "pos_embedding": posemb[:, 1:],
-        "cls": _f32(tensors["cls_token"]) + posemb[:, :1],
     }
+    if pool == "tok":
+        # The class slot of the position embedding is a constant added to the (constant) class token: fold it in.
+        params["pos_embedding"] = posemb[:, 1:]
+        params["cls"] = _f32(tensors["cls_token"]) + posemb[:, :1]
+    else:
+        params["pos_embedding"] = posemb
     encoder: dict[str, Any] = {}
     for i in range(config.depth):
         b = f"blocks.{i}"
         encoder[f"block{i}"] = {
             "norm1": _norm(f"{b}.norm1", tensors),
-            "attn": _attention(f"{b}.attn", config, tensors),
+            "attn": _block_attention(f"{b}.attn", config, tensors),
             "norm2": _norm(f"{b}.norm2", tensors),
-            "mlp": {
-                "fc1": _dense(tensors[f"{b}.mlp.fc1.weight"], tensors[f"{b}.mlp.fc1.bias"]),
-                "fc2": _dense(tensors[f"{b}.mlp.fc2.weight"], tensors[f"{b}.mlp.fc2.bias"]),
-            },
+            "mlp": _mlp(f"{b}.mlp", tensors),
         }
     encoder["norm"] = _norm("norm", tensors)
     params["encoder"] = encoder
+    if pool == "map":
+        params["map_head"] = _map_head(config, tensors)
     if classes == file_classes:
         params["head"] = _dense(tensors["head.weight"], tensors["head.bias"])
         head_note = "head from the file"
@@ -175,6 +242,6 @@ def import_weights(
     return ImportedWeights(
         params=params,
         num_classes=classes,
-        options={"pool": "tok", "posemb": "learn", "resolution": grid * p},
+        options={"pool": pool, "posemb": "learn", "resolution": grid * p},
         note=head_note,
     )

@@ -186,7 +186,7 @@ _SHAPES: dict[str, tuple[str, int, int, int, int, dict[int, str]]] = {
     "g": ("g", 1408, 40, 6144, 16, {14: "vit_giant_patch14_224"}),
     # Registry names are lower-case, so "G" cannot sit beside "g": it takes OpenCLIP's name for the same shape.
     "bigg": ("G", 1664, 48, 8192, 16, {14: "vit_gigantic_patch14_224"}),
-    "so400m": ("SoViT-400m", 1152, 27, 4304, 16, {}),
+    "so400m": ("SoViT-400m", 1152, 27, 4304, 16, {14: "vit_so400m_patch14_siglip_224"}),
 }
 
 
