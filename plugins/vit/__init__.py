@@ -6,7 +6,8 @@ imported.
 
 Default options, chosen for weight compatibility with timm ``vit_*_patch16_224`` (tests/test_vit_parity.py):
 class-token pooling and a learned position embedding with a class slot. Zhai et al. pre-train with a MAP head
-(``pool="map"``) and big_vision also offers ``gap`` and ``posemb="sincos2d"``; all are build options.
+(``pool="map"``) and big_vision also offers ``gap`` and ``posemb="sincos2d"``; all are build options. Imported
+weights record the options they need (``vit-so400m/14`` imports SigLIP's MAP-pooled timm weights with ``pool="map"``).
 """
 
 from __future__ import annotations

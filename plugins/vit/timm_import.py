@@ -11,8 +11,9 @@ Accepted: the two standard timm layouts, told apart by the presence of ``attn_po
 Anything else (layer scale, register tokens, a pre-norm stem, fc_norm after average pooling, another family's
 weights) fails on the first tensor that does not fit, by name.
 
-Weights are matched strictly, so that a wrong file never loads silently; the only freedom is the position-embedding
-grid (a timm model created with another ``img_size``), which sets the ``resolution`` build option of the result.
+Weights are matched strictly, so that a wrong file never loads silently. The result records the build options the
+weights need: ``pool`` from the layout, and ``resolution`` from the position-embedding grid (a timm model created
+with another ``img_size`` imports too).
 """
 
 from __future__ import annotations
