@@ -168,46 +168,67 @@ def save(ctx: LoopContext, state: Any, loader: Any, step: int) -> None:
     ctx.rundir.write_live_ledger(ctx.ledger.to_dict())
 
 
+def agree(flags: tuple[bool, ...]) -> tuple[bool, ...]:
+    """Flags true on *any* process, so every process takes the same branch (a save or a stop is collective)."""
+    if jax.process_count() == 1:
+        return flags
+    from jax.experimental import multihost_utils
+
+    gathered = np.asarray(multihost_utils.process_allgather(np.asarray(flags, np.int32)))
+    return tuple(bool(x) for x in gathered.reshape(-1, len(flags)).any(axis=0))
+
+
 def train(ctx: LoopContext, state: Any, loader: Any, start_step: int) -> tuple[Any, str, int]:
     """Train from ``start_step`` to the end of the run, a spent budget, or a stop signal.
+
+    Decisions that depend on the clock or on signals (time-based checkpoints, device-hour budgets, SIGTERM) are
+    taken at log points and agreed across processes, since saving and stopping are collective operations.
 
     Returns:
         ``(state, status, step)`` with status ``finished``, ``budget`` or ``interrupted`` (the caller saves the
         final checkpoint and writes the summary).
     """
     config, total = ctx.run.config, ctx.run.duration.steps
-    step, status = start_step, "finished"
+    step = start_step
+    status = "budget" if budget_spent(ctx) else "finished"  # the checkpoint's ledger: the same on every process
     pending: list[tuple[int, Any]] = []
     since, last_save = time.perf_counter(), time.monotonic()
     batches: Iterator[dict[str, np.ndarray]] = iter(loader)
+    budget = ctx.run.budget
+    counted_budget = budget is not None and (budget.is_flops or budget.unit == "tpu-v4")
     with StopSignals() as signals:
-        while step < total:
-            if budget_spent(ctx, time.perf_counter() - since):
-                since = flush(ctx, pending, since)
-                pending = []
-                if budget_spent(ctx):
-                    status = "budget"
-                    break
+        while step < total and status == "finished":
             state, metrics = ctx.train_fn(state, ctx.to_device(next(batches)))
             step += 1
             ctx.ledger.add_steps(1, examples_in_step(step, ctx.run.batch_size, ctx.run.duration.examples))
             pending.append((step, metrics))
-            minutes = config.checkpoint_minutes
-            save_due = bool(config.checkpoint_every and step % config.checkpoint_every == 0) or bool(
-                minutes and time.monotonic() - last_save >= 60.0 * minutes
-            )
+            # FLOP and core-hour budgets are counted in examples: the same on every process at every step.
+            over_budget = counted_budget and budget_spent(ctx)
+            timed_save = stop = False
+            if jax.process_count() == 1 or step % config.log_every == 0 or step == total:
+                minutes = config.checkpoint_minutes
+                timed_save, stop, timed_budget = agree(
+                    (
+                        bool(minutes and time.monotonic() - last_save >= 60.0 * minutes),
+                        signals.received is not None,
+                        not counted_budget and budget_spent(ctx, time.perf_counter() - since),
+                    )
+                )
+                over_budget = over_budget or timed_budget
+            save_due = bool(config.checkpoint_every and step % config.checkpoint_every == 0) or timed_save
             eval_due = bool(config.eval_every and step % config.eval_every == 0 and step < total)
-            if step % config.log_every == 0 or save_due or eval_due or signals.received or step == total:
+            if step % config.log_every == 0 or save_due or eval_due or stop or over_budget or step == total:
                 since = flush(ctx, pending, since)
                 pending = []
-            if signals.received:
-                ctx.progress.message(f"{signals.received} received: saving step {step} and stopping")
+            if stop:
+                ctx.progress.message(f"{signals.received or 'stop signal'} received: saving step {step} and stopping")
                 status = "interrupted"
-                break
-            if eval_due:
+            elif over_budget:
+                status = "budget"
+            if eval_due and status == "finished":
                 evaluate_and_log(ctx, state.params, step)
                 since = time.perf_counter()
-            if save_due and step < total:
+            if save_due and step < total and status == "finished":
                 save(ctx, state, loader, step)
                 last_save = time.monotonic()
                 since = time.perf_counter()

@@ -72,7 +72,7 @@ class Progress:
 
     def update(self, step: int, fields: dict[str, Any]) -> None:
         """Show the run at ``step`` with ``fields`` (loss, img/s, MFU, compute used vs budget, ...)."""
-        if self.mode == "rich":
+        if self.mode == "rich" and self._rich is not None:
             self._rich.update(self._task, completed=step, info=_format(fields))
         elif self.mode == "plain":
             eta = self.eta_seconds(step)
@@ -81,7 +81,7 @@ class Progress:
 
     def message(self, text: str) -> None:
         """A one-off line (eval results, checkpoint saved, resumed from ...)."""
-        if self.mode == "rich":
-            self._rich.console.print(text)
-        elif self.mode == "plain":
+        if self.mode == "rich" and self._rich is not None:
+            self._rich.console.print(text, markup=False, highlight=False)
+        elif self.mode != "none":
             print(text, file=self.stream, flush=True)
