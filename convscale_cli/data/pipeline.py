@@ -6,7 +6,8 @@ restarted". Here the whole example stream is a pure function of a position count
 
 * global position ``p`` (0, 1, 2, ... over the whole run, counting augmented repeats) -> drawn example
   ``u = p // repeats`` -> epoch ``u // N`` and index ``shuffle_epoch(u % N)``, where ``shuffle_epoch`` is a
-  bijection of ``[0, N)`` (Grain's ``index_shuffle``) keyed by ``(seed, epoch)``: a new global order every epoch;
+  bijection of ``[0, N)`` keyed by ``(seed, epoch)`` (a permutation table, or Grain's ``index_shuffle`` Feistel
+  network for datasets too large for a table): a new global order every epoch;
 * global batch ``k`` holds positions ``[k B, (k + 1) B)``; process ``i`` of ``P`` takes the contiguous slice
   ``[k B + i b, k B + (i + 1) b)`` with ``b = B / P`` (so each process reads only its own shard of every batch);
 * positions ``>= num_examples`` are padding (mask 0, id -1) in the final batch only; so is an example whose
