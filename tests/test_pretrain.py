@@ -198,3 +198,11 @@ def test_out_is_a_file(registry: Any, tmp_path: Path) -> None:
     path.write_text("x")
     with pytest.raises(UsageError, match="is a file"):
         pretrain(helpers.config(path), registry)
+
+
+def test_partial_final_batch_is_masked_in_bf16(registry: Any, tmp_path: Path) -> None:
+    summary = pretrain(helpers.config(tmp_path / "bf16", steps=None, examples=40, precision="bf16"), registry)
+    assert summary["steps"] == 3 and summary["examples_seen"] == 40  # 16 + 16 + 8 real examples, one compile
+    assert summary["ledger"]["train_flops"] == pytest.approx(6 * summary["macs_per_image"] * 40)
+    assert np.isfinite(summary["final"]["eval_loss"])
+    assert summary["epochs"] == pytest.approx(40 / helpers.TRAIN_SIZE)

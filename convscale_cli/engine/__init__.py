@@ -1,1 +1,19 @@
-"""The training engine: pre-training and fine-tuning loops, optimiser, checkpoints, compute ledger."""
+"""The training engine: pre-training loop, optimiser, checkpoints, compute ledger (issue #5).
+
+Nothing is imported here, so ``import convscale_cli.engine`` stays cheap; import the modules you need:
+
+* :mod:`~convscale_cli.engine.api` -- ``pretrain(config, registry=None, *, pipeline=None) -> summary dict``.
+* :mod:`~convscale_cli.engine.config` -- ``PretrainConfig`` (frozen, validated) and ``MUTABLE_KEYS``.
+* :mod:`~convscale_cli.engine.resolve` -- ``resolve(config, registry) -> ResolvedRun``, ``resolved_dict``.
+* :mod:`~convscale_cli.engine.steps` -- ``resolve_duration``: the one epochs/examples/steps/FLOPs -> steps conversion.
+* :mod:`~convscale_cli.engine.optim` -- ``make_optimizer(recipe, schedule)``, ``learning_rate_schedule``,
+  ``peak_learning_rate``, ``path_mask``.
+* :mod:`~convscale_cli.engine.state` -- ``TrainState`` (step, params, opt_state, ema, rng), ``step_key``.
+* :mod:`~convscale_cli.engine.step` -- pure ``train_step`` / ``eval_step``, ``per_example_loss``, ``topk_correct``.
+* :mod:`~convscale_cli.engine.ledger` -- ``Ledger`` (FLOPs, device-seconds, MFU, TPU-v4 core-hours), ``xla_flops``.
+* :mod:`~convscale_cli.engine.checkpoint` -- ``Checkpoints`` (Orbax: async, keep K, corrupt-checkpoint fallback).
+* :mod:`~convscale_cli.engine.mesh` -- ``init_distributed``, ``make_mesh``, ``state_shardings`` (``fsdp``),
+  ``batch_sharding``, ``check_batch``.
+* :mod:`~convscale_cli.engine.rundir` -- ``RunDir`` (layout, same-config check), ``MetricsLog``.
+* :mod:`~convscale_cli.engine.loop`, :mod:`~convscale_cli.engine.progress`, :mod:`~convscale_cli.engine.hardware`.
+"""
