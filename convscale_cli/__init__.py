@@ -6,3 +6,14 @@ Importing this package is cheap; jax is imported only by the functions that need
 from __future__ import annotations
 
 __version__ = "0.1.0"
+
+
+def load_model(path):  # noqa: ANN001, ANN201
+    """Load a checkpoint for inference: ``(apply_fn, variables)``; see :func:`convscale_cli.weights.load_model`.
+
+    ``apply_fn(variables, images)`` returns logits for float32 NHWC images normalised with the ImageNet mean/std.
+    jax is imported on the first call, not when ``convscale_cli`` is imported.
+    """
+    from convscale_cli.weights import load_model as _load_model
+
+    return _load_model(path)
