@@ -109,6 +109,7 @@ class DatasetPlan:
     size: int  # training examples per epoch
     num_classes: int
     resolution: int
+    options: tuple[tuple[str, object], ...] = ()  # dataset options the pretrain command must pass (e.g. size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -350,6 +351,7 @@ def pretrain_command(request: PlanRequest, candidate: Candidate, lr: float, out_
         f"--lr {lr:g}",
         f"--batch-size {request.batch_size}",
         f"--resolution {request.dataset.resolution}",
+        *(f"--data-option {key}={value}" for key, value in request.dataset.options),
         f"--out {out_dir}/{run_name(candidate.model, candidate.epochs, lr)}",
     ]
     return " ".join(parts)
@@ -378,7 +380,7 @@ def plan_to_dict(plan: Plan) -> dict[str, object]:
             "peak_flops": request.hardware.peak_flops,
             "mfu": request.hardware.mfu,
         },
-        "dataset": dataclasses.asdict(request.dataset),
+        "dataset": {**dataclasses.asdict(request.dataset), "options": dict(request.dataset.options)},
         "family": request.family,
         "batch_size": request.batch_size,
         "frontier": {

@@ -196,7 +196,9 @@ def test_plan_json_schema(cli_registry: Registry, capsys: pytest.CaptureFixture[
     }
     assert doc["mode"] == "prior" and doc["fit"] is None
     assert doc["budget"]["unit"] == "core-hours" and doc["budget"]["core_hours"] == pytest.approx(110e3)
-    assert doc["dataset"] == {"name": None, "size": 4_000_000_000, "num_classes": 30_000, "resolution": 224}
+    assert doc["dataset"] == {
+        "name": None, "size": 4_000_000_000, "num_classes": 30_000, "resolution": 224, "options": {}
+    }  # fmt: skip
     assert len(doc["candidates"]) == 3
     keys = {
         "model",
@@ -377,5 +379,15 @@ def test_plan_from_runs_json(ladder: Registry, tmp_path, capsys: pytest.CaptureF
     assert doc["recommendation"]["commands"][0].startswith(
         f"convscale pretrain --model {doc['recommendation']['model']} --dataset toyset"
     )
+    assert "--data-option" not in doc["recommendation"]["commands"][0]  # toyset takes no size option
     assert main(args) == 0
     assert "pred. loss (interval)" in capsys.readouterr().out
+
+
+def test_plan_with_builtin_ladder_passes_the_dataset_size(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["plan", "--budget", "0.1-cpu-hours", "--dataset", "shapes", "--dataset-size", "16384"]
+    assert main([*args, "--models", "nfnet-tiny-*", "--batch-size", "64", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["dataset"]["resolution"] == 32 and doc["dataset"]["options"] == {"size": 16384}
+    assert all(c["model"].startswith("nfnet-tiny-") for c in doc["candidates"])
+    assert all("--data-option size=16384" in cmd for cmd in doc["recommendation"]["commands"])

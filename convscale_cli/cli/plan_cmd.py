@@ -44,11 +44,14 @@ def _dataset_plan(
                 f"dataset {dataset!r} needs options to report its size ({exc}); pass --dataset-size and --num-classes"
             ) from None
     size = dataset_size if dataset_size is not None else int(info.split_sizes.get("train", 0))
+    # A dataset that takes a `size` option (procedural ones like shapes) is told the planned size in the command.
+    options = (("size", dataset_size),) if dataset_size is not None and "size" in spec.options else ()
     return planner.DatasetPlan(
         name=spec.name,
         size=size,
         num_classes=num_classes if num_classes is not None else info.num_classes,
         resolution=resolution if resolution is not None else info.resolution,
+        options=options,
     )
 
 
