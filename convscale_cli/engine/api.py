@@ -8,37 +8,30 @@ writes ``summary.json``. Usable from a notebook: pass a registry to train models
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.metadata
 import platform
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from convscale_cli.engine import loop
+from convscale_cli.engine.build import Built, abstract_batch, build, compile_steps, host_batch, make_evaluate
 from convscale_cli.engine.checkpoint import Checkpoints
 from convscale_cli.engine.config import PretrainConfig
 from convscale_cli.engine.hardware import device_peak
 from convscale_cli.engine.ledger import Ledger, xla_flops
-from convscale_cli.engine.mesh import (
-    batch_sharding,
-    check_batch,
-    init_distributed,
-    make_mesh,
-    replicated,
-    state_shardings,
-)
-from convscale_cli.engine.optim import learning_rate_schedule, make_optimizer
+from convscale_cli.engine.mesh import init_distributed
 from convscale_cli.engine.progress import Progress
 from convscale_cli.engine.resolve import ResolvedRun, resolve, resolved_dict
 from convscale_cli.engine.rundir import MetricsLog, RunDir
-from convscale_cli.engine.state import TrainState
-from convscale_cli.engine.step import eval_step, train_step
 from convscale_cli.errors import RunInterrupted, UsageError
 from convscale_cli.registry import Registry
+
+# Kept under their first names: the fine-tuning engine builds on them.
+_abstract_batch = abstract_batch
+_host_batch = host_batch
 
 
 def _versions() -> dict[str, str]:
@@ -49,27 +42,6 @@ def _versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             continue
     return out
-
-
-def _abstract_batch(run: ResolvedRun, batch: int, resolution: int, sharding: Any) -> dict[str, jax.ShapeDtypeStruct]:
-    if run.info.multi_label:
-        label = jax.ShapeDtypeStruct((batch, run.num_classes), jnp.float32, sharding=sharding)
-    else:
-        label = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharding)
-    return {
-        "image": jax.ShapeDtypeStruct((batch, resolution, resolution, 3), jnp.uint8, sharding=sharding),
-        "label": label,
-        "mask": jax.ShapeDtypeStruct((batch,), jnp.float32, sharding=sharding),
-    }
-
-
-def _host_batch(batch: dict[str, Any], multi_label: bool) -> dict[str, np.ndarray]:
-    # Fixed dtypes and keys, so every step feeds the one compiled executable.
-    return {
-        "image": np.asarray(batch["image"], np.uint8),
-        "label": np.asarray(batch["label"], np.float32 if multi_label else np.int32),
-        "mask": np.asarray(batch["mask"], np.float32),
-    }
 
 
 class _Head:
@@ -134,31 +106,11 @@ def pretrain(config: PretrainConfig, registry: Registry | None = None, *, pipeli
     _sync("prepared")
     rundir.remove_summary()
 
-    mesh = make_mesh()
-    check_batch(run.batch_size, mesh, jax.process_count())
-    model = run.arch.build(
-        num_classes=run.num_classes,
-        dtype="bfloat16" if config.precision == "bf16" else "float32",
-        stochdepth_rate=config.stochdepth_rate,
-        drop_rate=config.drop_rate,
-        **config.model_options,
-    )
-    schedule = learning_rate_schedule(run.peak_lr, run.duration.steps, run.recipe.warmup_fraction)
-    tx = make_optimizer(run.recipe, schedule)
-
-    def init() -> TrainState:
-        init_key, dropout_key = jax.random.split(jax.random.PRNGKey(config.seed))
-        dummy = jnp.zeros((1, run.resolution, run.resolution, 3), jnp.float32)
-        params = model.init({"params": init_key}, dummy, train=False)["params"]
-        return TrainState.create(params, tx, dropout_key)
-
-    abstract = jax.eval_shape(init)
-    shardings = state_shardings(abstract, mesh, fsdp=config.fsdp)
-    abstract = jax.tree_util.tree_map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-    )
+    built = build(config, run)
     hardware, peak = device_peak(config.hardware, config.peak_flops)
-    ledger = Ledger(flops_per_example=run.flops_per_example, num_devices=mesh.size, hardware=hardware, peak_flops=peak)
+    ledger = Ledger(
+        flops_per_example=run.flops_per_example, num_devices=built.mesh.size, hardware=hardware, peak_flops=peak
+    )
     checkpoints = Checkpoints(rundir.checkpoints, keep=config.keep)
     # XLA:CPU compiles the partitionable threefry (jax's default) very slowly: ~6 s per random op on 2 cores, over a
     # minute for an NFNet's initialiser. The classic threefry gives the same values under any sharding, so CPU runs
@@ -166,10 +118,7 @@ def pretrain(config: PretrainConfig, registry: Registry | None = None, *, pipeli
     rng_mode = jax.threefry_partitionable(False) if jax.default_backend() == "cpu" else contextlib.nullcontext()
     try:
         with rng_mode:
-            return _train(
-                config, run, rundir, resolved, progress, pipeline, mesh, model, schedule, tx, init, abstract,
-                shardings, ledger, checkpoints,
-            )  # fmt: skip
+            return _train(config, run, rundir, resolved, progress, pipeline, built, ledger, checkpoints)
     finally:
         checkpoints.close()
 
@@ -181,6 +130,28 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def _restore_or_init(
+    config: PretrainConfig, rundir: RunDir, progress: Progress, built: Built, ledger: Ledger, checkpoints: Checkpoints
+) -> tuple[Any, int, dict[str, Any] | None, Ledger]:
+    """``(state, start_step, data_state, ledger)`` from the newest readable checkpoint, or a fresh state."""
+    restored = checkpoints.restore(built.abstract)
+    if restored is None:
+        rundir.truncate_metrics(0)
+        with ledger.timed("compile"):
+            state = jax.block_until_ready(jax.jit(built.init, out_shardings=built.shardings)())
+        return state, 0, None, ledger
+    step, state, data_state, saved = restored
+    lost = _lost_seconds(rundir.live_ledger(), saved)
+    # Counters continue; the device count, hardware and peak are this invocation's (it may run elsewhere).
+    resumed = Ledger.from_dict(
+        {**saved, "num_devices": ledger.num_devices, "hardware": ledger.hardware, "peak_flops": ledger.peak_flops}
+    )
+    resumed.device_seconds["lost"] += lost
+    rundir.truncate_metrics(step)
+    progress.message(f"resuming {config.out} from step {step} ({lost:.1f} device-seconds lost)")
+    return state, step, data_state, resumed
+
+
 def _train(
     config: PretrainConfig,
     run: ResolvedRun,
@@ -188,96 +159,23 @@ def _train(
     resolved: dict[str, Any],
     progress: Progress,
     pipeline: Any,
-    mesh: Any,
-    model: Any,
-    schedule: Any,
-    tx: Any,
-    init: Any,
-    abstract: Any,
-    shardings: Any,
+    built: Built,
     ledger: Ledger,
     checkpoints: Checkpoints,
 ) -> dict[str, Any]:
-    restored = checkpoints.restore(abstract)
-    start_step, data_state = 0, None
-    if restored is not None:
-        start_step, state, data_state, saved_ledger = restored
-        lost = _lost_seconds(rundir.live_ledger(), saved_ledger)
-        ledger = Ledger.from_dict(
-            {
-                **saved_ledger,
-                "num_devices": ledger.num_devices,
-                "hardware": ledger.hardware,
-                "peak_flops": ledger.peak_flops,
-            }
-        )
-        ledger.device_seconds["lost"] += lost
-        rundir.truncate_metrics(start_step)
-        progress.message(f"resuming {config.out} from step {start_step} ({lost:.1f} device-seconds lost)")
-    else:
-        rundir.truncate_metrics(0)
-        with ledger.timed("compile"):
-            state = jax.jit(init, out_shardings=shardings)()
-            jax.block_until_ready(state)
-
-    data_sharding = batch_sharding(mesh)
-    normalize = pipeline.normalize
-    train_jit = jax.jit(
-        functools.partial(
-            train_step,
-            model=model,
-            tx=tx,
-            schedule=schedule,
-            normalize=normalize,
-            loss=run.recipe.loss,
-            num_classes=run.num_classes,
-            label_smoothing=run.recipe.label_smoothing,
-        ),
-        donate_argnums=0,
-        out_shardings=(shardings, replicated(mesh)),
-    )
-    eval_jit = jax.jit(
-        functools.partial(
-            eval_step, model=model, normalize=normalize, loss=run.recipe.loss, num_classes=run.num_classes
-        ),
-        out_shardings=replicated(mesh),
-    )
+    state, start_step, data_state, ledger = _restore_or_init(config, rundir, progress, built, ledger, checkpoints)
     eval_source = run.data.open("eval", **config.data_options)
     if config.eval_examples is not None:
         eval_source = _Head(eval_source, config.eval_examples)
-    eval_batch = _eval_batch_size(run, len(eval_source), mesh.size)
+    eval_batch = _eval_batch_size(run, len(eval_source), built.mesh.size)
     with ledger.timed("compile"):
-        train_fn = train_jit.lower(abstract, _abstract_batch(run, run.batch_size, run.resolution, data_sharding))
-        train_fn = train_fn.compile()
-        eval_fn = eval_jit.lower(
-            abstract.params, _abstract_batch(run, eval_batch, run.eval_resolution, data_sharding)
-        ).compile()
-    ledger.xla_flops_per_step = xla_flops(train_fn) * mesh.size
+        train_fn, eval_fn = compile_steps(built, run, pipeline, eval_batch)
+    ledger.xla_flops_per_step = xla_flops(train_fn) * built.mesh.size  # cost analysis is per device
 
     def to_device(batch: dict[str, Any]) -> Any:
-        return pipeline.to_global(_host_batch(batch, run.info.multi_label), data_sharding)
+        return pipeline.to_global(host_batch(batch, run.info.multi_label), built.data_sharding)
 
-    def evaluate(params: Any) -> dict[str, float]:
-        with ledger.timed("eval"):
-            sums = None
-            for batch in pipeline.eval_loader(
-                eval_source,
-                global_batch_size=eval_batch,
-                resolution=run.eval_resolution,
-                process_index=jax.process_index(),
-                process_count=jax.process_count(),
-                worker_count=config.worker_count,
-            ):
-                out = eval_fn(params, to_device(batch))
-                sums = out if sums is None else jax.tree_util.tree_map(jnp.add, sums, out)
-            host = {k: float(v) for k, v in jax.device_get(sums).items()}
-        count = max(host["count"], 1.0)
-        return {
-            "eval_loss": host["loss_sum"] / count,
-            "eval_top1": host["top1_sum"] / count,
-            "eval_top5": host["top5_sum"] / count,
-        }
-
+    evaluate = make_evaluate(config, run, pipeline, eval_fn, eval_source, eval_batch, to_device, ledger)
     loader = pipeline.train_loader(
         run.data.open("train", **config.data_options),
         global_batch_size=run.batch_size,
@@ -305,7 +203,7 @@ def _train(
     try:
         with progress:
             state, status, step = loop.train(ctx, state, loader, start_step)
-            if ctx.saved_step != step and (step != start_step or restored is None):
+            if ctx.saved_step != step and step != start_step:
                 loop.save(ctx, state, loader, step)
             checkpoints.wait()
             if status == "interrupted":

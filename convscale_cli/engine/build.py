@@ -1,0 +1,172 @@
+"""Building a run on the devices: mesh, model, optimiser, state layout, and the compiled steps.
+
+Each training and evaluation step is compiled ahead of time for the run's fixed batch shapes
+(``jit(...).lower(...).compile()``): feeding the executable a batch of any other shape is an error, never a silent
+recompile, and XLA's cost analysis of the very executable that runs gives the ledger its FLOPs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from convscale_cli.engine.config import PretrainConfig
+from convscale_cli.engine.ledger import Ledger
+from convscale_cli.engine.mesh import batch_sharding, check_batch, make_mesh, replicated, state_shardings
+from convscale_cli.engine.optim import learning_rate_schedule, make_optimizer
+from convscale_cli.engine.resolve import ResolvedRun
+from convscale_cli.engine.state import TrainState
+from convscale_cli.engine.step import eval_step, train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Built:
+    """The device-side pieces of one run.
+
+    Attributes:
+        mesh: the 1-D data mesh over all devices.
+        model: the flax module.
+        schedule: the learning-rate schedule (peak scaled to the global batch).
+        tx: the optimiser.
+        init: ``init() -> TrainState`` at step 0 (jit it with ``out_shardings=shardings``).
+        abstract: the state's shapes and dtypes, with ``shardings`` attached (the restore target).
+        shardings: the state's shardings (replicated, or FSDP-split).
+        data_sharding: the batch sharding.
+    """
+
+    mesh: Mesh
+    model: Any
+    schedule: optax.Schedule
+    tx: optax.GradientTransformation
+    init: Callable[[], TrainState]
+    abstract: Any
+    shardings: Any
+    data_sharding: NamedSharding
+
+
+def build(config: PretrainConfig, run: ResolvedRun) -> Built:
+    """Create the mesh, model, optimiser and state layout (nothing is compiled or allocated yet).
+
+    Raises:
+        UsageError: a global batch the devices or processes do not divide.
+    """
+    mesh = make_mesh()
+    check_batch(run.batch_size, mesh, jax.process_count())
+    model = run.arch.build(
+        num_classes=run.num_classes,
+        dtype="bfloat16" if config.precision == "bf16" else "float32",
+        stochdepth_rate=config.stochdepth_rate,
+        drop_rate=config.drop_rate,
+        **config.model_options,
+    )
+    schedule = learning_rate_schedule(run.peak_lr, run.duration.steps, run.recipe.warmup_fraction)
+    tx = make_optimizer(run.recipe, schedule)
+
+    def init() -> TrainState:
+        init_key, dropout_key = jax.random.split(jax.random.PRNGKey(config.seed))
+        dummy = jnp.zeros((1, run.resolution, run.resolution, 3), jnp.float32)
+        params = model.init({"params": init_key}, dummy, train=False)["params"]
+        return TrainState.create(params, tx, dropout_key)
+
+    shapes = jax.eval_shape(init)
+    shardings = state_shardings(shapes, mesh, fsdp=config.fsdp)
+    abstract = jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings
+    )
+    return Built(mesh, model, schedule, tx, init, abstract, shardings, batch_sharding(mesh))
+
+
+def abstract_batch(run: ResolvedRun, batch: int, resolution: int, sharding: Any) -> dict[str, jax.ShapeDtypeStruct]:
+    """The shapes of one global batch: uint8 images, int32 labels (float32 multi-hot), float32 mask."""
+    if run.info.multi_label:
+        label = jax.ShapeDtypeStruct((batch, run.num_classes), jnp.float32, sharding=sharding)
+    else:
+        label = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharding)
+    return {
+        "image": jax.ShapeDtypeStruct((batch, resolution, resolution, 3), jnp.uint8, sharding=sharding),
+        "label": label,
+        "mask": jax.ShapeDtypeStruct((batch,), jnp.float32, sharding=sharding),
+    }
+
+
+def host_batch(batch: dict[str, Any], multi_label: bool) -> dict[str, np.ndarray]:
+    """A loader batch reduced to the keys and dtypes the compiled step takes."""
+    return {
+        "image": np.asarray(batch["image"], np.uint8),
+        "label": np.asarray(batch["label"], np.float32 if multi_label else np.int32),
+        "mask": np.asarray(batch["mask"], np.float32),
+    }
+
+
+def compile_steps(built: Built, run: ResolvedRun, pipeline: Any, eval_batch: int) -> tuple[Any, Any]:
+    """Compile ``(train_fn, eval_fn)`` for the run's batch shapes; the state argument of ``train_fn`` is donated."""
+    normalize = pipeline.normalize
+    train_jit = jax.jit(
+        functools.partial(
+            train_step,
+            model=built.model,
+            tx=built.tx,
+            schedule=built.schedule,
+            normalize=normalize,
+            loss=run.recipe.loss,
+            num_classes=run.num_classes,
+            label_smoothing=run.recipe.label_smoothing,
+        ),
+        donate_argnums=0,
+        out_shardings=(built.shardings, replicated(built.mesh)),
+    )
+    eval_jit = jax.jit(
+        functools.partial(
+            eval_step, model=built.model, normalize=normalize, loss=run.recipe.loss, num_classes=run.num_classes
+        ),
+        out_shardings=replicated(built.mesh),
+    )
+    train_batch = abstract_batch(run, run.batch_size, run.resolution, built.data_sharding)
+    held_out = abstract_batch(run, eval_batch, run.eval_resolution, built.data_sharding)
+    train_fn = train_jit.lower(built.abstract, train_batch).compile()
+    eval_fn = eval_jit.lower(built.abstract.params, held_out).compile()
+    return train_fn, eval_fn
+
+
+def make_evaluate(
+    config: PretrainConfig,
+    run: ResolvedRun,
+    pipeline: Any,
+    eval_fn: Any,
+    eval_source: Any,
+    eval_batch: int,
+    to_device: Callable[[dict[str, Any]], Any],
+    ledger: Ledger,
+) -> Callable[[Any], dict[str, float]]:
+    """``evaluate(params)``: one padded pass over the held-out source; masked sums, so padding never counts."""
+
+    def evaluate(params: Any) -> dict[str, float]:
+        with ledger.timed("eval"):
+            sums = None
+            for batch in pipeline.eval_loader(
+                eval_source,
+                global_batch_size=eval_batch,
+                resolution=run.eval_resolution,
+                process_index=jax.process_index(),
+                process_count=jax.process_count(),
+                worker_count=config.worker_count,
+            ):
+                out = eval_fn(params, to_device(batch))
+                sums = out if sums is None else jax.tree_util.tree_map(jnp.add, sums, out)
+            host = {k: float(v) for k, v in jax.device_get(sums).items()}
+        count = max(host["count"], 1.0)
+        return {
+            "eval_loss": host["loss_sum"] / count,
+            "eval_top1": host["top1_sum"] / count,
+            "eval_top5": host["top5_sum"] / count,
+        }
+
+    return evaluate
