@@ -146,7 +146,8 @@ def group_cells(runs: Iterable[RunRecord], size_axis: SizeAxis = "params") -> li
 def nearest_cell(cells: Iterable[Cell], model: str, size: float, epochs: float) -> Cell | None:
     """The closest cell (log distance over size and epochs) with size <= ``size`` and epochs <= ``epochs``.
 
-    The target cell itself is excluded: its own trials are the ones being decided.
+    The target cell itself is excluded: its own trials are the ones being decided. So is a cell whose every trial
+    diverged: it has no optimum to pass on.
     """
     eligible = [
         c
@@ -154,6 +155,7 @@ def nearest_cell(cells: Iterable[Cell], model: str, size: float, epochs: float) 
         if c.size <= size * (1 + 1e-9)
         and c.epochs <= epochs * (1 + 1e-9)
         and not (c.model == model and _same(c, epochs))
+        and math.isfinite(c.best.eval_loss)
     ]
     if not eligible:
         return None
@@ -199,7 +201,7 @@ class TuneResult:
     trials: tuple[Trial, ...]
     best_lr: float
     best_run: str
-    next_lr: float | None  # alpha/4 when alpha/2 won the two-trial rule
+    next_lr: float | None  # alpha/4 when alpha/2 won the two-trial rule; half the lowest lr when every trial failed
 
     @property
     def trained(self) -> int:
@@ -212,6 +214,8 @@ class TuneResult:
             f"alpha {t.lr:g}: {'failed' if t.status == 'failed' else f'loss {t.eval_loss:.4f}'}" for t in self.trials
         )
         text = f"{self.model} x {self.epochs:g} epochs: start alpha {self.start_lr:g} ({self.source}); {tried}; "
+        if all(t.eval_loss == math.inf for t in self.trials):
+            return text + f"every trial failed: try alpha {self.next_lr:g}."
         text += f"best alpha {self.best_lr:g} ({self.best_run})."
         if self.next_lr is not None:
             text += f" alpha/2 won, so the optimum may lie lower: try alpha {self.next_lr:g} next."
@@ -332,6 +336,8 @@ def tune_cell(
     trials = tuple(run_trial(spec.name, data.name, epochs, lr, root, trainer, options) for lr in lrs)
     best = min(trials, key=lambda t: (t.eval_loss, -t.lr))
     next_lr = _clean(start / 4) if rule == "two-trial" and best.lr == lrs[1] else None
+    if best.eval_loss == math.inf:  # all diverged: the optimum lies below every lr tried
+        next_lr = _clean(min(lrs) / 2)
     result = TuneResult(
         model=spec.name,
         dataset=data.name,

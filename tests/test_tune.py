@@ -147,7 +147,8 @@ def test_start_alpha_comes_from_the_nearest_smaller_cell(registry: Registry, tmp
 
 def test_nearest_cell_prefers_the_closest_in_log_space() -> None:
     def cell(model: str, size: float, epochs: float) -> tuning.Cell:
-        return tuning.Cell(model, "toy", epochs, size, ())
+        run = tuning.RunRecord.from_summary(Path(model), fake_summary("toy-s", "toyset", epochs, 0.8, 2.0))
+        return tuning.Cell(model, "toy", epochs, size, (run,))
 
     cells = [cell("a", 1e3, 0.25), cell("a", 1e3, 1.0), cell("b", 4e3, 0.5), cell("c", 16e3, 0.25)]
     assert tuning.nearest_cell(cells, "x", 4e3, 1.0).model == "b"
@@ -169,6 +170,16 @@ def test_a_diverged_trial_loses(registry: Registry, tmp_path: Path) -> None:
     result = tuning.tune_cell("toy-s", 0.5, tmp_path, dataset="toyset", registry=registry, trainer=fake)
     assert [t.status for t in result.trials] == ["failed", "trained"]
     assert result.best_lr == 0.8 and "alpha 1.6: failed" in result.message()
+
+
+def test_all_trials_diverging_offers_a_lower_lr(registry: Registry, tmp_path: Path) -> None:
+    fake = FakeTrainer(diverge_above=0.5)
+    result = tuning.tune_cell("toy-s", 0.5, tmp_path, dataset="toyset", registry=registry, trainer=fake)
+    assert len(fake.calls) == 2 and result.next_lr == 0.4
+    assert "every trial failed: try alpha 0.4" in result.message()
+    # A cell with no finite loss never passes its lr on to a larger cell.
+    nxt = tuning.tune_cell("toy-m", 0.5, tmp_path, dataset="toyset", registry=registry, trainer=FakeTrainer())
+    assert nxt.start_lr == 1.6 and "recipe default" in nxt.source
 
 
 def test_grid_runs_every_learning_rate(registry: Registry, tmp_path: Path) -> None:
