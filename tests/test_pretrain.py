@@ -206,3 +206,11 @@ def test_partial_final_batch_is_masked_in_bf16(registry: Any, tmp_path: Path) ->
     assert summary["ledger"]["train_flops"] == pytest.approx(6 * summary["macs_per_image"] * 40)
     assert np.isfinite(summary["final"]["eval_loss"])
     assert summary["epochs"] == pytest.approx(40 / helpers.TRAIN_SIZE)
+
+
+def test_device_hour_budget_counts_compile_time(registry: Any, tmp_path: Path) -> None:
+    # Measured device time (compile included) is what a cpu-hours budget buys: this one is gone before step 1.
+    summary = pretrain(helpers.config(tmp_path / "timed", budget="1e-7-cpu-hours"), registry)
+    assert summary["status"] == "budget" and summary["steps"] == 0
+    assert summary["budget_spent"] >= 1e-7 and summary["ledger"]["device_seconds"]["compile"] > 0
+    assert np.isfinite(summary["final"]["eval_loss"])
