@@ -325,6 +325,11 @@ def plan_prior(request: PlanRequest, registry: Registry, frontier: Frontier | No
         "pass --from RUNS_DIR for predicted losses",
         "tune the learning rate with the two trials (alpha, alpha/2): `convscale tune-lr`",
     ]
+    if any(s.recipe.optimizer != "sgd" for s in specs):
+        notes.append(
+            "the lr prior's decay was measured for NFNets trained with SGD (Fig. 3); for other optimizers it is only "
+            "a starting point for the two trials"
+        )
     if request.dataset.size != JFT4B_SIZE:
         notes.append(
             "the frontier is defined in examples seen on JFT-4B; on a smaller dataset the same number of examples "

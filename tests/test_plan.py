@@ -17,6 +17,7 @@ from convscale_cli.budget import get_hardware, parse_budget
 from convscale_cli.cli import main
 from convscale_cli.errors import UnknownNameError, UsageError
 from convscale_cli.hookspecs import hookimpl
+from convscale_cli.recipe import Recipe
 from convscale_cli.registry import ArchitectureSpec, ModelCount, Registry
 
 # The paper's Fig. 2 models with the counts of paper-facts §3.7 (224 px, 30k-class head, mid-128 rounding).
@@ -30,7 +31,7 @@ PAPER_MODELS = {
 }
 
 
-def _spec(name: str, params: float, macs_224: float, family: str = "nfnet", tags: tuple[str, ...] = ("paper",)):
+def _spec(name: str, params: float, macs_224: float, family: str = "nfnet", tags: tuple[str, ...] = ("paper",), **kw):  # noqa: ANN003
     def count(resolution: int, num_classes: int) -> ModelCount:
         return ModelCount(params=int(params), macs=int(macs_224 * (resolution / 224) ** 2))
 
@@ -42,6 +43,7 @@ def _spec(name: str, params: float, macs_224: float, family: str = "nfnet", tags
         train_resolution=224,
         eval_resolution=256,
         tags=tags,
+        **kw,
     )
 
 
@@ -51,7 +53,7 @@ class _PaperPlugin:
         for name, (params, macs) in PAPER_MODELS.items():
             register(_spec(name, params, macs))
         register(_spec("nfnet-test", 1e5, 1e6, tags=("tiny",)))
-        register(_spec("vit-l/16", 303e6, 61.4e9, family="vit", tags=()))
+        register(_spec("vit-l/16", 303e6, 61.4e9, family="vit", tags=(), recipe=Recipe(optimizer="adamw", lr=1e-3)))
 
 
 @pytest.fixture
@@ -158,6 +160,8 @@ def test_candidates_fit_the_budget_and_are_ranked_by_frontier_distance(registry:
 def test_family_and_model_patterns(registry: Registry) -> None:
     vit = P.plan_prior(_request("20k-core-hours", family="vit"), registry)
     assert [c.model for c in vit.candidates] == ["vit-l/16"]
+    assert vit.recommendation.lr <= 1e-3 and any("other optimizers" in n for n in vit.notes)
+    assert not any("other optimizers" in n for n in P.plan_prior(_request("20k-core-hours"), registry).notes)
     only = P.plan_prior(_request("20k-core-hours", models=("nfnet-f1", "nfnet-f0")), registry)
     assert {c.model for c in only.candidates} == {"nfnet-f0", "nfnet-f1"}
     with pytest.raises(UnknownNameError, match="family"):
