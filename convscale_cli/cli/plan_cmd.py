@@ -249,7 +249,10 @@ def tune_lr(
     seed: Annotated[int, typer.Option(help="Seed of every trial.")] = 0,
     set_: Annotated[
         list[str] | None,
-        typer.Option("--set", help="Further engine config fields as KEY=VALUE (e.g. precision=fp32); repeatable."),
+        typer.Option(
+            "--set",
+            help="Further engine config fields as KEY=VALUE (precision=fp32, data_options.size=16384); repeatable.",
+        ),
     ] = None,
     size_axis: Annotated[str, typer.Option(help="Judge 'smaller model' by params or macs.")] = "params",
     json_: Annotated[bool, typer.Option("--json", help="Print the decision as JSON.")] = False,
