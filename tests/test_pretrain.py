@@ -214,3 +214,21 @@ def test_device_hour_budget_counts_compile_time(registry: Any, tmp_path: Path) -
     assert summary["status"] == "budget" and summary["steps"] == 0
     assert summary["budget_spent"] >= 1e-7 and summary["ledger"]["device_seconds"]["compile"] > 0
     assert np.isfinite(summary["final"]["eval_loss"])
+
+
+def test_failed_background_save_is_raised(registry: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from convscale_cli.engine.ledger import Ledger
+
+    real = Ledger.to_dict
+
+    def to_dict(self: Ledger) -> dict[str, Any]:
+        out = real(self)
+        if self.steps == 8:
+            out["unserialisable"] = object()  # fails in Orbax's background writer, after save() returned
+        return out
+
+    monkeypatch.setattr(Ledger, "to_dict", to_dict)
+    out = tmp_path / "async-fail"
+    with pytest.raises(CheckpointError, match=r"at step 8 failed .*the checkpoint of step 4 is intact"):
+        pretrain(helpers.config(out, log_every=2), registry)
+    assert 8 not in [int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()]

@@ -43,6 +43,7 @@ class Checkpoints:
             enable_async_checkpointing=use_async,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        self._pending: int | None = None  # the step of the newest save not yet confirmed on disk
 
     def steps(self) -> list[int]:
         """Steps of the complete checkpoints, oldest first."""
@@ -60,8 +61,11 @@ class Checkpoints:
             CheckpointError: this save, or a previous asynchronous one, failed (disk full, permissions); the
                 newest complete checkpoint on disk is untouched.
         """
+        if self._pending is not None:
+            # Orbax's finalize thread logs a background error and keeps it from check_for_errors; waiting for the
+            # previous save (long done after N steps) is what surfaces it, named by its own step.
+            self.wait()
         try:
-            self._manager.check_for_errors()
             self._manager.save(
                 step,
                 args=ocp.args.Composite(
@@ -73,6 +77,18 @@ class Checkpoints:
             )
         except Exception as exc:
             raise self._failure(step, exc) from exc
+        self._pending = step
+
+    def check(self) -> None:
+        """Raise if an asynchronous save failed since the last check.
+
+        Raises:
+            CheckpointError: naming the failure; the newest complete checkpoint on disk is untouched.
+        """
+        try:
+            self._manager.check_for_errors()
+        except Exception as exc:
+            raise self._failure(None, exc) from exc
 
     def wait(self) -> None:
         """Block until pending saves are on disk.
@@ -84,7 +100,9 @@ class Checkpoints:
             self._manager.wait_until_finished()
             self._manager.check_for_errors()
         except Exception as exc:
-            raise self._failure(None, exc) from exc
+            raise self._failure(self._pending, exc) from exc
+        finally:
+            self._pending = None
 
     def _failure(self, step: int | None, exc: BaseException) -> CheckpointError:
         what = f"at step {step}" if step is not None else "in the background"

@@ -114,6 +114,7 @@ def flush(ctx: LoopContext, pending: list[tuple[int, Any]], since: float) -> flo
     Raises:
         TrainingError: a non-finite loss, naming the first bad step and the last good checkpoint.
     """
+    ctx.checkpoints.check()  # a failed background save stops the run at the next log point, not at the next save
     if not pending:
         return since
     values = jax.device_get([m for _, m in pending])
