@@ -28,7 +28,7 @@ def test_config_file_flags_and_overrides_then_finished_message(tmp_path: Path, c
     config = tmp_path / "run.toml"
     config.write_text(
         '[pretrain]\nmodel = "tiny-cnn"\ndataset = "colours"\nepochs = 3.0\nbatch_size = 16\nprecision = "fp32"\n'
-        "tensorboard = false\n[pretrain.recipe]\nweight_decay = 1e-4\n"
+        "[pretrain.recipe]\nweight_decay = 1e-4\n"
     )
     out = tmp_path / "run"
     argv = ["pretrain", "--config", str(config), "--out", str(out), "--steps", "6", "--lr", "0.8", "--eval-every", "3",
@@ -43,6 +43,12 @@ def test_config_file_flags_and_overrides_then_finished_message(tmp_path: Path, c
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r["step"] for r in records if r["split"] == "eval"]
     assert evals == [3, 6]
+    try:
+        import tensorboardX  # noqa: F401
+    except ImportError:
+        assert not (out / "tb").exists()
+    else:
+        assert any((out / "tb").glob("events.out.tfevents.*"))
     assert "step 6/6" in captured
     assert main(argv[:-1]) == 0
     assert "run already finished at step 6; nothing to do" in capsys.readouterr().out
