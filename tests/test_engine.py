@@ -172,3 +172,35 @@ def test_fsdp_shards_largest_divisible_dimension() -> None:
     assert tuple(_fsdp_spec((3, 3, 64, 128), 4)) == (None, None, None, "data")
     assert tuple(_fsdp_spec((8,), 4)) == ()  # small arrays stay replicated
     assert tuple(_fsdp_spec((4099, 3), 4)) == ()  # nothing divisible
+
+
+def _tiny_specs() -> list:
+    from convscale_cli.plugins import load_plugins
+
+    return [s for s in load_plugins().registry.architectures if "tiny" in s.tags]
+
+
+@pytest.mark.parametrize("spec", _tiny_specs(), ids=lambda s: s.name)
+def test_recipe_masks_match_real_parameter_names(spec: object) -> None:
+    """Each family's recipe regexes name real parameters: AGC skips exactly the classifier, decay skips gains."""
+    from convscale_cli.engine.optim import path_mask
+
+    model = spec.build(num_classes=7, dtype="float32", stochdepth_rate=0.0, drop_rate=0.0)  # type: ignore[attr-defined]
+    res = spec.train_resolution  # type: ignore[attr-defined]
+    params = jax.eval_shape(
+        lambda: model.init({"params": jax.random.PRNGKey(0)}, jnp.zeros((1, res, res, 3)), train=False)["params"]
+    )
+    recipe = spec.recipe  # type: ignore[attr-defined]
+    excluded = [
+        (path, leaf.shape)
+        for (path, leaf), hit in zip(
+            jax.tree_util.tree_flatten_with_path(params)[0],
+            jax.tree_util.tree_leaves(path_mask(recipe.agc_exclude, match=True)(params)),
+            strict=True,
+        )
+        if hit
+    ]
+    if recipe.agc_clip is not None:
+        assert len(excluded) == 1 and excluded[0][1][-1] == 7, excluded  # the classifier weight only
+    no_decay = jax.tree_util.tree_leaves(path_mask(recipe.no_decay, match=True)(params))
+    assert 0 < sum(no_decay) < len(no_decay)
