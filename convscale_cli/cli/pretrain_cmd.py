@@ -86,7 +86,7 @@ def pretrain(
     process_id: Annotated[int | None, typer.Option(help="Multi-host: this process's index.")] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print summary.json to stdout at the end.")] = False,
 ) -> None:
-    from convscale_cli.config import load_toml, merge
+    from convscale_cli.config import from_dict, load_toml, merge
     from convscale_cli.engine.config import PretrainConfig
 
     flags = {
@@ -132,11 +132,8 @@ def pretrain(
             data.pop(key, None)
     overrides.update(_parse_pairs(data_option, prefix="data_options."))
     overrides.update(_parse_pairs(set_))
-    from convscale_cli.config import from_dict
-
     run_config = from_dict(PretrainConfig, merge(data, overrides))
-
-    from convscale_cli.engine.api import pretrain as run_pretrain
+    from convscale_cli.engine.api import pretrain as run_pretrain  # jax: only once there is something to train
 
     summary = run_pretrain(run_config)
     if json_:

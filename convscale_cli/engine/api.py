@@ -26,7 +26,7 @@ from convscale_cli.engine.mesh import init_distributed
 from convscale_cli.engine.progress import Progress
 from convscale_cli.engine.resolve import ResolvedRun, resolve, resolved_dict
 from convscale_cli.engine.rundir import MetricsLog, RunDir
-from convscale_cli.errors import RunInterrupted, UsageError
+from convscale_cli.errors import RunInterrupted
 from convscale_cli.registry import Registry
 
 # Kept under their first names: the fine-tuning engine builds on them.
@@ -278,4 +278,4 @@ def _summary(
     return out
 
 
-__all__ = ["PretrainConfig", "UsageError", "pretrain"]
+__all__ = ["PretrainConfig", "pretrain"]
