@@ -74,7 +74,7 @@ def test_sigkill_at_random_points_then_resume_is_bitwise_exact(tmp_path: Path) -
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         kills.append(_logged_step(out))
-    assert kills[0] < kills[1] < 30
+    assert all(k < 30 for k in kills), kills  # each kill landed before the end of the run
     summary = _run(out, **settings)
     assert summary == {"status": "finished", "steps": 30}
     expected, got = helpers.final_params(reference), helpers.final_params(out)
