@@ -167,6 +167,9 @@ def test_bad_input_exits_2_with_one_line(
         (["--from", str(pretrained), "--eval-resolution", "2"], "resolution 2 is too small for tiny-cnn (minimum 4)"),
         (["--from", str(pretrained), "--data-option", "colour=1"], "unknown colours data option 'colour'"),
     ]
+    toml = tmp_path / "ft.toml"
+    toml.write_text(f"[finetune]\npretrained = {json.dumps(str(pretrained))}\nrepeat_aug = 0\n")
+    cases.append((["--config", str(toml)], "repeat_aug = 0 must be >= 1"))
     for extra, needle in cases:
         code, _, err = _run([*base, *extra], capsys)
         assert code == ExitCode.USAGE_ERROR, (extra, err)
@@ -236,3 +239,7 @@ def test_every_option_end_to_end_then_rerun_is_a_no_op(
 
     code, stdout, err = _run(argv, capsys)  # the same command again: finished, nothing is trained
     assert code == ExitCode.OK and json.loads(stdout)["finished_at"] == summary["finished_at"]
+    changed = list(argv)  # another SAM rho in the same --out
+    changed[changed.index("--sam-rho") + 1] = "0.2"
+    code, _, err = _run(changed, capsys)
+    assert code == ExitCode.USAGE_ERROR and "different config (sam_rho differs)" in err and "--force" in err
