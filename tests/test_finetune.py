@@ -136,6 +136,7 @@ def test_mismatched_backbone_names_the_first_tensor(tmp_path: Path, pretrained: 
         ({"repeat_aug": 0}, "repeat_aug"),
         ({"ema_decay": 1.0}, "ema_decay"),
         ({"drop_rate": 1.0}, "drop_rate"),
+        ({"eval_crop_fraction": 0.0}, "eval_crop_fraction"),
         ({"randaugment": (-1, 5.0)}, "randaugment"),
         ({"epochs": 1.0}, "exactly one duration"),
         ({"recipe": {"weight_decy": 0.1}}, "did you mean 'recipe.weight_decay'"),
@@ -203,10 +204,10 @@ def test_every_option_end_to_end_then_rerun_is_a_no_op(
     argv = [
         "finetune", "--from", str(pretrained / "checkpoints" / "4"), "--model", "tiny-cnn", "--dataset", "colours",
         "--out", str(out), "--steps", "6", "--batch-size", "8", "--lr", "0.2", "--resolution", "8",
-        "--eval-resolution", "12", "--sam-rho", "0.1", "--sam-fraction", "0.25", "--stochdepth-rate", "0.1",
-        "--drop-rate", "0.2", "--weight-decay", "1e-4", "--ema-decay", "0.9", "--repeat-aug", "2",
-        "--randaugment", "2,5", "--mixup", "0.2", "--cutmix", "1.0", "--label-smoothing", "0.1", "--seed", "3",
-        "--precision", "fp32", "--log-every", "2", "--checkpoint-every", "3", "--data-option", "size=40",
+        "--eval-resolution", "12", "--eval-crop", "1.0", "--sam-rho", "0.1", "--sam-fraction", "0.25",
+        "--stochdepth-rate", "0.1", "--drop-rate", "0.2", "--weight-decay", "1e-4", "--ema-decay", "0.9",
+        "--repeat-aug", "2", "--randaugment", "2,5", "--mixup", "0.2", "--cutmix", "1.0", "--label-smoothing", "0.1",
+        "--seed", "3", "--precision", "fp32", "--log-every", "2", "--checkpoint-every", "3", "--data-option", "size=40",
         "--set", "augment.crop=resize", "--set", "progress=none", "--set", "tensorboard=false",
         "--set", "checkpoint_minutes=0", "--set", "recipe.warmup_fraction=0.2", "--json",
     ]  # fmt: skip
@@ -232,6 +233,7 @@ def test_every_option_end_to_end_then_rerun_is_a_no_op(
     assert config["augment"]["repeats"] == 2 and config["augment"]["randaugment_layers"] == 2
     assert config["recipe"]["weight_decay"] == 1e-4 and config["recipe"]["warmup_fraction"] == 0.2
     assert config["model_options"] == {"stochdepth_rate": 0.1, "drop_rate": 0.2}
+    assert config["eval_crop_fraction"] == 1.0
     state = ocp.PyTreeCheckpointer().restore(out / "checkpoints" / "6" / "state")
     assert set(state) >= {"params", "ema", "opt_state"} and state["ema"] is not None
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

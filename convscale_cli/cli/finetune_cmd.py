@@ -71,6 +71,9 @@ def finetune(
     batch_size: Annotated[int | None, typer.Option(help="Global batch size (default 2048).")] = None,
     resolution: Annotated[int | None, typer.Option(help="Training resolution (paper: 384).")] = None,
     eval_resolution: Annotated[int | None, typer.Option(help="Evaluation resolution (paper: 480).")] = None,
+    eval_crop: Annotated[
+        float | None, typer.Option(help="Central fraction kept at evaluation (default 0.875; 1.0: whole image).")
+    ] = None,
     sam_rho: Annotated[float | None, typer.Option(help="SAM radius rho (default 0.05; 0 disables SAM).")] = None,
     sam_fraction: Annotated[
         float | None, typer.Option(help="Fraction of the batch for the SAM ascent step, in (0, 1] (default 0.2).")
@@ -118,6 +121,7 @@ def finetune(
         "batch_size": batch_size,
         "resolution": resolution,
         "eval_resolution": eval_resolution,
+        "eval_crop_fraction": eval_crop,
         "sam_rho": sam_rho,
         "sam_fraction": sam_fraction,
         "stochdepth_rate": stochdepth_rate,

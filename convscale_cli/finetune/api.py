@@ -176,7 +176,8 @@ def _train(
         with ledger.timed("eval"):
             sums = None
             for batch in pipeline.eval_loader(eval_source, global_batch_size=eval_batch,
-                                              resolution=run.eval_resolution, worker_count=config.worker_count):
+                                              resolution=run.eval_resolution, worker_count=config.worker_count,
+                                              crop_fraction=config.eval_crop_fraction):
                 out = eval_fn(params, to_device(batch))
                 sums = out if sums is None else jax.tree_util.tree_map(jnp.add, sums, out)
             host = {k: float(v) for k, v in jax.device_get(sums).items()}

@@ -139,8 +139,10 @@ def _from_run(run: Path, step: int | None, named: Path) -> Pretrained:
     if not isinstance(model, str) or not isinstance(num_classes, int):
         raise CheckpointError(f"run config {str(run / 'config.json')!r} does not name its model and num_classes")
     step_dir = run / "checkpoints" / str(step)
-    summary = run / "summary.json"
-    kind = json.loads(summary.read_text()).get("kind", "pretrain") if summary.is_file() else "pretrain"
+    from convscale_cli.engine.rundir import read_json
+
+    summary = read_json(run / "summary.json")  # None while the run is unfinished
+    kind = summary.get("kind", "pretrain") if isinstance(summary, dict) else "pretrain"
     return Pretrained(
         kind="run",
         path=named,

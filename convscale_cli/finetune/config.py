@@ -73,6 +73,9 @@ class FinetuneConfig:
     # position embedding) --------------------------------------------------------------------------------------------
     resolution: int | None = None  # default: the model's training resolution
     eval_resolution: int | None = None  # default: the model's evaluation resolution
+    # Evaluation resizes and keeps this central fraction of the image (0.875 = the NFNet 224/256 crop, A.3); 1.0 keeps
+    # the whole image, for datasets whose object fills the frame (digits) and that are trained with crop="resize".
+    eval_crop_fraction: float = 0.875
     precision: Precision = "bf16"  # bf16 activations, fp32 params/optimiser/EMA; fp32 for bitwise-exact tests
     seed: int = 0  # new head, data order, augmentation, dropout
 
@@ -110,6 +113,8 @@ class FinetuneConfig:
             raise ConfigError(f"repeat_aug = {self.repeat_aug!r} must be >= 1 (k augmented copies of each image)")
         if not (math.isfinite(self.ema_decay) and 0.0 <= self.ema_decay < 1.0):
             raise ConfigError(f"ema_decay = {self.ema_decay!r} must be in [0, 1) (0 disables the EMA)")
+        if not (math.isfinite(self.eval_crop_fraction) and 0.0 < self.eval_crop_fraction <= 1.0):
+            raise ConfigError(f"eval_crop_fraction = {self.eval_crop_fraction!r} must be in (0, 1]")
         for key in ("stochdepth_rate", "drop_rate", "label_smoothing"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ConfigError(f"{key} = {getattr(self, key)!r} must be in [0, 1)")
