@@ -18,6 +18,7 @@ import numpy as np
 
 from convscale_cli.engine import loop
 from convscale_cli.engine.build import Built, abstract_batch, build, compile_steps, host_batch, make_evaluate
+from convscale_cli.engine.cache import enable_compilation_cache
 from convscale_cli.engine.checkpoint import Checkpoints
 from convscale_cli.engine.config import PretrainConfig
 from convscale_cli.engine.hardware import device_peak
@@ -106,6 +107,7 @@ def pretrain(config: PretrainConfig, registry: Registry | None = None, *, pipeli
     _sync("prepared")
     rundir.remove_summary()
 
+    enable_compilation_cache()
     built = build(config, run)
     hardware, peak = device_peak(config.hardware, config.peak_flops)
     ledger = Ledger(
@@ -138,7 +140,7 @@ def _restore_or_init(
     if restored is None:
         rundir.truncate_metrics(0)
         with ledger.timed("compile"):
-            state = jax.block_until_ready(jax.jit(built.init, out_shardings=built.shardings)())
+            state = jax.block_until_ready(built.fresh_state())
         return state, 0, None, ledger
     step, state, data_state, saved = restored
     lost = _lost_seconds(rundir.live_ledger(), saved)

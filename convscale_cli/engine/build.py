@@ -36,7 +36,9 @@ class Built:
         model: the flax module.
         schedule: the learning-rate schedule (peak scaled to the global batch).
         tx: the optimiser.
-        init: ``init() -> TrainState`` at step 0 (jit it with ``out_shardings=shardings``).
+        init: ``init() -> TrainState`` at step 0, for shapes (:meth:`fresh_state` builds the real one).
+        init_params: ``init_params() -> params``: the model initialiser alone, jitted by :meth:`fresh_state`.
+        from_params: ``from_params(params) -> TrainState`` at step 0 (optimiser state, base key).
         abstract: the state's shapes and dtypes, with ``shardings`` attached (the restore target).
         shardings: the state's shardings (replicated, or FSDP-split).
         data_sharding: the batch sharding.
@@ -47,9 +49,21 @@ class Built:
     schedule: optax.Schedule
     tx: optax.GradientTransformation
     init: Callable[[], TrainState]
+    init_params: Callable[[], Any]
+    from_params: Callable[[Any], TrainState]
     abstract: Any
     shardings: Any
     data_sharding: NamedSharding
+
+    def fresh_state(self) -> TrainState:
+        """The step-0 state, laid out on the devices.
+
+        Only the model initialiser is compiled: it depends on the model alone, so the persistent compilation cache
+        serves it to every run of the same model. The optimiser state holds the run's own numbers (the injected
+        schedule) and is built eagerly, so those numbers never enter a compiled program.
+        """
+        params = jax.jit(self.init_params, out_shardings=self.shardings.params)()
+        return jax.device_put(self.from_params(params), self.shardings)
 
 
 def build(config: PretrainConfig, run: ResolvedRun) -> Built:
@@ -70,18 +84,24 @@ def build(config: PretrainConfig, run: ResolvedRun) -> Built:
     schedule = learning_rate_schedule(run.peak_lr, run.duration.steps, run.recipe.warmup_fraction)
     tx = make_optimizer(run.recipe, schedule)
 
-    def init() -> TrainState:
-        init_key, dropout_key = jax.random.split(jax.random.PRNGKey(config.seed))
+    init_key, dropout_key = jax.random.split(jax.random.PRNGKey(config.seed))
+
+    def init_params() -> Any:
         dummy = jnp.zeros((1, run.resolution, run.resolution, 3), jnp.float32)
-        params = model.init({"params": init_key}, dummy, train=False)["params"]
+        return model.init({"params": init_key}, dummy, train=False)["params"]
+
+    def from_params(params: Any) -> TrainState:
         return TrainState.create(params, tx, dropout_key)
+
+    def init() -> TrainState:
+        return from_params(init_params())
 
     shapes = jax.eval_shape(init)
     shardings = state_shardings(shapes, mesh, fsdp=config.fsdp)
     abstract = jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings
     )
-    return Built(mesh, model, schedule, tx, init, abstract, shardings, batch_sharding(mesh))
+    return Built(mesh, model, schedule, tx, init, init_params, from_params, abstract, shardings, batch_sharding(mesh))
 
 
 def abstract_batch(run: ResolvedRun, batch: int, resolution: int, sharding: Any) -> dict[str, jax.ShapeDtypeStruct]:

@@ -8,11 +8,13 @@ with a cosine to 0 (§1.3). The peak learning rate is alpha quoted at batch 4096
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from convscale_cli.errors import UsageError
@@ -58,18 +60,60 @@ def peak_learning_rate(alpha: float, batch_size: int, base_batch_size: int) -> f
     return alpha * batch_size / base_batch_size
 
 
-def learning_rate_schedule(peak: float, total_steps: int, warmup_fraction: float) -> optax.Schedule:
+def warmup_cosine(count: Any, peak_lr: Any, warmup_steps: Any, total_steps: Any) -> jax.Array:
+    """Linear warm-up from 0 to ``peak_lr`` over ``warmup_steps``, then cosine decay to 0 at ``total_steps``.
+
+    Written with jnp only, so the three numbers may be traced arrays (see :class:`WarmupCosine`).
+    """
+    count = jnp.asarray(count, jnp.float32)
+    warmup = jnp.asarray(warmup_steps, jnp.float32)
+    total = jnp.asarray(total_steps, jnp.float32)
+    warm = peak_lr * count / jnp.maximum(warmup, 1.0)
+    progress = jnp.clip((count - warmup) / jnp.maximum(total - warmup, 1.0), 0.0, 1.0)
+    decayed = 0.5 * peak_lr * (1.0 + jnp.cos(jnp.pi * progress))
+    return jnp.where(count < warmup, warm, decayed)
+
+
+@dataclasses.dataclass(frozen=True)
+class WarmupCosine:
+    """The recipes' schedule (warm-up then cosine to 0), with its numbers kept apart from its shape.
+
+    :func:`make_optimizer` injects ``peak_lr``, ``warmup_steps`` and ``total_steps`` into the optimiser state as
+    arrays instead of baking them into the compiled step as constants. Runs that differ only in learning rate or
+    length (every cell of a sweep, both trials of the two-trial rule) then lower to the same XLA program, which the
+    persistent compilation cache compiles once.
+    """
+
+    peak_lr: float
+    warmup_steps: int
+    total_steps: int
+
+    def __call__(self, count: Any) -> jax.Array:
+        return warmup_cosine(count, self.peak_lr, self.warmup_steps, self.total_steps)
+
+    def hyperparams(self) -> dict[str, Any]:
+        return {"peak_lr": float(self.peak_lr), "warmup_steps": self.warmup_steps, "total_steps": self.total_steps}
+
+
+def learning_rate_schedule(peak: float, total_steps: int, warmup_fraction: float) -> WarmupCosine:
     """Linear warm-up from 0 over ``warmup_fraction`` of the run, then cosine decay to 0 at ``total_steps``.
 
     The warm-up is a fraction of the run rather than the ImageNet recipe's fixed 5 epochs, so 0.25-epoch budgets
     (§1.3) still spend most steps at a useful learning rate.
     """
-    warmup = int(round(warmup_fraction * total_steps))
-    if warmup <= 0:
-        return optax.cosine_decay_schedule(peak, max(total_steps, 1))
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=peak, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1), end_value=0.0
-    )
+    return WarmupCosine(float(peak), int(round(warmup_fraction * total_steps)), max(int(total_steps), 1))
+
+
+def current_learning_rate(opt_state: Any, step: Any, schedule: optax.Schedule) -> jax.Array:
+    """The learning rate at ``step``, read from injected hyperparameters when the optimiser has them.
+
+    Reading it from the state (not from ``schedule``'s Python numbers) keeps run-specific constants out of the
+    compiled step, so the metric does not undo what :class:`WarmupCosine` injection buys.
+    """
+    hyperparams = getattr(opt_state, "hyperparams", None)
+    if isinstance(schedule, WarmupCosine) and hyperparams is not None:
+        return warmup_cosine(step, **hyperparams)
+    return jnp.asarray(schedule(step), jnp.float32)
 
 
 def make_optimizer(recipe: Recipe, schedule: optax.Schedule) -> optax.GradientTransformation:
@@ -77,11 +121,27 @@ def make_optimizer(recipe: Recipe, schedule: optax.Schedule) -> optax.GradientTr
 
     Args:
         recipe: the resolved recipe (optimizer, momentum, weight decay, clipping, masks).
-        schedule: the learning-rate schedule (already scaled to the global batch).
+        schedule: the learning-rate schedule (already scaled to the global batch). A :class:`WarmupCosine` has its
+            numbers injected into the optimiser state (``optax.inject_hyperparams``) rather than compiled in.
 
     Raises:
         UsageError: an unknown optimizer name.
     """
+    if isinstance(schedule, WarmupCosine):
+        if recipe.optimizer not in _OPTIMIZERS:
+            raise UsageError(f"unknown optimizer {recipe.optimizer!r}: choose from {', '.join(_OPTIMIZERS)}")
+
+        def factory(peak_lr: Any, warmup_steps: Any, total_steps: Any) -> optax.GradientTransformation:
+            return _chain(recipe, lambda count: warmup_cosine(count, peak_lr, warmup_steps, total_steps))
+
+        return optax.inject_hyperparams(factory)(**schedule.hyperparams())
+    return _chain(recipe, schedule)
+
+
+_OPTIMIZERS = ("sgd", "adamw", "adafactor")
+
+
+def _chain(recipe: Recipe, schedule: optax.Schedule) -> optax.GradientTransformation:
     decay_mask = path_mask(recipe.no_decay, match=False)
     clip: list[optax.GradientTransformation] = []
     if recipe.agc_clip is not None:

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from convscale_cli.engine.optim import current_learning_rate
 from convscale_cli.engine.state import TrainState, step_key
 
 Batch = dict[str, jax.Array]
@@ -120,7 +121,7 @@ def train_step(
         "loss": value,
         "top1": _masked_mean(topk_correct(logits, batch["label"], 1), mask),
         "grad_norm": optax.tree.norm(grads),
-        "lr": jnp.asarray(schedule(state.step), jnp.float32),
+        "lr": current_learning_rate(state.opt_state, state.step, schedule),
         "examples": mask.sum(),
     }
     return new_state, metrics
