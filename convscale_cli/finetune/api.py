@@ -20,7 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from convscale_cli.engine import loop
-from convscale_cli.engine.api import _abstract_batch, _eval_batch_size, _Head, _host_batch, _lost_seconds, _versions
+from convscale_cli.engine.api import _eval_batch_size, _Head, _lost_seconds, _versions
+from convscale_cli.engine.build import abstract_batch, host_batch
+from convscale_cli.engine.cache import enable_compilation_cache
 from convscale_cli.engine.checkpoint import Checkpoints
 from convscale_cli.engine.hardware import device_peak
 from convscale_cli.engine.ledger import Ledger, xla_flops
@@ -74,6 +76,7 @@ def finetune(
         return previous
     rundir.remove_summary()
 
+    enable_compilation_cache()  # a rerun, or the same model fine-tuned again, loads its compiled steps from disk
     mesh = make_mesh()
     check_batch(run.batch_size, mesh, 1)
     model = run.arch.build(
@@ -162,15 +165,15 @@ def _train(
         eval_source = _Head(eval_source, config.eval_examples)
     eval_batch = _eval_batch_size(run, len(eval_source), mesh.size)
     with ledger.timed("compile"):
-        train_fn = train_jit.lower(abstract, _abstract_batch(run, run.batch_size, run.resolution, data_sharding))
+        train_fn = train_jit.lower(abstract, abstract_batch(run, run.batch_size, run.resolution, data_sharding))
         train_fn = train_fn.compile()
         eval_fn = eval_jit.lower(
-            abstract.params, _abstract_batch(run, eval_batch, run.eval_resolution, data_sharding)
+            abstract.params, abstract_batch(run, eval_batch, run.eval_resolution, data_sharding)
         ).compile()
     ledger.xla_flops_per_step = xla_flops(train_fn) * mesh.size
 
     def to_device(batch: dict[str, Any]) -> Any:
-        return pipeline.to_global(_host_batch(batch, run.info.multi_label), data_sharding)
+        return pipeline.to_global(host_batch(batch, run.info.multi_label), data_sharding)
 
     def evaluate(params: Any) -> dict[str, float]:
         with ledger.timed("eval"):

@@ -19,6 +19,7 @@ import optax
 
 from convscale_cli.data.device import mix_batch
 from convscale_cli.engine.ema import ema_update
+from convscale_cli.engine.optim import current_learning_rate
 from convscale_cli.engine.sam import sam_gradients
 from convscale_cli.engine.state import TrainState, step_key
 from convscale_cli.engine.step import per_example_loss, topk_correct
@@ -102,7 +103,8 @@ def finetune_step(
         "loss": value,
         "top1": _masked_mean(topk_correct(logits, batch["label"], 1), mask),
         "grad_norm": optax.tree.norm(grads),
-        "lr": jnp.asarray(schedule(state.step), jnp.float32),
+        # Read from the injected hyperparameters, so runs differing only in lr or length share one compiled step.
+        "lr": current_learning_rate(state.opt_state, state.step, schedule),
         "examples": mask.sum(),
     }
     return new_state, metrics
