@@ -38,6 +38,8 @@ class StudyConfig:
     batch_size: int | None = None  # global batch; None: the recipe's (4096); alpha is quoted at 4096 either way
     seed: int = 0
     rule: Literal["two-trial", "grid"] = "two-trial"  # lr tuning per cell
+    # alpha of the first cell (no smaller finished cell yet); None: the recipe's (1.6, the paper's JFT-4B optimum)
+    start_lr: float | None = None
     # Explicit lr grid for rule = "grid" and for the "full grid" count; empty: the recipe's alpha x 2^(1 .. -4).
     lr_grid: tuple[float, ...] = ()
     size_axis: Literal["params", "macs"] = "params"  # how "smaller model" is judged by the two-trial rule
@@ -52,6 +54,8 @@ class StudyConfig:
             raise ConfigError(f"models lists a model twice: {list(self.models)}")
         if not self.epochs or any(not (math.isfinite(e) and e > 0) for e in self.epochs):
             raise ConfigError(f"epochs must be positive numbers, e.g. epochs = [0.25, 0.5, 1], got {list(self.epochs)}")
+        if self.start_lr is not None and not (math.isfinite(self.start_lr) and self.start_lr > 0):
+            raise ConfigError(f"start_lr must be a positive number, got {self.start_lr}")
         if any(not lr > 0 for lr in self.lr_grid):
             raise ConfigError(f"lr_grid must hold positive values, got {list(self.lr_grid)}")
         clash = sorted(set(self.engine) & _RESERVED)
@@ -170,6 +174,7 @@ def run_sweep(
             options=options,
             grid=grid,
             size_axis=study.size_axis,
+            start_lr=study.start_lr,
         )
         results.append(result)
         if on_done is not None:

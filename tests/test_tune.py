@@ -13,7 +13,7 @@ import pytest
 from convscale_cli import plugins as plugin_loader
 from convscale_cli import tuning
 from convscale_cli.cli import main
-from convscale_cli.errors import ConfigError, TrainingError
+from convscale_cli.errors import ConfigError, TrainingError, UsageError
 from convscale_cli.hookspecs import hookimpl
 from convscale_cli.registry import ArchitectureSpec, DatasetInfo, DatasetSpec, ModelCount, Registry
 from convscale_cli.sweep import StudyConfig, load_study, plan_cells, run_sweep
@@ -120,6 +120,19 @@ def test_two_trials_without_a_smaller_cell_start_at_the_recipe_alpha(registry: R
     assert result.best_run == "toy-s-e0.5-lr1.6"
     [entry] = _log(tmp_path)
     assert entry["best_lr"] == 1.6 and [t["lr"] for t in entry["trials"]] == [1.6, 0.8]
+
+
+def test_a_study_start_lr_replaces_the_recipe_alpha_only_for_the_first_cell(
+    registry: Registry, tmp_path: Path
+) -> None:
+    fake = FakeTrainer()
+    first = tuning.tune_cell("toy-s", 0.5, tmp_path, dataset="toyset", registry=registry, trainer=fake, start_lr=6.4)
+    assert [lr for _, _, lr in fake.calls] == [6.4, 3.2]
+    assert first.start_lr == 6.4 and "start_lr" in first.source
+    second = tuning.tune_cell("toy-s", 1, tmp_path, dataset="toyset", registry=registry, trainer=fake, start_lr=6.4)
+    assert second.start_lr == first.best_lr and "best of cell" in second.source  # the rule takes over
+    with pytest.raises(UsageError, match="start lr must be a positive number"):
+        tuning.tune_cell("toy-m", 1, tmp_path, dataset="toyset", registry=registry, trainer=fake, start_lr=-1.0)
 
 
 def test_alpha_half_winning_offers_the_next_trial(registry: Registry, tmp_path: Path) -> None:

@@ -65,6 +65,7 @@ def _register_commands() -> None:
         finetune_cmd,
         plan_cmd,
         pretrain_cmd,
+        quickstart_cmd,
         registry_cmds,
         report_cmd,
         weights_cmd,

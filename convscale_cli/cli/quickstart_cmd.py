@@ -1,0 +1,33 @@
+"""``convscale quickstart``: the main job — a small scaling study, fine-tuning, report and plan, on a laptop CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from convscale_cli.cli import app
+from convscale_cli.cli._output import print_json
+
+
+@app.command()
+def quickstart(
+    out: Annotated[Path, typer.Option(help="Where runs/ and report/ go; rerun to resume.")] = Path("quickstart"),
+    study: Annotated[
+        Path | None, typer.Option(help="Study TOML instead of the packaged one (see examples/quickstart.toml).")
+    ] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print the final summary as JSON.")] = False,
+) -> None:
+    """Run a complete small scaling study on the embedded data (about 10 minutes on a 2-core CPU).
+
+    Pre-trains a ladder of tiny NFNets on `shapes` for several epoch budgets with two-trial learning-rate tuning,
+    fine-tunes the best on the real `digits` data, fits the scaling laws, writes the HTML report and plans a 10x
+    larger budget from the fitted runs.
+    """
+    from convscale_cli import quickstart as job
+    from convscale_cli.cli import main
+
+    summary = job.run(out, main, study=study, echo=(lambda _: None) if json_ else print)
+    if json_:
+        print_json(summary)

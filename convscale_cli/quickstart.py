@@ -1,0 +1,168 @@
+"""The main job: a complete small scaling study on the embedded data, on a laptop CPU, in minutes.
+
+``convscale quickstart`` chains the commands a user would run by hand, in one process so that compiled programs are
+shared (issue #8):
+
+1. ``convscale sweep`` over the packaged study (``convscale_cli/studies/quickstart.toml``): a few rungs of the tiny
+   NFNet ladder x a few epoch budgets on ``shapes``, each cell's learning rate tuned by the two-trial rule;
+2. ``convscale finetune`` of the lowest-loss pre-trained run on the real ``digits`` data;
+3. ``convscale report`` over the runs (scaling-law fits, verdicts on the paper's findings, HTML with plots);
+4. ``convscale plan --from`` for a budget 10x the study's largest run.
+
+It ends with a short summary: runs used by the rule vs a full grid, the verdicts, the digits top-1 and where the report
+is. Each step's own output (live tables, progress) is printed as it runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from convscale_cli.errors import ConvscaleError, ExitCode, UsageError
+
+STUDY = "quickstart.toml"
+FINETUNE_DATASET = "digits"
+PLAN_BUDGET_FACTOR = 10.0
+
+
+def default_study() -> Path:
+    """The packaged quickstart study file."""
+    return Path(str(resources.files("convscale_cli.studies").joinpath(STUDY)))
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneSettings:
+    """How the best pre-trained run is fine-tuned on ``digits`` (small, so the whole job stays within minutes)."""
+
+    epochs: float = 30.0
+    batch_size: int = 64
+    lr: float = 0.4  # alpha at batch 4096, scaled linearly (0.4 x 64 / 4096 = 0.00625)
+    sam_rho: float = 0.05
+    ema_decay: float = 0.999
+
+
+def _call(run_command: Callable[[Sequence[str]], int], args: list[str]) -> None:
+    code = run_command(args)
+    if code != ExitCode.OK:
+        raise QuickstartFailed(f"`convscale {' '.join(args)}` failed with exit code {code}", code)
+
+
+class QuickstartFailed(ConvscaleError):
+    """A step of the quickstart failed (its own error was printed above)."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.exit_code = ExitCode(code) if code in ExitCode._value2member_map_ else ExitCode.INTERNAL_ERROR
+
+
+def _best_pretrain_run(runs_dir: Path) -> tuple[Path, dict[str, Any]]:
+    best: tuple[float, Path, dict[str, Any]] | None = None
+    for summary_path in sorted(runs_dir.glob("*/summary.json")):
+        summary = json.loads(summary_path.read_text())
+        loss = float(summary.get("final", {}).get("eval_loss", math.inf))
+        if summary.get("kind") == "pretrain" and summary.get("status") == "finished" and math.isfinite(loss):
+            if best is None or loss < best[0]:
+                best = (loss, summary_path.parent, summary)
+    if best is None:
+        raise UsageError(f"no finished pre-training run in {str(runs_dir)!r} to fine-tune")
+    return best[1], best[2]
+
+
+def _largest_flops(runs_dir: Path) -> float:
+    flops = [
+        float(json.loads(p.read_text()).get("ledger", {}).get("train_flops", 0.0))
+        for p in runs_dir.glob("*/summary.json")
+    ]
+    return max(flops, default=0.0)
+
+
+def run(
+    out: Path,
+    run_command: Callable[[Sequence[str]], int],
+    *,
+    study: Path | None = None,
+    finetune: FinetuneSettings = FinetuneSettings(),
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run the whole job into ``out`` (``out/runs``, ``out/report``) and return the summary it prints.
+
+    Args:
+        out: output directory; rerunning with the same ``out`` resumes (finished runs are skipped).
+        run_command: ``run_command(argv) -> exit code``, the ``convscale`` entry point (in-process).
+        study: a study TOML to use instead of the packaged one.
+        finetune: fine-tuning settings.
+        echo: where section headers and the summary go.
+    """
+    from convscale_cli.sweep import load_study
+
+    study_path = Path(study) if study is not None else default_study()
+    runs_dir, report_dir = out / "runs", out / "report"
+    loaded = load_study(study_path, {"out": str(runs_dir)})  # validates the study before anything runs
+
+    echo(f"[1/4] pre-training: {len(loaded.models)} models x {len(loaded.epochs)} epoch budgets on {loaded.dataset}, "
+         "learning rates tuned by the two-trial rule")
+    _call(run_command, ["sweep", str(study_path), "--set", f"out={runs_dir}"])
+
+    best_dir, best = _best_pretrain_run(runs_dir)
+    ft_dir = runs_dir / f"finetune-{FINETUNE_DATASET}"
+    echo(f"[2/4] fine-tuning the lowest-loss run ({best_dir.name}, held-out loss "
+         f"{best['final']['eval_loss']:.4f}) on the real {FINETUNE_DATASET} data")
+    _call(run_command, [
+        "finetune", "--from", str(best_dir), "--dataset", FINETUNE_DATASET, "--out", str(ft_dir),
+        "--epochs", f"{finetune.epochs:g}", "--batch-size", str(finetune.batch_size), "--lr", f"{finetune.lr:g}",
+        "--sam-rho", f"{finetune.sam_rho:g}", "--ema-decay", f"{finetune.ema_decay:g}",
+        "--precision", "fp32",
+    ])
+    ft = json.loads((ft_dir / "summary.json").read_text())
+
+    echo("[3/4] fitting scaling laws and writing the report")
+    _call(run_command, ["report", str(runs_dir), "--out", str(report_dir), "--dataset", loaded.dataset])
+    fit = json.loads((report_dir / "fit.json").read_text())
+
+    budget_flops = PLAN_BUDGET_FACTOR * _largest_flops(runs_dir)
+    echo(f"[4/4] planning a budget {PLAN_BUDGET_FACTOR:g}x the largest run ({budget_flops:.3g} FLOPs) from the "
+         "fitted runs")
+    size = loaded.data_options.get("size")
+    plan_args = ["plan", "--budget", f"{budget_flops:.4g}-flops", "--from", str(runs_dir), "--dataset",
+                 loaded.dataset, "--hardware", "cpu", "--resolution", str(loaded.resolution or 32)]
+    if size:
+        plan_args += ["--dataset-size", str(size)]
+    if loaded.batch_size:
+        plan_args += ["--batch-size", str(loaded.batch_size)]
+    _call(run_command, plan_args)
+
+    tuning = [json.loads(line) for line in (runs_dir / "tuning.jsonl").read_text().splitlines() if line.strip()]
+    runs_used = len({t["run"] for cell in tuning for t in cell["trials"]})
+    grid = len(tuning) * 6
+    final = ft.get("final", {})
+    final_ema = ft.get("final_ema") or {}
+    summary = {
+        "cells": len(tuning),
+        "runs_used": runs_used,
+        "full_grid_runs": grid,
+        "verdicts": fit.get("verdicts", []),
+        "best_pretrain_run": best_dir.name,
+        "finetune": {
+            "dataset": FINETUNE_DATASET,
+            "top1": final.get("eval_top1"),
+            "top1_ema": final_ema.get("eval_top1"),
+            "run": str(ft_dir),
+        },
+        "report": str(report_dir / "report.html"),
+    }
+    echo("")
+    echo("Quickstart summary")
+    echo(f"  two-trial rule: {runs_used} runs for {len(tuning)} cells (a full 6-point lr grid needs {grid})")
+    for verdict in summary["verdicts"]:
+        echo(f"  {verdict.get('claim') or verdict.get('finding')}: {verdict.get('text')}")
+    top1 = [v for v in (final.get("eval_top1"), final_ema.get("eval_top1")) if v is not None]
+    if top1:
+        echo(f"  fine-tuned on {FINETUNE_DATASET}: top-1 {final.get('eval_top1', float('nan')):.4f} "
+             f"(EMA {final_ema.get('eval_top1', float('nan')):.4f}) on the held-out split")
+    echo(f"  report: {summary['report']}")
+    return summary

@@ -1,0 +1,1 @@
+"""Packaged study files (``convscale quickstart`` runs quickstart.toml)."""
