@@ -46,8 +46,8 @@ def make_jpeg_folder(root: Path, images: int, classes: int = 8, seed: int = 0) -
     return root
 
 
-def bench_grain(root: Path, batch_size: int, workers: int, batches: int) -> float:
-    """Images/s of ``train_loader`` over the ``imagefolder`` source (first batch excluded: start-up)."""
+def bench_grain(root: Path, batch_size: int, workers: int, batches: int, warmup: int) -> float:
+    """Images/s of ``train_loader`` over the ``imagefolder`` source (``warmup`` batches excluded: start-up)."""
     from convscale_plugins.datasets import imagefolder
 
     from convscale_cli.data import train_loader
@@ -58,11 +58,12 @@ def bench_grain(root: Path, batch_size: int, workers: int, batches: int) -> floa
         global_batch_size=batch_size,
         resolution=RESOLUTION,
         seed=0,
-        num_examples=batch_size * (batches + 1),
+        num_examples=batch_size * (batches + warmup),
         worker_count=workers,
     )
     iterator = iter(loader)
-    next(iterator)
+    for _ in range(warmup):
+        next(iterator)
     start = time.perf_counter()
     count = sum(len(batch["id"]) for batch in iterator)
     return count / (time.perf_counter() - start)
@@ -98,8 +99,8 @@ class TorchFolder:
         return np.asarray(out), self.labels[index]
 
 
-def bench_torch(root: Path, batch_size: int, workers: int, batches: int) -> float:
-    """Images/s of ``torch.utils.data.DataLoader`` (shuffled, same worker count; first batch excluded)."""
+def bench_torch(root: Path, batch_size: int, workers: int, batches: int, warmup: int) -> float:
+    """Images/s of ``torch.utils.data.DataLoader`` (shuffled, same worker count; ``warmup`` batches excluded)."""
     import torch
 
     loader = torch.utils.data.DataLoader(
@@ -110,12 +111,12 @@ def bench_torch(root: Path, batch_size: int, workers: int, batches: int) -> floa
         prefetch_factor=2 if workers else None,
         drop_last=True,
     )
-    needed = batches + 1
+    needed = batches + warmup
     count = 0
     start = 0.0
     while needed > 0:  # a small folder is re-read for several epochs, like the Grain loader does
         for images, _ in loader:
-            if needed == batches + 1:
+            if needed > batches:
                 start = time.perf_counter()
             else:
                 count += len(images)
@@ -144,12 +145,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--batches", type=int, default=12, help="timed batches per loader")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--warmup", type=int, help="untimed batches first (default 2 x workers + 1: every worker has started)"
+    )
     parser.add_argument("--hardware", default="h100", help="hardware table entry for the F0 consumption estimate")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = args.root or make_jpeg_folder(Path(tmp) / "jpegs", args.images)
-        grain_rate = bench_grain(root, args.batch_size, args.workers, args.batches)
-        torch_rate = bench_torch(root, args.batch_size, args.workers, args.batches)
+        warmup = args.warmup if args.warmup is not None else 2 * args.workers + 1
+        grain_rate = bench_grain(root, args.batch_size, args.workers, args.batches, warmup)
+        torch_rate = bench_torch(root, args.batch_size, args.workers, args.batches, warmup)
     print(f"workers={args.workers} batch={args.batch_size} resolution={RESOLUTION}")
     print(f"grain  imagefolder pipeline: {grain_rate:8.1f} images/s")
     print(f"torch  DataLoader + PIL:     {torch_rate:8.1f} images/s")
