@@ -60,6 +60,9 @@ class PretrainConfig:
     out: str = ""  # run directory: config.json, metrics.jsonl, checkpoints/, summary.json
     data_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # DatasetSpec.open/info options (root=...)
     model_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # extra ArchitectureSpec.build options
+    # Training augmentation (convscale_cli.data.AugmentConfig fields: min_area, max_area, aspect_ratio, flip, ...);
+    # empty: inception crop + flip, the paper's pre-training augmentation (NFNet 2021 A.5).
+    augment: dict[str, Any] = dataclasses.field(default_factory=dict)
     num_classes: int | None = None  # classifier size; default: the dataset's
 
     # --- how long (one of these, or a FLOP/core-hour budget) -------------------------------------------------------

@@ -106,6 +106,8 @@ def finetune(
             with ledger.timed("compile"):
                 params = load_params(run.pretrained, run.arch, num_classes=run.num_classes,
                                      options=run.build_options, resolution=run.resolution, rng=head_key)
+                # The loaded tensors sit on one device; lay them out like the state before the jitted init.
+                params = jax.device_put(params, shardings.params)
                 state = jax.jit(init, out_shardings=shardings)(params)
                 jax.block_until_ready(state)
             progress.message(f"fine-tuning {run.arch.name} from {run.pretrained.path} with a new "
