@@ -1,0 +1,135 @@
+"""Training-step throughput: convscale (JAX) against timm (PyTorch) on the same device, batch, resolution, precision.
+
+Run: `python benchmarks/bench_train_step.py [--models nfnet-f0 vit-b/16] [--resolution 64] [--batch 16]
+[--precision fp32|bf16] [--steps 10]`. Needs the test extra (torch, timm). Warm-up (compilation, first steps) is
+excluded; each side runs a full SGD-Nesterov step (forward, backward, update; AGC on the convscale side, as its recipe
+does). Prints img/s for both, the ratio and MFU (analytic 6 x MACs per image against the device peak of
+`convscale_cli.budget`). Goals (issue #8): CPU fp32 at 64 px, batch 16: >= 1.5x timm; GPU at 224 px, bf16 (timm with
+torch.compile, channels-last, bf16): >= 45% MFU for NFNet-F0 and >= 1.3x timm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+from typing import Any
+
+# convscale name -> timm name
+PEERS = {"nfnet-f0": "dm_nfnet_f0", "vit-b/16": "vit_base_patch16_224", "vit-s/16": "vit_small_patch16_224"}
+
+
+def _timm() -> Any:
+    """Import timm with the CUDA-torchvision workaround (see tests/_timm.py)."""
+    import torch
+
+    original = torch.library.register_fake
+    torch.library.register_fake = lambda *a, **k: (lambda fn: fn)
+    try:
+        import timm
+        import torchvision  # noqa: F401
+    finally:
+        torch.library.register_fake = original
+    return timm
+
+
+def bench_convscale(name: str, resolution: int, batch: int, precision: str, steps: int, classes: int) -> float:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from convscale_cli.data import normalize
+    from convscale_cli.engine.optim import learning_rate_schedule, make_optimizer
+    from convscale_cli.engine.state import TrainState
+    from convscale_cli.engine.step import train_step
+    from convscale_cli.plugins import get_registry
+
+    spec = get_registry().architecture(name)
+    options = {"resolution": resolution} if spec.family == "vit" else {}
+    model = spec.build(num_classes=classes, dtype="bfloat16" if precision == "bf16" else "float32", **options)
+    schedule = learning_rate_schedule(0.1, 10_000, 0.0)
+    tx = make_optimizer(spec.recipe, schedule)
+    params = jax.jit(lambda: model.init({"params": jax.random.key(0)}, jnp.zeros((1, resolution, resolution, 3)),
+                                        train=False)["params"])()
+    state = TrainState.create(params, tx, jax.random.key_data(jax.random.key(1)))
+    step = jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule, normalize=normalize,
+                                     loss=spec.recipe.loss, num_classes=classes), donate_argnums=0)
+    rng = np.random.default_rng(0)
+    batch_data = {
+        "image": jnp.asarray(rng.integers(0, 256, (batch, resolution, resolution, 3), dtype=np.uint8)),
+        "label": jnp.asarray(rng.integers(0, classes, (batch,), dtype=np.int32)),
+        "mask": jnp.ones((batch,), jnp.float32),
+    }
+    for _ in range(2):  # compile + warm-up
+        state, metrics = step(state, batch_data)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = step(state, batch_data)
+    jax.block_until_ready(metrics)
+    return steps * batch / (time.perf_counter() - start)
+
+
+def bench_timm(name: str, resolution: int, batch: int, precision: str, steps: int, classes: int) -> float:
+    import torch
+
+    timm = _timm()
+    kwargs = {"img_size": resolution} if name.startswith("vit") else {}
+    model = timm.create_model(name, pretrained=False, num_classes=classes, **kwargs).train()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = model.to(device)
+    if device == "cuda":
+        model = torch.compile(model.to(memory_format=torch.channels_last))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    images = torch.randn(batch, 3, resolution, resolution, device=device)
+    labels = torch.randint(0, classes, (batch,), device=device)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            loss = torch.nn.functional.cross_entropy(model(images), labels)
+        loss.backward()
+        opt.step()
+
+    for _ in range(2):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return steps * batch / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["nfnet-f0", "vit-b/16"], choices=sorted(PEERS))
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--classes", type=int, default=1000)
+    args = parser.parse_args()
+
+    import jax
+
+    from convscale_cli.budget import detect_hardware, get_hardware
+    from convscale_cli.plugins import get_registry
+
+    hardware = get_hardware(detect_hardware(jax.devices()[0].device_kind))
+    print(f"device: {jax.devices()[0].device_kind} ({hardware.name}, peak {hardware.peak_flops:.3g} FLOP/s); "
+          f"{args.resolution} px, batch {args.batch}, {args.precision}, {args.steps} timed steps")
+    print(f"{'model':<10} {'convscale img/s':>16} {'timm img/s':>11} {'ratio':>6} {'MFU':>7}")
+    for name in args.models:
+        flops = get_registry().architecture(name).count(args.resolution, args.classes).train_flops
+        ours = bench_convscale(name, args.resolution, args.batch, args.precision, args.steps, args.classes)
+        peer = bench_timm(PEERS[name], args.resolution, args.batch, args.precision, args.steps, args.classes)
+        mfu = ours * flops / hardware.peak_flops
+        print(f"{name:<10} {ours:>16.1f} {peer:>11.1f} {ours / peer:>5.2f}x {mfu:>7.2%}")
+
+
+if __name__ == "__main__":
+    main()
