@@ -10,6 +10,7 @@ Keep this import graph free of jax, flax, optax, grain and orbax: ``--help``, ``
 
 from __future__ import annotations
 
+import logging
 import sys
 import warnings
 from collections.abc import Sequence
@@ -88,6 +89,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     _state.debug = "--debug" in args
     warnings.showwarning = _show_warning
+    if not _state.debug:
+        # Orbax and grain log routine notices (e.g. "Metadata file does not exist") through absl at WARNING level.
+        logging.getLogger("absl").setLevel(logging.ERROR)
     try:
         result = app(args=args, prog_name="convscale", standalone_mode=False)
         return int(result) if isinstance(result, int) else ExitCode.OK

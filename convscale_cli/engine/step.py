@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from convscale_cli.engine.ema import ema_update
 from convscale_cli.engine.optim import current_learning_rate
 from convscale_cli.engine.state import TrainState, step_key
 
@@ -59,7 +60,8 @@ def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
     return hit.astype(jnp.float32)
 
 
-def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean over the real examples of a padded batch (``mask`` 0 for padding)."""
     return (values * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
 
@@ -106,20 +108,18 @@ def train_step(
         per = per_example_loss(
             logits, batch["label"], loss=loss, num_classes=num_classes, label_smoothing=label_smoothing
         )
-        return _masked_mean(per, mask), logits
+        return masked_mean(per, mask), logits
 
     (value, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = state.ema
     if ema is not None and ema_decay is not None:
-        t = state.step.astype(jnp.float32)
-        decay = jnp.minimum(ema_decay, (1.0 + t) / (10.0 + t))
-        ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+        ema = ema_update(ema, params, state.step, ema_decay)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema)
     metrics = {
         "loss": value,
-        "top1": _masked_mean(topk_correct(logits, batch["label"], 1), mask),
+        "top1": masked_mean(topk_correct(logits, batch["label"], 1), mask),
         "grad_norm": optax.tree.norm(grads),
         "lr": current_learning_rate(state.opt_state, state.step, schedule),
         "examples": mask.sum(),

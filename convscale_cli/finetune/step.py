@@ -22,14 +22,10 @@ from convscale_cli.engine.ema import ema_update
 from convscale_cli.engine.optim import current_learning_rate
 from convscale_cli.engine.sam import sam_gradients
 from convscale_cli.engine.state import TrainState, step_key
-from convscale_cli.engine.step import per_example_loss, topk_correct
+from convscale_cli.engine.step import masked_mean, per_example_loss, topk_correct
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
-
-
-def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
-    return (values * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
 
 def finetune_step(
@@ -88,7 +84,7 @@ def finetune_step(
         def loss_fn(p: Any) -> tuple[jax.Array, jax.Array]:
             logits = model.apply({"params": p}, part["image"], train=True, rngs={"dropout": dropout_key})
             per = per_example_loss(logits, part["target"], loss=loss, num_classes=num_classes)
-            return _masked_mean(per, part["mask"]), logits
+            return masked_mean(per, part["mask"]), logits
 
         return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
@@ -101,7 +97,7 @@ def finetune_step(
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema)
     metrics = {
         "loss": value,
-        "top1": _masked_mean(topk_correct(logits, batch["label"], 1), mask),
+        "top1": masked_mean(topk_correct(logits, batch["label"], 1), mask),
         "grad_norm": optax.tree.norm(grads),
         # Read from the injected hyperparameters, so runs differing only in lr or length share one compiled step.
         "lr": current_learning_rate(state.opt_state, state.step, schedule),
