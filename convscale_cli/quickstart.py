@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from convscale_cli.errors import ConvscaleError, ExitCode, UsageError
+from convscale_cli.tuning import RunRecord, load_runs
 
 STUDY = "quickstart.toml"
 FINETUNE_DATASET = "digits"
@@ -63,24 +64,17 @@ class QuickstartFailed(ConvscaleError):
         self.exit_code = ExitCode(code) if code in ExitCode._value2member_map_ else ExitCode.INTERNAL_ERROR
 
 
-def _best_pretrain_run(runs_dir: Path) -> tuple[Path, dict[str, Any]]:
-    best: tuple[float, Path, dict[str, Any]] | None = None
-    for summary_path in sorted(runs_dir.glob("*/summary.json")):
-        summary = json.loads(summary_path.read_text())
-        loss = float(summary.get("final", {}).get("eval_loss", math.inf))
-        if summary.get("kind") == "pretrain" and summary.get("status") == "finished" and math.isfinite(loss):
-            if best is None or loss < best[0]:
-                best = (loss, summary_path.parent, summary)
-    if best is None:
+def _best_pretrain_run(runs_dir: Path) -> RunRecord:
+    """The finished pre-training run with the lowest held-out loss (the fine-tuning source)."""
+    runs = [r for r in load_runs(runs_dir) if math.isfinite(r.eval_loss)]
+    if not runs:
         raise UsageError(f"no finished pre-training run in {str(runs_dir)!r} to fine-tune")
-    return best[1], best[2]
+    return min(runs, key=lambda r: r.eval_loss)
 
 
 def _largest_flops(runs_dir: Path) -> float:
-    """Training FLOPs of the largest pre-training run (the plan's budget is a multiple of it)."""
-    summaries = [json.loads(p.read_text()) for p in runs_dir.glob("*/summary.json")]
-    flops = [float(s.get("ledger", {}).get("train_flops", 0.0)) for s in summaries if s.get("kind") == "pretrain"]
-    return max(flops, default=0.0)
+    """Training FLOPs of the largest finished pre-training run (the plan's budget is a multiple of it)."""
+    return max((r.train_flops for r in load_runs(runs_dir)), default=0.0)
 
 
 def run(
@@ -110,10 +104,11 @@ def run(
          "learning rates tuned by the two-trial rule")
     _call(run_command, ["sweep", str(study_path), "--set", f"out={runs_dir}"])
 
-    best_dir, best = _best_pretrain_run(runs_dir)
+    best = _best_pretrain_run(runs_dir)
+    best_dir = best.path
     ft_dir = runs_dir / f"finetune-{FINETUNE_DATASET}"
-    echo(f"[2/4] fine-tuning the lowest-loss run ({best_dir.name}, held-out loss "
-         f"{best['final']['eval_loss']:.4f}) on the real {FINETUNE_DATASET} data")
+    echo(f"[2/4] fine-tuning the lowest-loss run ({best_dir.name}, held-out loss {best.eval_loss:.4f}) on the "
+         f"real {FINETUNE_DATASET} data")
     _call(run_command, [
         "finetune", "--from", str(best_dir), "--dataset", FINETUNE_DATASET, "--out", str(ft_dir),
         "--epochs", f"{finetune.epochs:g}", "--batch-size", str(finetune.batch_size), "--lr", f"{finetune.lr:g}",
