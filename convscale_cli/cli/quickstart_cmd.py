@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -28,6 +30,10 @@ def quickstart(
     from convscale_cli import quickstart as job
     from convscale_cli.cli import main
 
-    summary = job.run(out, main, study=study, echo=(lambda _: None) if json_ else print)
-    if json_:
-        print_json(summary)
+    if not json_:
+        job.run(out, main, study=study)
+        return
+    # Machine-readable mode: the steps' own tables and progress go to stderr, only the summary to stdout.
+    with contextlib.redirect_stdout(sys.stderr):
+        summary = job.run(out, main, study=study, echo=lambda _: None)
+    print_json(summary)
