@@ -52,18 +52,30 @@ def test_version() -> None:
 
 
 HEAVY = ("jax", "flax", "optax", "grain", "orbax", "torch", "tensorflow")
+# pydantic is typer's, for coercing option values; convscale/_coerce.py keeps it out of the light commands (issue #8).
+LIGHT_ONLY = (*HEAVY, "pydantic", "numpy")
 
 
-@pytest.mark.parametrize("args", [["--help"], ["models"], ["datasets"], ["plugins"]])
-def test_light_commands_never_import_jax(args: list[str]) -> None:
+def _imported_top_level(args: list[str], watch: tuple[str, ...]) -> list[str]:
     code = (
         f"import sys; from convscale_cli.cli import main; rc = main({args!r}); "
-        f"heavy = sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})); "
+        f"heavy = sorted({{m.split('.')[0] for m in sys.modules}} & set({watch!r})); "
         "print('HEAVY=' + ','.join(heavy), file=sys.stderr); sys.exit(rc)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "HEAVY=\n" in result.stderr + "\n", result.stderr
+    return result.stderr.strip().splitlines()[-1].removeprefix("HEAVY=").split(",")
+
+
+@pytest.mark.parametrize("args", [["--help"], ["models"], ["datasets"], ["plugins"]])
+def test_light_commands_never_import_jax(args: list[str]) -> None:
+    assert _imported_top_level(args, HEAVY) == [""]
+
+
+@pytest.mark.parametrize("args", [["--help"], ["models"], ["plan", "--budget", "10k-core-hours"]])
+def test_benchmarked_commands_import_neither_pydantic_nor_numpy(args: list[str]) -> None:
+    """The start-up benchmark's commands (benchmarks/bench_cli.py) stay on typer's pydantic-free path."""
+    assert _imported_top_level(args, LIGHT_ONLY) == [""]
 
 
 def test_models_and_datasets_json_are_valid() -> None:
@@ -71,3 +83,35 @@ def test_models_and_datasets_json_are_valid() -> None:
         result = _run([command, "--json"])
         assert result.returncode == 0, result.stderr
         assert isinstance(json.loads(result.stdout), list)
+
+
+TAKEN = [(str, "nfnet-tiny-*"), (str, ""), (int, 4096), (int, "64"), (int, "-3"), (int, "0"), (int, "-0"),
+         (float, 0.356), (float, "0.3"), (float, "-2"), (float, "1e-1"), (float, "1.5E21"), (float, "10")]
+DECLINED = [(int, "012"), (int, "1_000"), (int, " 7"), (int, "1.0"), (int, "abc"), (int, True), (float, ".3"),
+            (float, "inf"), (float, "1e+3"), (float, 1), (bool, "yes")]
+
+
+@pytest.mark.parametrize(("annotation", "value"), TAKEN + DECLINED)
+def test_fast_coercion_agrees_with_typer_or_declines(annotation: type, value: object) -> None:
+    import typer._coercion
+    from typer.models import OptionInfo
+
+    from convscale_cli.cli._coerce import _MISS, fast_value
+
+    info = OptionInfo()
+    fast = fast_value(annotation, info, None, value)
+    if (annotation, value) in DECLINED:
+        assert fast is _MISS  # left to typer's pydantic adapter: lax forms and every error message stay typer's
+        return
+    descriptor = typer._coercion.resolve_type_descriptor(annotation, info)
+    expected = typer._coercion.build_runtime_param(descriptor)._coerce_value(value, param=None, ctx=None)
+    assert type(fast) is type(expected) and str(fast) == str(expected)
+
+
+def test_ranged_and_parsed_options_are_left_to_typer() -> None:
+    from typer.models import OptionInfo
+
+    from convscale_cli.cli._coerce import _MISS, fast_value
+
+    assert fast_value(int, OptionInfo(min=1), None, "5") is _MISS
+    assert fast_value(str, OptionInfo(parser=str.upper), None, "a") is _MISS

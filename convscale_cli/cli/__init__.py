@@ -18,8 +18,10 @@ from collections.abc import Sequence
 import typer
 
 from convscale_cli import __version__
-from convscale_cli.cli import _state
+from convscale_cli.cli import _coerce, _state
 from convscale_cli.errors import ConvscaleError, ExitCode
+
+_coerce.install()  # typer would import pydantic (~145 ms) to pass most options through unchanged
 
 app = typer.Typer(
     name="convscale",
