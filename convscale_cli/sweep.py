@@ -38,8 +38,10 @@ class StudyConfig:
     batch_size: int | None = None  # global batch; None: the recipe's (4096); alpha is quoted at 4096 either way
     seed: int = 0
     rule: Literal["two-trial", "grid"] = "two-trial"  # lr tuning per cell
-    # alpha of the first cell (no smaller finished cell yet); None: the recipe's (1.6, the paper's JFT-4B optimum)
-    start_lr: float | None = None
+    # alpha of each family's first cell (no smaller finished cell of that family yet); None: the recipe's (1.6 for
+    # NFNets, the paper's JFT-4B optimum). A table gives one per family, {nfnet = 51.2, vit = 0.4}: SGD and AdamW
+    # alphas differ by orders of magnitude, and the rule only passes an optimum on within a family.
+    start_lr: float | dict[str, float] | None = None
     # Explicit lr grid for rule = "grid" and for the "full grid" count; empty: the recipe's alpha x 2^(1 .. -4).
     lr_grid: tuple[float, ...] = ()
     size_axis: Literal["params", "macs"] = "params"  # how "smaller model" is judged by the two-trial rule
@@ -54,8 +56,11 @@ class StudyConfig:
             raise ConfigError(f"models lists a model twice: {list(self.models)}")
         if not self.epochs or any(not (math.isfinite(e) and e > 0) for e in self.epochs):
             raise ConfigError(f"epochs must be positive numbers, e.g. epochs = [0.25, 0.5, 1], got {list(self.epochs)}")
-        if self.start_lr is not None and not (math.isfinite(self.start_lr) and self.start_lr > 0):
-            raise ConfigError(f"start_lr must be a positive number, got {self.start_lr}")
+        starts = self.start_lr.items() if isinstance(self.start_lr, dict) else [("", self.start_lr)]
+        for family, lr in starts:
+            if lr is not None and not (_is_number(lr) and math.isfinite(lr) and lr > 0):
+                key = f"start_lr.{family}" if family else "start_lr"
+                raise ConfigError(f"{key} must be a positive number, got {lr!r}")
         if any(not lr > 0 for lr in self.lr_grid):
             raise ConfigError(f"lr_grid must hold positive values, got {list(self.lr_grid)}")
         clash = sorted(set(self.engine) & _RESERVED)
@@ -64,6 +69,18 @@ class StudyConfig:
         for key, value in (("resolution", self.resolution), ("batch_size", self.batch_size)):
             if value is not None and value <= 0:
                 raise ConfigError(f"{key} = {value} must be > 0")
+
+
+    def start_lr_for(self, family: str) -> float | None:
+        """The first-cell alpha of ``family`` (None: its recipe's)."""
+        if isinstance(self.start_lr, dict):
+            value = self.start_lr.get(family)
+            return None if value is None else float(value)
+        return self.start_lr
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def load_study(path: str | Path, overrides: Mapping[str, Any] | None = None) -> StudyConfig:
@@ -109,6 +126,7 @@ def plan_cells(study: StudyConfig, registry: Registry) -> list[CellPlan]:
 
     Raises:
         UnknownNameError: a model or the dataset is not registered.
+        ConfigError: ``start_lr`` names a family none of the study's models belongs to.
     """
     data = registry.dataset(study.dataset)
     info = data.info(**study.data_options) if study.data_options or data.static_info is None else data.static_info
@@ -122,6 +140,14 @@ def plan_cells(study: StudyConfig, registry: Registry) -> list[CellPlan]:
         macs = spec.count(resolution, classes).macs
         for epochs in study.epochs:
             cells.append(CellPlan(spec.name, spec.family, float(epochs), 6.0 * macs * epochs * train_size))
+    if isinstance(study.start_lr, dict):
+        families = sorted({c.family for c in cells})
+        unknown = sorted(set(study.start_lr) - set(families))
+        if unknown:
+            raise ConfigError(
+                f"start_lr names family {unknown[0]!r}, but the study's models are of famil"
+                f"{'y' if len(families) == 1 else 'ies'} {', '.join(families)}"
+            )
     return sorted(cells, key=lambda c: (c.flops, c.model, c.epochs))
 
 
@@ -174,7 +200,7 @@ def run_sweep(
             options=options,
             grid=grid,
             size_axis=study.size_axis,
-            start_lr=study.start_lr,
+            start_lr=study.start_lr_for(cell.family),
         )
         results.append(result)
         if on_done is not None:

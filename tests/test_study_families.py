@@ -1,0 +1,133 @@
+"""A sweep over two model families (ConvNets and ViTs at equal compute, paper §3): a start alpha per family, and the
+``examples/convnet-vs-vit.toml`` study."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from convscale_cli import plugins as plugin_loader
+from convscale_cli.errors import ConfigError
+from convscale_cli.hookspecs import hookimpl
+from convscale_cli.registry import ArchitectureSpec, DatasetInfo, DatasetSpec, ModelCount, Registry
+from convscale_cli.sweep import load_study, plan_cells, run_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = {"conv-s": ("conv", 1_000), "conv-m": ("conv", 4_000), "attn-s": ("attn", 1_500)}
+
+
+class _TwoFamilies:
+    @hookimpl
+    def register_architectures(self, register) -> None:  # noqa: ANN001
+        for name, (family, params) in MODELS.items():
+            register(
+                ArchitectureSpec(
+                    name=name, family=family, build=lambda **_: None,
+                    count=lambda r, c, p=params: ModelCount(params=p, macs=10 * p),
+                    train_resolution=32, eval_resolution=32,
+                )
+            )  # fmt: skip
+
+    @hookimpl
+    def register_datasets(self, register) -> None:  # noqa: ANN001
+        info = DatasetInfo(num_classes=10, split_sizes={"train": 1_000, "eval": 100}, resolution=32)
+        register(DatasetSpec(name="toyset", description="", open=lambda split: [], info=lambda: info, static_info=info))
+
+
+@pytest.fixture
+def registry() -> Registry:
+    return plugin_loader.load_plugins(extra=[("two", _TwoFamilies())], entry_points=lambda: []).registry
+
+
+def _trainer(calls: list[tuple[str, float, float]]):  # noqa: ANN202
+    """Writes a finished summary; the loss is lowest at the family's largest alpha tried, so the rule keeps alpha."""
+
+    def train(model: str, dataset: str, epochs: float, lr: float, out: Path, **options: Any) -> dict:
+        calls.append((model, epochs, lr))
+        family, params = MODELS[model]
+        summary = {
+            "kind": "pretrain", "status": "finished", "model": model, "family": family, "dataset": dataset,
+            "epochs": epochs, "lr": lr, "batch_size": 64, "params": params, "macs_per_image": 10 * params,
+            "train_resolution": 32, "num_classes": 10, "examples_seen": int(1_000 * epochs),
+            "final": {"eval_loss": 5.0 - lr / 1_000}, "ledger": {"train_flops": 1.0, "core_hours": 1e-9},
+        }  # fmt: skip
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "summary.json").write_text(json.dumps(summary))
+        return summary
+
+    return train
+
+
+def _study(tmp_path: Path, start_lr: str) -> Path:
+    path = tmp_path / "study.toml"
+    path.write_text(
+        f"out = '{tmp_path / 'runs'}'\ndataset = 'toyset'\nmodels = ['conv-s', 'conv-m', 'attn-s']\n"
+        f"epochs = [0.5, 1]\nstart_lr = {start_lr}\n"
+    )
+    return path
+
+
+def test_each_family_starts_at_its_own_alpha_and_tunes_only_from_its_own_cells(
+    registry: Registry, tmp_path: Path
+) -> None:
+    calls: list[tuple[str, float, float]] = []
+    study = load_study(_study(tmp_path, "{ conv = 51.2, attn = 1.6 }"))
+    result = run_sweep(study, registry, trainer=_trainer(calls))
+    first = {}
+    for model, _, lr in calls:
+        first.setdefault(MODELS[model][0], lr)
+    assert first == {"conv": 51.2, "attn": 1.6}
+    assert {lr for model, _, lr in calls if MODELS[model][0] == "attn"} == {1.6, 0.8}  # never an SGD alpha
+    by_cell = {(r.model, r.epochs): r for r in result.results}
+    assert by_cell[("attn-s", 1.0)].start_lr == 1.6 and "attn-s" in by_cell[("attn-s", 1.0)].source
+    assert by_cell[("conv-m", 1.0)].start_lr == 51.2 and "conv-" in by_cell[("conv-m", 1.0)].source
+
+
+def test_a_family_without_a_start_alpha_starts_at_its_recipe(registry: Registry, tmp_path: Path) -> None:
+    calls: list[tuple[str, float, float]] = []
+    run_sweep(load_study(_study(tmp_path, "{ conv = 51.2 }")), registry, trainer=_trainer(calls))
+    assert [lr for model, _, lr in calls if model == "attn-s"][:2] == [1.6, 0.8]  # Recipe().lr
+
+
+def test_one_start_alpha_still_applies_to_every_family(registry: Registry, tmp_path: Path) -> None:
+    calls: list[tuple[str, float, float]] = []
+    run_sweep(load_study(_study(tmp_path, "6.4")), registry, trainer=_trainer(calls))
+    assert [lr for model, _, lr in calls if model == "attn-s"][:2] == [6.4, 3.2]
+
+
+@pytest.mark.parametrize(
+    ("start_lr", "needle"),
+    [
+        ("{ conv = -1.0 }", r"start_lr.conv must be a positive number, got -1.0"),
+        ("{ conv = 'fast' }", r"start_lr.conv must be a positive number, got 'fast'"),
+        ("-2.0", r"start_lr must be a positive number"),
+    ],
+)
+def test_bad_start_alphas_are_config_errors(tmp_path: Path, start_lr: str, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        load_study(_study(tmp_path, start_lr))
+
+
+def test_a_start_alpha_for_a_family_the_study_lacks_is_a_config_error(registry: Registry, tmp_path: Path) -> None:
+    study = load_study(_study(tmp_path, "{ conv = 51.2, atn = 1.6 }"))
+    with pytest.raises(ConfigError, match=r"start_lr names family 'atn', but the study's models are of families attn"):
+        plan_cells(study, registry)
+
+
+def test_the_convnet_vs_vit_example_is_a_valid_two_family_study() -> None:
+    study = load_study(REPO / "examples" / "convnet-vs-vit.toml")
+    registry = plugin_loader.get_registry()
+    cells = plan_cells(study, registry)
+    assert len(cells) == len(study.models) * len(study.epochs)
+    families = {c.family for c in cells}
+    assert families == {"nfnet", "vit"} and set(study.start_lr) == families
+    assert all("ladder" in registry.architecture(m).tags for m in study.models)
+    assert study.dataset == "shapes" and study.rule == "two-trial"
+    # The report compares the families where their compute ranges overlap: make sure they do, by a wide margin.
+    span = {f: [min(c.flops for c in cells if c.family == f), max(c.flops for c in cells if c.family == f)]
+            for f in families}  # fmt: skip
+    low, high = max(s[0] for s in span.values()), min(s[1] for s in span.values())
+    assert high > 4 * low
