@@ -1,7 +1,5 @@
 """``convscale data ...``: dataset tools (``convert`` an image folder into ArrayRecord shards)."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Annotated
 

@@ -4,8 +4,6 @@
 import the training engine only when they actually train.
 """
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -23,8 +21,8 @@ if TYPE_CHECKING:
 
 
 def _dataset_plan(
-    registry: Registry, dataset: str | None, dataset_size: int | None, resolution: int | None, num_classes: int | None
-) -> DatasetPlan:
+    registry: "Registry", dataset: str | None, dataset_size: int | None, resolution: int | None, num_classes: int | None
+) -> "DatasetPlan":
     from convscale_cli import planner
 
     if dataset is None:
@@ -147,7 +145,7 @@ def plan(
     _print_plan(result, document)
 
 
-def _print_plan(plan: Plan, document: dict[str, Any]) -> None:
+def _print_plan(plan: "Plan", document: dict[str, Any]) -> None:
     from convscale_cli.budget import format_amount
 
     request = plan.request
@@ -340,7 +338,7 @@ def sweep(
     )
 
 
-def _sweep_live(config: StudyConfig, registry: Registry) -> SweepResult:
+def _sweep_live(config: "StudyConfig", registry: "Registry") -> "SweepResult":
     from rich.console import Console
     from rich.live import Live
     from rich.table import Table
@@ -351,7 +349,7 @@ def _sweep_live(config: StudyConfig, registry: Registry) -> SweepResult:
         (c.model, c.epochs): [c.model, f"{c.epochs:g}", "pending", "", "", ""] for c in plan_cells(config, registry)
     }
 
-    def render() -> Table:
+    def render() -> "Table":
         table = Table(title=f"sweep -> {config.out}", header_style="bold", box=None, pad_edge=False)
         for column in ("model", "epochs", "status", "trials (alpha: loss)", "best alpha", "note"):
             table.add_column(column, no_wrap=True)
@@ -362,12 +360,12 @@ def _sweep_live(config: StudyConfig, registry: Registry) -> SweepResult:
     console = Console()
     live_mode = console.is_terminal
 
-    def start(cell: CellPlan) -> None:
+    def start(cell: "CellPlan") -> None:
         rows[(cell.model, cell.epochs)][2] = "running"
         if live_mode:
             live.update(render())
 
-    def done(cell: CellPlan, result: TuneResult) -> None:
+    def done(cell: "CellPlan", result: "TuneResult") -> None:
         trials = ", ".join(
             f"{t.lr:g}: {'failed' if t.status == 'failed' else f'{t.eval_loss:.4f}'}" for t in result.trials
         )

@@ -1,7 +1,5 @@
 """``convscale quickstart``: the main job — a small scaling study, fine-tuning, report and plan, on a laptop CPU."""
 
-from __future__ import annotations
-
 import contextlib
 import sys
 from pathlib import Path

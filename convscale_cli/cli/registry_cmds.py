@@ -1,7 +1,5 @@
 """``convscale models``, ``datasets`` and ``plugins``: what the installed plugins provide."""
 
-from __future__ import annotations
-
 from typing import Annotated
 
 import typer

@@ -1,7 +1,5 @@
 """``convscale report``: scaling-law fits, plots and an HTML report over a directory of runs."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Annotated
 

@@ -1,7 +1,5 @@
 """``convscale import-weights``: convert a foreign checkpoint (timm safetensors) into a convscale weights checkpoint."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Annotated
 
