@@ -7,6 +7,7 @@ the peer figure is a bare `python -c pass` start on the same machine, printed as
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -34,6 +35,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=7)
     args = parser.parse_args()
     baseline = _median_seconds([sys.executable, "-c", "pass"], args.repeat)
+    if sys.flags.dont_write_bytecode or os.environ.get("PYTHONDONTWRITEBYTECODE"):
+        # Then every start compiles convscale's modules from source (~60 ms on 2 cores); an installed copy does not.
+        print("note: PYTHONDONTWRITEBYTECODE is set, so these figures include compiling convscale from source")
     print(f"{'command':<12} {'median s':>9} {'x python start':>15}  goal <= {GOAL_S} s")
     print(f"{'python':<12} {baseline:>9.3f} {1.0:>15.1f}")
     for name, cli_args in COMMANDS.items():
