@@ -100,6 +100,10 @@ class DatasetSpec:
         info: ``info(**options)`` returning :class:`DatasetInfo`; may read the disk (imagefolder) but never jax.
         options: options ``open``/``info`` accept with their defaults (e.g. ``{"root": None}``).
         static_info: facts known without options, shown by ``convscale datasets``; None when they depend on options.
+        augment: training-augmentation defaults that suit the data (``AugmentConfig`` fields, e.g. no flips for
+            handwriting); a run's own ``augment`` settings override them key by key.
+        eval_crop: central fraction of the image kept at evaluation (1.0 for data whose object fills the frame);
+            None: the recipe's (0.875, the NFNet 224/256 crop).
     """
 
     name: str
@@ -108,6 +112,8 @@ class DatasetSpec:
     info: Callable[..., DatasetInfo]
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     static_info: DatasetInfo | None = None
+    augment: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    eval_crop: float | None = None
 
 
 S = TypeVar("S", ArchitectureSpec, DatasetSpec)

@@ -245,3 +245,64 @@ def test_every_option_end_to_end_then_rerun_is_a_no_op(
     changed[changed.index("--sam-rho") + 1] = "0.2"
     code, _, err = _run(changed, capsys)
     assert code == ExitCode.USAGE_ERROR and "different config (sam_rho differs)" in err and "--force" in err
+
+
+def test_dataset_defaults_choose_the_augmentation_and_eval_crop(pretrained: Path, loaded: Any) -> None:
+    """A dataset's ``augment``/``eval_crop`` defaults apply unless the run sets its own, key by key."""
+    from convscale_cli.engine.resolve import resolve as resolve_pretrain
+    from convscale_cli.finetune.resolve import resolve
+    from convscale_cli.plugins import get_registry
+
+    class Handwriting(_Plugin):  # the same data, declared like digits: never flipped or cropped, judged whole
+        @hookimpl
+        def register_datasets(self, register: Any) -> None:
+            specs: list[Any] = []
+            helpers.TinyPlugin().register_datasets(specs.append)
+            for spec in specs:
+                register(dataclasses.replace(spec, augment={"crop": "resize", "flip": False}, eval_crop=1.0))
+
+    registry = plugin_loader.load_plugins(extra=[("hw", Handwriting())], entry_points=lambda: []).registry
+    base = {"pretrained": str(pretrained), "dataset": "colours", "out": "o", "steps": 4}
+    run = resolve(FinetuneConfig(**base), registry)
+    assert (run.augment.crop, run.augment.flip, run.eval_crop) == ("resize", False, 1.0)
+    run = resolve(FinetuneConfig(**base, augment={"flip": True}, eval_crop_fraction=0.5), registry)
+    assert (run.augment.crop, run.augment.flip, run.eval_crop) == ("resize", True, 0.5)
+    pre = resolve_pretrain(helpers.config("o", steps=4, augment={"min_area": 0.5}), registry)
+    assert (pre.augment, pre.eval_crop) == ({"crop": "resize", "flip": False, "min_area": 0.5}, 1.0)
+    plain = resolve(FinetuneConfig(**base), loaded.registry)  # no dataset defaults: the recipe's
+    assert (plain.augment.crop, plain.augment.flip, plain.eval_crop) == ("inception", True, 0.875)
+
+    builtin = get_registry()  # the shipped choices: digits are never flipped or cropped; shapes keep their object
+    assert builtin.dataset("digits").augment == {"crop": "resize", "flip": False}
+    assert builtin.dataset("digits").eval_crop == 1.0
+    assert builtin.dataset("shapes").augment == {"min_area": 0.35}
+
+
+def test_scratch_baseline_starts_from_a_random_initialisation(
+    tmp_path: Path, pretrained: Path, cli_registry: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--scratch`` trains the checkpoint's architecture from random weights: nothing but its shape is read."""
+    from convscale_cli.report.analysis import finetune_points
+    from convscale_cli.report.runs import load_runs
+
+    base = ["finetune", "--from", str(pretrained), "--dataset", "colours", "--steps", "1", "--batch-size", "8",
+            "--lr", "1e-9", "--precision", "fp32", "--sam-rho", "0", "--ema-decay", "0", "--set", "progress=none",
+            "--set", "tensorboard=false", "--json"]  # fmt: skip
+    code, stdout, err = _run([*base, "--out", str(tmp_path / "ft")], capsys)
+    assert code == ExitCode.OK, err
+    assert json.loads(stdout)["init"] == "pretrained"
+    code, stdout, err = _run([*base, "--scratch", "--out", str(tmp_path / "scratch")], capsys)
+    assert code == ExitCode.OK, err
+    summary = json.loads(stdout)
+    assert summary["init"] == "scratch" and summary["config"]["scratch"] is True
+    assert summary["pretrain"]["kind"] == "scratch" and summary["pretrain"]["core_hours"] == 0.0
+    assert summary["ledger"]["steps"] == 1 and summary["model"] == "tiny-cnn"
+
+    saved = _restore_params(pretrained / "checkpoints" / "8")["conv/kernel"]
+    tuned = _restore_params(tmp_path / "ft" / "checkpoints" / "1")["conv/kernel"]
+    scratch = _restore_params(tmp_path / "scratch" / "checkpoints" / "1")["conv/kernel"]
+    np.testing.assert_allclose(tuned, saved, atol=1e-6)  # lr 1e-9: one step leaves the loaded weights in place
+    assert not np.allclose(scratch, saved, atol=1e-3) and np.isfinite(scratch).all()
+
+    points = finetune_points(load_runs(tmp_path)[0])
+    assert sorted((p["run"], p["scratch"]) for p in points) == [("ft", False), ("scratch", True)]

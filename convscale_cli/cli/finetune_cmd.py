@@ -63,6 +63,13 @@ def finetune(
     dataset: Annotated[str | None, typer.Option(help="Target dataset, e.g. digits (see `convscale datasets`).")] = None,
     out: Annotated[str | None, typer.Option(help="Run directory (created; rerun to resume).")] = None,
     model: Annotated[str | None, typer.Option(help="Check that the checkpoint holds this architecture.")] = None,
+    scratch: Annotated[
+        bool,
+        typer.Option(
+            "--scratch",
+            help="Baseline: train --from's architecture from a random initialisation with the same recipe and compute.",
+        ),
+    ] = False,
     config: Annotated[Path | None, typer.Option("--config", help="Run config TOML (flags override it).")] = None,
     epochs: Annotated[float | None, typer.Option(help="Duration: augmented samples / train size (50).")] = None,
     steps: Annotated[int | None, typer.Option(help="Duration in optimiser steps.")] = None,
@@ -72,7 +79,8 @@ def finetune(
     resolution: Annotated[int | None, typer.Option(help="Training resolution (paper: 384).")] = None,
     eval_resolution: Annotated[int | None, typer.Option(help="Evaluation resolution (paper: 480).")] = None,
     eval_crop: Annotated[
-        float | None, typer.Option(help="Central fraction kept at evaluation (default 0.875; 1.0: whole image).")
+        float | None,
+        typer.Option(help="Central fraction kept at evaluation (default: the dataset's, else 0.875; 1.0: all of it)."),
     ] = None,
     sam_rho: Annotated[float | None, typer.Option(help="SAM radius rho (default 0.05; 0 disables SAM).")] = None,
     sam_fraction: Annotated[
@@ -143,6 +151,8 @@ def finetune(
     overrides = {k: v for k, v in flags.items() if v is not None}
     if force:
         overrides["force"] = True
+    if scratch:
+        overrides["scratch"] = True
     data: dict[str, Any] = {}
     if config is not None:
         data = load_toml(config)

@@ -187,7 +187,7 @@ def _train(
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         worker_count=config.worker_count,
-        augment=pipeline.augment_from_dict(config.augment) if config.augment else None,
+        augment=pipeline.augment_from_dict(run.augment) if run.augment else None,
     )
     if data_state:
         loader.set_state(data_state)

@@ -178,6 +178,7 @@ def make_evaluate(
                 process_index=jax.process_index(),
                 process_count=jax.process_count(),
                 worker_count=config.worker_count,
+                crop_fraction=run.eval_crop,
             ):
                 out = eval_fn(params, to_device(batch))
                 sums = out if sums is None else jax.tree_util.tree_map(jnp.add, sums, out)

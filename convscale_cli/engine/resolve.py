@@ -11,6 +11,7 @@ from typing import Any
 
 from convscale_cli.budget import Budget, parse_budget
 from convscale_cli.config import from_dict, to_dict
+from convscale_cli.data.augment import DEFAULT_EVAL_CROP_FRACTION
 from convscale_cli.engine.config import PretrainConfig
 from convscale_cli.engine.steps import Duration, resolve_duration
 from convscale_cli.errors import UnknownNameError, UsageError
@@ -36,6 +37,8 @@ class ResolvedRun:
         duration: steps / examples / epochs.
         macs_per_image: forward MACs of one image at the training resolution.
         budget: the parsed compute budget, or None.
+        augment: training augmentation, the dataset's defaults updated with the config's ``augment``.
+        eval_crop: central fraction of each held-out image evaluated (the dataset's, else the recipe's 0.875).
     """
 
     config: PretrainConfig
@@ -51,6 +54,8 @@ class ResolvedRun:
     duration: Duration
     macs_per_image: int
     budget: Budget | None
+    augment: dict[str, Any]
+    eval_crop: float
 
     @property
     def flops_per_example(self) -> float:
@@ -120,6 +125,8 @@ def resolve(config: PretrainConfig, registry: Registry) -> ResolvedRun:
         duration=duration,
         macs_per_image=macs,
         budget=budget,
+        augment={**data.augment, **config.augment},
+        eval_crop=data.eval_crop or DEFAULT_EVAL_CROP_FRACTION,
     )
 
 
@@ -140,6 +147,8 @@ def resolved_dict(run: ResolvedRun) -> dict[str, Any]:
         resolution=run.resolution,
         eval_resolution=run.eval_resolution,
         num_classes=run.num_classes,
+        augment=run.augment,
+        eval_crop=run.eval_crop,
         derived={
             "total_steps": run.duration.steps,
             "total_examples": run.duration.examples,

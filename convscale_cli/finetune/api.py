@@ -104,14 +104,23 @@ def finetune(
         restored = checkpoints.restore(abstract)
         if restored is None:
             with ledger.timed("compile"):
-                params = load_params(run.pretrained, run.arch, num_classes=run.num_classes,
-                                     options=run.build_options, resolution=run.resolution, rng=head_key)
-                # The loaded tensors sit on one device; lay them out like the state before the jitted init.
-                params = jax.device_put(params, shardings.params)
+                if config.scratch:
+                    images = jnp.zeros((1, run.resolution, run.resolution, 3), jnp.float32)
+                    params = jax.jit(lambda key: model.init({"params": key}, images, train=False)["params"],
+                                     out_shardings=shardings.params)(head_key)
+                else:
+                    params = load_params(run.pretrained, run.arch, num_classes=run.num_classes,
+                                         options=run.build_options, resolution=run.resolution, rng=head_key)
+                    # The loaded tensors sit on one device; lay them out like the state before the jitted init.
+                    params = jax.device_put(params, shardings.params)
                 state = jax.jit(init, out_shardings=shardings)(params)
                 jax.block_until_ready(state)
-            progress.message(f"fine-tuning {run.arch.name} from {run.pretrained.path} with a new "
-                             f"{run.num_classes}-way classifier")
+            if config.scratch:
+                progress.message(f"training {run.arch.name} from a random initialisation (the --scratch baseline "
+                                 f"of {run.pretrained.path})")
+            else:
+                progress.message(f"fine-tuning {run.arch.name} from {run.pretrained.path} with a new "
+                                 f"{run.num_classes}-way classifier")
             start = (0, state, None, ledger)
         else:
             step, state, data_state, saved = restored
@@ -182,7 +191,7 @@ def _train(
             sums = None
             for batch in pipeline.eval_loader(eval_source, global_batch_size=eval_batch,
                                               resolution=run.eval_resolution, worker_count=config.worker_count,
-                                              crop_fraction=config.eval_crop_fraction):
+                                              crop_fraction=run.eval_crop):
                 out = eval_fn(params, to_device(batch))
                 sums = out if sums is None else jax.tree_util.tree_map(jnp.add, sums, out)
             host = {k: float(v) for k, v in jax.device_get(sums).items()}
@@ -264,7 +273,8 @@ def _summary(
         "repeat_aug": config.repeat_aug,
         "final": final,
         "final_ema": final_ema,
-        "pretrain": run.pretrained.describe(),
+        "init": "scratch" if config.scratch else "pretrained",
+        "pretrain": run.pretrained.describe(scratch=config.scratch),
         "ledger": ledger.summary(),
         "config": resolved,
         "versions": _versions(),

@@ -59,8 +59,11 @@ class Pretrained:
     core_hours: float | None = None
     source: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
-    def describe(self) -> dict[str, Any]:
-        """The ``pretrain`` block of a fine-tuning summary."""
+    def describe(self, *, scratch: bool = False) -> dict[str, Any]:
+        """The ``pretrain`` block of a fine-tuning summary (with ``scratch``: of its from-scratch baseline)."""
+        if scratch:
+            return {"kind": "scratch", "run": None, "path": str(self.path), "step": None, "model": self.architecture,
+                    "num_classes": None, "core_hours": 0.0, "source": {"kind": "scratch"}}
         return {
             "kind": self.kind,
             "run": str(self.run) if self.run is not None else None,

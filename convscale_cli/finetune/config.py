@@ -40,6 +40,9 @@ class FinetuneConfig:
     dataset: str = ""  # registry name of the target dataset, e.g. "digits"
     out: str = ""  # run directory of the fine-tuning run
     model: str | None = None  # optional check: the architecture the checkpoint must hold
+    # The from-scratch baseline (issue #7): the checkpoint's architecture and build options with a random
+    # initialisation instead of its weights; same recipe, data and compute, so the two top-1s compare directly.
+    scratch: bool = False
     data_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # DatasetSpec.open/info options
     num_classes: int | None = None  # size of the new classifier; default the dataset's
 
@@ -67,7 +70,9 @@ class FinetuneConfig:
     mixup: float = 0.0  # MixUp Beta(alpha, alpha); 0 disables
     cutmix: float = 0.0  # CutMix Beta(alpha, alpha); 0 disables (with both, half the batch gets each: NFNet A.3)
     label_smoothing: float = 0.0  # softmax targets mixed with the uniform distribution
-    augment: dict[str, Any] = dataclasses.field(default_factory=dict)  # crop/min_area/max_area/aspect_ratio/flip
+    # crop/min_area/max_area/aspect_ratio/flip, over the dataset's defaults (DatasetSpec.augment: digits are not
+    # flipped or cropped) over the recipe's inception crop + flip.
+    augment: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     # --- resolution (the paper trains at 384 and evaluates at 480: ConvNets run at any size, ViTs resample their
     # position embedding) --------------------------------------------------------------------------------------------
@@ -75,7 +80,8 @@ class FinetuneConfig:
     eval_resolution: int | None = None  # default: the model's evaluation resolution
     # Evaluation resizes and keeps this central fraction of the image (0.875 = the NFNet 224/256 crop, A.3); 1.0 keeps
     # the whole image, for datasets whose object fills the frame (digits) and that are trained with crop="resize".
-    eval_crop_fraction: float = 0.875
+    # None: the dataset's choice (DatasetSpec.eval_crop), else 0.875.
+    eval_crop_fraction: float | None = None
     precision: Precision = "bf16"  # bf16 activations, fp32 params/optimiser/EMA; fp32 for bitwise-exact tests
     seed: int = 0  # new head, data order, augmentation, dropout
 
@@ -113,7 +119,8 @@ class FinetuneConfig:
             raise ConfigError(f"repeat_aug = {self.repeat_aug!r} must be >= 1 (k augmented copies of each image)")
         if not (math.isfinite(self.ema_decay) and 0.0 <= self.ema_decay < 1.0):
             raise ConfigError(f"ema_decay = {self.ema_decay!r} must be in [0, 1) (0 disables the EMA)")
-        if not (math.isfinite(self.eval_crop_fraction) and 0.0 < self.eval_crop_fraction <= 1.0):
+        crop = self.eval_crop_fraction
+        if crop is not None and not (math.isfinite(crop) and 0.0 < crop <= 1.0):
             raise ConfigError(f"eval_crop_fraction = {self.eval_crop_fraction!r} must be in (0, 1]")
         for key in ("stochdepth_rate", "drop_rate", "label_smoothing"):
             if not 0.0 <= getattr(self, key) < 1.0:

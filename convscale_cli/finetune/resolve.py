@@ -11,7 +11,7 @@ import dataclasses
 from typing import Any
 
 from convscale_cli.config import from_dict, to_dict
-from convscale_cli.data.augment import AugmentConfig
+from convscale_cli.data.augment import DEFAULT_EVAL_CROP_FRACTION, AugmentConfig
 from convscale_cli.engine.steps import Duration, resolve_duration
 from convscale_cli.errors import UnknownNameError, UsageError
 from convscale_cli.finetune.backbone import Pretrained, locate
@@ -31,7 +31,7 @@ class FinetuneRun:
         data: the target dataset.
         info: its info under the config's data options.
         recipe: the architecture's recipe with the fine-tuning overrides.
-        augment: the host-side and on-device augmentation.
+        augment: the host-side and on-device augmentation (the dataset's defaults updated with the config's).
         build_options: ``ArchitectureSpec.build`` options (the checkpoint's, plus stochastic depth and dropout).
         batch_size: global batch size.
         peak_lr: ``recipe.lr * batch_size / recipe.base_batch_size``.
@@ -40,6 +40,7 @@ class FinetuneRun:
         num_classes: classes of the new classifier.
         duration: steps / examples (augmented samples) / epochs.
         macs_per_image: forward MACs of one image at the training resolution.
+        eval_crop: central fraction of each held-out image evaluated (the config's, the dataset's, else 0.875).
         budget: always None (read by the engine's loop: fine-tuning has no compute-budget stop).
     """
 
@@ -58,6 +59,7 @@ class FinetuneRun:
     num_classes: int
     duration: Duration
     macs_per_image: int
+    eval_crop: float
     budget: None = None
 
     @property
@@ -111,7 +113,7 @@ def resolve(config: FinetuneConfig, registry: Registry) -> FinetuneRun:
     layers, magnitude = config.randaugment
     augment = from_dict(
         AugmentConfig,
-        {**config.augment, "randaugment_layers": layers, "randaugment_magnitude": magnitude,
+        {**data.augment, **config.augment, "randaugment_layers": layers, "randaugment_magnitude": magnitude,
          "mixup_alpha": config.mixup, "cutmix_alpha": config.cutmix, "label_smoothing": config.label_smoothing,
          "repeats": config.repeat_aug},
         prefix="augment.",
@@ -136,6 +138,7 @@ def resolve(config: FinetuneConfig, registry: Registry) -> FinetuneRun:
         num_classes=num_classes,
         duration=duration,
         macs_per_image=int(arch.count(resolution, num_classes).macs),
+        eval_crop=config.eval_crop_fraction or data.eval_crop or DEFAULT_EVAL_CROP_FRACTION,
     )
 
 
@@ -151,6 +154,7 @@ def resolved_dict(run: FinetuneRun) -> dict[str, Any]:
         loss=run.recipe.loss,
         recipe=to_dict(run.recipe),
         augment=to_dict(run.augment),
+        eval_crop_fraction=run.eval_crop,
         model_options=run.build_options,
         resolution=run.resolution,
         eval_resolution=run.eval_resolution,

@@ -322,7 +322,10 @@ def family_comparison(cells: Sequence[Cell], *, bootstrap: int = 200, seed: int 
 
 
 def finetune_points(runs: Iterable[Run]) -> list[dict[str, Any]]:
-    """Best fine-tuned top-1 per pre-training run, against that run's pre-training compute."""
+    """Best fine-tuned top-1 per pre-training run, against that run's pre-training compute.
+
+    A from-scratch baseline (``finetune --scratch``) is its own point with ``scratch`` set and no pre-training compute.
+    """
     best: dict[tuple[str, str], Run] = {}
     for run in runs:
         if run.kind != "finetune" or math.isnan(run.eval_top1):
@@ -340,6 +343,7 @@ def finetune_points(runs: Iterable[Run]) -> list[dict[str, Any]]:
                 "pretrain_core_hours": r.pretrain_core_hours,
                 "top1": 100.0 * r.eval_top1,
                 "run": r.name,
+                "scratch": r.from_scratch,
             }
             for r in best.values()
         ),

@@ -231,7 +231,8 @@ def _finetune_section(result: dict[str, Any], images: dict[str, str]) -> list[Bl
             Table(
                 ("model", "fine-tune dataset", "pre-training core-hours", "top-1 (%)", "run"),
                 tuple(
-                    (p["model"], p["dataset"], _g(p["pretrain_core_hours"]), f"{p['top1']:.2f}", p["run"])
+                    (p["model"], p["dataset"], "none (scratch)" if p.get("scratch") else _g(p["pretrain_core_hours"]),
+                     f"{p['top1']:.2f}", p["run"])
                     for p in points
                 ),
             )

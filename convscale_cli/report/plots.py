@@ -188,9 +188,16 @@ def finetune(points: Sequence[dict[str, Any]], path: Path) -> Path:
     by_model: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for point in points:
         by_model[f"{point['model']} ({point['dataset']})"].append(point)
-    for label, group in sorted(by_model.items()):
-        group = sorted(group, key=lambda p: p["pretrain_core_hours"])
-        ax.plot([p["pretrain_core_hours"] for p in group], [p["top1"] for p in group], "o-", label=label)
+    for index, (label, group) in enumerate(sorted(by_model.items())):
+        color = f"C{index}"
+        pretrained = sorted((p for p in group if not p.get("scratch")), key=lambda p: p["pretrain_core_hours"])
+        if pretrained:
+            ax.plot([p["pretrain_core_hours"] for p in pretrained], [p["top1"] for p in pretrained], "o-",
+                    color=color, label=label)
+        # A from-scratch baseline has no pre-training compute to sit at on a log axis: a level line instead.
+        for baseline in (p for p in group if p.get("scratch")):
+            ax.axhline(baseline["top1"], color=color, ls="--", lw=1,
+                       label=f"{label} from scratch: {baseline['top1']:.1f}%")
     # One marker per published point with its own legend entry: the points sit within 0.3% and 3x compute of each
     # other, so text labels next to them would overlap.
     for ref, marker in zip(REFERENCE_POINTS, "*PXD^v", strict=False):

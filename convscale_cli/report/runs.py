@@ -44,6 +44,7 @@ class Run:
         core_hours: Training compute in TPU-v4 core-hour equivalents.
         pretrain_run: Name of the pre-training run a fine-tune started from ("" for pre-training runs).
         pretrain_core_hours: Pre-training compute behind a fine-tune (0 for pre-training runs).
+        from_scratch: a fine-tuning run's from-scratch baseline (``finetune --scratch``): no pre-training behind it.
     """
 
     name: str
@@ -62,6 +63,7 @@ class Run:
     core_hours: float
     pretrain_run: str = ""
     pretrain_core_hours: float = 0.0
+    from_scratch: bool = False
 
     @property
     def examples_per_epoch(self) -> float:
@@ -150,11 +152,12 @@ def parse_summary(summary: Mapping[str, Any], name: str) -> Run:
         raise _Invalid(f"status {status!r} is not one of {', '.join(USABLE_STATUSES)}")
     final = _section(summary, "final")
     ledger = _section(summary, "ledger")
-    pretrain_run, pretrain_hours = "", 0.0
+    pretrain_run, pretrain_hours, scratch = "", 0.0, False
     if kind == "finetune":
         pretrain = _section(summary, "pretrain")
         pretrain_run = str(pretrain.get("run") or "")
-        pretrain_hours = _number(pretrain, "core_hours", "pretrain")
+        scratch = pretrain.get("kind") == "scratch"
+        pretrain_hours = _number(pretrain, "core_hours", "pretrain", positive=not scratch)
     seed = summary.get("seed", 0)
     return Run(
         name=name,
@@ -173,6 +176,7 @@ def parse_summary(summary: Mapping[str, Any], name: str) -> Run:
         core_hours=_core_hours(ledger),
         pretrain_run=pretrain_run,
         pretrain_core_hours=pretrain_hours,
+        from_scratch=scratch,
     )
 
 

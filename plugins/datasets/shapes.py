@@ -17,8 +17,8 @@ the label is a multi-hot vector over every object present (main class plus each 
 ``single`` layout), like JFT's multiple labels per image.
 
 Augmentation note: the class does not change under horizontal flips, and the main object sits in the central 65% of
-the image, but the inception crop's default minimum area (8%) can crop it away at 32 px; use an ``AugmentConfig``
-with ``min_area`` around 0.35 for this dataset.
+the image, but the inception crop's default minimum area (8%) can crop it away at 32 px, so runs on ``shapes``
+default to ``min_area`` 0.35 (``DatasetSpec.augment``; a run's ``augment`` settings override it).
 """
 
 from __future__ import annotations
@@ -129,5 +129,6 @@ def register_datasets(register) -> None:  # noqa: ANN001 (pluggy passes the regi
             info=info,
             options=dict(DEFAULTS),
             static_info=info(),
+            augment={"min_area": 0.35},
         )
     )
