@@ -40,3 +40,38 @@ def test_best_run_and_largest_compute_are_read_from_the_summaries(tmp_path: Path
     best = quickstart._best_pretrain_run(tmp_path)
     assert best.path.name == "b" and best.eval_loss == 4.0
     assert quickstart._largest_flops(tmp_path) == 3e9  # finished pre-training runs only
+
+
+def test_the_job_fine_tunes_the_best_run_and_its_scratch_baseline(tmp_path: Path) -> None:
+    """The four steps in order, wired by the files each writes (the commands are stood in for; they have own tests)."""
+    calls: list[list[str]] = []
+
+    def fake(argv: list[str]) -> int:
+        calls.append(list(argv))
+        runs = tmp_path / "job" / "runs"
+        if argv[0] == "sweep":
+            _summary(runs, "l0", "pretrain", 5.0, 1e9)
+            _summary(runs, "l1", "pretrain", 4.0, 3e9)
+            cells = [{"trials": [{"run": "l0"}, {"run": "l1"}]}]
+            (runs / "tuning.jsonl").write_text("".join(json.dumps(c) + "\n" for c in cells))
+        elif argv[0] == "finetune":
+            out = Path(argv[argv.index("--out") + 1])
+            out.mkdir(parents=True)
+            top1 = 0.9 if "--scratch" in argv else 0.99
+            doc = {"final": {"eval_top1": top1}, "final_ema": {"eval_top1": top1 - 0.01}}
+            (out / "summary.json").write_text(json.dumps(doc))
+        elif argv[0] == "report":
+            out = Path(argv[argv.index("--out") + 1])
+            out.mkdir(parents=True)
+            (out / "fit.json").write_text(json.dumps({"verdicts": [{"claim": "log-log law", "text": "supported"}]}))
+        return 0
+
+    lines: list[str] = []
+    summary = quickstart.run(tmp_path / "job", fake, echo=lines.append)
+    assert [c[0] for c in calls] == ["sweep", "finetune", "finetune", "report", "plan"]
+    tuned, scratch = calls[1], calls[2]
+    assert tuned[tuned.index("--from") + 1].endswith("l1")  # the lowest held-out loss
+    assert "--scratch" not in tuned and scratch == [*tuned[:-2], "--scratch", *scratch[-2:]]
+    assert summary["finetune"]["top1"] == 0.99 and summary["finetune"]["scratch"]["top1"] == 0.9
+    assert summary["runs_used"] == 2 and summary["best_pretrain_run"] == "l1"
+    assert any("99.0% (EMA 98.0%) fine-tuned from l1, 90.0% (EMA 89.0%) from scratch" in line for line in lines)
