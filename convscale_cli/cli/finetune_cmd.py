@@ -5,8 +5,6 @@ flags, then ``--set`` overrides) and calls :func:`convscale_cli.finetune.api.fin
 ``convscale --help`` never loads jax.
 """
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Annotated, Any
 
