@@ -116,17 +116,17 @@ def load_plugins(
     records: list[PluginRecord] = []
 
     seen: set[str] = set()
-    for ep in sorted(_entry_points_safe(entry_points), key=lambda e: (_dist_name(e) != BUILTIN_DISTRIBUTION, e.name)):
+    found = [(ep, *_dist_info(ep)) for ep in _entry_points_safe(entry_points)]
+    for ep, dist, version in sorted(found, key=lambda item: (item[1] != BUILTIN_DISTRIBUTION, item[0].name)):
         if ep.name in seen:  # the same distribution found twice on sys.path
             continue
         seen.add(ep.name)
-        dist = _dist_name(ep)
         builtin = dist == BUILTIN_DISTRIBUTION
         if not builtin and allow is not None and ep.name not in allow:
             continue
         record = PluginRecord(
             name=ep.name,
-            version=_dist_version(ep),
+            version=version,
             source="built-in" if builtin else f"entry point ({dist})",
         )
         records.append(record)
@@ -169,14 +169,14 @@ def _entry_points_safe(
     return list(source())
 
 
-def _dist_name(ep: importlib.metadata.EntryPoint) -> str:
+def _dist_info(ep: importlib.metadata.EntryPoint) -> tuple[str, str]:
+    """Normalised name and version of the distribution publishing ``ep`` ("" for both when unknown)."""
     dist = getattr(ep, "dist", None)
-    return (dist.metadata["Name"] or "").lower().replace("_", "-") if dist is not None else ""
-
-
-def _dist_version(ep: importlib.metadata.EntryPoint) -> str:
-    dist = getattr(ep, "dist", None)
-    return dist.version if dist is not None else ""
+    if dist is None:
+        return "", ""
+    # `Distribution.metadata` parses METADATA (with the long description) on every access: read it once per plugin.
+    metadata = dist.metadata
+    return (metadata["Name"] or "").lower().replace("_", "-"), metadata["Version"] or ""
 
 
 _CACHE: Plugins | None = None
