@@ -39,7 +39,7 @@ class StudyConfig:
     seed: int = 0
     rule: Literal["two-trial", "grid"] = "two-trial"  # lr tuning per cell
     # alpha of each family's first cell (no smaller finished cell of that family yet); None: the recipe's (1.6 for
-    # NFNets, the paper's JFT-4B optimum). A table gives one per family, {nfnet = 51.2, vit = 0.4}: SGD and AdamW
+    # NFNets, the paper's JFT-4B optimum). A table gives one per family, {nfnet = 51.2, vit = 1.6}: SGD and AdamW
     # alphas differ by orders of magnitude, and the rule only passes an optimum on within a family.
     start_lr: float | dict[str, float] | None = None
     # Explicit lr grid for rule = "grid" and for the "full grid" count; empty: the recipe's alpha x 2^(1 .. -4).
@@ -69,7 +69,6 @@ class StudyConfig:
         for key, value in (("resolution", self.resolution), ("batch_size", self.batch_size)):
             if value is not None and value <= 0:
                 raise ConfigError(f"{key} = {value} must be > 0")
-
 
     def start_lr_for(self, family: str) -> float | None:
         """The first-cell alpha of ``family`` (None: its recipe's)."""
@@ -144,9 +143,9 @@ def plan_cells(study: StudyConfig, registry: Registry) -> list[CellPlan]:
         families = sorted({c.family for c in cells})
         unknown = sorted(set(study.start_lr) - set(families))
         if unknown:
+            kind = "family" if len(families) == 1 else "families"
             raise ConfigError(
-                f"start_lr names family {unknown[0]!r}, but the study's models are of famil"
-                f"{'y' if len(families) == 1 else 'ies'} {', '.join(families)}"
+                f"start_lr names family {unknown[0]!r}, but the study's models are of {kind} {', '.join(families)}"
             )
     return sorted(cells, key=lambda c: (c.flops, c.model, c.epochs))
 
