@@ -41,14 +41,19 @@ def main() -> None:
     from convscale_cli.sweep import load_study, run_sweep
 
     study = load_study(args.study or default_study(), {"out": str(args.runs)})
-    start = study.start_lr or 1.6
     registry = get_registry()
     run_sweep(study, registry)
-    grid = tuple(start * 2.0**k for k in GRID_OCTAVES)
-    run_sweep(dataclasses.replace(study, rule="grid", lr_grid=grid), registry)
+    families: dict[str, list[str]] = {}
+    for model in study.models:
+        families.setdefault(registry.architecture(model).family, []).append(model)
+    for family, models in families.items():  # each family's grid sits around its own start_lr (SGD vs AdamW alphas)
+        start = study.start_lr_for(family) or 1.6
+        grid = tuple(start * 2.0**k for k in GRID_OCTAVES)
+        one = dataclasses.replace(study, models=tuple(models), start_lr=start, rule="grid", lr_grid=grid)
+        run_sweep(one, registry)
+        print(f"grid ({family}): alpha in {', '.join(f'{a:g}' for a in grid)}")
 
     rule, full = _decisions(args.runs, "two-trial"), _decisions(args.runs, "grid")
-    print(f"grid: alpha in {', '.join(f'{a:g}' for a in grid)}")
     print(f"{'model':<15} {'epochs':>6} {'rule alpha':>10} {'rule loss':>9} {'grid alpha':>10} {'grid loss':>9} "
           f"{'regret':>7}")
     regrets = []
