@@ -73,15 +73,20 @@ def activation_fn(name: str) -> Activation:
 
 
 def standardize_weight(kernel: jax.Array, gain: jax.Array, eps: float, style: str = "dm") -> jax.Array:
-    """Scaled Weight Standardization of an HWIO kernel: zero mean, unit fan-in variance per output channel, x gain."""
-    mean = jnp.mean(kernel, axis=(0, 1, 2), keepdims=True)
-    var = jnp.var(kernel, axis=(0, 1, 2), keepdims=True)
+    """Scaled Weight Standardization of an HWIO kernel: zero mean, unit fan-in variance per output channel, x gain.
+
+    The statistics are taken over a ``[fan_in, out]`` view of the kernel: XLA:CPU reduces that 2-D view 3-5x faster
+    than the leading three axes of a 1x1 kernel (issue #8); it is the same mean and variance.
+    """
     fan_in = kernel.shape[0] * kernel.shape[1] * kernel.shape[2]
+    flat = kernel.reshape(fan_in, kernel.shape[3])
+    mean = jnp.mean(flat, axis=0)
+    var = jnp.var(flat, axis=0)
     if style == "dm":
         scale = lax.rsqrt(jnp.maximum(var * fan_in, eps)) * gain
     else:
         scale = lax.rsqrt((var + eps) * fan_in) * gain
-    return kernel * scale - mean * scale
+    return (flat * scale - mean * scale).reshape(kernel.shape)
 
 
 class WSConv2D(nn.Module):
