@@ -207,8 +207,11 @@ def test_report_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "http://" not in html and "https://" not in html and "<link" not in html and "<script" not in html
     assert "ViT-G/14" in html and "90.45" in html
     result = json.loads((out / "fit.json").read_text())
-    assert [v["finding"] for v in result["verdicts"]] == ["log_log_law", "scale_together", "lr_falls"]
+    findings = ["log_log_law", "scale_together", "lr_falls", "families_match"]
+    assert [v["finding"] for v in result["verdicts"]] == findings
     assert result["verdicts"][2]["status"] == "supported"
+    # Identical synthetic families: the ConvNet is within 5% of the ViT at every matched compute.
+    assert result["verdicts"][3]["status"] == "supported" and "(families_match) supported: within" in printed
     assert result["skipped"] == [{"path": "bad", "reason": result["skipped"][0]["reason"]}]
     assert result["finetune"]["points"][0]["top1"] == pytest.approx(91.0)
     assert set(result["families"]["families"]) == {"nfnet", "vit"}

@@ -9,7 +9,15 @@ import pytest
 
 from convscale_cli.report.analysis import Cell, frontier, lr_by_epochs
 from convscale_cli.report.fit import fit_power_law
-from convscale_cli.report.verdicts import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, log_log_law, lr_falls, scale_together
+from convscale_cli.report.verdicts import (
+    INCONCLUSIVE,
+    NOT_SUPPORTED,
+    SUPPORTED,
+    convnets_match_vits,
+    log_log_law,
+    lr_falls,
+    scale_together,
+)
 
 SIZES = {"s": 1e6, "m": 4e6, "l": 16e6}
 
@@ -122,3 +130,34 @@ def test_lr_falls_inconclusive_when_flat_or_untuned() -> None:
 def test_lr_falls_counts_optima_at_the_grid_edge() -> None:
     verdict = lr_falls(lr_by_epochs(_lr_cells({"s": [3.2, 1.6, 0.8, 0.2]})))
     assert verdict.status == SUPPORTED and verdict.numbers["best_lr_at_grid_edge"] == 2
+
+
+# --- (d) ConvNets vs ViTs at equal compute ---------------------------------------------------------------------------
+
+
+def _comparison(rows: list[tuple[float, float, float]], families: tuple[str, ...] = ("nfnet", "vit")) -> dict:
+    matched = [{"core_hours": c, "nfnet": conv, "vit": vit} for c, conv, vit in rows]
+    return {"families": {f: {} for f in families}, "matched": matched, "overlap": [rows[0][0], rows[-1][0]] if rows
+            else None}
+
+
+def test_families_match_within_tolerance_is_supported() -> None:
+    verdict = convnets_match_vits(_comparison([(1.0, 5.0, 5.1), (2.0, 4.6, 4.5), (4.0, 4.2, 4.25)]))
+    assert verdict is not None and verdict.status == SUPPORTED and "within tolerance" in verdict.text
+    assert verdict.numbers["points"] == 3 and verdict.numbers["convnet_ahead_at"] == 2
+
+
+def test_vits_ahead_is_not_supported_and_convnets_ahead_is() -> None:
+    behind = convnets_match_vits(_comparison([(1.0, 5.5, 5.0), (2.0, 5.0, 4.5)]))
+    assert behind is not None and behind.status == NOT_SUPPORTED and "ViTs ahead" in behind.text
+    ahead = convnets_match_vits(_comparison([(1.0, 4.0, 5.0), (2.0, 3.6, 4.5)]))
+    assert ahead is not None and ahead.status == SUPPORTED and "ConvNets ahead" in ahead.text
+
+
+def test_families_verdict_needs_both_families_and_overlap() -> None:
+    assert convnets_match_vits(None) is None
+    assert convnets_match_vits(_comparison([(1.0, 5.0, 5.0)], families=("nfnet", "resnet"))) is None
+    none = convnets_match_vits(_comparison([]))
+    assert none is not None and none.status == INCONCLUSIVE and "do not overlap" in none.text
+    one = convnets_match_vits(_comparison([(1.0, 5.0, math.nan), (2.0, 4.0, 4.1)]))
+    assert one is not None and one.status == INCONCLUSIVE and "only 1" in one.text

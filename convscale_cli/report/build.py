@@ -147,7 +147,9 @@ def build_report(
             verdicts.log_log_law(power, len(front), r2_threshold),
             verdicts.scale_together(cells, front, parametric),
             verdicts.lr_falls(lr_table),
+            verdicts.convnets_match_vits(result["families"]),
         )
+        if v is not None
     ]
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -48,7 +48,7 @@ def _summary(result: dict[str, Any]) -> list[Block]:
         "(the paper's axis, §1.6)."
     )
     items = tuple(
-        f"**({'abc'[i]}) {v['claim']}**: **{v['status']}**"
+        f"**({'abcd'[i]}) {v['claim']}**: **{v['status']}**"
         + (f" ({v['reason']})" if v["status"] == "inconclusive" else f": {v['reason']}")
         for i, v in enumerate(result["verdicts"])
     )

@@ -6,6 +6,7 @@ Each verdict is "supported", "not supported" or "inconclusive" with the reason a
 (b) The compute-optimal model size and epoch budget both grow with compute (§2, "scale the model size and the number
     of training epochs at the same rate").
 (c) The optimal learning rate falls (monotonically) as the epoch budget rises (§2, Fig. 3).
+(d) When the runs hold ViTs and ConvNets: ConvNets match ViTs at equal pre-training compute (§3, the paper's title).
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ INCONCLUSIVE = "inconclusive"
 R2_THRESHOLD = 0.9
 # Spearman correlation with compute at or above which a quantity "grows with compute" along the frontier.
 RHO_THRESHOLD = 0.5
+# Mean relative gap in held-out loss at matched compute within which two families "match".
+MATCH_TOLERANCE = 0.05
+# The family whose runs are the Vision Transformers; every other family counts as a ConvNet (NFNet, the ResNet example).
+VIT_FAMILY = "vit"
 
 
 @dataclass(frozen=True)
@@ -166,3 +171,40 @@ def lr_falls(lr_table: dict[str, list[dict[str, Any]]]) -> Verdict:
         f"non-increasing for all {len(usable)} models, falling for {len(falling)}: {shown}{note}",
         numbers,
     )
+
+
+def convnets_match_vits(comparison: dict[str, Any] | None, tolerance: float = MATCH_TOLERANCE) -> Verdict | None:
+    """(d) At matched compute, is the best ConvNet's held-out loss within ``tolerance`` of the best ViT's, on average?
+
+    ``comparison`` is :func:`~convscale_cli.report.analysis.family_comparison`'s result; None (no verdict) unless the
+    runs hold the ViT family and at least one other. At each matched compute the ConvNet side is the lowest loss of
+    any ConvNet family reached with at most that compute; the gap is (ConvNet - ViT) / ViT, negative when ConvNets
+    lead. Being ahead by more than the tolerance still supports the claim that ConvNets are not behind.
+    """
+    families = sorted((comparison or {}).get("families") or {})
+    convnets = [name for name in families if name != VIT_FAMILY]
+    if VIT_FAMILY not in families or not convnets:
+        return None
+    claim = "ConvNets match ViTs at equal pre-training compute"
+    assert comparison is not None
+    gaps = []
+    for row in comparison.get("matched") or []:
+        conv = min((row[name] for name in convnets if math.isfinite(row.get(name, math.nan))), default=math.nan)
+        vit = row.get(VIT_FAMILY, math.nan)
+        if math.isfinite(conv) and math.isfinite(vit) and vit > 0:
+            gaps.append((row["core_hours"], (conv - vit) / vit))
+    if len(gaps) < 2:
+        reason = ("the families' compute ranges do not overlap" if not comparison.get("overlap")
+                  else f"only {len(gaps)} matched-compute point(s); need >= 2")
+        return Verdict("families_match", claim, INCONCLUSIVE, reason)
+    values = [g for _, g in gaps]
+    mean = sum(values) / len(values)
+    lead = sum(g < 0 for g in values)
+    numbers = {"mean_gap": mean, "min_gap": min(values), "max_gap": max(values), "points": len(values),
+               "convnet_ahead_at": lead, "tolerance": tolerance, "convnets": convnets}
+    shown = (f"ConvNet loss {mean:+.1%} vs ViT on average over {len(values)} matched-compute points (range "
+             f"{min(values):+.1%} to {max(values):+.1%}; ConvNet ahead at {lead}), tolerance {tolerance:.0%}")
+    if mean > tolerance:
+        return Verdict("families_match", claim, NOT_SUPPORTED, f"ViTs ahead: {shown}", numbers)
+    where = "ConvNets ahead" if mean < -tolerance else "within tolerance"
+    return Verdict("families_match", claim, SUPPORTED, f"{where}: {shown}", numbers)
