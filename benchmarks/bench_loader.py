@@ -18,7 +18,7 @@ Run (not a test; ~20 s with the defaults on 2 cores):
     python benchmarks/bench_loader.py --root ~/imagenet --workers 8 --batches 50
 
 Figures, with the date and machine, are in docs/benchmarks.md ("Input pipeline"). Per image, Grain's path costs
-~1.2x torch's in one process (the source contract hands numpy arrays to the transform: decode to numpy, then back to
+~1.15x torch's in one process (the source contract hands numpy arrays to the transform: decode to numpy, then back to
 PIL for the crop), and Grain's spawned workers take ~1.8 s to start (each imports grain and JAX) against ~0.1 s for
 torch's forked ones, so short-lived loaders on small hosts are better off with ``worker_count=0`` (threads).
 """
