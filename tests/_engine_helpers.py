@@ -171,24 +171,31 @@ def slow_pipeline(seconds: float) -> Any:
     )
 
 
-def main(argv: list[str]) -> int:
-    """Script entry: train the tiny setup into ``argv[0]`` with ``key=value`` (JSON values) overrides.
+def run_child(train: Any) -> int:
+    """Body of a test child process: ``train(registry, pipeline)`` returns a summary; print its status line.
 
-    ``CONVSCALE_TEST_STEP_DELAY`` (seconds) slows every training step down.
+    ``CONVSCALE_TEST_STEP_DELAY`` (seconds) slows every training step down, so a parent can kill the child mid-run.
+    A ConvscaleError prints one ``Error:`` line and returns its exit code, as the CLI would.
     """
-    from convscale_cli.engine.api import pretrain
     from convscale_cli.errors import ConvscaleError
 
-    overrides = {k: json.loads(v) for k, v in (a.split("=", 1) for a in argv[1:])}
     delay = float(os.environ.get("CONVSCALE_TEST_STEP_DELAY", "0") or 0)
     pipeline = slow_pipeline(delay) if delay else None
     try:
-        summary = pretrain(config(argv[0], **overrides), registry(), pipeline=pipeline)
+        summary = train(registry(), pipeline)
     except ConvscaleError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return int(exc.exit_code)
     print(json.dumps({"status": summary["status"], "steps": summary["steps"]}))
     return 0
+
+
+def main(argv: list[str]) -> int:
+    """Script entry: train the tiny setup into ``argv[0]`` with ``key=value`` (JSON values) overrides."""
+    from convscale_cli.engine.api import pretrain
+
+    overrides = {k: json.loads(v) for k, v in (a.split("=", 1) for a in argv[1:])}
+    return run_child(lambda reg, pipeline: pretrain(config(argv[0], **overrides), reg, pipeline=pipeline))
 
 
 if __name__ == "__main__":

@@ -92,22 +92,12 @@ def test_sigkill_then_rerun_is_bitwise_exact(tmp_path: Path) -> None:
 
 def main(argv: list[str]) -> int:
     """Script entry: fine-tune ``argv[1]`` (the pre-training run) into ``argv[0]`` with ``key=json`` settings."""
-    from convscale_cli.errors import ConvscaleError
     from convscale_cli.finetune.api import finetune
     from convscale_cli.finetune.config import FinetuneConfig
 
     settings = {k: json.loads(v) for k, v in (a.split("=", 1) for a in argv[2:])}
     config = FinetuneConfig(pretrained=argv[1], dataset="colours", out=argv[0], **settings)
-    delay = float(os.environ.get("CONVSCALE_TEST_STEP_DELAY", "0") or 0)
-    pipeline = helpers.slow_pipeline(delay) if delay else None
-    try:
-        summary = finetune(config, helpers.registry(), pipeline=pipeline)
-    except ConvscaleError as exc:
-        print(f"Error: {exc}", file=sys.stderr)
-        return int(exc.exit_code)
-    print(json.dumps({"status": summary["status"], "steps": summary["steps"]}))
-    return 0
-
+    return helpers.run_child(lambda registry, pipeline: finetune(config, registry, pipeline=pipeline))
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
