@@ -151,6 +151,30 @@ def test_failed_save_keeps_previous_checkpoint(registry: Any, tmp_path: Path, mo
     assert pretrain(helpers.config(out), registry)["steps"] == 12
 
 
+@pytest.mark.parametrize("surfaced_by", ["check", "wait"])
+def test_background_failure_names_the_pending_step(tmp_path: Path, surfaced_by: str) -> None:
+    """Whichever call surfaces a failed background save (the loop's check() or the next save's wait), it names
+    that save's step and the checkpoint before it."""
+    import time
+
+    import jax.numpy as jnp
+
+    from convscale_cli.engine.checkpoint import Checkpoints
+
+    checkpoints = Checkpoints(tmp_path / "checkpoints", keep=3)
+    state = {"w": jnp.zeros(3)}
+    checkpoints.save(4, state, {}, {"steps": 4})
+    checkpoints.wait()
+    checkpoints.save(8, state, {}, {"unserialisable": object()})  # fails in the background writer
+    with pytest.raises(CheckpointError, match=r"at step 8 failed .*the checkpoint of step 4 is intact"):
+        if surfaced_by == "wait":
+            checkpoints.wait()
+        for _ in range(200):  # check() is non-blocking: poll until the background writer has failed
+            checkpoints.check()
+            time.sleep(0.05)
+    assert checkpoints.latest_step() == 4
+
+
 def _raise_disk_full(*args: Any, **kwargs: Any) -> None:
     raise OSError(28, "No space left on device")
 

@@ -85,10 +85,17 @@ class Checkpoints:
         Raises:
             CheckpointError: naming the failure; the newest complete checkpoint on disk is untouched.
         """
+        if self._pending is not None and not self._manager.is_saving_in_progress():
+            # The save has finished: joining its finalize thread is instant and is the one reliable way to see its
+            # error (Orbax's finalize thread takes it from check_for_errors and keeps it for the join).
+            self.wait()
+            return
         try:
             self._manager.check_for_errors()
         except Exception as exc:
-            raise self._failure(None, exc) from exc
+            # Saves are serialised (save() waits for the previous one), so the failure is the pending save's.
+            failed, self._pending = self._pending, None
+            raise self._failure(failed, exc) from exc
 
     def wait(self) -> None:
         """Block until pending saves are on disk.
