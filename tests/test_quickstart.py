@@ -15,6 +15,26 @@ def test_the_packaged_study_is_the_documented_example() -> None:
     assert quickstart.default_study().read_text() == (REPO / "examples" / "quickstart.toml").read_text()
 
 
+def test_the_study_exempts_exactly_the_skip_gains_and_the_classifier_from_agc() -> None:
+    """The study's one recipe departure: AGC clips all the reference clips but the zero-initialised skip gains."""
+    import jax
+    import jax.numpy as jnp
+    from convscale_plugins.nfnet import RECIPE
+
+    from convscale_cli.engine.optim import param_path, path_mask
+    from convscale_cli.plugins import get_registry
+
+    study = load_study(quickstart.default_study())
+    exempt = study.engine["recipe"]["agc_exclude"]
+    assert set(RECIPE.agc_exclude) <= set(exempt)
+    model = get_registry().architecture(study.models[-1]).build(num_classes=10)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False))
+    mask = path_mask(exempt, match=True)(shapes["params"])
+    hits = [param_path(path) for path, hit in jax.tree_util.tree_flatten_with_path(mask)[0] if hit]
+    gains = [h for h in hits if h.endswith("skip_gain")]
+    assert len(gains) >= 6 and sorted(set(hits) - set(gains)) == ["fc/kernel"]
+
+
 def test_the_packaged_study_is_a_valid_ladder_study() -> None:
     study = load_study(quickstart.default_study())
     assert study.dataset == "shapes" and study.rule == "two-trial"
