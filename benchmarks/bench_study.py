@@ -26,8 +26,23 @@ def _decisions(runs: Path, rule: str) -> dict[tuple[str, float], dict]:
     return out
 
 
-def _flops(runs: Path, names: set[str]) -> float:
-    return sum(json.loads((runs / n / "summary.json").read_text())["ledger"]["train_flops"] for n in names)
+def _flops(runs: Path, names: set[str]) -> tuple[float, int]:
+    """Training FLOPs of the named runs, and how many of them diverged.
+
+    A diverged run leaves no summary; it is counted at its cell's full cost (a finished run of the same model and
+    epochs, at another lr), an upper bound: the engine notices a non-finite loss at the next log point.
+    """
+    cost, diverged = {}, []
+    for name in names:
+        summary = runs / name / "summary.json"
+        if summary.exists():
+            cost[name] = json.loads(summary.read_text())["ledger"]["train_flops"]
+        else:
+            diverged.append(name)
+    for name in diverged:
+        cell = name.rsplit("-lr", 1)[0]
+        cost[name] = next(v for n, v in cost.items() if n.rsplit("-lr", 1)[0] == cell)
+    return sum(cost.values()), len(diverged)
 
 
 def main() -> None:
@@ -66,9 +81,12 @@ def main() -> None:
               f"{optimum:>9.4f} {chosen - optimum:>7.4f}")
     rule_runs = {t["run"] for e in rule.values() for t in e["trials"]}
     grid_runs = {t["run"] for e in full.values() for t in e["trials"]}
-    rule_flops, grid_flops = _flops(args.runs, rule_runs), _flops(args.runs, grid_runs)
+    rule_flops, rule_diverged = _flops(args.runs, rule_runs)
+    grid_flops, grid_diverged = _flops(args.runs, grid_runs)
     print(f"runs: rule {len(rule_runs)}, grid {len(grid_runs)} ({len(grid_runs) / len(rule_runs):.1f}x); "
           f"training FLOPs: rule {rule_flops:.3g}, grid {grid_flops:.3g} ({grid_flops / rule_flops:.1f}x)")
+    if rule_diverged or grid_diverged:
+        print(f"diverged (non-finite loss, counted at full cost): rule {rule_diverged}, grid {grid_diverged}")
     print(f"loss regret of the rule: mean {sum(regrets) / len(regrets):.4f}, max {max(regrets):.4f}, "
           f"zero in {sum(r == 0 for r in regrets)} of {len(regrets)} cells")
 
