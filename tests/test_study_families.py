@@ -126,6 +126,9 @@ def test_the_convnet_vs_vit_example_is_a_valid_two_family_study() -> None:
     assert families == {"nfnet", "vit"} and set(study.start_lr) == families
     assert all("ladder" in registry.architecture(m).tags for m in study.models)
     assert study.dataset == "shapes" and study.rule == "two-trial"
+    # Its header promises the quickstart's data and engine settings (so its NFNet cells repeat the quickstart's).
+    quick = load_study(REPO / "examples" / "quickstart.toml")
+    assert (study.engine, study.data_options, study.resolution) == (quick.engine, quick.data_options, quick.resolution)
     # The report compares the families where their compute ranges overlap: make sure they do, by a wide margin.
     span = {f: [min(c.flops for c in cells if c.family == f), max(c.flops for c in cells if c.family == f)]
             for f in families}  # fmt: skip
