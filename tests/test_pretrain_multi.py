@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -120,22 +121,28 @@ def _free_port() -> int:
 
 def _run_two_processes(out: Path, **overrides: Any) -> list[dict[str, Any]]:
     port = _free_port()
+    # Output goes to files, not pipes: a process whose pipe nobody drains while the test waits on the other one would
+    # block mid-run and leave its peer waiting at a collective.
+    logs = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in range(2)]
     procs = [
         subprocess.Popen(
             _args(out, coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=i, **overrides),
-            env=_env(1),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+            env=_env(1), stdout=stdout, stderr=stderr, text=True,
         )  # fmt: skip
-        for i in range(2)
+        for i, (stdout, stderr) in enumerate(logs)
     ]
-    results = []
     for proc in procs:
-        stdout, stderr = proc.communicate(timeout=300)
-        assert proc.returncode == 0, stderr[-3000:]
-        results.append(json.loads(stdout.strip().splitlines()[-1]))
-    return results
+        proc.wait(timeout=300)
+    outputs = []
+    for files in logs:
+        for f in files:
+            f.seek(0)
+        outputs.append(tuple(f.read() for f in files))
+        for f in files:
+            f.close()
+    failed = [f"process {i}: {outputs[i][1][-2000:]}" for i, proc in enumerate(procs) if proc.returncode]
+    assert not failed, "\n".join(failed)
+    return [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outputs]
 
 
 def test_two_processes_train_checkpoint_and_resume(tmp_path: Path) -> None:

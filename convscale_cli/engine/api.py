@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import itertools
 import platform
 import time
 from typing import Any
@@ -29,6 +30,9 @@ from convscale_cli.engine.resolve import ResolvedRun, resolve, resolved_dict
 from convscale_cli.engine.rundir import MetricsLog, RunDir
 from convscale_cli.errors import RunInterrupted
 from convscale_cli.registry import Registry
+
+BARRIER_TIMEOUT_S = 600  # how long processes wait for each other at a named sync point (first compiles included)
+_barriers = itertools.count()  # barrier keys must be unique; every process passes the same sync points in order
 
 # Kept under their first names: the fine-tuning engine builds on them.
 _abstract_batch = abstract_batch
@@ -127,8 +131,13 @@ def pretrain(config: PretrainConfig, registry: Registry | None = None, *, pipeli
 
 def _sync(name: str) -> None:
     if jax.process_count() > 1:
+        import orbax.checkpoint as ocp
         from jax.experimental import multihost_utils
 
+        # The coordination service's barrier first: it waits as long as a slow process needs, whereas the gloo set-up
+        # of the first cross-process collective gives up after 30 s (seen once in CI, 2 processes on 2 cores).
+        barrier = ocp.multihost.get_barrier_sync_fn()
+        barrier(key=f"convscale/{name}/{next(_barriers)}", timeout_ms=BARRIER_TIMEOUT_S * 1000)
         multihost_utils.sync_global_devices(name)
 
 
