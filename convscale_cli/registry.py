@@ -96,7 +96,8 @@ class DatasetSpec:
         name: unique registry name.
         description: one line for ``convscale datasets``.
         open: ``open(split, **options)`` returning a random-access source (``len`` and ``__getitem__`` giving
-            ``{"image": uint8[H, W, 3], "label": ..., "id": int}``); imports heavy modules lazily.
+            ``{"image": uint8[H, W, 3] or a PIL image, "label": ..., "id": int}``; file sources hand over the decoded
+            PIL image, which the transforms crop and resize without a numpy round trip); imports heavy modules lazily.
         info: ``info(**options)`` returning :class:`DatasetInfo`; may read the disk (imagefolder) but never jax.
         options: options ``open``/``info`` accept with their defaults (e.g. ``{"root": None}``).
         static_info: facts known without options, shown by ``convscale datasets``; None when they depend on options.

@@ -114,3 +114,33 @@ def test_train_transform_applies_randaugment_when_configured():
     plain = train_transform(IMAGE, 16, u, AugmentConfig())
     augmented = train_transform(IMAGE, 16, u, AugmentConfig(randaugment_layers=3, randaugment_magnitude=10))
     assert augmented.shape == plain.shape and not np.array_equal(augmented, plain)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [AugmentConfig(), AugmentConfig(crop="resize"), AugmentConfig(flip=False), AugmentConfig(randaugment_layers=2)],
+    ids=["inception+flip", "resize", "no-flip", "randaugment"],
+)
+def test_a_pil_source_image_gives_the_same_pixels_as_its_array(cfg: AugmentConfig) -> None:
+    """File sources hand over decoded PIL images (no numpy round trip); the transforms' output must not change."""
+    from PIL import Image
+
+    rgb, grey = Image.fromarray(IMAGE), Image.fromarray(IMAGE[..., 0])
+    for position in range(8):
+        u = uniforms(3, np.array([position]))[0]
+        for resolution in (16, 24):
+            want = train_transform(IMAGE, resolution, u, cfg)
+            np.testing.assert_array_equal(train_transform(rgb, resolution, u, cfg), want)
+            np.testing.assert_array_equal(
+                train_transform(grey, resolution, u, cfg), train_transform(IMAGE[..., 0], resolution, u, cfg)
+            )
+    for resolution, fraction in ((16, 0.875), (24, 1.0), (20, 1.0)):
+        np.testing.assert_array_equal(
+            eval_transform(rgb, resolution, fraction), eval_transform(IMAGE, resolution, fraction)
+        )
+    square = IMAGE[:, :24]  # the no-resampling shortcut: a full-image crop already at the output size
+    u = uniforms(3, np.array([0]))[0]
+    np.testing.assert_array_equal(
+        train_transform(Image.fromarray(square), 24, u, cfg), train_transform(square, 24, u, cfg)
+    )
+    np.testing.assert_array_equal(eval_transform(Image.fromarray(square), 24, 1.0), square)

@@ -42,8 +42,10 @@ def test_imagefolder_labels_come_from_sorted_class_folders(tmp_path):
     assert train.classes == CLASSES and len(train) == 12
     for i in range(len(train)):
         example = train[i]
-        assert example["image"].shape == (20, 24, 3) and example["id"] == i
-        assert abs(int(example["image"][10, 10, 0]) - 40 * example["label"]) <= 6  # jpg is lossy
+        assert example["image"].mode == "RGB" and example["id"] == i  # decoded PIL image: the transforms take it as is
+        image = np.asarray(example["image"])
+        assert image.shape == (20, 24, 3) and image.dtype == np.uint8
+        assert abs(int(image[10, 10, 0]) - 40 * example["label"]) <= 6  # jpg is lossy
     info = imagefolder.info(root=str(root))
     assert info.num_classes == 3 and info.split_sizes == {"train": 12, "eval": 6}
     batch = next(iter(eval_loader(imagefolder.open_split("eval", root=str(root)), global_batch_size=4, resolution=8)))
@@ -103,7 +105,7 @@ def test_convert_round_trip_keeps_counts_and_labels(tmp_path):
     for example_id, example in by_id.items():
         original = folder[example_id]
         assert example["label"] == original["label"]
-        np.testing.assert_array_equal(example["image"], original["image"])  # bytes copied: identical decode
+        np.testing.assert_array_equal(np.asarray(example["image"]), np.asarray(original["image"]))  # same bytes
     info = arrayrecord.info(root=str(tmp_path / "ar"))
     assert info.num_classes == 3 and info.split_sizes == {"train": 12, "eval": 6}
     loader = train_loader(records, global_batch_size=4, resolution=8, seed=0, num_examples=12, worker_count=0)

@@ -107,15 +107,29 @@ def uniforms(seed: int, positions: np.ndarray, count: int = NUM_UNIFORMS) -> np.
     return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
-def _to_rgb(image: np.ndarray) -> np.ndarray:
+def _to_rgb(image: Any) -> tuple[Any, int, int]:
+    """A source image as ``(image, height, width)``: a PIL image in RGB mode, or a ``uint8[H, W, 3]`` array."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):  # file sources hand over the decoded PIL image: kept as one
+        width, height = image.size
+        return (image if image.mode == "RGB" else image.convert("RGB")), height, width
     image = np.asarray(image)
     if image.dtype != np.uint8:
         raise TypeError(f"source images must be uint8, got {image.dtype}")
     if image.ndim == 2:
-        return np.repeat(image[..., None], 3, axis=-1)
-    if image.shape[-1] == 1:
-        return np.repeat(image, 3, axis=-1)
-    return image[..., :3]
+        image = np.repeat(image[..., None], 3, axis=-1)
+    elif image.shape[-1] == 1:
+        image = np.repeat(image, 3, axis=-1)
+    else:
+        image = image[..., :3]
+    return image, image.shape[0], image.shape[1]
+
+
+def _pil(image: Any) -> Any:
+    from PIL import Image
+
+    return image if isinstance(image, Image.Image) else Image.fromarray(image)
 
 
 def inception_crop_box(height: int, width: int, u: np.ndarray, cfg: AugmentConfig) -> tuple[int, int, int, int]:
@@ -144,29 +158,28 @@ def inception_crop_box(height: int, width: int, u: np.ndarray, cfg: AugmentConfi
     return left, top, left + w, top + h
 
 
-def train_transform(image: np.ndarray, resolution: int, u: np.ndarray, cfg: AugmentConfig) -> np.ndarray:
+def train_transform(image: Any, resolution: int, u: np.ndarray, cfg: AugmentConfig) -> np.ndarray:
     """Crop, resize, flip (and RandAugment) one uint8 image to ``uint8[resolution, resolution, 3]``.
 
     Args:
-        image: uint8 ``[H, W, 3]`` (grey ``[H, W]`` is replicated to RGB).
+        image: uint8 ``[H, W, 3]`` (grey ``[H, W]`` is replicated to RGB), or a PIL image (converted to RGB).
         resolution: output side in pixels.
         u: this example's :data:`NUM_UNIFORMS` uniforms (see :func:`uniforms`).
         cfg: the augmentation to apply.
     """
     from PIL import Image
 
-    image = _to_rgb(image)
-    height, width = image.shape[:2]
+    image, height, width = _to_rgb(image)
     if cfg.crop == "inception":
         box = inception_crop_box(height, width, u, cfg)
     else:
         box = (0, 0, width, height)
     flip = cfg.flip and u[_FLIP_SLOT] < 0.5
     if box == (0, 0, width, height) and height == resolution and width == resolution:
-        out = image  # the common 32 px "resize" case: no resampling at all
+        out = np.asarray(image)  # the common 32 px "resize" case: no resampling at all
     else:
         # One PIL call crops and resamples (box=...), avoiding an intermediate copy of a large decoded JPEG.
-        resized = Image.fromarray(image).resize((resolution, resolution), Image.BILINEAR, box=box)
+        resized = _pil(image).resize((resolution, resolution), Image.BILINEAR, box=box)
         if flip and cfg.randaugment_layers == 0:
             # Same pixels as out[:, ::-1], 4x cheaper: numpy's reversed copy of 3-byte pixels took 0.25 ms at 224 px,
             # an eighth of an image's whole decode-and-augment cost (issue #8, loader benchmark).
@@ -181,19 +194,18 @@ def train_transform(image: np.ndarray, resolution: int, u: np.ndarray, cfg: Augm
     return np.ascontiguousarray(out)
 
 
-def eval_transform(image: np.ndarray, resolution: int, crop_fraction: float = DEFAULT_EVAL_CROP_FRACTION) -> np.ndarray:
+def eval_transform(image: Any, resolution: int, crop_fraction: float = DEFAULT_EVAL_CROP_FRACTION) -> np.ndarray:
     """Resize the shorter side to ``resolution / crop_fraction`` (bicubic), then take the central square crop."""
     from PIL import Image
 
-    image = _to_rgb(image)
-    height, width = image.shape[:2]
+    image, height, width = _to_rgb(image)
     if height == width == resolution and crop_fraction >= 1.0:
-        return np.ascontiguousarray(image)
+        return np.ascontiguousarray(np.asarray(image))
     # Central region of the source that maps onto the output: a square of side crop_fraction * shorter side.
     side = min(height, width) * min(crop_fraction, 1.0)
     top, left = (height - side) / 2.0, (width - side) / 2.0
     box = (left, top, left + side, top + side)
-    return np.asarray(Image.fromarray(image).resize((resolution, resolution), Image.BICUBIC, box=box))
+    return np.asarray(_pil(image).resize((resolution, resolution), Image.BICUBIC, box=box))
 
 
 def augment_from_dict(values: dict[str, Any] | None) -> AugmentConfig:

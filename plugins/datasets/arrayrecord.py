@@ -58,7 +58,7 @@ class ArrayRecordSource:
     def __getitem__(self, index: int) -> dict[str, Any]:
         import numpy as np
 
-        from convscale_cli.data.files import decode_image
+        from convscale_cli.data.files import open_image
         from convscale_cli.data.records import decode_record
 
         encoded, labels, example_id = decode_record(self._records()[int(index)])
@@ -68,7 +68,7 @@ class ArrayRecordSource:
         else:
             label = labels[0]
         try:
-            image = decode_image(encoded)
+            image = open_image(encoded)
         except (OSError, ValueError, SyntaxError) as exc:
             self.corrupt.report(f"{self.root} {self.split} record {index} (id {example_id})", exc)
             return {"image": None, "label": label, "id": example_id}

@@ -40,13 +40,13 @@ class ImageFolderSource:
     def __getitem__(self, index: int) -> dict[str, Any]:
         import os
 
-        from convscale_cli.data.files import decode_image
+        from convscale_cli.data.files import open_image
 
         index = int(index)
         path = os.path.join(self.listing.root, self.listing.files[index])
         label = self.listing.labels[index]
         try:
-            image = decode_image(path)
+            image = open_image(path)
         except (OSError, ValueError, SyntaxError) as exc:  # PIL raises all three for damaged files
             self.corrupt.report(path, exc)
             return {"image": None, "label": label, "id": index}
