@@ -9,23 +9,23 @@ Registers, through the same ``register_architectures`` hook a third-party plugin
 * ``nfnet-test`` (tag ``tiny``) for unit tests.
 
 Laptop ladder at 32 px, 10 classes: analytic MACs per image, and one jitted train step (forward + backward +
-Nesterov SGD, float32, batch 64) measured with ``python -m convscale_plugins.nfnet.ladder_timing`` on the 2-core
-AMD EPYC CI VM while other jobs kept it at a load of 7-14. CPU ms (all threads of the process) do not grow with the
-competing load; the wall ms do, and on an idle 2-core machine lie between CPU/2 and CPU.
+Nesterov SGD, float32, batch 64) measured with ``python -m convscale_plugins.nfnet.ladder_timing`` on the idle 2-core
+AMD EPYC CI VM (2026-11-23, after the CPU matmul rewrites of ``model.py``). CPU ms count all threads of the process
+and do not grow with competing load; wall ms do.
 
 ==============  =====  ========  ======  ========  ==========
 model           width  depths    MACs    CPU ms    wall ms
 ==============  =====  ========  ======  ========  ==========
-nfnet-tiny-l0   1/16   1,1,1,1   0.45M   22        52
-nfnet-tiny-l1   1/16   1,2,6,3   0.92M   38        50
-nfnet-tiny-l2   1/8    1,2,2,1   2.02M   50        274
-nfnet-tiny-l3   1/8    2,4,12,6  6.28M   162       661
-nfnet-tiny-l4   1/4    1,2,6,3   13.5M   325       805
-nfnet-tiny-l5   1/4    2,4,12,6  24.9M   588       1123
-nfnet-tiny-l6   1/2    1,2,6,3   53.8M   1056      2089
+nfnet-tiny-l0   1/16   1,1,1,1   0.45M   25        16
+nfnet-tiny-l1   1/16   1,2,6,3   0.92M   45        29
+nfnet-tiny-l2   1/8    1,2,2,1   2.02M   42        27
+nfnet-tiny-l3   1/8    2,4,12,6  6.28M   147       93
+nfnet-tiny-l4   1/4    1,2,6,3   13.5M   177       102
+nfnet-tiny-l5   1/4    2,4,12,6  24.9M   373       226
+nfnet-tiny-l6   1/2    1,2,6,3   53.8M   511       282
 ==============  =====  ========  ======  ========  ==========
 
-The three smallest rungs train at 1,300-3,000 images per CPU-second, so a 3 rungs x 3 epoch budgets study over
+The three smallest rungs train at 1,400-2,600 images per CPU-second, so a 3 rungs x 3 epoch budgets study over
 16k images is minutes of compute (plus XLA compilation, 10-60 s per model here). On CPU the grouped 3x3 convs run
 per group (see ``model.grouped_conv``): XLA's native grouped convolution made the same steps 2.5-5x slower.
 
