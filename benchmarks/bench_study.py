@@ -30,7 +30,8 @@ def _flops(runs: Path, names: set[str]) -> tuple[float, int]:
     """Training FLOPs of the named runs, and how many of them diverged.
 
     A diverged run leaves no summary; it is counted at its cell's full cost (a finished run of the same model and
-    epochs, at another lr), an upper bound: the engine notices a non-finite loss at the next log point.
+    epochs, at another lr), an upper bound: the engine notices a non-finite loss at the next log point. A cell whose
+    every run diverged has no such cost and counts 0.
     """
     cost, diverged = {}, []
     for name in names:
@@ -39,10 +40,8 @@ def _flops(runs: Path, names: set[str]) -> tuple[float, int]:
             cost[name] = json.loads(summary.read_text())["ledger"]["train_flops"]
         else:
             diverged.append(name)
-    for name in diverged:
-        cell = name.rsplit("-lr", 1)[0]
-        cost[name] = next(v for n, v in cost.items() if n.rsplit("-lr", 1)[0] == cell)
-    return sum(cost.values()), len(diverged)
+    by_cell = {n.rsplit("-lr", 1)[0]: v for n, v in cost.items()}
+    return sum(cost.values()) + sum(by_cell.get(n.rsplit("-lr", 1)[0], 0.0) for n in diverged), len(diverged)
 
 
 def main() -> None:

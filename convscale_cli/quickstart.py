@@ -52,6 +52,16 @@ class FinetuneSettings:
     ema_decay: float = 0.999
     # Augmentation and the evaluation crop are digits' own defaults (no flips or crops: a mirrored 2 is no digit).
 
+    def argv(self, source: Path, out: Path, *, scratch: bool = False) -> list[str]:
+        """The ``convscale finetune`` command line: ``source`` fine-tuned (or, with ``scratch``, its architecture
+        trained from a random initialisation) on the quickstart's dataset into ``out``."""
+        return [
+            "finetune", "--from", str(source), "--dataset", FINETUNE_DATASET,
+            "--epochs", f"{self.epochs:g}", "--batch-size", str(self.batch_size), "--lr", f"{self.lr:g}",
+            "--sam-rho", f"{self.sam_rho:g}", "--ema-decay", f"{self.ema_decay:g}", "--precision", "fp32",
+            *(["--scratch"] if scratch else []), "--out", str(out),
+        ]  # fmt: skip
+
 
 def _call(run_command: Callable[[Sequence[str]], int], args: list[str]) -> None:
     code = run_command(args)
@@ -125,14 +135,9 @@ def run(
     scratch_dir = runs_dir / f"scratch-{FINETUNE_DATASET}"
     echo(f"[2/4] fine-tuning the lowest-loss run ({best_dir.name}, held-out loss {best.eval_loss:.4f}) on the "
          f"real {FINETUNE_DATASET} data")
-    ft_args = [
-        "finetune", "--from", str(best_dir), "--dataset", FINETUNE_DATASET,
-        "--epochs", f"{finetune.epochs:g}", "--batch-size", str(finetune.batch_size), "--lr", f"{finetune.lr:g}",
-        "--sam-rho", f"{finetune.sam_rho:g}", "--ema-decay", f"{finetune.ema_decay:g}", "--precision", "fp32",
-    ]  # fmt: skip
-    _call(run_command, [*ft_args, "--out", str(ft_dir)])
+    _call(run_command, finetune.argv(best_dir, ft_dir))
     echo(f"      baseline: the same {best.model} from a random initialisation, same recipe and compute")
-    _call(run_command, [*ft_args, "--scratch", "--out", str(scratch_dir)])
+    _call(run_command, finetune.argv(best_dir, scratch_dir, scratch=True))
     ft = json.loads((ft_dir / "summary.json").read_text())
     scratch = json.loads((scratch_dir / "summary.json").read_text())
 

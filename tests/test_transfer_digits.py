@@ -27,26 +27,20 @@ ALPHA = 25.6  # the alpha the two-trial rule keeps for this cell
 
 
 def demonstrate(out: Path) -> dict[str, float]:
-    """Pre-train the quickstart's best cell, then fine-tune it and train it from scratch on digits: held-out top-1s."""
+    """Pre-train the quickstart's best cell, then run the quickstart's own fine-tune and from-scratch commands."""
     from convscale_cli import quickstart
-    from convscale_cli.finetune.api import finetune
-    from convscale_cli.finetune.config import FinetuneConfig
+    from convscale_cli.cli import main
     from convscale_cli.sweep import load_study, trainer_options
     from convscale_cli.tuning import engine_trainer
 
     study = load_study(quickstart.default_study())
     options = trainer_options(study) | {"eval_examples": 256, "checkpoint_every": 0, "progress": "none"}
     engine_trainer(MODEL, study.dataset, EPOCHS, ALPHA, out / "pre", **options)
-    settings = quickstart.FinetuneSettings()
     top1 = {}
     for name in ("ft", "scratch"):
-        config = FinetuneConfig(
-            pretrained=str(out / "pre"), scratch=name == "scratch", dataset=quickstart.FINETUNE_DATASET,
-            out=str(out / name), epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
-            sam_rho=settings.sam_rho, ema_decay=settings.ema_decay, precision="fp32", checkpoint_every=0,
-            progress="none", tensorboard=False,
-        )  # fmt: skip
-        top1[name] = float(finetune(config)["final"]["eval_top1"])
+        argv = quickstart.FinetuneSettings().argv(out / "pre", out / name, scratch=name == "scratch")
+        assert main(argv) == 0, argv
+        top1[name] = float(json.loads((out / name / "summary.json").read_text())["final"]["eval_top1"])
     return top1
 
 
