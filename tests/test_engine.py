@@ -12,7 +12,13 @@ from convscale_cli.budget import parse_budget
 from convscale_cli.engine.config import PretrainConfig
 from convscale_cli.engine.ledger import Ledger
 from convscale_cli.engine.mesh import _fsdp_spec, check_batch
-from convscale_cli.engine.optim import learning_rate_schedule, make_optimizer, param_path, peak_learning_rate
+from convscale_cli.engine.optim import (
+    clip_by_global_norm,
+    learning_rate_schedule,
+    make_optimizer,
+    param_path,
+    peak_learning_rate,
+)
 from convscale_cli.engine.step import per_example_loss, topk_correct
 from convscale_cli.engine.steps import resolve_duration
 from convscale_cli.errors import ConfigError, UsageError
@@ -82,6 +88,21 @@ def test_nesterov_sgd_matches_optax_sgd_without_clipping() -> None:
         v, r = ref.update(grads, r, params)
     for a, b in zip(jax.tree_util.tree_leaves(u), jax.tree_util.tree_leaves(v), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1.0, 100.0])
+def test_global_norm_clipping_matches_optax(max_norm: float) -> None:
+    grads = jax.tree_util.tree_map(lambda p: jnp.cos(jnp.arange(p.size, dtype=p.dtype)).reshape(p.shape), _params())
+    norm = float(optax.tree.norm(grads))
+    assert 0.5 < norm < 100.0  # one case clips, one passes unchanged
+    ours, _ = clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+    ref, _ = optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+    for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(ref), strict=True):
+        if norm <= max_norm:
+            np.testing.assert_array_equal(a, b)
+        else:
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+    assert float(optax.tree.norm(ours)) == pytest.approx(min(norm, max_norm), rel=1e-6)
 
 
 @pytest.mark.parametrize("name", ["adamw", "adafactor"])

@@ -141,6 +141,24 @@ def make_optimizer(recipe: Recipe, schedule: optax.Schedule) -> optax.GradientTr
 _OPTIMIZERS = ("sgd", "adamw", "adafactor")
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """Scale the updates by ``max_norm / max(||updates||, max_norm)``: global-norm clipping as one multiply.
+
+    The same clipping as :func:`optax.clip_by_global_norm` (updates under the bound pass bit for bit, the factor is
+    exactly 1; clipped ones agree to rounding, in the form torch's ``clip_grad_norm_`` uses), but without optax's
+    scalar-predicated ``select`` between the raw and the rescaled tree, which XLA:CPU does not fuse into the update:
+    a ViT-B/16 AdamW update took 155 ms with it and 52 ms with the multiply (torch's fused AdamW + clipping: 73 ms).
+    """
+
+    def update(updates: Any, state: optax.EmptyState, params: Any = None) -> tuple[Any, optax.EmptyState]:
+        del params
+        norm = optax.tree.norm(updates)
+        scale = max_norm / jnp.maximum(norm, max_norm)
+        return jax.tree_util.tree_map(lambda u: u * scale.astype(u.dtype), updates), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update)
+
+
 def _chain(recipe: Recipe, schedule: optax.Schedule) -> optax.GradientTransformation:
     decay_mask = path_mask(recipe.no_decay, match=False)
     clip: list[optax.GradientTransformation] = []
@@ -149,7 +167,7 @@ def _chain(recipe: Recipe, schedule: optax.Schedule) -> optax.GradientTransforma
         agc = optax.adaptive_grad_clip(recipe.agc_clip, eps=recipe.agc_eps)
         clip.append(optax.masked(agc, path_mask(recipe.agc_exclude, match=False)) if recipe.agc_exclude else agc)
     if recipe.grad_clip_norm is not None:
-        clip.append(optax.clip_by_global_norm(recipe.grad_clip_norm))
+        clip.append(clip_by_global_norm(recipe.grad_clip_norm))
     if recipe.optimizer == "sgd":
         update = [
             optax.add_decayed_weights(recipe.weight_decay, mask=decay_mask),  # L2 in the gradient, after AGC (A.1)
