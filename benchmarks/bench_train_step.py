@@ -42,6 +42,12 @@ def _timm() -> Any:
     return timm
 
 
+def _torch_has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def bench_convscale(name: str, resolution: int, batch: int, precision: str, classes: int) -> Callable[[int], float]:
     """Build and warm up convscale's jitted step; returns ``timed(steps) -> img/s``."""
     import jax
@@ -180,6 +186,9 @@ def main() -> None:
     from convscale_cli.plugins import get_registry
 
     cpu = jax.default_backend() == "cpu"
+    if not cpu and not _torch_has_cuda():
+        raise SystemExit("bench_train_step: JAX runs on an accelerator but this torch has no CUDA, so timm would run "
+                         "on the host CPU and the ratio would compare two devices (install a CUDA build of torch)")
     args.resolution = args.resolution or (64 if cpu else 224)
     args.batch = args.batch or (16 if cpu else 128)
     args.precision = args.precision or ("fp32" if cpu else "bf16")
