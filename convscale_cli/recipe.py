@@ -51,8 +51,10 @@ class Recipe:
             raise ValueError(f"agc_clip must be > 0 or None, got {self.agc_clip}")
         if self.grad_clip_norm is not None and self.grad_clip_norm <= 0:
             raise ValueError(f"grad_clip_norm must be > 0 or None, got {self.grad_clip_norm}")
-        if self.agc_eps <= 0 or self.weight_decay < 0:
-            raise ValueError(f"agc_eps must be > 0 and weight_decay >= 0, got {self.agc_eps} and {self.weight_decay}")
+        if self.agc_eps <= 0:
+            raise ValueError(f"agc_eps must be > 0, got {self.agc_eps}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         for name in ("momentum", "beta2", "label_smoothing"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
