@@ -7,6 +7,7 @@ shared/research/paper-facts.md §1.3, §3.6, §3.8). Every field can be overridd
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 Optimizer = Literal["sgd", "adamw", "adafactor"]
@@ -41,19 +42,19 @@ class Recipe:
     agc_exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 < self.lr < math.inf:  # written so that NaN fails too
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
         if self.base_batch_size <= 0:
             raise ValueError(f"base_batch_size must be > 0, got {self.base_batch_size}")
         if not 0.0 <= self.warmup_fraction < 1.0:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
-        if self.agc_clip is not None and self.agc_clip <= 0:
+        if self.agc_clip is not None and not self.agc_clip > 0:
             raise ValueError(f"agc_clip must be > 0 or None, got {self.agc_clip}")
-        if self.grad_clip_norm is not None and self.grad_clip_norm <= 0:
+        if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
             raise ValueError(f"grad_clip_norm must be > 0 or None, got {self.grad_clip_norm}")
-        if self.agc_eps <= 0:
+        if not self.agc_eps > 0:
             raise ValueError(f"agc_eps must be > 0, got {self.agc_eps}")
-        if self.weight_decay < 0:
+        if not self.weight_decay >= 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         for name in ("momentum", "beta2", "label_smoothing"):
             if not 0.0 <= getattr(self, name) < 1.0:

@@ -68,6 +68,7 @@ def test_config_file_flags_and_overrides_then_finished_message(tmp_path: Path, c
         (["--epochs", "1", "--set", "stepz=3"], "unknown config key 'stepz'"),
         (["--epochs", "1", "--set", "recipe.grad_clip_norm=0"], "invalid config recipe: grad_clip_norm must be > 0"),
         (["--epochs", "1", "--set", "recipe.momentum=1.5"], "invalid config recipe: momentum must be in [0, 1)"),
+        (["--epochs", "1", "--set", "recipe.lr=nan"], "invalid config recipe: lr must be a finite number > 0, got nan"),
         (["--epochs", "1", "--set", "recipe.weight_decay=-1"], "weight_decay must be >= 0, got -1.0"),
         (["--epochs", "1", "--budget", "3-lightyears"], "unknown budget unit"),
         (["--epochs", "1", "--steps", "4"], "give one duration, not epochs and steps"),
