@@ -156,7 +156,7 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
         scale = max_norm / jnp.maximum(norm, max_norm)
         return jax.tree_util.tree_map(lambda u: u * scale.astype(u.dtype), updates), state
 
-    return optax.GradientTransformation(optax.init_empty_state, update)
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def _chain(recipe: Recipe, schedule: optax.Schedule) -> optax.GradientTransformation:
