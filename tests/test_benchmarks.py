@@ -54,8 +54,8 @@ def bench(script: str, *args: str, cwd: Path | None = None) -> str:
 
 def test_cli_startup_benchmark() -> None:
     out = bench("bench_cli.py", "--repeat", "1")
-    for command in ("--help", "models", "plan"):
-        assert re.search(rf"^{re.escape(command)}\s+\d+\.\d+\s+\d+\.\d+\s+(ok|over)", out, re.M), out
+    for command in ("--help", "models", "plan"):  # either verdict: a loaded CI machine must not fail a smoke test
+        assert re.search(rf"^{re.escape(command)}\s+\d+\.\d+\s+\d+\.\d+\s+(ok|SLOW)$", out, re.M), out
 
 
 def test_loader_benchmark() -> None:
