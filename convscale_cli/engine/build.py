@@ -2,7 +2,9 @@
 
 Each training and evaluation step is compiled ahead of time for the run's fixed batch shapes
 (``jit(...).lower(...).compile()``): feeding the executable a batch of any other shape is an error, never a silent
-recompile, and XLA's cost analysis of the very executable that runs gives the ledger its FLOPs.
+recompile, and XLA's cost analysis of the very executable that runs gives the ledger its FLOPs. Compiled programs are
+kept for the process (:func:`convscale_cli.engine.cache.program`), keyed by the model, the recipe without its learning
+rate, the shapes and the shardings: the later runs of a sweep or a two-trial tuning reuse them without tracing.
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
+from convscale_cli.engine.cache import program, tree_key
 from convscale_cli.engine.config import PretrainConfig
 from convscale_cli.engine.ledger import Ledger
 from convscale_cli.engine.mesh import batch_sharding, check_batch, make_mesh, replicated, state_shardings
-from convscale_cli.engine.optim import learning_rate_schedule, make_optimizer
+from convscale_cli.engine.optim import WarmupCosine, learning_rate_schedule, make_optimizer
 from convscale_cli.engine.resolve import ResolvedRun
 from convscale_cli.engine.state import TrainState
 from convscale_cli.engine.step import eval_step, train_step
+from convscale_cli.recipe import Recipe
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +46,7 @@ class Built:
         abstract: the state's shapes and dtypes, with ``shardings`` attached (the restore target).
         shardings: the state's shardings (replicated, or FSDP-split).
         data_sharding: the batch sharding.
+        init_signature: what ``init_params`` depends on besides the model (resolution, seed): its program's key.
     """
 
     mesh: Mesh
@@ -54,6 +59,7 @@ class Built:
     abstract: Any
     shardings: Any
     data_sharding: NamedSharding
+    init_signature: tuple[Any, ...] = ()
 
     def fresh_state(self) -> TrainState:
         """The step-0 state, laid out on the devices.
@@ -62,7 +68,11 @@ class Built:
         serves it to every run of the same model. The optimiser state holds the run's own numbers (the injected
         schedule) and is built eagerly, so those numbers never enter a compiled program.
         """
-        params = jax.jit(self.init_params, out_shardings=self.shardings.params)()
+        initialise = program(
+            ("init", self.model, *self.init_signature, tree_key(self.shardings.params)),
+            lambda: jax.jit(self.init_params, out_shardings=self.shardings.params).lower().compile(),
+        )
+        params = initialise()
         return jax.device_put(self.from_params(params), self.shardings)
 
 
@@ -96,12 +106,26 @@ def build(config: PretrainConfig, run: ResolvedRun) -> Built:
     def init() -> TrainState:
         return from_params(init_params())
 
-    shapes = jax.eval_shape(init)
+    # Shapes alone (no numbers), so the key is the model, the resolution and the optimiser's recipe.
+    shapes = program(("state shapes", model, run.resolution, program_recipe(run.recipe)), lambda: jax.eval_shape(init))
     shardings = state_shardings(shapes, mesh, fsdp=config.fsdp)
     abstract = jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings
     )
-    return Built(mesh, model, schedule, tx, init, init_params, from_params, abstract, shardings, batch_sharding(mesh))
+    return Built(
+        mesh, model, schedule, tx, init, init_params, from_params, abstract, shardings, batch_sharding(mesh),
+        init_signature=(run.resolution, config.seed),
+    )  # fmt: skip
+
+
+def program_recipe(recipe: Recipe) -> Recipe:
+    """The part of a recipe the compiled steps depend on: all of it but the learning rate.
+
+    The schedule's numbers (peak learning rate, warm-up and total steps) live in the optimiser state
+    (:class:`convscale_cli.engine.optim.WarmupCosine`), so the trials of a cell and the epoch budgets of a model run
+    one program.
+    """
+    return dataclasses.replace(recipe, lr=Recipe.lr)
 
 
 def abstract_batch(run: ResolvedRun, batch: int, resolution: int, sharding: Any) -> dict[str, jax.ShapeDtypeStruct]:
@@ -126,33 +150,61 @@ def host_batch(batch: dict[str, Any], multi_label: bool) -> dict[str, np.ndarray
     }
 
 
+def compile_train_step(
+    step: Callable[..., Any],
+    *,
+    model: Any,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    recipe: Recipe,
+    options: dict[str, Any],
+    abstract: Any,
+    batch: Any,
+    out_shardings: Any,
+) -> Any:
+    """``step(state, batch, model=, tx=, schedule=, **options)`` compiled for ``(abstract, batch)``, state donated.
+
+    ``tx`` must be ``make_optimizer(recipe, schedule)``: the program's key names the recipe (without its learning
+    rate) instead of the optimiser, whose closures have no equality. With a :class:`WarmupCosine` the schedule's numbers
+    are state, not program; any other schedule is part of the key. ``options`` must be hashable.
+    """
+
+    def compile() -> Any:
+        bound = functools.partial(step, model=model, tx=tx, schedule=schedule, **options)
+        return jax.jit(bound, donate_argnums=0, out_shardings=out_shardings).lower(abstract, batch).compile()
+
+    numbers = "injected" if isinstance(schedule, WarmupCosine) else schedule
+    key = (step, model, program_recipe(recipe), numbers, tuple(sorted(options.items())))
+    return program((*key, tree_key(abstract), tree_key(batch), tree_key(out_shardings)), compile)
+
+
+def compile_eval_step(model: Any, options: dict[str, Any], params: Any, batch: Any, out_shardings: Any) -> Any:
+    """:func:`eval_step` with ``model`` and ``options`` bound, compiled for ``(params, batch)``."""
+
+    def compile() -> Any:
+        bound = functools.partial(eval_step, model=model, **options)
+        return jax.jit(bound, out_shardings=out_shardings).lower(params, batch).compile()
+
+    key = (eval_step, model, tuple(sorted(options.items())), tree_key(params), tree_key(batch))
+    return program((*key, tree_key(out_shardings)), compile)
+
+
 def compile_steps(built: Built, run: ResolvedRun, pipeline: Any, eval_batch: int) -> tuple[Any, Any]:
     """Compile ``(train_fn, eval_fn)`` for the run's batch shapes; the state argument of ``train_fn`` is donated."""
-    normalize = pipeline.normalize
-    train_jit = jax.jit(
-        functools.partial(
-            train_step,
-            model=built.model,
-            tx=built.tx,
-            schedule=built.schedule,
-            normalize=normalize,
-            loss=run.recipe.loss,
-            num_classes=run.num_classes,
-            label_smoothing=run.recipe.label_smoothing,
-        ),
-        donate_argnums=0,
+    common = {"normalize": pipeline.normalize, "loss": run.recipe.loss, "num_classes": run.num_classes}
+    train_fn = compile_train_step(
+        train_step,
+        model=built.model,
+        tx=built.tx,
+        schedule=built.schedule,
+        recipe=run.recipe,
+        options=common | {"label_smoothing": run.recipe.label_smoothing},
+        abstract=built.abstract,
+        batch=abstract_batch(run, run.batch_size, run.resolution, built.data_sharding),
         out_shardings=(built.shardings, replicated(built.mesh)),
     )
-    eval_jit = jax.jit(
-        functools.partial(
-            eval_step, model=built.model, normalize=normalize, loss=run.recipe.loss, num_classes=run.num_classes
-        ),
-        out_shardings=replicated(built.mesh),
-    )
-    train_batch = abstract_batch(run, run.batch_size, run.resolution, built.data_sharding)
     held_out = abstract_batch(run, eval_batch, run.eval_resolution, built.data_sharding)
-    train_fn = train_jit.lower(built.abstract, train_batch).compile()
-    eval_fn = eval_jit.lower(built.abstract.params, held_out).compile()
+    eval_fn = compile_eval_step(built.model, common, built.abstract.params, held_out, replicated(built.mesh))
     return train_fn, eval_fn
 
 

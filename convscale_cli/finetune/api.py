@@ -10,7 +10,6 @@ to pre-train and ~1.6k to fine-tune), and evaluates both the raw parameters (``f
 
 from __future__ import annotations
 
-import functools
 import time
 from types import ModuleType
 from typing import Any
@@ -21,7 +20,7 @@ import numpy as np
 
 from convscale_cli.engine import loop
 from convscale_cli.engine.api import _eval_batch_size, _Head, _lost_seconds, _versions
-from convscale_cli.engine.build import abstract_batch, host_batch
+from convscale_cli.engine.build import abstract_batch, compile_eval_step, compile_train_step, host_batch
 from convscale_cli.engine.cache import enable_compilation_cache
 from convscale_cli.engine.checkpoint import Checkpoints
 from convscale_cli.engine.hardware import device_peak
@@ -31,7 +30,6 @@ from convscale_cli.engine.optim import learning_rate_schedule, make_optimizer
 from convscale_cli.engine.progress import Progress
 from convscale_cli.engine.rundir import MetricsLog, RunDir
 from convscale_cli.engine.state import TrainState
-from convscale_cli.engine.step import eval_step
 from convscale_cli.errors import RunInterrupted, UsageError
 from convscale_cli.finetune.backbone import abstract_params, load_params
 from convscale_cli.finetune.config import FinetuneConfig
@@ -155,32 +153,24 @@ def _train(
     start_step, state, data_state, ledger = start
     rundir.truncate_metrics(start_step)
     data_sharding = batch_sharding(mesh)
-    normalize = pipeline.normalize
-    train_jit = jax.jit(
-        functools.partial(
-            finetune_step, model=model, tx=tx, schedule=schedule, normalize=normalize, loss=run.recipe.loss,
-            num_classes=run.num_classes, sam_rho=config.sam_rho, sam_fraction=config.sam_fraction,
-            num_shards=mesh.size, ema_decay=config.ema_decay, mixup_alpha=config.mixup, cutmix_alpha=config.cutmix,
-            label_smoothing=config.label_smoothing,
-        ),
-        donate_argnums=0,
-        out_shardings=(shardings, replicated(mesh)),
-    )
-    eval_jit = jax.jit(
-        functools.partial(eval_step, model=model, normalize=normalize, loss=run.recipe.loss,
-                          num_classes=run.num_classes),
-        out_shardings=replicated(mesh),
-    )
+    common = {"normalize": pipeline.normalize, "loss": run.recipe.loss, "num_classes": run.num_classes}
     eval_source = run.data.open("eval", **config.data_options)
     if config.eval_examples is not None:
         eval_source = _Head(eval_source, config.eval_examples)
     eval_batch = _eval_batch_size(run, len(eval_source), mesh.size)
-    with ledger.timed("compile"):
-        train_fn = train_jit.lower(abstract, abstract_batch(run, run.batch_size, run.resolution, data_sharding))
-        train_fn = train_fn.compile()
-        eval_fn = eval_jit.lower(
-            abstract.params, abstract_batch(run, eval_batch, run.eval_resolution, data_sharding)
-        ).compile()
+    with ledger.timed("compile"):  # once per process for each distinct program (engine/cache.py)
+        train_fn = compile_train_step(
+            finetune_step, model=model, tx=tx, schedule=schedule, recipe=run.recipe,
+            options=common | {
+                "sam_rho": config.sam_rho, "sam_fraction": config.sam_fraction, "num_shards": mesh.size,
+                "ema_decay": config.ema_decay, "mixup_alpha": config.mixup, "cutmix_alpha": config.cutmix,
+                "label_smoothing": config.label_smoothing,
+            },
+            abstract=abstract, batch=abstract_batch(run, run.batch_size, run.resolution, data_sharding),
+            out_shardings=(shardings, replicated(mesh)),
+        )
+        held_out = abstract_batch(run, eval_batch, run.eval_resolution, data_sharding)
+        eval_fn = compile_eval_step(model, common, abstract.params, held_out, replicated(mesh))
     ledger.xla_flops_per_step = xla_flops(train_fn) * mesh.size
 
     def to_device(batch: dict[str, Any]) -> Any:
