@@ -59,7 +59,7 @@ class Built:
     abstract: Any
     shardings: Any
     data_sharding: NamedSharding
-    init_signature: tuple[Any, ...] = ()
+    init_signature: tuple[Any, ...]
 
     def fresh_state(self) -> TrainState:
         """The step-0 state, laid out on the devices.
@@ -112,10 +112,10 @@ def build(config: PretrainConfig, run: ResolvedRun) -> Built:
     abstract = jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings
     )
+    signature = (run.resolution, config.seed)
     return Built(
-        mesh, model, schedule, tx, init, init_params, from_params, abstract, shardings, batch_sharding(mesh),
-        init_signature=(run.resolution, config.seed),
-    )  # fmt: skip
+        mesh, model, schedule, tx, init, init_params, from_params, abstract, shardings, batch_sharding(mesh), signature
+    )
 
 
 def program_recipe(recipe: Recipe) -> Recipe:
