@@ -35,12 +35,13 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def read_json(path: Path) -> Any:
-    """Read a JSON file, or None if it is missing or unreadable."""
+def read_json(path: Path) -> dict[str, Any] | None:
+    """Read a JSON object, or None if the file is missing, unreadable, not JSON or not an object."""
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
+    return data if isinstance(data, dict) else None
 
 
 class RunDir:
@@ -76,19 +77,24 @@ class RunDir:
     def prepare(self, resolved: dict[str, Any], *, force: bool) -> bool:
         """Check the directory against this run's resolved config and claim it.
 
+        A directory whose run never saved a checkpoint nor finished has nothing to resume: a new config replaces its
+        own (so a run refused by a check after the claim reruns once the input is fixed). One that has trained is only
+        resumed when its ``config.json`` is readable and matches.
+
         Returns:
             True when the directory holds the same run (resume), False when it starts fresh.
 
         Raises:
-            CheckpointError: the directory holds a run with a different config and ``force`` is off; the message
-                names the differing keys.
+            CheckpointError: the directory holds a trained run with a different or unreadable config, or files that
+                are not a convscale run's, and ``force`` is off; the message names the differing keys.
         """
-        saved = read_json(self.path / "config.json")
+        config = self.path / "config.json"
+        saved = read_json(config)
         if saved is not None:
             changed = [k for k in diff(saved, resolved) if k.split(".")[0] not in MUTABLE_KEYS]
             # Derived values (total steps, peak lr) only name the difference when no given value explains it.
             changed = [k for k in changed if not k.startswith("derived.")] or changed
-            if changed and not force:
+            if changed and self.trained() and not force:
                 shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
                 raise CheckpointError(
                     f"{str(self.path)!r} holds a run with a different config "
@@ -98,36 +104,54 @@ class RunDir:
             if changed:
                 self.clear()
                 saved = None
-        elif self.path.is_dir() and any(self.path.iterdir()) and not (self.checkpoints.exists() or force):
+        elif self.primary and (config.exists() or config.is_symlink()):
+            if not force:
+                raise CheckpointError(
+                    f"{str(config)!r} is not a readable run config, so the run in {str(self.path)!r} cannot be "
+                    "checked against this one; choose another --out or pass --force to start over"
+                )
+            self.clear()
+        elif self.primary and self.path.is_dir() and any(self.path.iterdir()) and not force:
+            what = "holds checkpoints but no config.json" if self.checkpoints.exists() else "is not a convscale run"
             raise CheckpointError(
-                f"--out {str(self.path)!r} is a non-empty directory that is not a convscale run; "
-                "choose another --out or pass --force"
+                f"--out {str(self.path)!r} is a non-empty directory that {what}; choose another --out or pass "
+                "--force to start over"
             )
+        elif self.primary and force:
+            self.clear()
         if self.primary:
             self.path.mkdir(parents=True, exist_ok=True)
-            write_json(self.path / "config.json", resolved)
+            if saved != json.loads(json.dumps(resolved, default=str)):  # a rerun of the same run writes nothing
+                write_json(config, resolved)
         return saved is not None
+
+    def trained(self) -> bool:
+        """Whether the directory holds a checkpoint or a summary: something a new config would throw away."""
+        steps = self.checkpoints.is_dir() and any(p.is_dir() for p in self.checkpoints.iterdir())
+        return steps or (self.path / "summary.json").exists()
 
     def clear(self) -> None:
         """Remove this run's files (``--force``); files convscale did not write are left alone."""
         if not self.primary:
             return
-        for name in _RUN_FILES:
-            (self.path / name).unlink(missing_ok=True)
-        for name in _RUN_DIRS:
-            shutil.rmtree(self.path / name, ignore_errors=True)
+        for name in (*_RUN_FILES, *_RUN_DIRS):
+            path = self.path / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
     def truncate_metrics(self, step: int) -> None:
         """Drop metric records written after ``step`` (they belong to steps a resumed run will redo)."""
         if not self.primary or not self.metrics.exists():
             return
         kept = []
-        for line in self.metrics.read_text().splitlines():
+        for line in self.metrics.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a crash
-            if int(record.get("step", 0)) <= step:
+                keep = int(json.loads(line).get("step", 0)) <= step
+            except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+                continue  # a line cut short by a crash, or not a record of ours
+            if keep:
                 kept.append(line)
         tmp = self.metrics.with_name("metrics.jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
