@@ -262,12 +262,52 @@ def run_trial(
     out = runs_dir / name
     finished = read_finished(out)
     if finished is not None:
+        other = _other_settings(out, finished, dataset, options)
+        if other:
+            raise UsageError(
+                f"{str(out)!r} holds a finished run with other settings ({other}): it cannot be this trial; "
+                "tune into another runs directory"
+            )
         return Trial(lr, name, _loss(finished), "reused")
     try:
         summary = trainer(model, dataset, epochs, lr, out, **options)
     except TrainingError:
         return Trial(lr, name, math.inf, "failed")
     return Trial(lr, name, _loss(summary), "trained")
+
+
+def _other_settings(out: Path, summary: Mapping[str, Any], dataset: str, options: Mapping[str, Any]) -> str:
+    """The first setting a finished trial was trained with that differs from this tuning's, or "".
+
+    Compares the dataset and each given engine option with the run's resolved ``config.json`` (a dict-valued option,
+    key by key); the keys that may change between invocations of one run (``MUTABLE_KEYS``) are ignored.
+    """
+    from convscale_cli.engine.config import MUTABLE_KEYS
+    from convscale_cli.engine.rundir import read_json
+
+    if summary.get("dataset", dataset) != dataset:
+        return f"dataset {summary['dataset']!r} there, {dataset!r} here"
+    saved = read_json(out / "config.json")
+    if saved is None:
+        return ""
+    for key, wanted in options.items():
+        if key in MUTABLE_KEYS or wanted is None:
+            continue
+        have = saved.get(key)
+        pairs = (
+            [(f"{key}.{k}", have.get(k), v) for k, v in wanted.items()]
+            if isinstance(wanted, Mapping) and isinstance(have, Mapping)
+            else [(key, have, wanted)]
+        )
+        for name, there, here in pairs:
+            if _plain(there) != _plain(here):
+                return f"{name} {there!r} there, {here!r} here"
+    return ""
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON would store it (tuples become lists), for comparing with a saved config."""
+    return json.loads(json.dumps(value, default=str))
 
 
 def target_size(registry: Registry, model: str, size_axis: SizeAxis, resolution: int | None, classes: int) -> float:

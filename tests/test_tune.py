@@ -77,6 +77,9 @@ class FakeTrainer:
         summary = fake_summary(model, dataset, epochs, lr, loss)
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "summary.json").write_text(json.dumps(summary))
+        # As the engine's resolved config.json: every option given, plus the recipe's defaults inside ``recipe``.
+        config = {"dataset": dataset, **options, "recipe": {"weight_decay": 1e-6, **options.get("recipe", {})}}
+        (Path(out) / "config.json").write_text(json.dumps(config))
         return summary
 
 
@@ -176,6 +179,28 @@ def test_rerun_reuses_trials_and_trains_nothing(registry: Registry, tmp_path: Pa
     assert again.calls == [] and result.trained == 0
     assert {t.status for t in result.trials} == {"reused"}
     assert len(_log(tmp_path)) == 1
+
+
+def test_a_finished_trial_with_other_settings_is_refused_not_reused(registry: Registry, tmp_path: Path) -> None:
+    options = {"batch_size": 64, "progress": "none", "recipe": {"agc_exclude": ("fc",)}}
+    tuning.tune_cell("toy-m", 1, tmp_path, dataset="toyset", registry=registry, trainer=FakeTrainer(), options=options)
+    # Output settings may change between invocations; a list equals the tuple it was saved from.
+    same = options | {"progress": "plain", "recipe": {"agc_exclude": ["fc"]}}
+    again = FakeTrainer()
+    result = tuning.tune_cell("toy-m", 1, tmp_path, dataset="toyset", registry=registry, trainer=again, options=same)
+    assert again.calls == [] and {t.status for t in result.trials} == {"reused"}
+    for other, needle in [
+        ({"batch_size": 32}, "batch_size 64 there, 32 here"),
+        ({"recipe": {"weight_decay": 1e-4}}, "recipe.weight_decay 1e-06 there, 0.0001 here"),
+    ]:
+        with pytest.raises(UsageError, match=needle):
+            tuning.tune_cell(
+                "toy-m", 1, tmp_path, dataset="toyset", registry=registry, trainer=again, options=options | other
+            )
+    write_run(tmp_path, "toy-s", 1, 1.6, 2.0, dataset="otherset")
+    with pytest.raises(UsageError, match="dataset 'otherset' there, 'toyset' here"):
+        tuning.tune_cell("toy-s", 1, tmp_path, dataset="toyset", registry=registry, trainer=again, start_lr=1.6)
+    assert again.calls == []
 
 
 def test_a_diverged_trial_loses(registry: Registry, tmp_path: Path) -> None:
