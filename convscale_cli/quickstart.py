@@ -24,6 +24,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from convscale_cli import interrupts
 from convscale_cli.errors import ConvscaleError, ExitCode, UsageError
 from convscale_cli.tuning import RunRecord, load_runs
 
@@ -64,7 +65,9 @@ class FinetuneSettings:
 
 
 def _call(run_command: Callable[[Sequence[str]], int], args: list[str]) -> None:
+    interrupts.check()
     code = run_command(args)
+    interrupts.check()
     if code != ExitCode.OK:
         raise QuickstartFailed(f"`convscale {' '.join(args)}` failed with exit code {code}", code)
 
@@ -119,11 +122,13 @@ def run(
         finetune: fine-tuning settings.
         echo: where section headers and the summary go.
     """
-    from convscale_cli.sweep import load_study
+    from convscale_cli.plugins import get_registry
+    from convscale_cli.sweep import load_study, plan_cells
 
     study_path = Path(study) if study is not None else default_study()
     runs_dir, report_dir = out / "runs", out / "report"
     loaded = load_study(study_path, {"out": str(runs_dir)})  # validates the study before anything runs
+    plan_cells(loaded, get_registry())  # and its model and dataset names, in one line of their own
 
     echo(f"[1/4] pre-training: {len(loaded.models)} models x {len(loaded.epochs)} epoch budgets on {loaded.dataset}, "
          "learning rates tuned by the two-trial rule")

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from convscale_cli import interrupts
 from convscale_cli.errors import TrainingError, UsageError
 from convscale_cli.planner import run_name
 from convscale_cli.registry import Registry
@@ -88,8 +89,8 @@ def read_finished(run_dir: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        summary = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         warnings.warn(f"skipping {path}: {exc}", RunWarning, stacklevel=2)
         return None
     return summary if isinstance(summary, dict) and summary.get("status") == "finished" else None
@@ -258,6 +259,7 @@ def run_trial(
     A run that ends in :class:`TrainingError` (a non-finite loss, likely at too high an lr) is a failed trial with an
     infinite loss: the comparison still has an answer.
     """
+    interrupts.check()  # a Ctrl-C swallowed during the previous trial stops the study here
     name = run_name(model, epochs, lr)
     out = runs_dir / name
     finished = read_finished(out)
@@ -365,6 +367,9 @@ def tune_cell(
         num_classes = options.get("num_classes") or info.num_classes
     root = Path(runs_dir)
     root.mkdir(parents=True, exist_ok=True)
+    log = root / TUNING_LOG
+    if log.exists() and not log.is_file():  # checked before training: the decision must not be lost after it
+        raise UsageError(f"{str(log)!r} is not a file, so the decision could not be recorded")
     runs = [r for r in load_runs(root) if r.dataset == data.name and r.family == spec.family]
     size = target_size(registry, spec.name, size_axis, options.get("resolution"), num_classes)
     neighbour = nearest_cell(group_cells(runs, size_axis), spec.name, size, epochs)
@@ -409,10 +414,12 @@ def _logged(runs_dir: Path, result: TuneResult) -> bool:
     if not path.is_file():
         return False
     mine = result.to_dict()
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             entry = json.loads(line)
         except json.JSONDecodeError:
+            continue
+        if not isinstance(entry, dict):
             continue
         if all(entry.get(k) == mine[k] for k in ("model", "dataset", "epochs", "rule", "best_run")):
             return True

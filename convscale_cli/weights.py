@@ -141,8 +141,8 @@ def read_model_json(path: str | Path) -> dict[str, Any]:
     if not file.is_file():
         raise CheckpointError(f"{str(path)!r} is not a convscale weights checkpoint (no {MODEL_JSON})")
     try:
-        meta = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{str(file)!r} is not valid JSON: {exc}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{str(file)!r} is not a {FORMAT} file")
@@ -238,7 +238,8 @@ def load_safetensors(file: str | Path) -> dict[str, Any]:
 
     file = Path(file).expanduser()
     if not file.is_file():
-        raise UsageError(f"weights file {str(file)!r} does not exist")
+        why = "is a directory, expected a .safetensors file" if file.is_dir() else "does not exist"
+        raise UsageError(f"weights file {str(file)!r} {why}")
     try:
         return load_file(str(file))
     except TypeError:  # numpy has no bfloat16: read the (already validated) file ourselves

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ import pytest
 from convscale_cli import plugins as plugin_loader
 from convscale_cli import tuning
 from convscale_cli.cli import main
-from convscale_cli.errors import ConfigError, TrainingError, UsageError
+from convscale_cli.errors import ConfigError, ExitCode, TrainingError, UsageError
 from convscale_cli.hookspecs import hookimpl
 from convscale_cli.registry import ArchitectureSpec, DatasetInfo, DatasetSpec, ModelCount, Registry
 from convscale_cli.sweep import StudyConfig, load_study, plan_cells, run_sweep
@@ -335,3 +337,26 @@ def test_quickstart_study_is_valid_for_the_builtin_plugins() -> None:
     assert len(study.models) >= 3 and len(study.epochs) >= 3 and len(cells) == len(study.models) * len(study.epochs)
     assert all("ladder" in registry.architecture(m).tags for m in study.models)
     assert study.dataset == "shapes" and study.resolution == 32
+
+
+class _SwallowingTrainer(FakeTrainer):
+    """Ctrl-C during its first run, whose KeyboardInterrupt is swallowed (as in a garbage-collection callback)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict:
+        if not self.calls:
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+            except KeyboardInterrupt:
+                pass
+        return super().__call__(*args, **kwargs)
+
+
+def test_a_swallowed_ctrl_c_still_stops_the_sweep(
+    registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake = _SwallowingTrainer()
+    monkeypatch.setattr(tuning, "engine_trainer", fake)
+    assert main(["sweep", str(_study(tmp_path))]) == ExitCode.INTERRUPTED
+    assert len(fake.calls) == 1  # the first trial finished; nothing after it started
+    assert capsys.readouterr().err.strip().endswith("Interrupted.")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored when the command ends

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import typer
 
-from convscale_cli import __version__
+from convscale_cli import __version__, interrupts
 from convscale_cli.cli import _coerce, _state
 from convscale_cli.errors import ConvscaleError, ExitCode
 
@@ -80,8 +80,20 @@ def _register_commands() -> None:
 _register_commands()
 
 
+MESSAGE_CHARS = 600  # an error line quoting a pasted 20 kB value stays readable
+
+
 def _one_line(text: str) -> str:
-    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+    line = " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+    if len(line) <= MESSAGE_CHARS:
+        return line
+    return f"{line[: MESSAGE_CHARS - 100]} ...[{len(line) - MESSAGE_CHARS + 20} characters]... {line[-80:]}"
+
+
+def _os_error(exc: OSError) -> str:
+    """``Read-only file system: 'runs/a/config.json'``: the reason and the path, without the errno."""
+    names = [repr(str(name)) for name in (exc.filename, exc.filename2) if name is not None]
+    return f"{exc.strerror or exc}: {' -> '.join(names)}" if names else str(exc.strerror or exc)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
@@ -94,10 +106,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     _state.debug = "--debug" in args
     warnings.showwarning = _show_warning
     if not _state.debug:
-        # Orbax and grain log routine notices (e.g. "Metadata file does not exist") through absl at WARNING level.
-        logging.getLogger("absl").setLevel(logging.ERROR)
+        # Orbax and grain log through absl: routine notices at WARNING ("Metadata file does not exist"), and at ERROR
+        # what convscale reports itself in one line (a corrupt checkpoint: a CheckpointWarning, then the fallback).
+        logging.getLogger("absl").setLevel(logging.CRITICAL)
     try:
-        result = app(args=args, prog_name="convscale", standalone_mode=False)
+        with interrupts.latched():
+            result = app(args=args, prog_name="convscale", standalone_mode=False)
+        if result == ExitCode.INTERRUPTED:  # typer turns a Ctrl-C into this exit code, silently
+            print("Interrupted.", file=sys.stderr)
         return int(result) if isinstance(result, int) else ExitCode.OK
     except typer.Exit as exc:
         return exc.exit_code
@@ -120,6 +136,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)
         return ExitCode.INTERRUPTED
+    except OSError as exc:  # a path given: read-only, not writable, a file where a directory goes, a name too long
+        if _state.debug:
+            raise
+        print(f"Error: {_one_line(_os_error(exc))}", file=sys.stderr)
+        return ExitCode.USAGE_ERROR
 
 
 def run() -> None:

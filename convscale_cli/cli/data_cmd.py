@@ -38,7 +38,7 @@ def convert(
 
     console = Console(stderr=True)
     columns = (TextColumn("converting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True, disable=json_) as bar:
+    with Progress(*columns, console=console, transient=True, disable=json_ or not console.is_terminal) as bar:
         task = bar.add_task("convert", total=None)
         report = convert_imagefolder(
             src,

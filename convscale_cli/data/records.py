@@ -66,9 +66,11 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise DataError(f"{path} not found: convert an image folder with `convscale data convert SRC --out {root}`")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path} does not hold a JSON object")
     if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
         raise DataError(
             f"{path} has format {manifest.get('format')!r} version {manifest.get('version')!r}: "

@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from convscale_cli import interrupts
 from convscale_cli.engine.checkpoint import Checkpoints
 from convscale_cli.engine.ledger import Ledger
 from convscale_cli.engine.progress import Progress
@@ -66,6 +67,8 @@ class StopSignals:
         self.received = signal.Signals(signum).name
 
     def __enter__(self) -> StopSignals:
+        if interrupts.received():  # a Ctrl-C before the loop (while compiling) whose KeyboardInterrupt was swallowed
+            self.received = "SIGINT"
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)

@@ -230,6 +230,9 @@ def load_runs(runs_dir: str | Path) -> tuple[list[Run], list[Skipped]]:
         if not path.exists():
             skipped.append(Skipped(name, "no summary.json (unfinished or crashed run)"))
             continue
+        if not path.is_file():
+            skipped.append(Skipped(name, "summary.json is not a file"))
+            continue
         try:
             summary = json.loads(path.read_text(encoding="utf-8"))
             if not isinstance(summary, Mapping):
@@ -253,7 +256,7 @@ def load_tuning(runs_dir: str | Path, dataset: str) -> tuple[list[dict[str, Any]
     if not path.is_file():
         return [], 0
     decisions, unreadable = [], 0
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         if not line.strip():
             continue
         try:
@@ -286,9 +289,12 @@ def select_dataset(runs: Iterable[Run], dataset: str | None = None) -> list[Run]
             raise UsageError(f"runs span {len(datasets)} datasets ({', '.join(datasets)}): pick one with --dataset")
         dataset = datasets[0]
     elif dataset not in datasets:
-        from convscale_cli.errors import UnknownNameError
+        from convscale_cli.errors import close_matches
 
-        raise UnknownNameError("dataset", dataset, datasets)
+        matches = close_matches(dataset, datasets)
+        shown = " or ".join(repr(m) for m in matches)
+        hint = f"did you mean {shown}?" if matches else f"the runs are on {', '.join(datasets)}"
+        raise UsageError(f"no pre-training runs on dataset {dataset!r}: {hint}")
     chosen = [r for r in pretrain if r.dataset == dataset]
     names = {r.name for r in chosen} | {r.name.rsplit("/", 1)[-1] for r in chosen}
 
