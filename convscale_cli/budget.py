@@ -52,6 +52,9 @@ DEFAULT_CPU_PEAK_FLOPS = 160e9
 # peak the engine measures there). 0.01 of the default peak (1.6 GFLOP/s) makes `plan --budget N-cpu-hours` fit in
 # about N hours for those studies; larger models at higher resolution reach more, so pass a measured --mfu.
 DEFAULT_CPU_MFU = 0.01
+# The largest budget accepted, in model FLOPs: ~5e12 TPU-v4 core-hours, some 10^4 times the largest training runs
+# published so far. Past it a typo (1e308-flops, 1e300-core-hours) would overflow to inf, or plan runs of 1e286 epochs.
+MAX_BUDGET_FLOPS = 1e30
 
 
 def check_mfu(mfu: float) -> float:
@@ -222,6 +225,9 @@ class Budget:
             raise UsageError(f"budget {self.text or self.amount!r} must be a positive finite amount")
         if self.unit != "flops" and self.unit not in HARDWARE:
             raise UsageError(f"budget unit {self.unit!r} is not 'flops' or one of {', '.join(HARDWARE)}")
+        # At the hardware's default peak and utilisation; a plan checks again with its own (check_budget_flops).
+        flops = self.amount if self.is_flops else self.amount * HARDWARE[self.unit].flops_per_hour()
+        check_budget_flops(flops, self.text or self.format())
 
     @property
     def is_flops(self) -> bool:
@@ -275,14 +281,29 @@ class Budget:
         return self.format()
 
 
+def check_budget_flops(flops: float, text: str) -> float:
+    """Return ``flops`` if it is a finite budget of at most :data:`MAX_BUDGET_FLOPS` model FLOPs.
+
+    Raises:
+        UsageError: naming the budget ``text`` and the limit (an overflow to inf included).
+    """
+    if not (math.isfinite(flops) and flops <= MAX_BUDGET_FLOPS):
+        worth = f"{flops:.3g} model FLOPs" if math.isfinite(flops) else "its model FLOPs overflow a float"
+        raise UsageError(
+            f"budget {text!r} is too large: {worth}, more than the {MAX_BUDGET_FLOPS:.0e} model FLOPs "
+            f"({flops_to_core_hours(MAX_BUDGET_FLOPS):.2g} TPU-v4 core-hours) convscale accepts"
+        )
+    return flops
+
+
 def parse_budget(text: str) -> Budget:
     """Parse ``10k-core-hours``, ``250-h100-hours``, ``0.5-tpu-v3-core-hours``, ``3-cpu-hours``, ``1.5e21-flops``.
 
     ``core-hours`` alone means TPU-v4 core-hours (the paper's axis). ``k`` multiplies by 1e3 and ``M`` by 1e6.
 
     Raises:
-        UsageError: malformed text, missing or unknown unit (with close matches), a non-positive or infinite amount;
-            the message lists the accepted forms.
+        UsageError: malformed text, missing or unknown unit (with close matches), a non-positive or infinite amount,
+            more than :data:`MAX_BUDGET_FLOPS`; the message lists the accepted forms.
     """
     match = _BUDGET_RE.match(text) if isinstance(text, str) else None
     if match is None:
@@ -327,11 +348,13 @@ __all__ = [
     "CALIBRATION_TRAIN_FLOPS",
     "CPU_PEAK_ENV",
     "HARDWARE",
+    "MAX_BUDGET_FLOPS",
     "TPU_V3_MFU",
     "TPU_V4_MFU",
     "Budget",
     "Hardware",
     "accepted_units",
+    "check_budget_flops",
     "check_mfu",
     "core_hours_to_flops",
     "cpu_peak_flops",

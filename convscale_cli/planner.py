@@ -19,11 +19,19 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import decimal
 import fnmatch
 import math
 from collections.abc import Sequence
 
-from convscale_cli.budget import CALIBRATION_TRAIN_FLOPS, Budget, Hardware, core_hours_to_flops, flops_to_core_hours
+from convscale_cli.budget import (
+    CALIBRATION_TRAIN_FLOPS,
+    Budget,
+    Hardware,
+    check_budget_flops,
+    core_hours_to_flops,
+    flops_to_core_hours,
+)
 from convscale_cli.errors import UnknownNameError, UsageError
 from convscale_cli.registry import ArchitectureSpec, Registry
 
@@ -147,6 +155,8 @@ class PlanRequest:
             raise UsageError(f"--num-classes must be > 0, got {self.dataset.num_classes}")
         if self.dataset.resolution <= 0:
             raise UsageError(f"--resolution must be > 0, got {self.dataset.resolution}")
+        # Again on the plan's hardware: a measured peak (CONVSCALE_CPU_PEAK_FLOPS) can push a budget past the limit.
+        check_budget_flops(self.flops, self.budget.text or self.budget.format())
 
     @property
     def flops(self) -> float:
@@ -208,10 +218,14 @@ def round_down(value: float, digits: int = 3) -> float:
 
     Down, so the rounded run still fits the budget; the relative tolerance absorbs float noise at exact fits.
     """
-    if value <= 0:
+    if not value > 0:
         return 0.0
-    exponent = math.floor(math.log10(value)) - digits + 1
-    units = math.floor(value / 10**exponent * (1 + 1e-9))
+    if math.isinf(value):
+        return value
+    # Decimal: exact for any float, where 10**exponent underflows to 0 below ~1e-308 (a 1e-300-flops budget).
+    exact = decimal.Decimal(value)
+    exponent = exact.adjusted() - digits + 1
+    units = (exact * decimal.Decimal("1.000000001")).scaleb(-exponent).to_integral_value(decimal.ROUND_FLOOR)
     return float(f"{units}e{exponent}")
 
 

@@ -4,6 +4,7 @@
 import the training engine only when they actually train.
 """
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -11,7 +12,7 @@ import typer
 
 from convscale_cli.cli import app
 from convscale_cli.cli._output import print_json, print_table
-from convscale_cli.errors import UsageError
+from convscale_cli.errors import UsageError, close_matches
 
 if TYPE_CHECKING:
     from convscale_cli.planner import DatasetPlan, Plan
@@ -115,6 +116,8 @@ def plan(
     from convscale_cli.budget import get_hardware, parse_budget
     from convscale_cli.plugins import get_registry
 
+    if bootstrap < 0:
+        raise UsageError(f"--bootstrap must be >= 0, got {bootstrap}")
     parsed = parse_budget(budget)
     if mfu is not None and parsed.is_flops and hardware is None:
         raise UsageError(f"--mfu {mfu} has no effect on a FLOP budget without --hardware")
@@ -133,8 +136,6 @@ def plan(
     if from_ is not None:
         from convscale_cli.plan_fit import plan_fitted
 
-        if bootstrap < 0:
-            raise UsageError(f"--bootstrap must be >= 0, got {bootstrap}")
         result = plan_fitted(request, registry, from_, bootstrap=bootstrap)
     else:
         result = planner.plan_prior(request, registry)
@@ -264,7 +265,9 @@ def tune_lr(
     from convscale_cli.tuning import tune_cell
 
     if size_axis not in ("params", "macs"):
-        raise UsageError(f"--size-axis {size_axis!r} is not one of 'params', 'macs'")
+        matches = close_matches(size_axis, ("params", "macs"))
+        hint = f"; did you mean {matches[0]!r}?" if matches else ""
+        raise UsageError(f"--size-axis {size_axis!r} is not one of 'params', 'macs'{hint}")
     options: dict[str, Any] = {"seed": seed, **_overrides(set_)}
     if batch_size is not None:
         options["batch_size"] = batch_size
@@ -277,9 +280,12 @@ def tune_lr(
         try:
             grid_values = [float(x) for x in lr_grid.split(",") if x.strip()]
         except ValueError:
+            grid_values = [math.nan]
+        # NaN-safe: float() reads "nan" and "inf" too.
+        if not grid_values or not all(math.isfinite(x) and x > 0 for x in grid_values):
             raise UsageError(
-                f"--lr-grid {lr_grid!r} is not a comma-separated list of numbers, e.g. 1.6,0.8,0.4"
-            ) from None
+                f"--lr-grid {lr_grid!r} is not a comma-separated list of positive numbers, e.g. 1.6,0.8,0.4"
+            )
     result = tune_cell(
         model,
         epochs,
