@@ -33,7 +33,32 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"malformed TOML in {str(path)!r}: {exc}") from None
 
 
+SEED_LIMIT = 2**32  # seeds feed numpy and Grain, which take unsigned 32-bit values
+
+
+def check_seed(seed: int, key: str = "seed") -> int:
+    """Return ``seed`` if it is an integer in [0, 2**32); raise ConfigError naming the value otherwise."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise ConfigError(f"{key} = {seed!r} must be an integer in [0, 2**32)")
+    return seed
+
+
 def _type_name(tp: Any) -> str:
+    """``tp`` in words, without Python's typing syntax: ``float or a table``, ``a list of str``, ``one of 'a', 'b'``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args if a is not type(None))
+    if origin in (tuple, list):
+        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_type_name(args[0])}"
+        if origin is tuple and args:
+            return f"a list of {len(args)} items ({', '.join(_type_name(a) for a in args)})"
+        return f"a list of {_type_name(args[0])}" if args else "a list"
+    if origin in (dict, Mapping) or tp in (dict, Mapping) or dataclasses.is_dataclass(tp):
+        return "a table"
     if isinstance(tp, type):
         return tp.__name__
     return str(tp).replace("typing.", "")
@@ -54,18 +79,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+        options = [arg for arg in args if arg is not type(None)]
+        if len(options) == 1:  # Optional[X]: X's own message (a Literal's "is not one of ...; did you mean")
+            return _coerce(value, options[0], key)
+        for arg in options:
             try:
                 return _coerce(value, arg, key)
-            except ConfigError as exc:
-                errors.append(exc)
+            except ConfigError:
+                continue
         raise ConfigError(f"{key} = {value!r} has the wrong type: expected {_type_name(tp)}")
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key} = {value!r} has the wrong type: expected a list")
+            raise ConfigError(f"{key} = {value!r} has the wrong type: expected {_type_name(tp)}")
         if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
             items = [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
         elif origin is tuple and args:
@@ -104,11 +129,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key} = {value!r} has the wrong type: expected {_type_name(tp)}, got {type(value).__name__}")
 
 
-def from_dict(cls: type[T], data: Mapping[str, Any], *, prefix: str = "") -> T:
-    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types.
+def from_dict(cls: type[T], data: Mapping[str, Any], *, prefix: str = "", source: str = "") -> T:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys, wrong types and missing required keys.
+
+    ``source`` (a file name) starts the missing-keys message, which is about the file rather than one value.
 
     Raises:
-        ConfigError: naming the first bad key (with close matches for unknown keys) or an invalid value.
+        ConfigError: naming the first bad key (with close matches for unknown keys), every missing required key, or
+            an invalid value.
     """
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
@@ -119,6 +147,14 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, prefix: str = "") -> T:
             hint = f"; did you mean {' or '.join(repr(prefix + m) for m in matches)}?" if matches else ""
             raise ConfigError(f"unknown config key {prefix + key!r}{hint}")
         kwargs[key] = _coerce(value, hints[key], prefix + key)
+    missing = [
+        prefix + name
+        for name, f in fields.items()
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        where = f"{source}: " if source else ""
+        raise ConfigError(f"{where}missing {'key' if len(missing) == 1 else 'keys'} {', '.join(missing)}")
     try:
         return cls(**kwargs)
     except ConfigError:
@@ -166,7 +202,8 @@ def load_config(
         data = load_toml(path)
         if section is not None:
             data = dict(data.get(section, {}))
-    return from_dict(cls, merge(data, overrides or {}))
+    source = "" if path is None else str(path) + (f" [{section}]" if section else "")
+    return from_dict(cls, merge(data, overrides or {}), source=source)
 
 
 def to_dict(config: Any) -> dict[str, Any]:

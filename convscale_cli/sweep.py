@@ -16,8 +16,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from convscale_cli.config import load_config
-from convscale_cli.errors import ConfigError
+from convscale_cli.config import check_seed, load_config
+from convscale_cli.errors import ConfigError, UnknownNameError, close_matches
 from convscale_cli.registry import Registry
 from convscale_cli.tuning import Trainer, TuneResult, lr_grid, tune_cell
 
@@ -61,14 +61,15 @@ class StudyConfig:
             if lr is not None and not (_is_number(lr) and math.isfinite(lr) and lr > 0):
                 key = f"start_lr.{family}" if family else "start_lr"
                 raise ConfigError(f"{key} must be a positive number, got {lr!r}")
-        if any(not lr > 0 for lr in self.lr_grid):
-            raise ConfigError(f"lr_grid must hold positive values, got {list(self.lr_grid)}")
+        if any(not (math.isfinite(lr) and lr > 0) for lr in self.lr_grid):
+            raise ConfigError(f"lr_grid must hold positive finite values, got {list(self.lr_grid)}")
         clash = sorted(set(self.engine) & _RESERVED)
         if clash:
             raise ConfigError(f"engine.{clash[0]} is set by the study itself; use the top-level key {clash[0]!r}")
         for key, value in (("resolution", self.resolution), ("batch_size", self.batch_size)):
             if value is not None and value <= 0:
                 raise ConfigError(f"{key} = {value} must be > 0")
+        check_seed(self.seed)
 
     def start_lr_for(self, family: str) -> float | None:
         """The first-cell alpha of ``family`` (None: its recipe's)."""
@@ -128,6 +129,9 @@ def plan_cells(study: StudyConfig, registry: Registry) -> list[CellPlan]:
         ConfigError: ``start_lr`` names a family none of the study's models belongs to.
     """
     data = registry.dataset(study.dataset)
+    unknown_options = sorted(set(study.data_options) - set(data.options))
+    if unknown_options:  # as the engine says it (engine/resolve.py), before the plugin's own info() refuses it
+        raise UnknownNameError(f"{data.name} data option", unknown_options[0], data.options)
     info = data.info(**study.data_options) if study.data_options or data.static_info is None else data.static_info
     train_size = int(info.split_sizes.get("train", 0))
     classes = int(study.engine.get("num_classes") or info.num_classes)
@@ -144,8 +148,11 @@ def plan_cells(study: StudyConfig, registry: Registry) -> list[CellPlan]:
         unknown = sorted(set(study.start_lr) - set(families))
         if unknown:
             kind = "family" if len(families) == 1 else "families"
+            matches = close_matches(unknown[0], families)
+            hint = f"; did you mean {' or '.join(repr(m) for m in matches)}?" if matches else ""
             raise ConfigError(
                 f"start_lr names family {unknown[0]!r}, but the study's models are of {kind} {', '.join(families)}"
+                f"{hint}"
             )
     return sorted(cells, key=lambda c: (c.flops, c.model, c.epochs))
 

@@ -12,7 +12,11 @@ import pytest
 from convscale_cli import planner as P
 from convscale_cli.budget import MAX_BUDGET_FLOPS, parse_budget
 from convscale_cli.cli import main
-from convscale_cli.errors import UsageError
+from convscale_cli.config import from_dict, load_config
+from convscale_cli.engine.config import PretrainConfig
+from convscale_cli.errors import ConfigError, UsageError
+from convscale_cli.finetune.config import FinetuneConfig
+from convscale_cli.sweep import StudyConfig, load_study
 
 
 def _fails(argv: list[str], capsys: Any, *needles: str) -> str:
@@ -65,7 +69,100 @@ def test_plan_bootstrap_must_be_non_negative_without_from(capsys: Any) -> None:
     _fails(["plan", "--budget", "10k-core-hours", "--bootstrap", "-1"], capsys, "--bootstrap must be >= 0, got -1")
 
 
-# --- tune-lr options ----------------------------------------------------------------------------------------------
+# --- 3. seeds: 0 <= seed < 2**32 in every config ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 99999999999999999999999])
+def test_pretrain_seed_out_of_range(seed: int, tmp_path: Path, capsys: Any) -> None:
+    argv = ["pretrain", "--model", "nfnet-tiny-l0", "--dataset", "shapes", "--steps", "3", "--seed", str(seed),
+            "--out", str(tmp_path / "run")]  # fmt: skip
+    _fails(argv, capsys, f"seed = {seed} must be an integer in [0, 2**32)")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_finetune_and_study_seed_out_of_range(seed: int) -> None:
+    with pytest.raises(ConfigError, match=r"seed = .* must be an integer in \[0, 2\*\*32\)"):
+        FinetuneConfig(pretrained="p", dataset="d", out="o", steps=3, seed=seed)
+    with pytest.raises(ConfigError, match=r"seed = .* must be an integer in \[0, 2\*\*32\)"):
+        StudyConfig(out="o", dataset="d", models=("m",), epochs=(1.0,), seed=seed)
+    assert PretrainConfig(model="m", dataset="d", out="o", steps=1, seed=2**32 - 1).seed == 2**32 - 1
+
+
+def _study(tmp_path: Path, extra: str = "") -> Path:
+    path = tmp_path / "study.toml"
+    path.write_text(
+        f'out = "{tmp_path / "runs"}"\ndataset = "shapes"\nmodels = ["nfnet-tiny-l0"]\nepochs = [0.01]\n'
+        f"resolution = 32\nbatch_size = 8\n{extra}\n[data_options]\nsize = 64\neval_size = 16\n"
+    )
+    return path
+
+
+def test_sweep_study_seed_out_of_range(tmp_path: Path, capsys: Any) -> None:
+    _fails(["sweep", str(_study(tmp_path, "seed = -1"))], capsys, "seed = -1 must be an integer in [0, 2**32)")
+
+
+# --- 4. NaN and inf in float fields -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+@pytest.mark.parametrize(
+    "cls, base, key",
+    [
+        (PretrainConfig, {"model": "m", "dataset": "d", "out": "o", "steps": 3}, "checkpoint_minutes"),
+        (PretrainConfig, {"model": "m", "dataset": "d", "out": "o", "steps": 3}, "lr"),
+        (PretrainConfig, {"model": "m", "dataset": "d", "out": "o", "steps": 3}, "peak_flops"),
+        (PretrainConfig, {"model": "m", "dataset": "d", "out": "o"}, "epochs"),
+        (FinetuneConfig, {"pretrained": "p", "dataset": "d", "out": "o", "steps": 3}, "cutmix"),
+        (FinetuneConfig, {"pretrained": "p", "dataset": "d", "out": "o", "steps": 3}, "mixup"),
+        (FinetuneConfig, {"pretrained": "p", "dataset": "d", "out": "o", "steps": 3}, "weight_decay"),
+        (FinetuneConfig, {"pretrained": "p", "dataset": "d", "out": "o", "steps": 3}, "checkpoint_minutes"),
+        (FinetuneConfig, {"pretrained": "p", "dataset": "d", "out": "o", "steps": 3}, "sam_rho"),
+    ],
+)
+def test_non_finite_floats_are_refused(cls: type, base: dict[str, Any], key: str, bad: float) -> None:
+    with pytest.raises(ConfigError, match=f"{key} = {bad!r} must be"):
+        from_dict(cls, {**base, key: bad})
+
+
+def test_every_float_field_refuses_nan_and_inf() -> None:
+    """The audit as a test: no float field of the three configs takes NaN or +-inf."""
+    import dataclasses
+    import typing
+
+    bases: dict[type, dict[str, Any]] = {
+        PretrainConfig: {"model": "m", "dataset": "d", "out": "o", "steps": 3},
+        FinetuneConfig: {"pretrained": "p", "dataset": "d", "out": "o", "steps": 3},
+        StudyConfig: {"out": "o", "dataset": "d", "models": ["m"], "epochs": [1.0]},
+    }
+    for cls, base in bases.items():
+        hints = typing.get_type_hints(cls)
+        for field in dataclasses.fields(cls):
+            if "float" not in str(hints[field.name]):
+                continue
+            for bad in (math.nan, math.inf, -math.inf):
+                value: Any = bad
+                if field.name in ("lr_grid",) or (cls is StudyConfig and field.name == "epochs"):
+                    value = [bad]
+                elif field.name == "randaugment":
+                    value = [1, bad]
+                data = {**base, field.name: value}
+                if field.name == "epochs" and cls is not StudyConfig:
+                    del data["steps"]  # one duration
+                with pytest.raises(ConfigError):
+                    from_dict(cls, data)
+
+
+def test_finetune_cutmix_nan_on_the_command_line(tmp_path: Path, capsys: Any) -> None:
+    argv = ["finetune", "--from", str(tmp_path / "run"), "--dataset", "digits", "--steps", "3", "--batch-size", "8",
+            "--cutmix", "nan", "--out", str(tmp_path / "ft")]  # fmt: skip
+    _fails(argv, capsys, "cutmix = nan must be a finite number >= 0")
+
+
+def test_pretrain_checkpoint_minutes_nan_on_the_command_line(tmp_path: Path, capsys: Any) -> None:
+    argv = ["pretrain", "--model", "nfnet-tiny-l0", "--dataset", "shapes", "--steps", "3",
+            "--checkpoint-minutes", "nan", "--out", str(tmp_path / "run")]  # fmt: skip
+    _fails(argv, capsys, "checkpoint_minutes = nan must be a finite number >= 0")
 
 
 @pytest.mark.parametrize("grid", ["nan,inf", "0.4,-1", ","])
@@ -75,6 +172,61 @@ def test_tune_lr_grid_must_be_positive_finite(grid: str, tmp_path: Path, capsys:
     _fails(argv, capsys, "is not a comma-separated list of positive numbers")
 
 
+def test_study_lr_grid_must_be_finite() -> None:
+    with pytest.raises(ConfigError, match="lr_grid must hold positive finite values"):
+        StudyConfig(out="o", dataset="d", models=("m",), epochs=(1.0,), lr_grid=(math.inf,))
+
+
+# --- 5. type mismatches speak plainly: Literal choices with a suggestion, no Optional[...] ----------------------------
+
+
+def test_loss_outside_its_literal_suggests_the_close_match(tmp_path: Path, capsys: Any) -> None:
+    argv = ["pretrain", "--model", "nfnet-tiny-l0", "--dataset", "shapes", "--steps", "3", "--loss", "softmx",
+            "--out", str(tmp_path / "run")]  # fmt: skip
+    err = _fails(argv, capsys, "loss = 'softmx' is not one of 'softmax', 'sigmoid'; did you mean 'softmax'?")
+    assert "Optional" not in err and "Literal" not in err
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"start_lr": "a"}, "start_lr = 'a' has the wrong type: expected float or a table"),
+        ({"models": "m"}, "models = 'm' has the wrong type: expected a list of str"),
+        ({"resolution": "big"}, "resolution = 'big' has the wrong type: expected int, got str"),
+        ({"rule": "too"}, "rule = 'too' is not one of 'two-trial', 'grid'"),
+    ],
+)
+def test_study_type_errors_have_no_typing_syntax(data: dict[str, Any], message: str) -> None:
+    base = {"out": "o", "dataset": "d", "models": ["m"], "epochs": [1.0]}
+    with pytest.raises(ConfigError) as info:
+        from_dict(StudyConfig, {**base, **data})
+    text = str(info.value)
+    assert message in text and not any(word in text for word in ("Optional", "Union", "Literal", "typing", "|"))
+
+
+def test_finetune_randaugment_type_error_is_readable() -> None:
+    with pytest.raises(ConfigError, match=r"expected a list of 2 items \(int, float\)"):
+        from_dict(FinetuneConfig, {"pretrained": "p", "dataset": "d", "out": "o", "steps": 3, "randaugment": 3})
+
+
+# --- 6. missing required keys are listed in words ---------------------------------------------------------------------
+
+
+def test_empty_study_lists_the_missing_keys(tmp_path: Path, capsys: Any) -> None:
+    path = tmp_path / "study.toml"
+    path.write_text("")
+    _fails(["sweep", str(path)], capsys, f"{path}: missing keys out, dataset, models, epochs")
+
+
+def test_one_missing_key_is_singular(tmp_path: Path) -> None:
+    path = tmp_path / "study.toml"
+    path.write_text('out = "o"\ndataset = "d"\nmodels = ["m"]\n')
+    with pytest.raises(ConfigError, match=r"study\.toml: missing key epochs$"):
+        load_study(path)
+    with pytest.raises(ConfigError, match=r"^missing key epochs$"):
+        load_config(StudyConfig, None, {"out": "o", "dataset": "d", "models": ["m"]})
+
+
 # --- 7-9. did-you-mean everywhere a name is checked -----------------------------------------------------------------
 
 
@@ -82,3 +234,13 @@ def test_tune_lr_size_axis_suggests(tmp_path: Path, capsys: Any) -> None:
     argv = ["tune-lr", "--model", "nfnet-tiny-l0", "--epochs", "1", "--runs", str(tmp_path), "--dataset", "shapes",
             "--size-axis", "parms"]  # fmt: skip
     _fails(argv, capsys, "--size-axis 'parms' is not one of 'params', 'macs'; did you mean 'params'?")
+
+
+def test_study_data_option_typo_suggests(tmp_path: Path, capsys: Any) -> None:
+    argv = ["sweep", str(_study(tmp_path)), "--set", "data_options.sise=5"]
+    _fails(argv, capsys, "unknown shapes data option 'sise': did you mean 'size'?")
+
+
+def test_study_start_lr_family_typo_suggests(tmp_path: Path, capsys: Any) -> None:
+    argv = ["sweep", str(_study(tmp_path, "start_lr = { nfent = 1.0 }"))]
+    _fails(argv, capsys, "start_lr names family 'nfent'", "did you mean 'nfnet'?")

@@ -13,6 +13,7 @@ import dataclasses
 import math
 from typing import Any, Literal
 
+from convscale_cli.config import check_seed
 from convscale_cli.errors import ConfigError, close_matches
 from convscale_cli.recipe import Recipe
 
@@ -121,8 +122,6 @@ class PretrainConfig:
             raise ConfigError("no duration: give epochs, examples, steps or a FLOP/core-hour budget")
         _positive(self, "epochs", "examples", "steps", "batch_size", "lr", "resolution", "eval_resolution")
         _positive(self, "num_classes", "eval_examples", "peak_flops", "num_processes")
-        if self.epochs is not None and not math.isfinite(self.epochs):
-            raise ConfigError(f"epochs = {self.epochs!r} must be a finite number > 0")
         if self.label_smoothing is not None and not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing = {self.label_smoothing!r} must be in [0, 1)")
         for key in ("stochdepth_rate", "drop_rate"):
@@ -131,8 +130,8 @@ class PretrainConfig:
         for key in ("eval_every", "checkpoint_every", "worker_count"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} = {getattr(self, key)!r} must be >= 0")
-        if self.checkpoint_minutes < 0:
-            raise ConfigError(f"checkpoint_minutes = {self.checkpoint_minutes!r} must be >= 0")
+        if not (math.isfinite(self.checkpoint_minutes) and self.checkpoint_minutes >= 0):
+            raise ConfigError(f"checkpoint_minutes = {self.checkpoint_minutes!r} must be a finite number >= 0 (0: off)")
         if self.keep < 1:
             raise ConfigError(f"keep = {self.keep!r} must be >= 1")
         if self.log_every < 1:
@@ -144,6 +143,7 @@ class PretrainConfig:
             raise ConfigError(f"unknown config key {'recipe.' + unknown[0]!r}{hint}")
         if self.process_id is not None and self.process_id < 0:
             raise ConfigError(f"process_id = {self.process_id!r} must be >= 0")
+        check_seed(self.seed)
         if self.budget is not None:
             from convscale_cli.budget import parse_budget
 
@@ -153,5 +153,9 @@ class PretrainConfig:
 def _positive(config: PretrainConfig, *keys: str) -> None:
     for key in keys:
         value = getattr(config, key)
-        if value is not None and not value > 0:
+        if value is None:
+            continue
+        if not math.isfinite(value):  # NaN fails every comparison and inf passes "> 0": neither is a setting
+            raise ConfigError(f"{key} = {value!r} must be a finite number > 0")
+        if not value > 0:
             raise ConfigError(f"{key} = {value!r} must be > 0")

@@ -14,6 +14,7 @@ import dataclasses
 import math
 from typing import Any, Literal
 
+from convscale_cli.config import check_seed
 from convscale_cli.errors import ConfigError, close_matches
 from convscale_cli.recipe import Recipe
 
@@ -125,18 +126,22 @@ class FinetuneConfig:
         for key in ("stochdepth_rate", "drop_rate", "label_smoothing"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ConfigError(f"{key} = {getattr(self, key)!r} must be in [0, 1)")
-        if self.weight_decay < 0 or self.mixup < 0 or self.cutmix < 0:
-            raise ConfigError("weight_decay, mixup and cutmix must be >= 0, got "
-                              f"{self.weight_decay!r}, {self.mixup!r}, {self.cutmix!r}")
+        for key, zero in (("weight_decay", "none"), ("mixup", "off"), ("cutmix", "off")):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value >= 0):  # NaN-safe: NaN fails both tests
+                raise ConfigError(f"{key} = {value!r} must be a finite number >= 0 (0: {zero})")
         layers, magnitude = self.randaugment
-        if layers < 0 or magnitude < 0:
+        if not (layers >= 0 and math.isfinite(magnitude) and magnitude >= 0):
             raise ConfigError(f"randaugment = {list(self.randaugment)!r} must be (layers >= 0, magnitude >= 0)")
         for key in ("eval_every", "checkpoint_every", "worker_count"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} = {getattr(self, key)!r} must be >= 0")
-        if self.checkpoint_minutes < 0 or self.keep < 1 or self.log_every < 1:
-            raise ConfigError(f"checkpoint_minutes must be >= 0, keep and log_every >= 1; got "
-                              f"{self.checkpoint_minutes!r}, {self.keep!r}, {self.log_every!r}")
+        if not (math.isfinite(self.checkpoint_minutes) and self.checkpoint_minutes >= 0):
+            raise ConfigError(f"checkpoint_minutes = {self.checkpoint_minutes!r} must be a finite number >= 0 (0: off)")
+        for key in ("keep", "log_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} = {getattr(self, key)!r} must be >= 1")
+        check_seed(self.seed)
         _known(self.recipe, _RECIPE_FIELDS, "recipe")
         _known(self.augment, _AUGMENT_FIELDS, "augment")
 
