@@ -48,14 +48,15 @@ class Recipe:
             raise ValueError(f"base_batch_size must be > 0, got {self.base_batch_size}")
         if not 0.0 <= self.warmup_fraction < 1.0:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
-        if self.agc_clip is not None and not self.agc_clip > 0:
-            raise ValueError(f"agc_clip must be > 0 or None, got {self.agc_clip}")
-        if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
-            raise ValueError(f"grad_clip_norm must be > 0 or None, got {self.grad_clip_norm}")
-        if not self.agc_eps > 0:
-            raise ValueError(f"agc_eps must be > 0, got {self.agc_eps}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        # Infinite values are refused too: an infinite clipping bound is NaN in the update (inf / inf); None disables.
+        if self.agc_clip is not None and not 0 < self.agc_clip < math.inf:
+            raise ValueError(f"agc_clip must be a finite number > 0 or None, got {self.agc_clip}")
+        if self.grad_clip_norm is not None and not 0 < self.grad_clip_norm < math.inf:
+            raise ValueError(f"grad_clip_norm must be a finite number > 0 or None, got {self.grad_clip_norm}")
+        if not 0 < self.agc_eps < math.inf:
+            raise ValueError(f"agc_eps must be a finite number > 0, got {self.agc_eps}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         for name in ("momentum", "beta2", "label_smoothing"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")

@@ -244,3 +244,26 @@ def test_study_data_option_typo_suggests(tmp_path: Path, capsys: Any) -> None:
 def test_study_start_lr_family_typo_suggests(tmp_path: Path, capsys: Any) -> None:
     argv = ["sweep", str(_study(tmp_path, "start_lr = { nfent = 1.0 }"))]
     _fails(argv, capsys, "start_lr names family 'nfent'", "did you mean 'nfnet'?")
+
+
+@pytest.mark.parametrize("key", ["grad_clip_norm", "agc_clip", "agc_eps", "weight_decay"])
+def test_recipe_bounds_are_finite(key: str, tmp_path: Path, capsys: Any) -> None:
+    # An infinite clipping bound is NaN in the update (inf / inf): None disables clipping, inf is refused.
+    argv = ["pretrain", "--model", "nfnet-tiny-l0", "--dataset", "shapes", "--steps", "3",
+            "--set", f"recipe.{key}=inf", "--out", str(tmp_path / "run")]  # fmt: skip
+    _fails(argv, capsys, f"{key} must be a finite number")
+
+
+def test_report_seed_out_of_range(tmp_path: Path, capsys: Any) -> None:
+    _fails(["report", str(tmp_path), "--seed", "-1"], capsys, "--seed = -1 must be an integer in [0, 2**32)")
+
+
+def test_data_convert_workers(tmp_path: Path, capsys: Any) -> None:
+    _fails(["data", "convert", str(tmp_path), "--out", str(tmp_path / "o"), "--workers", "-1"], capsys,
+           "--workers must be >= 0 (0 or unset: one per CPU, at most 16), got -1")  # fmt: skip
+
+
+def test_a_toml_file_that_is_not_text(tmp_path: Path, capsys: Any) -> None:
+    (tmp_path / "binary.toml").write_bytes(b"\xff\xfe\x00bad")
+    _fails(["sweep", str(tmp_path / "binary.toml")], capsys, "malformed TOML in")
+    _fails(["pretrain", "--config", str(tmp_path / "binary.toml")], capsys, "malformed TOML in")

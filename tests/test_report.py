@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from convscale_cli.cli import main
-from convscale_cli.errors import UnknownNameError, UsageError
+from convscale_cli.errors import UsageError
 from convscale_cli.report import build_report
 from convscale_cli.report.analysis import Cell, backtest, best_cells, frontier
 from convscale_cli.report.runs import load_runs, select_dataset
@@ -152,8 +152,10 @@ def test_mixed_datasets_need_a_choice(tmp_path: Path, capsys: pytest.CaptureFixt
     runs, _ = load_runs(tmp_path)
     chosen = select_dataset(runs, "shapes")
     assert sorted(r.name for r in chosen) == ["b", "ft"]  # the fine-tune follows its pre-training run
-    with pytest.raises(UnknownNameError, match="did you mean 'shapes'"):
+    with pytest.raises(UsageError, match="no pre-training runs on dataset 'shape': did you mean 'shapes'"):
         select_dataset(runs, "shape")
+    with pytest.raises(UsageError, match="no pre-training runs on dataset 'digits': the runs are on jft, shapes"):
+        select_dataset(runs, "digits")  # a registered dataset: only its runs are missing
 
 
 def test_report_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -26,7 +26,7 @@ def convert(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (must not exist; written atomically).")],
     shard_size: Annotated[int, typer.Option(help="Examples per ArrayRecord shard.")] = 4096,
     workers: Annotated[
-        int | None, typer.Option(help="Parallel shard writers (default: CPUs, max 16).")
+        int | None, typer.Option(help="Parallel shard writers (0 or unset: one per CPU, at most 16).")
     ] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:

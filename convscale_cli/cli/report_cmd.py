@@ -30,8 +30,10 @@ def report(
     json_: Annotated[bool, typer.Option("--json", help="Print fit.json to stdout instead of the summary.")] = False,
 ) -> None:
     """Fit scaling laws to finished runs and write report.md, a self-contained report.html, PNGs and fit.json."""
+    from convscale_cli.config import check_seed
     from convscale_cli.report import build_report
 
+    check_seed(seed, "--seed")
     out_dir = out if out is not None else runs_dir / "report"
     result = build_report(
         runs_dir,

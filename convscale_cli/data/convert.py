@@ -88,9 +88,9 @@ def convert_imagefolder(
     src, out = Path(src).expanduser(), Path(out).expanduser()
     if shard_size <= 0:
         raise UsageError(f"shard size must be > 0, got {shard_size}")
+    if workers is not None and workers < 0:
+        raise UsageError(f"--workers must be >= 0 (0 or unset: one per CPU, at most 16), got {workers}")
     workers = workers or min(16, os.cpu_count() or 1)
-    if workers <= 0:
-        raise UsageError(f"workers must be > 0, got {workers}")
     if out.exists():
         raise UsageError(f"output directory {out} already exists: choose a new --out or delete it")
     splits = {"train": scan_split(src, "train")}
