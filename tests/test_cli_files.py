@@ -69,3 +69,14 @@ def test_data_convert_errors_are_one_line(tmp_path: Path, capsys: pytest.Capture
     (tmp_path / "src" / "train" / "a").mkdir(parents=True)
     assert main(["data", "convert", str(tmp_path / "src"), "--out", str(tmp_path / "o")]) == 2
     assert error_line(capsys).startswith("Error: ")
+
+
+def test_tune_lr_names_the_first_real_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "afile").write_text("x")
+    base = ["tune-lr", "--runs", str(tmp_path / "afile")]  # no --dataset: inferring it would fail first
+    assert main([*base, "--model", "nfnet-tny-l0", "--epochs", "0"]) == 2
+    assert "unknown model 'nfnet-tny-l0': did you mean 'nfnet-tiny-l0'" in error_line(capsys)
+    assert main([*base, "--model", "nfnet-tiny-l0", "--epochs", "0"]) == 2
+    assert error_line(capsys) == "Error: --epochs must be a positive number, got 0.0"
+    assert main([*base, "--model", "nfnet-tiny-l0", "--epochs", "1"]) == 2
+    assert error_line(capsys) == f"Error: --runs '{tmp_path / 'afile'}' is a file, expected a runs directory"

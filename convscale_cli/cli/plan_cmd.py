@@ -286,12 +286,18 @@ def tune_lr(
             raise UsageError(
                 f"--lr-grid {lr_grid!r} is not a comma-separated list of positive numbers, e.g. 1.6,0.8,0.4"
             )
+    registry = get_registry()
+    registry.architecture(model)  # a misspelt model or a bad budget is named before the runs directory is read
+    if not (math.isfinite(epochs) and epochs > 0):
+        raise UsageError(f"--epochs must be a positive number, got {epochs}")
+    if runs.exists() and not runs.is_dir():
+        raise UsageError(f"--runs {str(runs)!r} is a file, expected a runs directory")
     result = tune_cell(
         model,
         epochs,
         runs,
         dataset=dataset or _infer_dataset(runs),
-        registry=get_registry(),
+        registry=registry,
         options=options,
         grid=grid_values,
         size_axis=size_axis,  # type: ignore[arg-type]
