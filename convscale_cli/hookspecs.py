@@ -11,7 +11,7 @@ The built-in NFNet, ViT and dataset plugins use exactly this mechanism; the core
 Each hook receives a ``register`` callback, so the hook signatures never change when a spec gains an optional field:
 new capabilities (a default recipe, FLOP counting, weight import) are fields of the spec objects in
 :mod:`convscale_cli.registry`, all with defaults. Hooks are called with keyword arguments, one plugin at a time, so a
-plugin that raises is reported and skipped without hiding the others.
+plugin that raises (``SystemExit`` included) is reported and skipped without hiding the others.
 
 Plugin modules must stay cheap to import: ``convscale --help``, ``models`` and ``plan`` load every plugin and must not
 import jax. Import jax, flax or grain inside the ``build`` / ``source`` callables instead.
@@ -37,8 +37,10 @@ def register_architectures(register: Callable[[ArchitectureSpec], None]) -> None
     """Register model architectures.
 
     Args:
-        register: call once per variant with an :class:`~convscale_cli.registry.ArchitectureSpec`. Names are global
-            across plugins; registering a name another plugin already registered is an error naming both.
+        register: call once per variant with an :class:`~convscale_cli.registry.ArchitectureSpec` (anything else
+            makes the whole plugin fail to load). Names are global across plugins: a name another plugin registered
+            first (built-ins load first) stays that plugin's, and this one is left out with a warning naming both
+            (an error under ``--strict``).
     """
 
 
@@ -47,5 +49,6 @@ def register_datasets(register: Callable[[DatasetSpec], None]) -> None:
     """Register datasets.
 
     Args:
-        register: call once per dataset with a :class:`~convscale_cli.registry.DatasetSpec`.
+        register: call once per dataset with a :class:`~convscale_cli.registry.DatasetSpec`; names are global
+            across plugins, as for architectures.
     """

@@ -1,8 +1,11 @@
 """Loading plugins from the ``convscale`` entry-point group and building the registry from their hooks.
 
 Built-in plugins are entry points of the ``convscale`` distribution itself, so they go through exactly the code path a
-third-party package does. A plugin that fails to import or to register is skipped with a warning and reported by
-``convscale plugins`` (strict mode turns that into an error); the rest of the CLI keeps working.
+third-party package does. A plugin that fails to import or to register (its import or a hook raises, even
+``SystemExit``; it registers something that is not a spec) is skipped whole with a warning and reported by
+``convscale plugins``; a model whose name another plugin registered first, or (third-party plugins) whose ``count``
+fails at its default resolution, is left out alone. Strict mode turns each of these into an error; otherwise the rest of
+the CLI keeps working.
 
 Environment:
     CONVSCALE_PLUGINS: comma-separated allowlist of third-party plugin names; unset = all installed plugins,
@@ -22,20 +25,55 @@ from typing import Any
 import pluggy
 
 from convscale_cli import hookspecs
-from convscale_cli.errors import DuplicateRegistrationError, PluginError
-from convscale_cli.registry import Registry
+from convscale_cli.errors import ConvscaleError, DuplicateRegistrationError, PluginError
+from convscale_cli.registry import ArchitectureSpec, DatasetSpec, ModelCount, Registry
 
 ENTRY_POINT_GROUP = "convscale"
 BUILTIN_DISTRIBUTION = "convscale"
 ALLOWLIST_ENV = "CONVSCALE_PLUGINS"
 STRICT_ENV = "CONVSCALE_STRICT_PLUGINS"
 
-# hook name -> (registry table attribute)
-_HOOKS = {"register_architectures": "architectures", "register_datasets": "datasets"}
+# hook name -> (registry table attribute, the spec type its ``register`` accepts)
+_HOOKS: dict[str, tuple[str, type]] = {
+    "register_architectures": ("architectures", ArchitectureSpec),
+    "register_datasets": ("datasets", DatasetSpec),
+}
+# What a plugin's import, hooks or callables may raise that must not take the CLI down: a module calling sys.exit()
+# at import included. KeyboardInterrupt (and GeneratorExit) still propagate.
+_PLUGIN_FAILURES = (Exception, SystemExit)
 
 
 class PluginWarning(UserWarning):
-    """A plugin was skipped because it failed to load or register."""
+    """A plugin (or one of its models) was skipped because it failed to load or register."""
+
+
+class ModelCountError(PluginError):
+    """A plugin's ``ArchitectureSpec.count`` raised; names the model, the plugin and the call."""
+
+    def __init__(self, plugin: str, model: str, reason: str) -> None:
+        self.plugin, self.model, self.reason = plugin, model, reason
+        super().__init__(f"plugin {plugin!r}: model {model!r} {reason}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _CheckedCount:
+    """A plugin's ``count`` whose unexpected exceptions become :class:`ModelCountError` (a one-line error, exit 2)."""
+
+    count: Callable[[int, int], ModelCount]
+    plugin: str
+    model: str
+
+    def __call__(self, resolution: int, num_classes: int) -> ModelCount:
+        call = f"count({resolution}, {num_classes})"
+        try:
+            result = self.count(resolution, num_classes)
+        except ConvscaleError:
+            raise  # already a one-line error on purpose (e.g. a resolution the model refuses)
+        except _PLUGIN_FAILURES as exc:
+            raise ModelCountError(self.plugin, self.model, f"{call} raised {_describe(exc)}") from exc
+        if not isinstance(result, ModelCount):
+            raise ModelCountError(self.plugin, self.model, f"{call} returned {type(result).__name__}, not ModelCount")
+        return result
 
 
 @dataclasses.dataclass
@@ -63,7 +101,8 @@ class Plugins:
     registry: Registry
 
 
-def _strict_default() -> bool:
+def strict_mode() -> bool:
+    """Whether plugin failures are errors (``--strict`` or ``CONVSCALE_STRICT_PLUGINS=1``)."""
     return os.environ.get(STRICT_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
@@ -80,11 +119,41 @@ def _describe(exc: BaseException) -> str:
 
 
 def _fail(record: PluginRecord, what: str, exc: BaseException, strict: bool) -> None:
+    """The whole plugin failed: record it, then raise (strict) or warn that it is skipped."""
     record.error = f"{what}: {_describe(exc)}"
-    message = f"plugin {record.name!r} skipped ({record.error})"
     if strict:
-        raise PluginError(message) from exc
-    warnings.warn(message, PluginWarning, stacklevel=3)
+        raise PluginError(f"plugin {record.name!r} failed to load ({record.error})") from exc
+    warnings.warn(f"plugin {record.name!r} skipped ({record.error})", PluginWarning, stacklevel=3)
+
+
+def _fail_model(
+    record: PluginRecord, kind: str, name: str, reason: str, strict: bool, error: type[PluginError] = PluginError
+) -> None:
+    """One spec of the plugin failed: record it, then raise (strict) or warn that this spec is left out."""
+    what = f"{kind} {name!r}: {reason}"
+    record.error = f"{record.error}; {what}" if record.error else what
+    if strict:
+        raise error(f"plugin {record.name!r} failed to load ({what})")
+    warnings.warn(f"plugin {record.name!r}: {kind} {name!r} left out ({reason})", PluginWarning, stacklevel=3)
+
+
+def warn_left_out(error: ModelCountError, *, strict: bool | None = None) -> None:
+    """Report a model whose count failed in a listing: raise ``error`` in strict mode, else warn it is left out."""
+    if strict_mode() if strict is None else strict:
+        raise error
+    message = f"plugin {error.plugin!r}: model {error.model!r} left out ({error.reason})"
+    warnings.warn(message, PluginWarning, stacklevel=2)
+
+
+def _checked(spec: Any, expected: type, plugin: str) -> Any:
+    """``spec`` if it is a valid ``expected``, its ``count`` guarded; raises TypeError/ValueError otherwise."""
+    if not isinstance(spec, expected):
+        raise TypeError(f"register() takes {expected.__name__} objects, got {type(spec).__name__} {spec!r:.40}")
+    if not isinstance(spec.name, str) or not spec.name:
+        raise ValueError(f"register() got a {expected.__name__} without a name")
+    if isinstance(spec, ArchitectureSpec) and not isinstance(spec.count, _CheckedCount):
+        spec = dataclasses.replace(spec, count=_CheckedCount(spec.count, plugin, spec.name))
+    return spec
 
 
 def _entry_points() -> Iterable[importlib.metadata.EntryPoint]:
@@ -106,10 +175,12 @@ def load_plugins(
         entry_points: where entry points come from (injectable for tests).
 
     Raises:
-        DuplicateRegistrationError: two plugins registered the same name (always an error: which one is meant
-            cannot be guessed).
+        PluginError: in strict mode, the first plugin that fails (:class:`DuplicateRegistrationError` when it
+            registers a name an earlier plugin registered). Otherwise each failure is a :class:`PluginWarning`, the
+            failing plugin (or, for a taken name or a failing count, the failing spec) is left out, and the earlier
+            plugin keeps a contested name.
     """
-    strict = _strict_default() if strict is None else strict
+    strict = strict_mode() if strict is None else strict
     allow = _allowlist()
     manager = pluggy.PluginManager(hookspecs.PROJECT)
     manager.add_hookspecs(hookspecs)
@@ -133,33 +204,55 @@ def load_plugins(
         try:
             module = ep.load()
             manager.register(module, name=ep.name)
-        except Exception as exc:  # a broken plugin must not take the CLI down
+        except _PLUGIN_FAILURES as exc:  # a broken plugin must not take the CLI down
             _fail(record, "import failed", exc, strict)
     for name, plugin in extra:
         record = PluginRecord(name=name, version=str(getattr(plugin, "__version__", "")), source="registered in code")
         records.append(record)
         try:
             manager.register(plugin, name=name)
-        except Exception as exc:
+        except _PLUGIN_FAILURES as exc:
             _fail(record, "registration failed", exc, strict)
 
     registry = Registry()
     by_name = {r.name: r for r in records}
-    for hook_name, table_name in _HOOKS.items():
+    for hook_name, (table_name, spec_type) in _HOOKS.items():
         table = getattr(registry, table_name)
-        # One plugin at a time, so a failure is attributed to its plugin and leaves no partial registrations.
+        # One plugin at a time, so a failure is attributed to its plugin: a hook that raises registers nothing; a
+        # taken name or a broken count leaves out that spec alone.
         for impl in getattr(manager.hook, hook_name).get_hookimpls():  # registration order
             record = by_name[impl.plugin_name]
             record.hooks.append(hook_name)
             specs: list[Any] = []
+
+            def register(
+                spec: Any, _specs: list[Any] = specs, _type: type = spec_type, _plugin: str = impl.plugin_name
+            ) -> None:
+                _specs.append(_checked(spec, _type, _plugin))
+
             try:
-                impl.function(register=specs.append)
-            except Exception as exc:
+                impl.function(register=register)
+            except _PLUGIN_FAILURES as exc:
                 _fail(record, f"{hook_name} raised", exc, strict)
                 continue
+            registered = []
             for spec in specs:
-                table.add(spec, owner=impl.plugin_name)  # DuplicateRegistrationError propagates
-            record.registered[table_name] = [spec.name for spec in specs]
+                if spec.name in table:  # the first plugin keeps the name (built-ins load first)
+                    reason = f"already registered by plugin {table.owner(spec.name)!r}"
+                    _fail_model(record, table.kind, spec.name, reason, strict, DuplicateRegistrationError)
+                    continue
+                if not record.builtin and isinstance(spec, ArchitectureSpec):
+                    # Probe third-party counts once so a broken one is reported here instead of crashing `models` or
+                    # `plan`; built-ins are covered by the test suite, which keeps `plan` start-up free of 48 counts.
+                    try:
+                        spec.count(spec.eval_resolution, spec.default_num_classes)
+                    except ConvscaleError as exc:  # a UsageError at its own default resolution is broken too
+                        reason = exc.reason if isinstance(exc, ModelCountError) else f"count raised {_describe(exc)}"
+                        _fail_model(record, table.kind, spec.name, reason, strict)
+                        continue
+                table.add(spec, owner=record.name)
+                registered.append(spec.name)
+            record.registered[table_name] = registered
     return Plugins(manager=manager, records=records, registry=registry)
 
 
@@ -203,6 +296,7 @@ def reset() -> None:
 
 __all__ = [
     "DuplicateRegistrationError",
+    "ModelCountError",
     "PluginRecord",
     "PluginWarning",
     "Plugins",
@@ -210,4 +304,6 @@ __all__ = [
     "get_registry",
     "load_plugins",
     "reset",
+    "strict_mode",
+    "warn_left_out",
 ]

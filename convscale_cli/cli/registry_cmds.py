@@ -23,7 +23,7 @@ def models(
     json_: JsonOpt = False,
 ) -> None:
     """List registered architectures with parameters and forward GMACs per image."""
-    from convscale_cli.plugins import get_registry
+    from convscale_cli.plugins import ModelCountError, get_registry, warn_left_out
 
     if resolution is not None and resolution <= 0:
         raise UsageError(f"--resolution must be > 0, got {resolution}")
@@ -45,7 +45,11 @@ def models(
         res = resolution or spec.eval_resolution
         classes = num_classes or spec.default_num_classes
         spec.check_resolution(res)
-        count = spec.count(res, classes)
+        try:
+            count = spec.count(res, classes)
+        except ModelCountError as exc:  # a broken plugin model must not hide the others
+            warn_left_out(exc)
+            continue
         rows.append(
             {
                 "name": spec.name,
@@ -133,9 +137,10 @@ def datasets(pattern: PatternArg = None, json_: JsonOpt = False) -> None:
 @app.command()
 def plugins(json_: JsonOpt = False) -> None:
     """List loaded plugins: version, origin, hooks implemented and any load error."""
-    from convscale_cli.plugins import load_plugins
+    from convscale_cli.errors import PluginError
+    from convscale_cli.plugins import load_plugins, strict_mode
 
-    loaded = load_plugins()
+    loaded = load_plugins(strict=False)  # the diagnostic command lists every failure, even under --strict
     rows = [
         {
             "name": r.name,
@@ -149,9 +154,12 @@ def plugins(json_: JsonOpt = False) -> None:
     ]
     if json_:
         print_json(rows)
-        return
-    print_table(
-        None,
-        ["plugin", "version", "source", "hooks", "error"],
-        [(r["name"], r["version"], r["source"], ", ".join(r["hooks"]), r["error"] or "") for r in rows],
-    )
+    else:
+        print_table(
+            None,
+            ["plugin", "version", "source", "hooks", "error"],
+            [(r["name"], r["version"], r["source"], ", ".join(r["hooks"]), r["error"] or "") for r in rows],
+        )
+    failed = [r for r in loaded.records if r.error]
+    if failed and strict_mode():
+        raise PluginError(f"plugin {failed[0].name!r} failed to load ({failed[0].error})")
