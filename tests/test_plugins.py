@@ -313,3 +313,20 @@ def test_a_plugin_re_registering_a_builtin_name_is_a_warning_and_plugins_shows_i
         "Error: plugin 'fakedup' failed to load (model 'nfnet-f0': already registered by plugin 'nfnet')"
     )
 
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["models", "nfnet-tny"], "Error: no model matches 'nfnet-tny': did you mean 'nfnet-tiny-l"),
+        (["datasets", "shapez"], "Error: no dataset matches 'shapez': did you mean 'shapes'?"),
+        (["models", "nfnet-x*"], "Error: no model matches 'nfnet-x*'; run `convscale models` to list all"),
+    ],
+)
+def test_a_pattern_matching_nothing_suggests_close_names(
+    args: list[str], expected: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from convscale_cli.cli import main
+
+    monkeypatch.setenv("CONVSCALE_PLUGINS", "")  # the built-ins only
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip().startswith(expected)

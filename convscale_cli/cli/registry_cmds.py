@@ -6,10 +6,18 @@ import typer
 
 from convscale_cli.cli import app
 from convscale_cli.cli._output import print_json, print_table
-from convscale_cli.errors import UsageError
+from convscale_cli.errors import UsageError, close_matches
 
 PatternArg = Annotated[str | None, typer.Argument(help="Glob (nfnet-f*) or substring to filter names.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def _no_match(kind: str, pattern: str, names: list[str]) -> UsageError:
+    """``no <kind> matches <pattern>``, with close matches for a mistyped name (not for a glob)."""
+    matches = [] if any(c in pattern for c in "*?[") else close_matches(pattern.lower(), names)
+    if matches:
+        return UsageError(f"no {kind} matches {pattern!r}: did you mean {' or '.join(repr(m) for m in matches)}?")
+    return UsageError(f"no {kind} matches {pattern!r}; run `convscale {kind}s` to list all")
 
 
 @app.command()
@@ -39,7 +47,7 @@ def models(
             raise UnknownNameError("family", family, families)
         specs = [s for s in specs if s.family == family]
     if pattern and not specs:
-        raise UsageError(f"no model matches {pattern!r}; run `convscale models` to list all")
+        raise _no_match("model", pattern, registry.architectures.names())
     rows = []
     for spec in specs:
         res = resolution or spec.eval_resolution
@@ -96,7 +104,7 @@ def datasets(pattern: PatternArg = None, json_: JsonOpt = False) -> None:
     registry = get_registry()
     specs = registry.datasets.match(pattern)
     if pattern and not specs:
-        raise UsageError(f"no dataset matches {pattern!r}; run `convscale datasets` to list all")
+        raise _no_match("dataset", pattern, registry.datasets.names())
     rows = []
     for spec in specs:
         info = spec.static_info
