@@ -303,15 +303,20 @@ def candidates(
     Raises:
         UsageError: the budget cannot pay for the smallest model's shortest run; names the smallest feasible budget.
     """
+    from convscale_cli.plugins import ModelCountError, warn_left_out
+
     runnable, errors = [], []
     for spec in specs:
         try:
             spec.check_resolution(request.dataset.resolution)
+            spec.count(request.dataset.resolution, request.dataset.num_classes)
             runnable.append(spec)
+        except ModelCountError as exc:  # a plugin's count that fails at this resolution: left out, with a warning
+            warn_left_out(exc)
         except UsageError as exc:  # e.g. a /14 ViT at 32 px: not a candidate, unless no model fits
             errors.append(exc)
     if not runnable:
-        raise errors[0]
+        raise errors[0] if errors else UsageError("no model can be planned: each was left out (warnings above)")
     specs = runnable
     frontier_macs = frontier.macs(request.flops)
     found = [c for c in (affordable(request, s, frontier_macs) for s in specs) if c is not None]

@@ -276,6 +276,13 @@ def test_a_model_whose_count_fails_is_left_out_of_models_and_plan(install_plugin
     assert "Warning: plugin 'fakeres': model 'toy-res' left out (count(16, 1000) raised RuntimeError: " in other.stderr
     plan = _cli(["plan", "--family", "toy", "--models", "toy-broken*", "--budget", "10k-core-hours"], env)
     assert plan.returncode == 2 and plan.stderr.startswith(warning) and "Traceback" not in plan.stderr
+    # toy-res at the plan's resolution (JFT's 224 px): left out with a warning, then the one-line error.
+    plan = _cli(["plan", "--family", "toy", "--models", "toy-res", "--budget", "10k-core-hours"], env)
+    assert plan.returncode == 2 and "Traceback" not in plan.stderr
+    assert "Warning: plugin 'fakeres': model 'toy-res' left out (count(224, 30000) raised RuntimeError" in plan.stderr
+    assert plan.stderr.strip().splitlines()[-1] == (
+        "Error: no model can be planned: each was left out (warnings above)"
+    )
     strict = _cli(["--strict", "models"], env)
     assert strict.returncode == 2
     assert strict.stderr.strip() == (
