@@ -19,7 +19,7 @@ def quickstart(
     ] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print the final summary as JSON.")] = False,
 ) -> None:
-    """Run a complete small scaling study on the embedded data (about 6 minutes on a 2-core CPU, install included).
+    """Run a complete small scaling study on the embedded data (about 4.5 minutes on a 2-core CPU, install included).
 
     Pre-trains a ladder of tiny NFNets on `shapes` for several epoch budgets with two-trial learning-rate tuning,
     fine-tunes the best on the real `digits` data, fits the scaling laws, writes the HTML report and plans a 10x
