@@ -105,3 +105,23 @@ def test_an_unreadable_ledger_heartbeat_is_ignored(finished: Path, registry: Any
     (out / "ledger.json").write_bytes(b"\xff\xfe")
     summary = pretrain(helpers.config(out), registry)
     assert summary["steps"] == 12 and json.loads((out / "summary.json").read_text())["status"] == "finished"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        ({"augment": {"fooo": 1}}, "unknown augmentation option 'fooo'"),
+        ({"hardware": "tpu-v9"}, "unknown hardware 'tpu-v9'"),
+    ],
+)
+def test_bad_settings_are_named_before_the_directory_is_touched(
+    finished: Path, registry: Any, tmp_path: Path, overrides: dict, needle: str
+) -> None:
+    out = copy(finished, tmp_path, keep_summary=True)  # a finished run: checked even though nothing would train
+    before = snapshot(out)
+    with pytest.raises(UsageError, match=needle):
+        pretrain(helpers.config(out, **overrides), registry)
+    assert snapshot(out) == before
+    with pytest.raises(UsageError, match=needle):
+        pretrain(helpers.config(tmp_path / "new", **overrides), registry)
+    assert not (tmp_path / "new").exists()

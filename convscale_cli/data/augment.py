@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from convscale_cli.errors import UsageError
+from convscale_cli.errors import UnknownNameError, UsageError
 
 CropMode = Literal["inception", "resize"]
 CROP_MODES = ("inception", "resize")
@@ -215,7 +215,7 @@ def augment_from_dict(values: dict[str, Any] | None) -> AugmentConfig:
     fields = {f.name for f in dataclasses.fields(AugmentConfig)}
     unknown = sorted(set(values) - fields)
     if unknown:
-        raise UsageError(f"unknown augmentation option {unknown[0]!r}: choose from {', '.join(sorted(fields))}")
+        raise UnknownNameError("augmentation option", unknown[0], fields)
     kwargs = dict(values)
     if "aspect_ratio" in kwargs:
         kwargs["aspect_ratio"] = tuple(float(v) for v in kwargs["aspect_ratio"])

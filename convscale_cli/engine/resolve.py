@@ -9,9 +9,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from convscale_cli.budget import Budget, parse_budget
+from convscale_cli.budget import Budget, get_hardware, parse_budget
 from convscale_cli.config import from_dict, to_dict
-from convscale_cli.data.augment import DEFAULT_EVAL_CROP_FRACTION
+from convscale_cli.data.augment import DEFAULT_EVAL_CROP_FRACTION, augment_from_dict
 from convscale_cli.engine.config import PretrainConfig
 from convscale_cli.engine.steps import Duration, resolve_duration
 from convscale_cli.errors import UnknownNameError, UsageError
@@ -98,6 +98,11 @@ def resolve(config: PretrainConfig, registry: Registry) -> ResolvedRun:
     if "eval" not in info.split_sizes or not info.split_sizes["eval"]:
         raise UsageError(f"dataset {data.name!r} has no held-out 'eval' split to evaluate on")
     macs = int(arch.count(resolution, num_classes).macs)
+    # Checked here, before the run directory is claimed (they are used only once training starts).
+    augment = {**data.augment, **config.augment}
+    augment_from_dict(augment)
+    if config.hardware is not None:
+        get_hardware(config.hardware)
     budget = parse_budget(config.budget) if config.budget is not None else None
     budget_flops = None
     if budget is not None and config.epochs is None and config.examples is None and config.steps is None:
@@ -125,7 +130,7 @@ def resolve(config: PretrainConfig, registry: Registry) -> ResolvedRun:
         duration=duration,
         macs_per_image=macs,
         budget=budget,
-        augment={**data.augment, **config.augment},
+        augment=augment,
         eval_crop=data.eval_crop or DEFAULT_EVAL_CROP_FRACTION,
     )
 

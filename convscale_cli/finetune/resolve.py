@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from convscale_cli.budget import get_hardware
 from convscale_cli.config import from_dict, to_dict
 from convscale_cli.data.augment import DEFAULT_EVAL_CROP_FRACTION, AugmentConfig
 from convscale_cli.engine.steps import Duration, resolve_duration
@@ -118,6 +119,8 @@ def resolve(config: FinetuneConfig, registry: Registry) -> FinetuneRun:
          "repeats": config.repeat_aug},
         prefix="augment.",
     )
+    if config.hardware is not None:
+        get_hardware(config.hardware)  # before the run directory is claimed
     duration = resolve_duration(
         train_size=int(info.split_sizes.get("train", 0)), batch_size=batch_size, epochs=config.epochs,
         examples=config.examples, steps=config.steps,
