@@ -26,9 +26,10 @@ def _handle(signum: int, frame: Any) -> None:
 
 @contextlib.contextmanager
 def latched() -> Iterator[None]:
-    """Remember SIGINT for :func:`check` while the block runs (main thread only; elsewhere a no-op)."""
+    """Remember SIGINT for :func:`check` while the block runs (main thread only, and only where SIGINT is handled)."""
     global _received
-    if threading.current_thread() is not threading.main_thread():
+    # A process told to ignore SIGINT (nohup, a background job of a script) keeps ignoring it.
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         yield
         return
     _received = False

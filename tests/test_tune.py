@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
+from convscale_cli import interrupts, tuning
 from convscale_cli import plugins as plugin_loader
-from convscale_cli import tuning
 from convscale_cli.cli import main
 from convscale_cli.errors import ConfigError, ExitCode, TrainingError, UsageError
 from convscale_cli.hookspecs import hookimpl
@@ -356,7 +356,20 @@ def test_a_swallowed_ctrl_c_still_stops_the_sweep(
 ) -> None:
     fake = _SwallowingTrainer()
     monkeypatch.setattr(tuning, "engine_trainer", fake)
-    assert main(["sweep", str(_study(tmp_path))]) == ExitCode.INTERRUPTED
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal; background jobs ignore it
+    try:
+        assert main(["sweep", str(_study(tmp_path))]) == ExitCode.INTERRUPTED
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored when the command ends
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert len(fake.calls) == 1  # the first trial finished; nothing after it started
     assert capsys.readouterr().err.strip().endswith("Interrupted.")
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored when the command ends
+
+
+def test_a_process_ignoring_ctrl_c_keeps_ignoring_it() -> None:
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # nohup, or a background job of a script
+    try:
+        with interrupts.latched():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
