@@ -111,3 +111,14 @@ def test_an_unhashable_key_is_computed_every_time() -> None:
     for _ in range(2):
         assert program(("test", [1, 2]), lambda: calls.append(1) or len(calls)) == len(calls)
     assert len(calls) == 2 and program_stats()["kept"] == 0
+
+    class ArrayLike:  # hashable, but == fails, as a module field holding a numpy array would
+        def __hash__(self) -> int:
+            return 0
+
+        def __eq__(self, other: object) -> bool:
+            raise ValueError("The truth value of an array with more than one element is ambiguous")
+
+    assert program(("test", ArrayLike()), lambda: 0) == 0
+    assert program(("test", ArrayLike()), lambda: 1) == 1  # compared, fails to compare: computed, not shared
+    assert program_stats()["kept"] == 1

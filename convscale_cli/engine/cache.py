@@ -67,7 +67,7 @@ def program(key: tuple[Any, ...], compile: Callable[[], T]) -> T:
     full = (*key, jax_context())
     try:
         hit = full in _programs
-    except TypeError:
+    except (TypeError, ValueError):  # unhashable, or an array-valued field whose == is elementwise
         _stats["misses"] += 1
         return compile()
     if hit:
