@@ -26,7 +26,7 @@ import math
 import os
 import re
 
-from convscale_cli.errors import UsageError, close_matches
+from convscale_cli.errors import UsageError, did_you_mean
 
 SECONDS_PER_HOUR = 3600.0
 
@@ -140,8 +140,8 @@ def get_hardware(name: str, *, peak_flops: float | None = None, mfu: float | Non
     """
     key = name.strip().lower()
     if key not in HARDWARE:
-        matches = close_matches(key, HARDWARE)
-        hint = f"did you mean {' or '.join(repr(m) for m in matches)}? " if matches else ""
+        hint = did_you_mean(key, HARDWARE)
+        hint = f"{hint} " if hint else ""
         raise UsageError(f"unknown hardware {name!r}: {hint}choose from {', '.join(HARDWARE)}")
     hw = HARDWARE[key]
     if key == "cpu" and peak_flops is None:
@@ -201,8 +201,8 @@ def _resolve_unit(text: str, unit: str) -> str:
     for hw in HARDWARE.values():
         if unit == hw.unit:
             return hw.name
-    matches = close_matches(unit, accepted_units())
-    hint = f"did you mean {' or '.join(repr(m) for m in matches)}? " if matches else ""
+    hint = did_you_mean(unit, accepted_units())
+    hint = f"{hint} " if hint else ""
     raise UsageError(f"unknown budget unit {unit!r} in {text!r}: {hint}{_accepted_forms()}")
 
 

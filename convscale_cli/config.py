@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from convscale_cli.errors import ConfigError, close_matches
+from convscale_cli.errors import ConfigError, did_you_mean
 
 T = TypeVar("T")
 
@@ -73,8 +73,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is typing.Literal:
         if value in args:
             return value
-        hint = close_matches(str(value), [str(a) for a in args])
-        extra = f"; did you mean {hint[0]!r}?" if hint else ""
+        hint = did_you_mean(str(value), [str(a) for a in args], n=1)
+        extra = f"; {hint}" if hint else ""
         raise ConfigError(f"{key} = {value!r} is not one of {', '.join(repr(a) for a in args)}{extra}")
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -143,8 +143,8 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, prefix: str = "", source
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            matches = close_matches(key, fields)
-            hint = f"; did you mean {' or '.join(repr(prefix + m) for m in matches)}?" if matches else ""
+            hint = did_you_mean(key, fields, prefix=prefix)
+            hint = f"; {hint}" if hint else ""
             raise ConfigError(f"unknown config key {prefix + key!r}{hint}")
         kwargs[key] = _coerce(value, hints[key], prefix + key)
     missing = [

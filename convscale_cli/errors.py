@@ -77,17 +77,21 @@ def close_matches(name: str, choices: Iterable[str], n: int = 3) -> list[str]:
     return found
 
 
+def did_you_mean(name: str, choices: Iterable[str], *, prefix: str = "", n: int = 3) -> str:
+    """``did you mean 'a' or 'b'?`` for up to ``n`` choices that look like ``name`` (shown with ``prefix``), or ""."""
+    matches = close_matches(name, choices, n=n)
+    return f"did you mean {' or '.join(repr(prefix + m) for m in matches)}?" if matches else ""
+
+
 class UnknownNameError(UsageError):
     """A name (model, dataset, hardware, config key, ...) that is not one of the known choices."""
 
     def __init__(self, kind: str, name: str, choices: Iterable[str], hint: str = "") -> None:
         choices = sorted(choices)
         self.kind, self.name, self.choices = kind, name, choices
-        matches = close_matches(name, choices)
-        if matches:
-            tail = "did you mean " + " or ".join(repr(m) for m in matches) + "?"
-        elif choices and len(choices) <= 12:
-            tail = "choose from " + ", ".join(choices)
+        if choices and len(choices) <= 12:
+            otherwise = "choose from " + ", ".join(choices)
         else:
-            tail = hint or f"{len(choices)} known; list them with `convscale {kind}s`"
+            otherwise = hint or f"{len(choices)} known; list them with `convscale {kind}s`"
+        tail = did_you_mean(name, choices) or otherwise
         super().__init__(f"unknown {kind} {name!r}: {tail}")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from convscale_cli.config import check_seed, load_config
-from convscale_cli.errors import ConfigError, UnknownNameError, close_matches
+from convscale_cli.errors import ConfigError, UnknownNameError, did_you_mean
 from convscale_cli.registry import Registry
 from convscale_cli.tuning import Trainer, TuneResult, lr_grid, tune_cell
 
@@ -148,8 +148,8 @@ def plan_cells(study: StudyConfig, registry: Registry) -> list[CellPlan]:
         unknown = sorted(set(study.start_lr) - set(families))
         if unknown:
             kind = "family" if len(families) == 1 else "families"
-            matches = close_matches(unknown[0], families)
-            hint = f"; did you mean {' or '.join(repr(m) for m in matches)}?" if matches else ""
+            hint = did_you_mean(unknown[0], families)
+            hint = f"; {hint}" if hint else ""
             raise ConfigError(
                 f"start_lr names family {unknown[0]!r}, but the study's models are of {kind} {', '.join(families)}"
                 f"{hint}"

@@ -12,7 +12,7 @@ import typer
 
 from convscale_cli.cli import app
 from convscale_cli.cli._output import print_json, print_table
-from convscale_cli.errors import UsageError, close_matches
+from convscale_cli.errors import UsageError, did_you_mean
 
 if TYPE_CHECKING:
     from convscale_cli.planner import DatasetPlan, Plan
@@ -265,8 +265,8 @@ def tune_lr(
     from convscale_cli.tuning import tune_cell
 
     if size_axis not in ("params", "macs"):
-        matches = close_matches(size_axis, ("params", "macs"))
-        hint = f"; did you mean {matches[0]!r}?" if matches else ""
+        hint = did_you_mean(size_axis, ("params", "macs"), n=1)
+        hint = f"; {hint}" if hint else ""
         raise UsageError(f"--size-axis {size_axis!r} is not one of 'params', 'macs'{hint}")
     options: dict[str, Any] = {"seed": seed, **_overrides(set_)}
     if batch_size is not None:

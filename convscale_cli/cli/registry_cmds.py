@@ -6,7 +6,7 @@ import typer
 
 from convscale_cli.cli import app
 from convscale_cli.cli._output import print_json, print_table
-from convscale_cli.errors import UsageError, close_matches
+from convscale_cli.errors import UsageError, did_you_mean
 
 PatternArg = Annotated[str | None, typer.Argument(help="Glob (nfnet-f*) or substring to filter names.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
@@ -14,9 +14,9 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a t
 
 def _no_match(kind: str, pattern: str, names: list[str]) -> UsageError:
     """``no <kind> matches <pattern>``, with close matches for a mistyped name (not for a glob)."""
-    matches = [] if any(c in pattern for c in "*?[") else close_matches(pattern.lower(), names)
-    if matches:
-        return UsageError(f"no {kind} matches {pattern!r}: did you mean {' or '.join(repr(m) for m in matches)}?")
+    hint = "" if any(c in pattern for c in "*?[") else did_you_mean(pattern.lower(), names)
+    if hint:
+        return UsageError(f"no {kind} matches {pattern!r}: {hint}")
     return UsageError(f"no {kind} matches {pattern!r}; run `convscale {kind}s` to list all")
 
 

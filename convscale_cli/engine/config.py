@@ -14,7 +14,7 @@ import math
 from typing import Any, Literal
 
 from convscale_cli.config import check_seed
-from convscale_cli.errors import ConfigError, close_matches
+from convscale_cli.errors import ConfigError, did_you_mean
 from convscale_cli.recipe import Recipe
 
 Precision = Literal["bf16", "fp32"]
@@ -138,8 +138,8 @@ class PretrainConfig:
             raise ConfigError(f"log_every = {self.log_every!r} must be >= 1")
         unknown = sorted(set(self.recipe) - _RECIPE_FIELDS)
         if unknown:
-            matches = close_matches(unknown[0], _RECIPE_FIELDS)
-            hint = f"; did you mean {' or '.join(repr('recipe.' + m) for m in matches)}?" if matches else ""
+            hint = did_you_mean(unknown[0], _RECIPE_FIELDS, prefix="recipe.")
+            hint = f"; {hint}" if hint else ""
             raise ConfigError(f"unknown config key {'recipe.' + unknown[0]!r}{hint}")
         if self.process_id is not None and self.process_id < 0:
             raise ConfigError(f"process_id = {self.process_id!r} must be >= 0")

@@ -15,7 +15,7 @@ import math
 from typing import Any, Literal
 
 from convscale_cli.config import check_seed
-from convscale_cli.errors import ConfigError, close_matches
+from convscale_cli.errors import ConfigError, did_you_mean
 from convscale_cli.recipe import Recipe
 
 Precision = Literal["bf16", "fp32"]
@@ -149,8 +149,8 @@ class FinetuneConfig:
 def _known(values: dict[str, Any], fields: frozenset[str], prefix: str) -> None:
     unknown = sorted(set(values) - fields)
     if unknown:
-        matches = close_matches(unknown[0], fields)
-        hint = f"; did you mean {' or '.join(repr(prefix + '.' + m) for m in matches)}?" if matches else ""
+        hint = did_you_mean(unknown[0], fields, prefix=prefix + ".")
+        hint = f"; {hint}" if hint else ""
         raise ConfigError(f"unknown config key {prefix + '.' + unknown[0]!r}{hint}")
 
 

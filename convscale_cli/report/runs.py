@@ -289,11 +289,9 @@ def select_dataset(runs: Iterable[Run], dataset: str | None = None) -> list[Run]
             raise UsageError(f"runs span {len(datasets)} datasets ({', '.join(datasets)}): pick one with --dataset")
         dataset = datasets[0]
     elif dataset not in datasets:
-        from convscale_cli.errors import close_matches
+        from convscale_cli.errors import did_you_mean
 
-        matches = close_matches(dataset, datasets)
-        shown = " or ".join(repr(m) for m in matches)
-        hint = f"did you mean {shown}?" if matches else f"the runs are on {', '.join(datasets)}"
+        hint = did_you_mean(dataset, datasets) or f"the runs are on {', '.join(datasets)}"
         raise UsageError(f"no pre-training runs on dataset {dataset!r}: {hint}")
     chosen = [r for r in pretrain if r.dataset == dataset]
     names = {r.name for r in chosen} | {r.name.rsplit("/", 1)[-1] for r in chosen}
