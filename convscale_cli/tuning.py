@@ -285,7 +285,7 @@ def _other_settings(out: Path, summary: Mapping[str, Any], dataset: str, options
     key by key); the keys that may change between invocations of one run (``MUTABLE_KEYS``) are ignored.
     """
     from convscale_cli.engine.config import MUTABLE_KEYS
-    from convscale_cli.engine.rundir import read_json
+    from convscale_cli.engine.rundir import as_json, read_json
 
     if summary.get("dataset", dataset) != dataset:
         return f"dataset {summary['dataset']!r} there, {dataset!r} here"
@@ -302,14 +302,9 @@ def _other_settings(out: Path, summary: Mapping[str, Any], dataset: str, options
             else [(key, have, wanted)]
         )
         for name, there, here in pairs:
-            if _plain(there) != _plain(here):
+            if as_json(there) != as_json(here):
                 return f"{name} {there!r} there, {here!r} here"
     return ""
-
-
-def _plain(value: Any) -> Any:
-    """``value`` as JSON would store it (tuples become lists), for comparing with a saved config."""
-    return json.loads(json.dumps(value, default=str))
 
 
 def target_size(registry: Registry, model: str, size_axis: SizeAxis, resolution: int | None, classes: int) -> float:

@@ -35,6 +35,11 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def as_json(value: Any) -> Any:
+    """``value`` as a JSON file stores it (tuples become lists, other objects strings), for comparing with one."""
+    return json.loads(json.dumps(value, default=str))
+
+
 def read_json(path: Path) -> dict[str, Any] | None:
     """Read a JSON object, or None if the file is missing, unreadable, not JSON or not an object."""
     try:
@@ -121,7 +126,7 @@ class RunDir:
             self.clear()
         if self.primary:
             self.path.mkdir(parents=True, exist_ok=True)
-            if saved != json.loads(json.dumps(resolved, default=str)):  # a rerun of the same run writes nothing
+            if saved != as_json(resolved):  # a rerun of the same run writes nothing
                 write_json(config, resolved)
         return saved is not None
 
