@@ -1,10 +1,11 @@
 """``convscale plan --from RUNS``: rank candidates by the held-out loss a scaling law fitted to your runs predicts.
 
 The law is the parametric ``L(N, D) = E + A/N^alpha + B/D^beta`` (Hoffmann et al. 2022, which Smith et al. 2023 §2
-cite for "scale the model size and the number of training epochs at the same rate"), fitted by
-:func:`convscale_cli.report.fit.fit_parametric` to the best-lr run of every finished (model, epochs) cell, the paper's
-own frontier construction (Fig. 2 plots each cell at its tuned learning rate). N is the parameter count and D the
-examples seen. The interval of each prediction is the fit's pairs-bootstrap interval.
+cite for "scale the model size and the number of training epochs at the same rate"), fitted by the same analysis as
+``convscale report`` (:func:`convscale_cli.report.build.analyse`): best lr per (model, epochs) cell with seeds
+averaged, N = parameters without the classifier head, D = examples seen, and intervals from the bootstrap over runs
+whose coverage ``benchmarks/bench_calibration.py`` measures. So ``plan --from`` and ``report`` agree on the same
+runs directory by construction.
 
 Candidates are the models present in the runs plus the registry's same-family models sharing a tag with them (so a
 ladder study plans over the ladder; ``--models`` overrides), each trained for the epochs the budget affords at the
@@ -18,18 +19,26 @@ import dataclasses
 import math
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from convscale_cli.errors import UsageError
 from convscale_cli.planner import Frontier, Plan, PlanRequest, candidates, select_models
-from convscale_cli.registry import ArchitectureSpec, Registry
-from convscale_cli.tuning import RunRecord, group_cells, load_runs, nearest_cell
+from convscale_cli.registry import ArchitectureSpec, Registry, head_params
 
-BOOTSTRAP = 100
+if TYPE_CHECKING:
+    from convscale_cli.report.analysis import Cell
+    from convscale_cli.report.build import Analysis
+
+BOOTSTRAP = 200
 LEVEL = 0.9
 
 
-def _runs_for(request: PlanRequest, runs_dir: Path) -> list[RunRecord]:
-    runs = load_runs(runs_dir)
+def _check_runs(request: PlanRequest, runs_dir: Path) -> str | None:
+    """The data setting to analyse (None: the only one), after checking the runs hold the requested family."""
+    from convscale_cli.report.runs import load_runs
+
+    runs, _ = load_runs(runs_dir)
+    runs = [r for r in runs if r.kind == "pretrain"]
     if not runs:
         raise UsageError(f"no finished pre-training runs in {str(runs_dir)!r}; train some (convscale sweep) first")
     family = [r for r in runs if r.family == request.family]
@@ -38,19 +47,12 @@ def _runs_for(request: PlanRequest, runs_dir: Path) -> list[RunRecord]:
         raise UsageError(
             f"{str(runs_dir)!r} holds no {request.family} runs (families: {', '.join(found)}); pass --family {found[0]}"
         )
-    datasets = sorted({r.dataset for r in family})
-    if request.dataset.name in datasets:
-        return [r for r in family if r.dataset == request.dataset.name]
-    if len(datasets) > 1:
-        raise UsageError(
-            f"{str(runs_dir)!r} holds runs on {', '.join(datasets)}; losses on different datasets cannot share one "
-            "law: pass --dataset to pick one"
-        )
-    return family
+    names = {r.dataset for r in family}
+    return request.dataset.name if request.dataset.name in names else None
 
 
-def _candidate_specs(request: PlanRequest, registry: Registry, runs: list[RunRecord]) -> list[ArchitectureSpec]:
-    present = [registry.architecture(m) for m in sorted({r.model for r in runs}) if m in registry.architectures]
+def _candidate_specs(request: PlanRequest, registry: Registry, models: set[str]) -> list[ArchitectureSpec]:
+    present = [registry.architecture(m) for m in sorted(models) if m in registry.architectures]
     if request.models:
         return select_models(registry, request.family, request.models)
     tags = sorted({tag for spec in present for tag in spec.tags})
@@ -58,70 +60,94 @@ def _candidate_specs(request: PlanRequest, registry: Registry, runs: list[RunRec
     return list(chosen.values())
 
 
+def _start_lr(cells: list[Cell], model: str, size: float, epochs: float) -> float | None:
+    """The cell's own tuned lr when it was run, else the best lr of the nearest smaller-or-equal cell (two-trial)."""
+    own = [c for c in cells if c.model == model and math.isclose(c.epochs, epochs, rel_tol=1e-9)]
+    if own:
+        return own[0].lr
+    eligible = [c for c in cells if c.size <= size * (1 + 1e-9) and c.epochs <= epochs * (1 + 1e-9)]
+    if not eligible:
+        return None
+    best = min(eligible, key=lambda c: (math.hypot(math.log(size / c.size), math.log(epochs / c.epochs)), -c.size))
+    return best.lr
+
+
 def plan_fitted(
-    request: PlanRequest, registry: Registry, runs_dir: str | Path, *, bootstrap: int = BOOTSTRAP, level: float = LEVEL
+    request: PlanRequest,
+    registry: Registry,
+    runs_dir: str | Path,
+    *,
+    bootstrap: int = BOOTSTRAP,
+    level: float = LEVEL,
+    analysis: Analysis | None = None,
 ) -> Plan:
     """Fit ``L(N, D)`` to the runs in ``runs_dir`` and rank the affordable candidates by predicted loss.
 
+    ``analysis`` reuses an :func:`~convscale_cli.report.build.analyse` result of the same runs directory (the
+    calibration harness judges the report and the plan on one bootstrap).
+
     Raises:
-        UsageError: no usable runs, runs on several datasets without ``--dataset``, fewer than 5 cells to fit, or a
-            budget too small for any candidate.
+        UsageError: no usable runs, runs on several data settings without ``--dataset``, fewer than 6 cells to fit,
+            or a budget too small for any candidate.
     """
     import numpy as np
 
-    from convscale_cli.report.fit import fit_parametric
+    from convscale_cli.report.build import analyse
 
     runs_dir = Path(runs_dir)
-    runs = _runs_for(request, runs_dir)
-    cells = group_cells(runs)
-    best = [c.best for c in cells if np.isfinite(c.best.eval_loss)]
-    if len(best) < 5:
+    dataset = _check_runs(request, runs_dir)
+    result = analysis or analyse(runs_dir, dataset=dataset, family=request.family, replicates=bootstrap, level=level)
+    fit = result.parametric
+    if fit is None:
         raise UsageError(
-            f"{str(runs_dir)!r} has {len(best)} finished (model, epochs) cells; the law L(N, D) has 5 parameters and "
-            "needs at least 5 cells (e.g. 3 models x 2 epoch budgets)"
+            f"{str(runs_dir)!r} has {result.design.n_cells} finished (model, epochs) cells; the law L(N, D) has 5 "
+            "parameters and needs at least 6 cells (e.g. 3 models x 2 epoch budgets)"
         )
-    n = np.array([r.params for r in best], dtype=float)
-    d = np.array([r.examples_seen for r in best], dtype=float)
-    fit = fit_parametric(n, d, [r.eval_loss for r in best], size_axis="params", bootstrap=bootstrap, level=level)
-
-    specs = _candidate_specs(request, registry, runs)
+    pretrain = [r for r in result.runs if r.kind == "pretrain"]
+    specs = _candidate_specs(request, registry, {r.model for r in pretrain})
     frontier = Frontier()
     found, frontier_macs = candidates(request, specs, frontier)
-    # N as the runs counted it: at their resolution and class count (one dataset, so one of each in practice).
-    fit_resolution = Counter(r.train_resolution for r in best).most_common(1)[0][0]
-    fit_classes = Counter(r.num_classes for r in best).most_common(1)[0][0]
-    sizes = np.array(
-        [registry.architecture(c.model).count(fit_resolution, fit_classes).params for c in found], dtype=float
-    )
+    # N as the runs counted it: at their resolution and class count, without the classifier head.
+    fit_resolution = Counter(r.train_resolution for r in pretrain).most_common(1)[0][0]
+    fit_classes = Counter(r.num_classes for r in pretrain).most_common(1)[0][0]
+    sizes = []
+    for c in found:
+        count = registry.architecture(c.model).count
+        sizes.append(count(fit_resolution, fit_classes).params - head_params(count, fit_resolution, fit_classes))
+    sizes_arr = np.array(sizes, dtype=float)
     examples = np.array([c.examples for c in found], dtype=float)
-    mean = fit.predict(sizes, examples)
-    low, high = fit.interval(sizes, examples)
-    same_data = request.dataset.name is not None and request.dataset.name == best[0].dataset
+    mean = fit.predict(sizes_arr, examples)
+    low, high = fit.interval(sizes_arr, examples)
+    n = np.array([c.size for c in result.cells])
+    d = np.array([c.examples for c in result.cells])
+    same_data = request.dataset.name is not None and request.dataset.name == pretrain[0].dataset
     ranked = []
     for i, c in enumerate(found):
-        lr = c.lr
-        if same_data:
-            # The cell's own tuned lr when it was run, else the two-trial rule's start from the nearest smaller cell.
-            own = [cell for cell in cells if cell.model == c.model and math.isclose(cell.epochs, c.epochs)]
-            neighbour = own[0] if own else nearest_cell(cells, c.model, sizes[i], c.epochs)
-            lr = neighbour.best.lr if neighbour is not None else lr
-        extrapolated = not (n.min() <= sizes[i] <= n.max() and d.min() <= examples[i] <= d.max())
+        lr = _start_lr(result.cells, c.model, sizes_arr[i], c.epochs) if same_data else None
+        lr = c.lr if lr is None else lr
+        outside = []
+        if not n.min() <= sizes_arr[i] <= n.max():
+            outside.append("model size")
+        if not d.min() <= examples[i] <= d.max():
+            outside.append("example count")
         ranked.append(
             dataclasses.replace(
                 c,
                 predicted_loss=float(mean[i]),
                 loss_interval=(float(low[i]), float(high[i])),
-                extrapolated=extrapolated,
+                extrapolated=bool(outside),
+                extrapolated_in=tuple(outside),
                 lr=lr,
                 lr_trials=(lr, lr / 2),
             )
         )
     ranked.sort(key=lambda c: (c.predicted_loss, c.extrapolated, -c.macs_per_image))
     notes = [
-        f"fitted mode: L(N, D) fitted to the best-lr run of {len(best)} cells in {runs_dir} "
-        f"({best[0].dataset}, {fit_resolution} px); losses are predicted on that dataset's held-out split, "
-        f"{int(level * 100)}% bootstrap intervals",
+        f"fitted mode: L(N, D) fitted to the best-lr cells of {result.design.n_cells} (model, epochs) cells in "
+        f"{runs_dir} ({result.data_key}), N without the classifier head, seeds averaged; losses are predicted on "
+        f"that data's held-out split with {int(level * 100)}% bootstrap intervals over runs (as convscale report)",
         *fit.warnings,
+        *(f"{name} not quoted: {why}" for name, why in fit.unquoted.items()),
     ]
     if not same_data:
         notes.append("learning rates are the paper prior: the runs are on another dataset than the plan")
@@ -132,5 +158,12 @@ def plan_fitted(
         frontier_macs=frontier_macs,
         candidates=tuple(ranked[: request.top]),
         notes=tuple(notes),
-        fit={**fit.to_dict(), "runs_dir": str(runs_dir), "dataset": best[0].dataset, "cells": len(best)},
+        fit={
+            **fit.to_dict(),
+            "runs_dir": str(runs_dir),
+            "dataset": pretrain[0].dataset,
+            "data": result.data_key,
+            "cells": result.design.n_cells,
+            "noise": result.noise.to_dict(),
+        },
     )

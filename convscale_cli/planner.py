@@ -185,7 +185,8 @@ class Candidate:
     frontier_distance: float  # |log(macs / frontier macs)|, the prior's ranking key
     predicted_loss: float | None = None
     loss_interval: tuple[float, float] | None = None
-    extrapolated: bool = False  # fitted mode: model size outside the fitted runs' range
+    extrapolated: bool = False  # fitted mode: model size or example count outside the fitted runs' range
+    extrapolated_in: tuple[str, ...] = ()  # which of "model size", "example count" lie outside it
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready form (see README, ``plan --json``)."""

@@ -29,6 +29,17 @@ class ModelCount:
         return 6.0 * self.macs
 
 
+def head_params(count: Callable[[int, int], ModelCount], resolution: int, num_classes: int) -> int:
+    """Parameters of the classifier head: those that grow with the class count (weights and bias per class).
+
+    Read off two analytic counts, so it holds for any plugin whose head is linear in the class count.
+    """
+    if num_classes < 2:
+        return 0
+    per_class = count(resolution, num_classes).params - count(resolution, num_classes - 1).params
+    return max(0, int(per_class) * int(num_classes))
+
+
 @dataclasses.dataclass(frozen=True)
 class ArchitectureSpec:
     """One registered model variant (e.g. ``nfnet-f0``, ``vit-b/16``).

@@ -5,7 +5,9 @@ that the optimal learning rate falls slowly but monotonically as both the model 
 So for a new cell (model, epochs) :func:`tune_cell` takes the best alpha of the nearest finished cell with a smaller
 or equal model and a smaller or equal epoch budget (none: the recipe's alpha, 1.6 for NFNets), trains alpha and
 alpha/2 and keeps the lower held-out loss. If alpha/2 wins the optimum may lie lower still, and the next trial
-(alpha/4) is offered, not run: the rule's promise is two trials per cell. ``grid=True`` runs the full factor-2 grid.
+(alpha/4) is offered, not run: the rule's promise is two trials per cell. If alpha wins, the optimum may lie higher
+(the rule assumes it never rises, but nothing guarantees that on new data), and 2 alpha is offered the same way.
+``grid=True`` runs the full factor-2 grid.
 
 Training goes through an injectable ``trainer(model, dataset, epochs, lr, out, **options) -> summary``; the default
 one, :func:`engine_trainer`, imports the jax engine only when called. Nothing here imports jax at module level.
@@ -202,7 +204,9 @@ class TuneResult:
     trials: tuple[Trial, ...]
     best_lr: float
     best_run: str
-    next_lr: float | None  # alpha/4 when alpha/2 won the two-trial rule; half the lowest lr when every trial failed
+    # The probe the two-trial rule offers next: alpha/4 when alpha/2 won, 2 alpha when alpha won; half the lowest lr
+    # when every trial failed.
+    next_lr: float | None
 
     @property
     def trained(self) -> int:
@@ -218,8 +222,11 @@ class TuneResult:
         if all(t.eval_loss == math.inf for t in self.trials):
             return text + f"every trial failed: try alpha {self.next_lr:g}."
         text += f"best alpha {self.best_lr:g} ({self.best_run})."
-        if self.next_lr is not None:
-            text += f" alpha/2 won, so the optimum may lie lower: try alpha {self.next_lr:g} next."
+        if self.next_lr is not None and self.rule == "two-trial":
+            if self.best_lr < self.start_lr:
+                text += f" alpha/2 won, so the optimum may lie lower: try alpha {self.next_lr:g} next."
+            else:
+                text += f" alpha won, so the optimum may lie higher: try alpha {self.next_lr:g} next."
         return text
 
     def to_dict(self) -> dict[str, Any]:
@@ -383,7 +390,9 @@ def tune_cell(
         lrs, rule = [_clean(start), _clean(start / 2)], "two-trial"
     trials = tuple(run_trial(spec.name, data.name, epochs, lr, root, trainer, options) for lr in lrs)
     best = min(trials, key=lambda t: (t.eval_loss, -t.lr))
-    next_lr = _clean(start / 4) if rule == "two-trial" and best.lr == lrs[1] else None
+    next_lr = None
+    if rule == "two-trial":
+        next_lr = _clean(start / 4) if best.lr == lrs[1] else _clean(start * 2)
     if best.eval_loss == math.inf:  # all diverged: the optimum lies below every lr tried
         next_lr = _clean(min(lrs) / 2)
     result = TuneResult(

@@ -360,13 +360,13 @@ def test_fitted_plan_needs_five_cells_and_one_dataset(ladder: Registry, tmp_path
     from convscale_cli.plan_fit import plan_fitted
 
     _write_runs(tmp_path / "few", models=("lad-0", "lad-1"), epochs=(0.5, 1.0))
-    with pytest.raises(UsageError, match="needs at least 5 cells"):
+    with pytest.raises(UsageError, match="needs at least 6 cells"):
         plan_fitted(_toy_request(), ladder, tmp_path / "few", bootstrap=0)
     _write_runs(tmp_path / "mixed")
     _write_runs(tmp_path / "mixed", models=("lad-3",), dataset="otherset")
     plain = P.DatasetPlan(None, TOY_TRAIN, 10, 32)
     request = P.PlanRequest(parse_budget("3e13-flops"), get_hardware("tpu-v4"), plain, family="toy")
-    with pytest.raises(UsageError, match="pass --dataset"):
+    with pytest.raises(UsageError, match="pick one with --dataset"):
         plan_fitted(request, ladder, tmp_path / "mixed", bootstrap=0)
     assert plan_fitted(_toy_request(), ladder, tmp_path / "mixed", bootstrap=0).fit["cells"] == 12
     with pytest.raises(UsageError, match="does not exist"):
@@ -387,6 +387,37 @@ def test_plan_from_runs_json(ladder: Registry, tmp_path, capsys: pytest.CaptureF
     assert "--data-option" not in doc["recommendation"]["commands"][0]  # toyset takes no size option
     assert main(args) == 0
     assert "pred. loss (interval)" in capsys.readouterr().out
+
+
+def test_plan_from_and_report_agree_on_the_same_runs(ladder: Registry, tmp_path, capsys) -> None:  # noqa: ANN001
+    """One analysis behind both: the same law, the same intervals, the same noise."""
+    _write_runs(tmp_path / "runs")
+    args = [
+        "plan",
+        "--budget",
+        "3e13-flops",
+        "--family",
+        "toy",
+        "--dataset",
+        "toyset",
+        "--from",
+        str(tmp_path / "runs"),
+    ]
+    assert main([*args, "--bootstrap", "40", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)["fit"]
+    assert main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "r"), "--bootstrap", "40", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)["parametric"]
+    for key in ("E", "A", "alpha", "B", "beta", "n", "intervals", "warnings", "unquoted"):
+        assert plan[key] == report[key], key
+
+
+def test_extrapolation_note_names_what_lies_outside(ladder: Registry, tmp_path, capsys) -> None:  # noqa: ANN001
+    _write_runs(tmp_path, models=("lad-0", "lad-1", "lad-2", "lad-3"), epochs=(0.25, 0.5))
+    args = ["plan", "--budget", "1e14-flops", "--family", "toy", "--dataset", "toyset", "--from", str(tmp_path)]
+    assert main([*args, "--bootstrap", "0"]) == 0
+    out = capsys.readouterr().out
+    # Every model size was fitted; only the example counts a larger budget buys lie outside the runs.
+    assert "* example count outside the fitted runs' range" in out and "model size" not in out.split("*")[-1]
 
 
 def test_plan_with_builtin_ladder_passes_the_dataset_size(capsys: pytest.CaptureFixture[str]) -> None:

@@ -121,7 +121,9 @@ def test_two_trials_without_a_smaller_cell_start_at_the_recipe_alpha(registry: R
     result = tuning.tune_cell("toy-s", 0.5, tmp_path, dataset="toyset", registry=registry, trainer=fake)
     assert [lr for _, _, lr in fake.calls] == [1.6, 0.8]
     assert result.start_lr == 1.6 and "recipe default" in result.source
-    assert result.best_lr == 1.6 and result.next_lr is None  # the optimum of toy-s x 0.5 is 1.6
+    # The optimum of toy-s x 0.5 is 1.6: the upper trial won, so the rule offers the probe above it.
+    assert result.best_lr == 1.6 and result.next_lr == 3.2
+    assert "alpha won, so the optimum may lie higher: try alpha 3.2 next" in result.message()
     assert result.best_run == "toy-s-e0.5-lr1.6"
     [entry] = _log(tmp_path)
     assert entry["best_lr"] == 1.6 and [t["lr"] for t in entry["trials"]] == [1.6, 0.8]

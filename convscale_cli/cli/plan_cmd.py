@@ -102,8 +102,12 @@ def plan(
         typer.Option("--from", help="Runs directory: fit L(N, D) to its finished runs and rank by predicted loss."),
     ] = None,
     bootstrap: Annotated[
-        int, typer.Option(help="With --from: bootstrap resamples for the predicted-loss intervals (0: none).")
-    ] = 100,
+        int,
+        typer.Option(
+            help="With --from: bootstrap replicates over runs for the predicted-loss intervals (0: none); the same "
+            "analysis as convscale report."
+        ),
+    ] = 200,
     top: Annotated[int, typer.Option(help="How many ranked candidates to show.")] = 5,
     json_: Annotated[bool, typer.Option("--json", help="Print the plan as JSON (schema in README).")] = False,
 ) -> None:
@@ -208,8 +212,9 @@ def _print_plan(plan: "Plan", document: dict[str, Any]) -> None:
     )
     for command in document["recommendation"]["commands"]:
         print(f"  {command}")
-    if fitted and any(c.extrapolated for c in plan.candidates):
-        print("* model size outside the fitted runs' range: the prediction extrapolates")
+    outside = sorted({what for c in plan.candidates for what in c.extrapolated_in})
+    if fitted and outside:
+        print(f"* {' or '.join(outside)} outside the fitted runs' range: the prediction extrapolates")
     for note in document["notes"]:
         print(f"Note: {note}")
 
@@ -382,7 +387,10 @@ def _sweep_live(config: "StudyConfig", registry: "Registry") -> "SweepResult":
             f"{t.lr:g}: {'failed' if t.status == 'failed' else f'{t.eval_loss:.4f}'}" for t in result.trials
         )
         reused = all(t.status == "reused" for t in result.trials)
-        note = f"alpha/2 won: try {result.next_lr:g} next" if result.next_lr is not None else ""
+        note = ""
+        if result.next_lr is not None:
+            won = "alpha/2" if result.next_lr < result.best_lr else "alpha"
+            note = f"{won} won: try {result.next_lr:g} next"
         rows[(cell.model, cell.epochs)][2:] = ["done" if reused else "trained", trials, f"{result.best_lr:g}", note]
         if live_mode:
             live.update(render())

@@ -16,16 +16,24 @@ def report(
         Path | None, typer.Option("--out", "-o", help="Output directory (default: RUNS_DIR/report).")
     ] = None,
     dataset: Annotated[
-        str | None, typer.Option(help="Pre-training dataset to report on, when the runs span several.")
+        str | None,
+        typer.Option(
+            help="Data setting to report on when the runs span several: a dataset name, or a setting as the error "
+            "quotes it (dataset, options, resolution, classes)."
+        ),
     ] = None,
     size: Annotated[
-        str, typer.Option(help="Model size N in the parametric law L(N, D): params or macs (MACs per image).")
+        str,
+        typer.Option(help="Model size N of the fits: params (without the classifier head) or macs (MACs per image)."),
     ] = "params",
-    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples of the power-law fits.")] = 1000,
-    parametric_bootstrap: Annotated[
-        int, typer.Option(help="Bootstrap resamples of the parametric fit (one L-BFGS run each).")
-    ] = 100,
-    holdout: Annotated[float, typer.Option(help="Share of the largest-compute cells held out in the back-test.")] = 0.2,
+    bootstrap: Annotated[
+        int,
+        typer.Option(
+            help="Bootstrap replicates over runs; each recomputes the whole analysis (0: no intervals, and the "
+            "verdicts that need one are inconclusive)."
+        ),
+    ] = 200,
+    level: Annotated[float, typer.Option(help="Confidence level of every interval.")] = 0.9,
     seed: Annotated[int, typer.Option(help="Bootstrap seed (reports are reproducible).")] = 0,
     json_: Annotated[bool, typer.Option("--json", help="Print fit.json to stdout instead of the summary.")] = False,
 ) -> None:
@@ -41,8 +49,7 @@ def report(
         dataset=dataset,
         size_axis=size,
         bootstrap=bootstrap,
-        parametric_bootstrap=parametric_bootstrap,
-        holdout_fraction=holdout,
+        level=level,
         seed=seed,
     )
     if json_:

@@ -29,7 +29,7 @@ from convscale_cli.engine.progress import Progress
 from convscale_cli.engine.resolve import ResolvedRun, resolve, resolved_dict
 from convscale_cli.engine.rundir import MetricsLog, RunDir
 from convscale_cli.errors import RunInterrupted
-from convscale_cli.registry import Registry
+from convscale_cli.registry import Registry, head_params
 
 BARRIER_TIMEOUT_S = 600  # how long processes wait for each other at a named sync point (first compiles included)
 _barriers = itertools.count()  # barrier keys must be unique; every process passes the same sync points in order
@@ -257,6 +257,7 @@ def _summary(
 ) -> dict[str, Any]:
     config = run.config
     train_size = max(int(run.info.split_sizes.get("train", 0)), 1)
+    total_params = int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))
     out = {
         "kind": "pretrain",
         "status": status,
@@ -270,7 +271,9 @@ def _summary(
         "peak_lr": run.peak_lr,
         "batch_size": run.batch_size,
         "seed": config.seed,
-        "params": int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params))),
+        "params": total_params,
+        # Without the classifier head: the model-size axis of the scaling-law fits (convscale_cli.report.runs).
+        "params_body": max(1, total_params - head_params(run.arch.count, run.resolution, run.num_classes)),
         "macs_per_image": run.macs_per_image,
         "train_resolution": run.resolution,
         "eval_resolution": run.eval_resolution,

@@ -36,17 +36,32 @@ def _summary(result: dict[str, Any]) -> list[Block]:
     runs = result["runs"]
     pretrain = sum(r["kind"] == "pretrain" for r in runs)
     text = (
-        f"Dataset **{result['dataset']}**: {pretrain} pre-training and {len(runs) - pretrain} fine-tuning runs used, "
+        f"Data **{result['data']}**: {pretrain} pre-training and {len(runs) - pretrain} fine-tuning runs used, "
         f"{_count(len(result['skipped']), 'run directory', 'run directories')} skipped"
     )
-    if result["excluded_other_datasets"]:
-        text += f", {_count(result['excluded_other_datasets'], 'run')} on other datasets left out"
+    if result["other_data"]:
+        text += f", {_count(len(result['other_data']), 'run')} trained on other data left out (listed below)"
+    design = result["design"]
     text += (
-        ". The learning rate is chosen per (model, epoch budget) cell, leaving "
-        f"{_count(len(result['cells']), 'cell')}, "
-        f"{len(result['frontier'])} of them on the compute frontier. Compute is in {result['compute_unit']} "
-        "(the paper's axis, §1.6)."
+        f". Findings (a)-(c) are judged on the {result['family']} runs. The learning rate is chosen per (model, epoch "
+        f"budget) cell (seeds averaged), leaving {_count(design['cells'], 'cell')}, {design['frontier_points']} of "
+        f"them on the compute-optimal envelope. Compute is in {result['compute_note']}."
     )
+    noise, boot = result["noise"], result["bootstrap"]
+    if noise["sigma"] is not None and noise["df"]:
+        source = {
+            "seeds": "the spread between seeds",
+            "lr response": "each cell's lr response (a parabola in log lr)",
+            "fit": "the parametric law's residuals",
+        }.get(noise["source"], noise["source"])
+        text += (
+            f" Run noise: {_g(noise['sigma'])} in log loss, measured from {source} ({noise['df']} degrees of "
+            f"freedom). Every interval is a {100 * boot['level']:.0f}% bootstrap over runs through the whole "
+            f"analysis ({boot['replicates']} replicates), checked for coverage on simulated studies "
+            "(docs/calibration.md)."
+        )
+    else:
+        text += " Run noise could not be measured, so no interval is given and verdicts that need one are inconclusive."
     items = tuple(
         f"**({'abcd'[i]}) {v['claim']}**: **{v['status']}**"
         + (f" ({v['reason']})" if v["status"] == "inconclusive" else f": {v['reason']}")
@@ -61,13 +76,15 @@ def _loss_section(result: dict[str, Any], images: dict[str, str]) -> list[Block]
     if fit:
         blocks.append(
             Paragraph(
-                f"Frontier fit: L = {_g(fit['a'], 4)} · C^(-{_g(fit['b'], 4)}), R² = {_g(fit['r2'], 4)} over "
-                f"{fit['n']} points; {100 * fit['level']:.0f}% bootstrap CI of b {_interval(fit['b_interval'])}, "
-                f"of a {_interval(fit['a_interval'])} ({fit['bootstrap']} resamples; shaded band)."
+                f"Frontier (cells on the envelope of the per-model curves): L = {_g(fit['a'], 4)} · "
+                f"C^(-{_g(fit['b'], 4)}) over {fit['n']} points, {100 * fit['level']:.0f}% CI of the exponent "
+                f"{_interval(fit['b_interval'])}; curvature of log L in log C {_g(fit['curvature'])} "
+                f"{_interval(fit['curvature_interval'])}. R² = {_g(fit['r2'], 4)} is shown, not tested: an exact "
+                "power law with noise can score low, a saturating curve high."
             )
         )
     else:
-        blocks.append(Paragraph(f"No power law fitted: {result.get('power_law_error', 'no frontier')}."))
+        blocks.append(Paragraph("No power law fitted: fewer than two frontier points."))
     return blocks
 
 
@@ -75,22 +92,33 @@ def _parametric_section(result: dict[str, Any]) -> list[Block]:
     blocks: list[Block] = [Heading("Parametric law L(N, D) = E + A/N^α + B/D^β")]
     fit = result["parametric"]
     if not fit:
-        return blocks + [Paragraph(f"Not fitted: {result.get('parametric_error', 'too few cells')}.")]
+        return blocks + [Paragraph(f"Not fitted: {result.get('parametric_error') or 'too few cells'}.")]
+    unquoted = fit.get("unquoted") or {}
     rows = tuple(
-        (name, _g(fit[name], 4), _interval(fit["intervals"].get(name), 3)) for name in ("E", "A", "alpha", "B", "beta")
-    )
-    blocks.append(
-        Paragraph(
-            f"N = {fit['size_axis']}, D = examples seen; Huber loss on log residuals (Hoffmann et al. 2022), "
-            f"multi-start L-BFGS, {fit['bootstrap']} bootstrap resamples over {fit['n']} cells "
-            f"({fit['n_sizes']} model sizes). Compute-optimal allocation: "
-            f"N_opt ∝ C^{_g(fit['optimal_size_exponent'])}, D_opt ∝ C^{_g(fit['optimal_data_exponent'])}."
+        (
+            name,
+            "not quoted" if name in unquoted else _g(fit[name], 4),
+            "–" if name in unquoted else _interval(fit["intervals"].get(name), 3),
         )
+        for name in ("E", "A", "alpha", "B", "beta")
     )
+    axis = "parameters without the classifier head" if fit["size_axis"] == "params" else "MACs per image"
+    text = (
+        f"N = {axis}, D = examples seen. Least squares on relative residuals by variable projection (E, A, B solved "
+        f"exactly for every (α, β) on a refined grid; no start to get stuck at), over {fit['n']} cells "
+        f"({fit['n_sizes']} model sizes); intervals from the bootstrap over runs."
+    )
+    if fit["optimal_size_exponent"] is not None:
+        text += (
+            f" Its compute-optimal allocation: N_opt ∝ C^{_g(fit['optimal_size_exponent'])}, "
+            f"D_opt ∝ C^{_g(fit['optimal_data_exponent'])}."
+        )
+    blocks.append(Paragraph(text))
     blocks.append(Table(("parameter", "estimate", f"{100 * fit['level']:.0f}% CI"), rows))
-    if fit["warnings"]:
-        blocks.append(Paragraph("**Warning: the exponents may not be identifiable from these runs:**"))
-        blocks.append(Bullets(tuple(fit["warnings"])))
+    notes = [f"{name} not quoted: {why}" for name, why in unquoted.items()] + list(fit["warnings"])
+    if notes:
+        blocks.append(Paragraph("**What these runs cannot tell:**"))
+        blocks.append(Bullets(tuple(notes)))
     return blocks
 
 
@@ -109,6 +137,22 @@ def _optimal_section(result: dict[str, Any], images: dict[str, str]) -> list[Blo
             caption="Observed: the frontier (the best run at each compute).",
         )
     )
+    optimal = result["compute_optimal"]
+    interior = [row for row in optimal["isoflop"] if row["interior"]]
+    if optimal["isoflop"]:
+        a_ci = optimal["size_exponent_interval"]
+        blocks.append(
+            Paragraph(
+                f"Read off the envelope at {len(optimal['isoflop'])} compute levels (Hoffmann et al. 2022, Approach "
+                f"2): the optimum lies strictly inside the ladder at {len(interior)}"
+                + (
+                    f"; N_opt ∝ C^{_g(optimal['size_exponent'])} ({_interval(a_ci, 2)}), so epochs grow as "
+                    f"C^{_g(1 - optimal['size_exponent'])}."
+                    if optimal["size_exponent"] is not None
+                    else "."
+                )
+            )
+        )
     crossing = result["compute_optimal"]["epochs_above_one_from"]
     blocks.append(
         Paragraph(
@@ -119,27 +163,17 @@ def _optimal_section(result: dict[str, Any], images: dict[str, str]) -> list[Blo
         )
     )
     predicted = result["compute_optimal"]["predicted"]
-    if predicted and "continuous_macs" in predicted[0]:
-        blocks.append(
-            Table(
-                ("core-hours", "optimal GMACs/image", "optimal epochs"),
-                tuple(
-                    (_g(r["core_hours"]), _g(r["continuous_macs"] / 1e9), _g(r["continuous_epochs"])) for r in predicted
-                ),
-                caption="Continuous optimum of the parametric law (N = MACs, C = 6 * MACs * D): "
-                "the ideal model size, whether or not such a model exists.",
-            )
-        )
     if predicted:
         blocks.append(
             Table(
-                ("core-hours", "model", "epochs", "predicted loss", "note"),
+                ("core-hours", "model", "epochs", "predicted loss", "interval", "note"),
                 tuple(
                     (
                         _g(r["core_hours"]),
                         r["model"],
                         _g(r["epochs"]),
                         _g(r["predicted_loss"], 4),
+                        _interval(r["loss_interval"], 3),
                         "largest model tried: a larger one may be better" if r["at_largest_model"] else "",
                     )
                     for r in predicted
@@ -151,17 +185,32 @@ def _optimal_section(result: dict[str, Any], images: dict[str, str]) -> list[Blo
 
 
 def _lr_section(result: dict[str, Any], images: dict[str, str]) -> list[Block]:
-    table = result["lr_by_epochs"]
+    lr = result["lr"]
+    table = lr["by_epochs"]
     blocks: list[Block] = [Heading("Optimal learning rate vs epoch budget")]
     if not table:
         return blocks + [Paragraph("No cell tried more than one learning rate.")]
     blocks.append(Image(images["lr_vs_epochs"], "optimal learning rate vs epochs"))
+    if lr["epochs_slope"] is not None:
+        blocks.append(
+            Paragraph(
+                f"Regressing log lr* on log epochs (and log size) over the cells with an interior optimum: "
+                f"lr* ∝ epochs^{_g(lr['epochs_slope'])} {_interval(lr['epochs_slope_interval'], 2)}."
+            )
+        )
     rows = tuple(
-        (model, _g(r["epochs"]), _g(r["lr"]), ", ".join(_g(x) for x in r["lrs"]), "yes" if r["at_edge"] else "")
+        (
+            model,
+            _g(r["epochs"]),
+            _g(r["lr"]),
+            _g(r["optimum"]),
+            ", ".join(_g(x) for x in r["lrs"]),
+            "yes" if r["at_edge"] else "",
+        )
         for model, entries in sorted(table.items())
         for r in entries
     )
-    blocks.append(Table(("model", "epochs", "best lr", "lrs tried", "at grid edge"), rows))
+    blocks.append(Table(("model", "epochs", "best lr", "optimum (parabola)", "lrs tried", "at grid edge"), rows))
     return blocks
 
 
@@ -191,34 +240,21 @@ def _tuning_section(result: dict[str, Any]) -> list[Block]:
 
 
 def _backtest_section(result: dict[str, Any], images: dict[str, str]) -> list[Block]:
-    test = result["backtest"]
     blocks: list[Block] = [Heading("Back-test: predicting the largest runs")]
-    if not test:
-        return blocks + [Paragraph("Too few cells for a back-test (need >= 3).")]
+    fit = result["power_law"]
+    test = fit["backtest"] if fit else None
+    if not test or test["error"] is None:
+        return blocks + [Paragraph("Too few frontier points to hold out the largest third and fit the rest.")]
     if "backtest" in images:
         blocks.append(Image(images["backtest"], "back-test"))
     blocks.append(
         Paragraph(
-            f"Both laws were refitted on the {test['trained_on']} cheapest cells; the {test['held_out']} cells at or "
-            f"above {_g(test.get('threshold_core_hours'))} core-hours were predicted. Mean absolute relative error: "
-            f"power law {_g(test.get('power_law_error'))} (frontier cells only), "
-            f"parametric {_g(test.get('parametric_error'))}."
+            f"A line fitted to the {int(test['trained_on'])} cheaper frontier points predicts the "
+            f"{int(test['held_out'])} in the largest third of the compute range with a mean log error of "
+            f"{_g(test['error'])} (the noise alone gives a standard error of "
+            f"{_g((result['noise']['sigma'] or 0) * (test['leverage'] or 0) ** 0.5)})."
         )
     )
-    if test["skipped"]:
-        blocks.append(Bullets(tuple(test["skipped"])))
-    rows = tuple(
-        (
-            r["model"],
-            _g(r["epochs"]),
-            _g(r["core_hours"]),
-            _g(r["observed"], 4),
-            _g(r["power_law"], 4) if r["on_frontier"] else "(not on frontier)",
-            _g(r["parametric"], 4),
-        )
-        for r in test["rows"]
-    )
-    blocks.append(Table(("model", "epochs", "core-hours", "observed", "power law", "parametric"), rows))
     return blocks
 
 
@@ -231,8 +267,13 @@ def _finetune_section(result: dict[str, Any], images: dict[str, str]) -> list[Bl
             Table(
                 ("model", "fine-tune dataset", "pre-training core-hours", "top-1 (%)", "run"),
                 tuple(
-                    (p["model"], p["dataset"], "none (scratch)" if p.get("scratch") else _g(p["pretrain_core_hours"]),
-                     f"{p['top1']:.2f}", p["run"])
+                    (
+                        p["model"],
+                        p["dataset"],
+                        "none (scratch)" if p.get("scratch") else _g(p["pretrain_core_hours"]),
+                        f"{p['top1']:.2f}",
+                        p["run"],
+                    )
                     for p in points
                 ),
             )
@@ -256,25 +297,14 @@ def _family_section(result: dict[str, Any], images: dict[str, str]) -> list[Bloc
     comparison = result["families"]
     if not comparison:
         return []
-    names = sorted(comparison["families"])
     blocks: list[Block] = [Heading("Families at equal compute"), Image(images["families"], "families")]
     fits = [
-        f"{name}: b = {_g(entry['fit']['b'], 4)}, R² = {_g(entry['fit']['r2'], 3)}"
+        f"{name}: frontier L ~ C^-{_g(entry['b'], 4)} over {len(entry['frontier'])} points"
         for name, entry in sorted(comparison["families"].items())
-        if entry.get("fit")
+        if entry.get("b") is not None
     ]
     if fits:
         blocks.append(Bullets(tuple(fits)))
-    if not comparison["matched"]:
-        return blocks + [Paragraph("The families' frontiers do not overlap in compute: no matched comparison.")]
-    rows = tuple((_g(row["core_hours"]), *(_g(row[name], 4) for name in names)) for row in comparison["matched"])
-    blocks.append(
-        Table(
-            ("core-hours", *(f"{name} best loss" for name in names)),
-            rows,
-            caption="Lowest held-out loss each family reached with at most this compute.",
-        )
-    )
     return blocks
 
 
@@ -297,6 +327,9 @@ def _runs_section(result: dict[str, Any]) -> list[Block]:
         Heading("Runs"),
         Table(("run", "kind", "model", "epochs", "lr", "seed", "core-hours", "eval loss", "top-1 (%)"), rows),
     ]
+    if result["other_data"]:
+        blocks.append(Heading("Runs on other data (left out)", 3))
+        blocks.append(Table(("run", "data"), tuple((r["name"], r["data"]) for r in result["other_data"])))
     if result["skipped"]:
         blocks.append(Heading("Skipped run directories", 3))
         blocks.append(Table(("run", "reason"), tuple((s["path"], s["reason"]) for s in result["skipped"])))

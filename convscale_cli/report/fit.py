@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 
 from convscale_cli.report._fitting import ArrayLike, FitError, check_level, positive_array, quantile_interval
-from convscale_cli.report.parametric import HUBER_DELTA, ParametricFit, fit_parametric
+from convscale_cli.report.parametric import ParametricFit, fit_parametric
 
-__all__ = ["HUBER_DELTA", "FitError", "ParametricFit", "PowerLawFit", "fit_parametric", "fit_power_law"]
+__all__ = ["FitError", "ParametricFit", "PowerLawFit", "fit_parametric", "fit_power_law"]
 
 
 @dataclass(frozen=True)

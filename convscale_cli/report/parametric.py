@@ -1,14 +1,21 @@
 """The parametric law ``L(N, D) = E + A/N**alpha + B/D**beta`` (Hoffmann et al. 2022, Approach 3).
 
-A Huber loss on log-space residuals, minimised with multi-start L-BFGS from a grid, with bootstrap intervals and
-explicit warnings when the exponents are not identifiable from the data. Import it from
-:mod:`convscale_cli.report.fit`. scipy loads inside :func:`fit_parametric`, keeping ``convscale plan`` fast.
+Hoffmann et al. fit it with L-BFGS on a Huber loss of log residuals from a grid of starts; Besiroglu et al. (2024,
+"Chinchilla Scaling: A replication attempt") showed that fit had stopped early and its intervals were far too narrow.
+Here the law is fitted by variable projection: for fixed exponents ``(alpha, beta)`` the law is linear in
+``(E, A, B)``, so those three are solved exactly by non-negative least squares, and the exponents are searched on a
+dense log-spaced grid refined twice around the best point. There is no start to get stuck at, every bootstrap
+replicate gets the same global search, and an estimate sitting on a bound (``E = 0``, an exponent at the end of the
+grid, ``A = 0`` or ``B = 0``) is reported as such instead of silently.
+
+The objective is least squares on relative residuals ``(L_hat - L) / L``, i.e. on log residuals to first order: the
+maximum-likelihood fit under the log-normal run noise the calibration (``benchmarks/bench_calibration.py``) measures.
+Intervals come from :mod:`convscale_cli.report.inference` (a bootstrap over runs through the whole pipeline), not
+from this module. Only numpy is needed.
 """
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,37 +24,260 @@ import numpy as np
 
 from convscale_cli.report._fitting import ArrayLike, FitError, check_level, positive_array, quantile_interval
 
-# Hoffmann et al. (2022, App. D.2) use delta = 1e-3: residuals above it count linearly, so a few runs that diverged or
-# were cut short cannot drag the exponents.
-HUBER_DELTA = 1e-3
-# Exponent bounds for the optimiser: a decay faster than 1/N**3 is not a scaling law, and 0 means "no dependence".
-_EXPONENT_BOUNDS = (1e-3, 3.0)
-# Identifiability thresholds (see ParametricFit.warnings).
+# The exponent grid: a decay slower than N**-0.02 is indistinguishable from none over any study's span, and one
+# faster than N**-3 is not a scaling law.
+EXPONENT_RANGE = (0.02, 3.0)
+_COARSE = 20
+_REFINE = 7
+# Identifiability: the exponent of an axis is quoted only when that axis has enough distinct values over enough span.
 MIN_DISTINCT = 3
 MIN_SPAN = 4.0
-MAX_EXPONENT_CI_RATIO = 10.0
-MAX_COEFFICIENT_CI_ORDERS = 2.0
 
 _NAMES = ("E", "A", "alpha", "B", "beta")
 
 
 @dataclass(frozen=True)
-class ParametricFit:
-    """``L(N, D) = E + A / N**alpha + B / D**beta`` (Hoffmann et al. 2022, Approach 3).
+class ParametricPoint:
+    """One fit of the law (raw units of N and D).
 
     Attributes:
-        E: Irreducible loss.
-        A: Model-size coefficient.
-        alpha: Model-size exponent.
-        B: Data coefficient.
-        beta: Data exponent.
-        n: Number of runs fitted.
+        E, A, alpha, B, beta: The law's parameters.
+        rms: Root-mean-square relative residual.
+        at_bound: Names of the parameters that sit on a bound of the search (``E``, ``A``, ``B`` at 0; an exponent at
+            the end of its grid).
+    """
+
+    E: float
+    A: float
+    alpha: float
+    B: float
+    beta: float
+    rms: float
+    at_bound: tuple[str, ...] = ()
+
+    @property
+    def size_exponent(self) -> float:
+        """``a`` in ``N_opt ~ C**a`` when ``C ~ N * D`` (Hoffmann et al. eq. 4): ``beta / (alpha + beta)``."""
+        return self.beta / (self.alpha + self.beta)
+
+    def array(self) -> np.ndarray:
+        """``(E, A, alpha, B, beta)``."""
+        return np.array([self.E, self.A, self.alpha, self.B, self.beta])
+
+
+def law(params: np.ndarray, n: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """``E + A / N**alpha + B / D**beta`` for ``params = (E, A, alpha, B, beta)`` (broadcast)."""
+    e, a, alpha, b, beta = params
+    with np.errstate(divide="ignore"):
+        return e + a * np.exp(-alpha * np.log(n)) + b * np.exp(-beta * np.log(d))
+
+
+def _subset_solve(gram: np.ndarray, rhs: np.ndarray, total: float) -> tuple[np.ndarray, np.ndarray]:
+    """Exact non-negative least squares in three unknowns for a batch of normal equations.
+
+    The NNLS optimum is the unconstrained least-squares solution on some subset of the columns with all its
+    coefficients positive, and every such feasible subset solution is a feasible point: so the feasible subset
+    solution of least objective is the NNLS optimum. Seven subsets, each solved in closed form for the whole batch.
+
+    Args:
+        gram: ``[G, 3, 3]`` normal matrices.
+        rhs: ``[G, 3]`` right-hand sides.
+        total: the squared norm of the target vector.
+
+    Returns:
+        ``(coefficients [G, 3], objective [G])``.
+    """
+    g = gram.shape[0]
+    best = np.full(g, np.inf)
+    coef = np.zeros((g, 3))
+    # A tiny ridge keeps exactly collinear columns (one distinct N) solvable; it changes nothing measurable.
+    gram = gram + 1e-12 * np.trace(gram, axis1=1, axis2=2)[:, None, None] * np.eye(3)
+    for cols in ((0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)):
+        x = _solve_small(gram[:, cols][:, :, cols], rhs[:, cols])
+        value = total - np.sum(x * rhs[:, cols], axis=1)
+        ok = np.all(x >= 0, axis=1) & np.isfinite(value) & (value < best)
+        best = np.where(ok, value, best)
+        full = np.zeros((g, 3))
+        full[:, cols] = x
+        coef = np.where(ok[:, None], full, coef)
+    return coef, best
+
+
+def _solve_small(m: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """Solve ``m x = r`` for every row by Cramer's rule (1 to 3 unknowns); inf/NaN where singular."""
+    k = r.shape[1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if k == 1:
+            return r / m[:, :, 0]
+        if k == 2:
+            det = m[:, 0, 0] * m[:, 1, 1] - m[:, 0, 1] * m[:, 1, 0]
+            return np.stack(
+                [
+                    (r[:, 0] * m[:, 1, 1] - m[:, 0, 1] * r[:, 1]) / det,
+                    (m[:, 0, 0] * r[:, 1] - m[:, 1, 0] * r[:, 0]) / det,
+                ],
+                axis=1,
+            )
+        # 3x3: the adjugate of a symmetric matrix.
+        a, b, c = m[:, 0, 0], m[:, 0, 1], m[:, 0, 2]
+        d, e, f = m[:, 1, 1], m[:, 1, 2], m[:, 2, 2]
+        c00, c01, c02 = d * f - e * e, c * e - b * f, b * e - c * d
+        c11, c12, c22 = a * f - c * c, b * c - a * e, a * d - b * b
+        det = a * c00 + b * c01 + c * c02
+        return np.stack(
+            [
+                (c00 * r[:, 0] + c01 * r[:, 1] + c02 * r[:, 2]) / det,
+                (c01 * r[:, 0] + c11 * r[:, 1] + c12 * r[:, 2]) / det,
+                (c02 * r[:, 0] + c12 * r[:, 1] + c22 * r[:, 2]) / det,
+            ],
+            axis=1,
+        )
+
+
+def _grid_objective(
+    alphas: np.ndarray, betas: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, inv_l: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """NNLS of ``(E, A, B)`` at every pair of the grid ``alphas x betas`` (row-major).
+
+    The weighted columns are ``1/L``, ``N**-alpha / L`` and ``D**-beta / L`` and the target is a vector of ones, so
+    every normal-equation entry is a sum over points that factorises over the two axes: one matrix product gives the
+    cross terms of the whole grid.
+
+    Returns:
+        Coefficients ``[Ga * Gb, 3]`` and objectives ``[Ga * Gb]``.
+    """
+    w = inv_l**2
+    p = np.exp(-alphas[:, None] * log_n[None, :])  # [Ga, n]
+    q = np.exp(-betas[:, None] * log_d[None, :])  # [Gb, n]
+    ga, gb = len(alphas), len(betas)
+    ee = np.full((ga, gb), w.sum())
+    en = np.broadcast_to((p @ w)[:, None], (ga, gb))
+    ed = np.broadcast_to((q @ w)[None, :], (ga, gb))
+    nn = np.broadcast_to(((p * p) @ w)[:, None], (ga, gb))
+    dd = np.broadcast_to(((q * q) @ w)[None, :], (ga, gb))
+    nd = (p * w) @ q.T
+    gram = np.stack(
+        [np.stack([ee, en, ed], -1), np.stack([en, nn, nd], -1), np.stack([ed, nd, dd], -1)], axis=-2
+    ).reshape(ga * gb, 3, 3)
+    rhs = np.stack(
+        [
+            np.full((ga, gb), inv_l.sum()),
+            np.broadcast_to((p @ inv_l)[:, None], (ga, gb)),
+            np.broadcast_to((q @ inv_l)[None, :], (ga, gb)),
+        ],
+        axis=-1,
+    ).reshape(ga * gb, 3)
+    return _subset_solve(gram, rhs, float(len(inv_l)))
+
+
+def fit_varpro(N: ArrayLike, D: ArrayLike, loss: ArrayLike) -> ParametricPoint:  # noqa: N803  (the paper's names)
+    """Least-squares fit of the law by variable projection over a refined exponent grid.
+
+    Raises:
+        FitError: fewer than 5 points, mismatched lengths or non-positive values.
+    """
+    n, d, y = positive_array("N", N), positive_array("D", D), positive_array("loss", loss)
+    if not len(n) == len(d) == len(y):
+        raise FitError(f"N, D and loss differ in length: {len(n)}, {len(d)}, {len(y)}")
+    if len(n) < len(_NAMES):
+        raise FitError(f"the parametric law has 5 parameters and needs at least 5 points, got {len(n)}")
+    # Geometric-mean units keep the columns O(1) for every exponent on the grid.
+    n0, d0 = float(np.exp(np.log(n).mean())), float(np.exp(np.log(d).mean()))
+    log_n, log_d, inv_l = np.log(n / n0), np.log(d / d0), 1.0 / y
+    lo, hi = math.log(EXPONENT_RANGE[0]), math.log(EXPONENT_RANGE[1])
+    axis = np.linspace(lo, hi, _COARSE)
+    step = axis[1] - axis[0]
+    coef, value = _grid_objective(np.exp(axis), np.exp(axis), log_n, log_d, inv_l)
+    i = int(np.argmin(value))
+    la, lb = axis[i // _COARSE], axis[i % _COARSE]
+    for _ in range(2):  # refine around the best point, each time on a grid 3x finer
+        ra = np.clip(np.linspace(la - step, la + step, _REFINE), lo, hi)
+        rb = np.clip(np.linspace(lb - step, lb + step, _REFINE), lo, hi)
+        c2, v2 = _grid_objective(np.exp(ra), np.exp(rb), log_n, log_d, inv_l)
+        j = int(np.argmin(v2))
+        if v2[j] <= value[i]:
+            coef, value, i = c2, v2, j
+            la, lb = ra[j // _REFINE], rb[j % _REFINE]
+        step = step * 2.0 / (_REFINE - 1)
+    e, a_norm, b_norm = coef[i]
+    # Polish all five jointly from the grid's best point with a bounded trust-region least-squares run (tight
+    # tolerances; Besiroglu et al. 2024 found the published Chinchilla fit had stopped early), so estimates are not
+    # quantised to the grid.
+    from scipy.optimize import least_squares
+
+    def residual(t: np.ndarray) -> np.ndarray:
+        return (t[0] + t[1] * np.exp(-t[2] * log_n) + t[3] * np.exp(-t[4] * log_d)) * inv_l - 1.0
+
+    def jacobian(t: np.ndarray) -> np.ndarray:
+        pn, pd = np.exp(-t[2] * log_n), np.exp(-t[4] * log_d)
+        return np.stack([inv_l, pn * inv_l, -t[1] * log_n * pn * inv_l, pd * inv_l, -t[3] * log_d * pd * inv_l], 1)
+
+    start = np.array([e, a_norm, math.exp(la), b_norm, math.exp(lb)])
+    low = np.array([0.0, 0.0, EXPONENT_RANGE[0], 0.0, EXPONENT_RANGE[0]])
+    high = np.array([np.inf, np.inf, EXPONENT_RANGE[1], np.inf, EXPONENT_RANGE[1]])
+    polished = least_squares(
+        residual,
+        np.clip(start, low + 1e-12, high),
+        jac=jacobian,
+        bounds=(low, high),
+        method="trf",
+        xtol=1e-12,
+        ftol=1e-14,
+        gtol=1e-14,
+        max_nfev=200,
+    )
+    if 2.0 * polished.cost <= value[i]:
+        e, a_norm, alpha_p, b_norm, beta_p = polished.x
+        la, lb = math.log(alpha_p), math.log(beta_p)
+        value = np.array([2.0 * polished.cost])
+        i = 0
+        # The trust region keeps iterates strictly inside the bounds: a coefficient below a millionth of the
+        # smallest loss is at its bound 0.
+        scale = float(np.min(y))
+        e, a_norm, b_norm = (0.0 if v < 1e-6 * scale else v for v in (e, a_norm, b_norm))
+    alpha, beta = math.exp(la), math.exp(lb)
+    at_bound = [name for name, v in (("E", e), ("A", a_norm), ("B", b_norm)) if v <= 0.0]
+    for name, v in (("alpha", la), ("beta", lb)):
+        if v <= lo + 1e-9 or v >= hi - 1e-9:
+            at_bound.append(name)
+    return ParametricPoint(
+        E=float(e),
+        A=float(a_norm * n0**alpha),
+        alpha=alpha,
+        B=float(b_norm * d0**beta),
+        beta=beta,
+        rms=math.sqrt(max(float(value[i]), 0.0) / len(y)),
+        at_bound=tuple(at_bound),
+    )
+
+
+def identifiability(n: np.ndarray, d: np.ndarray) -> dict[str, str]:
+    """Why an exponent cannot be identified from these sizes, per exponent name (empty when both can)."""
+    found = {}
+    for label, values, exponent in (("model sizes", n, "alpha"), ("data sizes", d, "beta")):
+        distinct = len(np.unique(np.round(np.log(values), 9)))
+        span = float(values.max() / values.min())
+        if distinct < MIN_DISTINCT:
+            found[exponent] = f"only {distinct} distinct {label} (need >= {MIN_DISTINCT})"
+        elif span < MIN_SPAN:
+            found[exponent] = f"{label} span only {span:.1f}x (need >= {MIN_SPAN:g}x)"
+    return found
+
+
+@dataclass(frozen=True)
+class ParametricFit:
+    """The fitted law with its bootstrap draws and the reasons any part of it cannot be trusted.
+
+    Attributes:
+        E, A, alpha, B, beta: Point estimates.
+        n: Number of cells fitted.
         n_sizes: Distinct model sizes among them.
-        size_axis: What N measures ("params" or "macs").
+        size_axis: What N measures ("params": parameters without the classifier; "macs": MACs per image).
         level: Confidence level of ``intervals``.
         intervals: Bootstrap interval per parameter name (empty without a bootstrap).
-        warnings: Why the exponents may not be identifiable; empty when the data constrain them.
-        objective: Final Huber objective (sum over runs).
+        warnings: Why the exponents or allocations may not be trusted; empty when the data constrain them.
+        unquoted: Quantities withheld, with the reason (e.g. ``{"alpha": "only 2 distinct model sizes"}``).
+        rms: Root-mean-square relative residual of the fit.
         samples: Bootstrap draws of ``(E, A, alpha, B, beta)``, shape ``(k, 5)``.
     """
 
@@ -62,18 +292,22 @@ class ParametricFit:
     level: float
     intervals: dict[str, tuple[float, float]]
     warnings: tuple[str, ...]
-    objective: float
+    unquoted: dict[str, str]
+    rms: float
     samples: np.ndarray = field(repr=False, compare=False)
 
     @property
     def identifiable(self) -> bool:
-        """True when no identifiability warning was raised."""
-        return not self.warnings
+        """True when both exponents can be quoted and nothing sits on a bound."""
+        return not self.warnings and not self.unquoted
+
+    def params(self) -> np.ndarray:
+        """``(E, A, alpha, B, beta)``."""
+        return np.array([self.E, self.A, self.alpha, self.B, self.beta])
 
     def predict(self, N: ArrayLike, D: ArrayLike) -> np.ndarray:  # noqa: N803  (the paper's names)
         """Predicted loss for model size(s) ``N`` trained on ``D`` examples (broadcast)."""
-        n, d = positive_array("N", N), positive_array("D", D)
-        return _law(np.array([self.E, self.A, self.alpha, self.B, self.beta]), n, d)
+        return law(self.params(), positive_array("N", N), positive_array("D", D))
 
     def interval(
         self,
@@ -86,43 +320,34 @@ class ParametricFit:
         if len(self.samples) == 0:
             mid = self.predict(n, d)
             return mid, mid
-        preds = np.stack([_law(p, n, d) for p in self.samples])
+        preds = np.stack([law(p, n, d) for p in self.samples])
         return quantile_interval(preds, check_level(level or self.level))
 
     def allocation_exponents(self) -> tuple[float, float]:
-        """Exponents of the compute-optimal ``N_opt ~ C**a`` and ``D_opt ~ C**b`` when ``C ~ N * D``.
-
-        Hoffmann et al. (2022, eq. 4): ``a = beta / (alpha + beta)`` and ``b = alpha / (alpha + beta)``. Smith et al.
-        (§2) find model size and epochs should grow "at the same rate", i.e. ``a ~ b ~ 0.5``. Exact only when N counts
-        MACs (training compute is ~6 * MACs * D); with N = params it holds as far as params track MACs.
-        """
+        """Exponents of the compute-optimal ``N_opt ~ C**a`` and ``D_opt ~ C**(1-a)`` (Hoffmann et al. eq. 4)."""
         total = self.alpha + self.beta
         return self.beta / total, self.alpha / total
 
     def optimal_allocation(
         self, compute: ArrayLike, cost_per_size_example: float = 6.0
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Compute-optimal ``(N, D)`` for a budget ``compute = cost_per_size_example * N * D`` (Hoffmann et al., eq. 4).
+        """Compute-optimal ``(N, D)`` for a budget ``compute = cost_per_size_example * N * D`` (Hoffmann et al. eq. 4).
 
         With N in MACs per image and compute in FLOPs, training costs ~6 FLOPs per MAC per example (forward plus
         backward), hence the default. The result is a continuous size: a model of that size may not exist.
-
-        Args:
-            compute: Budget(s) in the unit that ``cost_per_size_example * N * D`` is measured in.
-            cost_per_size_example: Compute per unit of N per training example.
-
-        Returns:
-            ``(N_opt, D_opt)`` arrays.
         """
         c = positive_array("compute", compute) / cost_per_size_example
-        a_exp, b_exp = self.allocation_exponents()
+        a_exp, _ = self.allocation_exponents()
+        if self.A <= 0 or self.B <= 0:
+            raise FitError("the fitted law has A = 0 or B = 0: it has no compute-optimal allocation")
         g = (self.alpha * self.A / (self.beta * self.B)) ** (1.0 / (self.alpha + self.beta))
         n_opt = g * c**a_exp
         return n_opt, c / n_opt
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready summary (no bootstrap draws)."""
+        """JSON-ready summary (no bootstrap draws); withheld quantities are null."""
         a_exp, b_exp = self.allocation_exponents()
+        withheld = bool(self.unquoted)
         return {
             "law": "L = E + A / N^alpha + B / D^beta",
             **{name: getattr(self, name) for name in _NAMES},
@@ -133,10 +358,11 @@ class ParametricFit:
             "intervals": {k: list(v) for k, v in self.intervals.items()},
             "identifiable": self.identifiable,
             "warnings": list(self.warnings),
-            "objective": self.objective,
+            "unquoted": dict(self.unquoted),
+            "rms": self.rms,
             "bootstrap": len(self.samples),
-            "optimal_size_exponent": a_exp,
-            "optimal_data_exponent": b_exp,
+            "optimal_size_exponent": None if withheld else a_exp,
+            "optimal_data_exponent": None if withheld else b_exp,
         }
 
     @classmethod
@@ -151,141 +377,52 @@ class ParametricFit:
                 level=float(data["level"]),
                 intervals={k: (float(v[0]), float(v[1])) for k, v in data.get("intervals", {}).items()},
                 warnings=tuple(data.get("warnings", ())),
-                objective=float(data.get("objective", math.nan)),
+                unquoted=dict(data.get("unquoted", {})),
+                rms=float(data.get("rms", math.nan)),
                 samples=np.zeros((0, len(_NAMES))),
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise FitError(f"not a parametric fit: {exc!r} missing or malformed") from exc
 
 
-def _law(params: np.ndarray, n: np.ndarray, d: np.ndarray) -> np.ndarray:
-    e, a, alpha, b, beta = params
-    # Logs keep A / N**alpha finite for large N and exponents.
-    return e + np.exp(np.log(a) - alpha * np.log(n)) + np.exp(np.log(b) - beta * np.log(d))
-
-
-def _huber(r: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray]:
-    small = np.abs(r) <= delta
-    value = np.where(small, 0.5 * r**2, delta * (np.abs(r) - 0.5 * delta))
-    grad = np.where(small, r, delta * np.sign(r))
-    return value, grad
-
-
-def _objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray, delta: float):  # noqa: ANN202
-    """Huber loss of ``logsumexp(a - alpha log N, b - beta log D, e) - log L`` and its gradient.
-
-    ``theta = (e, a, alpha, b, beta)`` with ``E = exp(e)`` etc.: the log-sum-exp form of Hoffmann et al. keeps every
-    term positive without constraints and is smooth for L-BFGS.
-    """
-    e, a, alpha, b, beta = theta
-    terms = np.stack([a - alpha * log_n, b - beta * log_d, np.full_like(log_n, e)])
-    top = terms.max(axis=0)
-    weights = np.exp(terms - top)
-    total = weights.sum(axis=0)
-    lse = top + np.log(total)
-    weights /= total
-    value, dr = _huber(lse - log_l, delta)
-    grad = np.array(
-        [
-            np.sum(dr * weights[2]),
-            np.sum(dr * weights[0]),
-            -np.sum(dr * weights[0] * log_n),
-            np.sum(dr * weights[1]),
-            -np.sum(dr * weights[1] * log_d),
-        ]
+def make_fit(
+    point: ParametricPoint,
+    n: np.ndarray,
+    d: np.ndarray,
+    *,
+    size_axis: str,
+    samples: np.ndarray | None = None,
+    level: float = 0.9,
+) -> ParametricFit:
+    """Wrap a point fit with its bootstrap draws, intervals and the reasons it may not be trusted."""
+    level = check_level(level)
+    draws = np.zeros((0, len(_NAMES))) if samples is None else np.asarray(samples, dtype=np.float64)
+    draws = draws[np.all(np.isfinite(draws), axis=1)] if len(draws) else draws.reshape(0, len(_NAMES))
+    intervals: dict[str, tuple[float, float]] = {}
+    if len(draws):
+        lo, hi = quantile_interval(draws, level)
+        intervals = {name: (float(lo[i]), float(hi[i])) for i, name in enumerate(_NAMES)}
+    unquoted = identifiability(n, d)
+    warnings = []
+    for name in point.at_bound:
+        where = "0" if name in ("E", "A", "B") else f"the end of its search range {EXPONENT_RANGE}"
+        warnings.append(f"{name} sits at {where}: the data do not bound it")
+    return ParametricFit(
+        E=point.E,
+        A=point.A,
+        alpha=point.alpha,
+        B=point.B,
+        beta=point.beta,
+        n=len(n),
+        n_sizes=len(np.unique(n)),
+        size_axis=size_axis,
+        level=level,
+        intervals=intervals,
+        warnings=tuple(warnings),
+        unquoted=unquoted,
+        rms=point.rms,
+        samples=draws,
     )
-    return float(value.sum()), grad
-
-
-def _start_grid(log_l: np.ndarray) -> np.ndarray:
-    """Starting points in normalised units (N and D divided by their geometric means), Hoffmann-style grid."""
-    low = float(np.exp(log_l.min()))
-    es = [math.log(low * q) for q in (0.05, 0.5, 0.9)]
-    coefficients = [math.log(low * q) for q in (0.02, 0.2, 1.0)]
-    exponents = [0.1, 0.4, 1.0, 2.0]
-    return np.array(list(itertools.product(es, coefficients, exponents, coefficients, exponents)))
-
-
-def _best_starts(grid: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray, delta: float, k: int):
-    """The ``k`` grid points with the lowest objective: only they are worth a local optimisation."""
-    values = np.array([_objective(s, log_n, log_d, log_l, delta)[0] for s in grid])
-    return grid[np.argsort(values)[:k]]
-
-
-def _single_blas_thread() -> contextlib.AbstractContextManager[Any]:
-    """Limit BLAS to one thread while optimising.
-
-    L-BFGS-B calls BLAS on 5-vectors every iteration; with a multi-threaded BLAS on a busy machine each call pays for
-    waking threads, which measured 25x slower than single-threaded. threadpoolctl ships with scikit-learn.
-    """
-    import scipy.optimize  # noqa: F401  (load scipy's own OpenBLAS first: threadpoolctl limits loaded libraries only)
-
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - only slower, never wrong
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
-
-
-def _minimise(starts: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray, delta: float):
-    """L-BFGS-B from every start; returns ``(theta, objective)`` of the best local minimum."""
-    from scipy.optimize import minimize
-
-    bounds = [(None, None), (None, None), _EXPONENT_BOUNDS, (None, None), _EXPONENT_BOUNDS]
-    best_theta, best_value = starts[0], math.inf
-    for start in starts:
-        result = minimize(
-            _objective,
-            start,
-            args=(log_n, log_d, log_l, delta),
-            jac=True,
-            method="L-BFGS-B",
-            bounds=bounds,
-            options={"maxiter": 500},
-        )
-        if np.all(np.isfinite(result.x)) and result.fun < best_value:
-            best_theta, best_value = result.x, float(result.fun)
-    return np.asarray(best_theta, dtype=np.float64), best_value
-
-
-def _denormalise(theta: np.ndarray, n0: float, d0: float) -> np.ndarray:
-    """(e, a', alpha, b', beta) in units of N/n0, D/d0 -> (E, A, alpha, B, beta) in raw units."""
-    e, a, alpha, b, beta = theta
-    return np.array([math.exp(e), math.exp(a + alpha * math.log(n0)), alpha, math.exp(b + beta * math.log(d0)), beta])
-
-
-def _span(values: np.ndarray) -> float:
-    return float(values.max() / values.min())
-
-
-def _identifiability_warnings(
-    n: np.ndarray, d: np.ndarray, params: np.ndarray, intervals: dict[str, tuple[float, float]]
-) -> list[str]:
-    found: list[str] = []
-    for label, values, exponent in (("model sizes", n, "alpha"), ("data sizes", d, "beta")):
-        distinct = len(np.unique(values))
-        if distinct < MIN_DISTINCT:
-            found.append(f"only {distinct} distinct {label}: {exponent} is not identifiable (need >= {MIN_DISTINCT})")
-        elif _span(values) < MIN_SPAN:
-            found.append(f"{label} span only {_span(values):.1f}x: {exponent} is poorly constrained (< {MIN_SPAN:g}x)")
-    if len(n) < 2 * len(_NAMES):
-        found.append(f"only {len(n)} runs for 5 parameters (want >= {2 * len(_NAMES)})")
-    for name, value in (("alpha", params[2]), ("beta", params[4])):
-        if value <= _EXPONENT_BOUNDS[0] * 1.01 or value >= _EXPONENT_BOUNDS[1] * 0.99:
-            found.append(f"{name} = {value:.3g} sits at its bound {_EXPONENT_BOUNDS}")
-    for name in ("alpha", "beta"):
-        if name in intervals:
-            lo, hi = intervals[name]
-            if lo <= 0 or hi / lo > MAX_EXPONENT_CI_RATIO:
-                found.append(
-                    f"bootstrap interval of {name} [{lo:.3g}, {hi:.3g}] spans more than {MAX_EXPONENT_CI_RATIO:g}x"
-                )
-    for name in ("A", "B"):
-        if name in intervals:
-            lo, hi = intervals[name]
-            if lo <= 0 or math.log10(hi / lo) > MAX_COEFFICIENT_CI_ORDERS:
-                found.append(f"bootstrap interval of {name} [{lo:.3g}, {hi:.3g}] spans orders of magnitude")
-    return found
 
 
 def fit_parametric(
@@ -294,75 +431,14 @@ def fit_parametric(
     loss: ArrayLike,
     *,
     size_axis: str = "params",
-    bootstrap: int = 100,
     level: float = 0.9,
-    seed: int = 0,
-    huber_delta: float = HUBER_DELTA,
-    starts: int = 12,
 ) -> ParametricFit:
-    """Fit ``L(N, D) = E + A / N**alpha + B / D**beta`` to runs.
-
-    Args:
-        N: Model size per run (parameters, or MACs per image; see ``size_axis``).
-        D: Training examples seen per run.
-        loss: Held-out loss per run.
-        size_axis: Label recorded with the fit ("params" or "macs").
-        bootstrap: Resamples for the intervals; 0 disables them.
-        level: Confidence level of the intervals.
-        seed: Bootstrap seed.
-        huber_delta: Huber threshold on log-space residuals.
-        starts: Local optimisations launched from the best points of the start grid.
-
-    Returns:
-        The fit with bootstrap intervals and identifiability warnings.
+    """Point fit of the law to cells, without intervals (those come from the study bootstrap).
 
     Raises:
-        FitError: Fewer than 5 runs, mismatched lengths or non-positive values.
+        FitError: fewer than 5 cells, mismatched lengths, non-positive values or an unknown size axis.
     """
-    n, d, y = positive_array("N", N), positive_array("D", D), positive_array("loss", loss)
-    if not len(n) == len(d) == len(y):
-        raise FitError(f"N, D and loss differ in length: {len(n)}, {len(d)}, {len(y)}")
-    if len(n) < len(_NAMES):
-        raise FitError(f"the parametric law has 5 parameters and needs at least 5 runs, got {len(n)}")
     if size_axis not in ("params", "macs"):
         raise FitError(f"size_axis must be 'params' or 'macs', got {size_axis!r}")
-    level = check_level(level)
-    # Normalising by the geometric means makes A and B O(loss) at the start, which L-BFGS needs to converge reliably.
-    n0, d0 = float(np.exp(np.log(n).mean())), float(np.exp(np.log(d).mean()))
-    log_n, log_d, log_l = np.log(n / n0), np.log(d / d0), np.log(y)
-    if starts < 1:
-        raise FitError(f"starts must be >= 1, got {starts}")
-    best = _best_starts(_start_grid(log_l), log_n, log_d, log_l, huber_delta, starts)
-    draws = []
-    with _single_blas_thread():
-        theta, value = _minimise(best, log_n, log_d, log_l, huber_delta)
-        if bootstrap > 0:
-            rng = np.random.default_rng(seed)
-            # Warm-start each resample from the full-data optimum: a resample's optimum lies close to it, and one
-            # local run per resample keeps a 100-draw bootstrap to seconds.
-            warm = theta[None, :]
-            for _ in range(bootstrap):
-                idx = rng.integers(0, len(n), len(n))
-                t, _ = _minimise(warm, log_n[idx], log_d[idx], log_l[idx], huber_delta)
-                draws.append(_denormalise(t, n0, d0))
-    params = _denormalise(theta, n0, d0)
-    samples = np.asarray(draws, dtype=np.float64).reshape(-1, len(_NAMES))
-    intervals: dict[str, tuple[float, float]] = {}
-    if len(samples):
-        lo, hi = quantile_interval(samples, level)
-        intervals = {name: (float(lo[i]), float(hi[i])) for i, name in enumerate(_NAMES)}
-    return ParametricFit(
-        E=float(params[0]),
-        A=float(params[1]),
-        alpha=float(params[2]),
-        B=float(params[3]),
-        beta=float(params[4]),
-        n=len(n),
-        n_sizes=len(np.unique(n)),
-        size_axis=size_axis,
-        level=level,
-        intervals=intervals,
-        warnings=tuple(_identifiability_warnings(n, d, params, intervals)),
-        objective=value,
-        samples=samples,
-    )
+    point = fit_varpro(N, D, loss)
+    return make_fit(point, positive_array("N", N), positive_array("D", D), size_axis=size_axis, level=level)

@@ -18,6 +18,8 @@ from convscale_cli.report.analysis import REFERENCE_POINTS, Cell
 from convscale_cli.report.fit import PowerLawFit
 
 _DPI = 110
+# Every compute axis: the ledger's training FLOPs converted to TPU-v4 core-hours at the calibrated MFU.
+COMPUTE_LABEL = "TPU-v4 core-hours, from FLOPs at the calibrated MFU"
 _SIZE = (7.0, 4.6)
 
 
@@ -107,7 +109,7 @@ def loss_vs_compute(cells: Sequence[Cell], front: Sequence[Cell], fit: PowerLawF
         _draw_fit(ax, fit, low, high * 3, f"L = {fit.a:.3g} C^-{fit.b:.3f} (R^2 {fit.r2:.2f}{ci})")
     _log_x(ax)
     ax.set_yscale("log")
-    ax.set_xlabel("pre-training compute (TPU-v4 core-hours)")
+    ax.set_xlabel(f"pre-training compute ({COMPUTE_LABEL})")
     ax.set_ylabel("held-out loss")
     _plain_ticks(ax)
     ax.set_title("Held-out loss vs compute (best lr per model and epoch budget)")
@@ -130,7 +132,7 @@ def compute_optimal(front: Sequence[Cell], optimal: Sequence[dict[str, Any]], pa
     for ax, label in ((left, "parameters"), (right, "epochs")):
         _log_x(ax)
         ax.set_yscale("log")
-        ax.set_xlabel("compute (TPU-v4 core-hours)")
+        ax.set_xlabel(f"compute ({COMPUTE_LABEL})")
         ax.set_ylabel(f"compute-optimal {label}")
         ax.legend(fontsize=8)
     _plain_ticks(right)
@@ -158,33 +160,45 @@ def lr_vs_epochs(table: dict[str, list[dict[str, Any]]], path: Path) -> Path:
     return _save(figure, path)
 
 
-def backtest(result: dict[str, Any], path: Path) -> Path:
-    """Predicted vs observed loss of the held-out largest-compute cells."""
+def backtest(front: Sequence[Cell], result: dict[str, float], path: Path) -> Path:
+    """The frontier, a line fitted to all but its largest third of compute, and that third (the back-test)."""
+    from convscale_cli.report.estimates import BACKTEST_FRACTION, ols
+
     figure, (ax,) = _figure()
-    rows = result["rows"]
-    observed = [r["observed"] for r in rows]
-    values = list(observed)
-    for key, marker, label in (("power_law", "o", "frontier power law"), ("parametric", "s", "parametric L(N, D)")):
-        points = [
-            (r["observed"], r[key]) for r in rows if r[key] is not None and (key != "power_law" or r["on_frontier"])
-        ]
-        if points:
-            ax.plot(*zip(*points, strict=True), marker, ms=7, mfc="none", label=label)
-            values += [p[1] for p in points]
-    low, high = min(values) * 0.98, max(values) * 1.02
-    ax.plot([low, high], [low, high], "-", color="gray", lw=1, label="prediction = observation")
-    ax.set_xlim(low, high)
-    ax.set_ylim(low, high)
-    ax.set_xlabel("observed held-out loss")
-    ax.set_ylabel("predicted held-out loss")
-    ax.set_title(f"Back-test: {result['held_out']} largest-compute cells held out")
+    points = sorted(front, key=lambda c: c.core_hours)
+    x = np.log([c.core_hours for c in points])
+    y = np.log([c.loss for c in points])
+    cut = x.max() - BACKTEST_FRACTION * np.ptp(x)
+    test = x >= cut - 1e-12
+    intercept, slope = ols(x[~test], y[~test])
+    ax.plot(np.exp(x[~test]), np.exp(y[~test]), "o", color="C0", label="fitted (frontier)")
+    ax.plot(np.exp(x[test]), np.exp(y[test]), "o", color="C3", mfc="none", ms=8, label="held out (largest third)")
+    grid = np.linspace(x.min(), x.max(), 50)
+    ax.plot(
+        np.exp(grid),
+        np.exp(intercept + slope * grid),
+        "--",
+        color="black",
+        lw=1.2,
+        label=f"line through the fitted points; held-out mean log error {result['error']:+.3f}",
+    )
+    _log_x(ax)
+    ax.set_yscale("log")
+    ax.set_xlabel(f"pre-training compute ({COMPUTE_LABEL})")
+    ax.set_ylabel("held-out loss")
+    _plain_ticks(ax)
+    ax.set_title("Back-test: predicting the largest third of the frontier")
     ax.legend(fontsize=8)
     return _save(figure, path)
 
 
 def finetune(points: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Fine-tuned top-1 vs pre-training compute, with the published JFT->ImageNet reference points labelled."""
-    figure, (ax,) = _figure()
+    """Fine-tuned top-1 of this study's runs (left) beside the published JFT -> ImageNet points (right).
+
+    Two panels, each with its own axes: a laptop study's fine-tuning dataset and compute have nothing in common with
+    ImageNet after 1e5 TPU-v4 core-hours of JFT, and one shared axis would suggest a comparison that is not there.
+    """
+    figure, (ax, ref_ax) = _figure(2)
     by_model: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for point in points:
         by_model[f"{point['model']} ({point['dataset']})"].append(point)
@@ -192,52 +206,63 @@ def finetune(points: Sequence[dict[str, Any]], path: Path) -> Path:
         color = f"C{index}"
         pretrained = sorted((p for p in group if not p.get("scratch")), key=lambda p: p["pretrain_core_hours"])
         if pretrained:
-            ax.plot([p["pretrain_core_hours"] for p in pretrained], [p["top1"] for p in pretrained], "o-",
-                    color=color, label=label)
+            ax.plot(
+                [p["pretrain_core_hours"] for p in pretrained],
+                [p["top1"] for p in pretrained],
+                "o-",
+                color=color,
+                label=f"{label}, pre-trained",
+            )
         # A from-scratch baseline has no pre-training compute to sit at on a log axis: a level line instead.
         for baseline in (p for p in group if p.get("scratch")):
-            ax.axhline(baseline["top1"], color=color, ls="--", lw=1,
-                       label=f"{label} from scratch: {baseline['top1']:.1f}%")
-    # One marker per published point with its own legend entry: the points sit within 0.3% and 3x compute of each
-    # other, so text labels next to them would overlap.
+            ax.axhline(
+                baseline["top1"],
+                color=color,
+                ls="--",
+                lw=1,
+                label=f"{label} from scratch (same fine-tuning compute): {baseline['top1']:.1f}%",
+            )
+    _log_x(ax)
+    ax.set_xlabel(f"pre-training compute ({COMPUTE_LABEL})")
+    ax.set_ylabel("fine-tuned top-1 (%)")
+    ax.set_title("This study: fine-tuned top-1")
+    ax.legend(fontsize=7, loc="best")
     for ref, marker in zip(REFERENCE_POINTS, "*PXD^v", strict=False):
-        ax.plot(
+        ref_ax.plot(
             ref["core_hours"],
             ref["top1"],
             marker,
             color="dimgray",
             mfc="none",
             ms=9,
-            label=f"{ref['model']}: {ref['top1']:g}% (published, JFT -> ImageNet)",
+            label=f"{ref['model']}: {ref['top1']:g}%",
         )
-    _log_x(ax)
-    ax.set_xlabel("pre-training compute (TPU-v4 core-hours)")
-    ax.set_ylabel("fine-tuned top-1 (%)")
-    ax.set_title("Fine-tuned top-1 vs pre-training compute")
-    ax.legend(fontsize=7, loc="best")
+    _log_x(ref_ax)
+    ref_ax.set_xlabel("JFT pre-training compute (TPU-v4 core-hours)")
+    ref_ax.set_ylabel("ImageNet top-1 (%)")
+    ref_ax.set_title("Published (JFT -> ImageNet), not from these runs")
+    ref_ax.legend(fontsize=7, loc="best")
     return _save(figure, path)
 
 
-def families(comparison: dict[str, Any], cells: Sequence[Cell], path: Path) -> Path:
-    """Frontier (and power law) per family on one plot: ConvNets and ViTs at equal compute."""
+def families(comparison: dict[str, Any], path: Path) -> Path:
+    """Each family's cells and frontier on one plot: ConvNets and ViTs at equal compute."""
     figure, (ax,) = _figure()
     for index, (name, entry) in enumerate(sorted(comparison["families"].items())):
         color = f"C{index}"
-        members = [c for c in cells if c.family == name]
-        ax.plot([c.core_hours for c in members], [c.loss for c in members], ".", color=color, alpha=0.35)
-        front = entry["frontier"]
+        members = entry["cells"]
+        ax.plot([c["core_hours"] for c in members], [c["loss"] for c in members], ".", color=color, alpha=0.35)
+        front = sorted(entry["frontier"], key=lambda c: c["core_hours"])
         ax.plot(
-            [c["core_hours"] for c in front], [c["loss"] for c in front], "o-", color=color, label=f"{name} frontier"
+            [c["core_hours"] for c in front],
+            [c["loss"] for c in front],
+            "o-",
+            color=color,
+            label=f"{name} frontier" + (f" (L ~ C^-{entry['b']:.3f})" if entry.get("b") else ""),
         )
-        fit = entry.get("fit")
-        if fit:
-            grid = np.logspace(*np.log10(fit["compute_range"]), 50)
-            ax.plot(grid, fit["a"] * grid ** -fit["b"], "--", color=color, lw=1, label=f"{name}: b = {fit['b']:.3f}")
-    if comparison.get("overlap"):
-        ax.axvspan(*comparison["overlap"], color="gray", alpha=0.08, label="matched-compute range")
     _log_x(ax)
     ax.set_yscale("log")
-    ax.set_xlabel("pre-training compute (TPU-v4 core-hours)")
+    ax.set_xlabel(f"pre-training compute ({COMPUTE_LABEL})")
     ax.set_ylabel("held-out loss")
     _plain_ticks(ax)
     ax.set_title("Families at equal compute")

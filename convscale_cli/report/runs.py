@@ -1,8 +1,12 @@
 """Load and validate the run directories a report is built from.
 
-A runs directory holds run directories (possibly nested one level, e.g. ``sweep/f0-e1-lr1.6``), each finished run
-with a ``summary.json`` written by the engine. Runs that cannot be used (no or broken summary, failed, missing
-numbers) are skipped and listed with the reason, so one bad run never hides the rest of a study.
+A runs directory holds run directories (possibly nested, e.g. ``sweep/f0-e1-lr1.6``), each finished run with a
+``summary.json`` written by the engine. Runs that cannot be used (no or broken summary, failed, missing numbers) are
+skipped and listed with the reason, so one bad run never hides the rest of a study. This is the one reader of run
+directories behind ``report`` and ``plan --from``.
+
+Runs belong to one study only when they were trained on the same data: the dataset plugin *and* its options, the
+resolution and the class count (:attr:`Run.data_key`). Held-out losses on different data are not comparable.
 """
 
 from __future__ import annotations
@@ -45,6 +49,13 @@ class Run:
         pretrain_run: Name of the pre-training run a fine-tune started from ("" for pre-training runs).
         pretrain_core_hours: Pre-training compute behind a fine-tune (0 for pre-training runs).
         from_scratch: a fine-tuning run's from-scratch baseline (``finetune --scratch``): no pre-training behind it.
+        params_body: Parameters without the classifier head (the head grows with the class count, not with the
+            model's capacity; Kaplan et al. 2020 and Hoffmann et al. 2022 count N without embeddings for the same
+            reason). Equal to ``params`` when the head could not be told apart.
+        data_key: The data the run was trained on: dataset, its options, resolution and class count.
+        batch_size: Global batch size (0 when the summary does not say).
+        train_resolution: Training resolution in pixels (0 when the summary does not say).
+        num_classes: Classifier classes (0 when the summary does not say).
     """
 
     name: str
@@ -64,6 +75,11 @@ class Run:
     pretrain_run: str = ""
     pretrain_core_hours: float = 0.0
     from_scratch: bool = False
+    params_body: float = 0.0
+    data_key: str = ""
+    batch_size: int = 0
+    train_resolution: int = 0
+    num_classes: int = 0
 
     @property
     def examples_per_epoch(self) -> float:
@@ -138,6 +154,24 @@ def _top1(summary: Mapping[str, Any]) -> float:
     return max(candidates) if candidates else math.nan
 
 
+def data_key(dataset: str, options: Mapping[str, Any] | None, resolution: Any, num_classes: Any) -> str:
+    """A readable label of the data a run saw, e.g. ``shapes[size=16384, classes=70] 32px 70cls``."""
+    opts = ", ".join(f"{k}={options[k]}" for k in sorted(options or {}))
+    label = f"{dataset}[{opts}]" if opts else dataset
+    if isinstance(resolution, int) and not isinstance(resolution, bool):
+        label += f" {resolution}px"
+    if isinstance(num_classes, int) and not isinstance(num_classes, bool):
+        label += f" {num_classes}cls"
+    return label
+
+
+def _body_params(summary: Mapping[str, Any], params: float) -> float:
+    value = summary.get("params_body")
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= params:
+        return float(value)
+    return params
+
+
 def parse_summary(summary: Mapping[str, Any], name: str) -> Run:
     """Turn one ``summary.json`` object into a :class:`Run`.
 
@@ -159,6 +193,10 @@ def parse_summary(summary: Mapping[str, Any], name: str) -> Run:
         scratch = pretrain.get("kind") == "scratch"
         pretrain_hours = _number(pretrain, "core_hours", "pretrain", positive=not scratch)
     seed = summary.get("seed", 0)
+    config = summary.get("config") if isinstance(summary.get("config"), Mapping) else {}
+    options = config.get("data_options") if isinstance(config.get("data_options"), Mapping) else {}
+    params = _number(summary, "params")
+    batch = summary.get("batch_size")
     return Run(
         name=name,
         kind=kind,
@@ -168,7 +206,7 @@ def parse_summary(summary: Mapping[str, Any], name: str) -> Run:
         epochs=_number(summary, "epochs"),
         lr=_number(summary, "lr"),
         seed=int(seed) if isinstance(seed, int) else 0,
-        params=_number(summary, "params"),
+        params=params,
         macs_per_image=_number(summary, "macs_per_image"),
         examples_seen=_number(summary, "examples_seen"),
         eval_loss=_number(final, "eval_loss", "final"),
@@ -177,7 +215,18 @@ def parse_summary(summary: Mapping[str, Any], name: str) -> Run:
         pretrain_run=pretrain_run,
         pretrain_core_hours=pretrain_hours,
         from_scratch=scratch,
+        params_body=_body_params(summary, params),
+        data_key=data_key(
+            _text(summary, "dataset"), options, summary.get("train_resolution"), summary.get("num_classes")
+        ),
+        batch_size=_int(batch),
+        train_resolution=_int(summary.get("train_resolution")),
+        num_classes=_int(summary.get("num_classes")),
     )
+
+
+def _int(value: Any) -> int:
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def _candidate_dirs(root: Path) -> list[Path]:
@@ -272,34 +321,45 @@ def load_tuning(runs_dir: str | Path, dataset: str) -> tuple[list[dict[str, Any]
 
 
 def select_dataset(runs: Iterable[Run], dataset: str | None = None) -> list[Run]:
-    """Keep the pre-training runs of one dataset and the fine-tunes that started from them.
+    """Keep the pre-training runs of one data setting and the fine-tunes that started from them.
 
-    Losses on different datasets are not comparable, so a report covers one pre-training dataset.
+    Losses on different data are not comparable, so a report covers one pre-training data setting: the dataset and
+    its options, resolution and class count. ``dataset`` is a dataset name (enough when its runs share one setting)
+    or a full setting label as printed in the error (``arrayrecord[root=/data/a] 64px 10cls``).
 
     Raises:
-        UsageError: No pre-training runs, an unknown ``dataset``, or several datasets and no choice.
+        UsageError: No pre-training runs, an unknown ``dataset``, or several settings and no choice.
     """
     runs = list(runs)
     pretrain = [r for r in runs if r.kind == "pretrain"]
-    datasets = sorted({r.dataset for r in pretrain})
-    if not datasets:
+    keys = sorted({r.data_key for r in pretrain})
+    if not keys:
         raise UsageError("no usable pre-training runs: a report needs finished runs with kind 'pretrain'")
     if dataset is None:
-        if len(datasets) > 1:
-            raise UsageError(f"runs span {len(datasets)} datasets ({', '.join(datasets)}): pick one with --dataset")
-        dataset = datasets[0]
-    elif dataset not in datasets:
-        from convscale_cli.errors import did_you_mean
+        candidates = keys
+    elif dataset in keys:
+        candidates = [dataset]
+    else:
+        candidates = sorted({r.data_key for r in pretrain if r.dataset == dataset})
+        if not candidates:
+            from convscale_cli.errors import did_you_mean
 
-        hint = did_you_mean(dataset, datasets) or f"the runs are on {', '.join(datasets)}"
-        raise UsageError(f"no pre-training runs on dataset {dataset!r}: {hint}")
-    chosen = [r for r in pretrain if r.dataset == dataset]
+            names = sorted({r.dataset for r in pretrain})
+            hint = did_you_mean(dataset, names) or f"the runs are on {', '.join(names)}"
+            raise UsageError(f"no pre-training runs on dataset {dataset!r}: {hint}")
+    if len(candidates) > 1:
+        shown = "; ".join(f"{k!r} ({sum(r.data_key == k for r in pretrain)} runs)" for k in candidates)
+        raise UsageError(
+            f"runs span {len(candidates)} data settings, whose losses cannot share one law: {shown}; pick one with "
+            "--dataset (a name, or a setting as quoted here)"
+        )
+    chosen = [r for r in pretrain if r.data_key == candidates[0]]
     names = {r.name for r in chosen} | {r.name.rsplit("/", 1)[-1] for r in chosen}
 
     def from_chosen(run: Run) -> bool:
         link = run.pretrain_run.rstrip("/")
         if not link:
-            return len(datasets) == 1  # unlinked fine-tunes are only attributable when there is one dataset
+            return len(keys) == 1  # unlinked fine-tunes are only attributable when there is one data setting
         return link in names or link.rsplit("/", 1)[-1] in names
 
     return chosen + [r for r in runs if r.kind == "finetune" and from_chosen(r)]

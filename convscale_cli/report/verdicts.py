@@ -1,12 +1,18 @@
-"""Verdicts on the paper's three pre-training findings, computed from the runs (never asserted).
+"""Verdicts on the paper's findings, computed from estimates with honest uncertainty (never asserted).
 
-Each verdict is "supported", "not supported" or "inconclusive" with the reason and the numbers behind it:
+Each verdict is "supported", "not supported" or "inconclusive (why)", with the numbers behind it:
 
 (a) Held-out loss follows a log-log law in compute (Smith et al. 2023, §2, Fig. 2).
-(b) The compute-optimal model size and epoch budget both grow with compute (§2, "scale the model size and the number
-    of training epochs at the same rate").
-(c) The optimal learning rate falls (monotonically) as the epoch budget rises (§2, Fig. 3).
+(b) Model size and epoch budget should grow together with compute (§2: "scale the model size and the number of
+    training epochs at the same rate").
+(c) The optimal learning rate falls as the epoch budget grows (§2, Fig. 3).
 (d) When the runs hold ViTs and ConvNets: ConvNets match ViTs at equal pre-training compute (§3, the paper's title).
+
+Every interval is a bootstrap over runs through the whole pipeline (:mod:`convscale_cli.report.inference`), and
+the false-verdict rates and power of these rules are measured on simulated studies with a known truth by
+``benchmarks/bench_calibration.py``. A design that cannot decide a finding gets "inconclusive" with the reason —
+never "supported" by construction (a two-trial lr search, say, can only keep or halve the lr, so it cannot show a
+fall).
 """
 
 from __future__ import annotations
@@ -16,19 +22,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from convscale_cli.report.analysis import Cell, spearman
-from convscale_cli.report.fit import ParametricFit, PowerLawFit
+from convscale_cli.report.estimates import Estimates, StudyDesign
+from convscale_cli.report.inference import Bootstrap, Noise
 
 SUPPORTED = "supported"
 NOT_SUPPORTED = "not supported"
 INCONCLUSIVE = "inconclusive"
-# R^2 of the log-log frontier fit at or above which a straight line describes it.
-R2_THRESHOLD = 0.9
-# Spearman correlation with compute at or above which a quantity "grows with compute" along the frontier.
-RHO_THRESHOLD = 0.5
-# Mean relative gap in held-out loss at matched compute within which two families "match".
-MATCH_TOLERANCE = 0.05
-# The family whose runs are the Vision Transformers; every other family counts as a ConvNet (NFNet, the ResNet example).
+# (a) needs a slope, a curvature and a held-out third: at least this many frontier points.
+MIN_FRONTIER = 5
+# (a) the back-test fails when the held-out points' mean log residual is this many standard errors from 0.
+BACKTEST_Z = 2.576
+# (c) more than this share of lr optima at the grid's edge makes the trend a statement about the grid.
+MAX_EDGE_SHARE = 1.0 / 3.0
+# (d) ConvNets "match" ViTs when their loss is at most this much higher at equal compute (log ratio).
+MATCH_TOLERANCE = math.log(1.05)
+# The family whose runs are the Vision Transformers; every other family counts as a ConvNet.
 VIT_FAMILY = "vit"
 
 
@@ -61,150 +69,237 @@ class Verdict:
         }
 
 
-def log_log_law(fit: PowerLawFit | None, n_frontier: int, r2_threshold: float = R2_THRESHOLD) -> Verdict:
-    """(a) Is the frontier a straight line on log-log axes, with a slope distinguishable from zero?"""
-    claim = "held-out loss follows a log-log (power) law in pre-training compute"
-    if fit is None or n_frontier < 3:
-        return Verdict(
-            "log_log_law",
-            claim,
-            INCONCLUSIVE,
-            f"only {n_frontier} frontier point{'s' if n_frontier != 1 else ''}; need >= 3",
-        )
-    numbers = {"r2": fit.r2, "b": fit.b, "b_interval": list(fit.b_interval) if fit.b_interval else None}
-    if fit.b_interval is None:
-        return Verdict("log_log_law", claim, INCONCLUSIVE, "no bootstrap interval for the slope", numbers)
-    lo, hi = fit.b_interval
-    summary = (
-        f"R^2 = {fit.r2:.3f} (threshold {r2_threshold:g}), exponent b = {fit.b:.4f} "
-        f"with {100 * fit.level:.0f}% CI [{lo:.4f}, {hi:.4f}] over {n_frontier} frontier points"
+def _ci(pair: tuple[float, float] | None, digits: int = 3) -> str:
+    return f"[{pair[0]:.{digits}g}, {pair[1]:.{digits}g}]" if pair else "n/a"
+
+
+def _no_noise(noise: Noise) -> str:
+    return (
+        "run noise could not be measured (no cell has two seeds and too few cells to fit the parametric law), "
+        "so no interval can be formed"
     )
-    if fit.r2 >= r2_threshold and lo > 0:
-        return Verdict("log_log_law", claim, SUPPORTED, summary, numbers)
-    why = []
-    if fit.r2 < r2_threshold:
-        why.append("R^2 below threshold")
-    if lo <= 0:
-        why.append("slope CI includes 0" if hi > 0 else "loss does not fall with compute")
-    return Verdict("log_log_law", claim, NOT_SUPPORTED, f"{'; '.join(why)}: {summary}", numbers)
 
 
-def _rho_or_zero(x: Sequence[float], y: Sequence[float]) -> float:
-    # A quantity that stays constant along the frontier did not grow: that is a correlation of 0, not missing data.
-    rho = spearman(x, y)
-    return 0.0 if math.isnan(rho) and len(x) >= 3 else rho
+def log_log_law(est: Estimates, boot: Bootstrap, noise: Noise) -> Verdict:
+    """(a) A straight frontier on log-log axes: a slope that excludes 0, and no bend or missed back-test.
 
-
-def scale_together(
-    cells: Sequence[Cell], front: Sequence[Cell], fit: ParametricFit | None = None, rho_threshold: float = RHO_THRESHOLD
-) -> Verdict:
-    """(b) Along the frontier, do both model size and epoch budget increase with compute?"""
-    claim = "the compute-optimal model size and epoch budget both grow with compute"
-    models = {c.model for c in cells}
-    budgets = {c.epochs for c in cells}
-    if len(models) < 2:
-        return Verdict("scale_together", claim, INCONCLUSIVE, "only one model was trained")
-    if len(budgets) < 2:
-        return Verdict("scale_together", claim, INCONCLUSIVE, "only one epoch budget was trained")
-    if len(front) < 3:
-        return Verdict(
-            "scale_together",
-            claim,
-            INCONCLUSIVE,
-            f"only {len(front)} frontier point{'s' if len(front) != 1 else ''}; need >= 3",
-        )
-    compute = [c.core_hours for c in front]
-    rho_size = _rho_or_zero(compute, [c.params for c in front])
-    rho_epochs = _rho_or_zero(compute, [c.epochs for c in front])
-    numbers: dict[str, Any] = {
-        "spearman_size": rho_size,
-        "spearman_epochs": rho_epochs,
-        "frontier": [(c.model, c.epochs, c.core_hours) for c in front],
+    "Supported" needs the slope's interval above 0, the curvature's interval to include 0 and the largest third of
+    the frontier predicted within the noise by a line fitted to the rest. "Not supported" when loss does not fall,
+    or when the frontier both bends (curvature interval excludes 0) and misses the held-out third. Anything else is
+    "inconclusive". R^2 is not a test: an exact power law with noise can score low, and a saturating curve high.
+    """
+    finding, claim = "log_log_law", "held-out loss follows a log-log (power) law in pre-training compute"
+    n_front = int(est.frontier.sum())
+    if n_front < MIN_FRONTIER:
+        return Verdict(finding, claim, INCONCLUSIVE, f"only {n_front} frontier points; need >= {MIN_FRONTIER}")
+    if not noise.known:
+        return Verdict(finding, claim, INCONCLUSIVE, _no_noise(noise))
+    b_ci = boot.interval("b", est.b)
+    c_ci = boot.interval("curvature", est.curvature)
+    bt = est.backtest
+    z = bt["error"] / (noise.sigma * math.sqrt(bt["leverage"])) if math.isfinite(bt["error"]) else math.nan
+    numbers = {
+        "b": est.b,
+        "b_interval": list(b_ci) if b_ci else None,
+        "curvature": est.curvature,
+        "curvature_interval": list(c_ci) if c_ci else None,
+        "backtest_error": bt["error"],
+        "backtest_z": z,
+        "frontier_points": n_front,
+        "noise": noise.to_dict(),
     }
-    summary = (
-        f"Spearman correlation with compute along {len(front)} frontier points: model size {rho_size:+.2f}, "
-        f"epochs {rho_epochs:+.2f} (threshold {rho_threshold:+.2f})"
+    if b_ci is None or c_ci is None:
+        return Verdict(finding, claim, INCONCLUSIVE, "the frontier changes shape between bootstrap replicates", numbers)
+    level = f"{100 * boot.level:.0f}%"
+    shown = (
+        f"L ~ C^-{est.b:.3g}, exponent {level} CI {_ci(b_ci)}; curvature {est.curvature:+.3g} {_ci(c_ci)}; "
+        f"back-test on the largest third: mean log error {bt['error']:+.3f} (z = {z:+.2f}) over {n_front} "
+        f"frontier points"
     )
-    if fit is not None:
-        a_exp, b_exp = fit.allocation_exponents()
-        numbers.update(optimal_size_exponent=a_exp, optimal_data_exponent=b_exp, fit_identifiable=fit.identifiable)
-        caveat = "" if fit.identifiable else ", fit not identifiable"
-        summary += f"; parametric fit: N_opt ~ C^{a_exp:.2f}, D_opt ~ C^{b_exp:.2f}{caveat}"
-    if rho_size >= rho_threshold and rho_epochs >= rho_threshold:
-        return Verdict("scale_together", claim, SUPPORTED, summary, numbers)
-    lagging = [name for name, rho in (("model size", rho_size), ("epochs", rho_epochs)) if rho < rho_threshold]
-    return Verdict("scale_together", claim, NOT_SUPPORTED, f"{' and '.join(lagging)} did not grow: {summary}", numbers)
-
-
-def lr_falls(lr_table: dict[str, list[dict[str, Any]]]) -> Verdict:
-    """(c) Per model, is the optimal lr non-increasing in the epoch budget, and does it fall somewhere?"""
-    claim = "the optimal learning rate falls as the epoch budget rises"
-    usable = {model: rows for model, rows in lr_table.items() if len(rows) >= 2}
-    if not usable:
-        return Verdict("lr_falls", claim, INCONCLUSIVE, "no model has >= 2 epoch budgets with >= 2 learning rates each")
-    rising, falling, sequences = [], [], {}
-    edges = sum(row["at_edge"] for rows in usable.values() for row in rows)
-    for model, rows in sorted(usable.items()):
-        lrs = [row["lr"] for row in sorted(rows, key=lambda r: r["epochs"])]
-        sequences[model] = [(row["epochs"], row["lr"]) for row in rows]
-        if any(b > a for a, b in zip(lrs, lrs[1:], strict=False)):
-            rising.append(model)
-        if any(b < a for a, b in zip(lrs, lrs[1:], strict=False)):
-            falling.append(model)
-    numbers = {"sequences": sequences, "rising": rising, "falling": falling, "best_lr_at_grid_edge": edges}
-    shown = "; ".join(f"{model}: " + ", ".join(f"{e:g}ep->{lr:g}" for e, lr in seq) for model, seq in sequences.items())
-    note = f" ({edges} optima at the edge of the lr grid)" if edges else ""
-    if rising:
+    if b_ci[1] < 0:
+        return Verdict(finding, claim, NOT_SUPPORTED, f"loss rises with compute: {shown}", numbers)
+    if b_ci[0] <= 0:
+        return Verdict(finding, claim, INCONCLUSIVE, f"the exponent's interval includes 0: {shown}", numbers)
+    bends = c_ci[0] > 0 or c_ci[1] < 0
+    misses = math.isfinite(z) and abs(z) > BACKTEST_Z
+    if bends and misses:
         return Verdict(
-            "lr_falls",
+            finding, claim, NOT_SUPPORTED, f"the frontier bends and misses its largest third: {shown}", numbers
+        )
+    if bends or misses or not math.isfinite(z):
+        why = "the frontier bends" if bends else "the back-test misses" if misses else "too few points to back-test"
+        return Verdict(finding, claim, INCONCLUSIVE, f"{why}: {shown}", numbers)
+    return Verdict(finding, claim, SUPPORTED, shown, numbers)
+
+
+def scale_together(est: Estimates, boot: Bootstrap, noise: Noise, design: StudyDesign) -> Verdict:
+    """(b) The compute-optimal size, read off the envelope, grows as C^a with 0 < a < 1.
+
+    At each compute level the envelope's best model is located by a parabola in log N (Hoffmann et al. 2022,
+    Approach 2); ``a`` is the slope of log N_opt on log C, so epochs grow as C^(1-a). "Supported" needs the optimum
+    strictly inside the ladder at two or more levels and a's interval inside (0, 1); "not supported" when the
+    interval lies entirely at or below 0 (size does not grow) or at or above 1 (epochs do not grow).
+    """
+    finding, claim = "scale_together", "the compute-optimal model size and epoch budget both grow with compute"
+    if len(design.models) < 3:
+        return Verdict(
+            finding, claim, INCONCLUSIVE, f"{len(design.models)} model sizes; need >= 3 to locate an optimum"
+        )
+    if len(set(design.cell_epochs.tolist())) < 2:
+        return Verdict(finding, claim, INCONCLUSIVE, "only one epoch budget was trained")
+    grid, _, interior = est.isoflop
+    inside = int(interior.sum())
+    numbers: dict[str, Any] = {"interior_levels": inside, "levels": len(grid), "a": est.size_exponent}
+    if est.parametric is not None:
+        numbers["parametric_a"] = est.parametric.size_exponent
+    if inside < 2:
+        where = (
+            "no compute level is covered by three models"
+            if not len(grid)
+            else (
+                f"the best model is the smallest or largest of the ladder at {len(grid) - inside} of {len(grid)} "
+                "compute levels"
+            )
+        )
+        return Verdict(finding, claim, INCONCLUSIVE, f"the optimum is not inside the ladder: {where}", numbers)
+    if not noise.known:
+        return Verdict(finding, claim, INCONCLUSIVE, _no_noise(noise), numbers)
+    a_ci = boot.interval("a", est.size_exponent)
+    numbers["a_interval"] = list(a_ci) if a_ci else None
+    if a_ci is None:
+        share = boot.defined("a")
+        return Verdict(
+            finding,
             claim,
-            NOT_SUPPORTED,
-            f"optimal lr rises with epochs for {', '.join(rising)}: {shown}{note}",
+            INCONCLUSIVE,
+            f"the optimum leaves the ladder in {1 - share:.0%} of bootstrap replicates",
             numbers,
         )
-    if not falling:
-        return Verdict("lr_falls", claim, INCONCLUSIVE, f"optimal lr is flat across budgets: {shown}{note}", numbers)
-    return Verdict(
-        "lr_falls",
-        claim,
-        SUPPORTED,
-        f"non-increasing for all {len(usable)} models, falling for {len(falling)}: {shown}{note}",
-        numbers,
+    half = a_ci[0] <= 0.5 <= a_ci[1]
+    numbers["equal_rates_in_interval"] = half
+    shown = (
+        f"N_opt ~ C^{est.size_exponent:.2f} {100 * boot.level:.0f}% CI {_ci(a_ci, 2)}, so epochs ~ "
+        f"C^{1 - est.size_exponent:.2f}; the optimum is inside the ladder at {inside} of {len(grid)} compute levels; "
+        f"the paper's equal rates (a = 0.5) {'lie' if half else 'do not lie'} in the interval"
     )
+    if a_ci[0] > 0 and a_ci[1] < 1:
+        return Verdict(finding, claim, SUPPORTED, shown, numbers)
+    if a_ci[1] <= 0:
+        return Verdict(finding, claim, NOT_SUPPORTED, f"model size does not grow: {shown}", numbers)
+    if a_ci[0] >= 1:
+        return Verdict(finding, claim, NOT_SUPPORTED, f"epochs do not grow: {shown}", numbers)
+    return Verdict(finding, claim, INCONCLUSIVE, f"a's interval reaches outside (0, 1): {shown}", numbers)
 
 
-def convnets_match_vits(comparison: dict[str, Any] | None, tolerance: float = MATCH_TOLERANCE) -> Verdict | None:
-    """(d) At matched compute, is the best ConvNet's held-out loss within ``tolerance`` of the best ViT's, on average?
+def lr_falls(est: Estimates, boot: Bootstrap, noise: Noise, design: StudyDesign) -> Verdict:
+    """(c) The slope of log lr* on log epochs (size held fixed) is negative.
 
-    ``comparison`` is :func:`~convscale_cli.report.analysis.family_comparison`'s result; None (no verdict) unless the
-    runs hold the ViT family and at least one other. At each matched compute the ConvNet side is the lowest loss of
-    any ConvNet family reached with at most that compute; the gap is (ConvNet - ViT) / ViT, negative when ConvNets
-    lead. Being ahead by more than the tolerance still supports the claim that ConvNets are not behind.
+    Each cell's optimum comes from >= 3 learning rates (a parabola in log2 lr through the best and its neighbours).
+    "Supported" when the slope's interval is below 0, "not supported" only when it is above 0.
     """
-    families = sorted((comparison or {}).get("families") or {})
-    convnets = [name for name in families if name != VIT_FAMILY]
-    if VIT_FAMILY not in families or not convnets:
+    finding, claim = "lr_falls", "the optimal learning rate falls as the epoch budget rises"
+    tried = design.lrs_per_cell
+    if len(tried) and tried.max() <= 2:
+        return Verdict(
+            finding,
+            claim,
+            INCONCLUSIVE,
+            "two trials per cell cannot show a fall (the two-trial rule keeps alpha or alpha/2 by design); "
+            "run >= 3 learning rates per cell (tune-lr --grid)",
+        )
+    with_three = int((tried >= 3).sum())
+    edges = int((est.cells.edge != 0).sum())
+    interior = int(math.isfinite(est.lr["cells"]) and est.lr["cells"])
+    numbers: dict[str, Any] = {
+        "cells_with_3_lrs": with_three,
+        "optima_at_edge": edges,
+        "interior_optima": interior,
+        "epochs_slope": est.lr["epochs_slope"],
+        "size_slope": est.lr["size_slope"],
+    }
+    if with_three and edges > MAX_EDGE_SHARE * with_three:
+        return Verdict(
+            finding,
+            claim,
+            INCONCLUSIVE,
+            f"the best lr is at the edge of the grid in {edges} of {with_three} cells: widen the grid",
+            numbers,
+        )
+    if not math.isfinite(est.lr["epochs_slope"]):
+        return Verdict(
+            finding,
+            claim,
+            INCONCLUSIVE,
+            f"{interior} cells have an interior lr optimum; need >= 3 over >= 2 epoch budgets",
+            numbers,
+        )
+    if not noise.known:
+        return Verdict(finding, claim, INCONCLUSIVE, _no_noise(noise), numbers)
+    ci = boot.interval("lr_epochs_slope", est.lr["epochs_slope"])
+    numbers["epochs_slope_interval"] = list(ci) if ci else None
+    if ci is None:
+        return Verdict(
+            finding, claim, INCONCLUSIVE, "the lr optima leave the grid in too many bootstrap replicates", numbers
+        )
+    shown = (
+        f"lr* ~ epochs^{est.lr['epochs_slope']:+.2f} {100 * boot.level:.0f}% CI {_ci(ci, 2)} from {interior} "
+        f"interior optima ({edges} at the grid edge)"
+    )
+    if ci[1] < 0:
+        return Verdict(finding, claim, SUPPORTED, shown, numbers)
+    if ci[0] > 0:
+        return Verdict(finding, claim, NOT_SUPPORTED, f"the optimal lr rises: {shown}", numbers)
+    return Verdict(finding, claim, INCONCLUSIVE, f"the slope's interval includes 0: {shown}", numbers)
+
+
+def convnets_match_vits(
+    est: Estimates, boot: Bootstrap, noise: Noise, design: StudyDesign, tolerance: float = MATCH_TOLERANCE
+) -> Verdict | None:
+    """(d) Over the families' shared compute range, is the ConvNet envelope within ``tolerance`` of the ViT one?
+
+    None (no verdict) unless the runs hold the ViT family and at least one other. The gap is the mean log loss ratio
+    (ConvNet / ViT) along the two envelopes; "supported" when its interval lies below ``log 1.05`` (ConvNets at most
+    5% behind, or ahead), "not supported" when it lies above.
+    """
+    families = set(design.families)
+    if VIT_FAMILY not in families or len(families) < 2:
         return None
-    claim = "ConvNets match ViTs at equal pre-training compute"
-    assert comparison is not None
-    gaps = []
-    for row in comparison.get("matched") or []:
-        conv = min((row[name] for name in convnets if math.isfinite(row.get(name, math.nan))), default=math.nan)
-        vit = row.get(VIT_FAMILY, math.nan)
-        if math.isfinite(conv) and math.isfinite(vit) and vit > 0:
-            gaps.append((row["core_hours"], (conv - vit) / vit))
-    if len(gaps) < 2:
-        reason = ("the families' compute ranges do not overlap" if not comparison.get("overlap")
-                  else f"only {len(gaps)} matched-compute point(s); need >= 2")
-        return Verdict("families_match", claim, INCONCLUSIVE, reason)
-    values = [g for _, g in gaps]
-    mean = sum(values) / len(values)
-    lead = sum(g < 0 for g in values)
-    numbers = {"mean_gap": mean, "min_gap": min(values), "max_gap": max(values), "points": len(values),
-               "convnet_ahead_at": lead, "tolerance": tolerance, "convnets": convnets}
-    shown = (f"ConvNet loss {mean:+.1%} vs ViT on average over {len(values)} matched-compute points (range "
-             f"{min(values):+.1%} to {max(values):+.1%}; ConvNet ahead at {lead}), tolerance {tolerance:.0%}")
-    if mean > tolerance:
-        return Verdict("families_match", claim, NOT_SUPPORTED, f"ViTs ahead: {shown}", numbers)
-    where = "ConvNets ahead" if mean < -tolerance else "within tolerance"
-    return Verdict("families_match", claim, SUPPORTED, f"{where}: {shown}", numbers)
+    finding, claim = "families_match", "ConvNets match ViTs at equal pre-training compute"
+    gap = est.family_gap
+    if not math.isfinite(gap):
+        return Verdict(finding, claim, INCONCLUSIVE, "the families' compute ranges do not overlap")
+    if not noise.known:
+        return Verdict(finding, claim, INCONCLUSIVE, _no_noise(noise), {"gap": gap})
+    ci = boot.interval("family_gap", gap)
+    numbers = {"gap": gap, "gap_interval": list(ci) if ci else None, "tolerance": tolerance}
+    if ci is None:
+        return Verdict(finding, claim, INCONCLUSIVE, "the shared compute range changes between replicates", numbers)
+    pct = [100 * (math.exp(v) - 1) for v in (gap, *ci)]
+    shown = (
+        f"ConvNet loss {pct[0]:+.1f}% vs ViT at equal compute, {100 * boot.level:.0f}% CI "
+        f"[{pct[1]:+.1f}%, {pct[2]:+.1f}%]; tolerance {100 * (math.exp(tolerance) - 1):.0f}%"
+    )
+    if ci[1] < tolerance:
+        return Verdict(finding, claim, SUPPORTED, shown, numbers)
+    if ci[0] > tolerance:
+        return Verdict(finding, claim, NOT_SUPPORTED, f"ViTs ahead: {shown}", numbers)
+    return Verdict(finding, claim, INCONCLUSIVE, f"the interval straddles the tolerance: {shown}", numbers)
+
+
+def all_verdicts(est: Estimates, boot: Bootstrap, noise: Noise, design: StudyDesign) -> list[Verdict]:
+    """The verdicts the runs allow, in the paper's order."""
+    found = [
+        log_log_law(est, boot, noise),
+        scale_together(est, boot, noise, design),
+        lr_falls(est, boot, noise, design),
+        convnets_match_vits(est, boot, noise, design),
+    ]
+    return [v for v in found if v is not None]
+
+
+def families_of(design: StudyDesign) -> tuple[Sequence[str], str] | None:
+    """``(convnet families, vit family)`` when the study holds both, else None."""
+    names = sorted(set(design.families))
+    if VIT_FAMILY not in names or len(names) < 2:
+        return None
+    return [n for n in names if n != VIT_FAMILY], VIT_FAMILY

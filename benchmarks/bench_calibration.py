@@ -1,0 +1,79 @@
+"""Calibration of the report's intervals and verdicts on simulated studies with a known truth.
+
+Each scenario (:func:`convscale_cli.report.simulate.scenarios`) fixes a law L(N, D), an lr response with a known
+optimum path, run noise and a design. Every simulation runs the real sweep (two-trial rule or full grid, with a
+trainer that writes summaries from the truth), the real ``report`` analysis and the real ``plan --from``, and
+records whether each 90% interval holds the truth and what each verdict says. The table is written to stdout (and
+as JSON with ``--json``); the exit status is 1 when any bound is missed:
+
+- coverage of every interval (b, alpha, beta, E, a, plan's predicted loss) in [0.80, 0.97];
+- "supported" in at most 10% of the simulations where a finding is false, "not supported" in at most 10% where
+  it holds;
+- "supported" in at least 80% where it holds and the design is meant to decide it;
+- a two-trial study never "supported" on the lr finding.
+
+    python benchmarks/bench_calibration.py                       # 200 simulations per scenario (~25 min, 2 cores)
+    python benchmarks/bench_calibration.py --sims 40 --workers 2  # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
+
+
+def _one(name: str, workdir: str, replicates: int, seed: int) -> dict:
+    from convscale_cli.report.simulate import run_once, scenarios
+
+    return run_once(scenarios()[name], seed, workdir, replicates)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sims", type=int, default=200, help="simulations per scenario")
+    parser.add_argument("--replicates", type=int, default=100, help="bootstrap replicates per simulation")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--scenarios", default="", help="comma-separated names (default: all)")
+    parser.add_argument("--json", dest="json_out", default="", help="also write the tallies to this file")
+    args = parser.parse_args(argv)
+
+    from convscale_cli.report.simulate import check, scenarios, tally
+
+    chosen = [s for s in scenarios().values() if not args.scenarios or s.name in args.scenarios.split(",")]
+    summaries, failures = [], []
+    with tempfile.TemporaryDirectory() as workdir, ProcessPoolExecutor(args.workers) as pool:
+        for scenario in chosen:
+            start = time.time()
+            rows = list(pool.map(partial(_one, scenario.name, workdir, args.replicates), range(args.sims)))
+            summary = tally(scenario, rows)
+            summary["seconds"] = time.time() - start
+            summaries.append(summary)
+            failures += check(scenario, summary)
+            _print(summary)
+    if args.json_out:
+        with open(args.json_out, "w", encoding="utf-8") as f:
+            json.dump(summaries, f, indent=2, default=str)
+    print()
+    print("\n".join(f"MISSED: {line}" for line in failures) if failures else "All bounds met.")
+    return 1 if failures else 0
+
+
+def _print(summary: dict) -> None:
+    print(
+        f"\n## {summary['scenario']} ({summary['sims']} simulations, median run noise {summary['noise']:.3f}, "
+        f"{summary['seconds']:.0f} s)"
+    )
+    cover = ", ".join(f"{k} {v['coverage']:.2f} (n={v['n']})" for k, v in summary["coverage"].items())
+    print(f"coverage of 90% intervals: {cover}")
+    for finding, shares in summary["verdicts"].items():
+        print(f"  {finding:15s} " + "  ".join(f"{k} {v:4.0%}" for k, v in shares.items()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
