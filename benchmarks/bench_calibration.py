@@ -52,13 +52,14 @@ def main(argv: list[str] | None = None) -> int:
             start = time.time()
             rows = list(pool.map(partial(_one, scenario.name, workdir, args.replicates), range(args.sims)))
             summary = tally(scenario, rows)
+            summary["rows"] = rows
             summary["seconds"] = time.time() - start
             summaries.append(summary)
             failures += check(scenario, summary)
             _print(summary)
     if args.json_out:
         with open(args.json_out, "w", encoding="utf-8") as f:
-            json.dump(summaries, f, indent=2, default=str)
+            json.dump(summaries, f, default=str)
     print()
     print("\n".join(f"MISSED: {line}" for line in failures) if failures else "All bounds met.")
     return 1 if failures else 0

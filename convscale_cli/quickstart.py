@@ -141,7 +141,7 @@ def run(
     echo(f"[2/4] fine-tuning the lowest-loss run ({best_dir.name}, held-out loss {best.eval_loss:.4f}) on the "
          f"real {FINETUNE_DATASET} data")
     _call(run_command, finetune.argv(best_dir, ft_dir))
-    echo(f"      baseline: the same {best.model} from a random initialisation, same recipe and compute")
+    echo(f"      baseline: the same {best.model} from a random initialisation, same recipe and fine-tuning compute")
     _call(run_command, finetune.argv(best_dir, scratch_dir, scratch=True))
     ft = json.loads((ft_dir / "summary.json").read_text())
     scratch = json.loads((scratch_dir / "summary.json").read_text())
@@ -188,6 +188,7 @@ def run(
     for verdict in summary["verdicts"]:
         echo(f"  {verdict.get('claim') or verdict.get('finding')}: {verdict.get('text')}")
     echo(f"  {FINETUNE_DATASET} top-1 on the held-out split after {finetune.epochs:g} epochs: "
-         f"{_percent(top1)} fine-tuned from {best_dir.name}, {_percent(top1_scratch)} from scratch (same compute)")
+         f"{_percent(top1)} fine-tuned from {best_dir.name}, {_percent(top1_scratch)} from scratch (same fine-tuning "
+         "compute)")
     echo(f"  report: {summary['report']}")
     return summary

@@ -300,7 +300,8 @@ POWERED = {
 def truth_values(scenario: Scenario) -> dict[str, float]:
     """True values of the quantities whose intervals are checked.
 
-    ``alpha``, ``beta``, ``E`` and ``a = beta / (alpha + beta)`` are the law's. The frontier exponent ``b`` is a
+    ``alpha``, ``beta``, ``E`` and ``a = beta / (alpha + beta)`` are the law's (``alpha`` and ``a`` only when
+    ``A > 0``). The frontier exponent ``b`` is a
     property of the design as well as of the law (which cells exist to form the envelope): its truth is the
     noise-free analysis of the same design.
     """
@@ -327,9 +328,9 @@ def truth_values(scenario: Scenario) -> dict[str, float]:
             )
     design = StudyDesign.from_points(points)
     noise_free = estimate(design, design.loss, parametric=False)
-    out = {"b": noise_free.b, "alpha": alpha, "beta": beta, "E": e}
-    if a > 0:
-        out["a"] = scenario.size_exponent
+    out = {"b": noise_free.b, "beta": beta, "E": e}
+    if a > 0:  # with A = 0 model size does not matter: alpha and the allocation have no true value
+        out.update(alpha=alpha, a=scenario.size_exponent)
     return out
 
 
