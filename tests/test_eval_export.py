@@ -127,8 +127,9 @@ def test_load_model_reads_a_pretraining_run_and_one_of_its_checkpoints(pretraine
     assert logits.shape == (4, helpers.CLASSES) and np.isfinite(logits).all()
 
     _, older = load_model(pretrained / "checkpoints" / "4")
-    np.testing.assert_array_equal(_flat(older["params"])["head/kernel"], _collection(pretrained / "checkpoints" / "4",
-                                                                                       "params")["head/kernel"])
+    np.testing.assert_array_equal(
+        _flat(older["params"])["head/kernel"], _collection(pretrained / "checkpoints" / "4", "params")["head/kernel"]
+    )
     assert not np.array_equal(_flat(older["params"])["head/kernel"], newest["head/kernel"])
 
 
@@ -264,8 +265,9 @@ def test_export_refuses_what_it_cannot_write(
 ) -> None:
     taken = tmp_path / "taken.safetensors"
     taken.write_bytes(b"")
+    no_twin = "tiny-cnn has no timm twin to export to; timm export exists for nfnet-f0"
     cases = [
-        (["--format", "timm", "--out", str(tmp_path / "t.safetensors")], "tiny-cnn has no timm twin to export to; timm export exists for nfnet-f0"),
+        (["--format", "timm", "--out", str(tmp_path / "t.safetensors")], no_twin),
         (["--format", "onnx", "--out", str(tmp_path / "t.safetensors")], "unknown export format 'onnx'"),
         (["--format", "safetensors", "--out", str(tmp_path / "t.pt")], "must be a .safetensors file"),
         (["--format", "safetensors", "--out", str(taken)], "already exists"),

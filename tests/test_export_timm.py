@@ -79,7 +79,8 @@ def _round_trip(
     file = tmp_path / f"{name}.safetensors"
     save_file(_perturb(original, seed=7), str(file))
     ckpt = tmp_path / "imported"
-    code, out, err = _run(["import-weights", "timm", name, str(file), "--out", str(ckpt), "--numerics", numerics], capsys)
+    argv = ["import-weights", "timm", name, str(file), "--out", str(ckpt), "--numerics", numerics]
+    code, out, err = _run(argv, capsys)
     assert code == 0, err
     assert f"{numerics} numerics" in out and json.loads((ckpt / "model.json").read_text())["numerics"] == numerics
     exported = tmp_path / "exported.safetensors"
