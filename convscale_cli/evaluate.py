@@ -20,7 +20,7 @@ from convscale_cli.registry import Registry
 DEFAULT_BATCH_SIZE = 256
 
 
-def _batch_size(given: int | None, examples: int, devices: int) -> int:
+def _batch_size(given: int | None, examples: int, devices: int, cap: int) -> int:
     if given is not None:
         if given <= 0:
             raise UsageError(f"--batch-size must be > 0, got {given}")
@@ -30,8 +30,9 @@ def _batch_size(given: int | None, examples: int, devices: int) -> int:
                 f"{max(devices, given - given % devices)}"
             )
         return given
-    # As in training: never pad a small split up to a large batch.
-    return min(-(-DEFAULT_BATCH_SIZE // devices) * devices, max(devices, -(-examples // devices) * devices))
+    # As in training (engine.api._eval_batch_size): never pad a small split up to a large batch, and never exceed
+    # the run's own batch, so a run is evaluated in the batches its summary was.
+    return min(-(-cap // devices) * devices, max(devices, -(-examples // devices) * devices))
 
 
 def evaluate(
@@ -57,7 +58,7 @@ def evaluate(
         split: the split to evaluate (``eval``: the held-out split training evaluates on).
         resolution: image side in pixels; None: the run's evaluation resolution, else the architecture's.
         crop_fraction: central fraction kept after resizing; None: the run's, else the dataset's, else 0.875.
-        batch_size: global batch (a multiple of the device count); None: up to 256.
+        batch_size: global batch (a multiple of the device count); None: up to the run's batch size, else 256.
         ema: evaluate a fine-tuning run's EMA parameters when it kept them.
         precision: ``fp32`` or ``bf16`` activations; None: the run's own.
         data_options: the dataset's options (e.g. ``{"root": "/data/imagenet"}``).
@@ -112,7 +113,7 @@ def evaluate(
 
     source = data.open(split, **data_options)
     mesh = make_mesh()
-    batch = _batch_size(batch_size, len(source), mesh.size)
+    batch = _batch_size(batch_size, len(source), mesh.size, loaded.batch_size or DEFAULT_BATCH_SIZE)
     enable_compilation_cache()
     params = jax.device_put(loaded.params, replicated(mesh))
     shapes = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated(mesh)), params)

@@ -46,6 +46,7 @@ class LoadedModel:
         loss: the loss the model was trained with (``softmax`` or ``sigmoid``), for a held-out loss.
         eval_resolution: the run's held-out resolution, else the architecture's.
         eval_crop: the run's held-out centre-crop fraction, or None when the checkpoint does not record one.
+        batch_size: the run's global batch (training's held-out batches are at most this), or None.
     """
 
     spec: ArchitectureSpec
@@ -59,6 +60,7 @@ class LoadedModel:
     loss: str
     eval_resolution: int
     eval_crop: float | None
+    batch_size: int | None = None
 
     @property
     def numerics(self) -> str:
@@ -159,6 +161,7 @@ def load(
         loss=str(config.get("loss") or spec.recipe.loss),
         eval_resolution=int(config.get("eval_resolution") or spec.eval_resolution),
         eval_crop=float(crop) if crop is not None else None,
+        batch_size=int(config["batch_size"]) if isinstance(config.get("batch_size"), int) else None,
     )
 
 

@@ -165,6 +165,7 @@ def test_eval_reproduces_the_pretraining_summary(pretrained: Path, capsys: pytes
     assert result["eval_top5"] == final["eval_top5"]
     assert result["eval_loss"] == pytest.approx(final["eval_loss"], rel=1e-6)
     assert (result["resolution"], result["examples"], result["checkpoint"]["step"]) == (8, helpers.EVAL_SIZE, 8)
+    assert result["batch_size"] == 16  # the run's batches (batch 16 < 32 held-out images), as training evaluated
     assert result["images_per_sec"] > 0 and result["devices"] == jax.device_count()
 
 
