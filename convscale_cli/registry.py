@@ -61,6 +61,13 @@ class ArchitectureSpec:
         import_weights: ``import_weights(source, tensors, num_classes)`` converting a flat name->array mapping
             (a timm state dict) into this model's ``params`` tree; raises a UsageError naming the first mismatch.
         options: extra keyword overrides ``build`` accepts, with their defaults (shown by ``models --json``).
+        numerics: named sets of build options that fix how the model computes, e.g. ``{"reference": {...},
+            "timm": {"activation": "gelu_exact", ...}}``; ``import-weights --numerics NAME`` records one in the
+            checkpoint. ``reference`` (the paper's reference code) is the default and may be left out when it is
+            just the build defaults.
+        export_weights: ``export_weights(target, params, num_classes, options)`` converting this model's ``params``
+            into a foreign state dict (the reverse of ``import_weights``), returning an
+            :class:`~convscale_cli.weights.ExportedWeights`; raises a UsageError for options the target cannot hold.
     """
 
     name: str
@@ -78,6 +85,30 @@ class ArchitectureSpec:
     weight_sources: Mapping[str, str] = dataclasses.field(default_factory=dict)
     import_weights: Callable[..., Any] | None = None
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    numerics: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    export_weights: Callable[..., Any] | None = None
+
+    def numerics_options(self, name: str) -> dict[str, Any]:
+        """The build options of the numerics called ``name``; an UnknownNameError naming the choices."""
+        presets = {"reference": {}, **self.numerics}
+        if name not in presets:
+            raise UnknownNameError(f"{self.name} numerics", name, presets)
+        return dict(presets[name])
+
+    def numerics_diff(self, options: Mapping[str, Any], name: str) -> list[tuple[str, Any, Any]]:
+        """``(option, value in options, value the numerics called name use)`` for every option that differs.
+
+        ``options`` are a checkpoint's build options; unset ones take the spec's defaults.
+        """
+        effective = {**self.options, **options}
+        return [(k, effective.get(k), v) for k, v in self.numerics_options(name).items() if effective.get(k) != v]
+
+    def numerics_name(self, options: Mapping[str, Any]) -> str:
+        """The name of the first numerics ``options`` (over the defaults) agree with, else ``custom``."""
+        for name in {"reference": {}, **self.numerics}:
+            if not self.numerics_diff(options, name):
+                return name
+        return "custom"
 
     def check_resolution(self, resolution: int) -> None:
         """Raise a UsageError if this model cannot run at ``resolution``."""

@@ -3,12 +3,20 @@
 A weights checkpoint is a directory::
 
     CKPT/model.json   {"format": "convscale-weights", "version": 1, "architecture": "vit-b/16", "family": "vit",
-                       "num_classes": 1000, "options": {...build options...}, "params": 86567656,
+                       "num_classes": 1000, "options": {...build options...}, "numerics": "reference",
+                       "params": 86567656,
                        "source": {"kind": "timm", "model": "vit_base_patch16_224", "file": "...", "note": "..."}}
     CKPT/params/      the ``params`` collection, an Orbax StandardCheckpointer directory (float32)
 
-``convscale import-weights`` writes one from a foreign checkpoint; :func:`load_model` turns one back into an apply
-function. Nothing here imports jax at module level (the CLI imports this module to start).
+or, as ``convscale export --format safetensors`` writes it, ``model.json`` (with ``"params_file": "NAME.safetensors"``)
+beside a safetensors file of the parameters named by their ``/``-joined paths (``stem/conv0/kernel``), readable
+without Orbax or jax.
+
+``options`` hold every build option the parameters need, the numerics included (``numerics`` names them: the paper's
+``reference`` code, or a foreign library's, e.g. ``timm``), so every command that loads the weights computes the same
+way. ``convscale import-weights`` writes a checkpoint from a foreign one; :func:`load_model` turns any checkpoint
+(:mod:`convscale_cli.loading`) back into an apply function. Nothing here imports jax at module level (the CLI imports
+this module to start).
 """
 
 from __future__ import annotations
@@ -44,6 +52,23 @@ class ImportedWeights:
     params: Mapping[str, Any]
     num_classes: int
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    note: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportedWeights:
+    """What an ``ArchitectureSpec.export_weights`` returns: a foreign state dict and how to build its model.
+
+    Attributes:
+        tensors: state-dict name -> float32 numpy array, in the foreign library's layout.
+        model: the foreign model name (e.g. timm's ``dm_nfnet_f0``).
+        kwargs: keyword arguments the foreign constructor needs besides the name (``num_classes``, ``img_size``).
+        note: one line on anything the user must know (e.g. how the numerics differ).
+    """
+
+    tensors: Mapping[str, Any]
+    model: str
+    kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     note: str = ""
 
 
@@ -90,6 +115,7 @@ def save_weights(
     num_classes: int,
     options: Mapping[str, Any] | None = None,
     source: Mapping[str, Any] | None = None,
+    numerics: str | None = None,
 ) -> Path:
     """Write a weights checkpoint after checking ``params`` against the model ``spec`` builds.
 
@@ -100,6 +126,7 @@ def save_weights(
         num_classes: classifier size.
         options: build options to record (JSON-serialisable).
         source: provenance to record (JSON-serialisable).
+        numerics: the name recorded for the numerics ``options`` select (default: the first that matches).
 
     Returns:
         The absolute checkpoint path.
@@ -117,19 +144,105 @@ def save_weights(
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(out / PARAMS_DIR, params)
         checkpointer.wait_until_finished()
-    meta = {
+    meta = _meta(spec, params, num_classes, options, source, numerics)
+    # Written last: a directory without model.json is an interrupted save, never a usable checkpoint.
+    (out / MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def _meta(
+    spec: ArchitectureSpec,
+    params: Mapping[str, Any],
+    num_classes: int,
+    options: Mapping[str, Any],
+    source: Mapping[str, Any] | None,
+    numerics: str | None = None,
+) -> dict[str, Any]:
+    import jax
+    import numpy as np
+
+    if numerics is None or spec.numerics_diff(options, numerics):
+        numerics = spec.numerics_name(options)
+
+    return {
         "format": FORMAT,
         "version": VERSION,
         "architecture": spec.name,
         "family": spec.family,
         "num_classes": num_classes,
-        "options": options,
-        "params": int(sum(np.size(x) for x in jax.tree.leaves(params))),
+        "options": dict(options),
+        "numerics": numerics,
+        "params": int(sum(np.size(x) for x in jax.tree.leaves(dict(params)))),
         "source": dict(source or {}),
     }
-    # Written last: a directory without model.json is an interrupted save, never a usable checkpoint.
-    (out / MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n")
-    return out
+
+
+def save_safetensors_weights(
+    file: str | Path,
+    *,
+    spec: ArchitectureSpec,
+    params: Mapping[str, Any],
+    num_classes: int,
+    options: Mapping[str, Any] | None = None,
+    source: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write the parameters as a ``.safetensors`` file with a ``model.json`` beside it (a portable checkpoint).
+
+    Args:
+        file: the ``.safetensors`` file to create; neither it nor a ``model.json`` in its directory may exist.
+        spec, params, num_classes, options, source: as for :func:`save_weights`.
+
+    Returns:
+        The absolute path of the file.
+    """
+    import jax
+    import numpy as np
+    from flax.traverse_util import flatten_dict
+    from safetensors.numpy import save_file
+
+    file = Path(file).expanduser().resolve()
+    if file.suffix != ".safetensors":
+        raise UsageError(f"--out {str(file)!r} must end in .safetensors")
+    meta_file = file.parent / MODEL_JSON
+    for path in (file, meta_file):
+        if path.exists():
+            raise CheckpointError(f"{str(path)!r} already exists; choose another --out (one export per directory)")
+    options = dict(options or {})
+    _, abstract = _abstract_params(spec, num_classes, options)
+    _check_tree(spec.name, params, abstract)
+    params = jax.tree.map(lambda x: np.asarray(x, dtype=np.float32), dict(params))
+    flat = {"/".join(k): np.ascontiguousarray(v) for k, v in flatten_dict(params).items()}
+    file.parent.mkdir(parents=True, exist_ok=True)
+    save_file(flat, str(file), metadata={"format": FORMAT, "architecture": spec.name})
+    meta = {**_meta(spec, params, num_classes, options, source), "params_file": file.name}
+    meta_file.write_text(json.dumps(meta, indent=2) + "\n")  # last, as in save_weights
+    return file
+
+
+def params_file(path: Path, meta: Mapping[str, Any]) -> Path | None:
+    """The safetensors file a ``model.json`` names (``params_file``), or None for an Orbax ``params/`` directory."""
+    name = meta.get("params_file")
+    if name is None:
+        return None
+    if not isinstance(name, str) or Path(name).name != name:
+        raise CheckpointError(f"{str(path / MODEL_JSON)!r} names params_file {name!r}, expected a file name beside it")
+    file = path / name
+    if not file.is_file():
+        raise CheckpointError(f"{str(file)!r}, the parameters {str(path / MODEL_JSON)!r} names, is missing")
+    return file
+
+
+def safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """``name -> shape`` of every tensor in a safetensors file, from its header (no tensor is read)."""
+    import struct
+
+    try:
+        with open(file, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+        return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    except (OSError, struct.error, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{str(file)!r} is not a readable safetensors file ({type(exc).__name__})") from None
 
 
 def read_model_json(path: str | Path) -> dict[str, Any]:
@@ -158,24 +271,29 @@ def load_weights(path: str | Path, registry: Registry | None = None) -> tuple[An
     Returns:
         ``(module, variables, meta)``: the Flax module, ``{"params": ...}`` and the parsed ``model.json``.
     """
-    import orbax.checkpoint as ocp
-
+    from convscale_cli.finetune.backbone import _flat, _from_weights, check_backbone, checkpoint_shapes, restore_params
     from convscale_cli.plugins import get_registry
 
     path = Path(path).expanduser().resolve()
     meta = read_model_json(path)
     spec = (registry or get_registry()).architecture(meta["architecture"])
     module, abstract = _abstract_params(spec, int(meta["num_classes"]), meta.get("options", {}))
-    with ocp.StandardCheckpointer() as checkpointer:
-        params = checkpointer.restore(path / PARAMS_DIR, abstract)
-    return module, {"params": params}, meta
+    pre = _from_weights(path)
+    wanted = _flat(abstract)
+    check_backbone(spec.name, checkpoint_shapes(pre), wanted, [])
+    return module, {"params": restore_params(pre, wanted)}, meta
 
 
-def load_model(path: str | Path) -> tuple[Callable[[Any, Any], Any], dict[str, Any]]:
-    """Load a weights checkpoint for inference.
+def load_model(
+    path: str | Path, ema: bool = True, precision: str | None = None
+) -> tuple[Callable[[Any, Any], Any], dict[str, Any]]:
+    """Load any checkpoint for inference; see :func:`convscale_cli.loading.load` for what ``path`` may name.
 
     Args:
-        path: a directory written by ``convscale import-weights`` (or :func:`save_weights`).
+        path: a weights checkpoint, a pre-training or fine-tuning run directory (its newest checkpoint), or one
+            checkpoint ``RUN/checkpoints/<step>``.
+        ema: a fine-tuning run's EMA parameters when it kept them (False: the raw parameters).
+        precision: ``fp32`` or ``bf16`` activations; None: the run's own precision (float32 for weights).
 
     Returns:
         ``(apply_fn, variables)`` where ``apply_fn(variables, images)`` maps float32 NHWC images, normalised with the
@@ -185,9 +303,11 @@ def load_model(path: str | Path) -> tuple[Callable[[Any, Any], Any], dict[str, A
 
     import jax
 
-    module, variables, _ = load_weights(path)
-    apply_fn = jax.jit(functools.partial(module.apply, train=False))
-    return apply_fn, variables
+    from convscale_cli.loading import load
+
+    loaded = load(path, ema=ema, precision=precision)
+    apply_fn = jax.jit(functools.partial(loaded.module.apply, train=False))
+    return apply_fn, {"params": loaded.params}
 
 
 def find_by_source(registry: Registry, source: str, model: str) -> ArchitectureSpec:
@@ -250,7 +370,12 @@ def load_safetensors(file: str | Path) -> dict[str, Any]:
 
 
 def import_weights(
-    source: str, model: str, file: str | Path, out: str | Path, num_classes: int | None = None
+    source: str,
+    model: str,
+    file: str | Path,
+    out: str | Path,
+    num_classes: int | None = None,
+    numerics: str = "reference",
 ) -> tuple[Path, dict[str, Any]]:
     """Convert a foreign checkpoint into a convscale weights checkpoint.
 
@@ -260,6 +385,8 @@ def import_weights(
         file: a ``.safetensors`` state dict.
         out: the checkpoint directory to create (absent or empty).
         num_classes: classifier size; None keeps the file's.
+        numerics: how the model computes (``ArchitectureSpec.numerics``): ``reference`` (the paper's reference
+            code, e.g. DeepMind's tanh GELU for NFNets) or the source library's (``timm``: its logits exactly).
 
     Returns:
         ``(checkpoint path, model.json contents)``.
@@ -271,6 +398,7 @@ def import_weights(
     spec = find_by_source(get_registry(), source, model)
     if spec.import_weights is None:
         raise UsageError(f"{spec.name} lists {source} weights but its plugin has no import_weights")
+    numerics_options = spec.numerics_options(numerics)
     _empty_out(Path(out))  # fail before the (slow) conversion
     tensors = load_safetensors(file)
     result = spec.import_weights(source, tensors, num_classes)
@@ -279,20 +407,27 @@ def import_weights(
     else:
         params, options, note = result, {}, ""
         classes = num_classes if num_classes is not None else spec.default_num_classes
+    options.update(numerics_options)
     provenance = {"kind": source, "model": model, "file": str(Path(file).expanduser().resolve())}
     if note:
         provenance["note"] = note
-    path = save_weights(out, spec=spec, params=params, num_classes=classes, options=options, source=provenance)
+    path = save_weights(
+        out, spec=spec, params=params, num_classes=classes, options=options, source=provenance, numerics=numerics
+    )
     return path, read_model_json(path)
 
 
 __all__ = [
+    "ExportedWeights",
     "ImportedWeights",
     "find_by_source",
     "import_weights",
     "load_model",
     "load_safetensors",
     "load_weights",
+    "params_file",
     "read_model_json",
+    "safetensors_shapes",
+    "save_safetensors_weights",
     "save_weights",
 ]

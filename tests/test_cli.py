@@ -67,7 +67,9 @@ def _imported_top_level(args: list[str], watch: tuple[str, ...]) -> list[str]:
     return result.stderr.strip().splitlines()[-1].removeprefix("HEAVY=").split(",")
 
 
-@pytest.mark.parametrize("args", [["--help"], ["models"], ["datasets"], ["plugins"]])
+@pytest.mark.parametrize(
+    "args", [["--help"], ["models"], ["datasets"], ["plugins"], ["eval", "--help"], ["export", "--help"]]
+)
 def test_light_commands_never_import_jax(args: list[str]) -> None:
     assert _imported_top_level(args, HEAVY) == [""]
 

@@ -158,7 +158,7 @@ def test_bad_input_exits_2_with_one_line(
     base = ["finetune", "--dataset", "colours", "--out", str(tmp_path / "ft"), "--steps", "2", "--batch-size", "8"]
     cases = [
         (["--from", str(tmp_path / "nowhere")], "does not exist"),
-        (["--from", str(plain)], "is not a pre-training run, a checkpoint inside one, or an imported-weights"),
+        (["--from", str(plain)], "is not a pre-training or fine-tuning run, a checkpoint inside one, or a weights"),
         (["--from", str(pretrained / "checkpoints" / "3")], "does not exist"),
         (["--from", str(pretrained), "--model", "tiny-cnx"], "did you mean 'tiny-cnn'"),
         (["--from", str(pretrained), "--sam-rho", "-0.5"], "sam_rho = -0.5 must be >= 0"),

@@ -104,7 +104,9 @@ def test_import_weights_cli_round_trip(tmp_path: Path, registry, capsys) -> None
     assert "as vit-timmtest" in out and "3 classes" in out
     module, variables, meta = load_weights(tmp_path / "c")
     assert meta["source"] == {"kind": "timm", "model": "vit_timmtest", "file": str(file), "note": "head from the file"}
-    assert meta["options"] == {"pool": "tok", "posemb": "learn", "resolution": 16}
+    # The numerics are build options like any other, recorded so that every loader computes the same way.
+    assert meta["options"] == {"pool": "tok", "posemb": "learn", "resolution": 16, "layernorm_eps": 1e-6}
+    assert meta["numerics"] == "reference"
     params = variables["params"]
     np.testing.assert_array_equal(params["head"]["kernel"], tensors["head.weight"].T)
     np.testing.assert_array_equal(params["pos_embedding"], tensors["pos_embed"][:, 1:])
@@ -173,7 +175,7 @@ def test_import_errors_are_one_line_exit_2(tmp_path: Path, registry, capsys) -> 
 def test_load_model_rejects_what_is_not_a_weights_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="does not exist"):
         load_model(tmp_path / "missing")
-    with pytest.raises(CheckpointError, match="no model.json"):
+    with pytest.raises(CheckpointError, match=r"or a weights checkpoint \(model.json\)"):
         load_model(tmp_path)
     (tmp_path / MODEL_JSON).write_text(json.dumps({"format": "convscale-weights", "version": 99}))
     with pytest.raises(CheckpointError, match="format version 99"):
@@ -230,3 +232,14 @@ def test_bfloat16_checkpoints_import_as_float32(tmp_path: Path, registry, capsys
     assert head.dtype == np.float32
     rounded = np.asarray(tensors["head.weight"], ml_dtypes.bfloat16).astype(np.float32).T
     np.testing.assert_array_equal(head, rounded)
+
+
+def test_import_numerics_are_checked_before_anything_is_written(tmp_path: Path, registry, capsys) -> None:  # noqa: ANN001
+    file = _file(tmp_path, _tensors())
+    argv = ["import-weights", "timm", "vit_timmtest", str(file), "--out", str(tmp_path / "c"), "--numerics", "tim"]
+    code, out, err = _run(argv, capsys)
+    assert code == 2 and out == "" and err == "Error: unknown vit-timmtest numerics 'tim': did you mean 'timm'?"
+    assert not (tmp_path / "c").exists()
+    code, out, err = _run([*argv[:-1], "timm"], capsys)
+    assert code == 0 and "timm numerics" in out, err
+    assert json.loads((tmp_path / "c" / MODEL_JSON).read_text())["numerics"] == "timm"

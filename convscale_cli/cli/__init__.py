@@ -67,6 +67,8 @@ def _register_commands() -> None:
     # Each module adds its commands to `app`; importing them is cheap (no jax at module level).
     from convscale_cli.cli import (  # noqa: F401
         data_cmd,
+        eval_cmd,
+        export_cmd,
         finetune_cmd,
         plan_cmd,
         pretrain_cmd,

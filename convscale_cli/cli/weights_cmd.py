@@ -18,17 +18,24 @@ def import_weights(
     num_classes: Annotated[
         int | None, typer.Option(help="Classifier size; another size than the file's starts a new zero head.")
     ] = None,
+    numerics: Annotated[
+        str,
+        typer.Option(
+            help="How the model computes: reference (the paper's code, e.g. DeepMind's tanh GELU) or timm (the "
+            "source's own numerics: its logits exactly). Recorded in model.json and used by every command."
+        ),
+    ] = "reference",
     json_: Annotated[bool, typer.Option("--json", help="Print the checkpoint's model.json as JSON.")] = False,
 ) -> None:
-    """Import pretrained weights into a checkpoint that `load_model` and fine-tuning read."""
+    """Import pretrained weights into a checkpoint that `load_model`, `eval`, `export` and fine-tuning read."""
     from convscale_cli.weights import import_weights as run_import
 
-    path, meta = run_import(source, model, file, out, num_classes)
+    path, meta = run_import(source, model, file, out, num_classes, numerics=numerics)
     if json_:
         print_json({"path": str(path), **meta})
         return
     note = meta["source"].get("note")
     print(
         f"Imported {source} {model} as {meta['architecture']} ({meta['params'] / 1e6:.1f}M params, "
-        f"{meta['num_classes']} classes{', ' + note if note else ''}) into {path}"
+        f"{meta['num_classes']} classes, {meta['numerics']} numerics{', ' + note if note else ''}) into {path}"
     )

@@ -186,7 +186,17 @@ def _train(
     def to_device(batch: dict[str, Any]) -> Any:
         return pipeline.to_global(host_batch(batch, run.info.multi_label), built.data_sharding)
 
-    evaluate = make_evaluate(config, run, pipeline, eval_fn, eval_source, eval_batch, to_device, ledger)
+    evaluate = make_evaluate(
+        eval_fn,
+        eval_source,
+        pipeline=pipeline,
+        batch_size=eval_batch,
+        resolution=run.eval_resolution,
+        crop_fraction=run.eval_crop,
+        worker_count=config.worker_count,
+        to_device=to_device,
+        ledger=ledger,
+    )
     loader = pipeline.train_loader(
         run.data.open("train", **config.data_options),
         global_batch_size=run.batch_size,

@@ -9,6 +9,7 @@ rate, the shapes and the shardings: the later runs of a sweep or a two-trial tun
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable
@@ -209,28 +210,39 @@ def compile_steps(built: Built, run: ResolvedRun, pipeline: Any, eval_batch: int
 
 
 def make_evaluate(
-    config: PretrainConfig,
-    run: ResolvedRun,
-    pipeline: Any,
     eval_fn: Any,
     eval_source: Any,
-    eval_batch: int,
+    *,
+    pipeline: Any,
+    batch_size: int,
+    resolution: int,
+    crop_fraction: float,
+    worker_count: int,
     to_device: Callable[[dict[str, Any]], Any],
-    ledger: Ledger,
+    ledger: Ledger | None = None,
 ) -> Callable[[Any], dict[str, float]]:
-    """``evaluate(params)``: one padded pass over the held-out source; masked sums, so padding never counts."""
+    """``evaluate(params)``: one padded pass over the held-out source; masked sums, so padding never counts.
+
+    The one held-out evaluation of convscale: training's periodic and final evaluations and ``convscale eval`` use
+    it. Each process reads its share of every batch (``pipeline.eval_loader``); ``eval_fn`` is the compiled
+    :func:`~convscale_cli.engine.step.eval_step` for ``batch_size`` images of ``resolution`` pixels.
+
+    Returns:
+        ``evaluate(params) -> {"eval_loss", "eval_top1", "eval_top5"}``, charging the time to ``ledger`` (when
+        given) as ``eval``.
+    """
 
     def evaluate(params: Any) -> dict[str, float]:
-        with ledger.timed("eval"):
+        with ledger.timed("eval") if ledger is not None else contextlib.nullcontext():
             sums = None
             for batch in pipeline.eval_loader(
                 eval_source,
-                global_batch_size=eval_batch,
-                resolution=run.eval_resolution,
+                global_batch_size=batch_size,
+                resolution=resolution,
                 process_index=jax.process_index(),
                 process_count=jax.process_count(),
-                worker_count=config.worker_count,
-                crop_fraction=run.eval_crop,
+                worker_count=worker_count,
+                crop_fraction=crop_fraction,
             ):
                 out = eval_fn(params, to_device(batch))
                 sums = out if sums is None else jax.tree_util.tree_map(jnp.add, sums, out)

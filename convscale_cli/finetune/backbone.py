@@ -4,7 +4,11 @@
 
 * a pre-training run directory ``RUN`` (its newest complete checkpoint is used),
 * ``RUN/checkpoints`` or one checkpoint ``RUN/checkpoints/<step>`` inside it,
-* an imported-weights directory written by ``convscale import-weights`` (``model.json`` + ``params/``).
+* a weights checkpoint: written by ``convscale import-weights`` (``model.json`` + ``params/``) or by ``convscale export
+  --format safetensors`` (``model.json`` beside a ``.safetensors`` file, which may be named instead of its directory).
+
+:func:`restore_params` reads one collection of any of them (the parameters, or a fine-tuning run's EMA);
+:func:`convscale_cli.loading.load` builds on it to load any of them for inference.
 
 Only the ``params`` collection is read (Orbax partial restore: a pre-training checkpoint's optimiser state is never
 loaded). The classifier is replaced, as in every transfer recipe the paper builds on (Smith et al. 2023 §3; NFNet 2021
@@ -35,9 +39,9 @@ class Pretrained:
     Attributes:
         kind: ``run`` (a pre-training run's checkpoint) or ``weights`` (an imported-weights directory).
         path: the directory ``--from`` named, resolved.
-        params_dir: the Orbax PyTree directory holding the parameters.
+        params_dir: the Orbax PyTree directory holding the parameters (for a safetensors checkpoint: its directory).
         params_key: keys leading from that tree's root to the ``params`` collection (``("params",)`` in a run's
-            ``state`` item, ``()`` in an imported-weights ``params/`` directory).
+            ``state`` item, ``("ema",)`` for its EMA, ``()`` in an imported-weights ``params/`` directory).
         architecture: registry name of the model the parameters belong to.
         num_classes: classifier size of the checkpoint.
         options: ``ArchitectureSpec.build`` options the parameters need (e.g. a ViT's position-embedding grid).
@@ -45,6 +49,7 @@ class Pretrained:
         step: the checkpoint's step, or None.
         core_hours: TPU-v4 core-hours the pre-training had spent at that checkpoint, or None when unknown.
         source: provenance recorded in the fine-tuning summary.
+        params_file: the ``.safetensors`` file holding the parameters (``/``-joined names), instead of Orbax.
     """
 
     kind: Literal["run", "weights"]
@@ -58,6 +63,7 @@ class Pretrained:
     step: int | None = None
     core_hours: float | None = None
     source: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    params_file: Path | None = None
 
     def describe(self, *, scratch: bool = False) -> dict[str, Any]:
         """The ``pretrain`` block of a fine-tuning summary (with ``scratch``: of its from-scratch baseline)."""
@@ -97,13 +103,14 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
 
 
 def _from_weights(path: Path) -> Pretrained:
-    from convscale_cli.weights import PARAMS_DIR, read_model_json
+    from convscale_cli.weights import PARAMS_DIR, params_file, read_model_json
 
     meta = read_model_json(path)
     return Pretrained(
         kind="weights",
         path=path,
         params_dir=path / PARAMS_DIR,
+        params_file=params_file(path, meta),
         params_key=(),
         architecture=str(meta["architecture"]),
         num_classes=int(meta["num_classes"]),
@@ -161,19 +168,24 @@ def _from_run(run: Path, step: int | None, named: Path) -> Pretrained:
     )
 
 
-def locate(path: str | Path) -> Pretrained:
-    """Find the checkpoint ``--from`` names.
+def locate(path: str | Path, what: str = "--from") -> Pretrained:
+    """Find the checkpoint ``path`` names (``what`` names it in errors: the flag or argument that gave it).
 
     Raises:
-        CheckpointError: ``path`` does not exist, or is none of a run directory, a checkpoint inside one, or an
-            imported-weights directory.
+        CheckpointError: ``path`` does not exist, or is none of a run directory, a checkpoint inside one, or a
+            weights checkpoint.
     """
     named = Path(path).expanduser()
     if not named.exists():
-        raise CheckpointError(f"--from {str(path)!r} does not exist")
+        raise CheckpointError(f"{what} {str(path)!r} does not exist")
     named = named.resolve()
+    if named.is_file() and named.suffix == ".safetensors" and (named.parent / _WEIGHTS_JSON).is_file():
+        pre = _from_weights(named.parent)
+        if pre.params_file != named:
+            raise CheckpointError(f"{what} {str(path)!r} is not the parameters file its model.json names")
+        return pre
     if not named.is_dir():
-        raise CheckpointError(f"--from {str(path)!r} is a file, expected a run, checkpoint or weights directory")
+        raise CheckpointError(f"{what} {str(path)!r} is a file, expected a run, checkpoint or weights directory")
     if (named / _WEIGHTS_JSON).is_file():
         return _from_weights(named)
     if (named / "config.json").is_file() and (named / "checkpoints").is_dir():
@@ -183,7 +195,8 @@ def locate(path: str | Path) -> Pretrained:
     if named.name.isdigit() and named.parent.name == "checkpoints" and (named.parent.parent / "config.json").is_file():
         return _from_run(named.parent.parent, int(named.name), named)
     raise CheckpointError(
-        f"--from {str(path)!r} is not a pre-training run, a checkpoint inside one, or an imported-weights directory"
+        f"{what} {str(path)!r} is not a pre-training or fine-tuning run, a checkpoint inside one, or a weights "
+        "checkpoint (model.json)"
     )
 
 
@@ -214,9 +227,17 @@ def head_paths(spec: ArchitectureSpec, num_classes: int, options: Mapping[str, A
 
 
 def checkpoint_shapes(pre: Pretrained) -> dict[str, tuple[int, ...]]:
-    """``path -> shape`` of every parameter in the checkpoint, from Orbax metadata (no array is read)."""
+    """``path -> shape`` of every parameter in the checkpoint, from Orbax or safetensors metadata (no array is read).
+
+    Raises:
+        CheckpointError: an unreadable checkpoint, or one without the collection ``pre.params_key`` names.
+    """
     import orbax.checkpoint as ocp
 
+    if pre.params_file is not None:
+        from convscale_cli.weights import safetensors_shapes
+
+        return safetensors_shapes(pre.params_file)
     try:
         meta = ocp.PyTreeCheckpointer().metadata(pre.params_dir)
     except Exception as exc:
@@ -224,7 +245,7 @@ def checkpoint_shapes(pre: Pretrained) -> dict[str, tuple[int, ...]]:
     tree = getattr(meta, "item_metadata", meta)
     tree = getattr(tree, "tree", tree)
     for key in pre.params_key:
-        if not isinstance(tree, Mapping) or key not in tree:
+        if not isinstance(tree, Mapping) or not isinstance(tree.get(key), Mapping):  # a None EMA has no arrays
             raise CheckpointError(f"checkpoint {str(pre.params_dir)!r} holds no {key!r} collection")
         tree = tree[key]
     return {path: tuple(leaf.shape) for path, leaf in _flat(tree).items()}
@@ -243,6 +264,48 @@ def check_backbone(name: str, saved: Mapping[str, tuple[int, ...]], wanted: Mapp
     for path in saved:
         if path not in wanted:
             raise CheckpointError(f"checkpoint parameter {path!r} is not part of {name}")
+
+
+def restore_params(pre: Pretrained, wanted: Mapping[str, Any]) -> dict[str, Any]:
+    """Read the parameters ``wanted`` names (``path -> ShapeDtypeStruct``) from the checkpoint, as float32 arrays.
+
+    Only those arrays are read (Orbax partial restore: a run's optimiser state never is). Shapes must have been
+    checked against :func:`checkpoint_shapes` by the caller.
+
+    Returns:
+        The nested ``params`` tree, on the first local device.
+
+    Raises:
+        CheckpointError: an unreadable checkpoint.
+    """
+    import jax
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+    from flax.traverse_util import unflatten_dict
+
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    if pre.params_file is not None:
+        from convscale_cli.weights import load_safetensors
+
+        tensors = load_safetensors(pre.params_file)
+        flat = {tuple(p.split("/")): jax.device_put(jnp.asarray(tensors[p], jnp.float32), device) for p in wanted}
+        return unflatten_dict(flat)
+    item: Any = unflatten_dict({tuple(p.split("/")): v for p, v in wanted.items()})
+    for key in reversed(pre.params_key):
+        item = {key: item}
+    # Restored onto one device; callers lay the arrays out over their mesh. An explicit sharding is needed because
+    # imported weights are saved from host arrays, which record none.
+    restore_args = jax.tree_util.tree_map(lambda a: ocp.ArrayRestoreArgs(dtype=a.dtype, sharding=device), item)
+    try:
+        restored = ocp.PyTreeCheckpointer().restore(
+            pre.params_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+        )
+    except Exception as exc:
+        detail = " ".join(str(exc).split())[:200]
+        raise CheckpointError(f"cannot restore {str(pre.params_dir)!r}: {type(exc).__name__}: {detail}") from None
+    for key in pre.params_key:
+        restored = restored[key]
+    return restored
 
 
 def load_params(
@@ -269,30 +332,14 @@ def load_params(
     """
     import jax
     import jax.numpy as jnp
-    import orbax.checkpoint as ocp
     from flax.traverse_util import unflatten_dict
 
     wanted = _flat(abstract_params(spec, num_classes, options, resolution))
     head = head_paths(spec, num_classes, options, resolution)
     check_backbone(spec.name, checkpoint_shapes(pre), wanted, head)
 
-    body = {tuple(p.split("/")): jax.ShapeDtypeStruct(v.shape, jnp.float32) for p, v in wanted.items() if p not in head}
-    item: Any = unflatten_dict(body)
-    for key in reversed(pre.params_key):
-        item = {key: item}
-    # Restored onto one device; the caller's jitted state init lays the arrays out over the mesh. An explicit
-    # sharding is needed because imported weights are saved from host arrays, which record none.
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    restore_args = jax.tree_util.tree_map(lambda a: ocp.ArrayRestoreArgs(dtype=a.dtype, sharding=device), item)
-    try:
-        restored = ocp.PyTreeCheckpointer().restore(
-            pre.params_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
-        )
-    except Exception as exc:
-        detail = " ".join(str(exc).split())[:200]
-        raise CheckpointError(f"cannot restore {str(pre.params_dir)!r}: {type(exc).__name__}: {detail}") from None
-    for key in pre.params_key:
-        restored = restored[key]
+    body = {p: jax.ShapeDtypeStruct(v.shape, jnp.float32) for p, v in wanted.items() if p not in head}
+    restored = restore_params(pre, body)
 
     flat = {tuple(p.split("/")): v for p, v in _flat(restored).items()}
     keys = jax.random.split(rng, len(head))
@@ -307,4 +354,4 @@ def load_params(
 
 
 __all__ = ["HEAD_INIT_STDDEV", "Pretrained", "abstract_params", "check_backbone", "checkpoint_shapes", "head_paths",
-           "load_params", "locate"]
+           "load_params", "locate", "restore_params"]

@@ -46,7 +46,7 @@ from convscale_cli.hookspecs import hookimpl
 from convscale_cli.recipe import Recipe
 from convscale_cli.registry import ArchitectureSpec, ModelCount
 
-__all__ = ["RECIPE", "VARIANTS", "build", "count", "options", "register_architectures", "spec"]
+__all__ = ["NUMERICS", "RECIPE", "VARIANTS", "build", "count", "options", "register_architectures", "spec"]
 
 # The NFNet 2021 JFT pre-training recipe that 2310.16764 says it reused (paper-facts §1.3, §3.8): SGD + Nesterov 0.9,
 # peak lr 0.1 x B/256 = 1.6 at batch 4096, AGC lambda 0.01 (eps 1e-3) on everything but the classifier weight,
@@ -161,6 +161,25 @@ def _import_weights(variant: Variant, source: str, tensors: Mapping[str, Any], n
     return import_timm(variant, tensors, num_classes)
 
 
+# How the model computes. "reference" is DeepMind's code (deepmind-research/nfnets: jax.nn.gelu, the tanh form, and
+# Scaled WS with rsqrt(max(var * fan_in, 1e-4))); "timm" is timm's port (erf GELU, rsqrt((var + 1e-5) * fan_in)),
+# whose logits differ by ~1e-3 relative for the same weights.
+NUMERICS = {
+    "reference": {"activation": "gelu", "ws_eps": 1e-4, "ws_eps_style": "dm"},
+    "timm": {"activation": "gelu_exact", "ws_eps": 1e-5, "ws_eps_style": "timm"},
+}
+
+
+def _export_weights(
+    variant: Variant, target: str, params: Mapping[str, Any], num_classes: int, options: Mapping[str, Any]
+) -> Any:
+    if target != "timm":
+        raise UnknownNameError("export format", target, ["timm"])
+    from convscale_plugins.nfnet.timm_import import export_timm
+
+    return export_timm(variant, params, num_classes, options)
+
+
 def spec(variant: Variant) -> ArchitectureSpec:
     """The registry entry of one variant."""
     return ArchitectureSpec(
@@ -179,6 +198,8 @@ def spec(variant: Variant) -> ArchitectureSpec:
         weight_sources={"timm": variant.timm_name} if variant.timm_name else {},
         import_weights=functools.partial(_import_weights, variant) if variant.timm_name else None,
         options=options(variant),
+        numerics=NUMERICS,
+        export_weights=functools.partial(_export_weights, variant) if variant.timm_name else None,
     )
 
 

@@ -1,4 +1,4 @@
-"""Convert a timm ``dm_nfnet_fN`` state dict into this plugin's NFNet ``params`` tree (numpy only).
+"""Convert between a timm ``dm_nfnet_fN`` state dict and this plugin's NFNet ``params`` tree (numpy only).
 
 timm's ``dm_nfnet_*`` (timm/models/nfnet.py, ``_dm_nfnet_cfg``) are DeepMind's NFNets with DM's weights:
 ``gamma_in_act=True``, ``same_padding=True`` (ScaledStdConv2dSame, TF-style SAME), ``skipinit=True``. Module names
@@ -12,8 +12,10 @@ map one to one (paper-facts §3.2-3.3)::
     final_conv, head.fc                -> final_conv, fc
 
 Conv weights go OIHW -> HWIO, WS gains (O, 1, 1, 1) -> (O,), linear weights (out, in) -> (in, out).
-timm standardises with ``eps=1e-5`` added to the variance (``ws_eps_style="timm"``); the imported weights work with
-either style, as trained kernels have var * fan_in far above either eps.
+timm standardises with ``eps=1e-5`` added to the variance (``ws_eps_style="timm"``) and uses erf GELU where DeepMind's
+``jax.nn.gelu`` is the tanh form; the imported weights work with either (``import-weights --numerics``), as trained
+kernels have var * fan_in far above either eps, but only timm's numerics reproduce timm's logits exactly.
+:func:`export_timm` is the exact reverse of :func:`import_timm`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 from convscale_plugins.nfnet.variants import Variant, block_plan, param_shapes
 
 from convscale_cli.errors import UsageError
-from convscale_cli.weights import ImportedWeights
+from convscale_cli.weights import ExportedWeights, ImportedWeights
 
 _BLOCK_CONVS = {
     "conv0": "conv1",
@@ -147,3 +149,53 @@ def import_timm(variant: Variant, tensors: Mapping[str, Any], num_classes: int |
         params["fc"] = {"kernel": np.zeros((features, classes), np.float32), "bias": np.zeros((classes,), np.float32)}
         note = f"new zero-initialised {classes}-way head"
     return ImportedWeights(params=params, num_classes=classes, note=note)
+
+
+def _unconvert(array: np.ndarray, kind: str) -> np.ndarray:
+    """The reverse of :func:`_convert`: one of our parameters in timm's layout."""
+    if kind == "conv":
+        return array.transpose(3, 2, 0, 1)
+    if kind == "gain":
+        return array.reshape(-1, 1, 1, 1)
+    if kind == "linear":
+        return array.T
+    if kind == "conv1x1_linear":
+        return array.T[:, :, None, None]
+    return array
+
+
+def export_timm(
+    variant: Variant, params: Mapping[str, Any], num_classes: int, options: Mapping[str, Any]
+) -> ExportedWeights:
+    """Our ``params`` as the state dict of timm's ``dm_nfnet_fN`` with ``num_classes`` classes.
+
+    The build options do not change the layout of F0-F6 (the numerics are the caller's to compare).
+
+    Raises:
+        UsageError: the variant has no timm twin, or ``params`` are not this variant's.
+    """
+    if not variant.timm_name:
+        raise UsageError(f"{variant.name} has no timm twin (timm has dm_nfnet_f0 .. dm_nfnet_f6)")
+    flat: dict[str, Any] = {}
+
+    def walk(node: Mapping[str, Any], prefix: str) -> None:
+        for key, value in node.items():
+            path = f"{prefix}/{key}" if prefix else key
+            if isinstance(value, Mapping):
+                walk(value, path)
+            else:
+                flat[path] = value
+
+    walk(params, "")
+    shapes = param_shapes(variant.config, num_classes)
+    if set(flat) != set(shapes):
+        odd = sorted(set(flat) ^ set(shapes))[0]
+        raise UsageError(f"parameter {odd!r} does not belong to {variant.name}: not its parameters")
+    tensors = {}
+    for path, shape in shapes.items():
+        name, kind = timm_name(path)
+        array = _as_numpy(flat[path]).astype(np.float32)
+        if tuple(array.shape) != shape:
+            raise UsageError(f"parameter {path!r} has shape {tuple(array.shape)}, {variant.name} has {shape}")
+        tensors[name] = np.ascontiguousarray(_unconvert(array, kind))
+    return ExportedWeights(tensors=tensors, model=variant.timm_name, kwargs={"num_classes": num_classes})

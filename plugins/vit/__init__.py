@@ -18,6 +18,7 @@ from typing import Any
 
 from convscale_plugins.vit.variants import VARIANTS, Variant
 
+from convscale_cli.errors import UnknownNameError
 from convscale_cli.hookspecs import hookimpl
 from convscale_cli.recipe import Recipe
 from convscale_cli.registry import ArchitectureSpec, ModelCount
@@ -68,6 +69,20 @@ def _import_weights(variant: Variant, source: str, tensors: Mapping[str, Any], n
     return import_weights(variant, source, tensors, num_classes)
 
 
+def _export_weights(
+    variant: Variant, target: str, params: Mapping[str, Any], num_classes: int, options: Mapping[str, Any]
+) -> Any:
+    from convscale_plugins.vit.timm_import import SOURCES, export_timm
+
+    if target not in SOURCES:
+        raise UnknownNameError("export format", target, SOURCES)
+    return export_timm(variant, params, num_classes, options)
+
+
+# timm's ViT computes as big_vision's does (erf GELU, LayerNorm eps 1e-6), so both numerics are the build defaults.
+NUMERICS: Mapping[str, Mapping[str, Any]] = {"reference": {"layernorm_eps": 1e-6}, "timm": {"layernorm_eps": 1e-6}}
+
+
 def spec(variant: Variant) -> ArchitectureSpec:
     """The registry entry of one variant."""
     importer: Callable[..., Any] | None = None
@@ -88,6 +103,8 @@ def spec(variant: Variant) -> ArchitectureSpec:
         weight_sources={"timm": variant.timm_name} if variant.timm_name else {},
         import_weights=importer,
         options={**DEFAULT_OPTIONS, "resolution": variant.train_resolution},
+        numerics=NUMERICS,
+        export_weights=functools.partial(_export_weights, variant) if variant.timm_name else None,
     )
 
 

@@ -1,4 +1,4 @@
-"""Convert a timm ``VisionTransformer`` state dict (numpy arrays) into this plugin's Flax parameters.
+"""Convert between a timm ``VisionTransformer`` state dict (numpy arrays) and this plugin's Flax parameters.
 
 Accepted: the two standard timm layouts, told apart by the presence of ``attn_pool.latent``:
 
@@ -13,7 +13,7 @@ weights) fails on the first tensor that does not fit, by name.
 
 Weights are matched strictly, so that a wrong file never loads silently. The result records the build options the
 weights need: ``pool`` from the layout, and ``resolution`` from the position-embedding grid (a timm model created
-with another ``img_size`` imports too).
+with another ``img_size`` imports too). :func:`export_timm` is the reverse, for the options timm can hold.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 from convscale_plugins.vit.variants import Variant, ViTConfig
 
 from convscale_cli.errors import UnknownNameError, UsageError
-from convscale_cli.weights import ImportedWeights
+from convscale_cli.weights import ExportedWeights, ImportedWeights
 
 SOURCES = ("timm",)
 
@@ -246,3 +246,96 @@ def import_weights(
         options={"pool": pool, "posemb": "learn", "resolution": grid * p},
         note=head_note,
     )
+
+
+def _linear(dense: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """A flax Dense (or a DenseGeneral over heads) -> a torch linear layer's (weight (out, in), bias (out,))."""
+    kernel, bias = _f32(dense["kernel"]), _f32(dense["bias"])
+    if kernel.ndim == 3 and bias.ndim == 2:  # (in, heads, head_dim): a query/key/value projection
+        kernel = kernel.reshape(kernel.shape[0], -1)
+    elif kernel.ndim == 3:  # (heads, head_dim, out): the output projection
+        kernel = kernel.reshape(-1, kernel.shape[-1])
+    return np.ascontiguousarray(kernel.T), bias.reshape(-1)
+
+
+def _put(out: dict[str, np.ndarray], prefix: str, pair: tuple[np.ndarray, np.ndarray]) -> None:
+    out[f"{prefix}.weight"], out[f"{prefix}.bias"] = pair
+
+
+def _unnorm(out: dict[str, np.ndarray], prefix: str, norm: Mapping[str, Any]) -> None:
+    out[f"{prefix}.weight"], out[f"{prefix}.bias"] = _f32(norm["scale"]), _f32(norm["bias"])
+
+
+def _unmlp(out: dict[str, np.ndarray], prefix: str, mlp: Mapping[str, Any]) -> None:
+    _put(out, f"{prefix}.fc1", _linear(mlp["fc1"]))
+    _put(out, f"{prefix}.fc2", _linear(mlp["fc2"]))
+
+
+def export_timm(
+    variant: Variant, params: Mapping[str, Any], num_classes: int, options: Mapping[str, Any]
+) -> ExportedWeights:
+    """Our ``params`` as a timm ``VisionTransformer`` state dict (the reverse of :func:`import_weights`).
+
+    The class slot of timm's position embedding is exported as zeros and the class token carries the sum the import
+    folded into it, so timm computes exactly what this model does. The returned kwargs name timm's pooling, class
+    token and image size, since a model trained here may differ from the twin's defaults in those.
+
+    Raises:
+        UsageError: options timm's ViT cannot hold (average pooling, a fixed sin-cos position embedding, no qkv
+            bias), or a variant without a timm twin.
+    """
+    if not variant.timm_name:
+        raise UsageError(f"{variant.name} has no timm twin to export to")
+    config = variant.config
+    pool, posemb = options.get("pool", "tok"), options.get("posemb", "learn")
+    for key, value, allowed in (("pool", pool, ("tok", "map")), ("posemb", posemb, ("learn",))):
+        if value not in allowed:
+            raise UsageError(f"{variant.name} with {key}={value!r} has no timm layout (timm: {key} in {allowed})")
+    if not options.get("qkv_bias", True):
+        raise UsageError(f"{variant.name} with qkv_bias=False has no timm layout (timm's vit_* use qkv biases)")
+    d, p = config.width, config.patch_size
+    out: dict[str, np.ndarray] = {}
+    posemb_table = _f32(params["pos_embedding"])
+    if pool == "tok":
+        out["cls_token"] = _f32(params["cls"])
+        out["pos_embed"] = np.concatenate([np.zeros((1, 1, d), np.float32), posemb_table], axis=1)
+    else:
+        out["pos_embed"] = posemb_table
+    embed = params["embedding"]
+    patches = _f32(embed["kernel"]).reshape(p, p, 3, d)  # (row, column, channel)-flattened, as the import wrote it
+    out["patch_embed.proj.weight"] = np.ascontiguousarray(patches.transpose(3, 2, 0, 1))
+    out["patch_embed.proj.bias"] = _f32(embed["bias"])
+    encoder = params["encoder"]
+    for i in range(config.depth):
+        block, b = encoder[f"block{i}"], f"blocks.{i}"
+        _unnorm(out, f"{b}.norm1", block["norm1"])
+        q, k, v = (_linear(block["attn"][n]) for n in ("query", "key", "value"))
+        out[f"{b}.attn.qkv.weight"] = np.concatenate([q[0], k[0], v[0]], axis=0)
+        out[f"{b}.attn.qkv.bias"] = np.concatenate([q[1], k[1], v[1]], axis=0)
+        _put(out, f"{b}.attn.proj", _linear(block["attn"]["out"]))
+        _unnorm(out, f"{b}.norm2", block["norm2"])
+        _unmlp(out, f"{b}.mlp", block["mlp"])
+    _unnorm(out, "norm", encoder["norm"])
+    if pool == "map":
+        head = params["map_head"]
+        out["attn_pool.latent"] = _f32(head["probe"])
+        _put(out, "attn_pool.q", _linear(head["attn"]["query"]))
+        k, v = _linear(head["attn"]["key"]), _linear(head["attn"]["value"])
+        out["attn_pool.kv.weight"] = np.concatenate([k[0], v[0]], axis=0)
+        out["attn_pool.kv.bias"] = np.concatenate([k[1], v[1]], axis=0)
+        _put(out, "attn_pool.proj", _linear(head["attn"]["out"]))
+        _unnorm(out, "attn_pool.norm", head["norm"])
+        _unmlp(out, "attn_pool.mlp", head["mlp"])
+    _put(out, "head", _linear(params["head"]))
+    grid = math.isqrt(posemb_table.shape[1])
+    expected = timm_shapes(config, grid, num_classes, pool)
+    for name, shape in expected.items():  # the same strict check as the import, from the other side
+        if tuple(out[name].shape) != shape:
+            raise UsageError(f"exported tensor {name!r} has shape {tuple(out[name].shape)}, timm expects {shape}")
+    kwargs = {
+        "num_classes": num_classes,
+        "img_size": grid * p,
+        "class_token": pool == "tok",
+        "global_pool": "token" if pool == "tok" else "map",
+    }
+    return ExportedWeights(tensors=out, model=variant.timm_name, kwargs=kwargs)
