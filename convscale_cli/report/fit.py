@@ -1,11 +1,12 @@
-"""Scaling-law fits: a power law on the compute frontier and the parametric law L(N, D) of Hoffmann et al.
+"""Scaling-law fit types: the frontier power law and the parametric law L(N, D) of Hoffmann et al.
 
 Smith et al. (2023, §2, Fig. 2) report "a clear linear trend" of held-out loss against TPU-v4 core-hours on log-log
-axes but give no exponent, so :func:`fit_power_law` fits ``L = a * C**(-b)`` by least squares in log space and
-measures its uncertainty with a pairs bootstrap. :func:`fit_parametric` (from :mod:`.parametric`) fits
-``L(N, D) = E + A/N**alpha + B/D**beta``.
+axes but give no exponent. :class:`PowerLawFit` holds ``L = a * C**(-b)`` with its intervals; the report builds it
+from :mod:`convscale_cli.report.estimates` with intervals from the bootstrap over runs
+(:mod:`convscale_cli.report.inference`). :func:`fit_power_law` is a standalone least-squares fit with a pairs
+bootstrap, for points that are independent (it knows nothing of cells, seeds or best-lr selection).
+:func:`fit_parametric` (from :mod:`.parametric`) fits ``L(N, D) = E + A/N**alpha + B/D**beta``.
 
-Both fits return frozen dataclasses with ``predict`` and ``interval`` so the planner can reuse them without plotting.
 Only numpy is imported at module level.
 """
 

@@ -375,8 +375,10 @@ def run_once(scenario: Scenario, study_seed: int, workdir: str | Path, replicate
         best = plan.recommendation
         size = next(s for i, s in enumerate(scenario.sizes) if scenario.model_name(i) == best.model)
         epochs = best.examples / scenario.examples_per_epoch
-        # What following the plan gives: the better of its two lr trials, without noise.
-        truth = min(scenario.loss(size, epochs, lr, 0.0) for lr in best.lr_trials)
+        # The plan predicts the loss of a run tuned the way the study tuned its runs: the best lr of the study's
+        # grid, or for the two-trial rule the better of the two trials the plan suggests. Without noise.
+        grid = [scenario.lr_ref * 2.0**k for k in scenario.lr_octaves] if scenario.rule == "grid" else best.lr_trials
+        truth = min(scenario.loss(size, epochs, lr, 0.0) for lr in grid)
         row["plan"] = {"interval": best.loss_interval, "truth": truth}
     shutil.rmtree(out, ignore_errors=True)
     return row
