@@ -308,6 +308,33 @@ def test_tune_lr_refuses_a_runs_directory_whose_runs_differ_in_a_setting(
     )
 
 
+class ChattyTrainer(FakeTrainer):
+    """A fake trainer printing progress on stdout, as the engine's plain progress lines do."""
+
+    def __call__(self, model: str, dataset: str, epochs: float, lr: float, out: Path, **options: Any) -> dict:
+        print(f"step 1/1  loss 2.3  ({model} at alpha {lr})")
+        return super().__call__(model, dataset, epochs, lr, out, **options)
+
+
+@pytest.mark.parametrize("command", ["tune-lr", "sweep"])
+def test_json_output_is_json_alone_with_progress_on_stderr(
+    command: str,
+    registry: Registry,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setattr(tuning, "engine_trainer", ChattyTrainer())
+    if command == "tune-lr":
+        args = ["tune-lr", "--model", "toy-s", "--epochs", "0.5", "--runs", str(tmp_path / "r"), "--dataset", "toyset"]
+    else:
+        args = ["sweep", str(_study(tmp_path)), "--set", "models=['toy-s']", "--set", "epochs=[0.5]"]
+    assert main([*args, "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert isinstance(json.loads(out), dict)
+    assert "step 1/1  loss 2.3  (toy-s at alpha 1.6)" in err
+
+
 def _study(tmp_path: Path, **extra: Any) -> Path:
     lines = [
         f"out = '{tmp_path / 'runs'}'",

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from convscale_cli.cli import app
-from convscale_cli.cli._output import print_json
+from convscale_cli.cli._output import print_json, progress_to_stderr
 from convscale_cli.errors import UsageError
 
 _HELP = """Fine-tune a pre-trained model on a labelled dataset (Smith et al. 2023 §3: 50 epochs with SAM,
@@ -164,6 +164,7 @@ def finetune(
 
     from convscale_cli.finetune.api import finetune as run_finetune
 
-    summary = run_finetune(run_config)
+    with progress_to_stderr(json_):
+        summary = run_finetune(run_config)
     if json_:
         print_json(summary)
