@@ -12,10 +12,12 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import re
+import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from convscale_cli.recipe import Recipe
+from convscale_cli.recipe import Loss, Optimizer, Recipe
 from convscale_cli.registry import ArchitectureSpec, DatasetInfo, DatasetSpec, ModelCount
 
 # The keyword arguments every ``build`` call may carry besides the spec's own ``options``: the engine passes all four
@@ -23,6 +25,8 @@ from convscale_cli.registry import ArchitectureSpec, DatasetInfo, DatasetSpec, M
 # need defaults.
 BUILD_ARGUMENTS = {"num_classes": 10, "dtype": "float32", "drop_rate": 0.0, "stochdepth_rate": 0.0}
 SPLITS = ("train", "eval")
+OPTIMIZERS: tuple[str, ...] = typing.get_args(Optimizer)
+LOSSES: tuple[str, ...] = typing.get_args(Loss)
 
 
 def count_problem(count: object) -> str | None:
@@ -60,6 +64,24 @@ def _is_str_tuple(value: object) -> bool:
     return isinstance(value, tuple | list) and all(isinstance(v, str) for v in value)
 
 
+def recipe_problem(recipe: Recipe) -> str | None:
+    """What in ``recipe`` only training would otherwise reject (its ``__post_init__`` checks the numbers), or None."""
+    if recipe.optimizer not in OPTIMIZERS:
+        return f"recipe.optimizer {recipe.optimizer!r} is not one of {', '.join(OPTIMIZERS)}"
+    if recipe.loss not in LOSSES:
+        return f"recipe.loss {recipe.loss!r} is not one of {', '.join(LOSSES)}"
+    for field in ("no_decay", "agc_exclude"):
+        patterns = getattr(recipe, field)
+        if not _is_str_tuple(patterns):
+            return f"recipe.{field} {patterns!r} is not a tuple of regular expressions"
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                return f"recipe.{field} pattern {pattern!r} is not a regular expression ({exc})"
+    return None
+
+
 def architecture_problem(spec: ArchitectureSpec) -> str | None:
     """The first way ``spec`` breaks the architecture contract (fields, ``build``'s signature), or None.
 
@@ -82,6 +104,9 @@ def architecture_problem(spec: ArchitectureSpec) -> str | None:
             )
     if not isinstance(spec.recipe, Recipe):
         return f"recipe is a {type(spec.recipe).__name__}, not convscale_cli.recipe.Recipe"
+    problem = recipe_problem(spec.recipe)
+    if problem:
+        return problem
     if not _is_str_tuple(spec.tags):
         return f"tags {spec.tags!r} is not a tuple of strings"
     if not isinstance(spec.options, Mapping) or not all(isinstance(k, str) for k in spec.options):

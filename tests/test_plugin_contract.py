@@ -17,6 +17,7 @@ from convscale_cli.cli import main
 from convscale_cli.cli.registry_cmds import _millions
 from convscale_cli.errors import PluginError
 from convscale_cli.plugins import ModelCountError, PluginWarning, load_plugins
+from convscale_cli.recipe import Recipe
 from convscale_cli.registry import ArchitectureSpec, DatasetInfo, DatasetSpec, ModelCount
 from convscale_cli.spec_checks import architecture_problem, count_problem, dataset_problem
 
@@ -164,6 +165,9 @@ def _needs_width(
         ({"tags": "paper"}, "tags 'paper' is not a tuple of strings"),
         ({"recipe": {"lr": 0.1}}, "recipe is a dict, not convscale_cli.recipe.Recipe"),
         ({"default_num_classes": 0}, "default_num_classes 0 is not a positive integer"),
+        ({"recipe": Recipe(optimizer="adam")}, "recipe.optimizer 'adam' is not one of sgd, adamw, adafactor"),  # type: ignore[arg-type]
+        ({"recipe": Recipe(no_decay=("bias(",))}, "recipe.no_decay pattern 'bias(' is not a regular expression"),
+        ({"recipe": Recipe(agc_exclude="head")}, "recipe.agc_exclude 'head' is not a tuple of regular expressions"),  # type: ignore[arg-type]
     ],
 )
 def test_an_architecture_breaking_the_contract_is_left_out_naming_plugin_model_and_problem(
