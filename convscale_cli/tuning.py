@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from convscale_cli import interrupts
-from convscale_cli.errors import TrainingError, UsageError
+from convscale_cli.errors import TrainingError, UnknownNameError, UsageError
 from convscale_cli.planner import run_name
 from convscale_cli.registry import Registry
 
@@ -316,7 +316,8 @@ def _inherit(runs: Sequence[RunRecord], options: Mapping[str, Any], data_default
     """``options`` completed with the settings the finished ``runs`` were trained with (their ``config.json``).
 
     A setting the runs agree on fills in one the caller left out; one the caller gave must equal theirs. Data options
-    are compared with the dataset's defaults filled in, so ``size=4096`` given and the default 4096 are the same.
+    are completed with the runs' (then the dataset's defaults) key by key, so ``size=4096`` given and the default 4096
+    are the same setting.
 
     Raises:
         UsageError: the runs disagree among themselves, or with a given setting; names the setting, both values and
@@ -343,6 +344,8 @@ def _inherit(runs: Sequence[RunRecord], options: Mapping[str, Any], data_default
                 f"the runs in {str(path.parent)!r} differ in {key} ({value!r} in {path.name}, {other!r} in "
                 f"{other_path.name}), so a new trial cannot match them; tune into a runs directory of one setting"
             )
+        if key == "data_options" and isinstance(out.get(key), Mapping) and isinstance(value, Mapping):
+            out[key] = {**value, **out[key]}  # the options given replace theirs one by one
         if out.get(key) is None:
             out[key] = value
         elif norm(key, out[key]) != norm(key, value):
@@ -413,9 +416,12 @@ def tune_cell(
     if log.exists() and not log.is_file():  # checked before training: the decision must not be lost after it
         raise UsageError(f"{str(log)!r} is not a file, so the decision could not be recorded")
     study = [r for r in load_runs(root) if r.dataset == data.name]
+    unknown = sorted(set(options.get("data_options") or {}) - set(data.options))
+    if unknown:  # as the engine says it (engine/resolve.py), before the plugin's info() is called with it
+        raise UnknownNameError(f"{data.name} data option", unknown[0], data.options)
     options = _inherit(study, options, data.options)
+    data_options = options.get("data_options") or {}
     if num_classes is None:
-        data_options = options.get("data_options") or {}
         info = data.info(**data_options) if data_options or data.static_info is None else data.static_info
         num_classes = options.get("num_classes") or info.num_classes
     runs = [r for r in study if r.family == spec.family]

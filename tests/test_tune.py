@@ -292,6 +292,9 @@ def test_tune_lr_inherits_the_data_options_batch_size_and_precision_of_the_runs_
         assert main(["tune-lr", "--model", "toy-l", "--epochs", "1", "--runs", str(runs), "--set", setting]) == 2
         assert setting.split("=")[0].split(".")[0] in capsys.readouterr().err
     assert len(trainer.options) == 4  # nothing was trained for a refused trial
+    args = ["tune-lr", "--model", "toy-l", "--epochs", "1", "--runs", str(runs), "--set", "data_options.sise=256"]
+    assert main(args) == 2
+    assert "Error: unknown sizedset data option 'sise'" in capsys.readouterr().err
 
 
 def test_tune_lr_refuses_a_runs_directory_whose_runs_differ_in_a_setting(
