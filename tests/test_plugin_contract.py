@@ -8,11 +8,14 @@ import math
 import subprocess
 import sys
 import types
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from convscale_cli import hookspecs
+from convscale_cli import plugins as plugin_loader
 from convscale_cli.cli import main
 from convscale_cli.cli.registry_cmds import _millions
 from convscale_cli.errors import PluginError
@@ -261,3 +264,42 @@ def test_models_json_shows_each_models_build_options(
 )
 def test_a_tiny_model_never_shows_zero_million_parameters(params: int, shown: str) -> None:
     assert _millions(params) == shown
+
+
+def test_pretrain_with_a_build_missing_drop_rate_is_one_line_naming_plugin_and_model(
+    install_plugin: Callable[..., dict[str, str]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    source = """
+from convscale_cli.hookspecs import hookimpl
+from convscale_cli.registry import ArchitectureSpec, ModelCount
+
+def build(*, num_classes, dtype="float32"):
+    raise AssertionError("never called")
+
+@hookimpl
+def register_architectures(register):
+    register(ArchitectureSpec(name="toy-nodrop", family="toy", build=build, train_resolution=8, eval_resolution=8,
+                              count=lambda r, c: ModelCount(10, 100)))
+"""
+    install_plugin("fake-nodrop", {"fakenodrop": "fake_plugin_nodrop"}, {"fake_plugin_nodrop": source})
+    out = tmp_path / "run"
+    code = main(["pretrain", "--model", "toy-nodrop", "--dataset", "shapes", "--steps", "1", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "Traceback" not in "\n".join(err)
+    assert err[0] == (
+        "Warning: plugin 'fakenodrop': model 'toy-nodrop' left out (build does not accept the documented keyword "
+        "arguments (got an unexpected keyword argument 'drop_rate'); see docs/plugins.md)"
+    )
+    assert err[-1].startswith("Error: unknown model 'toy-nodrop'")
+    assert not out.exists()  # nothing was written for a model that cannot be built
+    monkeypatch.setenv("CONVSCALE_STRICT_PLUGINS", "0")  # restored after the test; --strict sets it to 1
+    plugin_loader.reset()
+    args = ["--strict", "pretrain", "--model", "toy-nodrop", "--dataset", "shapes", "--steps", "1", "--out", str(out)]
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip() == (
+        "Error: plugin 'fakenodrop' failed to load (model 'toy-nodrop': build does not accept the documented keyword "
+        "arguments (got an unexpected keyword argument 'drop_rate'); see docs/plugins.md)"
+    )
