@@ -43,11 +43,16 @@ def count_problem(count: object) -> str | None:
     return None
 
 
-def _binds(function: Callable[..., Any], *args: Any, **kwargs: Any) -> str | None:
-    """Why ``function(*args, **kwargs)`` would fail to bind its signature, or None (also when it has none)."""
+def _signature(function: Callable[..., Any]) -> inspect.Signature | None:
     try:
-        signature = inspect.signature(function)
+        return inspect.signature(function)
     except (TypeError, ValueError):  # a builtin or C callable: nothing to check before calling it
+        return None
+
+
+def _binds(signature: inspect.Signature | None, *args: Any, **kwargs: Any) -> str | None:
+    """Why a call with ``*args, **kwargs`` would fail to bind ``signature``, or None (also when there is none)."""
+    if signature is None:
         return None
     try:
         signature.bind(*args, **kwargs)
@@ -82,9 +87,10 @@ def recipe_problem(recipe: Recipe) -> str | None:
     return None
 
 
-def architecture_problem(spec: ArchitectureSpec) -> str | None:
+def architecture_problem(spec: ArchitectureSpec, *, signatures: bool = True) -> str | None:
     """The first way ``spec`` breaks the architecture contract (fields, ``build``'s signature), or None.
 
+    ``signatures=False`` skips the signature checks (the built-ins: their tests check them, and loading stays fast).
     ``count`` is probed separately (:func:`count_problem`): it runs plugin code and may be slow.
     """
     if not isinstance(spec.family, str) or not spec.family:
@@ -115,14 +121,17 @@ def architecture_problem(spec: ArchitectureSpec) -> str | None:
         return f"weight_sources {spec.weight_sources!r} is not a mapping"
     if spec.weight_sources and not callable(spec.import_weights):
         return "weight_sources are given but import_weights is not callable"
+    if not signatures:
+        return None
     # Each way convscale calls build: training (every argument), weight import and head detection (num_classes and
     # the options only).
-    problem = _binds(spec.build, **{**BUILD_ARGUMENTS, **spec.options}) or _binds(
-        spec.build, **{**spec.options, "num_classes": BUILD_ARGUMENTS["num_classes"]}
+    build = _signature(spec.build)
+    problem = _binds(build, **{**BUILD_ARGUMENTS, **spec.options}) or _binds(
+        build, **{**spec.options, "num_classes": BUILD_ARGUMENTS["num_classes"]}
     )
     if problem:
         return f"build does not accept the documented keyword arguments ({problem})"
-    if _binds(spec.count, spec.eval_resolution, spec.default_num_classes):
+    if _binds(_signature(spec.count), spec.eval_resolution, spec.default_num_classes):
         return "count does not accept (resolution, num_classes)"
     return None
 
@@ -143,8 +152,11 @@ def info_problem(info: object, what: str) -> str | None:
     return None
 
 
-def dataset_problem(spec: DatasetSpec) -> str | None:
-    """The first way ``spec`` breaks the dataset contract (fields, the signatures of ``open`` and ``info``), or None."""
+def dataset_problem(spec: DatasetSpec, *, signatures: bool = True) -> str | None:
+    """The first way ``spec`` breaks the dataset contract (fields, the signatures of ``open`` and ``info``), or None.
+
+    ``signatures=False`` skips the signature checks, as for :func:`architecture_problem`.
+    """
     if not isinstance(spec.description, str):
         return f"description {spec.description!r} is not a string"
     for name in ("open", "info"):
@@ -152,12 +164,13 @@ def dataset_problem(spec: DatasetSpec) -> str | None:
             return f"{name} is not callable"
     if not isinstance(spec.options, Mapping) or not all(isinstance(k, str) for k in spec.options):
         return f"options {spec.options!r} is not a mapping of option names to defaults"
-    problem = _binds(spec.open, SPLITS[0], **spec.options)
-    if problem:
-        return f"open does not accept (split, **options) ({problem})"
-    problem = _binds(spec.info, **spec.options)
-    if problem:
-        return f"info does not accept (**options) ({problem})"
+    if signatures:
+        problem = _binds(_signature(spec.open), SPLITS[0], **spec.options)
+        if problem:
+            return f"open does not accept (split, **options) ({problem})"
+        problem = _binds(_signature(spec.info), **spec.options)
+        if problem:
+            return f"info does not accept (**options) ({problem})"
     if spec.static_info is not None:
         problem = info_problem(spec.static_info, "static_info")
         if problem:
