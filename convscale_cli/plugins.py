@@ -3,9 +3,11 @@
 Built-in plugins are entry points of the ``convscale`` distribution itself, so they go through exactly the code path a
 third-party package does. A plugin that fails to import or to register (its import or a hook raises, even
 ``SystemExit``; it registers something that is not a spec) is skipped whole with a warning and reported by
-``convscale plugins``; a model whose name another plugin registered first, or (third-party plugins) whose ``count``
-fails at its default resolution, is left out alone. Strict mode turns each of these into an error; otherwise the rest of
-the CLI keeps working.
+``convscale plugins``. A spec is left out alone when another plugin registered its name first, when it breaks the
+contract of docs/plugins.md (:mod:`convscale_cli.spec_checks`: a ``build`` that does not accept the documented keyword
+arguments, an incomplete dataset spec), or (third-party plugins) when its ``count`` fails or is not positive and finite
+at its default resolution. A name in ``CONVSCALE_PLUGINS`` that no installed plugin provides is reported the same way.
+Strict mode turns each of these into an error; otherwise the rest of the CLI keeps working.
 
 Environment:
     CONVSCALE_PLUGINS: comma-separated allowlist of third-party plugin names; unset = all installed plugins,
@@ -25,8 +27,9 @@ from typing import Any
 import pluggy
 
 from convscale_cli import hookspecs
-from convscale_cli.errors import ConvscaleError, DuplicateRegistrationError, PluginError
+from convscale_cli.errors import ConvscaleError, DuplicateRegistrationError, PluginError, did_you_mean
 from convscale_cli.registry import ArchitectureSpec, DatasetSpec, ModelCount, Registry
+from convscale_cli.spec_checks import architecture_problem, count_problem, dataset_problem
 
 ENTRY_POINT_GROUP = "convscale"
 BUILTIN_DISTRIBUTION = "convscale"
@@ -71,8 +74,9 @@ class _CheckedCount:
             raise  # already a one-line error on purpose (e.g. a resolution the model refuses)
         except _PLUGIN_FAILURES as exc:
             raise ModelCountError(self.plugin, self.model, f"{call} raised {_describe(exc)}") from exc
-        if not isinstance(result, ModelCount):
-            raise ModelCountError(self.plugin, self.model, f"{call} returned {type(result).__name__}, not ModelCount")
+        problem = count_problem(result)
+        if problem:  # zero MACs divide by zero in the planner; negative ones plan negative costs
+            raise ModelCountError(self.plugin, self.model, f"{call} {problem}")
         return result
 
 
@@ -145,6 +149,17 @@ def warn_left_out(error: ModelCountError, *, strict: bool | None = None) -> None
     warnings.warn(message, PluginWarning, stacklevel=2)
 
 
+def _problem(spec: ArchitectureSpec | DatasetSpec, builtin: bool) -> str | None:
+    """How ``spec`` breaks the plugin contract, or None (no plugin code runs; counts are probed separately).
+
+    Built-in specs skip the signature checks: the test suite runs them, which keeps every command's start-up free of
+    a hundred ``inspect.signature`` calls.
+    """
+    if isinstance(spec, ArchitectureSpec):
+        return architecture_problem(spec, signatures=not builtin)
+    return dataset_problem(spec, signatures=not builtin)
+
+
 def _checked(spec: Any, expected: type, plugin: str) -> Any:
     """``spec`` if it is a valid ``expected``, its ``count`` guarded; raises TypeError/ValueError otherwise."""
     if not isinstance(spec, expected):
@@ -206,6 +221,8 @@ def load_plugins(
             manager.register(module, name=ep.name)
         except _PLUGIN_FAILURES as exc:  # a broken plugin must not take the CLI down
             _fail(record, "import failed", exc, strict)
+    if allow:
+        _unknown_allowed(allow, seen, records, strict)
     for name, plugin in extra:
         record = PluginRecord(name=name, version=str(getattr(plugin, "__version__", "")), source="registered in code")
         records.append(record)
@@ -223,12 +240,17 @@ def load_plugins(
         for impl in getattr(manager.hook, hook_name).get_hookimpls():  # registration order
             record = by_name[impl.plugin_name]
             record.hooks.append(hook_name)
-            specs: list[Any] = []
+            specs: list[tuple[Any, str | None]] = []
 
             def register(
-                spec: Any, _specs: list[Any] = specs, _type: type = spec_type, _plugin: str = impl.plugin_name
+                spec: Any,
+                _specs: list[tuple[Any, str | None]] = specs,
+                _type: type = spec_type,
+                _plugin: str = impl.plugin_name,
+                _builtin: bool = record.builtin,
             ) -> None:
-                _specs.append(_checked(spec, _type, _plugin))
+                checked = _checked(spec, _type, _plugin)
+                _specs.append((checked, _problem(spec, _builtin)))
 
             try:
                 impl.function(register=register)
@@ -236,10 +258,13 @@ def load_plugins(
                 _fail(record, f"{hook_name} raised", exc, strict)
                 continue
             registered = []
-            for spec in specs:
+            for spec, problem in specs:
                 if spec.name in table:  # the first plugin keeps the name (built-ins load first)
                     reason = f"already registered by plugin {table.owner(spec.name)!r}"
                     _fail_model(record, table.kind, spec.name, reason, strict, DuplicateRegistrationError)
+                    continue
+                if problem:
+                    _fail_model(record, table.kind, spec.name, f"{problem}; see docs/plugins.md", strict)
                     continue
                 if not record.builtin and isinstance(spec, ArchitectureSpec):
                     # Probe third-party counts once so a broken one is reported here instead of crashing `models` or
@@ -254,6 +279,18 @@ def load_plugins(
                 registered.append(spec.name)
             record.registered[table_name] = registered
     return Plugins(manager=manager, records=records, registry=registry)
+
+
+def _unknown_allowed(allow: set[str], installed: set[str], records: list[PluginRecord], strict: bool) -> None:
+    """Report each ``CONVSCALE_PLUGINS`` name no installed plugin provides (a typo would silently load nothing)."""
+    for name in sorted(allow - installed):
+        hint = did_you_mean(name, sorted(installed))
+        reason = f"named in {ALLOWLIST_ENV} but not installed" + (f"; {hint}" if hint else "")
+        record = PluginRecord(name=name, version="", source=ALLOWLIST_ENV, error=reason)
+        records.append(record)
+        if strict:
+            raise PluginError(f"plugin {name!r} failed to load ({reason})")
+        warnings.warn(f"plugin {name!r} skipped ({reason})", PluginWarning, stacklevel=3)
 
 
 def _entry_points_safe(

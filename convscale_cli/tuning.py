@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from convscale_cli import interrupts
-from convscale_cli.errors import TrainingError, UsageError
+from convscale_cli.errors import TrainingError, UnknownNameError, UsageError
 from convscale_cli.planner import run_name
 from convscale_cli.registry import Registry
 
@@ -314,6 +314,58 @@ def _other_settings(out: Path, summary: Mapping[str, Any], dataset: str, options
     return ""
 
 
+# The settings every trial must share with the cells already in its runs directory: a tuned alpha or a fitted loss is
+# not comparable across a different data set size, batch size (the lr scales with it) or precision.
+INHERITED_SETTINGS = ("data_options", "batch_size", "precision")
+
+
+def _inherit(runs: Sequence[RunRecord], options: Mapping[str, Any], data_defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` completed with the settings the finished ``runs`` were trained with (their ``config.json``).
+
+    A setting the runs agree on fills in one the caller left out; one the caller gave must equal theirs. Data options
+    are completed with the runs' (then the dataset's defaults) key by key, so ``size=4096`` given and the default 4096
+    are the same setting.
+
+    Raises:
+        UsageError: the runs disagree among themselves, or with a given setting; names the setting, both values and
+            a run holding the other one.
+    """
+    from convscale_cli.engine.rundir import as_json, read_json
+
+    def norm(key: str, value: Any) -> Any:
+        return as_json({**data_defaults, **value} if key == "data_options" and isinstance(value, Mapping) else value)
+
+    out = dict(options)
+    configs = [(run.path, read_json(run.path / "config.json")) for run in runs]
+    for key in INHERITED_SETTINGS:
+        found: dict[str, tuple[Any, Path]] = {}
+        for path, saved in configs:
+            if saved is not None and key in saved:
+                found.setdefault(json.dumps(norm(key, saved[key]), sort_keys=True), (saved[key], path))
+        if not found:
+            continue
+        (value, path), *others = found.values()
+        if others:
+            other, other_path = others[0]
+            raise UsageError(
+                f"the runs in {str(path.parent)!r} differ in {key} ({value!r} in {path.name}, {other!r} in "
+                f"{other_path.name}), so a new trial cannot match them; tune into a runs directory of one setting"
+            )
+        if key == "data_options" and isinstance(out.get(key), Mapping) and isinstance(value, Mapping):
+            out[key] = {**value, **out[key]}  # the options given replace theirs one by one
+        if out.get(key) is None:
+            out[key] = value
+        elif norm(key, out[key]) != norm(key, value):
+            flag = {"data_options": "--set data_options.KEY=VALUE", "batch_size": "--batch-size"}.get(
+                key, f"--set {key}=..."
+            )
+            raise UsageError(
+                f"{key} {out[key]!r} here, but the runs in {str(path.parent)!r} used {value!r} ({path.name}): a trial "
+                f"must match the cells it continues; drop {flag} to inherit it, or tune into another runs directory"
+            )
+    return out
+
+
 def target_size(registry: Registry, model: str, size_axis: SizeAxis, resolution: int | None, classes: int) -> float:
     """Size of ``model`` on the lookup's axis at the run's resolution and class count."""
     spec = registry.architecture(model)
@@ -344,7 +396,8 @@ def tune_cell(
         dataset: registered dataset name; only earlier runs on it count.
         registry: resolves the model's family, recipe alpha and size.
         trainer: ``trainer(model, dataset, epochs, lr, out, **options) -> summary`` (default: :func:`engine_trainer`).
-        options: passed to the trainer (engine config fields).
+        options: passed to the trainer (engine config fields). The data options, batch size and precision default
+            to those of the finished runs already in ``runs_dir`` on ``dataset``; a value given must equal theirs.
         grid: True for the default factor-2 grid, a sequence for an explicit grid, False for the two-trial rule.
         size_axis: compare models by ``params`` or ``macs`` when looking for a smaller cell.
         num_classes: class count for the size comparison (default: the dataset's).
@@ -353,7 +406,8 @@ def tune_cell(
             can start elsewhere and still follow the rule from there.
 
     Raises:
-        UsageError: unknown model or dataset, a non-positive epoch budget or lr.
+        UsageError: unknown model or dataset, a non-positive epoch budget or lr; a data option, batch size or
+            precision other than the one of the runs already in ``runs_dir``.
     """
     if not (math.isfinite(epochs) and epochs > 0):
         raise UsageError(f"--epochs must be a positive number, got {epochs}")
@@ -363,16 +417,21 @@ def tune_cell(
     trainer = trainer or engine_trainer
     spec = registry.architecture(model)
     data = registry.dataset(dataset)
-    if num_classes is None:
-        data_options = options.get("data_options") or {}
-        info = data.info(**data_options) if data_options or data.static_info is None else data.static_info
-        num_classes = options.get("num_classes") or info.num_classes
     root = Path(runs_dir)
     root.mkdir(parents=True, exist_ok=True)
     log = root / TUNING_LOG
     if log.exists() and not log.is_file():  # checked before training: the decision must not be lost after it
         raise UsageError(f"{str(log)!r} is not a file, so the decision could not be recorded")
-    runs = [r for r in load_runs(root) if r.dataset == data.name and r.family == spec.family]
+    study = [r for r in load_runs(root) if r.dataset == data.name]
+    unknown = sorted(set(options.get("data_options") or {}) - set(data.options))
+    if unknown:  # as the engine says it (engine/resolve.py), before the plugin's info() is called with it
+        raise UnknownNameError(f"{data.name} data option", unknown[0], data.options)
+    options = _inherit(study, options, data.options)
+    data_options = options.get("data_options") or {}
+    if num_classes is None:
+        info = data.info(**data_options) if data_options or data.static_info is None else data.static_info
+        num_classes = options.get("num_classes") or info.num_classes
+    runs = [r for r in study if r.family == spec.family]
     size = target_size(registry, spec.name, size_axis, options.get("resolution"), num_classes)
     neighbour = nearest_cell(group_cells(runs, size_axis), spec.name, size, epochs)
     if neighbour is not None:

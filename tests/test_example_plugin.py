@@ -62,3 +62,16 @@ def test_example_counts_match_the_flax_model(monkeypatch: pytest.MonkeyPatch) ->
     # The analytic count charges every 3x3 tap (like DeepMind's count_flops); XLA skips taps that fall on the SAME
     # padding, which is a visible share at 8x8 feature maps, and adds the elementwise ops.
     assert 0.9 < cost["flops"] / 2 / spec.count(32, 7).macs < 1.1
+
+
+def test_example_study_names_the_examples_models_and_dataset(monkeypatch: pytest.MonkeyPatch) -> None:
+    from convscale_cli.plugins import load_plugins
+    from convscale_cli.sweep import load_study, plan_cells
+
+    monkeypatch.syspath_prepend(str(EXAMPLE))
+    import convscale_resnet
+
+    registry = load_plugins([("resnet", convscale_resnet)], strict=True, entry_points=lambda: []).registry
+    study = load_study(EXAMPLE / "study.toml")
+    cells = plan_cells(study, registry)
+    assert {(c.model, c.epochs) for c in cells} == {(m, e) for m in study.models for e in study.epochs}

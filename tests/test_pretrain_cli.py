@@ -34,8 +34,8 @@ def test_config_file_flags_and_overrides_then_finished_message(tmp_path: Path, c
     argv = ["pretrain", "--config", str(config), "--out", str(out), "--steps", "6", "--lr", "0.8", "--eval-every", "3",
             "--set", "recipe.warmup_fraction=0.0", "--set", "progress=plain", "--json"]  # fmt: skip
     assert main(argv) == 0
-    captured = capsys.readouterr().out
-    summary = json.loads(captured[captured.index("{\n") :])
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)  # with --json, stdout is the summary alone: progress goes to stderr
     assert summary["steps"] == 6 and summary["lr"] == 0.8 and summary["peak_lr"] == pytest.approx(0.8 * 16 / 16)
     resolved = json.loads((out / "config.json").read_text())
     assert resolved["recipe"]["weight_decay"] == 1e-4 and resolved["recipe"]["warmup_fraction"] == 0.0
@@ -49,7 +49,7 @@ def test_config_file_flags_and_overrides_then_finished_message(tmp_path: Path, c
         assert not (out / "tb").exists()
     else:
         assert any((out / "tb").glob("events.out.tfevents.*"))
-    assert "step 6/6" in captured
+    assert "step 6/6" in captured.err
     assert main(argv[:-1]) == 0
     assert "run already finished at step 6; nothing to do" in capsys.readouterr().out
     assert main([*argv[:-1], "--lr", "0.4"]) == 2

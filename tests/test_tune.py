@@ -51,6 +51,12 @@ class _ToyPlugin:
                     name=name, description="", open=lambda split: [], info=lambda info=info: info, static_info=info
                 )
             )
+        register(  # a dataset with a size option, as `shapes` has
+            DatasetSpec(
+                name="sizedset", description="", open=lambda split, size=TRAIN_SIZE: [], options={"size": TRAIN_SIZE},
+                info=lambda size=TRAIN_SIZE: DatasetInfo(10, {"train": size, "eval": 100}, 32),
+            )
+        )
 
 
 def optimum(params: int, epochs: float) -> float:
@@ -194,7 +200,7 @@ def test_a_finished_trial_with_other_settings_is_refused_not_reused(registry: Re
     result = tuning.tune_cell("toy-m", 1, tmp_path, dataset="toyset", registry=registry, trainer=again, options=same)
     assert again.calls == [] and {t.status for t in result.trials} == {"reused"}
     for other, needle in [
-        ({"batch_size": 32}, "batch_size 64 there, 32 here"),
+        ({"batch_size": 32}, "batch_size 32 here, but the runs in .* used 64 "),
         ({"recipe": {"weight_decay": 1e-4}}, "recipe.weight_decay 1e-06 there, 0.0001 here"),
     ]:
         with pytest.raises(UsageError, match=needle):
@@ -248,6 +254,90 @@ def test_tune_lr_cli_prints_the_decision_and_next_command(
         main(["tune-lr", "--model", "toy-l", "--epochs", "4", "--runs", str(runs), "--grid", "--lr-grid", "0.4"]) == 0
     )
     assert [lr for _, _, lr in fake.calls] == [1.6, 0.8, 0.4]
+
+
+class RecordingTrainer(FakeTrainer):
+    """A fake trainer that also keeps the engine options of each call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.options: list[dict[str, Any]] = []
+
+    def __call__(self, model: str, dataset: str, epochs: float, lr: float, out: Path, **options: Any) -> dict:
+        self.options.append(options)
+        return super().__call__(model, dataset, epochs, lr, out, **options)
+
+
+STUDY_SETTINGS = {"batch_size": 32, "precision": "fp32", "data_options": {"size": 256}}
+
+
+def test_tune_lr_inherits_the_data_options_batch_size_and_precision_of_the_runs_it_continues(
+    registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs = tmp_path / "runs"
+    FakeTrainer()("toy-s", "sizedset", 0.5, 1.6, runs / "toy-s-e0.5-lr1.6", seed=0, **STUDY_SETTINGS)
+    trainer = RecordingTrainer()
+    monkeypatch.setattr(tuning, "engine_trainer", trainer)
+    assert main(["tune-lr", "--model", "toy-m", "--epochs", "0.5", "--runs", str(runs)]) == 0
+    assert [o | STUDY_SETTINGS for o in trainer.options] == trainer.options and len(trainer.options) == 2
+    # The same settings given explicitly (a data option at its default spelled out or not) are the same settings.
+    args = ["tune-lr", "--model", "toy-l", "--epochs", "0.5", "--runs", str(runs), "--batch-size", "32"]
+    assert main([*args, "--set", "precision=fp32", "--set", "data_options.size=256"]) == 0
+    assert trainer.options[-1] | STUDY_SETTINGS == trainer.options[-1]
+    capsys.readouterr()
+    # A different one is refused in one line naming the setting, both values and a run holding the other.
+    assert main(["tune-lr", "--model", "toy-l", "--epochs", "1", "--runs", str(runs), "--batch-size", "4096"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"Error: batch_size 4096 here, but the runs in {str(runs)!r} used 32 (toy-")
+    assert err.endswith("drop --batch-size to inherit it, or tune into another runs directory")
+    for setting in ("precision=bf16", "data_options.size=512"):
+        assert main(["tune-lr", "--model", "toy-l", "--epochs", "1", "--runs", str(runs), "--set", setting]) == 2
+        assert setting.split("=")[0].split(".")[0] in capsys.readouterr().err
+    assert len(trainer.options) == 4  # nothing was trained for a refused trial
+    args = ["tune-lr", "--model", "toy-l", "--epochs", "1", "--runs", str(runs), "--set", "data_options.sise=256"]
+    assert main(args) == 2
+    assert "Error: unknown sizedset data option 'sise'" in capsys.readouterr().err
+
+
+def test_tune_lr_refuses_a_runs_directory_whose_runs_differ_in_a_setting(
+    registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs = tmp_path / "runs"
+    FakeTrainer()("toy-s", "sizedset", 0.5, 1.6, runs / "toy-s-e0.5-lr1.6", **STUDY_SETTINGS)
+    FakeTrainer()("toy-s", "sizedset", 0.5, 0.8, runs / "toy-s-e0.5-lr0.8", **{**STUDY_SETTINGS, "batch_size": 64})
+    monkeypatch.setattr(tuning, "engine_trainer", RecordingTrainer())
+    assert main(["tune-lr", "--model", "toy-m", "--epochs", "0.5", "--runs", str(runs)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"Error: the runs in {str(runs)!r} differ in batch_size (64 in toy-s-e0.5-lr0.8, 32 in toy-s-e0.5-lr1.6), so "
+        "a new trial cannot match them; tune into a runs directory of one setting"
+    )
+
+
+class ChattyTrainer(FakeTrainer):
+    """A fake trainer printing progress on stdout, as the engine's plain progress lines do."""
+
+    def __call__(self, model: str, dataset: str, epochs: float, lr: float, out: Path, **options: Any) -> dict:
+        print(f"step 1/1  loss 2.3  ({model} at alpha {lr})")
+        return super().__call__(model, dataset, epochs, lr, out, **options)
+
+
+@pytest.mark.parametrize("command", ["tune-lr", "sweep"])
+def test_json_output_is_json_alone_with_progress_on_stderr(
+    command: str,
+    registry: Registry,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setattr(tuning, "engine_trainer", ChattyTrainer())
+    if command == "tune-lr":
+        args = ["tune-lr", "--model", "toy-s", "--epochs", "0.5", "--runs", str(tmp_path / "r"), "--dataset", "toyset"]
+    else:
+        args = ["sweep", str(_study(tmp_path)), "--set", "models=['toy-s']", "--set", "epochs=[0.5]"]
+    assert main([*args, "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert isinstance(json.loads(out), dict)
+    assert "step 1/1  loss 2.3  (toy-s at alpha 1.6)" in err
 
 
 def _study(tmp_path: Path, **extra: Any) -> Path:

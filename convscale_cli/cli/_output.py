@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 
 def print_json(data: Any) -> None:
     """Machine-readable output: plain JSON on stdout, nothing else."""
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def progress_to_stderr(enabled: bool) -> Iterator[None]:
+    """While ``enabled`` (``--json`` was given), everything printed goes to stderr, so stdout holds the JSON alone.
+
+    Progress bars and lines, evaluation results and notices are written to ``sys.stdout`` as resolved at the time of
+    writing (Rich's console and :class:`~convscale_cli.engine.progress.Progress` both do), so redirecting it covers
+    them all.
+    """
+    if not enabled:
+        yield
+        return
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
 
 
 def print_table(

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from convscale_cli.cli import app
-from convscale_cli.cli._output import print_json
+from convscale_cli.cli._output import print_json, progress_to_stderr
 from convscale_cli.errors import UsageError
 
 _HELP = """Fine-tune a pre-trained model on a labelled dataset (Smith et al. 2023 §3: 50 epochs with SAM,
@@ -22,8 +22,9 @@ stochastic depth and dropout, train at 384 px and evaluate at 480 px; optional r
 a new one sized for --dataset (N(0, 0.01) weights, zero bias); every other tensor must match the model.
 
 Defaults follow the NFNet transfer recipe: SAM rho 0.05 on 20% of the batch, stochastic depth 0.1, dropout 0.25,
-weight decay 1e-5, parameter EMA 0.9999 (evaluated as final_ema), batch 2048, lr alpha = 1/8 of the pre-training
-alpha (0.2 at batch 4096 for NFNets, scaled linearly with the batch). With --repeat-aug k each image appears k times
+weight decay 1e-5, parameter EMA 0.9999 (evaluated as final_ema), batch 2048, lr alpha = 1/8 of the family recipe's
+alpha, not of the alpha the pre-training run was tuned to (0.2 at batch 4096 for NFNets, scaled linearly with the
+batch); --lr and --weight-decay replace them. With --repeat-aug k each image appears k times
 per batch stream with independent augmentations and the duration counts augmented samples, so the compute stays
 the same with k times fewer passes.
 
@@ -72,7 +73,12 @@ def finetune(
     epochs: Annotated[float | None, typer.Option(help="Duration: augmented samples / train size (50).")] = None,
     steps: Annotated[int | None, typer.Option(help="Duration in optimiser steps.")] = None,
     examples: Annotated[int | None, typer.Option(help="Duration in (augmented) training examples.")] = None,
-    lr: Annotated[float | None, typer.Option(help="Peak lr alpha at batch 4096, scaled by batch/4096.")] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option(
+            help="Peak lr alpha at the recipe's base batch (4096 for NFNets), scaled linearly; default alpha/8."
+        ),
+    ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Global batch size (default 2048).")] = None,
     resolution: Annotated[int | None, typer.Option(help="Training resolution (paper: 384).")] = None,
     eval_resolution: Annotated[int | None, typer.Option(help="Evaluation resolution (paper: 480).")] = None,
@@ -164,6 +170,7 @@ def finetune(
 
     from convscale_cli.finetune.api import finetune as run_finetune
 
-    summary = run_finetune(run_config)
+    with progress_to_stderr(json_):
+        summary = run_finetune(run_config)
     if json_:
         print_json(summary)

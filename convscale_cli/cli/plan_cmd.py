@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from convscale_cli.cli import app
-from convscale_cli.cli._output import print_json, print_table
+from convscale_cli.cli._output import print_json, print_table, progress_to_stderr
 from convscale_cli.errors import UsageError, did_you_mean
 
 if TYPE_CHECKING:
@@ -248,7 +248,10 @@ def tune_lr(
     lr_grid: Annotated[
         str | None, typer.Option(help="Comma-separated grid for --grid (default: alpha x 2, 1, 1/2 .. 1/16).")
     ] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Global batch size (default: the recipe's).")] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(help="Global batch size (default: that of the runs already in RUNS, else the recipe's)."),
+    ] = None,
     resolution: Annotated[int | None, typer.Option(help="Training resolution (default: the model's).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of every trial.")] = 0,
     set_: Annotated[
@@ -265,6 +268,9 @@ def tune_lr(
 
     alpha is the best learning rate of the nearest finished cell with a smaller-or-equal model and epoch budget in
     RUNS (none: the recipe's, 1.6 for NFNets). Decisions are appended to RUNS/tuning.jsonl.
+
+    Trials inherit the data options, batch size and precision of the runs already in RUNS on the dataset, so they stay
+    comparable with the cells they continue; a different value given with --batch-size or --set is refused.
     """
     from convscale_cli.plugins import get_registry
     from convscale_cli.tuning import tune_cell
@@ -297,16 +303,17 @@ def tune_lr(
         raise UsageError(f"--epochs must be a positive number, got {epochs}")
     if runs.exists() and not runs.is_dir():
         raise UsageError(f"--runs {str(runs)!r} is a file, expected a runs directory")
-    result = tune_cell(
-        model,
-        epochs,
-        runs,
-        dataset=dataset or _infer_dataset(runs),
-        registry=registry,
-        options=options,
-        grid=grid_values,
-        size_axis=size_axis,  # type: ignore[arg-type]
-    )
+    with progress_to_stderr(json_):
+        result = tune_cell(
+            model,
+            epochs,
+            runs,
+            dataset=dataset or _infer_dataset(runs),
+            registry=registry,
+            options=options,
+            grid=grid_values,
+            size_axis=size_axis,  # type: ignore[arg-type]
+        )
     if json_:
         print_json(result.to_dict())
         return
@@ -337,7 +344,8 @@ def sweep(
     config = load_study(study, _overrides(set_))
     registry = get_registry()
     if json_:
-        result = run_sweep(config, registry)
+        with progress_to_stderr(True):
+            result = run_sweep(config, registry)
         print_json(
             {
                 "out": config.out,

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from convscale_cli.cli import app
-from convscale_cli.cli._output import print_json
+from convscale_cli.cli._output import print_json, progress_to_stderr
 
 _HELP = """Pre-train a model on a dataset with its family's recipe (Smith et al. 2023: SGD + Nesterov + AGC,
 cosine schedule, bf16 activations).
@@ -133,6 +133,7 @@ def pretrain(
     run_config = from_dict(PretrainConfig, merge(data, overrides))
     from convscale_cli.engine.api import pretrain as run_pretrain  # jax: only once there is something to train
 
-    summary = run_pretrain(run_config)
+    with progress_to_stderr(json_):
+        summary = run_pretrain(run_config)
     if json_:
         print_json(summary)

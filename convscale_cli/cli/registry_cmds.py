@@ -69,6 +69,7 @@ def models(
                 "train_resolution": spec.train_resolution,
                 "eval_resolution": spec.eval_resolution,
                 "tags": list(spec.tags),
+                "options": dict(spec.options),
                 "plugin": registry.architectures.owner(spec.name),
                 "description": spec.description,
             }
@@ -84,7 +85,7 @@ def models(
             (
                 r["name"],
                 r["family"],
-                f"{r['params'] / 1e6:.1f}M",
+                _millions(r["params"]),
                 f"{r['macs'] / 1e9:.2f}" if r["macs"] >= 1e7 else f"{r['macs'] / 1e9:.4f}",
                 r["resolution"],
                 f"{r['train_resolution']}/{r['eval_resolution']}",
@@ -94,6 +95,13 @@ def models(
         ],
         right=["params", "GMACs", "@px"],
     )
+
+
+def _millions(params: int) -> str:
+    """``25.6M``, ``45.1k`` or ``512``: a model under 50k parameters never shows as ``0.0M``."""
+    if params >= 999_950:
+        return f"{params / 1e6:.1f}M"
+    return f"{params / 1e3:.1f}k" if params >= 1000 else str(params)
 
 
 @app.command()
@@ -145,10 +153,16 @@ def datasets(pattern: PatternArg = None, json_: JsonOpt = False) -> None:
 @app.command()
 def plugins(json_: JsonOpt = False) -> None:
     """List loaded plugins: version, origin, hooks implemented and any load error."""
-    from convscale_cli.errors import PluginError
-    from convscale_cli.plugins import load_plugins, strict_mode
+    import warnings
 
-    loaded = load_plugins(strict=False)  # the diagnostic command lists every failure, even under --strict
+    from convscale_cli.errors import PluginError
+    from convscale_cli.plugins import PluginWarning, load_plugins, strict_mode
+
+    # The diagnostic command lists every failure in its table (no warnings repeating the rows), even under --strict,
+    # which then exits 2 naming the first failure.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PluginWarning)
+        loaded = load_plugins(strict=False)
     rows = [
         {
             "name": r.name,
