@@ -223,6 +223,7 @@ def test_plan_json_schema(cli_registry: Registry, capsys: pytest.CaptureFixture[
         "predicted_loss",
         "loss_interval",
         "extrapolated",
+        "extrapolated_in",
     }
     assert all(set(c) == keys for c in doc["candidates"])
     rec = doc["recommendation"]
