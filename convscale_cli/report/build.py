@@ -176,7 +176,9 @@ def analyse(
     design = StudyDesign.from_points(_points(mine, size_axis))
     est = estimate(design, design.loss)
     noise = measure_noise(design, est)
-    boot = bootstrap(design, noise, replicates=replicates, level=level, seed=seed)
+    # A term the observed fit put at 0 stays out of every replicate: they describe the law the data chose.
+    dropped = tuple(t for t in ("E", "A", "B") if est.parametric is not None and t in est.parametric.at_bound)
+    boot = bootstrap(design, noise, replicates=replicates, level=level, seed=seed, without=dropped)
     cells = analysis.cell_table(design, est, mine)
     fit = None
     if est.parametric is not None:
@@ -218,16 +220,15 @@ def _families(runs: list[Run], size_axis: str, replicates: int, level: float, se
     design = StudyDesign.from_points(points)
     sides = verdicts.families_of(design)
     est = estimate(design, design.loss, parametric=False, families=sides)
-    noise = measure_noise(design, est)
-    boot = bootstrap(design, noise, replicates=replicates, level=level, seed=seed, parametric=False, families=sides)
-    verdict = verdicts.convnets_match_vits(est, boot, noise, design)
     cells = analysis.cell_table(design, est, runs)
-    out: dict[str, Any] = {"families": {}, "gap": est.family_gap, "noise": noise.to_dict(), "verdict": verdict}
+    out: dict[str, Any] = {"families": {}, "gap": est.family_gap}
+    pooled = []
     for name in sorted(set(design.families)):
         members = [c for c in cells if c.family == name]
         # A family's own frontier: its cells that no other model of the same family beats at their compute.
         own = StudyDesign.from_points([p for p in points if p.family == name])
-        own_est = estimate(own, own.loss, parametric=False)
+        own_est = estimate(own, own.loss)
+        pooled.append(measure_noise(own, own_est))
         front = analysis.cell_table(own, own_est, [r for r in runs if r.family == name])
         out["families"][name] = {
             "cells": [c.to_dict() for c in members],
@@ -235,6 +236,17 @@ def _families(runs: list[Run], size_axis: str, replicates: int, level: float, se
             "b": own_est.b,
             "log_a": own_est.log_a,
         }
+    # Each family's noise is measured on its own (seeds, lr response or its own law's residuals) and pooled.
+    known = [n for n in pooled if n.known]
+    dof = sum(n.df for n in known)
+    noise = (
+        Noise(math.sqrt(sum(n.df * n.sigma**2 for n in known) / dof), dof, "+".join(sorted({n.source for n in known})))
+        if known
+        else Noise(math.nan, 0, "none")
+    )
+    boot = bootstrap(design, noise, replicates=replicates, level=level, seed=seed, parametric=False, families=sides)
+    out["noise"] = noise.to_dict()
+    out["verdict"] = verdicts.convnets_match_vits(est, boot, noise, design)
     return out
 
 

@@ -436,8 +436,12 @@ def estimate(
     *,
     parametric: bool = True,
     families: tuple[Sequence[str], str] | None = None,
+    without: tuple[str, ...] = (),
 ) -> Estimates:
-    """All estimates from one vector of run losses (the observed one, or a bootstrap replicate)."""
+    """All estimates from one vector of run losses (the observed one, or a bootstrap replicate).
+
+    ``without`` leaves terms out of the parametric law (see :func:`~convscale_cli.report.parametric.fit_varpro`).
+    """
     cells = best_lrs(design, group_means(design, loss))
     curves = model_curves(design, cells)
     front = on_envelope(design, cells, curves)
@@ -452,7 +456,7 @@ def estimate(
         size_exponent = ols(grid[interior], n_opt[interior])[1]
     fit = None
     if parametric and design.n_cells >= 6:
-        fit = fit_varpro(design.size[design.cell_model], cells.examples, cells.loss)
+        fit = fit_varpro(design.size[design.cell_model], cells.examples, cells.loss, without=without)
     gap = family_gap(design, cells, *families) if families else math.nan
     return Estimates(
         cells=cells,

@@ -171,11 +171,13 @@ def bootstrap(
     seed: int = 0,
     parametric: bool = True,
     families: tuple[Sequence[str], str] | None = None,
+    without: tuple[str, ...] = (),
 ) -> Bootstrap:
     """Perturb every run's log loss by N(0, sigma*^2) and recompute every estimate, ``replicates`` times.
 
     ``sigma*`` is drawn per replicate from the estimate's scaled inverse-chi-square distribution (``df`` degrees of
-    freedom), so a noise level measured from few seeds or few cells widens the intervals accordingly.
+    freedom), so a noise level measured from few seeds or few cells widens the intervals accordingly. ``without``
+    names the law's terms the observed fit put on their bound 0: the replicates refit the law the data chose.
     """
     if not noise.known or replicates <= 0:
         return Bootstrap({}, np.zeros((0, 5)), level)
@@ -186,7 +188,7 @@ def bootstrap(
     for _ in range(replicates):
         sigma = noise.sigma * math.sqrt(noise.df / rng.chisquare(noise.df))
         replica = np.exp(log_l + rng.normal(0.0, sigma, len(log_l)))
-        est = estimate(design, replica, parametric=parametric, families=families)
+        est = estimate(design, replica, parametric=parametric, families=families, without=without)
         rows.append(est.vector())
         params.append(est.parametric.array() if est.parametric is not None else np.full(5, np.nan))
     draws = {name: np.array([row[name] for row in rows]) for name in rows[0]}

@@ -66,13 +66,23 @@ class ParametricPoint:
 
 
 def law(params: np.ndarray, n: np.ndarray, d: np.ndarray) -> np.ndarray:
-    """``E + A / N**alpha + B / D**beta`` for ``params = (E, A, alpha, B, beta)`` (broadcast)."""
+    """``E + A / N**alpha + B / D**beta`` for ``params = (E, A, alpha, B, beta)`` (broadcast).
+
+    A term whose coefficient is 0 is 0 whatever its exponent (NaN for a term the fit left out).
+    """
     e, a, alpha, b, beta = params
-    with np.errstate(divide="ignore"):
-        return e + a * np.exp(-alpha * np.log(n)) + b * np.exp(-beta * np.log(d))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        size = np.where(a > 0, a * np.exp(-alpha * np.log(n)), 0.0)
+        data = np.where(b > 0, b * np.exp(-beta * np.log(d)), 0.0)
+    return e + size + data
 
 
-def _subset_solve(gram: np.ndarray, rhs: np.ndarray, total: float) -> tuple[np.ndarray, np.ndarray]:
+_SUBSETS = ((0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2))
+
+
+def _subset_solve(
+    gram: np.ndarray, rhs: np.ndarray, total: float, subsets: tuple[tuple[int, ...], ...] = _SUBSETS
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact non-negative least squares in three unknowns for a batch of normal equations.
 
     The NNLS optimum is the unconstrained least-squares solution on some subset of the columns with all its
@@ -92,7 +102,7 @@ def _subset_solve(gram: np.ndarray, rhs: np.ndarray, total: float) -> tuple[np.n
     coef = np.zeros((g, 3))
     # A tiny ridge keeps exactly collinear columns (one distinct N) solvable; it changes nothing measurable.
     gram = gram + 1e-12 * np.trace(gram, axis1=1, axis2=2)[:, None, None] * np.eye(3)
-    for cols in ((0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)):
+    for cols in subsets:
         x = _solve_small(gram[:, cols][:, :, cols], rhs[:, cols])
         value = total - np.sum(x * rhs[:, cols], axis=1)
         ok = np.all(x >= 0, axis=1) & np.isfinite(value) & (value < best)
@@ -135,7 +145,12 @@ def _solve_small(m: np.ndarray, r: np.ndarray) -> np.ndarray:
 
 
 def _grid_objective(
-    alphas: np.ndarray, betas: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, inv_l: np.ndarray
+    alphas: np.ndarray,
+    betas: np.ndarray,
+    log_n: np.ndarray,
+    log_d: np.ndarray,
+    inv_l: np.ndarray,
+    subsets: tuple[tuple[int, ...], ...] = _SUBSETS,
 ) -> tuple[np.ndarray, np.ndarray]:
     """NNLS of ``(E, A, B)`` at every pair of the grid ``alphas x betas`` (row-major).
 
@@ -167,11 +182,26 @@ def _grid_objective(
         ],
         axis=-1,
     ).reshape(ga * gb, 3)
-    return _subset_solve(gram, rhs, float(len(inv_l)))
+    return _subset_solve(gram, rhs, float(len(inv_l)), subsets)
 
 
-def fit_varpro(N: ArrayLike, D: ArrayLike, loss: ArrayLike) -> ParametricPoint:  # noqa: N803  (the paper's names)
+def fit_varpro(
+    N: ArrayLike,  # noqa: N803  (the paper's names)
+    D: ArrayLike,  # noqa: N803
+    loss: ArrayLike,
+    *,
+    without: tuple[str, ...] = (),
+) -> ParametricPoint:
     """Least-squares fit of the law by variable projection over a refined exponent grid.
+
+    Args:
+        N: Model sizes.
+        D: Examples seen.
+        loss: Held-out losses.
+        without: Terms to leave out: "E", "A" (model size does not matter) or "B". The bootstrap refits a law
+            whose observed fit put a coefficient on its bound 0 without that term, so its replicates describe the
+            model the data chose (a bound mixed into the replicates otherwise distorts every other interval). A
+            left-out term's coefficient is 0 and its exponent NaN.
 
     Raises:
         FitError: fewer than 5 points, mismatched lengths or non-positive values.
@@ -184,20 +214,28 @@ def fit_varpro(N: ArrayLike, D: ArrayLike, loss: ArrayLike) -> ParametricPoint: 
     # Geometric-mean units keep the columns O(1) for every exponent on the grid.
     n0, d0 = float(np.exp(np.log(n).mean())), float(np.exp(np.log(d).mean()))
     log_n, log_d, inv_l = np.log(n / n0), np.log(d / d0), 1.0 / y
+    drop_e, drop_a, drop_b = "E" in without, "A" in without, "B" in without
+    subsets = tuple(
+        c for c in _SUBSETS if not (drop_e and 0 in c) and not (drop_a and 1 in c) and not (drop_b and 2 in c)
+    )
     lo, hi = math.log(EXPONENT_RANGE[0]), math.log(EXPONENT_RANGE[1])
     axis = np.linspace(lo, hi, _COARSE)
+    # A left-out term's exponent is not searched: one placeholder value keeps the grid's shape.
+    axis_a, axis_b = (axis[:1] if drop_a else axis), (axis[:1] if drop_b else axis)
     step = axis[1] - axis[0]
-    coef, value = _grid_objective(np.exp(axis), np.exp(axis), log_n, log_d, inv_l)
+    coef, value = _grid_objective(np.exp(axis_a), np.exp(axis_b), log_n, log_d, inv_l, subsets)
     i = int(np.argmin(value))
-    la, lb = axis[i // _COARSE], axis[i % _COARSE]
+    la, lb = axis_a[i // len(axis_b)], axis_b[i % len(axis_b)]
     for _ in range(2):  # refine around the best point, each time on a grid 3x finer
-        ra = np.clip(np.linspace(la - step, la + step, _REFINE), lo, hi)
-        rb = np.clip(np.linspace(lb - step, lb + step, _REFINE), lo, hi)
-        c2, v2 = _grid_objective(np.exp(ra), np.exp(rb), log_n, log_d, inv_l)
+        ra = np.clip(np.linspace(la - step, la + step, 1 if drop_a else _REFINE), lo, hi)
+        rb = np.clip(np.linspace(lb - step, lb + step, 1 if drop_b else _REFINE), lo, hi)
+        ra = ra if not drop_a else np.array([la])
+        rb = rb if not drop_b else np.array([lb])
+        c2, v2 = _grid_objective(np.exp(ra), np.exp(rb), log_n, log_d, inv_l, subsets)
         j = int(np.argmin(v2))
         if v2[j] <= value[i]:
             coef, value, i = c2, v2, j
-            la, lb = ra[j // _REFINE], rb[j % _REFINE]
+            la, lb = ra[j // len(rb)], rb[j % len(rb)]
         step = step * 2.0 / (_REFINE - 1)
     e, a_norm, b_norm = coef[i]
     # Polish all five jointly from the grid's best point with a bounded trust-region least-squares run (tight
@@ -215,11 +253,28 @@ def fit_varpro(N: ArrayLike, D: ArrayLike, loss: ArrayLike) -> ParametricPoint: 
     start = np.array([e, a_norm, math.exp(la), b_norm, math.exp(lb)])
     low = np.array([0.0, 0.0, EXPONENT_RANGE[0], 0.0, EXPONENT_RANGE[0]])
     high = np.array([np.inf, np.inf, EXPONENT_RANGE[1], np.inf, EXPONENT_RANGE[1]])
+    free = np.array(
+        [
+            i
+            for i in range(5)
+            if not (drop_e and i == 0) and not (drop_a and i in (1, 2)) and not (drop_b and i in (3, 4))
+        ]
+    )
+    fixed = start.copy()
+    fixed[[0] if drop_e else []] = 0.0
+    fixed[[1] if drop_a else []] = 0.0
+    fixed[[3] if drop_b else []] = 0.0
+
+    def full(t: np.ndarray) -> np.ndarray:
+        out = fixed.copy()
+        out[free] = t
+        return out
+
     polished = least_squares(
-        residual,
-        np.clip(start, low + 1e-12, high),
-        jac=jacobian,
-        bounds=(low, high),
+        lambda t: residual(full(t)),
+        np.clip(start[free], low[free] + 1e-12, high[free]),
+        jac=lambda t: jacobian(full(t))[:, free],
+        bounds=(low[free], high[free]),
         method="trf",
         xtol=1e-12,
         ftol=1e-14,
@@ -227,7 +282,7 @@ def fit_varpro(N: ArrayLike, D: ArrayLike, loss: ArrayLike) -> ParametricPoint: 
         max_nfev=200,
     )
     if 2.0 * polished.cost <= value[i]:
-        e, a_norm, alpha_p, b_norm, beta_p = polished.x
+        e, a_norm, alpha_p, b_norm, beta_p = full(polished.x)
         la, lb = math.log(alpha_p), math.log(beta_p)
         value = np.array([2.0 * polished.cost])
         i = 0
@@ -235,16 +290,17 @@ def fit_varpro(N: ArrayLike, D: ArrayLike, loss: ArrayLike) -> ParametricPoint: 
         # smallest loss is at its bound 0.
         scale = float(np.min(y))
         e, a_norm, b_norm = (0.0 if v < 1e-6 * scale else v for v in (e, a_norm, b_norm))
-    alpha, beta = math.exp(la), math.exp(lb)
-    at_bound = [name for name, v in (("E", e), ("A", a_norm), ("B", b_norm)) if v <= 0.0]
-    for name, v in (("alpha", la), ("beta", lb)):
-        if v <= lo + 1e-9 or v >= hi - 1e-9:
+    alpha = math.nan if drop_a else math.exp(la)
+    beta = math.nan if drop_b else math.exp(lb)
+    at_bound = [name for name, v in (("E", e), ("A", a_norm), ("B", b_norm)) if v <= 0.0 and name not in without]
+    for name, v, dropped in (("alpha", la, drop_a), ("beta", lb, drop_b)):
+        if not dropped and (v <= lo + 1e-9 or v >= hi - 1e-9):
             at_bound.append(name)
     return ParametricPoint(
         E=float(e),
-        A=float(a_norm * n0**alpha),
+        A=0.0 if drop_a else float(a_norm * n0**alpha),
         alpha=alpha,
-        B=float(b_norm * d0**beta),
+        B=0.0 if drop_b else float(b_norm * d0**beta),
         beta=beta,
         rms=math.sqrt(max(float(value[i]), 0.0) / len(y)),
         at_bound=tuple(at_bound),
@@ -396,13 +452,23 @@ def make_fit(
 ) -> ParametricFit:
     """Wrap a point fit with its bootstrap draws, intervals and the reasons it may not be trusted."""
     level = check_level(level)
-    draws = np.zeros((0, len(_NAMES))) if samples is None else np.asarray(samples, dtype=np.float64)
-    draws = draws[np.all(np.isfinite(draws), axis=1)] if len(draws) else draws.reshape(0, len(_NAMES))
+    draws = np.zeros((0, len(_NAMES))) if samples is None else np.asarray(samples, dtype=np.float64).reshape(-1, 5)
+    # A replicate is usable when every parameter is finite, except the exponent of a term it left out (coefficient 0).
+    left_out = np.zeros_like(draws, dtype=bool)
+    left_out[:, 2] = draws[:, 1] == 0
+    left_out[:, 4] = draws[:, 3] == 0
+    draws = draws[np.all(np.isfinite(draws) | left_out, axis=1)]
     intervals: dict[str, tuple[float, float]] = {}
-    if len(draws):
-        lo, hi = quantile_interval(draws, level)
-        intervals = {name: (float(lo[i]), float(hi[i])) for i, name in enumerate(_NAMES)}
+    for i, name in enumerate(_NAMES):
+        column = draws[:, i]
+        column = column[np.isfinite(column)]
+        if len(column) and len(column) >= 0.8 * len(draws):
+            lo, hi = quantile_interval(column, level)
+            intervals[name] = (float(lo), float(hi))
     unquoted = identifiability(n, d)
+    for coefficient, exponent, axis in (("A", "alpha", "model size"), ("B", "beta", "data")):
+        if coefficient in point.at_bound:
+            unquoted.setdefault(exponent, f"{coefficient} = 0: the loss does not measurably depend on {axis}")
     warnings = []
     for name in point.at_bound:
         where = "0" if name in ("E", "A", "B") else f"the end of its search range {EXPONENT_RANGE}"

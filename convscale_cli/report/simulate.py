@@ -301,7 +301,8 @@ def truth_values(scenario: Scenario) -> dict[str, float]:
     """True values of the quantities whose intervals are checked.
 
     ``alpha``, ``beta``, ``E`` and ``a = beta / (alpha + beta)`` are the law's (``alpha`` and ``a`` only when
-    ``A > 0``). The frontier exponent ``b`` is a
+    ``A > 0``, ``E`` only when ``E > 0``: a truth on the boundary of the parameter space is covered by any interval
+    that reaches the boundary, which says nothing about calibration). The frontier exponent ``b`` is a
     property of the design as well as of the law (which cells exist to form the envelope): its truth is the
     noise-free analysis of the same design.
     """
@@ -328,7 +329,9 @@ def truth_values(scenario: Scenario) -> dict[str, float]:
             )
     design = StudyDesign.from_points(points)
     noise_free = estimate(design, design.loss, parametric=False)
-    out = {"b": noise_free.b, "beta": beta, "E": e}
+    out = {"b": noise_free.b, "beta": beta}
+    if e > 0:  # E = 0 lies on the boundary of E >= 0, where an interval [0, x] holds it by construction
+        out["E"] = e
     if a > 0:  # with A = 0 model size does not matter: alpha and the allocation have no true value
         out.update(alpha=alpha, a=scenario.size_exponent)
     return out
