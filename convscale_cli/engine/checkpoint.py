@@ -8,6 +8,7 @@ previous checkpoint as the newest complete one.
 
 from __future__ import annotations
 
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -44,6 +45,7 @@ class Checkpoints:
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
         self._pending: int | None = None  # the step of the newest save not yet confirmed on disk
+        self._failed = False  # a save failed: its stranded background threads are released on close()
 
     def steps(self) -> list[int]:
         """Steps of the complete checkpoints, oldest first."""
@@ -112,6 +114,7 @@ class Checkpoints:
             self._pending = None
 
     def _failure(self, step: int | None, exc: BaseException) -> CheckpointError:
+        self._failed = True
         what = f"at step {step}" if step is not None else "in the background"
         good = [s for s in self.steps() if s != step]
         kept = f"the checkpoint of step {good[-1]} is intact" if good else "no earlier checkpoint exists"
@@ -175,5 +178,41 @@ class Checkpoints:
             self._manager.reload()
 
     def close(self) -> None:
-        """Finish pending saves and release the manager."""
-        self._manager.close()
+        """Finish pending saves and release the manager (and the threads of a failed save)."""
+        try:
+            self._manager.close()
+        finally:
+            if self._failed:
+                release_stranded_threads()
+
+
+def release_stranded_threads() -> int:
+    """Wake the background threads of a failed asynchronous save so the process can exit; return how many.
+
+    Orbax runs each part of an asynchronous save in a non-daemon thread that first waits for a signal (the step's
+    temporary directory exists) for up to five minutes. When creating the directory fails, the signal never comes and
+    the interpreter waits for those threads at exit: a batch job held its allocation until wall time. Each thread is
+    cancelled, then its awaited signal is set, so it wakes, sees the cancellation and returns without writing.
+    """
+    try:
+        from orbax.checkpoint._src.futures import future
+    except ImportError:  # another Orbax layout: nothing known to release
+        return 0
+    thread_type = getattr(future, "_SignalingThread", None)
+    if thread_type is None:
+        return 0
+    released = 0
+    for thread in threading.enumerate():
+        if not isinstance(thread, thread_type) or not thread.is_alive():
+            continue
+        try:
+            thread.cancel()
+            future.set_signals(thread._receive_signals, operation_id=thread._operation_id)
+        except Exception:  # noqa: BLE001 - best effort on an error path; the error itself is already reported
+            continue
+        released += 1
+    for thread in threading.enumerate():
+        if isinstance(thread, thread_type):
+            # The base join: Orbax's own raises the cancellation this function caused.
+            threading.Thread.join(thread, timeout=5.0)
+    return released
