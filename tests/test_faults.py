@@ -7,14 +7,27 @@ on their own run as subprocesses of ``tests/_engine_helpers.py``.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
+
+import _engine_helpers as helpers
+import pytest
+
+from convscale_cli.engine.api import pretrain
+from convscale_cli.errors import CheckpointError
 
 TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def registry() -> Any:
+    return helpers.registry()
 
 
 def _env() -> dict[str, str]:
@@ -50,3 +63,73 @@ def test_a_failed_checkpoint_save_ends_the_process(tmp_path: Path) -> None:
     assert "the checkpoint of step 4 is intact" in proc.stderr
     assert time.monotonic() - start < 200
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["4"]
+
+
+def _foreign(root: Path) -> dict[str, bytes]:
+    """A Hugging Face-like model directory: a JSON-object config.json, a metrics.jsonl, checkpoints/ and tb/."""
+    (root / "checkpoints").mkdir(parents=True)
+    (root / "tb").mkdir()
+    files = {
+        "config.json": json.dumps({"model_type": "vit", "hidden_size": 768}).encode(),
+        "metrics.jsonl": b'{"step": 1, "split": "train", "loss": 2.0}\n',
+        "checkpoints/weights.bin": b"\x00\x01",
+        "tb/events": b"e",
+        "README.md": b"mine",
+    }
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    return files
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["plain", "force"])
+def test_a_directory_convscale_did_not_write_is_never_taken_over(registry: Any, tmp_path: Path, force: bool) -> None:
+    out = tmp_path / "hf-model"
+    files = _foreign(out)
+    with pytest.raises(CheckpointError, match="not written by convscale"):
+        pretrain(helpers.config(out, force=force), registry)
+    for name, data in files.items():
+        assert (out / name).read_bytes() == data
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "checkpoints", "config.json", "metrics.jsonl", "tb"]
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        pytest.param({"checkpoints/notes.txt": "mine"}, id="checkpoints-only"),
+        pytest.param({"config.json": "[1, 2]", "tb/x": "mine"}, id="unreadable-config"),
+        pytest.param({"notes.txt": "mine"}, id="other-files"),
+    ],
+)
+def test_force_never_clears_a_directory_that_is_not_a_convscale_run(
+    registry: Any, tmp_path: Path, layout: dict[str, str]
+) -> None:
+    out = tmp_path / "mine"
+    for name, text in layout.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+    with pytest.raises(CheckpointError, match="empty it yourself"):
+        pretrain(helpers.config(out, force=True), registry)
+    assert {str(p.relative_to(out)): p.read_text() for p in out.rglob("*") if p.is_file()} == layout
+
+
+def test_a_convscale_run_is_marked_and_force_still_starts_it_over(registry: Any, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    pretrain(helpers.config(out, steps=4), registry)
+    marker = json.loads((out / "config.json").read_text())["convscale_run"]
+    assert marker["kind"] == "pretrain"
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="steps differs"):
+        pretrain(helpers.config(out, steps=8), registry)
+    assert pretrain(helpers.config(out, steps=8, force=True), registry)["steps"] == 8
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_run_written_before_the_marker_is_still_resumed(registry: Any, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    first = pretrain(helpers.config(out, steps=4), registry)
+    config = json.loads((out / "config.json").read_text())
+    del config["convscale_run"]
+    (out / "config.json").write_text(json.dumps(config))
+    assert pretrain(helpers.config(out, steps=4), registry)["finished_at"] == first["finished_at"]  # nothing to do
+    with pytest.raises(CheckpointError, match="not written by convscale"):
+        pretrain(helpers.config(out, steps=8, force=True), registry)  # differs, so not provably a convscale run

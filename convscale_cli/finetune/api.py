@@ -64,7 +64,7 @@ def finetune(
     if jax.process_count() > 1:
         raise UsageError("fine-tuning runs in a single process; multi-host is supported by pretrain only")
     run = resolve(config, registry)
-    rundir = RunDir(config.out)
+    rundir = RunDir(config.out, kind="finetune")
     resolved = resolved_dict(run)
     resuming = rundir.prepare(resolved, force=config.force)
     progress = Progress(run.duration.steps, mode=config.progress)
