@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
 import textwrap
@@ -17,10 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import _engine_helpers as helpers
+import numpy as np
 import pytest
+from convscale_plugins.datasets import arrayrecord
 
+from convscale_cli.cli import main
+from convscale_cli.data.records import encode_record, write_manifest
 from convscale_cli.engine.api import pretrain
-from convscale_cli.errors import CheckpointError
+from convscale_cli.engine.build import host_batch
+from convscale_cli.errors import CheckpointError, DataError, UsageError
 
 TESTS = Path(__file__).resolve().parent
 
@@ -133,3 +139,82 @@ def test_a_run_written_before_the_marker_is_still_resumed(registry: Any, tmp_pat
     assert pretrain(helpers.config(out, steps=4), registry)["finished_at"] == first["finished_at"]  # nothing to do
     with pytest.raises(CheckpointError, match="not written by convscale"):
         pretrain(helpers.config(out, steps=8, force=True), registry)  # differs, so not provably a convscale run
+
+
+def test_a_classifier_smaller_than_the_dataset_is_refused_before_the_directory_is_touched(
+    registry: Any, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    with pytest.raises(UsageError, match=r"num_classes 2 is smaller than dataset 'colours'.s 4 classes"):
+        pretrain(helpers.config(out, num_classes=2), registry)
+    assert not out.exists()
+
+
+def test_the_cli_names_a_too_small_classifier_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    args = ["pretrain", "--model", "nfnet-test", "--dataset", "shapes", "--set", "num_classes=2", "--steps", "1"]
+    assert main([*args, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("Error: num_classes 2 is smaller than dataset 'shapes''s 420 classes") and err.count("\n") == 1
+    )
+
+
+def test_labels_outside_the_classifier_stop_the_batch() -> None:
+    batch = {
+        "image": np.zeros((4, 2, 2, 3), np.uint8),
+        "label": np.array([0, 3, 1, 9]),
+        "mask": np.array([1.0, 1.0, 1.0, 0.0]),  # the padded last example's label is never used
+    }
+    assert host_batch(batch, False, 4)["label"].tolist() == [0, 3, 1, 9]
+    for bad in (4, -1):
+        with pytest.raises(DataError, match=f"label {bad} is outside the classifier's 4 classes"):
+            host_batch({**batch, "label": np.array([0, bad, 1, 9])}, False, 4)
+
+
+def _shards(root: Path, records: list[bytes], classes: int = 3) -> Path:
+    """A one-shard ``arrayrecord`` dataset holding ``records`` in both splits."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    root.mkdir(parents=True)
+    for split in ("train", "eval"):
+        writer = ArrayRecordWriter(str(root / f"{split}.array_record"), "group_size:1")
+        for record in records:
+            writer.write(record)
+        writer.close()
+    splits = {split: {"count": len(records), "shards": [f"{split}.array_record"]} for split in ("train", "eval")}
+    write_manifest(root, classes=[f"c{i}" for i in range(classes)], splits=splits, multi_label=False)
+    return root
+
+
+def _png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("record", "needle"),
+    [
+        pytest.param(
+            lambda: encode_record(_png(), [99], 5), r"record 1 \(id 5\) has label 99; the manifest lists 3", id="99"
+        ),
+        pytest.param(lambda: encode_record(_png(), [-1], 5), "has label -1", id="negative"),
+        pytest.param(lambda: encode_record(_png(), [], 5), "has no label", id="no-label"),
+        pytest.param(lambda: b"CSR", "shorter than the 16-byte record header", id="3-bytes"),
+        pytest.param(
+            lambda: encode_record(b"", [], 5)[:12] + struct.pack("<I", 2**32 - 1) + b"x",
+            "announces 4294967295 labels",
+            id="huge-count",
+        ),
+    ],
+)
+def test_arrayrecord_records_with_bad_labels_are_data_errors(tmp_path: Path, record: Any, needle: str) -> None:
+    root = _shards(tmp_path / "ar", [encode_record(_png(), [1], 0), record()])
+    source = arrayrecord.open_split("train", root=str(root))
+    assert source[0]["label"] == 1
+    with pytest.raises(DataError, match=needle):
+        source[1]

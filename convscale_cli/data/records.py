@@ -38,11 +38,19 @@ def encode_record(image: bytes, labels: list[int] | tuple[int, ...], example_id:
 
 
 def decode_record(record: bytes) -> tuple[bytes, tuple[int, ...], int]:
-    """Inverse of :func:`encode_record`: ``(image bytes, labels, id)``."""
+    """Inverse of :func:`encode_record`: ``(image bytes, labels, id)``.
+
+    Raises:
+        DataError: the record is shorter than its header or than the labels it announces, or has the wrong magic.
+    """
+    if len(record) < _HEADER.size:
+        raise DataError(f"record of {len(record)} bytes is shorter than the {_HEADER.size}-byte record header")
     magic, example_id, count = _HEADER.unpack_from(record)
     if magic != _MAGIC:
         raise DataError(f"record does not start with {_MAGIC!r} (got {magic!r}): not a convscale ArrayRecord shard")
     start = _HEADER.size
+    if start + 4 * count > len(record):
+        raise DataError(f"record {example_id} announces {count} labels but holds {len(record)} bytes in all")
     labels = struct.unpack_from(f"<{count}i", record, start)
     return record[start + 4 * count :], labels, example_id
 

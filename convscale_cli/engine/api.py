@@ -184,7 +184,7 @@ def _train(
     ledger.xla_flops_per_step = xla_flops(train_fn) * built.mesh.size  # cost analysis is per device
 
     def to_device(batch: dict[str, Any]) -> Any:
-        return pipeline.to_global(host_batch(batch, run.info.multi_label), built.data_sharding)
+        return pipeline.to_global(host_batch(batch, run.info.multi_label, run.num_classes), built.data_sharding)
 
     evaluate = make_evaluate(config, run, pipeline, eval_fn, eval_source, eval_batch, to_device, ledger)
     loader = pipeline.train_loader(

@@ -74,6 +74,22 @@ def _recipe(base: Recipe, config: PretrainConfig) -> Recipe:
     return recipe
 
 
+def check_num_classes(num_classes: int, info: DatasetInfo, dataset: str) -> None:
+    """Refuse a classifier smaller than the dataset's label set.
+
+    ``one_hot`` of a label at or past the classifier's size is all zeros, so those examples would train silently to
+    loss 0 with zero gradients; a larger classifier only carries unused logits.
+
+    Raises:
+        UsageError: ``num_classes`` is below the dataset's class count.
+    """
+    if num_classes < info.num_classes:
+        raise UsageError(
+            f"num_classes {num_classes} is smaller than dataset {dataset!r}'s {info.num_classes} classes (labels "
+            f"0..{info.num_classes - 1}); use num_classes >= {info.num_classes} or leave it unset"
+        )
+
+
 def resolve(config: PretrainConfig, registry: Registry) -> ResolvedRun:
     """Look up the model and dataset and fill in every default.
 
@@ -94,6 +110,7 @@ def resolve(config: PretrainConfig, registry: Registry) -> ResolvedRun:
     arch.check_resolution(resolution)
     arch.check_resolution(eval_resolution)
     num_classes = config.num_classes or info.num_classes
+    check_num_classes(num_classes, info, data.name)
     train_size = int(info.split_sizes.get("train", 0))
     if "eval" not in info.split_sizes or not info.split_sizes["eval"]:
         raise UsageError(f"dataset {data.name!r} has no held-out 'eval' split to evaluate on")

@@ -174,7 +174,7 @@ def _train(
     ledger.xla_flops_per_step = xla_flops(train_fn) * mesh.size
 
     def to_device(batch: dict[str, Any]) -> Any:
-        return pipeline.to_global(host_batch(batch, run.info.multi_label), data_sharding)
+        return pipeline.to_global(host_batch(batch, run.info.multi_label, run.num_classes), data_sharding)
 
     def evaluate(params: Any) -> dict[str, float]:
         with ledger.timed("eval"):
