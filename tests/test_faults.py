@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -218,3 +219,23 @@ def test_arrayrecord_records_with_bad_labels_are_data_errors(tmp_path: Path, rec
     assert source[0]["label"] == 1
     with pytest.raises(DataError, match=needle):
         source[1]
+
+
+@pytest.mark.parametrize(
+    "name", ["ledger.json.tmp", "config.json.tmp", "summary.json.tmp", "metrics.jsonl.tmp", "metrics.jsonl"]
+)
+def test_writes_never_follow_a_planted_symlink(registry: Any, tmp_path: Path, name: str) -> None:
+    out = tmp_path / "run"
+    pretrain(helpers.config(out, steps=4, checkpoint_every=2, log_every=2), registry)
+    # Resumable from step 2, so the rerun writes the ledger, metrics and summary again; for config.json nothing is
+    # left to resume, so a changed learning rate replaces the config.
+    (out / "summary.json").unlink()
+    shutil.rmtree(out / "checkpoints" / ("" if name.startswith("config") else "4"))
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (out / name).unlink(missing_ok=True)
+    (out / name).symlink_to(victim)
+    lr = 0.5 if name.startswith("config") else 0.4
+    assert pretrain(helpers.config(out, steps=4, checkpoint_every=2, log_every=2, lr=lr), registry)["steps"] == 4
+    assert victim.read_text() == "precious"
+    assert json.loads((out / "config.json").read_text())["lr"] == lr
