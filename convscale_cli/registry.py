@@ -15,6 +15,10 @@ from typing import Any, Generic, TypeVar
 from convscale_cli.errors import DuplicateRegistrationError, UnknownNameError, UsageError
 from convscale_cli.recipe import Recipe
 
+# The largest classifier convscale builds: 3x JFT's ~30k labels (the paper's pre-training set). A classifier of 2**31
+# classes asks for terabytes before anything fails.
+MAX_NUM_CLASSES = 100_000
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelCount:

@@ -84,8 +84,32 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
             f"{path} has format {manifest.get('format')!r} version {manifest.get('version')!r}: "
             f"expected {FORMAT!r} version {FORMAT_VERSION}"
         )
-    for split, entry in manifest["splits"].items():
-        for shard in entry["shards"]:
+    _check_manifest(manifest, root, path)
+    return manifest
+
+
+def _check_manifest(manifest: dict[str, Any], root: Path, path: Path) -> None:
+    """The manifest's fields have the types :func:`write_manifest` gives them, and every shard lies inside ``root``."""
+    classes, splits = manifest.get("classes"), manifest.get("splits")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise DataError(f"{path}: classes is {classes!r}, expected a non-empty list of class names")
+    if not isinstance(manifest.get("multi_label", False), bool):
+        raise DataError(f"{path}: multi_label is {manifest['multi_label']!r}, expected true or false")
+    if not isinstance(splits, dict) or not splits:
+        raise DataError(f"{path}: splits is {splits!r}, expected a table of splits (train, eval)")
+    for split, entry in splits.items():
+        where = f"{path}: split {split!r}"
+        if not isinstance(entry, dict):
+            raise DataError(f"{where} is {entry!r}, expected a table with count and shards")
+        count, shards = entry.get("count"), entry.get("shards")
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise DataError(f"{where}: count is {count!r}, expected a non-negative integer")
+        if not isinstance(shards, list) or not all(isinstance(s, str) for s in shards):
+            raise DataError(f"{where}: shards is {shards!r}, expected a list of file names")
+        for shard in shards:
+            # Names, not resolved paths: a shard may be a symlink to another disk, but not "../../etc/hostname".
+            parts = Path(shard).parts
+            if not parts or Path(shard).is_absolute() or ".." in parts:
+                raise DataError(f"{where}: shard {shard!r} lies outside the dataset directory {str(root)!r}")
             if not (root / shard).is_file():
                 raise DataError(f"shard {root / shard} of split {split!r} listed in {path} is missing")
-    return manifest

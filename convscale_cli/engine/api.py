@@ -239,10 +239,11 @@ def _train(
 
 def _lost_seconds(live: dict[str, Any] | None, saved: dict[str, Any]) -> float:
     """Device-seconds spent after the restored checkpoint by the run that died (from its last heartbeat)."""
-    if not live:
+    try:
+        spent = sum(Ledger.from_dict(live).device_seconds.values()) if live else 0.0
+    except ValueError:  # a heartbeat of another schema only loses the estimate, never the resume
         return 0.0
-    spent = sum(float(v) for v in live.get("device_seconds", {}).values())
-    kept = sum(float(v) for v in saved.get("device_seconds", {}).values())
+    kept = sum(Ledger.from_dict(saved).device_seconds.values())
     return max(0.0, spent - kept)
 
 

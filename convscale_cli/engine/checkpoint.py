@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from convscale_cli.engine.ledger import Ledger
 from convscale_cli.errors import CheckpointError
 
 ITEMS = ("state", "data", "ledger")
@@ -146,6 +147,7 @@ class Checkpoints:
                         ledger=ocp.args.JsonRestore(),
                     ),
                 )
+                Ledger.from_dict(dict(restored["ledger"] or {}))  # a ledger of the wrong schema: unusable too
             except Exception as exc:
                 detail = " ".join(str(exc).split())[:200]
                 errors.append(f"step {step}: {type(exc).__name__}: {detail}")

@@ -16,7 +16,7 @@ from convscale_cli.engine.config import PretrainConfig
 from convscale_cli.engine.steps import Duration, resolve_duration
 from convscale_cli.errors import UnknownNameError, UsageError
 from convscale_cli.recipe import Recipe
-from convscale_cli.registry import ArchitectureSpec, DatasetInfo, DatasetSpec, Registry
+from convscale_cli.registry import MAX_NUM_CLASSES, ArchitectureSpec, DatasetInfo, DatasetSpec, Registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +75,7 @@ def _recipe(base: Recipe, config: PretrainConfig) -> Recipe:
 
 
 def check_num_classes(num_classes: int, info: DatasetInfo, dataset: str) -> None:
-    """Refuse a classifier smaller than the dataset's label set.
+    """Refuse a classifier smaller than the dataset's label set (or past :data:`MAX_NUM_CLASSES`).
 
     ``one_hot`` of a label at or past the classifier's size is all zeros, so those examples would train silently to
     loss 0 with zero gradients; a larger classifier only carries unused logits.
@@ -83,6 +83,8 @@ def check_num_classes(num_classes: int, info: DatasetInfo, dataset: str) -> None
     Raises:
         UsageError: ``num_classes`` is below the dataset's class count.
     """
+    if num_classes > MAX_NUM_CLASSES:
+        raise UsageError(f"num_classes {num_classes} is over the limit of {MAX_NUM_CLASSES} classes")
     if num_classes < info.num_classes:
         raise UsageError(
             f"num_classes {num_classes} is smaller than dataset {dataset!r}'s {info.num_classes} classes (labels "
