@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
 import textwrap
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +25,12 @@ import numpy as np
 import pytest
 from convscale_plugins.datasets import arrayrecord
 
+from convscale_cli import interrupts
 from convscale_cli.cli import main
 from convscale_cli.data.records import encode_record, write_manifest
 from convscale_cli.engine.api import pretrain
 from convscale_cli.engine.build import host_batch
-from convscale_cli.errors import CheckpointError, DataError, UsageError
+from convscale_cli.errors import CheckpointError, DataError, RunInterrupted, UsageError
 
 TESTS = Path(__file__).resolve().parent
 
@@ -239,3 +242,92 @@ def test_writes_never_follow_a_planted_symlink(registry: Any, tmp_path: Path, na
     assert pretrain(helpers.config(out, steps=4, checkpoint_every=2, log_every=2, lr=lr), registry)["steps"] == 4
     assert victim.read_text() == "precious"
     assert json.loads((out / "config.json").read_text())["lr"] == lr
+
+
+def _signalling(where: str, sig: signal.Signals, *, after: int = 2) -> Any:
+    """The real pipeline, sending this process ``sig`` at one point: ``start`` (building the train loader, after
+    compiling), ``batch`` (after ``after`` training batches), ``final-save`` (when the final checkpoint asks for the
+    loader's state) or ``final-eval`` (the end-of-run evaluation)."""
+    import convscale_cli.data as data
+
+    def send() -> None:
+        os.kill(os.getpid(), sig)
+
+    def train_loader(*args: Any, **kwargs: Any) -> Any:
+        if where == "start":
+            send()
+        loader = data.train_loader(*args, **kwargs)
+        base = type(loader)
+
+        class Signalling(base):  # type: ignore[misc,valid-type]
+            def __iter__(self) -> Any:
+                for i, batch in enumerate(base.__iter__(self)):
+                    if where == "batch" and i == after:
+                        send()
+                    yield batch
+
+            def get_state(self) -> Any:
+                if where == "final-save" and self._step == self.steps:
+                    send()
+                return base.get_state(self)
+
+        loader.__class__ = Signalling
+        return loader
+
+    def eval_loader(*args: Any, **kwargs: Any) -> Any:
+        if where == "final-eval":
+            send()
+        return data.eval_loader(*args, **kwargs)
+
+    return types.SimpleNamespace(
+        train_loader=train_loader, eval_loader=eval_loader, normalize=data.normalize, to_global=data.to_global
+    )
+
+
+def _leftovers(out: Path) -> list[str]:
+    return (
+        [p.name for p in (out / "checkpoints").iterdir() if "tmp" in p.name] if (out / "checkpoints").exists() else []
+    )
+
+
+@pytest.fixture
+def terminal_signals() -> Any:
+    """SIGINT and SIGTERM as a terminal leaves them (default handlers), restored afterwards."""
+    previous = {sig: signal.getsignal(sig) for sig in interrupts.SIGNALS}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+def test_an_inherited_ignored_sigint_does_not_stop_training(
+    registry: Any, tmp_path: Path, terminal_signals: Any
+) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # `cmd &` in a script, nohup
+    out = tmp_path / "run"
+    with interrupts.latched():
+        summary = pretrain(helpers.config(out, steps=8), registry, pipeline=_signalling("batch", signal.SIGINT))
+    assert summary["status"] == "finished" and summary["steps"] == 8
+
+
+@pytest.mark.parametrize("where", ["start", "final-eval"])
+def test_sigterm_outside_the_loop_stops_cleanly(
+    registry: Any, tmp_path: Path, terminal_signals: Any, where: str
+) -> None:
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt), interrupts.latched():  # the CLI prints "Interrupted." and exits 130
+        pretrain(helpers.config(out, steps=8), registry, pipeline=_signalling(where, signal.SIGTERM))
+    assert not _leftovers(out) and not (out / "summary.json").exists()
+    steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir())
+    assert steps == ([] if where == "start" else [4, 8])
+    assert pretrain(helpers.config(out, steps=8), registry)["status"] == "finished"
+
+
+def test_sigterm_during_the_final_save_lets_it_complete(registry: Any, tmp_path: Path, terminal_signals: Any) -> None:
+    out = tmp_path / "run"
+    with pytest.raises(RunInterrupted, match="interrupted at step 6; checkpoint saved"), interrupts.latched():
+        pretrain(helpers.config(out, steps=6), registry, pipeline=_signalling("final-save", signal.SIGTERM))
+    assert not _leftovers(out) and sorted(int(p.name) for p in (out / "checkpoints").iterdir()) == [4, 6]
+    summary = pretrain(helpers.config(out, steps=6), registry)
+    assert summary["status"] == "finished" and summary["steps"] == 6

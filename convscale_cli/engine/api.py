@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from convscale_cli import interrupts
 from convscale_cli.engine import loop
 from convscale_cli.engine.build import Built, abstract_batch, build, compile_steps, host_batch, make_evaluate
 from convscale_cli.engine.cache import enable_compilation_cache
@@ -126,7 +127,8 @@ def pretrain(config: PretrainConfig, registry: Registry | None = None, *, pipeli
         with rng_mode:
             return _train(config, run, rundir, resolved, progress, pipeline, built, ledger, checkpoints)
     finally:
-        checkpoints.close()
+        with interrupts.deferred():  # pending saves complete even when a signal arrives now
+            checkpoints.close()
 
 
 def _sync(name: str) -> None:
@@ -215,9 +217,12 @@ def _train(
     try:
         with progress:
             state, status, step = loop.train(ctx, state, loader, start_step)
-            if ctx.saved_step != step and step != start_step:
-                loop.save(ctx, state, loader, step)
-            checkpoints.wait()
+            with interrupts.deferred():  # a signal now is honoured once the final checkpoint is on disk
+                if ctx.saved_step != step and step != start_step:
+                    loop.save(ctx, state, loader, step)
+                checkpoints.wait()
+            if interrupts.received():
+                status = "interrupted"
             if status == "interrupted":
                 rundir.write_live_ledger(ledger.to_dict())
                 raise RunInterrupted(

@@ -57,7 +57,10 @@ class LoopContext:
 
 
 class StopSignals:
-    """SIGTERM and SIGINT ask the loop to save and stop at the next step instead of killing it mid-step."""
+    """SIGTERM and SIGINT ask the loop to save and stop at the next step instead of killing it mid-step.
+
+    A signal the process was started with ignored (``nohup``, a background job of a script) stays ignored.
+    """
 
     def __init__(self) -> None:
         self.received: str | None = None
@@ -67,11 +70,12 @@ class StopSignals:
         self.received = signal.Signals(signum).name
 
     def __enter__(self) -> StopSignals:
-        if interrupts.received():  # a Ctrl-C before the loop (while compiling) whose KeyboardInterrupt was swallowed
-            self.received = "SIGINT"
+        # A signal before the loop (while compiling) whose KeyboardInterrupt was swallowed.
+        self.received = interrupts.received()
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
+                if interrupts.taken(sig):
+                    self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
