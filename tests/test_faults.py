@@ -17,6 +17,7 @@ import sys
 import textwrap
 import time
 import types
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from convscale_cli.cli import main
 from convscale_cli.data.records import encode_record, write_manifest
 from convscale_cli.engine.api import pretrain
 from convscale_cli.engine.build import host_batch
+from convscale_cli.engine.checkpoint import CheckpointWarning
 from convscale_cli.errors import CheckpointError, DataError, RunInterrupted, UsageError
 
 TESTS = Path(__file__).resolve().parent
@@ -331,3 +333,31 @@ def test_sigterm_during_the_final_save_lets_it_complete(registry: Any, tmp_path:
     assert not _leftovers(out) and sorted(int(p.name) for p in (out / "checkpoints").iterdir()) == [4, 6]
     summary = pretrain(helpers.config(out, steps=6), registry)
     assert summary["status"] == "finished" and summary["steps"] == 6
+
+
+def _flip_a_bit(step_dir: Path) -> Path:
+    """Flip one bit in the middle of the largest array-data file of a checkpoint step."""
+    data = max((p for p in (step_dir / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    data.write_bytes(bytes(raw))
+    return data
+
+
+def test_a_flipped_bit_in_a_saved_step_falls_back_to_the_previous_step(registry: Any, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    pretrain(helpers.config(out, steps=8), registry)
+    assert all((out / "checkpoints" / s / "convscale-checksums.json").is_file() for s in ("4", "8"))
+    (out / "summary.json").unlink()
+    flipped = _flip_a_bit(out / "checkpoints" / "8")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = pretrain(helpers.config(out, steps=8), registry)
+    messages = [str(w.message) for w in caught if issubclass(w.category, CheckpointWarning)]
+    assert len(messages) == 1, messages
+    assert (
+        "step 8" in messages[0]
+        and f"{flipped.relative_to(out / 'checkpoints' / '8')} fails its checksum" in messages[0]
+    )
+    assert summary["status"] == "finished" and summary["steps"] == 8
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("unreadable-8-"))  # kept aside

@@ -4,13 +4,22 @@ A checkpoint holds three items: ``state`` (params, optimiser state, EMA, base RN
 process writes its shards of), ``data`` (the input iterator's JSON state) and ``ledger`` (the compute ledger). Orbax
 writes each step into a temporary directory and renames it when complete, so a run killed mid-save leaves the
 previous checkpoint as the newest complete one.
+
+Corruption that still parses (a flipped bit in array data restores as a changed weight) is caught by a checksum: once
+a save has committed, the CRC-32 and size of every file of the step are written to ``<step>/convscale-checksums.json``
+and checked before the step is restored; a step that fails the check is skipped like an unreadable one. A step
+without the file (a run killed between the commit and the checksum) is restored unchecked.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 import threading
 import time
 import warnings
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +30,51 @@ from convscale_cli.engine.ledger import Ledger
 from convscale_cli.errors import CheckpointError
 
 ITEMS = ("state", "data", "ledger")
+CHECKSUMS = "convscale-checksums.json"
+
+
+def _crc(path: Path) -> str:
+    crc = 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}:{path.stat().st_size}"
+
+
+def digest(step_dir: Path) -> dict[str, str]:
+    """``relative path -> "crc32:size"`` of every file of a checkpoint step (the checksum file aside)."""
+    return {
+        str(path.relative_to(step_dir)): _crc(path)
+        for path in sorted(step_dir.rglob("*"))
+        if path.is_file() and not path.is_symlink() and path.name != CHECKSUMS
+    }
+
+
+def verify(step_dir: Path) -> str | None:
+    """Why ``step_dir`` fails its checksums (a file changed or missing), or None (it passes, or has none)."""
+    try:
+        expected = json.loads((step_dir / CHECKSUMS).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"its {CHECKSUMS} is unreadable ({type(exc).__name__})"
+    if not isinstance(expected, dict):
+        return f"its {CHECKSUMS} is not a JSON object"
+    for name, want in sorted(expected.items()):
+        path = step_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if _crc(path) != want:
+            return f"{name} fails its checksum"
+    return None
 
 
 class CheckpointWarning(UserWarning):
     """A checkpoint was unreadable and an older one was used instead."""
+
+
+class CorruptCheckpoint(Exception):
+    """A checkpoint step whose files no longer match the checksums written when it was saved."""
 
 
 class Checkpoints:
@@ -101,11 +151,12 @@ class Checkpoints:
             raise self._failure(failed, exc) from exc
 
     def wait(self) -> None:
-        """Block until pending saves are on disk.
+        """Block until pending saves are on disk (and checksummed).
 
         Raises:
             CheckpointError: an asynchronous save failed.
         """
+        step = self._pending
         try:
             self._manager.wait_until_finished()
             self._manager.check_for_errors()
@@ -113,6 +164,23 @@ class Checkpoints:
             raise self._failure(self._pending, exc) from exc
         finally:
             self._pending = None
+        if step is not None:
+            self._seal(step)
+
+    def _seal(self, step: int) -> None:
+        """Write the checksums of a committed step (process 0; the directory is shared)."""
+        step_dir = self.directory / str(step)
+        if jax.process_index() != 0 or not step_dir.is_dir():
+            return
+        sums = digest(step_dir)
+        fd, tmp = tempfile.mkstemp(prefix=f".{CHECKSUMS}.", suffix=".tmp", dir=step_dir)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(sums, f, indent=1)
+            os.replace(tmp, step_dir / CHECKSUMS)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     def _failure(self, step: int | None, exc: BaseException) -> CheckpointError:
         self._failed = True
@@ -139,6 +207,9 @@ class Checkpoints:
         errors = []
         for step in reversed(steps):
             try:
+                corrupt = verify(self.directory / str(step))
+                if corrupt is not None:
+                    raise CorruptCheckpoint(corrupt)
                 restored = self._manager.restore(
                     step,
                     args=ocp.args.Composite(
@@ -151,9 +222,9 @@ class Checkpoints:
             except Exception as exc:
                 detail = " ".join(str(exc).split())[:200]
                 errors.append(f"step {step}: {type(exc).__name__}: {detail}")
+                why = f"{detail}" if isinstance(exc, CorruptCheckpoint) else type(exc).__name__
                 warnings.warn(
-                    f"checkpoint of step {step} in {self.directory} is unreadable ({type(exc).__name__}); "
-                    "trying the previous one",
+                    f"checkpoint of step {step} in {self.directory} is unreadable ({why}); trying the previous one",
                     CheckpointWarning,
                     stacklevel=2,
                 )
@@ -181,8 +252,11 @@ class Checkpoints:
 
     def close(self) -> None:
         """Finish pending saves and release the manager (and the threads of a failed save)."""
+        step = self._pending
         try:
             self._manager.close()
+            if step is not None and not self._failed:
+                self._seal(step)
         finally:
             if self._failed:
                 release_stranded_threads()
