@@ -8,6 +8,7 @@ on their own run as subprocesses of ``tests/_engine_helpers.py``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -361,3 +362,33 @@ def test_a_flipped_bit_in_a_saved_step_falls_back_to_the_previous_step(registry:
     )
     assert summary["status"] == "finished" and summary["steps"] == 8
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("unreadable-8-"))  # kept aside
+
+
+def _poison(step_dir: Path) -> None:
+    """Rewrite a checkpoint step's parameters as NaN in a form Orbax reads back, without checksums (as a step saved
+    before them would be)."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sharding info not provided": host numpy arrays are wanted
+        tree = ocp.PyTreeCheckpointer().restore(step_dir / "state")
+    tree["params"] = jax.tree.map(lambda x: np.full_like(x, np.nan), tree["params"])
+    shutil.rmtree(step_dir / "state")
+    ocp.PyTreeCheckpointer().save(step_dir / "state", tree)
+    (step_dir / "convscale-checksums.json").unlink()
+
+
+def test_a_non_finite_loss_right_after_a_restore_tries_the_previous_checkpoint(registry: Any, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    pretrain(helpers.config(out, steps=8), registry)
+    (out / "summary.json").unlink()
+    shutil.rmtree(out / "checkpoints" / "8")
+    _poison(out / "checkpoints" / "4")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = pretrain(helpers.config(out, steps=8), registry)  # restores step 4: NaN at step 5, then starts over
+    messages = [str(w.message) for w in caught if issubclass(w.category, CheckpointWarning)]
+    assert len(messages) == 1 and "step 4" in messages[0] and "non-finite loss" in messages[0], messages
+    assert [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("unreadable-4-")]
+    assert summary["status"] == "finished" and summary["steps"] == 8 and math.isfinite(summary["final"]["eval_loss"])

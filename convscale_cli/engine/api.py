@@ -12,6 +12,7 @@ import importlib.metadata
 import itertools
 import platform
 import time
+import warnings
 from typing import Any
 
 import jax
@@ -21,7 +22,7 @@ from convscale_cli import interrupts
 from convscale_cli.engine import loop
 from convscale_cli.engine.build import Built, abstract_batch, build, compile_steps, host_batch, make_evaluate
 from convscale_cli.engine.cache import enable_compilation_cache
-from convscale_cli.engine.checkpoint import Checkpoints
+from convscale_cli.engine.checkpoint import Checkpoints, CheckpointWarning
 from convscale_cli.engine.config import PretrainConfig
 from convscale_cli.engine.hardware import device_peak
 from convscale_cli.engine.ledger import Ledger, xla_flops
@@ -125,7 +126,19 @@ def pretrain(config: PretrainConfig, registry: Registry | None = None, *, pipeli
     rng_mode = jax.threefry_partitionable(False) if jax.default_backend() == "cpu" else contextlib.nullcontext()
     try:
         with rng_mode:
-            return _train(config, run, rundir, resolved, progress, pipeline, built, ledger, checkpoints)
+            try:
+                return _train(config, run, rundir, resolved, progress, pipeline, built, ledger, checkpoints)
+            except loop.RestoredCheckpointDiverged as exc:
+                # Corruption the checksums cannot see (a step saved before them, or damaged before it was sealed)
+                # shows as a loss that is non-finite at once; a run that diverges later keeps its checkpoints.
+                warnings.warn(
+                    f"checkpoint of step {exc.step} in {checkpoints.directory} gives a non-finite loss at its first "
+                    "step; setting it aside and trying the previous one",
+                    CheckpointWarning,
+                    stacklevel=2,
+                )
+                checkpoints.set_aside([exc.step])
+                return _train(config, run, rundir, resolved, progress, pipeline, built, ledger, checkpoints)
     finally:
         with interrupts.deferred():  # pending saves complete even when a signal arrives now
             checkpoints.close()
@@ -204,6 +217,7 @@ def _train(
         loader.set_state(data_state)
     log = MetricsLog(rundir, tensorboard=config.tensorboard)
     ctx = loop.LoopContext(
+        restored_step=start_step if start_step else None,
         run=run,
         rundir=rundir,
         log=log,

@@ -229,15 +229,17 @@ class Checkpoints:
                     stacklevel=2,
                 )
                 continue
-            self._set_aside(s for s in steps if s > step)
+            self.set_aside(s for s in steps if s > step)
             return step, restored["state"], dict(restored["data"] or {}), dict(restored["ledger"] or {})
         if steps:
             raise CheckpointError(f"no readable checkpoint in {self.directory}: {'; '.join(errors)}")
         return None
 
-    def _set_aside(self, steps: Any) -> None:
-        # Unreadable newer checkpoints would block re-saving their step; keep them for inspection under a name the
-        # manager ignores (only process 0 touches the shared directory).
+    def set_aside(self, steps: Any) -> None:
+        """Move checkpoints out of the manager's sight, kept for inspection as ``unreadable-<step>-<time>``.
+
+        Unreadable newer checkpoints would block re-saving their step (only process 0 touches the shared directory).
+        """
         moved = False
         for step in steps:
             if jax.process_index() == 0:

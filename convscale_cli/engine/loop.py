@@ -42,6 +42,7 @@ class LoopContext:
         to_device: per-process numpy batch -> global device batch.
         progress: the progress display.
         saved_step: the step of the newest checkpoint this process started saving (None before the first).
+        restored_step: the step of the checkpoint the run resumed from (None for a fresh start).
     """
 
     run: ResolvedRun
@@ -54,6 +55,17 @@ class LoopContext:
     to_device: Callable[[dict[str, np.ndarray]], Any]
     progress: Progress
     saved_step: int | None = None
+    restored_step: int | None = None
+
+
+class RestoredCheckpointDiverged(TrainingError):
+    """The first step after restoring a checkpoint gave a non-finite loss: the checkpoint itself is suspect."""
+
+    def __init__(self, step: int, loss: float) -> None:
+        self.step, self.loss = step, loss
+        super().__init__(
+            f"non-finite loss ({loss}) at step {step + 1}, the first step after restoring the checkpoint of step {step}"
+        )
 
 
 class StopSignals:
@@ -130,6 +142,8 @@ def flush(ctx: LoopContext, pending: list[tuple[int, Any]], since: float) -> flo
     for (step, _), v in zip(pending, values, strict=True):
         if not math.isfinite(float(v["loss"])):
             ctx.checkpoints.wait()
+            if ctx.restored_step is not None and step == ctx.restored_step + 1:
+                raise RestoredCheckpointDiverged(ctx.restored_step, float(v["loss"]))
             good = ctx.checkpoints.latest_step()
             kept = f"the last good checkpoint is step {good}" if good is not None else "no checkpoint was saved"
             raise TrainingError(f"non-finite loss ({float(v['loss'])}) at step {step}; stopped, {kept}")
