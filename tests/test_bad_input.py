@@ -110,6 +110,14 @@ CASES = {
         lambda tmp: [*SHAPES, "--set", "augment.min_area=x", "--steps", "1", "--out", str(tmp / "o")],
         "augment.min_area = 'x' has the wrong type",
     ),
+    "eval-resolution-522024": (
+        lambda tmp: [*SHAPES, "--eval-resolution", "522024", "--steps", "1", "--out", str(tmp / "o")],
+        "resolution 522024 is over the limit of 2048 px",
+    ),
+    "batch-over-dataset": (
+        lambda tmp: [*SHAPES[:-1], "digits", "--batch-size", "939987", "--steps", "1", "--out", str(tmp / "o")],
+        "batch size 939987 is larger than dataset 'digits'",
+    ),
     "steps-2**31": (lambda tmp: [*SHAPES, "--steps", "2147483648", "--out", str(tmp / "o")], "32-bit integer"),
     "weights-f8": (_safetensors({"head.fc.weight": ("F8_E4M3", [2, 2], b"\0" * 4)}), "unsupported dtype F8_E4M3"),
     "weights-scalar-head": (

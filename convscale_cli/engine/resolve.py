@@ -114,6 +114,12 @@ def resolve(config: PretrainConfig, registry: Registry) -> ResolvedRun:
     num_classes = config.num_classes or info.num_classes
     check_num_classes(num_classes, info, data.name)
     train_size = int(info.split_sizes.get("train", 0))
+    # The recipe's default batch may pad a small dataset; a batch asked for that exceeds the whole split is a mistake.
+    if config.batch_size is not None and train_size and batch_size > train_size:
+        raise UsageError(
+            f"batch size {batch_size} is larger than dataset {data.name!r}'s {train_size} training examples; "
+            f"use --batch-size {train_size} or less"
+        )
     if "eval" not in info.split_sizes or not info.split_sizes["eval"]:
         raise UsageError(f"dataset {data.name!r} has no held-out 'eval' split to evaluate on")
     macs = int(arch.count(resolution, num_classes).macs)
