@@ -118,6 +118,10 @@ CASES = {
         lambda tmp: [*SHAPES[:-1], "digits", "--batch-size", "939987", "--steps", "1", "--out", str(tmp / "o")],
         "batch size 939987 is larger than dataset 'digits'",
     ),
+    "budget-full-width-digits": (
+        lambda tmp: ["plan", "--budget", "１２-cpu-hours"],
+        "cannot read budget '１２-cpu-hours'",
+    ),
     "steps-2**31": (lambda tmp: [*SHAPES, "--steps", "2147483648", "--out", str(tmp / "o")], "32-bit integer"),
     "weights-f8": (_safetensors({"head.fc.weight": ("F8_E4M3", [2, 2], b"\0" * 4)}), "unsupported dtype F8_E4M3"),
     "weights-scalar-head": (

@@ -392,3 +392,26 @@ def test_a_non_finite_loss_right_after_a_restore_tries_the_previous_checkpoint(r
     assert len(messages) == 1 and "step 4" in messages[0] and "non-finite loss" in messages[0], messages
     assert [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("unreadable-4-")]
     assert summary["status"] == "finished" and summary["steps"] == 8 and math.isfinite(summary["final"]["eval_loss"])
+
+
+def test_out_expands_the_home_directory(registry: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert pretrain(helpers.config("~/run", steps=4), registry)["steps"] == 4
+    assert (tmp_path / "home" / "run" / "summary.json").is_file() and not (tmp_path / "~").exists()
+
+
+def test_a_finished_run_on_read_only_storage_says_it_is_finished(
+    registry: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from convscale_cli.engine import rundir
+
+    out = tmp_path / "run"
+    first = pretrain(helpers.config(out, steps=4), registry)
+
+    def read_only(path: Path, text: str) -> None:
+        raise OSError(30, "Read-only file system", str(path))
+
+    monkeypatch.setattr(rundir, "write_text", read_only)
+    monkeypatch.chdir(tmp_path)  # the same run named another way: config.json's "out" differs, so it would be rewritten
+    assert pretrain(helpers.config("run", steps=4), registry)["finished_at"] == first["finished_at"]

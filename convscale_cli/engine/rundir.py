@@ -89,7 +89,7 @@ class RunDir:
     """
 
     def __init__(self, path: str | Path, *, primary: bool = True, kind: str = "pretrain") -> None:
-        self.path = Path(path)
+        self.path = Path(path).expanduser()  # as --from and import-weights do: never a directory named "~"
         self.primary = primary
         self.kind = kind
         if self.path.exists() and not self.path.is_dir():
@@ -150,7 +150,13 @@ class RunDir:
         if self.primary:
             self.path.mkdir(parents=True, exist_ok=True)
             if saved != as_json(resolved):  # a rerun of the same run writes nothing
-                write_json(config, {MARKER: _marker(self.kind), **resolved})
+                try:
+                    write_json(config, {MARKER: _marker(self.kind), **resolved})
+                except OSError:
+                    if saved is None:
+                        raise
+                    # The same run, differing only in settings a rerun may change (read-only storage of a finished
+                    # run): the saved config stays; whatever must be written later reports its own error.
         return saved is not None
 
     @staticmethod
