@@ -113,7 +113,10 @@ HARDWARE: dict[str, Hardware] = {
 _ALIASES = {"core-hours": "tpu-v4"}
 _SUFFIXES = {"k": 1e3, "K": 1e3, "M": 1e6}
 _NUMBER = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
-_BUDGET_RE = re.compile(rf"^\s*(?P<number>{_NUMBER})(?P<suffix>[kKM])?[\s_-]*(?P<unit>[A-Za-z][\w\s.-]*?)?\s*$")
+_BUDGET_RE = re.compile(
+    rf"^\s*(?P<number>{_NUMBER})(?P<suffix>[kKM])?[\s_-]*(?P<unit>[A-Za-z][\w\s.-]*?)?\s*$",
+    re.ASCII,  # ASCII digits only
+)
 
 
 def cpu_peak_flops() -> float:

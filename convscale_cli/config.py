@@ -19,18 +19,49 @@ from convscale_cli.errors import ConfigError, did_you_mean
 T = TypeVar("T")
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a run or study config is a few KiB; more is the wrong file (or /dev/zero)
+
+
 def load_toml(path: str | Path) -> dict[str, Any]:
-    """Read a TOML file; a missing or malformed file is a one-line ConfigError."""
-    path = Path(path)
+    """Read a TOML file; a missing, oversized, malformed or too deeply nested file is a one-line ConfigError.
+
+    Only regular files are read (a FIFO would block, ``/dev/zero`` never ends), at most :data:`MAX_CONFIG_BYTES`; a
+    UTF-8 byte-order mark (Windows editors write one) is skipped.
+    """
+    path = Path(path).expanduser()
     try:
+        if path.is_dir():
+            raise ConfigError(f"config path {str(path)!r} is a directory, expected a .toml file")
+        if not path.exists():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        if not path.is_file():
+            raise ConfigError(f"config path {str(path)!r} is not a regular file, expected a .toml file")
         with path.open("rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {str(path)!r} does not exist") from None
-    except IsADirectoryError:
-        raise ConfigError(f"config path {str(path)!r} is a directory, expected a .toml file") from None
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {str(path)!r} is over {MAX_CONFIG_BYTES >> 20} MiB: not a run config")
+    try:
+        return tomllib.loads(raw.decode("utf-8-sig"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"malformed TOML in {str(path)!r}: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {str(path)!r} nests tables or arrays too deeply to be a config") from None
+
+
+def config_table(data: Mapping[str, Any], name: str, path: str | Path, *, default: Any = None) -> dict[str, Any]:
+    """The ``[name]`` table of a loaded config file (``default`` when absent; the whole file if that is None).
+
+    Raises:
+        ConfigError: ``name`` is present but not a table (``pretrain = 5``).
+    """
+    if name not in data:
+        return dict(data if default is None else default)
+    value = data[name]
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{name} = {value!r} in {str(path)!r} has the wrong type: expected a table ([{name}])")
+    return dict(value)
 
 
 SEED_LIMIT = 2**32  # seeds feed numpy and Grain, which take unsigned 32-bit values
@@ -201,7 +232,7 @@ def load_config(
     if path is not None:
         data = load_toml(path)
         if section is not None:
-            data = dict(data.get(section, {}))
+            data = config_table(data, section, path, default={})
     source = "" if path is None else str(path) + (f" [{section}]" if section else "")
     return from_dict(cls, merge(data, overrides or {}), source=source)
 

@@ -15,6 +15,13 @@ from typing import Any, Generic, TypeVar
 from convscale_cli.errors import DuplicateRegistrationError, UnknownNameError, UsageError
 from convscale_cli.recipe import Recipe
 
+# The largest classifier convscale builds: 3x JFT's ~30k labels (the paper's pre-training set). A classifier of 2**31
+# classes asks for terabytes before anything fails.
+MAX_NUM_CLASSES = 100_000
+# The largest image side convscale trains or evaluates at: 4x the paper's largest (512 px fine-tuning, Table 4). One
+# 522024 px image is 760 GiB of float32 activations in the stem alone.
+MAX_RESOLUTION = 2048
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelCount:
@@ -112,6 +119,8 @@ class ArchitectureSpec:
 
     def check_resolution(self, resolution: int) -> None:
         """Raise a UsageError if this model cannot run at ``resolution``."""
+        if resolution > MAX_RESOLUTION:
+            raise UsageError(f"resolution {resolution} is over the limit of {MAX_RESOLUTION} px")
         if resolution < self.min_resolution:
             raise UsageError(f"resolution {resolution} is too small for {self.name} (minimum {self.min_resolution})")
         if resolution % self.resolution_multiple:

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from convscale_cli.errors import CheckpointError, UnknownNameError, UsageError
+from convscale_cli.registry import MAX_NUM_CLASSES
 
 if TYPE_CHECKING:
     from convscale_cli.registry import ArchitectureSpec, Registry
@@ -262,6 +264,20 @@ def read_model_json(path: str | Path) -> dict[str, Any]:
     if meta.get("version") != VERSION:
         version = meta.get("version")
         raise CheckpointError(f"{str(file)!r} has format version {version!r}, this convscale reads {VERSION}")
+    classes = meta.get("num_classes")
+    checks = (
+        ("architecture", isinstance(meta.get("architecture"), str), "a model name"),
+        ("num_classes", isinstance(classes, int) and not isinstance(classes, bool) and 0 < classes <= MAX_NUM_CLASSES,
+         f"an integer in [1, {MAX_NUM_CLASSES}]"),
+        ("options", isinstance(meta.get("options", {}), dict), "a table"),
+        ("source", isinstance(meta.get("source", {}), dict), "a table"),
+    )  # fmt: skip
+    for key, ok, expected in checks:
+        if not ok:
+            got = repr(meta[key]) if key in meta else "missing"
+            raise CheckpointError(f"{str(file)!r}: {key} is {got}, expected {expected}")
+    if not (path / PARAMS_DIR).is_dir():
+        raise CheckpointError(f"{str(path)!r} has a {MODEL_JSON} but no {PARAMS_DIR}/ directory: an incomplete copy")
     return meta
 
 
@@ -332,8 +348,18 @@ def _read_safetensors(file: Path) -> dict[str, Any]:
     import ml_dtypes
     import numpy as np
 
-    dtypes = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "I64": np.int64,
-              "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+    dtypes = {
+        "F64": np.float64,
+        "F32": np.float32,
+        "F16": np.float16,
+        "BF16": ml_dtypes.bfloat16,
+        "I64": np.int64,
+        "I32": np.int32,
+        "I16": np.int16,
+        "I8": np.int8,
+        "U8": np.uint8,
+        "BOOL": np.bool_,
+    }
     data = file.read_bytes()
     (length,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + length])
@@ -357,12 +383,19 @@ def load_safetensors(file: str | Path) -> dict[str, Any]:
     from safetensors.numpy import load_file
 
     file = Path(file).expanduser()
-    if not file.is_file():
-        why = "is a directory, expected a .safetensors file" if file.is_dir() else "does not exist"
-        raise UsageError(f"weights file {str(file)!r} {why}")
+    try:
+        mode = file.stat().st_mode
+    except FileNotFoundError:
+        raise UsageError(f"weights file {str(file)!r} does not exist") from None
+    except OSError as exc:  # a symlink loop, a permission denied on the way
+        raise UsageError(f"weights file {str(file)!r} cannot be read ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(mode):
+        raise UsageError(f"weights file {str(file)!r} is a directory, expected a .safetensors file")
+    if not stat.S_ISREG(mode):  # a FIFO would block, /dev/zero never ends
+        raise UsageError(f"weights file {str(file)!r} is not a regular file, expected a .safetensors file")
     try:
         return load_file(str(file))
-    except TypeError:  # numpy has no bfloat16: read the (already validated) file ourselves
+    except (TypeError, AttributeError):  # a dtype numpy cannot name (bfloat16, float8): read the file ourselves
         return _read_safetensors(file)
     except (SafetensorError, ValueError, OSError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -393,15 +426,21 @@ def import_weights(
     """
     from convscale_cli.plugins import get_registry
 
-    if num_classes is not None and num_classes <= 0:
-        raise UsageError(f"--num-classes must be > 0, got {num_classes}")
+    if num_classes is not None and not 0 < num_classes <= MAX_NUM_CLASSES:
+        raise UsageError(f"--num-classes must be in [1, {MAX_NUM_CLASSES}], got {num_classes}")
     spec = find_by_source(get_registry(), source, model)
     if spec.import_weights is None:
         raise UsageError(f"{spec.name} lists {source} weights but its plugin has no import_weights")
     numerics_options = spec.numerics_options(numerics)
     _empty_out(Path(out))  # fail before the (slow) conversion
     tensors = load_safetensors(file)
-    result = spec.import_weights(source, tensors, num_classes)
+    try:
+        result = spec.import_weights(source, tensors, num_classes)
+    except (KeyError, IndexError, ValueError, TypeError) as exc:  # a tensor missing, a scalar where a matrix goes
+        detail = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise CheckpointError(
+            f"{str(file)!r} does not hold a {source} {model} state dict ({type(exc).__name__}: {detail})"
+        ) from None
     if isinstance(result, ImportedWeights):
         params, classes, options, note = result.params, result.num_classes, dict(result.options), result.note
     else:

@@ -58,11 +58,13 @@ def test_a_trained_run_without_a_readable_config_is_never_resumed(
     out = copy(finished, tmp_path, keep_summary=True)
     damage(out / "config.json")
     before = snapshot(out)
-    with pytest.raises(CheckpointError, match=r"--force"):
+    with pytest.raises(CheckpointError, match=r"empty it yourself"):
         pretrain(helpers.config(out, lr=0.8), registry)
     assert snapshot(out) == before  # nothing written, nothing deleted (the summary included)
-    forced = pretrain(helpers.config(out, lr=0.8, steps=4, force=True), registry)
-    assert forced["steps"] == 4 and forced["lr"] == 0.8
+    # Without its marked config nothing proves the directory is a convscale run: --force does not clear it either.
+    with pytest.raises(CheckpointError, match=r"empty it yourself"):
+        pretrain(helpers.config(out, lr=0.8, steps=4, force=True), registry)
+    assert snapshot(out) == before
 
 
 def test_a_run_refused_after_the_claim_reruns_once_the_input_is_fixed(registry: Any, tmp_path: Path) -> None:

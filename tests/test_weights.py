@@ -159,7 +159,7 @@ def _bad_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
         ([*cmd, str(wider), "--out", out], "tensor 'cls_token' has shape (1, 1, 48), vit-timmtest"),
         ([*cmd, str(_file(tmp_path, missing, "m.safetensors")), "--out", out], "'blocks.0.mlp.fc2.bias' is missing"),
         ([*cmd, str(good), "--out", str(full)], "already exists and is not an empty directory"),
-        ([*cmd, str(good), "--out", out, "--num-classes", "0"], "--num-classes must be > 0, got 0"),
+        ([*cmd, str(good), "--out", out, "--num-classes", "0"], "--num-classes must be in [1, 100000], got 0"),
         (["import-weights", "timm", "vit_timmtset", str(good), "--out", out], "did you mean 'vit_timmtest'"),
         (["import-weights", "hf", "vit_timmtest", str(good), "--out", out], "unknown weight source 'hf'"),
     ]

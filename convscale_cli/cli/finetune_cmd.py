@@ -118,7 +118,7 @@ def finetune(
     workers: Annotated[int | None, typer.Option(help="Input-pipeline worker processes.")] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print summary.json to stdout at the end.")] = False,
 ) -> None:
-    from convscale_cli.config import from_dict, load_toml, merge
+    from convscale_cli.config import config_table, from_dict, load_toml, merge
     from convscale_cli.finetune.config import FinetuneConfig
 
     flags = {
@@ -160,7 +160,7 @@ def finetune(
     data: dict[str, Any] = {}
     if config is not None:
         data = load_toml(config)
-        data = dict(data.get("finetune", data))  # a [finetune] table, or the whole file
+        data = config_table(data, "finetune", config)  # a [finetune] table, or the whole file
     if any(k in overrides for k in ("epochs", "steps", "examples")):
         for key in ("epochs", "steps", "examples"):  # one duration per run: the command line's wins
             data.pop(key, None)

@@ -84,7 +84,7 @@ def pretrain(
     process_id: Annotated[int | None, typer.Option(help="Multi-host: this process's index.")] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print summary.json to stdout at the end.")] = False,
 ) -> None:
-    from convscale_cli.config import from_dict, load_toml, merge
+    from convscale_cli.config import config_table, from_dict, load_toml, merge
     from convscale_cli.engine.config import PretrainConfig
 
     flags = {
@@ -123,7 +123,7 @@ def pretrain(
     data: dict[str, Any] = {}
     if config is not None:
         data = load_toml(config)
-        data = dict(data.get("pretrain", data))  # a [pretrain] table, or the whole file
+        data = config_table(data, "pretrain", config)  # a [pretrain] table, or the whole file
     # A duration on the command line replaces the file's (one duration per run).
     if any(k in overrides for k in ("epochs", "steps", "examples")):
         for key in ("epochs", "steps", "examples"):

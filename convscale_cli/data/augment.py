@@ -216,7 +216,6 @@ def augment_from_dict(values: dict[str, Any] | None) -> AugmentConfig:
     unknown = sorted(set(values) - fields)
     if unknown:
         raise UnknownNameError("augmentation option", unknown[0], fields)
-    kwargs = dict(values)
-    if "aspect_ratio" in kwargs:
-        kwargs["aspect_ratio"] = tuple(float(v) for v in kwargs["aspect_ratio"])
-    return AugmentConfig(**kwargs)
+    from convscale_cli.config import from_dict
+
+    return from_dict(AugmentConfig, dict(values), prefix="augment.")  # types checked: min_area = "x" is named

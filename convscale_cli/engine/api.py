@@ -12,15 +12,17 @@ import importlib.metadata
 import itertools
 import platform
 import time
+import warnings
 from typing import Any
 
 import jax
 import numpy as np
 
+from convscale_cli import interrupts
 from convscale_cli.engine import loop
 from convscale_cli.engine.build import Built, abstract_batch, build, compile_steps, host_batch, make_evaluate
 from convscale_cli.engine.cache import enable_compilation_cache
-from convscale_cli.engine.checkpoint import Checkpoints
+from convscale_cli.engine.checkpoint import Checkpoints, CheckpointWarning
 from convscale_cli.engine.config import PretrainConfig
 from convscale_cli.engine.hardware import device_peak
 from convscale_cli.engine.ledger import Ledger, xla_flops
@@ -124,9 +126,22 @@ def pretrain(config: PretrainConfig, registry: Registry | None = None, *, pipeli
     rng_mode = jax.threefry_partitionable(False) if jax.default_backend() == "cpu" else contextlib.nullcontext()
     try:
         with rng_mode:
-            return _train(config, run, rundir, resolved, progress, pipeline, built, ledger, checkpoints)
+            try:
+                return _train(config, run, rundir, resolved, progress, pipeline, built, ledger, checkpoints)
+            except loop.RestoredCheckpointDiverged as exc:
+                # Corruption the checksums cannot see (a step saved before them, or damaged before it was sealed)
+                # shows as a loss that is non-finite at once; a run that diverges later keeps its checkpoints.
+                warnings.warn(
+                    f"checkpoint of step {exc.step} in {checkpoints.directory} gives a non-finite loss at its first "
+                    "step; setting it aside and trying the previous one",
+                    CheckpointWarning,
+                    stacklevel=2,
+                )
+                checkpoints.set_aside([exc.step])
+                return _train(config, run, rundir, resolved, progress, pipeline, built, ledger, checkpoints)
     finally:
-        checkpoints.close()
+        with interrupts.deferred():  # pending saves complete even when a signal arrives now
+            checkpoints.close()
 
 
 def _sync(name: str) -> None:
@@ -184,7 +199,7 @@ def _train(
     ledger.xla_flops_per_step = xla_flops(train_fn) * built.mesh.size  # cost analysis is per device
 
     def to_device(batch: dict[str, Any]) -> Any:
-        return pipeline.to_global(host_batch(batch, run.info.multi_label), built.data_sharding)
+        return pipeline.to_global(host_batch(batch, run.info.multi_label, run.num_classes), built.data_sharding)
 
     evaluate = make_evaluate(
         eval_fn,
@@ -212,6 +227,7 @@ def _train(
         loader.set_state(data_state)
     log = MetricsLog(rundir, tensorboard=config.tensorboard)
     ctx = loop.LoopContext(
+        restored_step=start_step if start_step else None,
         run=run,
         rundir=rundir,
         log=log,
@@ -225,9 +241,12 @@ def _train(
     try:
         with progress:
             state, status, step = loop.train(ctx, state, loader, start_step)
-            if ctx.saved_step != step and step != start_step:
-                loop.save(ctx, state, loader, step)
-            checkpoints.wait()
+            with interrupts.deferred():  # a signal now is honoured once the final checkpoint is on disk
+                if ctx.saved_step != step and step != start_step:
+                    loop.save(ctx, state, loader, step)
+                checkpoints.wait()
+            if interrupts.received():
+                status = "interrupted"
             if status == "interrupted":
                 rundir.write_live_ledger(ledger.to_dict())
                 raise RunInterrupted(
@@ -249,10 +268,11 @@ def _train(
 
 def _lost_seconds(live: dict[str, Any] | None, saved: dict[str, Any]) -> float:
     """Device-seconds spent after the restored checkpoint by the run that died (from its last heartbeat)."""
-    if not live:
+    try:
+        spent = sum(Ledger.from_dict(live).device_seconds.values()) if live else 0.0
+    except ValueError:  # a heartbeat of another schema only loses the estimate, never the resume
         return 0.0
-    spent = sum(float(v) for v in live.get("device_seconds", {}).values())
-    kept = sum(float(v) for v in saved.get("device_seconds", {}).values())
+    kept = sum(Ledger.from_dict(saved).device_seconds.values())
     return max(0.0, spent - kept)
 
 

@@ -29,6 +29,7 @@ from convscale_cli.engine.optim import WarmupCosine, learning_rate_schedule, mak
 from convscale_cli.engine.resolve import ResolvedRun
 from convscale_cli.engine.state import TrainState
 from convscale_cli.engine.step import eval_step, train_step
+from convscale_cli.errors import DataError
 from convscale_cli.recipe import Recipe
 
 
@@ -142,13 +143,29 @@ def abstract_batch(run: ResolvedRun, batch: int, resolution: int, sharding: Any)
     }
 
 
-def host_batch(batch: dict[str, Any], multi_label: bool) -> dict[str, np.ndarray]:
-    """A loader batch reduced to the keys and dtypes the compiled step takes."""
-    return {
+def host_batch(batch: dict[str, Any], multi_label: bool, num_classes: int | None = None) -> dict[str, np.ndarray]:
+    """A loader batch reduced to the keys and dtypes the compiled step takes.
+
+    With ``num_classes``, single labels are checked to lie in ``[0, num_classes)``: ``one_hot`` of any other label is
+    all zeros, and the example would train silently to loss 0 (a dataset plugin or a record with a bad label).
+
+    Raises:
+        DataError: a real (unmasked) example's label is outside the classifier.
+    """
+    out = {
         "image": np.asarray(batch["image"], np.uint8),
         "label": np.asarray(batch["label"], np.float32 if multi_label else np.int32),
         "mask": np.asarray(batch["mask"], np.float32),
     }
+    if num_classes is not None and not multi_label:
+        labels = out["label"][out["mask"] > 0]
+        bad = labels[(labels < 0) | (labels >= num_classes)]
+        if bad.size:
+            raise DataError(
+                f"label {int(bad[0])} is outside the classifier's {num_classes} classes (0..{num_classes - 1}): "
+                "the dataset yields labels its info does not count"
+            )
+    return out
 
 
 def compile_train_step(

@@ -4,25 +4,77 @@ A checkpoint holds three items: ``state`` (params, optimiser state, EMA, base RN
 process writes its shards of), ``data`` (the input iterator's JSON state) and ``ledger`` (the compute ledger). Orbax
 writes each step into a temporary directory and renames it when complete, so a run killed mid-save leaves the
 previous checkpoint as the newest complete one.
+
+Corruption that still parses (a flipped bit in array data restores as a changed weight) is caught by a checksum: once
+a save has committed, the CRC-32 and size of every file of the step are written to ``<step>/convscale-checksums.json``
+and checked before the step is restored; a step that fails the check is skipped like an unreadable one. A step
+without the file (a run killed between the commit and the checksum) is restored unchecked.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
+import threading
 import time
 import warnings
+import zlib
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from convscale_cli.engine.ledger import Ledger
 from convscale_cli.errors import CheckpointError
 
 ITEMS = ("state", "data", "ledger")
+CHECKSUMS = "convscale-checksums.json"
+
+
+def _crc(path: Path) -> str:
+    crc = 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}:{path.stat().st_size}"
+
+
+def digest(step_dir: Path) -> dict[str, str]:
+    """``relative path -> "crc32:size"`` of every file of a checkpoint step (the checksum file aside)."""
+    return {
+        str(path.relative_to(step_dir)): _crc(path)
+        for path in sorted(step_dir.rglob("*"))
+        if path.is_file() and not path.is_symlink() and path.name != CHECKSUMS
+    }
+
+
+def verify(step_dir: Path) -> str | None:
+    """Why ``step_dir`` fails its checksums (a file changed or missing), or None (it passes, or has none)."""
+    try:
+        expected = json.loads((step_dir / CHECKSUMS).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"its {CHECKSUMS} is unreadable ({type(exc).__name__})"
+    if not isinstance(expected, dict):
+        return f"its {CHECKSUMS} is not a JSON object"
+    for name, want in sorted(expected.items()):
+        path = step_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if _crc(path) != want:
+            return f"{name} fails its checksum"
+    return None
 
 
 class CheckpointWarning(UserWarning):
     """A checkpoint was unreadable and an older one was used instead."""
+
+
+class CorruptCheckpoint(Exception):
+    """A checkpoint step whose files no longer match the checksums written when it was saved."""
 
 
 class Checkpoints:
@@ -44,6 +96,7 @@ class Checkpoints:
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
         self._pending: int | None = None  # the step of the newest save not yet confirmed on disk
+        self._failed = False  # a save failed: its stranded background threads are released on close()
 
     def steps(self) -> list[int]:
         """Steps of the complete checkpoints, oldest first."""
@@ -98,11 +151,12 @@ class Checkpoints:
             raise self._failure(failed, exc) from exc
 
     def wait(self) -> None:
-        """Block until pending saves are on disk.
+        """Block until pending saves are on disk (and checksummed).
 
         Raises:
             CheckpointError: an asynchronous save failed.
         """
+        step = self._pending
         try:
             self._manager.wait_until_finished()
             self._manager.check_for_errors()
@@ -110,8 +164,26 @@ class Checkpoints:
             raise self._failure(self._pending, exc) from exc
         finally:
             self._pending = None
+        if step is not None:
+            self._seal(step)
+
+    def _seal(self, step: int) -> None:
+        """Write the checksums of a committed step (process 0; the directory is shared)."""
+        step_dir = self.directory / str(step)
+        if jax.process_index() != 0 or not step_dir.is_dir():
+            return
+        sums = digest(step_dir)
+        fd, tmp = tempfile.mkstemp(prefix=f".{CHECKSUMS}.", suffix=".tmp", dir=step_dir)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(sums, f, indent=1)
+            os.replace(tmp, step_dir / CHECKSUMS)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     def _failure(self, step: int | None, exc: BaseException) -> CheckpointError:
+        self._failed = True
         what = f"at step {step}" if step is not None else "in the background"
         good = [s for s in self.steps() if s != step]
         kept = f"the checkpoint of step {good[-1]} is intact" if good else "no earlier checkpoint exists"
@@ -135,6 +207,9 @@ class Checkpoints:
         errors = []
         for step in reversed(steps):
             try:
+                corrupt = verify(self.directory / str(step))
+                if corrupt is not None:
+                    raise CorruptCheckpoint(corrupt)
                 restored = self._manager.restore(
                     step,
                     args=ocp.args.Composite(
@@ -143,25 +218,28 @@ class Checkpoints:
                         ledger=ocp.args.JsonRestore(),
                     ),
                 )
+                Ledger.from_dict(dict(restored["ledger"] or {}))  # a ledger of the wrong schema: unusable too
             except Exception as exc:
                 detail = " ".join(str(exc).split())[:200]
                 errors.append(f"step {step}: {type(exc).__name__}: {detail}")
+                why = f"{detail}" if isinstance(exc, CorruptCheckpoint) else type(exc).__name__
                 warnings.warn(
-                    f"checkpoint of step {step} in {self.directory} is unreadable ({type(exc).__name__}); "
-                    "trying the previous one",
+                    f"checkpoint of step {step} in {self.directory} is unreadable ({why}); trying the previous one",
                     CheckpointWarning,
                     stacklevel=2,
                 )
                 continue
-            self._set_aside(s for s in steps if s > step)
+            self.set_aside(s for s in steps if s > step)
             return step, restored["state"], dict(restored["data"] or {}), dict(restored["ledger"] or {})
         if steps:
             raise CheckpointError(f"no readable checkpoint in {self.directory}: {'; '.join(errors)}")
         return None
 
-    def _set_aside(self, steps: Any) -> None:
-        # Unreadable newer checkpoints would block re-saving their step; keep them for inspection under a name the
-        # manager ignores (only process 0 touches the shared directory).
+    def set_aside(self, steps: Any) -> None:
+        """Move checkpoints out of the manager's sight, kept for inspection as ``unreadable-<step>-<time>``.
+
+        Unreadable newer checkpoints would block re-saving their step (only process 0 touches the shared directory).
+        """
         moved = False
         for step in steps:
             if jax.process_index() == 0:
@@ -175,5 +253,44 @@ class Checkpoints:
             self._manager.reload()
 
     def close(self) -> None:
-        """Finish pending saves and release the manager."""
-        self._manager.close()
+        """Finish pending saves and release the manager (and the threads of a failed save)."""
+        step = self._pending
+        try:
+            self._manager.close()
+            if step is not None and not self._failed:
+                self._seal(step)
+        finally:
+            if self._failed:
+                release_stranded_threads()
+
+
+def release_stranded_threads() -> int:
+    """Wake the background threads of a failed asynchronous save so the process can exit; return how many.
+
+    Orbax runs each part of an asynchronous save in a non-daemon thread that first waits for a signal (the step's
+    temporary directory exists) for up to five minutes. When creating the directory fails, the signal never comes and
+    the interpreter waits for those threads at exit: a batch job held its allocation until wall time. Each thread is
+    cancelled, then its awaited signal is set, so it wakes, sees the cancellation and returns without writing.
+    """
+    try:
+        from orbax.checkpoint._src.futures import future
+    except ImportError:  # another Orbax layout: nothing known to release
+        return 0
+    thread_type = getattr(future, "_SignalingThread", None)
+    if thread_type is None:
+        return 0
+    released = 0
+    for thread in threading.enumerate():
+        if not isinstance(thread, thread_type) or not thread.is_alive():
+            continue
+        try:
+            thread.cancel()
+            future.set_signals(thread._receive_signals, operation_id=thread._operation_id)
+        except Exception:  # noqa: BLE001 - best effort on an error path; the error itself is already reported
+            continue
+        released += 1
+    for thread in threading.enumerate():
+        if isinstance(thread, thread_type):
+            # The base join: Orbax's own raises the cancellation this function caused.
+            threading.Thread.join(thread, timeout=5.0)
+    return released

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -112,10 +113,32 @@ class Ledger:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Ledger:
-        """Rebuild from :meth:`to_dict` output (unknown keys are ignored, missing categories start at 0)."""
+        """Rebuild from :meth:`to_dict` output (unknown keys are ignored, missing categories start at 0).
+
+        Raises:
+            ValueError: ``data`` is not a ledger: a field of the wrong type, a negative count, a non-finite number.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"a ledger is a JSON object, got {type(data).__name__}")
         fields = {f.name for f in dataclasses.fields(cls)}
-        ledger = cls(**{k: v for k, v in data.items() if k in fields})
-        ledger.device_seconds = {**dict.fromkeys(CATEGORIES, 0.0), **ledger.device_seconds}
+        values = {k: v for k, v in data.items() if k in fields}
+        seconds = values.get("device_seconds", {})
+        checks = {
+            "steps": _count(values.get("steps", 0)),
+            "examples": _count(values.get("examples", 0)),
+            "num_devices": _count(values.get("num_devices", 1)) and values.get("num_devices", 1) > 0,
+            "flops_per_example": _amount(values.get("flops_per_example", 0.0)),
+            "xla_flops_per_step": _amount(values.get("xla_flops_per_step", 0.0)),
+            "peak_flops": _amount(values.get("peak_flops", 0.0)),
+            "hardware": isinstance(values.get("hardware", ""), str),
+            "device_seconds": isinstance(seconds, dict)
+            and all(isinstance(k, str) and _amount(v) for k, v in seconds.items()),
+        }
+        bad = [key for key, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"ledger field {bad[0]} is {values[bad[0]]!r}")
+        ledger = cls(**values)
+        ledger.device_seconds = {**dict.fromkeys(CATEGORIES, 0.0), **{k: float(v) for k, v in seconds.items()}}
         return ledger
 
     def summary(self) -> dict[str, Any]:
@@ -133,6 +156,14 @@ class Ledger:
             "peak_flops_per_device": self.peak_flops,
             "num_devices": self.num_devices,
         }
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _amount(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
 
 def xla_flops(compiled: Any) -> float:

@@ -42,6 +42,7 @@ class LoopContext:
         to_device: per-process numpy batch -> global device batch.
         progress: the progress display.
         saved_step: the step of the newest checkpoint this process started saving (None before the first).
+        restored_step: the step of the checkpoint the run resumed from (None for a fresh start).
     """
 
     run: ResolvedRun
@@ -54,10 +55,24 @@ class LoopContext:
     to_device: Callable[[dict[str, np.ndarray]], Any]
     progress: Progress
     saved_step: int | None = None
+    restored_step: int | None = None
+
+
+class RestoredCheckpointDiverged(TrainingError):
+    """The first step after restoring a checkpoint gave a non-finite loss: the checkpoint itself is suspect."""
+
+    def __init__(self, step: int, loss: float) -> None:
+        self.step, self.loss = step, loss
+        super().__init__(
+            f"non-finite loss ({loss}) at step {step + 1}, the first step after restoring the checkpoint of step {step}"
+        )
 
 
 class StopSignals:
-    """SIGTERM and SIGINT ask the loop to save and stop at the next step instead of killing it mid-step."""
+    """SIGTERM and SIGINT ask the loop to save and stop at the next step instead of killing it mid-step.
+
+    A signal the process was started with ignored (``nohup``, a background job of a script) stays ignored.
+    """
 
     def __init__(self) -> None:
         self.received: str | None = None
@@ -67,11 +82,12 @@ class StopSignals:
         self.received = signal.Signals(signum).name
 
     def __enter__(self) -> StopSignals:
-        if interrupts.received():  # a Ctrl-C before the loop (while compiling) whose KeyboardInterrupt was swallowed
-            self.received = "SIGINT"
+        # A signal before the loop (while compiling) whose KeyboardInterrupt was swallowed.
+        self.received = interrupts.received()
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
+                if interrupts.taken(sig):
+                    self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -126,6 +142,8 @@ def flush(ctx: LoopContext, pending: list[tuple[int, Any]], since: float) -> flo
     for (step, _), v in zip(pending, values, strict=True):
         if not math.isfinite(float(v["loss"])):
             ctx.checkpoints.wait()
+            if ctx.restored_step is not None and step == ctx.restored_step + 1:
+                raise RestoredCheckpointDiverged(ctx.restored_step, float(v["loss"]))
             good = ctx.checkpoints.latest_step()
             kept = f"the last good checkpoint is step {good}" if good is not None else "no checkpoint was saved"
             raise TrainingError(f"non-finite loss ({float(v['loss'])}) at step {step}; stopped, {kept}")

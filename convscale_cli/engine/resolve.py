@@ -16,7 +16,7 @@ from convscale_cli.engine.config import PretrainConfig
 from convscale_cli.engine.steps import Duration, resolve_duration
 from convscale_cli.errors import UnknownNameError, UsageError
 from convscale_cli.recipe import Recipe
-from convscale_cli.registry import ArchitectureSpec, DatasetInfo, DatasetSpec, Registry
+from convscale_cli.registry import MAX_NUM_CLASSES, ArchitectureSpec, DatasetInfo, DatasetSpec, Registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +74,24 @@ def _recipe(base: Recipe, config: PretrainConfig) -> Recipe:
     return recipe
 
 
+def check_num_classes(num_classes: int, info: DatasetInfo, dataset: str) -> None:
+    """Refuse a classifier smaller than the dataset's label set (or past :data:`MAX_NUM_CLASSES`).
+
+    ``one_hot`` of a label at or past the classifier's size is all zeros, so those examples would train silently to
+    loss 0 with zero gradients; a larger classifier only carries unused logits.
+
+    Raises:
+        UsageError: ``num_classes`` is below the dataset's class count.
+    """
+    if num_classes > MAX_NUM_CLASSES:
+        raise UsageError(f"num_classes {num_classes} is over the limit of {MAX_NUM_CLASSES} classes")
+    if num_classes < info.num_classes:
+        raise UsageError(
+            f"num_classes {num_classes} is smaller than dataset {dataset!r}'s {info.num_classes} classes (labels "
+            f"0..{info.num_classes - 1}); use num_classes >= {info.num_classes} or leave it unset"
+        )
+
+
 def resolve(config: PretrainConfig, registry: Registry) -> ResolvedRun:
     """Look up the model and dataset and fill in every default.
 
@@ -94,7 +112,14 @@ def resolve(config: PretrainConfig, registry: Registry) -> ResolvedRun:
     arch.check_resolution(resolution)
     arch.check_resolution(eval_resolution)
     num_classes = config.num_classes or info.num_classes
+    check_num_classes(num_classes, info, data.name)
     train_size = int(info.split_sizes.get("train", 0))
+    # The recipe's default batch may pad a small dataset; a batch asked for that exceeds the whole split is a mistake.
+    if config.batch_size is not None and train_size and batch_size > train_size:
+        raise UsageError(
+            f"batch size {batch_size} is larger than dataset {data.name!r}'s {train_size} training examples; "
+            f"use --batch-size {train_size} or less"
+        )
     if "eval" not in info.split_sizes or not info.split_sizes["eval"]:
         raise UsageError(f"dataset {data.name!r} has no held-out 'eval' split to evaluate on")
     macs = int(arch.count(resolution, num_classes).macs)

@@ -9,14 +9,19 @@ Layout::
     RUN/tb/              TensorBoard events (when tensorboardX is installed)
     RUN/summary.json     written when the run ends: status "finished", "budget" or "interrupted"
 
-A run is resumed by running the same command again (big_vision: always resume from the workdir).
+A run is resumed by running the same command again (big_vision: always resume from the workdir). ``config.json``
+carries a ``convscale_run`` key that only convscale writes: a directory is reused, and ``--force`` clears it, only
+when that key says it is a convscale run, so a directory that merely holds a ``config.json`` and a ``metrics.jsonl``
+(a Hugging Face model directory, a project root) is never taken over.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +31,38 @@ from convscale_cli.errors import CheckpointError, UsageError
 
 _RUN_FILES = ("config.json", "metrics.jsonl", "ledger.json", "summary.json")
 _RUN_DIRS = ("checkpoints", "tb")
+MARKER = "convscale_run"  # the config.json key that marks a directory as a convscale run
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a file atomically: a fresh temporary file beside it (``O_EXCL``, so a planted symlink or file is never
+    followed or reused), then a rename, so a crash never leaves half a file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temporary file + rename), so a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    """Write JSON atomically (see :func:`write_text`)."""
+    write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _marker(kind: str) -> dict[str, str]:
+    try:
+        version = importlib.metadata.version("convscale")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    return {"kind": kind, "version": version}
+
+
+def is_run_config(config: dict[str, Any] | None) -> bool:
+    """Whether a ``config.json``'s contents were written by convscale (they carry its marker key)."""
+    return isinstance(config, dict) and isinstance(config.get(MARKER), dict) and "kind" in config[MARKER]
 
 
 def as_json(value: Any) -> Any:
@@ -55,11 +85,13 @@ class RunDir:
     Args:
         path: the directory (created if missing).
         primary: whether this process writes logs and summaries (process 0 only).
+        kind: the kind of run (``pretrain``, ``finetune``), recorded in the marker of ``config.json``.
     """
 
-    def __init__(self, path: str | Path, *, primary: bool = True) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | Path, *, primary: bool = True, kind: str = "pretrain") -> None:
+        self.path = Path(path).expanduser()  # as --from and import-weights do: never a directory named "~"
         self.primary = primary
+        self.kind = kind
         if self.path.exists() and not self.path.is_dir():
             raise UsageError(f"--out {str(self.path)!r} is a file, expected a run directory")
 
@@ -82,23 +114,29 @@ class RunDir:
     def prepare(self, resolved: dict[str, Any], *, force: bool) -> bool:
         """Check the directory against this run's resolved config and claim it.
 
-        A directory whose run never saved a checkpoint nor finished has nothing to resume: a new config replaces its
-        own (so a run refused by a check after the claim reruns once the input is fixed). One that has trained is only
-        resumed when its ``config.json`` is readable and matches.
+        Only a directory that is empty, missing, or marked as a convscale run (see the module docstring) is used. A
+        run that never saved a checkpoint nor finished has nothing to resume: a new config replaces its own (so a
+        run refused by a check after the claim reruns once the input is fixed). One that has trained is only resumed
+        when its config matches; ``--force`` starts it over.
 
         Returns:
             True when the directory holds the same run (resume), False when it starts fresh.
 
         Raises:
-            CheckpointError: the directory holds a trained run with a different or unreadable config, or files that
-                are not a convscale run's, and ``force`` is off; the message names the differing keys.
+            CheckpointError: the directory holds a trained run with a different config and ``force`` is off (the
+                message names the differing keys), or it is not a convscale run (``force`` does not change that).
         """
         config = self.path / "config.json"
         saved = read_json(config)
-        if saved is not None:
-            changed = [k for k in diff(saved, resolved) if k.split(".")[0] not in MUTABLE_KEYS]
-            # Derived values (total steps, peak lr) only name the difference when no given value explains it.
-            changed = [k for k in changed if not k.startswith("derived.")] or changed
+        if saved is not None and not is_run_config(saved) and not self._changed(saved, resolved):
+            saved = {MARKER: _marker(self.kind), **saved}  # written before the marker: identical, so provably ours
+        if not is_run_config(saved):
+            if self.primary and self.path.is_dir() and any(self.path.iterdir()):
+                raise CheckpointError(self._not_a_run(saved))
+            saved = None
+        else:
+            saved = {k: v for k, v in saved.items() if k != MARKER}
+            changed = self._changed(saved, resolved)
             if changed and self.trained() and not force:
                 shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
                 raise CheckpointError(
@@ -109,26 +147,38 @@ class RunDir:
             if changed:
                 self.clear()
                 saved = None
-        elif self.primary and (config.exists() or config.is_symlink()):
-            if not force:
-                raise CheckpointError(
-                    f"{str(config)!r} is not a readable run config, so the run in {str(self.path)!r} cannot be "
-                    "checked against this one; choose another --out or pass --force to start over"
-                )
-            self.clear()
-        elif self.primary and self.path.is_dir() and any(self.path.iterdir()) and not force:
-            what = "holds checkpoints but no config.json" if self.checkpoints.exists() else "is not a convscale run"
-            raise CheckpointError(
-                f"--out {str(self.path)!r} is a non-empty directory that {what}; choose another --out or pass "
-                "--force to start over"
-            )
-        elif self.primary and force:
-            self.clear()
         if self.primary:
             self.path.mkdir(parents=True, exist_ok=True)
             if saved != as_json(resolved):  # a rerun of the same run writes nothing
-                write_json(config, resolved)
+                try:
+                    write_json(config, {MARKER: _marker(self.kind), **resolved})
+                except OSError:
+                    if saved is None:
+                        raise
+                    # The same run, differing only in settings a rerun may change (read-only storage of a finished
+                    # run): the saved config stays; whatever must be written later reports its own error.
         return saved is not None
+
+    @staticmethod
+    def _changed(saved: dict[str, Any], resolved: dict[str, Any]) -> list[str]:
+        changed = [k for k in diff(saved, resolved) if k.split(".")[0] not in MUTABLE_KEYS]
+        # Derived values (total steps, peak lr) only name the difference when no given value explains it.
+        return [k for k in changed if not k.startswith("derived.")] or changed
+
+    def _not_a_run(self, saved: dict[str, Any] | None) -> str:
+        config = self.path / "config.json"
+        if saved is not None:
+            what = f"its config.json was not written by convscale (no {MARKER!r} key)"
+        elif config.exists() or config.is_symlink():
+            what = "its config.json is not a readable convscale run config"
+        elif self.checkpoints.exists():
+            what = "it holds checkpoints but no config.json"
+        else:
+            what = "it is not a convscale run"
+        return (
+            f"--out {str(self.path)!r} is a non-empty directory and {what}; convscale only writes into a new or "
+            "empty directory or one of its own runs (--force included), so choose another --out or empty it yourself"
+        )
 
     def trained(self) -> bool:
         """Whether the directory holds a checkpoint or a summary: something a new config would throw away."""
@@ -158,9 +208,7 @@ class RunDir:
                 continue  # a line cut short by a crash, or not a record of ours
             if keep:
                 kept.append(line)
-        tmp = self.metrics.with_name("metrics.jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.metrics)
+        write_text(self.metrics, "".join(line + "\n" for line in kept))
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         if self.primary:
@@ -175,12 +223,23 @@ class RunDir:
             write_json(self.path / "ledger.json", ledger)
 
 
+def _append(path: Path) -> Any:
+    """Open ``path`` for appending without following a symlink planted in its place (closed by the caller)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as exc:
+        if path.is_symlink():
+            raise CheckpointError(f"{str(path)!r} is a symlink; convscale does not write through links") from exc
+        raise
+    return os.fdopen(fd, "a", encoding="utf-8")
+
+
 class MetricsLog:
     """Appends records to ``metrics.jsonl`` and, when tensorboardX is importable, TensorBoard scalars."""
 
     def __init__(self, run: RunDir, *, tensorboard: bool) -> None:
         self.run = run
-        self._file = open(run.metrics, "a") if run.primary else None  # noqa: SIM115  (closed in close())
+        self._file = _append(run.metrics) if run.primary else None
         self._tb: Any = None
         if run.primary and tensorboard:
             try:

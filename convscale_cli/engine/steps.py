@@ -12,6 +12,8 @@ import math
 
 from convscale_cli.errors import UsageError
 
+MAX_STEPS = 2**31 - 1  # optax and the train state count steps in int32
+
 
 @dataclasses.dataclass(frozen=True)
 class Duration:
@@ -81,6 +83,13 @@ def resolve_duration(
         if not flops_per_example or flops_per_example <= 0:
             raise UsageError("a FLOP budget needs the model's training FLOPs per example")
         n = int(budget_flops // flops_per_example)  # type: ignore[operator]
+    name, value = next(iter(given.items()))
     if n < 1:
-        raise UsageError(f"the duration {next(iter(given.items()))[0]}={next(iter(given.values()))!r} is < 1 example")
-    return Duration(steps=math.ceil(n / batch_size), examples=n, epochs=n / train_size)
+        raise UsageError(f"the duration {name}={value!r} is < 1 example")
+    total = math.ceil(n / batch_size)
+    if total > MAX_STEPS:
+        raise UsageError(
+            f"the duration {name}={value!r} is {total} steps at batch {batch_size}; the optimiser's step counter is a "
+            f"32-bit integer, so a run has at most {MAX_STEPS} steps"
+        )
+    return Duration(steps=total, examples=n, epochs=n / train_size)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from convscale_cli import interrupts
 from convscale_cli.engine import loop
 from convscale_cli.engine.api import _eval_batch_size, _Head, _lost_seconds, _versions
 from convscale_cli.engine.build import abstract_batch, compile_eval_step, compile_train_step, host_batch
@@ -64,7 +65,7 @@ def finetune(
     if jax.process_count() > 1:
         raise UsageError("fine-tuning runs in a single process; multi-host is supported by pretrain only")
     run = resolve(config, registry)
-    rundir = RunDir(config.out)
+    rundir = RunDir(config.out, kind="finetune")
     resolved = resolved_dict(run)
     resuming = rundir.prepare(resolved, force=config.force)
     progress = Progress(run.duration.steps, mode=config.progress)
@@ -131,7 +132,8 @@ def finetune(
         return _train(run, rundir, resolved, progress, pipeline, mesh, model, schedule, tx, abstract, shardings,
                       checkpoints, start)
     finally:
-        checkpoints.close()
+        with interrupts.deferred():  # pending saves complete even when a signal arrives now
+            checkpoints.close()
 
 
 def _train(
@@ -174,7 +176,7 @@ def _train(
     ledger.xla_flops_per_step = xla_flops(train_fn) * mesh.size
 
     def to_device(batch: dict[str, Any]) -> Any:
-        return pipeline.to_global(host_batch(batch, run.info.multi_label), data_sharding)
+        return pipeline.to_global(host_batch(batch, run.info.multi_label, run.num_classes), data_sharding)
 
     def evaluate(params: Any) -> dict[str, float]:
         with ledger.timed("eval"):
@@ -201,9 +203,12 @@ def _train(
     try:
         with progress:
             state, status, step = loop.train(ctx, state, loader, start_step)
-            if step != start_step or start_step == 0:
-                loop.save(ctx, state, loader, step)
-            checkpoints.wait()
+            with interrupts.deferred():  # a signal now is honoured once the final checkpoint is on disk
+                if step != start_step or start_step == 0:
+                    loop.save(ctx, state, loader, step)
+                checkpoints.wait()
+            if interrupts.received():
+                status = "interrupted"
             if status == "interrupted":
                 rundir.write_live_ledger(ledger.to_dict())
                 raise RunInterrupted(

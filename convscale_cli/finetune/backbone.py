@@ -146,8 +146,12 @@ def _from_run(run: Path, step: int | None, named: Path) -> Pretrained:
         raise CheckpointError(f"{str(named)!r} is not a complete checkpoint of {str(run)!r} (steps: {steps})")
     model = config.get("model")
     num_classes = config.get("num_classes")
-    if not isinstance(model, str) or not isinstance(num_classes, int):
+    if not isinstance(model, str) or not isinstance(num_classes, int) or isinstance(num_classes, bool):
         raise CheckpointError(f"run config {str(run / 'config.json')!r} does not name its model and num_classes")
+    if not isinstance(config.get("model_options") or {}, dict):
+        raise CheckpointError(
+            f"run config {str(run / 'config.json')!r}: model_options is {config['model_options']!r}, expected a table"
+        )
     step_dir = run / "checkpoints" / str(step)
     from convscale_cli.engine.rundir import read_json
 

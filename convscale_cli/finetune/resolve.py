@@ -13,6 +13,7 @@ from typing import Any
 from convscale_cli.budget import get_hardware
 from convscale_cli.config import from_dict, to_dict
 from convscale_cli.data.augment import DEFAULT_EVAL_CROP_FRACTION, AugmentConfig
+from convscale_cli.engine.resolve import check_num_classes
 from convscale_cli.engine.steps import Duration, resolve_duration
 from convscale_cli.errors import UnknownNameError, UsageError
 from convscale_cli.finetune.backbone import Pretrained, locate
@@ -111,6 +112,7 @@ def resolve(config: FinetuneConfig, registry: Registry) -> FinetuneRun:
     arch.check_resolution(resolution)
     arch.check_resolution(eval_resolution)
     num_classes = config.num_classes or info.num_classes
+    check_num_classes(num_classes, info, data.name)
     layers, magnitude = config.randaugment
     augment = from_dict(
         AugmentConfig,

@@ -62,6 +62,13 @@ class ArrayRecordSource:
         from convscale_cli.data.records import decode_record
 
         encoded, labels, example_id = decode_record(self._records()[int(index)])
+        bad = [label for label in labels if not 0 <= label < len(self.classes)]
+        if bad or (not labels and not self.multi_label):
+            what = f"label {bad[0]}" if bad else "no label"
+            raise DataError(
+                f"{self.root} {self.split} record {index} (id {example_id}) has {what}; the manifest lists "
+                f"{len(self.classes)} classes (labels 0..{len(self.classes) - 1})"
+            )
         if self.multi_label:
             label: Any = np.zeros(len(self.classes), np.float32)
             label[list(labels)] = 1.0
