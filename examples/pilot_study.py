@@ -57,7 +57,7 @@ LR_SCANS = [
 AGC_SCAN = [0.04, 0.16]  # lambda on the smallest rung at 1 epoch, next to the recipe's 0.01
 LONG_EPOCHS = 4.0
 # Long runs (model, seed), evaluated every 32 steps: the smallest rung twice (seed agreement), then the middle one.
-LONG_RUNS = [("nfnet-w16", 0), ("nfnet-w16", 1), ("nfnet-w8", 0)]
+LONG_RUNS = [("nfnet-w16", 0), ("nfnet-w16", 1), ("nfnet-w8", 0), ("nfnet-w32", 0)]
 
 
 def run_name(model: str, epochs: float, alpha: float, seed: int = 0, agc: float = 0.01, schedule: str = "") -> str:
@@ -110,13 +110,36 @@ def train(
             **ENGINE,
         )
         try:
-            pretrain(config)
+            pretrain(config, _registry())
         except TrainingError as exc:  # a learning rate too high for this cell is a result, not a failure
             (run / "diverged").write_text(str(exc))
             print(f"{run.name}: diverged ({exc})", flush=True)
             return []
         print(f"{run.name}: {time.perf_counter() - start:.0f} s", flush=True)
     return evaluations(run)
+
+
+def _registry() -> Any:
+    """The installed plugins plus ``nfnet-w32`` (1/32 width at the width ladder's depth), a candidate smallest rung."""
+    from convscale_plugins.nfnet import spec
+    from convscale_plugins.nfnet.variants import WIDTH_LADDER_DEPTHS, Variant, scaled_config
+
+    from convscale_cli.hookspecs import hookimpl
+    from convscale_cli.plugins import load_plugins
+
+    class PilotRungs:
+        @hookimpl
+        def register_architectures(self, register: Any) -> None:
+            config = scaled_config(32, WIDTH_LADDER_DEPTHS)
+            register(spec(Variant("nfnet-w32", config, 32, 32, "NFNet at 1/32 width (pilot)", ("ladder",))))
+
+    global _REGISTRY
+    if _REGISTRY is None:
+        _REGISTRY = load_plugins(extra=[("pilot", PilotRungs())]).registry
+    return _REGISTRY
+
+
+_REGISTRY = None
 
 
 def evaluations(run: Path) -> list[tuple[int, float, float]]:
@@ -220,6 +243,7 @@ def main() -> None:
     # The middle rung: the geometric mean of its neighbours' 1-epoch optima, on the rule's factor-2 grid.
     best_w4 = best.get("nfnet-w4@1ep", best_w16)
     long_lr = {"nfnet-w16": best_w16, "nfnet-w8": 0.1 * 2 ** round(math.log2(math.sqrt(best_w16 * best_w4) / 0.1))}
+    long_lr["nfnet-w32"] = best_w16
     results["long_lr"] = long_lr
 
     # 2. AGC lambda on the smallest rung at 1 epoch.
@@ -260,10 +284,10 @@ def main() -> None:
         results["agc_clipped_at_init"] = {m: agc_clip_fraction(m) for m in ("nfnet-w16", "nfnet-w4")}
         print("AGC lambda 0.01, units clipped at initialisation:", results["agc_clipped_at_init"], flush=True)
 
-    from convscale_cli.plugins import get_registry
 
-    registry = get_registry()
-    macs = {m: registry.architecture(m).count(32, DATA["classes"]).macs for m in ("nfnet-w16", "nfnet-w8", "nfnet-w4")}
+    registry = _registry()
+    rungs = ("nfnet-w32", "nfnet-w16", "nfnet-w8", "nfnet-w4")
+    macs = {m: registry.architecture(m).count(32, DATA["classes"]).macs for m in rungs}
     results["macs_per_image"] = macs
 
     # Gates.
