@@ -222,8 +222,10 @@ def main() -> None:
         """Final held-out loss of a run (trained unless --report); inf if it diverged, nan if missing."""
         run = out / run_name(model, epochs, alpha, kw.get("seed", 0), kw.get("agc", 0.01), kw.get("schedule", ""))
         if args.report:
-            curve = evaluations(run) if (run / "metrics.jsonl").exists() else []
-            return math.inf if (run / "diverged").exists() else (curve[-1][1] if curve else math.nan)
+            if (run / "diverged").exists():
+                return math.inf
+            finished = (run / "summary.json").exists() and summary(run).get("status") == "finished"
+            return evaluations(run)[-1][1] if finished else math.nan
         curve = train(out, model, epochs, alpha, **kw)
         return curve[-1][1] if curve else math.inf
 
@@ -283,7 +285,6 @@ def main() -> None:
     if "agc" not in args.skip and not args.report:
         results["agc_clipped_at_init"] = {m: agc_clip_fraction(m) for m in ("nfnet-w16", "nfnet-w4")}
         print("AGC lambda 0.01, units clipped at initialisation:", results["agc_clipped_at_init"], flush=True)
-
 
     registry = _registry()
     rungs = ("nfnet-w32", "nfnet-w16", "nfnet-w8", "nfnet-w4")
