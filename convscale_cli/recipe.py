@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
+from typing import Any, Literal
 
 Optimizer = Literal["sgd", "adamw", "adafactor"]
 Loss = Literal["softmax", "sigmoid"]
+Schedule = Literal["cosine", "wsd"]
+CooldownShape = Literal["linear", "1-sqrt"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +37,12 @@ class Recipe:
     grad_clip_norm: float | None = None
     # Linear warm-up as a fraction of the run's steps, then cosine decay to 0.
     warmup_fraction: float = 0.05
+    # "cosine" (the paper's) or "wsd": warm-up, constant, then a cooldown to 0 over the last `cooldown_fraction` of
+    # the steps, linear or 1-sqrt (Hagele et al. 2024, "Scaling Laws and Compute-Optimal Training Beyond Fixed
+    # Training Durations", §3): the constant phase is shared by every shorter budget, so a sweep can branch from it.
+    schedule: Schedule = "cosine"
+    cooldown_fraction: float = 0.2  # wsd only
+    cooldown_shape: CooldownShape = "linear"  # wsd only
     loss: Loss = "softmax"
     label_smoothing: float = 0.0
     # Regular expressions over '/'-joined parameter paths (e.g. 'stages/0/0/conv0/kernel').
@@ -48,6 +56,15 @@ class Recipe:
             raise ValueError(f"base_batch_size must be > 0, got {self.base_batch_size}")
         if not 0.0 <= self.warmup_fraction < 1.0:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if self.schedule not in ("cosine", "wsd"):
+            raise ValueError(f"schedule must be cosine or wsd, got {self.schedule!r}")
+        if self.cooldown_shape not in ("linear", "1-sqrt"):
+            raise ValueError(f"cooldown_shape must be linear or 1-sqrt, got {self.cooldown_shape!r}")
+        if not 0.0 < self.cooldown_fraction <= 1.0 - self.warmup_fraction:
+            raise ValueError(
+                f"cooldown_fraction must be in (0, 1 - warmup_fraction = {1.0 - self.warmup_fraction:g}], "
+                f"got {self.cooldown_fraction}"
+            )
         # Infinite values are refused too: an infinite clipping bound is NaN in the update (inf / inf); None disables.
         if self.agc_clip is not None and not 0 < self.agc_clip < math.inf:
             raise ValueError(f"agc_clip must be a finite number > 0 or None, got {self.agc_clip}")
@@ -60,3 +77,17 @@ class Recipe:
         for name in ("momentum", "beta2", "label_smoothing"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+
+
+SCHEDULE_KEYS = ("schedule", "cooldown_fraction", "cooldown_shape")
+
+
+def without_default_schedule(record: dict[str, Any]) -> dict[str, Any]:
+    """A recipe record as a run saves it: the schedule keys only when the schedule is not the default cosine.
+
+    The cooldown keys mean nothing for cosine, and run directories saved before the schedule was selectable lack
+    them, so leaving them out keeps those runs resumable (a resumed run compares its saved config with the new one).
+    """
+    if record.get("schedule", "cosine") != "cosine":
+        return record
+    return {k: v for k, v in record.items() if k not in SCHEDULE_KEYS}

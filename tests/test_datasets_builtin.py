@@ -62,6 +62,51 @@ def test_shapes_multi_label_mode_marks_every_object():
     assert shapes.info(multi_label=True).multi_label
 
 
+def test_shapes_coarser_classes_merge_factors_of_the_same_images():
+    full = shapes.open_split("train", size=2000)
+    coarse = {k: shapes.open_split("train", size=2000, classes=k) for k in (210, 70, 10)}
+    seen = {k: set() for k in coarse}
+    for i in range(600):
+        shape, colour, texture, _ = render.class_factors(full[i]["label"])
+        expected = {210: (shape * 7 + colour) * 3 + texture, 70: shape * 7 + colour, 10: shape}
+        for k, source in coarse.items():
+            item = source[i]
+            np.testing.assert_array_equal(item["image"], full[i]["image"])  # only the label changes
+            assert item["label"] == expected[k]
+            seen[k].add(item["label"])
+    assert seen[70] == set(range(70)) and seen[10] == set(range(10))
+    assert shapes.info(classes=70).num_classes == 70
+    hot = shapes.open_split("train", size=2000, classes=70, multi_label=True)[5]["label"]
+    assert hot.shape == (70,) and hot[coarse[70][5]["label"]] == 1.0
+
+
+def test_shapes_small_split_is_rendered_once_and_reads_back_the_same_bytes(monkeypatch):
+    calls = []
+    real = render.render
+
+    def counting(*args, **kwargs):
+        calls.append(args[2])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(render, "render", counting)
+    monkeypatch.setattr(shapes, "_CACHES", {})
+    fresh = [real(0, 0, i, 32, 0.5)[0] for i in range(40)]
+    source = shapes.open_split("train", size=40, clutter=0.5)
+    for i in range(40):
+        source[i]["image"][:] = 0  # a caller writing into its batch must not corrupt the cache
+        source[i]["image"][:] = 0  # (the second read comes from the cache)
+    again = [shapes.open_split("train", size=40, clutter=0.5)[i]["image"] for i in range(40)]
+    assert sorted(calls) == list(range(40))  # every image rendered exactly once across two sources
+    for image, expected in zip(again, fresh, strict=True):
+        np.testing.assert_array_equal(image, expected)
+    # A split over the memory bound is rendered on every read, as before.
+    monkeypatch.setattr(shapes, "CACHE_BYTES", 39 * 32 * 32 * 3)
+    calls.clear()
+    big = shapes.open_split("train", size=40, seed=3)
+    big[1], big[1]
+    assert calls == [1, 1]
+
+
 def test_shapes_clutter_zero_gives_clean_images():
     clean = shapes.open_split("train", clutter=0.0)[3]["image"]
     noisy = shapes.open_split("train", clutter=1.0)[3]["image"]
@@ -75,6 +120,8 @@ def test_shapes_clutter_zero_gives_clean_images():
         ({"resolution": 4}, DataError, "resolution=4"),
         ({"colour": 1}, UsageError, "unknown shapes option 'colour'"),
         ({"clutter": 9}, DataError, "clutter=9"),
+        ({"classes": 71}, DataError, "classes=71 is not a label space: choose from 420, 210, 70, 10"),
+        ({"classes": True}, DataError, "classes=True"),
     ],
 )
 def test_shapes_rejects_bad_options(options, error, match):

@@ -13,11 +13,14 @@ from convscale_cli.engine.config import PretrainConfig
 from convscale_cli.engine.ledger import Ledger
 from convscale_cli.engine.mesh import _fsdp_spec, check_batch
 from convscale_cli.engine.optim import (
+    WarmupStableDecay,
     clip_by_global_norm,
+    current_learning_rate,
     learning_rate_schedule,
     make_optimizer,
     param_path,
     peak_learning_rate,
+    recipe_schedule,
 )
 from convscale_cli.engine.step import per_example_loss, topk_correct
 from convscale_cli.engine.steps import resolve_duration
@@ -120,6 +123,58 @@ def test_schedule_warms_up_then_decays_to_zero_and_lr_scales_with_batch() -> Non
     assert float(sched(10)) == pytest.approx(0.8)
     assert float(sched(55)) == pytest.approx(0.4, rel=1e-3)
     assert float(sched(100)) == pytest.approx(0.0, abs=1e-7)
+
+
+@pytest.mark.parametrize(("shape", "halfway"), [("linear", 0.4), ("1-sqrt", 0.8 * (1 - 0.5**0.5))])
+def test_wsd_schedule_warms_up_holds_then_cools_down_over_the_last_fraction(shape: str, halfway: float) -> None:
+    recipe = Recipe(schedule="wsd", warmup_fraction=0.1, cooldown_fraction=0.2, cooldown_shape=shape)
+    sched = recipe_schedule(recipe, 0.8, 100)
+    assert isinstance(sched, WarmupStableDecay) and (sched.warmup_steps, sched.cooldown_steps) == (10, 20)
+    lrs = [float(sched(s)) for s in range(101)]
+    assert lrs[0] == 0.0 and lrs[5] == pytest.approx(0.4)
+    assert lrs[10:81] == pytest.approx([0.8] * 71)  # constant from the end of warm-up to the cooldown start
+    assert lrs[90] == pytest.approx(halfway, rel=1e-5) and lrs[100] == 0.0
+    assert all(a >= b for a, b in zip(lrs[80:], lrs[81:], strict=False))
+    # A shorter budget's schedule equals the longer one's up to its own cooldown start: branching can share it.
+    longer = recipe_schedule(recipe, 0.8, 400)
+    assert [float(longer(s)) for s in range(40, 81)] == pytest.approx(lrs[40:81])
+    assert isinstance(recipe_schedule(Recipe(), 0.8, 100), type(learning_rate_schedule(0.8, 100, 0.05)))
+
+
+def test_wsd_numbers_live_in_the_optimiser_state_and_compile_once() -> None:
+    params = _params()
+    recipe = Recipe(schedule="wsd", cooldown_shape="1-sqrt")
+    short, long = recipe_schedule(recipe, 0.8, 50), recipe_schedule(recipe, 0.4, 500)
+    tx_short, tx_long = make_optimizer(recipe, short), make_optimizer(recipe, long)
+    state_short, state_long = tx_short.init(params), tx_long.init(params)
+    assert float(state_long.hyperparams["cooldown_steps"]) == 100.0
+    for step in (0, 3, 45, 49):
+        assert float(current_learning_rate(state_short, step, short)) == pytest.approx(float(short(step)))
+    grads = jax.tree_util.tree_map(jnp.ones_like, params)
+
+    def update(tx, state):
+        return tx.update(grads, state, params)[0]
+
+    # The two runs differ only in numbers held by the state, so one traced program serves both (as for cosine).
+    lowered = [
+        jax.jit(update, static_argnums=0).lower(tx, st).as_text()
+        for tx, st in ((tx_short, state_short), (tx_long, state_long))
+    ]
+    assert lowered[0] == lowered[1]
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"schedule": "linear"}, "schedule must be cosine or wsd"),
+        ({"cooldown_shape": "sqrt"}, "cooldown_shape must be linear or 1-sqrt"),
+        ({"cooldown_fraction": 0.0}, "cooldown_fraction must be in"),
+        ({"cooldown_fraction": 0.99}, "cooldown_fraction must be in"),
+    ],
+)
+def test_recipe_refuses_bad_schedules(fields: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        Recipe(**fields)
 
 
 def test_param_path_joins_dict_keys() -> None:

@@ -108,13 +108,30 @@ def test_variant_table_and_signal_propagation_constants():
 
 
 def test_ladder_spans_two_decades_in_small_steps():
-    ladder = [v for v in VARIANTS.values() if "ladder" in v.tags]
+    ladder = [v for v in VARIANTS.values() if v.name.startswith("nfnet-tiny-l")]
+    assert all("ladder" in v.tags for v in ladder)
     macs = [count(v.name, 32, 10).macs for v in ladder]
     assert len(ladder) >= 5 and macs[-1] / macs[0] >= 100
     assert all(1.8 <= b / a <= 4.0 for a, b in zip(macs, macs[1:], strict=False))
     assert {(v.train_resolution, v.eval_resolution) for v in ladder} == {(32, 32)}
     assert all("width" in v.description for v in ladder)
     assert VARIANTS["nfnet-test"].tags == ("tiny",)
+
+
+def test_width_ladder_varies_width_only_with_the_stated_sizes():
+    ladder = [v for v in VARIANTS.values() if "width" in v.tags]
+    assert [v.name for v in ladder] == ["nfnet-w16", "nfnet-w8", "nfnet-w4", "nfnet-w2"]
+    assert {v.config.depths for v in ladder} == {(1, 2, 2, 1)}
+    assert all("ladder" in v.tags and (v.train_resolution, v.eval_resolution) == (32, 32) for v in ladder)
+    non_head = [
+        sum(int(np.prod(shape)) for path, shape in param_shapes(v.config, 70).items() if not path.startswith("fc/"))
+        for v in ladder
+    ]
+    assert non_head == [118_354, 465_746, 1_849_194, 7_370_254]
+    macs = [count(v.name, 32, 70).macs for v in ladder]
+    np.testing.assert_allclose(np.array(macs[:3]) / 1e6, [0.59, 2.05, 7.98], atol=0.01)
+    assert VARIANTS["nfnet-w8"].config == VARIANTS["nfnet-tiny-l2"].config
+    assert non_head[2] / non_head[0] >= 15  # the three smallest rungs already span the study's size range
 
 
 def test_recipe_masks_select_the_right_parameters():
@@ -145,7 +162,7 @@ def _abstract_params(name: str, num_classes: int = 10, **options):
 @pytest.mark.parametrize(
     ("name", "options"),
     [("nfnet-test", {}), ("nfnet-f0", {}), ("nfnet-f1+", {}), ("nfnet-f1+", {"plus_stage1_mid": 192}),
-     ("nfnet-tiny-l6", {})],
+     ("nfnet-tiny-l6", {}), ("nfnet-w16", {})],
 )  # fmt: skip
 def test_flax_parameters_are_exactly_the_counted_ones(name, options):
     flax_shapes = _abstract_params(name, 10, **options)

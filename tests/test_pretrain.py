@@ -87,6 +87,26 @@ def test_finished_run_is_not_trained_again(finished: tuple[Path, dict[str, Any]]
     assert again["finished_at"] == summary["finished_at"]
 
 
+def test_wsd_schedule_is_selected_by_the_recipe_and_recorded_only_when_used(
+    finished: tuple[Path, dict[str, Any]], registry: Any, tmp_path: Path
+) -> None:
+    # A cosine run records no schedule keys, so run directories written before wsd existed still resume.
+    assert not {"schedule", "cooldown_fraction", "cooldown_shape"} & set(
+        json.loads((finished[0] / "config.json").read_text())["recipe"]
+    )
+    out = tmp_path / "wsd"
+    summary = pretrain(helpers.config(out, recipe={"schedule": "wsd", "cooldown_fraction": 0.5}), registry)
+    assert summary["status"] == "finished"
+    assert json.loads((out / "config.json").read_text())["recipe"]["schedule"] == "wsd"
+    peak = summary["peak_lr"]
+    lrs = [r["lr"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
+    cosine = [r["lr"] for r in map(json.loads, (finished[0] / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
+    # Logged after steps 4, 8, 12 (the rate of the update just taken: steps 3, 7, 11): constant until the cooldown
+    # starts at step 6, then linear to 0 at step 12; cosine has already decayed by step 3.
+    assert lrs == pytest.approx([peak, peak * 5 / 6, peak / 6], rel=1e-5)
+    assert cosine[0] < peak
+
+
 def test_different_config_is_refused_then_forced(
     finished: tuple[Path, dict[str, Any]], registry: Any, tmp_path: Path
 ) -> None:

@@ -25,7 +25,7 @@ from convscale_cli.engine.cache import program, tree_key
 from convscale_cli.engine.config import PretrainConfig
 from convscale_cli.engine.ledger import Ledger
 from convscale_cli.engine.mesh import batch_sharding, check_batch, make_mesh, replicated, state_shardings
-from convscale_cli.engine.optim import WarmupCosine, learning_rate_schedule, make_optimizer
+from convscale_cli.engine.optim import INJECTED_SCHEDULES, make_optimizer, recipe_schedule
 from convscale_cli.engine.resolve import ResolvedRun
 from convscale_cli.engine.state import TrainState
 from convscale_cli.engine.step import eval_step, train_step
@@ -93,7 +93,7 @@ def build(config: PretrainConfig, run: ResolvedRun) -> Built:
         drop_rate=config.drop_rate,
         **config.model_options,
     )
-    schedule = learning_rate_schedule(run.peak_lr, run.duration.steps, run.recipe.warmup_fraction)
+    schedule = recipe_schedule(run.recipe, run.peak_lr, run.duration.steps)
     tx = make_optimizer(run.recipe, schedule)
 
     init_key, dropout_key = jax.random.split(jax.random.PRNGKey(config.seed))
@@ -191,7 +191,8 @@ def compile_train_step(
         bound = functools.partial(step, model=model, tx=tx, schedule=schedule, **options)
         return jax.jit(bound, donate_argnums=0, out_shardings=out_shardings).lower(abstract, batch).compile()
 
-    numbers = "injected" if isinstance(schedule, WarmupCosine) else schedule
+    # The recipe in the key names the schedule's kind and shape; its numbers are state.
+    numbers = "injected" if isinstance(schedule, INJECTED_SCHEDULES) else schedule
     key = (step, model, program_recipe(recipe), numbers, tuple(sorted(options.items())))
     return program((*key, tree_key(abstract), tree_key(batch), tree_key(out_shardings)), compile)
 

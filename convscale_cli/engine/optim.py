@@ -4,6 +4,11 @@ NFNet (Brock et al. 2021 §4, A.1; paper-facts §1.3, §3.8): gradients are clip
 eps 1e-3) on every parameter except the classifier weight, *then* the L2 weight decay is added to the gradient (it is
 not decoupled), then Nesterov momentum 0.9 and the learning rate. The schedule warms up linearly from 0 and decays
 with a cosine to 0 (§1.3). The peak learning rate is alpha quoted at batch 4096 and scaled linearly with the batch.
+
+A recipe may instead select the warm-up-stable-decay schedule (``schedule = "wsd"``; Hägele et al. 2024, "Scaling Laws
+and Compute-Optimal Training Beyond Fixed Training Durations"): the same warm-up, a constant rate, then a cooldown to
+0 over the last ``cooldown_fraction`` of the steps, linear or 1-sqrt. Every budget shares the constant phase of the
+longest one, which is what lets a sweep branch its shorter budgets from one trunk.
 """
 
 from __future__ import annotations
@@ -74,6 +79,24 @@ def warmup_cosine(count: Any, peak_lr: Any, warmup_steps: Any, total_steps: Any)
     return jnp.where(count < warmup, warm, decayed)
 
 
+def warmup_stable_decay(
+    count: Any, peak_lr: Any, warmup_steps: Any, total_steps: Any, cooldown_steps: Any, *, shape: str = "linear"
+) -> jax.Array:
+    """Linear warm-up to ``peak_lr``, constant, then a cooldown to 0 over the last ``cooldown_steps`` steps.
+
+    The cooldown factor is ``1 - p`` (``linear``) or ``1 - sqrt(p)`` (``1-sqrt``, the shape Hägele et al. 2024 §3
+    found best) for the cooldown progress ``p`` in [0, 1]. jnp only, so the numbers may be traced arrays.
+    """
+    count = jnp.asarray(count, jnp.float32)
+    warmup = jnp.asarray(warmup_steps, jnp.float32)
+    cooldown = jnp.asarray(cooldown_steps, jnp.float32)
+    start = jnp.asarray(total_steps, jnp.float32) - cooldown
+    warm = peak_lr * count / jnp.maximum(warmup, 1.0)
+    progress = jnp.clip((count - start) / jnp.maximum(cooldown, 1.0), 0.0, 1.0)
+    factor = 1.0 - (jnp.sqrt(progress) if shape == "1-sqrt" else progress)
+    return jnp.where(count < warmup, warm, peak_lr * factor)
+
+
 @dataclasses.dataclass(frozen=True)
 class WarmupCosine:
     """The recipes' schedule (warm-up then cosine to 0), with its numbers kept apart from its shape.
@@ -94,14 +117,76 @@ class WarmupCosine:
     def hyperparams(self) -> dict[str, Any]:
         return {"peak_lr": float(self.peak_lr), "warmup_steps": self.warmup_steps, "total_steps": self.total_steps}
 
+    @staticmethod
+    def curve(count: Any, peak_lr: Any, warmup_steps: Any, total_steps: Any) -> jax.Array:
+        """The rate at ``count`` from the numbers :meth:`hyperparams` names (possibly read back from the state)."""
+        return warmup_cosine(count, peak_lr, warmup_steps, total_steps)
 
-def learning_rate_schedule(peak: float, total_steps: int, warmup_fraction: float) -> WarmupCosine:
+
+@dataclasses.dataclass(frozen=True)
+class WarmupStableDecay:
+    """The warm-up-stable-decay schedule, injected like :class:`WarmupCosine` (its shape is part of the program)."""
+
+    peak_lr: float
+    warmup_steps: int
+    total_steps: int
+    cooldown_steps: int
+    shape: str = "linear"
+
+    def __call__(self, count: Any) -> jax.Array:
+        return self.curve(count, **self.hyperparams())
+
+    def hyperparams(self) -> dict[str, Any]:
+        return {
+            "peak_lr": float(self.peak_lr),
+            "warmup_steps": self.warmup_steps,
+            "total_steps": self.total_steps,
+            "cooldown_steps": self.cooldown_steps,
+        }
+
+    def curve(self, count: Any, peak_lr: Any, warmup_steps: Any, total_steps: Any, cooldown_steps: Any) -> jax.Array:
+        """The rate at ``count`` from the numbers :meth:`hyperparams` names (possibly read back from the state)."""
+        return warmup_stable_decay(count, peak_lr, warmup_steps, total_steps, cooldown_steps, shape=self.shape)
+
+
+# Schedules whose numbers make_optimizer injects into the optimiser state.
+INJECTED_SCHEDULES = (WarmupCosine, WarmupStableDecay)
+
+
+def learning_rate_schedule(
+    peak: float,
+    total_steps: int,
+    warmup_fraction: float,
+    *,
+    kind: str = "cosine",
+    cooldown_fraction: float = 0.2,
+    cooldown_shape: str = "linear",
+) -> WarmupCosine | WarmupStableDecay:
     """Linear warm-up from 0 over ``warmup_fraction`` of the run, then cosine decay to 0 at ``total_steps``.
 
     The warm-up is a fraction of the run rather than the ImageNet recipe's fixed 5 epochs, so 0.25-epoch budgets
-    (§1.3) still spend most steps at a useful learning rate.
+    (§1.3) still spend most steps at a useful learning rate. ``kind="wsd"`` holds the peak after the warm-up and
+    cools down to 0 over the last ``cooldown_fraction`` of the steps (``cooldown_shape`` linear or 1-sqrt).
     """
-    return WarmupCosine(float(peak), int(round(warmup_fraction * total_steps)), max(int(total_steps), 1))
+    total = max(int(total_steps), 1)
+    warmup = int(round(warmup_fraction * total_steps))
+    if kind == "wsd":
+        return WarmupStableDecay(float(peak), warmup, total, int(round(cooldown_fraction * total)), cooldown_shape)
+    if kind != "cosine":
+        raise UsageError(f"unknown schedule {kind!r}: choose from cosine, wsd")
+    return WarmupCosine(float(peak), warmup, total)
+
+
+def recipe_schedule(recipe: Recipe, peak: float, total_steps: int) -> WarmupCosine | WarmupStableDecay:
+    """The schedule a recipe describes for a run of ``total_steps`` at peak rate ``peak``."""
+    return learning_rate_schedule(
+        peak,
+        total_steps,
+        recipe.warmup_fraction,
+        kind=recipe.schedule,
+        cooldown_fraction=recipe.cooldown_fraction,
+        cooldown_shape=recipe.cooldown_shape,
+    )
 
 
 def current_learning_rate(opt_state: Any, step: Any, schedule: optax.Schedule) -> jax.Array:
@@ -111,8 +196,8 @@ def current_learning_rate(opt_state: Any, step: Any, schedule: optax.Schedule) -
     compiled step, so the metric does not undo what :class:`WarmupCosine` injection buys.
     """
     hyperparams = getattr(opt_state, "hyperparams", None)
-    if isinstance(schedule, WarmupCosine) and hyperparams is not None:
-        return warmup_cosine(step, **hyperparams)
+    if isinstance(schedule, INJECTED_SCHEDULES) and hyperparams is not None:
+        return schedule.curve(step, **hyperparams)
     return jnp.asarray(schedule(step), jnp.float32)
 
 
@@ -121,8 +206,9 @@ def make_optimizer(recipe: Recipe, schedule: optax.Schedule) -> optax.GradientTr
 
     Args:
         recipe: the resolved recipe (optimizer, momentum, weight decay, clipping, masks).
-        schedule: the learning-rate schedule (already scaled to the global batch). A :class:`WarmupCosine` has its
-            numbers injected into the optimiser state (``optax.inject_hyperparams``) rather than compiled in.
+        schedule: the learning-rate schedule (already scaled to the global batch). A :class:`WarmupCosine` or
+            :class:`WarmupStableDecay` has its numbers injected into the optimiser state
+            (``optax.inject_hyperparams``) rather than compiled in.
 
     Raises:
         UsageError: an unknown optimizer name.
@@ -135,6 +221,18 @@ def make_optimizer(recipe: Recipe, schedule: optax.Schedule) -> optax.GradientTr
             return _chain(recipe, lambda count: warmup_cosine(count, peak_lr, warmup_steps, total_steps))
 
         return optax.inject_hyperparams(factory)(**schedule.hyperparams())
+    if isinstance(schedule, WarmupStableDecay):
+        if recipe.optimizer not in _OPTIMIZERS:
+            raise UsageError(f"unknown optimizer {recipe.optimizer!r}: choose from {', '.join(_OPTIMIZERS)}")
+
+        def wsd_factory(
+            peak_lr: Any, warmup_steps: Any, total_steps: Any, cooldown_steps: Any
+        ) -> optax.GradientTransformation:
+            return _chain(
+                recipe, lambda count: schedule.curve(count, peak_lr, warmup_steps, total_steps, cooldown_steps)
+            )
+
+        return optax.inject_hyperparams(wsd_factory)(**schedule.hyperparams())
     return _chain(recipe, schedule)
 
 

@@ -15,7 +15,7 @@ from convscale_cli.data.augment import DEFAULT_EVAL_CROP_FRACTION, augment_from_
 from convscale_cli.engine.config import PretrainConfig
 from convscale_cli.engine.steps import Duration, resolve_duration
 from convscale_cli.errors import UnknownNameError, UsageError
-from convscale_cli.recipe import Recipe
+from convscale_cli.recipe import Recipe, without_default_schedule
 from convscale_cli.registry import MAX_NUM_CLASSES, ArchitectureSpec, DatasetInfo, DatasetSpec, Registry
 
 
@@ -168,6 +168,7 @@ def resolved_dict(run: ResolvedRun) -> dict[str, Any]:
     """
     out = to_dict(run.config)
     recipe = {k: v for k, v in to_dict(run.recipe).items() if k not in ("lr", "loss", "label_smoothing")}
+    recipe = without_default_schedule(recipe)
     out.update(
         batch_size=run.batch_size,
         lr=run.recipe.lr,

@@ -27,7 +27,7 @@ from convscale_cli.engine.checkpoint import Checkpoints
 from convscale_cli.engine.hardware import device_peak
 from convscale_cli.engine.ledger import Ledger, xla_flops
 from convscale_cli.engine.mesh import batch_sharding, check_batch, make_mesh, replicated, state_shardings
-from convscale_cli.engine.optim import learning_rate_schedule, make_optimizer
+from convscale_cli.engine.optim import make_optimizer, recipe_schedule
 from convscale_cli.engine.progress import Progress
 from convscale_cli.engine.rundir import MetricsLog, RunDir
 from convscale_cli.engine.state import TrainState
@@ -82,7 +82,7 @@ def finetune(
         num_classes=run.num_classes, dtype="bfloat16" if config.precision == "bf16" else "float32",
         **run.build_options,
     )
-    schedule = learning_rate_schedule(run.peak_lr, run.duration.steps, run.recipe.warmup_fraction)
+    schedule = recipe_schedule(run.recipe, run.peak_lr, run.duration.steps)
     tx = make_optimizer(run.recipe, schedule)
     head_key, dropout_key = jax.random.split(jax.random.PRNGKey(config.seed))
     use_ema = config.ema_decay > 0

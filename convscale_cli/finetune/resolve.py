@@ -18,7 +18,7 @@ from convscale_cli.engine.steps import Duration, resolve_duration
 from convscale_cli.errors import UnknownNameError, UsageError
 from convscale_cli.finetune.backbone import Pretrained, locate
 from convscale_cli.finetune.config import DEFAULT_BATCH_SIZE, FINETUNE_LR_FRACTION, FinetuneConfig
-from convscale_cli.recipe import Recipe
+from convscale_cli.recipe import Recipe, without_default_schedule
 from convscale_cli.registry import ArchitectureSpec, DatasetInfo, DatasetSpec, Registry
 
 
@@ -157,7 +157,7 @@ def resolved_dict(run: FinetuneRun) -> dict[str, Any]:
         batch_size=run.batch_size,
         lr=run.recipe.lr,
         loss=run.recipe.loss,
-        recipe=to_dict(run.recipe),
+        recipe=without_default_schedule(to_dict(run.recipe)),
         augment=to_dict(run.augment),
         eval_crop_fraction=run.eval_crop,
         model_options=run.build_options,

@@ -309,6 +309,13 @@ def scaled_config(divisor: int, depths: tuple[int, int, int, int], drop_rate: fl
     )
 
 
+# The width ladder: one depth, (1, 2, 2, 1), and widths doubling from 1/16 to 1/2 of the F-series, so model size is a
+# single axis (each rung has ~4x the non-head parameters and MACs of the previous one) and a scaling study's size
+# contrast is not confounded with depth. nfnet-w8 is the same network as nfnet-tiny-l2.
+WIDTH_LADDER_DEPTHS = (1, 2, 2, 1)
+_WIDTH_LADDER = {f"nfnet-w{divisor}": divisor for divisor in (16, 8, 4, 2)}
+
+
 def _ladder_variants() -> list[Variant]:
     out = []
     for name, (divisor, depths) in _LADDER.items():
@@ -320,6 +327,17 @@ def _ladder_variants() -> list[Variant]:
                 32,
                 f"NFNet at 1/{divisor} width, depths {list(depths)} (laptop scaling ladder)",
                 ("ladder",),
+            )
+        )
+    for name, divisor in _WIDTH_LADDER.items():
+        out.append(
+            Variant(
+                name,
+                scaled_config(divisor, WIDTH_LADDER_DEPTHS),
+                32,
+                32,
+                f"NFNet at 1/{divisor} width, depths {list(WIDTH_LADDER_DEPTHS)} (width-only laptop ladder)",
+                ("ladder", "width"),
             )
         )
     return out
