@@ -186,8 +186,10 @@ def main() -> None:
     grain_rate, torch_rate = grain.images_per_s, torch.images_per_s
     print(f"workers={args.workers} batch={args.batch_size} resolution={RESOLUTION} timed batches={args.batches}")
     for name, rates in (("grain  imagefolder pipeline:", grain), ("torch  DataLoader + PIL:    ", torch)):
-        print(f"{name} {rates.images_per_s:8.1f} images/s  (start-up {rates.startup_s:.2f} s, "
-              f"shutdown {rates.shutdown_s:.2f} s, not timed)")
+        print(
+            f"{name} {rates.images_per_s:8.1f} images/s  (start-up {rates.startup_s:.2f} s, "
+            f"shutdown {rates.shutdown_s:.2f} s, not timed)"
+        )
     print(f"ratio grain / torch:         {grain_rate / torch_rate:8.2f}")
     try:
         f0_rate, what = f0_consumption(args.hardware)

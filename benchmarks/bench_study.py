@@ -68,26 +68,34 @@ def main() -> None:
         print(f"grid ({family}): alpha in {', '.join(f'{a:g}' for a in grid)}")
 
     rule, full = _decisions(args.runs, "two-trial"), _decisions(args.runs, "grid")
-    print(f"{'model':<15} {'epochs':>6} {'rule alpha':>10} {'rule loss':>9} {'grid alpha':>10} {'grid loss':>9} "
-          f"{'regret':>7}")
+    print(
+        f"{'model':<15} {'epochs':>6} {'rule alpha':>10} {'rule loss':>9} {'grid alpha':>10} {'grid loss':>9} "
+        f"{'regret':>7}"
+    )
     regrets = []
     for key in sorted(rule, key=lambda k: (k[1], k[0])):
         mine, best = rule[key], full[key]
         losses = {t["run"]: t["eval_loss"] for t in best["trials"]}
         chosen, optimum = losses[mine["best_run"]], min(losses.values())
         regrets.append(chosen - optimum)
-        print(f"{key[0]:<15} {key[1]:>6g} {mine['best_lr']:>10g} {chosen:>9.4f} {best['best_lr']:>10g} "
-              f"{optimum:>9.4f} {chosen - optimum:>7.4f}")
+        print(
+            f"{key[0]:<15} {key[1]:>6g} {mine['best_lr']:>10g} {chosen:>9.4f} {best['best_lr']:>10g} "
+            f"{optimum:>9.4f} {chosen - optimum:>7.4f}"
+        )
     rule_runs = {t["run"] for e in rule.values() for t in e["trials"]}
     grid_runs = {t["run"] for e in full.values() for t in e["trials"]}
     rule_flops, rule_diverged = _flops(args.runs, rule_runs)
     grid_flops, grid_diverged = _flops(args.runs, grid_runs)
-    print(f"runs: rule {len(rule_runs)}, grid {len(grid_runs)} ({len(grid_runs) / len(rule_runs):.1f}x); "
-          f"training FLOPs: rule {rule_flops:.3g}, grid {grid_flops:.3g} ({grid_flops / rule_flops:.1f}x)")
+    print(
+        f"runs: rule {len(rule_runs)}, grid {len(grid_runs)} ({len(grid_runs) / len(rule_runs):.1f}x); "
+        f"training FLOPs: rule {rule_flops:.3g}, grid {grid_flops:.3g} ({grid_flops / rule_flops:.1f}x)"
+    )
     if rule_diverged or grid_diverged:
         print(f"diverged (non-finite loss, counted at full cost): rule {rule_diverged}, grid {grid_diverged}")
-    print(f"loss regret of the rule: mean {sum(regrets) / len(regrets):.4f}, max {max(regrets):.4f}, "
-          f"zero in {sum(r == 0 for r in regrets)} of {len(regrets)} cells")
+    print(
+        f"loss regret of the rule: mean {sum(regrets) / len(regrets):.4f}, max {max(regrets):.4f}, "
+        f"zero in {sum(r == 0 for r in regrets)} of {len(regrets)} cells"
+    )
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def _timm() -> Any:
     import torch
 
     original = torch.library.register_fake
-    torch.library.register_fake = lambda *a, **k: (lambda fn: fn)
+    torch.library.register_fake = lambda *a, **k: lambda fn: fn
     try:
         import timm
         import torchvision  # noqa: F401
@@ -66,11 +66,24 @@ def bench_convscale(name: str, resolution: int, batch: int, precision: str, clas
     peak = peak_learning_rate(spec.recipe.lr, batch, spec.recipe.base_batch_size)
     schedule = learning_rate_schedule(peak, 10_000, 0.0)
     tx = make_optimizer(spec.recipe, schedule)
-    params = jax.jit(lambda: model.init({"params": jax.random.key(0)}, jnp.zeros((1, resolution, resolution, 3)),
-                                        train=False)["params"])()
+    params = jax.jit(
+        lambda: model.init({"params": jax.random.key(0)}, jnp.zeros((1, resolution, resolution, 3)), train=False)[
+            "params"
+        ]
+    )()
     state = TrainState.create(params, tx, jax.random.key_data(jax.random.key(1)))
-    step = jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule, normalize=normalize,
-                                     loss=spec.recipe.loss, num_classes=classes), donate_argnums=0)
+    step = jax.jit(
+        functools.partial(
+            train_step,
+            model=model,
+            tx=tx,
+            schedule=schedule,
+            normalize=normalize,
+            loss=spec.recipe.loss,
+            num_classes=classes,
+        ),
+        donate_argnums=0,
+    )
     rng = np.random.default_rng(0)
     batch_data = {
         "image": jnp.asarray(rng.integers(0, 256, (batch, resolution, resolution, 3), dtype=np.uint8)),
@@ -132,11 +145,18 @@ def bench_timm(
     # fused=True: the fastest of torch's update kernels on this CPU (ViT-B/16 AdamW step 14-16 img/s against 12.3
     # for the default for-loop and 10-11 for foreach; NFNet-F0 SGD 17-20 against 14-18).
     if recipe.optimizer == "sgd":
-        opt = torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum, nesterov=recipe.nesterov,
-                              weight_decay=recipe.weight_decay, fused=True)
+        opt = torch.optim.SGD(
+            groups,
+            lr=lr,
+            momentum=recipe.momentum,
+            nesterov=recipe.nesterov,
+            weight_decay=recipe.weight_decay,
+            fused=True,
+        )
     else:
-        opt = torch.optim.AdamW(groups, lr=lr, betas=(recipe.momentum, recipe.beta2), weight_decay=recipe.weight_decay,
-                                fused=True)
+        opt = torch.optim.AdamW(
+            groups, lr=lr, betas=(recipe.momentum, recipe.beta2), weight_decay=recipe.weight_decay, fused=True
+        )
     # AGC skips the classifier, as convscale's recipe (agc_exclude) and timm's train.py (exclude_head) do.
     head = {id(p) for p in model.get_classifier().parameters()}
     clipped = [p for p in model.parameters() if id(p) not in head]
@@ -187,14 +207,18 @@ def main() -> None:
 
     cpu = jax.default_backend() == "cpu"
     if not cpu and not _torch_has_cuda():
-        raise SystemExit("bench_train_step: JAX runs on an accelerator but this torch has no CUDA, so timm would run "
-                         "on the host CPU and the ratio would compare two devices (install a CUDA build of torch)")
+        raise SystemExit(
+            "bench_train_step: JAX runs on an accelerator but this torch has no CUDA, so timm would run "
+            "on the host CPU and the ratio would compare two devices (install a CUDA build of torch)"
+        )
     args.resolution = args.resolution or (64 if cpu else 224)
     args.batch = args.batch or (16 if cpu else 128)
     args.precision = args.precision or ("fp32" if cpu else "bf16")
     hardware = get_hardware(detect_hardware(jax.devices()[0].device_kind))
-    print(f"device: {jax.devices()[0].device_kind} ({hardware.name}, peak {hardware.peak_flops:.3g} FLOP/s); "
-          f"{args.resolution} px, batch {args.batch}, {args.precision}, {args.rounds} x {args.steps} timed steps")
+    print(
+        f"device: {jax.devices()[0].device_kind} ({hardware.name}, peak {hardware.peak_flops:.3g} FLOP/s); "
+        f"{args.resolution} px, batch {args.batch}, {args.precision}, {args.rounds} x {args.steps} timed steps"
+    )
     print(f"{'model':<10} {'convscale img/s':>16} {'timm img/s':>11} {'ratio':>6} {'MFU':>7}")
     optimizers = []
     for name in args.models:

@@ -90,8 +90,10 @@ def _best_pretrain_run(runs_dir: Path) -> RunRecord:
 
 def _top1(summary: dict[str, Any]) -> dict[str, float | None]:
     """Held-out top-1 of a fine-tuning summary, raw and EMA weights."""
-    return {"top1": (summary.get("final") or {}).get("eval_top1"),
-            "top1_ema": (summary.get("final_ema") or {}).get("eval_top1")}
+    return {
+        "top1": (summary.get("final") or {}).get("eval_top1"),
+        "top1_ema": (summary.get("final_ema") or {}).get("eval_top1"),
+    }
 
 
 def _percent(top1: dict[str, float | None]) -> str:
@@ -130,16 +132,20 @@ def run(
     loaded = load_study(study_path, {"out": str(runs_dir)})  # validates the study before anything runs
     plan_cells(loaded, get_registry())  # and its model and dataset names, in one line of their own
 
-    echo(f"[1/4] pre-training: {len(loaded.models)} models x {len(loaded.epochs)} epoch budgets on {loaded.dataset}, "
-         "learning rates tuned by the two-trial rule")
+    echo(
+        f"[1/4] pre-training: {len(loaded.models)} models x {len(loaded.epochs)} epoch budgets on {loaded.dataset}, "
+        "learning rates tuned by the two-trial rule"
+    )
     _call(run_command, ["sweep", str(study_path), "--set", f"out={runs_dir}"])
 
     best = _best_pretrain_run(runs_dir)
     best_dir = best.path
     ft_dir = runs_dir / f"finetune-{FINETUNE_DATASET}"
     scratch_dir = runs_dir / f"scratch-{FINETUNE_DATASET}"
-    echo(f"[2/4] fine-tuning the lowest-loss run ({best_dir.name}, held-out loss {best.eval_loss:.4f}) on the "
-         f"real {FINETUNE_DATASET} data")
+    echo(
+        f"[2/4] fine-tuning the lowest-loss run ({best_dir.name}, held-out loss {best.eval_loss:.4f}) on the "
+        f"real {FINETUNE_DATASET} data"
+    )
     _call(run_command, finetune.argv(best_dir, ft_dir))
     echo(f"      baseline: the same {best.model} from a random initialisation, same recipe and fine-tuning compute")
     _call(run_command, finetune.argv(best_dir, scratch_dir, scratch=True))
@@ -151,11 +157,24 @@ def run(
     fit = json.loads((report_dir / "fit.json").read_text())
 
     budget_flops = PLAN_BUDGET_FACTOR * _largest_flops(runs_dir)
-    echo(f"[4/4] planning a budget {PLAN_BUDGET_FACTOR:g}x the largest run ({budget_flops:.3g} FLOPs) from the "
-         "fitted runs")
+    echo(
+        f"[4/4] planning a budget {PLAN_BUDGET_FACTOR:g}x the largest run ({budget_flops:.3g} FLOPs) from the "
+        "fitted runs"
+    )
     size = loaded.data_options.get("size")
-    plan_args = ["plan", "--budget", f"{budget_flops:.4g}-flops", "--from", str(runs_dir), "--dataset",
-                 loaded.dataset, "--hardware", "cpu", "--resolution", str(loaded.resolution or 32)]
+    plan_args = [
+        "plan",
+        "--budget",
+        f"{budget_flops:.4g}-flops",
+        "--from",
+        str(runs_dir),
+        "--dataset",
+        loaded.dataset,
+        "--hardware",
+        "cpu",
+        "--resolution",
+        str(loaded.resolution or 32),
+    ]
     if size:
         plan_args += ["--dataset-size", str(size)]
     if loaded.batch_size:
@@ -187,8 +206,10 @@ def run(
     echo(f"  two-trial rule: {runs_used} runs for {len(tuning)} cells (a full 6-point lr grid needs {grid})")
     for verdict in summary["verdicts"]:
         echo(f"  {verdict.get('claim') or verdict.get('finding')}: {verdict.get('text')}")
-    echo(f"  {FINETUNE_DATASET} top-1 on the held-out split after {finetune.epochs:g} epochs: "
-         f"{_percent(top1)} fine-tuned from {best_dir.name}, {_percent(top1_scratch)} from scratch (same fine-tuning "
-         "compute)")
+    echo(
+        f"  {FINETUNE_DATASET} top-1 on the held-out split after {finetune.epochs:g} epochs: "
+        f"{_percent(top1)} fine-tuned from {best_dir.name}, {_percent(top1_scratch)} from scratch (same fine-tuning "
+        "compute)"
+    )
     echo(f"  report: {summary['report']}")
     return summary

@@ -28,8 +28,11 @@ def test_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
         (["modls"], "Error: No such command 'modls'. Did you mean 'models'?"),
         (["models", "--jsn"], "Error: No such option: --jsn (Possible options: --json)"),
         (["models", "--resolution", "-3"], "Error: --resolution must be > 0, got -3"),
-        (["models", "--resolution", "abc"], "Error: Invalid value for '--resolution': Input should be a valid integer, "
-         "unable to parse string as an integer"),
+        (
+            ["models", "--resolution", "abc"],
+            "Error: Invalid value for '--resolution': Input should be a valid integer, "
+            "unable to parse string as an integer",
+        ),
         (["models", "--family", "nfent"], "Error: unknown family 'nfent': did you mean 'nfnet'?"),
         (["datasets", "no-such"], "Error: no dataset matches 'no-such'; run `convscale datasets` to list all"),
     ],
@@ -87,10 +90,34 @@ def test_models_and_datasets_json_are_valid() -> None:
         assert isinstance(json.loads(result.stdout), list)
 
 
-TAKEN = [(str, "nfnet-tiny-*"), (str, ""), (int, 4096), (int, "64"), (int, "-3"), (int, "0"), (int, "-0"),
-         (float, 0.356), (float, "0.3"), (float, "-2"), (float, "1e-1"), (float, "1.5E21"), (float, "10")]
-DECLINED = [(int, "012"), (int, "1_000"), (int, " 7"), (int, "1.0"), (int, "abc"), (int, True), (float, ".3"),
-            (float, "inf"), (float, "1e+3"), (float, 1), (bool, "yes")]
+TAKEN = [
+    (str, "nfnet-tiny-*"),
+    (str, ""),
+    (int, 4096),
+    (int, "64"),
+    (int, "-3"),
+    (int, "0"),
+    (int, "-0"),
+    (float, 0.356),
+    (float, "0.3"),
+    (float, "-2"),
+    (float, "1e-1"),
+    (float, "1.5E21"),
+    (float, "10"),
+]
+DECLINED = [
+    (int, "012"),
+    (int, "1_000"),
+    (int, " 7"),
+    (int, "1.0"),
+    (int, "abc"),
+    (int, True),
+    (float, ".3"),
+    (float, "inf"),
+    (float, "1e+3"),
+    (float, 1),
+    (bool, "yes"),
+]
 
 
 @pytest.mark.parametrize(("annotation", "value"), TAKEN + DECLINED)

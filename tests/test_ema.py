@@ -22,8 +22,9 @@ def test_decay_warm_up_values():
 
 def test_update_matches_a_python_reference_over_many_steps():
     rng = np.random.default_rng(0)
-    params = [{"a": rng.normal(size=(3, 2)).astype(np.float32), "b": rng.normal(size=4).astype(np.float32)}
-              for _ in range(30)]
+    params = [
+        {"a": rng.normal(size=(3, 2)).astype(np.float32), "b": rng.normal(size=4).astype(np.float32)} for _ in range(30)
+    ]
     decay = 0.95
     ema = ema_init(jax.tree_util.tree_map(jnp.asarray, params[0]))
     ref = {k: v.astype(np.float64) for k, v in params[0].items()}

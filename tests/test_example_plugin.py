@@ -18,16 +18,30 @@ def example_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """pip-install the example package into a private target directory (a real dist-info with its entry point)."""
     site = tmp_path_factory.mktemp("site")
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-         "--target", str(site), str(EXAMPLE)],
-        check=True, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(site),
+            str(EXAMPLE),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return {**os.environ, "PYTHONPATH": str(site)}
 
 
 def _json(args: list[str], env: dict[str, str]) -> list[dict]:
-    result = subprocess.run([sys.executable, "-m", "convscale_cli", *args, "--json"], capture_output=True, text=True,
-                            env=env)
+    result = subprocess.run(
+        [sys.executable, "-m", "convscale_cli", *args, "--json"], capture_output=True, text=True, env=env
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -55,9 +69,12 @@ def test_example_counts_match_the_flax_model(monkeypatch: pytest.MonkeyPatch) ->
     model = spec.build(num_classes=7)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
     assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == spec.count(32, 7).params
-    cost = jax.jit(lambda v, x: model.apply(v, x)).lower(
-        model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))), jnp.zeros((1, 32, 32, 3))
-    ).compile().cost_analysis()
+    cost = (
+        jax.jit(lambda v, x: model.apply(v, x))
+        .lower(model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))), jnp.zeros((1, 32, 32, 3)))
+        .compile()
+        .cost_analysis()
+    )
     cost = cost[0] if isinstance(cost, list) else cost
     # The analytic count charges every 3x3 tap (like DeepMind's count_flops); XLA skips taps that fall on the SAME
     # padding, which is a visible share at 8x8 feature maps, and adds the elementwise ops.

@@ -94,8 +94,9 @@ def test_locate_accepts_the_run_its_checkpoints_and_one_checkpoint(pretrained: P
 def test_backbone_is_kept_and_the_head_is_new(pretrained: Path, loaded: plugin_loader.Plugins) -> None:
     spec = loaded.registry.architecture("tiny-cnn")
     assert head_paths(spec, 7, {}, 8) == ["head/bias", "head/kernel"]
-    params = _flat(load_params(locate(pretrained), spec, num_classes=7, options={}, resolution=8,
-                               rng=jax.random.PRNGKey(0)))
+    params = _flat(
+        load_params(locate(pretrained), spec, num_classes=7, options={}, resolution=8, rng=jax.random.PRNGKey(0))
+    )
     saved = _restore_params(pretrained / "checkpoints" / "8")
     for path, value in saved.items():
         if not path.startswith("head/"):
@@ -117,8 +118,15 @@ def test_mismatched_backbone_names_the_first_tensor(tmp_path: Path, pretrained: 
     weights = tmp_path / "weights"
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(weights / "params", tree)
-    meta = {"format": "convscale-weights", "version": 1, "architecture": "tiny-cnn", "family": "tiny",
-            "num_classes": helpers.CLASSES, "options": {}, "source": {"kind": "test"}}
+    meta = {
+        "format": "convscale-weights",
+        "version": 1,
+        "architecture": "tiny-cnn",
+        "family": "tiny",
+        "num_classes": helpers.CLASSES,
+        "options": {},
+        "source": {"kind": "test"},
+    }
     (weights / MODEL_JSON).write_text(json.dumps(meta))
     pre = locate(weights)
     assert pre.kind == "weights" and pre.core_hours is None
@@ -177,8 +185,9 @@ def test_bad_input_exits_2_with_one_line(
         assert err.startswith("Error: ") and "\n" not in err and needle in err, (extra, err)
 
 
-def test_model_check_refuses_another_architecture(tmp_path: Path, pretrained: Path, loaded: Any, capsys: Any,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_model_check_refuses_another_architecture(
+    tmp_path: Path, pretrained: Path, loaded: Any, capsys: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     other = types.SimpleNamespace()
 
     @hookimpl
@@ -190,8 +199,19 @@ def test_model_check_refuses_another_architecture(tmp_path: Path, pretrained: Pa
     other.register_architectures = register_architectures
     plugins = plugin_loader.load_plugins(extra=[("a", _Plugin()), ("b", other)], entry_points=lambda: [])
     monkeypatch.setattr(plugin_loader, "_CACHE", plugins)
-    argv = ["finetune", "--from", str(pretrained), "--model", "tiny-cnn-2", "--dataset", "colours",
-            "--out", str(tmp_path / "ft"), "--steps", "2"]
+    argv = [
+        "finetune",
+        "--from",
+        str(pretrained),
+        "--model",
+        "tiny-cnn-2",
+        "--dataset",
+        "colours",
+        "--out",
+        str(tmp_path / "ft"),
+        "--steps",
+        "2",
+    ]
     code, _, err = _run(argv, capsys)
     assert code == ExitCode.USAGE_ERROR
     assert "holds a tiny-cnn checkpoint, not --model tiny-cnn-2" in err
@@ -215,8 +235,12 @@ def test_every_option_end_to_end_then_rerun_is_a_no_op(
     assert code == ExitCode.OK, err
     summary = json.loads(stdout)
     assert summary == json.loads((out / "summary.json").read_text())
-    assert (summary["kind"], summary["status"], summary["model"], summary["steps"]) == ("finetune", "finished",
-                                                                                         "tiny-cnn", 6)
+    assert (summary["kind"], summary["status"], summary["model"], summary["steps"]) == (
+        "finetune",
+        "finished",
+        "tiny-cnn",
+        6,
+    )
     assert summary["pretrain"]["run"] == str(pretrained) and summary["pretrain"]["step"] == 4
     assert summary["pretrain"]["core_hours"] == pytest.approx(locate(pretrained / "checkpoints" / "4").core_hours)
     for key in ("final", "final_ema"):

@@ -66,8 +66,13 @@ def test_sigkill_then_rerun_is_bitwise_exact(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_args(out, pre), env=_env(CONVSCALE_TEST_STEP_DELAY="0.2"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _args(out, pre),
+        env=_env(CONVSCALE_TEST_STEP_DELAY="0.2"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 240
     while _logged_step(out) < 7 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -98,6 +103,7 @@ def main(argv: list[str]) -> int:
     settings = {k: json.loads(v) for k, v in (a.split("=", 1) for a in argv[2:])}
     config = FinetuneConfig(pretrained=argv[1], dataset="colours", out=argv[0], **settings)
     return helpers.run_child(lambda registry, pipeline: finetune(config, registry, pipeline=pipeline))
+
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -29,8 +29,13 @@ def register_architectures(register):
 
 def _arch(name: str) -> ArchitectureSpec:
     return ArchitectureSpec(
-        name=name, family="toy", build=lambda **kw: None, count=lambda r, c: ModelCount(1, 1),
-        train_resolution=8, eval_resolution=8, recipe=Recipe(),
+        name=name,
+        family="toy",
+        build=lambda **kw: None,
+        count=lambda r, c: ModelCount(1, 1),
+        train_resolution=8,
+        eval_resolution=8,
+        recipe=Recipe(),
     )
 
 
@@ -111,8 +116,11 @@ def test_registering_something_that_is_not_a_spec_is_a_failure_of_that_plugin(ba
         register(bad)
 
     plugin = types.SimpleNamespace(register_architectures=register_architectures)
-    with pytest.warns(PluginWarning, match=r"'bad' skipped \(register_architectures raised: TypeError: register\(\) "
-                      r"takes ArchitectureSpec objects, got "):
+    with pytest.warns(
+        PluginWarning,
+        match=r"'bad' skipped \(register_architectures raised: TypeError: register\(\) "
+        r"takes ArchitectureSpec objects, got ",
+    ):
         loaded = load_plugins([("ok", _plugin("toy-ok")), ("bad", plugin)], entry_points=_no_entry_points)
     assert loaded.registry.architectures.names() == ["toy-ok"]
     with pytest.raises(PluginError, match="plugin 'bad' failed to load"):
@@ -179,8 +187,9 @@ def test_dataset_registration() -> None:
     def register_datasets(register):  # noqa: ANN001, ANN202
         register(DatasetSpec(name="toyset", description="d", open=lambda split: [], info=lambda: info))
 
-    loaded = load_plugins([("d", types.SimpleNamespace(register_datasets=register_datasets))],
-                          entry_points=_no_entry_points)
+    loaded = load_plugins(
+        [("d", types.SimpleNamespace(register_datasets=register_datasets))], entry_points=_no_entry_points
+    )
     assert loaded.registry.dataset("toyset").info() == info
     with pytest.raises(UnknownNameError, match="did you mean 'toyset'"):
         loaded.registry.dataset("toyst")
@@ -216,8 +225,9 @@ def test_entry_point_plugin_that_fails_to_import_leaves_the_cli_working(install_
 
 
 def test_allowlist_keeps_builtins_and_named_plugins_only(install_plugin) -> None:  # noqa: ANN001
-    env = install_plugin("fake-plugins", {"fakegood": "fake_plugin_good"},
-                         {"fake_plugin_good": GOOD.format(name="toy-allow")})
+    env = install_plugin(
+        "fake-plugins", {"fakegood": "fake_plugin_good"}, {"fake_plugin_good": GOOD.format(name="toy-allow")}
+    )
     names = lambda e: {row["name"] for row in json.loads(_cli(["plugins", "--json"], e).stdout)}  # noqa: E731
     assert "fakegood" not in names({**env, "CONVSCALE_PLUGINS": ""})
     assert "fakegood" in names({**env, "CONVSCALE_PLUGINS": "fakegood"})
@@ -267,8 +277,10 @@ def test_a_model_whose_count_fails_is_left_out_of_models_and_plan(install_plugin
     env = install_plugin(
         "fake-plugins",
         {"fakecount": "fake_plugin_count", "fakeres": "fake_plugin_res"},
-        {"fake_plugin_count": BROKEN_COUNT.format(name="toy-broken", res=16),
-         "fake_plugin_res": BROKEN_COUNT.format(name="toy-res", res=8)},
+        {
+            "fake_plugin_count": BROKEN_COUNT.format(name="toy-broken", res=16),
+            "fake_plugin_res": BROKEN_COUNT.format(name="toy-res", res=8),
+        },
     )
     warning = "Warning: plugin 'fakecount': model 'toy-broken' left out (count(16, 1000) raised RuntimeError: "
     listing = _cli(["models", "--json", "--family", "toy"], env)

@@ -127,7 +127,10 @@ def _run_two_processes(out: Path, **overrides: Any) -> list[dict[str, Any]]:
     procs = [
         subprocess.Popen(
             _args(out, coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=i, **overrides),
-            env=_env(1), stdout=stdout, stderr=stderr, text=True,
+            env=_env(1),
+            stdout=stdout,
+            stderr=stderr,
+            text=True,
         )  # fmt: skip
         for i, (stdout, stderr) in enumerate(logs)
     ]

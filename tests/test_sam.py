@@ -122,8 +122,10 @@ def test_sam_step_jits_and_matches_eager():
     np.testing.assert_allclose(np.asarray(eager["w"]), np.asarray(jitted["w"]), rtol=1e-6)
 
 
-@pytest.mark.parametrize(("rho", "fraction", "match"), [(-0.1, 0.2, "rho"), (0.05, 0.0, "fraction"),
-                                                         (0.05, 1.5, "fraction"), (float("nan"), 0.2, "rho")])
+@pytest.mark.parametrize(
+    ("rho", "fraction", "match"),
+    [(-0.1, 0.2, "rho"), (0.05, 0.0, "fraction"), (0.05, 1.5, "fraction"), (float("nan"), 0.2, "rho")],
+)
 def test_bad_settings_are_usage_errors(rho, fraction, match):
     with pytest.raises(UsageError, match=match):
         check_sam(rho, fraction)

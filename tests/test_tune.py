@@ -53,7 +53,10 @@ class _ToyPlugin:
             )
         register(  # a dataset with a size option, as `shapes` has
             DatasetSpec(
-                name="sizedset", description="", open=lambda split, size=TRAIN_SIZE: [], options={"size": TRAIN_SIZE},
+                name="sizedset",
+                description="",
+                open=lambda split, size=TRAIN_SIZE: [],
+                options={"size": TRAIN_SIZE},
                 info=lambda size=TRAIN_SIZE: DatasetInfo(10, {"train": size, "eval": 100}, 32),
             )
         )
@@ -135,9 +138,7 @@ def test_two_trials_without_a_smaller_cell_start_at_the_recipe_alpha(registry: R
     assert entry["best_lr"] == 1.6 and [t["lr"] for t in entry["trials"]] == [1.6, 0.8]
 
 
-def test_a_study_start_lr_replaces_the_recipe_alpha_only_for_the_first_cell(
-    registry: Registry, tmp_path: Path
-) -> None:
+def test_a_study_start_lr_replaces_the_recipe_alpha_only_for_the_first_cell(registry: Registry, tmp_path: Path) -> None:
     fake = FakeTrainer()
     first = tuning.tune_cell("toy-s", 0.5, tmp_path, dataset="toyset", registry=registry, trainer=fake, start_lr=6.4)
     assert [lr for _, _, lr in fake.calls] == [6.4, 3.2]

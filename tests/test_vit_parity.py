@@ -95,9 +95,16 @@ def test_imported_tiny_vit_matches_timm_at_other_sizes(pool: str, size: int, tmp
 
     c = TINY.config
     model = VisionTransformer(
-        img_size=16, patch_size=c.patch_size, embed_dim=c.width, depth=c.depth, num_heads=c.num_heads,
-        mlp_ratio=c.mlp_dim / c.width, num_classes=3, dynamic_img_size=True,
-        class_token=pool == "tok", global_pool="token" if pool == "tok" else "map",
+        img_size=16,
+        patch_size=c.patch_size,
+        embed_dim=c.width,
+        depth=c.depth,
+        num_heads=c.num_heads,
+        mlp_ratio=c.mlp_dim / c.width,
+        num_classes=3,
+        dynamic_img_size=True,
+        class_token=pool == "tok",
+        global_pool="token" if pool == "tok" else "map",
     )
     file = tmp_path / "tiny.safetensors"
     save_file(_randomise(model, seed=2), str(file))

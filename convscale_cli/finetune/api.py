@@ -79,7 +79,8 @@ def finetune(
     mesh = make_mesh()
     check_batch(run.batch_size, mesh, 1)
     model = run.arch.build(
-        num_classes=run.num_classes, dtype="bfloat16" if config.precision == "bf16" else "float32",
+        num_classes=run.num_classes,
+        dtype="bfloat16" if config.precision == "bf16" else "float32",
         **run.build_options,
     )
     schedule = recipe_schedule(run.recipe, run.peak_lr, run.duration.steps)
@@ -96,8 +97,7 @@ def finetune(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
     hardware, peak = device_peak(config.hardware, config.peak_flops)
-    ledger = Ledger(flops_per_example=run.flops_per_example, num_devices=mesh.size, hardware=hardware,
-                    peak_flops=peak)
+    ledger = Ledger(flops_per_example=run.flops_per_example, num_devices=mesh.size, hardware=hardware, peak_flops=peak)
     checkpoints = Checkpoints(rundir.checkpoints, keep=config.keep)
     try:
         restored = checkpoints.restore(abstract)
@@ -105,32 +105,63 @@ def finetune(
             with ledger.timed("compile"):
                 if config.scratch:
                     images = jnp.zeros((1, run.resolution, run.resolution, 3), jnp.float32)
-                    params = jax.jit(lambda key: model.init({"params": key}, images, train=False)["params"],
-                                     out_shardings=shardings.params)(head_key)
+                    params = jax.jit(
+                        lambda key: model.init({"params": key}, images, train=False)["params"],
+                        out_shardings=shardings.params,
+                    )(head_key)
                 else:
-                    params = load_params(run.pretrained, run.arch, num_classes=run.num_classes,
-                                         options=run.build_options, resolution=run.resolution, rng=head_key)
+                    params = load_params(
+                        run.pretrained,
+                        run.arch,
+                        num_classes=run.num_classes,
+                        options=run.build_options,
+                        resolution=run.resolution,
+                        rng=head_key,
+                    )
                     # The loaded tensors sit on one device; lay them out like the state before the jitted init.
                     params = jax.device_put(params, shardings.params)
                 state = jax.jit(init, out_shardings=shardings)(params)
                 jax.block_until_ready(state)
             if config.scratch:
-                progress.message(f"training {run.arch.name} from a random initialisation (the --scratch baseline "
-                                 f"of {run.pretrained.path})")
+                progress.message(
+                    f"training {run.arch.name} from a random initialisation (the --scratch baseline "
+                    f"of {run.pretrained.path})"
+                )
             else:
-                progress.message(f"fine-tuning {run.arch.name} from {run.pretrained.path} with a new "
-                                 f"{run.num_classes}-way classifier")
+                progress.message(
+                    f"fine-tuning {run.arch.name} from {run.pretrained.path} with a new "
+                    f"{run.num_classes}-way classifier"
+                )
             start = (0, state, None, ledger)
         else:
             step, state, data_state, saved = restored
             lost = _lost_seconds(rundir.live_ledger(), saved)
-            ledger = Ledger.from_dict({**saved, "num_devices": ledger.num_devices, "hardware": ledger.hardware,
-                                       "peak_flops": ledger.peak_flops})
+            ledger = Ledger.from_dict(
+                {
+                    **saved,
+                    "num_devices": ledger.num_devices,
+                    "hardware": ledger.hardware,
+                    "peak_flops": ledger.peak_flops,
+                }
+            )
             ledger.device_seconds["lost"] += lost
             progress.message(f"resuming {config.out} from step {step} ({lost:.1f} device-seconds lost)")
             start = (step, state, data_state, ledger)
-        return _train(run, rundir, resolved, progress, pipeline, mesh, model, schedule, tx, abstract, shardings,
-                      checkpoints, start)
+        return _train(
+            run,
+            rundir,
+            resolved,
+            progress,
+            pipeline,
+            mesh,
+            model,
+            schedule,
+            tx,
+            abstract,
+            shardings,
+            checkpoints,
+            start,
+        )
     finally:
         with interrupts.deferred():  # pending saves complete even when a signal arrives now
             checkpoints.close()
@@ -162,13 +193,23 @@ def _train(
     eval_batch = _eval_batch_size(run, len(eval_source), mesh.size)
     with ledger.timed("compile"):  # once per process for each distinct program (engine/cache.py)
         train_fn = compile_train_step(
-            finetune_step, model=model, tx=tx, schedule=schedule, recipe=run.recipe,
-            options=common | {
-                "sam_rho": config.sam_rho, "sam_fraction": config.sam_fraction, "num_shards": mesh.size,
-                "ema_decay": config.ema_decay, "mixup_alpha": config.mixup, "cutmix_alpha": config.cutmix,
+            finetune_step,
+            model=model,
+            tx=tx,
+            schedule=schedule,
+            recipe=run.recipe,
+            options=common
+            | {
+                "sam_rho": config.sam_rho,
+                "sam_fraction": config.sam_fraction,
+                "num_shards": mesh.size,
+                "ema_decay": config.ema_decay,
+                "mixup_alpha": config.mixup,
+                "cutmix_alpha": config.cutmix,
                 "label_smoothing": config.label_smoothing,
             },
-            abstract=abstract, batch=abstract_batch(run, run.batch_size, run.resolution, data_sharding),
+            abstract=abstract,
+            batch=abstract_batch(run, run.batch_size, run.resolution, data_sharding),
             out_shardings=(shardings, replicated(mesh)),
         )
         held_out = abstract_batch(run, eval_batch, run.eval_resolution, data_sharding)
@@ -181,25 +222,46 @@ def _train(
     def evaluate(params: Any) -> dict[str, float]:
         with ledger.timed("eval"):
             sums = None
-            for batch in pipeline.eval_loader(eval_source, global_batch_size=eval_batch,
-                                              resolution=run.eval_resolution, worker_count=config.worker_count,
-                                              crop_fraction=run.eval_crop):
+            for batch in pipeline.eval_loader(
+                eval_source,
+                global_batch_size=eval_batch,
+                resolution=run.eval_resolution,
+                worker_count=config.worker_count,
+                crop_fraction=run.eval_crop,
+            ):
                 out = eval_fn(params, to_device(batch))
                 sums = out if sums is None else jax.tree_util.tree_map(jnp.add, sums, out)
             host = {k: float(v) for k, v in jax.device_get(sums).items()}
         count = max(host["count"], 1.0)
-        return {"eval_loss": host["loss_sum"] / count, "eval_top1": host["top1_sum"] / count,
-                "eval_top5": host["top5_sum"] / count}
+        return {
+            "eval_loss": host["loss_sum"] / count,
+            "eval_top1": host["top1_sum"] / count,
+            "eval_top5": host["top5_sum"] / count,
+        }
 
     loader = pipeline.train_loader(
-        run.data.open("train", **config.data_options), global_batch_size=run.batch_size, resolution=run.resolution,
-        seed=config.seed, num_examples=run.duration.examples, worker_count=config.worker_count, augment=run.augment,
+        run.data.open("train", **config.data_options),
+        global_batch_size=run.batch_size,
+        resolution=run.resolution,
+        seed=config.seed,
+        num_examples=run.duration.examples,
+        worker_count=config.worker_count,
+        augment=run.augment,
     )
     if data_state:
         loader.set_state(data_state)
     log = MetricsLog(rundir, tensorboard=config.tensorboard)
-    ctx = loop.LoopContext(run=run, rundir=rundir, log=log, checkpoints=checkpoints, ledger=ledger,  # type: ignore[arg-type]
-                           train_fn=train_fn, evaluate=evaluate, to_device=to_device, progress=progress)
+    ctx = loop.LoopContext(
+        run=run,
+        rundir=rundir,
+        log=log,
+        checkpoints=checkpoints,
+        ledger=ledger,  # type: ignore[arg-type]
+        train_fn=train_fn,
+        evaluate=evaluate,
+        to_device=to_device,
+        progress=progress,
+    )
     try:
         with progress:
             state, status, step = loop.train(ctx, state, loader, start_step)
@@ -219,8 +281,9 @@ def _train(
             if state.ema is not None:
                 final_ema = evaluate(state.ema)
                 log.write({"step": step, "split": "eval_ema", **final_ema, "time": time.time()})
-                progress.message(f"EMA eval @ step {step}: loss {final_ema['eval_loss']:.4f}  "
-                                 f"top-1 {final_ema['eval_top1']:.4f}")
+                progress.message(
+                    f"EMA eval @ step {step}: loss {final_ema['eval_loss']:.4f}  top-1 {final_ema['eval_top1']:.4f}"
+                )
             rundir.write_live_ledger(ledger.to_dict())
     finally:
         log.close()
@@ -235,8 +298,14 @@ def _train(
 
 
 def _summary(
-    run: FinetuneRun, resolved: dict[str, Any], status: str, step: int, final: dict[str, float],
-    final_ema: dict[str, float] | None, ledger: Ledger, params: Any,
+    run: FinetuneRun,
+    resolved: dict[str, Any],
+    status: str,
+    step: int,
+    final: dict[str, float],
+    final_ema: dict[str, float] | None,
+    ledger: Ledger,
+    params: Any,
 ) -> dict[str, Any]:
     config = run.config
     train_size = max(int(run.info.split_sizes.get("train", 0)), 1)

@@ -68,8 +68,16 @@ class Pretrained:
     def describe(self, *, scratch: bool = False) -> dict[str, Any]:
         """The ``pretrain`` block of a fine-tuning summary (with ``scratch``: of its from-scratch baseline)."""
         if scratch:
-            return {"kind": "scratch", "run": None, "path": str(self.path), "step": None, "model": self.architecture,
-                    "num_classes": None, "core_hours": 0.0, "source": {"kind": "scratch"}}
+            return {
+                "kind": "scratch",
+                "run": None,
+                "path": str(self.path),
+                "step": None,
+                "model": self.architecture,
+                "num_classes": None,
+                "core_hours": 0.0,
+                "source": {"kind": "scratch"},
+            }
         return {
             "kind": self.kind,
             "run": str(self.run) if self.run is not None else None,
@@ -357,5 +365,14 @@ def load_params(
     return unflatten_dict(flat)
 
 
-__all__ = ["HEAD_INIT_STDDEV", "Pretrained", "abstract_params", "check_backbone", "checkpoint_shapes", "head_paths",
-           "load_params", "locate", "restore_params"]
+__all__ = [
+    "HEAD_INIT_STDDEV",
+    "Pretrained",
+    "abstract_params",
+    "check_backbone",
+    "checkpoint_shapes",
+    "head_paths",
+    "load_params",
+    "locate",
+    "restore_params",
+]

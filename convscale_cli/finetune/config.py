@@ -107,8 +107,18 @@ class FinetuneConfig:
         given = [k for k in ("epochs", "examples", "steps") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ConfigError(f"give exactly one duration (epochs, examples or steps), got {given or 'none'}")
-        for key in ("epochs", "examples", "steps", "batch_size", "lr", "resolution", "eval_resolution", "num_classes",
-                    "eval_examples", "peak_flops"):
+        for key in (
+            "epochs",
+            "examples",
+            "steps",
+            "batch_size",
+            "lr",
+            "resolution",
+            "eval_resolution",
+            "num_classes",
+            "eval_examples",
+            "peak_flops",
+        ):
             value = getattr(self, key)
             if value is not None and not (value > 0 and math.isfinite(value)):
                 raise ConfigError(f"{key} = {value!r} must be > 0")

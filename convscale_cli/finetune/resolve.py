@@ -116,16 +116,26 @@ def resolve(config: FinetuneConfig, registry: Registry) -> FinetuneRun:
     layers, magnitude = config.randaugment
     augment = from_dict(
         AugmentConfig,
-        {**data.augment, **config.augment, "randaugment_layers": layers, "randaugment_magnitude": magnitude,
-         "mixup_alpha": config.mixup, "cutmix_alpha": config.cutmix, "label_smoothing": config.label_smoothing,
-         "repeats": config.repeat_aug},
+        {
+            **data.augment,
+            **config.augment,
+            "randaugment_layers": layers,
+            "randaugment_magnitude": magnitude,
+            "mixup_alpha": config.mixup,
+            "cutmix_alpha": config.cutmix,
+            "label_smoothing": config.label_smoothing,
+            "repeats": config.repeat_aug,
+        },
         prefix="augment.",
     )
     if config.hardware is not None:
         get_hardware(config.hardware)  # before the run directory is claimed
     duration = resolve_duration(
-        train_size=int(info.split_sizes.get("train", 0)), batch_size=batch_size, epochs=config.epochs,
-        examples=config.examples, steps=config.steps,
+        train_size=int(info.split_sizes.get("train", 0)),
+        batch_size=batch_size,
+        epochs=config.epochs,
+        examples=config.examples,
+        steps=config.steps,
     )
     return FinetuneRun(
         config=config,

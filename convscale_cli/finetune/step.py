@@ -75,8 +75,13 @@ def finetune_step(
     # Mixing happens on device because MixUp/CutMix pair examples of the batch (NFNet A.3); with nothing to mix the
     # targets are the one-hot (or multi-hot) labels.
     images, targets = mix_batch(
-        mix_key, normalize(batch["image"]), batch["label"], num_classes=num_classes, mixup_alpha=mixup_alpha,
-        cutmix_alpha=cutmix_alpha, label_smoothing=label_smoothing,
+        mix_key,
+        normalize(batch["image"]),
+        batch["label"],
+        num_classes=num_classes,
+        mixup_alpha=mixup_alpha,
+        cutmix_alpha=cutmix_alpha,
+        label_smoothing=label_smoothing,
     )
     rows = {"image": images, "target": targets, "mask": mask}
 

@@ -36,9 +36,7 @@ def _mlp_shapes(prefix: str, d: int, m: int) -> dict[str, tuple[int, ...]]:
     return {**fc1, f"{prefix}.fc2.weight": (d, m), f"{prefix}.fc2.bias": (d,)}
 
 
-def timm_shapes(
-    config: ViTConfig, grid: int, num_classes: int | None, pool: str = "tok"
-) -> dict[str, tuple[int, ...]]:
+def timm_shapes(config: ViTConfig, grid: int, num_classes: int | None, pool: str = "tok") -> dict[str, tuple[int, ...]]:
     """The tensors of a timm ViT state dict, name -> shape, in timm's order.
 
     Args:
