@@ -20,9 +20,8 @@ from convscale_cli.errors import UnknownNameError, UsageError
 from convscale_cli.report import analysis, plots, verdicts
 from convscale_cli.report.document import build_document
 from convscale_cli.report.estimates import Estimates, RunPoint, StudyDesign, estimate, summary
-from convscale_cli.report.fit import ParametricFit, PowerLawFit
+from convscale_cli.report.fit import ParametricFit, PowerLawFit, make_fit
 from convscale_cli.report.inference import DEFAULT_REPLICATES, LEVEL, Bootstrap, Noise, bootstrap, measure_noise
-from convscale_cli.report.parametric import make_fit
 from convscale_cli.report.render import to_html, to_markdown
 from convscale_cli.report.runs import Run, Skipped, load_runs, load_tuning, select_dataset
 

@@ -12,13 +12,19 @@ Only numpy is imported at module level.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from convscale_cli.report._fitting import ArrayLike, FitError, check_level, positive_array, quantile_interval
-from convscale_cli.report.parametric import ParametricFit, fit_parametric
+from convscale_cli.report.parametric import EXPONENT_RANGE, NAMES, ParametricPoint, fit_varpro, law
+
+# Identifiability: the exponent of an axis is quoted only when that axis has enough distinct values over enough span.
+MIN_DISTINCT = 3
+MIN_SPAN = 4.0
+_NAMES = NAMES
 
 __all__ = ["FitError", "ParametricFit", "PowerLawFit", "fit_parametric", "fit_power_law"]
 
@@ -158,3 +164,206 @@ def fit_power_law(
         compute_range=(float(c.min()), float(c.max())),
         samples=samples,
     )
+
+
+def identifiability(n: np.ndarray, d: np.ndarray) -> dict[str, str]:
+    """Why an exponent cannot be identified from these sizes, per exponent name (empty when both can)."""
+    found = {}
+    for label, values, exponent in (("model sizes", n, "alpha"), ("data sizes", d, "beta")):
+        distinct = len(np.unique(np.round(np.log(values), 9)))
+        span = float(values.max() / values.min())
+        if distinct < MIN_DISTINCT:
+            found[exponent] = f"only {distinct} distinct {label} (need >= {MIN_DISTINCT})"
+        elif span < MIN_SPAN:
+            found[exponent] = f"{label} span only {span:.1f}x (need >= {MIN_SPAN:g}x)"
+    return found
+
+
+@dataclass(frozen=True)
+class ParametricFit:
+    """The fitted law with its bootstrap draws and the reasons any part of it cannot be trusted.
+
+    Attributes:
+        E, A, alpha, B, beta: Point estimates.
+        n: Number of cells fitted.
+        n_sizes: Distinct model sizes among them.
+        size_axis: What N measures ("params": parameters without the classifier; "macs": MACs per image).
+        level: Confidence level of ``intervals``.
+        intervals: Bootstrap interval per parameter name (empty without a bootstrap).
+        warnings: Why the exponents or allocations may not be trusted; empty when the data constrain them.
+        unquoted: Quantities withheld, with the reason (e.g. ``{"alpha": "only 2 distinct model sizes"}``).
+        rms: Root-mean-square relative residual of the fit.
+        samples: Bootstrap draws of ``(E, A, alpha, B, beta)``, shape ``(k, 5)``.
+    """
+
+    E: float
+    A: float
+    alpha: float
+    B: float
+    beta: float
+    n: int
+    n_sizes: int
+    size_axis: str
+    level: float
+    intervals: dict[str, tuple[float, float]]
+    warnings: tuple[str, ...]
+    unquoted: dict[str, str]
+    rms: float
+    samples: np.ndarray = field(repr=False, compare=False)
+
+    @property
+    def identifiable(self) -> bool:
+        """True when both exponents can be quoted and nothing sits on a bound."""
+        return not self.warnings and not self.unquoted
+
+    def params(self) -> np.ndarray:
+        """``(E, A, alpha, B, beta)``."""
+        return np.array([self.E, self.A, self.alpha, self.B, self.beta])
+
+    def predict(self, N: ArrayLike, D: ArrayLike) -> np.ndarray:  # noqa: N803  (the paper's names)
+        """Predicted loss for model size(s) ``N`` trained on ``D`` examples (broadcast)."""
+        return law(self.params(), positive_array("N", N), positive_array("D", D))
+
+    def interval(
+        self,
+        N: ArrayLike,  # noqa: N803
+        D: ArrayLike,  # noqa: N803
+        level: float | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Pointwise bootstrap interval of the prediction (the prediction itself without a bootstrap)."""
+        n, d = positive_array("N", N), positive_array("D", D)
+        if len(self.samples) == 0:
+            mid = self.predict(n, d)
+            return mid, mid
+        preds = np.stack([law(p, n, d) for p in self.samples])
+        return quantile_interval(preds, check_level(level or self.level))
+
+    def allocation_exponents(self) -> tuple[float, float]:
+        """Exponents of the compute-optimal ``N_opt ~ C**a`` and ``D_opt ~ C**(1-a)`` (Hoffmann et al. eq. 4)."""
+        total = self.alpha + self.beta
+        return self.beta / total, self.alpha / total
+
+    def optimal_allocation(
+        self, compute: ArrayLike, cost_per_size_example: float = 6.0
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Compute-optimal ``(N, D)`` for a budget ``compute = cost_per_size_example * N * D`` (Hoffmann et al. eq. 4).
+
+        With N in MACs per image and compute in FLOPs, training costs ~6 FLOPs per MAC per example (forward plus
+        backward), hence the default. The result is a continuous size: a model of that size may not exist.
+        """
+        c = positive_array("compute", compute) / cost_per_size_example
+        a_exp, _ = self.allocation_exponents()
+        if self.A <= 0 or self.B <= 0:
+            raise FitError("the fitted law has A = 0 or B = 0: it has no compute-optimal allocation")
+        g = (self.alpha * self.A / (self.beta * self.B)) ** (1.0 / (self.alpha + self.beta))
+        n_opt = g * c**a_exp
+        return n_opt, c / n_opt
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (no bootstrap draws); withheld quantities are null."""
+        a_exp, b_exp = self.allocation_exponents()
+        withheld = bool(self.unquoted)
+        return {
+            "law": "L = E + A / N^alpha + B / D^beta",
+            **{name: getattr(self, name) for name in _NAMES},
+            "n": self.n,
+            "n_sizes": self.n_sizes,
+            "size_axis": self.size_axis,
+            "level": self.level,
+            "intervals": {k: list(v) for k, v in self.intervals.items()},
+            "identifiable": self.identifiable,
+            "warnings": list(self.warnings),
+            "unquoted": dict(self.unquoted),
+            "rms": self.rms,
+            "bootstrap": len(self.samples),
+            "optimal_size_exponent": None if withheld else a_exp,
+            "optimal_data_exponent": None if withheld else b_exp,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ParametricFit:
+        """Rebuild a fit from :meth:`to_dict` output (e.g. ``fit.json``); bootstrap draws are not stored there."""
+        try:
+            return cls(
+                **{name: float(data[name]) for name in _NAMES},
+                n=int(data["n"]),
+                n_sizes=int(data["n_sizes"]),
+                size_axis=str(data["size_axis"]),
+                level=float(data["level"]),
+                intervals={k: (float(v[0]), float(v[1])) for k, v in data.get("intervals", {}).items()},
+                warnings=tuple(data.get("warnings", ())),
+                unquoted=dict(data.get("unquoted", {})),
+                rms=float(data.get("rms", math.nan)),
+                samples=np.zeros((0, len(_NAMES))),
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise FitError(f"not a parametric fit: {exc!r} missing or malformed") from exc
+
+
+def make_fit(
+    point: ParametricPoint,
+    n: np.ndarray,
+    d: np.ndarray,
+    *,
+    size_axis: str,
+    samples: np.ndarray | None = None,
+    level: float = 0.9,
+) -> ParametricFit:
+    """Wrap a point fit with its bootstrap draws, intervals and the reasons it may not be trusted."""
+    level = check_level(level)
+    draws = np.zeros((0, len(_NAMES))) if samples is None else np.asarray(samples, dtype=np.float64).reshape(-1, 5)
+    # A replicate is usable when every parameter is finite, except the exponent of a term it left out (coefficient 0).
+    left_out = np.zeros_like(draws, dtype=bool)
+    left_out[:, 2] = draws[:, 1] == 0
+    left_out[:, 4] = draws[:, 3] == 0
+    draws = draws[np.all(np.isfinite(draws) | left_out, axis=1)]
+    intervals: dict[str, tuple[float, float]] = {}
+    for i, name in enumerate(_NAMES):
+        column = draws[:, i]
+        column = column[np.isfinite(column)]
+        if len(column) and len(column) >= 0.8 * len(draws):
+            lo, hi = quantile_interval(column, level)
+            intervals[name] = (float(lo), float(hi))
+    unquoted = identifiability(n, d)
+    for coefficient, exponent, axis in (("A", "alpha", "model size"), ("B", "beta", "data")):
+        if coefficient in point.at_bound:
+            unquoted.setdefault(exponent, f"{coefficient} = 0: the loss does not measurably depend on {axis}")
+    warnings = []
+    for name in point.at_bound:
+        where = "0" if name in ("E", "A", "B") else f"the end of its search range {EXPONENT_RANGE}"
+        warnings.append(f"{name} sits at {where}: the data do not bound it")
+    return ParametricFit(
+        E=point.E,
+        A=point.A,
+        alpha=point.alpha,
+        B=point.B,
+        beta=point.beta,
+        n=len(n),
+        n_sizes=len(np.unique(n)),
+        size_axis=size_axis,
+        level=level,
+        intervals=intervals,
+        warnings=tuple(warnings),
+        unquoted=unquoted,
+        rms=point.rms,
+        samples=draws,
+    )
+
+
+def fit_parametric(
+    N: ArrayLike,  # noqa: N803  (the paper's names)
+    D: ArrayLike,  # noqa: N803
+    loss: ArrayLike,
+    *,
+    size_axis: str = "params",
+    level: float = 0.9,
+) -> ParametricFit:
+    """Point fit of the law to cells, without intervals (those come from the study bootstrap).
+
+    Raises:
+        FitError: fewer than 5 cells, mismatched lengths, non-positive values or an unknown size axis.
+    """
+    if size_axis not in ("params", "macs"):
+        raise FitError(f"size_axis must be 'params' or 'macs', got {size_axis!r}")
+    point = fit_varpro(N, D, loss)
+    return make_fit(point, positive_array("N", N), positive_array("D", D), size_axis=size_axis, level=level)
