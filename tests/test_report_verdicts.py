@@ -109,3 +109,12 @@ def test_an_lr_optimum_at_the_grid_edge_is_not_located() -> None:
     est = estimate(design, design.loss, parametric=False)
     assert list(est.cells.edge) == [1, 0]  # the first cell's best is its largest lr: the optimum may lie above
     assert np.isnan(est.cells.optimum[0]) and est.cells.optimum[1] == pytest.approx(np.log2(0.4))
+
+
+def test_a_sweep_that_learned_nothing_supports_nothing(tmp_path: Path) -> None:
+    """Every loss within noise of chance (ln 420 = 6.04): no finding may come out "supported"."""
+    flat = dataclasses.replace(
+        scenarios()["law-holds"], name="flat", law=(6.04, 0.0, 0.3, 0.0, 0.3), lr_epochs_exp=0.0, lr_size_exp=0.0
+    )
+    found = verdicts_of(flat, tmp_path)
+    assert all(v.status != SUPPORTED for v in found.values()), {f: v.text for f, v in found.items()}
