@@ -326,12 +326,13 @@ def make_fit(
             intervals[name] = (float(lo), float(hi))
     unquoted = identifiability(n, d)
     for coefficient, exponent, axis in (("A", "alpha", "model size"), ("B", "beta", "data")):
-        if coefficient in point.at_bound:
+        if getattr(point, coefficient) == 0:
             unquoted.setdefault(exponent, f"{coefficient} = 0: the loss does not measurably depend on {axis}")
-    warnings = []
+    # A coefficient at 0 is a term the data do not support (left out of the law, or sitting on its bound).
+    warnings = [f"{name} sits at 0: the data do not bound it" for name in ("E", "A", "B") if getattr(point, name) == 0]
     for name in point.at_bound:
-        where = "0" if name in ("E", "A", "B") else f"the end of its search range {EXPONENT_RANGE}"
-        warnings.append(f"{name} sits at {where}: the data do not bound it")
+        if name in ("alpha", "beta"):
+            warnings.append(f"{name} sits at the end of its search range {EXPONENT_RANGE}: the data do not bound it")
     return ParametricFit(
         E=point.E,
         A=point.A,
