@@ -276,7 +276,10 @@ def read_model_json(path: str | Path) -> dict[str, Any]:
         if not ok:
             got = repr(meta[key]) if key in meta else "missing"
             raise CheckpointError(f"{str(file)!r}: {key} is {got}, expected {expected}")
-    if not (path / PARAMS_DIR).is_dir():
+    # The parameters are an Orbax params/ directory, or (convscale export) the safetensors file model.json names.
+    if meta.get("params_file") is not None:
+        params_file(path, meta)
+    elif not (path / PARAMS_DIR).is_dir():
         raise CheckpointError(f"{str(path)!r} has a {MODEL_JSON} but no {PARAMS_DIR}/ directory: an incomplete copy")
     return meta
 
