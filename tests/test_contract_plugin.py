@@ -92,7 +92,6 @@ def test_pretrain_sweep_tune_finetune_and_report(cli: Callable[..., Any], tmp_pa
              str(tmp_path / "ft"), "--set", "progress=plain", *common)  # fmt: skip
     assert ft["kind"] == "finetune" and ft["status"] == "finished" and ft["final"]["eval_top1"] > 0.9
 
-    report = cli("report", str(runs), "--out", str(tmp_path / "report"), "--bootstrap", "10",
-                 "--parametric-bootstrap", "2")  # fmt: skip
+    report = cli("report", str(runs), "--out", str(tmp_path / "report"), "--bootstrap", "10")
     assert isinstance(report, dict)
     assert (tmp_path / "report" / "report.html").is_file()

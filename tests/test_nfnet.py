@@ -257,7 +257,9 @@ def test_one_sgd_step_on_cpu_and_per_example_stochastic_depth(tiny):
     assert np.ptp(np.asarray(logits), axis=0).max() > 1e-4  # identical images, different per-example masks
 
     evals = np.asarray(_compile(lambda p: model.apply({"params": p}, images, train=False), params)(params))
-    assert np.ptp(evals, axis=0).max() == 0.0
+    # Evaluation drops no branch: identical images give the same logits up to float rounding (XLA may tile the rows of
+    # a batch differently; ~1e-9 here), where an active stochastic depth moves them by > 1e-4 as above.
+    assert np.ptp(evals, axis=0).max() < 1e-6
 
 
 def test_stochastic_depth_drops_whole_examples_without_rescaling():

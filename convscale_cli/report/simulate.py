@@ -420,11 +420,15 @@ MAX_FALSE = 0.10
 MIN_POWER = 0.80
 
 
-def check(scenario: Scenario, summary: dict[str, Any]) -> list[str]:
-    """Every bound the scenario's tally misses, as readable lines (empty: calibrated)."""
+def check(scenario: Scenario, summary: dict[str, Any], slack: float = 0.0) -> list[str]:
+    """Every bound the scenario's tally misses, as readable lines (empty: calibrated).
+
+    ``slack`` widens the coverage bounds by that much on each side: a smaller calibration (the CI test's 50 studies)
+    allows for its own sampling error, about two binomial standard errors; the benchmark uses none.
+    """
     failures = []
     for name, entry in summary["coverage"].items():
-        if not COVERAGE_BOUNDS[0] <= entry["coverage"] <= COVERAGE_BOUNDS[1]:
+        if not COVERAGE_BOUNDS[0] - slack <= entry["coverage"] <= COVERAGE_BOUNDS[1] + slack:
             failures.append(f"{scenario.name}: coverage of {name} {entry['coverage']:.2f} outside {COVERAGE_BOUNDS}")
     for finding, shares in summary["verdicts"].items():
         truth = scenario.truth.get(finding)
