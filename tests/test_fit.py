@@ -159,3 +159,28 @@ def test_fits_round_trip_through_their_json_form() -> None:
     assert rebuilt.predict(3e6, 3e7) == pytest.approx(parametric.predict(3e6, 3e7))
     with pytest.raises(FitError, match="not a parametric fit"):
         ParametricFit.from_dict({"E": 1.0})
+
+
+def test_a_term_the_noise_explains_is_left_out_and_one_it_cannot_is_kept() -> None:
+    """Backward elimination at the measured noise: a spurious E > 0 (it steepens beta) goes, a real E stays."""
+    from convscale_cli.report.parametric import fit_varpro, select_law
+
+    rng = np.random.default_rng(11)
+    sigma = 0.015
+    n, d, _ = _grid(np.logspace(5, 6.2, 5), noise=0.0)
+    kept_spurious, steeper, close = 0, 0, 0
+    for _ in range(20):
+        noisy = (3e2 / d**0.3) * np.exp(rng.normal(0.0, sigma, len(n)))  # E = 0, A = 0: only data matters
+        free = fit_varpro(n, d, noisy)
+        chosen = select_law(n, d, noisy, noise=sigma)
+        kept_spurious += chosen.E > 0 or chosen.A > 0
+        steeper += free.E > 0 and free.beta > chosen.beta
+        close += abs(chosen.beta - 0.3) < 0.01
+    assert kept_spurious <= 4  # two 5% tests (E, then A): about 2 in 20
+    assert close >= 16
+    assert steeper >= 3  # the free fit does put E > 0 and steepen beta: the test has something to remove
+    real = (1.5 + 1.2e4 / d**0.6 + 40.0 / n**0.3) * np.exp(rng.normal(0.0, sigma, len(n)))
+    chosen = select_law(n, d, real, noise=sigma)
+    assert chosen.left_out == () and chosen.E == pytest.approx(1.5, rel=0.3)
+    # Without a noise level only terms on a bound are left out.
+    assert select_law(n, d, real).left_out == ()

@@ -22,7 +22,6 @@ from convscale_cli.report.document import build_document
 from convscale_cli.report.estimates import Estimates, RunPoint, StudyDesign, estimate, summary
 from convscale_cli.report.fit import ParametricFit, PowerLawFit, make_fit
 from convscale_cli.report.inference import DEFAULT_REPLICATES, LEVEL, Bootstrap, Noise, bootstrap, measure_noise
-from convscale_cli.report.parametric import ParametricPoint
 from convscale_cli.report.render import to_html, to_markdown
 from convscale_cli.report.runs import Run, Skipped, load_runs, load_tuning, select_dataset
 
@@ -73,15 +72,6 @@ class Analysis:
     def data_key(self) -> str:
         """The data setting every analysed run was trained on."""
         return next(r.data_key for r in self.runs if r.kind == "pretrain")
-
-
-def unsupported_terms(point: ParametricPoint | None) -> tuple[str, ...]:
-    """The law's terms a fit did not support: E at 0; A at 0 or alpha at a bound; B at 0 or beta at a bound."""
-    if point is None:
-        return ()
-    bound = set(point.at_bound)
-    found = [name for name, marks in (("E", {"E"}), ("A", {"A", "alpha"}), ("B", {"B", "beta"})) if bound & marks]
-    return tuple(found)
 
 
 def _points(runs: list[Run], size_axis: str) -> list[RunPoint]:
@@ -183,15 +173,10 @@ def analyse(
         raise UsageError(f"no {family} pre-training runs on {runs[0].data_key!r}")
     mine = [r for r in runs if r.kind != "pretrain" or r.family == family]
     design = StudyDesign.from_points(_points(mine, size_axis))
-    est = estimate(design, design.loss)
-    noise = measure_noise(design, est)
-    # A term the data do not support -- its coefficient at 0, or its exponent at the end of the search range, where
-    # it only fits noise (A/N^3 on the smallest model) -- is left out of the law: the fit is redone without it, and
-    # every replicate describes the law the data chose.
-    dropped = unsupported_terms(est.parametric)
-    if dropped:
-        est = estimate(design, design.loss, without=dropped)
-    boot = bootstrap(design, noise, replicates=replicates, level=level, seed=seed, without=dropped)
+    noise = measure_noise(design, estimate(design, design.loss))
+    # The law keeps only the terms the data support at the measured noise, in the observed fit and in every replicate.
+    est = estimate(design, design.loss, run_noise=noise.sigma if noise.known else None)
+    boot = bootstrap(design, noise, replicates=replicates, level=level, seed=seed)
     cells = analysis.cell_table(design, est, mine)
     fit = None
     if est.parametric is not None:

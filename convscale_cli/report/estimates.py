@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from convscale_cli.report.parametric import ParametricPoint, fit_varpro
+from convscale_cli.report.parametric import ParametricPoint, select_law
 
 # Fraction of the frontier's log-compute range, from the top, that the back-test holds out (the largest third).
 BACKTEST_FRACTION = 1.0 / 3.0
@@ -436,11 +436,12 @@ def estimate(
     *,
     parametric: bool = True,
     families: tuple[Sequence[str], str] | None = None,
-    without: tuple[str, ...] = (),
+    run_noise: float | None = None,
 ) -> Estimates:
     """All estimates from one vector of run losses (the observed one, or a bootstrap replicate).
 
-    ``without`` leaves terms out of the parametric law (see :func:`~convscale_cli.report.parametric.fit_varpro`).
+    ``run_noise`` (the standard deviation of one run's log loss) lets the parametric law leave out the terms the
+    data do not support (:func:`~convscale_cli.report.parametric.select_law`); without it only terms on a bound are.
     """
     cells = best_lrs(design, group_means(design, loss))
     curves = model_curves(design, cells)
@@ -456,7 +457,9 @@ def estimate(
         size_exponent = ols(grid[interior], n_opt[interior])[1]
     fit = None
     if parametric and design.n_cells >= 6:
-        fit = fit_varpro(design.size[design.cell_model], cells.examples, cells.loss, without=without)
+        # A cell's loss averages its seeds: its noise is the run noise over sqrt(seeds).
+        cell_noise = None if run_noise is None else run_noise / math.sqrt(float(np.mean(cells.seeds)))
+        fit = select_law(design.size[design.cell_model], cells.examples, cells.loss, noise=cell_noise)
     gap = family_gap(design, cells, *families) if families else math.nan
     return Estimates(
         cells=cells,

@@ -329,7 +329,13 @@ def make_fit(
         if getattr(point, coefficient) == 0:
             unquoted.setdefault(exponent, f"{coefficient} = 0: the loss does not measurably depend on {axis}")
     # A coefficient at 0 is a term the data do not support (left out of the law, or sitting on its bound).
-    warnings = [f"{name} sits at 0: the data do not bound it" for name in ("E", "A", "B") if getattr(point, name) == 0]
+    warnings = [
+        f"{name} left out: the fit with it is no better than the run noise explains"
+        if name in point.left_out
+        else f"{name} sits at 0: the data do not bound it"
+        for name in ("E", "A", "B")
+        if getattr(point, name) == 0
+    ]
     for name in point.at_bound:
         if name in ("alpha", "beta"):
             warnings.append(f"{name} sits at the end of its search range {EXPONENT_RANGE}: the data do not bound it")

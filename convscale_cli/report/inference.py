@@ -3,7 +3,8 @@
 A study's estimates (best-lr selection, the envelope, the frontier law, the isoFLOP optima, the parametric law, the
 lr trend) are all functions of the vector of run losses. Their uncertainty is that of the runs, so it is measured by
 resampling the runs: each bootstrap replicate perturbs every run's log loss by fresh noise of the measured size and
-recomputes everything from scratch — selection included, so a cell whose best lr flips between replicates widens
+recomputes everything from scratch — selection included (the best lr of each cell, and the terms of the parametric
+law), so a cell whose best lr flips between replicates widens
 the intervals as it should.
 
 The noise is the seed-to-seed spread when any (cell, lr) was run with two or more seeds (pooled over all of them);
@@ -171,13 +172,14 @@ def bootstrap(
     seed: int = 0,
     parametric: bool = True,
     families: tuple[Sequence[str], str] | None = None,
-    without: tuple[str, ...] = (),
+    select: bool = True,
 ) -> Bootstrap:
     """Perturb every run's log loss by N(0, sigma*^2) and recompute every estimate, ``replicates`` times.
 
     ``sigma*`` is drawn per replicate from the estimate's scaled inverse-chi-square distribution (``df`` degrees of
-    freedom), so a noise level measured from few seeds or few cells widens the intervals accordingly. ``without``
-    names the law's terms the observed fit put on their bound 0: the replicates refit the law the data chose.
+    freedom), so a noise level measured from few seeds or few cells widens the intervals accordingly. With
+    ``select``, each replicate chooses the parametric law's terms as the observed fit did (the same test at the
+    measured noise), so the intervals include the uncertainty of that choice.
     """
     if not noise.known or replicates <= 0:
         return Bootstrap({}, np.zeros((0, 5)), level)
@@ -188,7 +190,9 @@ def bootstrap(
     for _ in range(replicates):
         sigma = noise.sigma * math.sqrt(noise.df / rng.chisquare(noise.df))
         replica = np.exp(log_l + rng.normal(0.0, sigma, len(log_l)))
-        est = estimate(design, replica, parametric=parametric, families=families, without=without)
+        est = estimate(
+            design, replica, parametric=parametric, families=families, run_noise=noise.sigma if select else None
+        )
         rows.append(est.vector())
         params.append(est.parametric.array() if est.parametric is not None else np.full(5, np.nan))
     draws = {name: np.array([row[name] for row in rows]) for name in rows[0]}

@@ -31,6 +31,11 @@ _COARSE = 20
 _REFINE = 7
 
 NAMES = ("E", "A", "alpha", "B", "beta")
+# A term stays in the law only when leaving it out worsens the fit by more than the run noise would by chance: the
+# likelihood-ratio statistic (increase of the residual sum of squares over the noise variance) must exceed the 90%
+# point of chi-square with 1 degree of freedom. The left-out coefficient lies on its bound 0 under the null, where
+# the statistic is distributed as the mixture 1/2 chi2_0 + 1/2 chi2_1 (Self & Liang 1987), so this is a 5% test.
+TERM_CRITICAL = 2.706
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,7 @@ class ParametricPoint:
         rms: Root-mean-square relative residual.
         at_bound: Names of the parameters that sit on a bound of the search (``E``, ``A``, ``B`` at 0; an exponent at
             the end of its grid).
+        left_out: Terms the fit left out (``E``, ``A``, ``B``): their coefficient is 0 and their exponent NaN.
     """
 
     E: float
@@ -51,6 +57,7 @@ class ParametricPoint:
     beta: float
     rms: float
     at_bound: tuple[str, ...] = ()
+    left_out: tuple[str, ...] = ()
 
     @property
     def size_exponent(self) -> float:
@@ -301,4 +308,53 @@ def fit_varpro(
         beta=beta,
         rms=math.sqrt(max(float(value[i]), 0.0) / len(y)),
         at_bound=tuple(at_bound),
+        left_out=tuple(t for t in ("E", "A", "B") if t in without),
     )
+
+
+def unsupported_terms(point: ParametricPoint) -> tuple[str, ...]:
+    """The law's terms a fit put on a bound: E at 0; A at 0 or alpha at a bound; B at 0 or beta at a bound."""
+    bound = set(point.at_bound)
+    return tuple(name for name, marks in (("E", {"E"}), ("A", {"A", "alpha"}), ("B", {"B", "beta"})) if bound & marks)
+
+
+def select_law(
+    N: ArrayLike,  # noqa: N803  (the paper's names)
+    D: ArrayLike,  # noqa: N803
+    loss: ArrayLike,
+    *,
+    noise: float | None = None,
+) -> ParametricPoint:
+    """The law with only the terms the data support, fitted by :func:`fit_varpro`.
+
+    A term the full fit puts on a bound -- its coefficient at 0, or its exponent at the end of the search range,
+    where it only fits noise (``A/N**3`` on the smallest model) -- is left out and the law refitted. Then, when the
+    noise of one point's log loss is known, terms are removed one at a time (backward elimination) while the least
+    needed one fails the likelihood-ratio test of :data:`TERM_CRITICAL`.
+
+    Why: a term that is really absent is still fitted with a small positive coefficient about half the time, and it
+    trades off against the others (a spurious E > 0 steepens beta). On simulated studies with E = 0 the 90% interval
+    of beta covered its truth in 76% of studies with the bound rule alone. The bootstrap applies this same selection
+    to every replicate, so the intervals include the uncertainty of the choice itself.
+
+    Args:
+        N: Model sizes.
+        D: Examples seen.
+        loss: Held-out losses.
+        noise: Standard deviation of one point's log loss; None or NaN skips the test (bound rule only).
+    """
+    fit = fit_varpro(N, D, loss)
+    without = unsupported_terms(fit)
+    if without:
+        fit = fit_varpro(N, D, loss, without=without)
+    if noise is None or not math.isfinite(noise) or noise <= 0.0:
+        return fit
+    rss = len(np.atleast_1d(loss)) * fit.rms**2
+    while len(without) < 2:
+        trials = [fit_varpro(N, D, loss, without=(*without, t)) for t in ("E", "A", "B") if t not in without]
+        weakest = min(trials, key=lambda t: t.rms)
+        statistic = (len(np.atleast_1d(loss)) * weakest.rms**2 - rss) / noise**2
+        if statistic >= TERM_CRITICAL:
+            break
+        fit, without, rss = weakest, weakest.left_out, len(np.atleast_1d(loss)) * weakest.rms**2
+    return fit
