@@ -25,6 +25,7 @@ import numpy as np
 
 from convscale_cli.recipe import Recipe
 from convscale_cli.registry import ArchitectureSpec, DatasetInfo, DatasetSpec, ModelCount, Registry
+from convscale_cli.report.verdicts import VIT_FAMILY
 
 DATASET = "simulated"
 FAMILY = "simnet"
@@ -51,6 +52,9 @@ class Scenario:
         lr_size_exp: ... and as ``N^lr_size_exp``.
         lr_curvature: Log-loss penalty per squared octave away from the optimal lr.
         lr_octaves: Octaves (relative to ``lr_ref``) of the grid rule's learning rates.
+        vit_gap: With a number, the study also trains a second family, "vit", on the same ladder and rule, whose
+            every loss is the law's divided by ``exp(vit_gap)``: the ConvNets' log loss ratio to it is ``vit_gap``
+            (positive: the ViTs are ahead). None: one family.
         truth: Per finding, whether it holds (True), is false (False) or is not defined by this truth (None).
     """
 
@@ -67,6 +71,7 @@ class Scenario:
     lr_size_exp: float = -0.1
     lr_curvature: float = 0.03
     lr_octaves: tuple[int, ...] = (-3, -2, -1, 0, 1)
+    vit_gap: float | None = None
     truth: Mapping[str, bool | None] = dataclasses.field(default_factory=dict)
 
     @property
@@ -77,9 +82,18 @@ class Scenario:
             return math.nan
         return beta / (alpha + beta)
 
-    def model_name(self, i: int) -> str:
-        """Registry name of model ``i``."""
-        return f"sim-{i}"
+    def model_name(self, i: int, family: str = FAMILY) -> str:
+        """Registry name of model ``i`` of ``family``."""
+        return f"sim-{i}" if family == FAMILY else f"sim{family}-{i}"
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        """The families the study trains."""
+        return (FAMILY,) if self.vit_gap is None else (FAMILY, VIT_FAMILY)
+
+    def models(self) -> dict[str, tuple[str, float]]:
+        """Registry name -> (family, non-head parameters), every family's ladder."""
+        return {self.model_name(i, f): (f, size) for f in self.families for i, size in enumerate(self.sizes)}
 
     def optimal_lr(self, size: float, epochs: float) -> float:
         """The true optimal lr of a cell."""
@@ -87,18 +101,20 @@ class Scenario:
             self.lr_ref * (epochs / self.epochs[0]) ** self.lr_epochs_exp * (size / self.sizes[0]) ** self.lr_size_exp
         )
 
-    def loss(self, size: float, epochs: float, lr: float, noise: float) -> float:
+    def loss(self, size: float, epochs: float, lr: float, noise: float, family: str = FAMILY) -> float:
         """Held-out loss of one run: the law, the lr penalty and the noise draw ``noise`` ~ N(0, 1)."""
         e, a, alpha, b, beta = self.law
         examples = epochs * self.examples_per_epoch
         mean = e + a * size**-alpha + b * examples**-beta
+        if family == VIT_FAMILY:
+            mean /= math.exp(self.vit_gap or 0.0)
         off = math.log2(lr / self.optimal_lr(size, epochs))
         return mean * math.exp(self.lr_curvature * off * off + self.sigma * noise)
 
     def registry(self) -> Registry:
         """A registry holding the simulated models and dataset (no jax, no plugins)."""
         registry = Registry()
-        for i, size in enumerate(self.sizes):
+        for name, (family, size) in self.models().items():
             params, macs = int(size) + HEAD_PARAMS, int(size * MACS_PER_PARAM)
 
             def count(resolution: int, num_classes: int, params: int = params, macs: int = macs) -> ModelCount:
@@ -106,8 +122,8 @@ class Scenario:
 
             registry.architectures.add(
                 ArchitectureSpec(
-                    name=self.model_name(i),
-                    family=FAMILY,
+                    name=name,
+                    family=family,
                     build=_no_build,
                     count=count,
                     train_resolution=32,
@@ -144,15 +160,15 @@ class SimulatedTrainer:
     def __init__(self, scenario: Scenario, study_seed: int) -> None:
         self.scenario = scenario
         self.study_seed = study_seed
-        self.sizes = {scenario.model_name(i): s for i, s in enumerate(scenario.sizes)}
+        self.models = scenario.models()
 
     def __call__(self, model: str, dataset: str, epochs: float, lr: float, out: str | Path, **options: Any) -> dict:
         scenario = self.scenario
         seed = int(options.get("seed", 0))
         key = f"{self.study_seed}/{model}/{epochs:.9g}/{lr:.9g}/{seed}"
         noise = float(np.random.default_rng(zlib.crc32(key.encode())).standard_normal())
-        size = self.sizes[model]
-        loss = scenario.loss(size, epochs, lr, noise)
+        family, size = self.models[model]
+        loss = scenario.loss(size, epochs, lr, noise, family)
         examples = int(round(epochs * scenario.examples_per_epoch))
         flops = 6.0 * size * MACS_PER_PARAM * examples
         from convscale_cli.budget import flops_to_core_hours
@@ -162,7 +178,7 @@ class SimulatedTrainer:
             "status": "finished",
             "run": str(out),
             "model": model,
-            "family": FAMILY,
+            "family": family,
             "dataset": dataset,
             "epochs": epochs,
             "lr": lr,
@@ -201,7 +217,7 @@ def write_study(scenario: Scenario, out: str | Path, study_seed: int) -> Registr
         study = StudyConfig(
             out=str(Path(out) / f"seed{seed}") if scenario.seeds > 1 else str(out),
             dataset=DATASET,
-            models=tuple(scenario.model_name(i) for i in range(len(scenario.sizes))),
+            models=tuple(scenario.models()),
             epochs=tuple(scenario.epochs),
             seed=seed,
             rule=scenario.rule,
@@ -274,6 +290,23 @@ def scenarios() -> dict[str, Scenario]:
             ),
             Scenario("two-seeds", law=holds, sigma=0.015, seeds=2, truth=truth_all, **design),
             Scenario("two-trial", law=holds, sigma=0.015, rule="two-trial", truth=truth_all, **design),
+            # Verdict (d): the same law for both families, and ViTs 12% ahead (ConvNets outside the 5% tolerance).
+            Scenario(
+                "families-match",
+                law=holds,
+                sigma=0.015,
+                vit_gap=0.0,
+                truth={**truth_all, "families_match": True},
+                **design,
+            ),
+            Scenario(
+                "vit-ahead",
+                law=holds,
+                sigma=0.015,
+                vit_gap=math.log(1.12),
+                truth={**truth_all, "families_match": False},
+                **design,
+            ),
             Scenario(
                 "small-noisy",
                 sizes=_SMALL_SIZES,
@@ -294,6 +327,7 @@ POWERED = {
     "saturating": ("scale_together", "lr_falls"),
     "two-seeds": ("log_log_law", "scale_together", "lr_falls"),
     "two-trial": ("log_log_law", "scale_together"),
+    "families-match": ("log_log_law", "scale_together", "lr_falls", "families_match"),
 }
 
 
@@ -307,29 +341,23 @@ def truth_values(scenario: Scenario) -> dict[str, float]:
     noise-free analysis of the same design.
     """
     from convscale_cli.report.estimates import RunPoint, StudyDesign, estimate
+    from convscale_cli.report.verdicts import families_of
 
     e, a, alpha, b, beta = scenario.law
     points = []
-    for i, size in enumerate(scenario.sizes):
+    for name, (family, size) in scenario.models().items():
         for epochs in scenario.epochs:
             lr = scenario.optimal_lr(size, epochs)
             examples = epochs * scenario.examples_per_epoch
             flops = 6.0 * size * MACS_PER_PARAM * examples
-            points.append(
-                RunPoint(
-                    scenario.model_name(i),
-                    FAMILY,
-                    epochs,
-                    lr,
-                    size,
-                    examples,
-                    flops,
-                    scenario.loss(size, epochs, lr, 0.0),
-                )
-            )
-    design = StudyDesign.from_points(points)
+            loss = scenario.loss(size, epochs, lr, 0.0, family)
+            points.append(RunPoint(name, family, epochs, lr, size, examples, flops, loss))
+    design = StudyDesign.from_points([p for p in points if p.family == FAMILY])
     noise_free = estimate(design, design.loss, parametric=False)
     out = {"b": noise_free.b, "beta": beta}
+    if scenario.vit_gap is not None:  # the gap along the two envelopes of this design's ladders
+        both = StudyDesign.from_points(points)
+        out["family_gap"] = estimate(both, both.loss, parametric=False, families=families_of(both)).family_gap
     if e > 0:  # E = 0 lies on the boundary of E >= 0, where an interval [0, x] holds it by construction
         out["E"] = e
     if a > 0:  # with A = 0 model size does not matter: alpha and the allocation have no true value
@@ -355,6 +383,9 @@ def run_once(scenario: Scenario, study_seed: int, workdir: str | Path, replicate
     if est.parametric is not None:
         observed.update(alpha=est.parametric.alpha, beta=est.parametric.beta, E=est.parametric.E)
     intervals = {name: boot.interval(name, value) for name, value in observed.items()}
+    families = next((v for v in result.verdicts if v.finding == "families_match"), None)
+    if families is not None and families.numbers.get("gap_interval"):
+        intervals["family_gap"] = tuple(families.numbers["gap_interval"])
     row: dict[str, Any] = {
         "seed": study_seed,
         "verdicts": {v.finding: v.status for v in result.verdicts},
@@ -376,7 +407,7 @@ def run_once(scenario: Scenario, study_seed: int, workdir: str | Path, replicate
         )
         plan = plan_fitted(request, registry, out, analysis=result)
         best = plan.recommendation
-        size = next(s for i, s in enumerate(scenario.sizes) if scenario.model_name(i) == best.model)
+        size = scenario.models()[best.model][1]
         epochs = best.examples / scenario.examples_per_epoch
         # The plan predicts the loss of a run tuned the way the study tuned its runs: the best lr of the study's
         # grid, or for the two-trial rule the better of the two trials the plan suggests. Without noise.
@@ -400,7 +431,9 @@ def tally(scenario: Scenario, rows: list[dict[str, Any]]) -> dict[str, Any]:
         hits = [p["interval"][0] <= p["truth"] <= p["interval"][1] for p in plans]
         coverage["plan_loss"] = {"coverage": float(np.mean(hits)), "n": len(hits), "truth": math.nan}
     verdicts: dict[str, dict[str, float]] = {}
-    for finding in ("log_log_law", "scale_together", "lr_falls"):
+    for finding in ("log_log_law", "scale_together", "lr_falls", "families_match"):
+        if finding == "families_match" and scenario.vit_gap is None:
+            continue
         statuses = [row["verdicts"].get(finding) for row in rows]
         verdicts[finding] = {
             status: statuses.count(status) / len(statuses) for status in ("supported", "not supported", "inconclusive")
