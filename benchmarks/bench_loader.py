@@ -9,7 +9,7 @@ the ratio says how many such loaders one accelerator needs.
 
 Each loader's timed window runs from the end of its warm-up to the arrival of its last timed batch: worker start-up
 and shutdown are one-off costs per loader, printed beside the rate but kept out of it (they used to fall inside
-Grain's window only, which made 2-worker Grain look 0.4x torch; issue #8). The torch loader keeps its workers across
+Grain's window only, which made 2-worker Grain look 0.4x torch). The torch loader keeps its workers across
 epochs (``persistent_workers``), its best setting for a folder re-read several times.
 
 Run (not a test; ~20 s with the defaults on 2 cores):

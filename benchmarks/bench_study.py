@@ -1,4 +1,4 @@
-"""Study efficiency: the two-trial rule against the full learning-rate grid on the quickstart study (issue #8).
+"""Study efficiency: the two-trial rule against the full learning-rate grid on the quickstart study.
 
 Run: `python benchmarks/bench_study.py [--runs quickstart/runs] [--study STUDY.toml]`. It runs (or resumes) the study
 with the two-trial rule, then the same cells on a full 6-point factor-2 grid around the study's `start_lr` into the

@@ -9,7 +9,7 @@ with the same optimiser, the one of the family's recipe as registered (``Archite
 + L2 decay + AGC (timm side: ``torch.optim.SGD`` + ``timm.utils.adaptive_clip_grad``, classifier not clipped), ViT AdamW
 + global-norm clipping (``torch.optim.AdamW`` + ``clip_grad_norm_``); torch's updates are fused, and both sides leave
 gains and biases undecayed. Prints img/s for both, the ratio and MFU (analytic 6 x MACs per image against the device
-peak of `convscale_cli.budget`). Goals (issue #8): CPU fp32 at 64 px, batch 16: >= 1.5x timm; GPU at 224 px, bf16 (timm
+peak of `convscale_cli.budget`). Goals: CPU fp32 at 64 px, batch 16: >= 1.5x timm; GPU at 224 px, bf16 (timm
 with torch.compile, channels-last, bf16): >= 45% MFU for NFNet-F0 and >= 1.3x timm.
 """
 

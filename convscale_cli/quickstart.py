@@ -1,7 +1,7 @@
 """The main job: a complete small scaling study on the embedded data, on a laptop CPU, in minutes.
 
 ``convscale quickstart`` chains the commands a user would run by hand, in one process so that compiled programs are
-shared (issue #8):
+shared:
 
 1. ``convscale sweep`` over the packaged study (``convscale_cli/studies/quickstart.toml``): a few rungs of the tiny
    NFNet ladder x a few epoch budgets on ``shapes``, each cell's learning rate tuned by the two-trial rule;

@@ -1,4 +1,4 @@
-"""Every benchmark runs and prints its ratios (issue #8), at the smallest sizes that exercise the whole script.
+"""Every benchmark runs and prints its ratios, at the smallest sizes that exercise the whole script.
 
 The figures are meaningless at these sizes and nothing here times anything: these tests only keep `benchmarks/`
 from rotting between the sessions that measure with it. Each runs the script as a user would, in a child process on

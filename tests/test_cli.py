@@ -55,7 +55,7 @@ def test_version() -> None:
 
 
 HEAVY = ("jax", "flax", "optax", "grain", "orbax", "torch", "tensorflow")
-# pydantic is typer's, for coercing option values; convscale/_coerce.py keeps it out of the light commands (issue #8).
+# pydantic is typer's, for coercing option values; convscale/_coerce.py keeps it out of the light commands.
 LIGHT_ONLY = (*HEAVY, "pydantic", "numpy")
 
 

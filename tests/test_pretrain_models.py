@@ -1,4 +1,4 @@
-"""The built-in tiny NFNet and ViT pre-train on `shapes` with the engine and their family recipes (issue #5)."""
+"""The built-in tiny NFNet and ViT pre-train on `shapes` with the engine and their family recipes."""
 
 from __future__ import annotations
 

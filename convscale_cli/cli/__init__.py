@@ -7,7 +7,7 @@ error's exit code (2 for bad input). ``--debug`` shows the traceback instead.
 Keep this import graph free of jax, flax, optax, grain and orbax: ``--help``, ``models``, ``datasets``, ``plugins`` and
 ``plan`` must start in well under a second. Commands that train import the engine inside their function body.
 Command modules leave out ``from __future__ import annotations``: typer reads every command's signature at each start,
-and string annotations would be compiled anew each time (30 ms of ``convscale models``; issue #8).
+and string annotations would be compiled anew each time (30 ms of ``convscale models``).
 """
 
 from __future__ import annotations

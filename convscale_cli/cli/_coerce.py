@@ -1,4 +1,4 @@
-"""Typer parameter coercion without pydantic where pydantic cannot change the value (issue #8: start-up latency).
+"""Typer parameter coercion without pydantic where pydantic cannot change the value (start-up latency).
 
 typer >= 0.29 coerces every non-flag parameter through a pydantic ``TypeAdapter`` built on first use, so
 ``convscale models`` imported pydantic (~145 ms of a 0.5 s budget) only to pass ``None`` defaults through unchanged.

@@ -1,4 +1,4 @@
-"""``convscale plan``, ``tune-lr`` and ``sweep``: spend a compute budget well (issue #6).
+"""``convscale plan``, ``tune-lr`` and ``sweep``: spend a compute budget well.
 
 ``plan`` imports neither jax nor numpy in prior mode (it answers in well under a second); ``tune-lr`` and ``sweep``
 import the training engine only when they actually train.

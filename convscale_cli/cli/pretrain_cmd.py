@@ -1,4 +1,4 @@
-"""``convscale pretrain``: pre-train a model with the paper's recipe (issue #5).
+"""``convscale pretrain``: pre-train a model with the paper's recipe.
 
 Only options live here; the command builds a :class:`~convscale_cli.engine.config.PretrainConfig` (TOML file, then
 flags, then ``--set`` overrides) and calls :func:`convscale_cli.engine.api.pretrain`, imported inside the command so

@@ -182,7 +182,7 @@ def train_transform(image: Any, resolution: int, u: np.ndarray, cfg: AugmentConf
         resized = _pil(image).resize((resolution, resolution), Image.BILINEAR, box=box)
         if flip and cfg.randaugment_layers == 0:
             # Same pixels as out[:, ::-1], 4x cheaper: numpy's reversed copy of 3-byte pixels took 0.25 ms at 224 px,
-            # an eighth of an image's whole decode-and-augment cost (issue #8, loader benchmark).
+            # an eighth of an image's whole decode-and-augment cost (loader benchmark).
             resized, flip = resized.transpose(Image.FLIP_LEFT_RIGHT), False
         out = np.asarray(resized)
     if cfg.randaugment_layers > 0:

@@ -97,7 +97,7 @@ def open_image(data: bytes | str | Path) -> PILImage:
     """Decode JPEG/PNG bytes (or a file) to a loaded RGB PIL image; raises ``OSError``/``ValueError`` if corrupt.
 
     File sources hand this to the pipeline as it is: the transforms crop and resize PIL images directly, which saves
-    the decoded image's round trip through numpy (~0.3 ms of ~1.7 ms per 224 px image, issue #8's loader benchmark).
+    the decoded image's round trip through numpy (~0.3 ms of ~1.7 ms per 224 px image, benchmarks/bench_loader.py).
     """
     from PIL import Image
 

@@ -1,4 +1,4 @@
-"""The training engine: pre-training loop, optimiser, checkpoints, compute ledger (issue #5).
+"""The training engine: pre-training loop, optimiser, checkpoints, compute ledger.
 
 Nothing is imported here, so ``import convscale_cli.engine`` stays cheap; import the modules you need:
 

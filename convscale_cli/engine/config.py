@@ -21,7 +21,7 @@ Precision = Literal["bf16", "fp32"]
 LossName = Literal["softmax", "sigmoid"]
 
 # Keys that may change between the invocations of one run without changing what it computes: where and how often it
-# writes, how long it may spend, how the devices are laid out. Any other difference refuses to resume (issue #5).
+# writes, how long it may spend, how the devices are laid out. Any other difference refuses to resume.
 MUTABLE_KEYS = frozenset(
     {
         "out",

@@ -81,7 +81,7 @@ def train_step(
     """One optimiser step on one global batch.
 
     The dropout / stochastic-depth key is folded from the state's base key and the step number, so the step is a
-    pure function of ``(state, batch)`` and a resumed run reproduces an uninterrupted one bit for bit (issue #5).
+    pure function of ``(state, batch)`` and a resumed run reproduces an uninterrupted one bit for bit.
 
     Args:
         state: the current state (donated by the jitted caller).

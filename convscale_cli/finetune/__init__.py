@@ -1,4 +1,4 @@
-"""Fine-tuning pre-trained NFNets and ViTs with the paper's transfer recipe (Smith et al. 2023 §3, issue #7).
+"""Fine-tuning pre-trained NFNets and ViTs with the paper's transfer recipe (Smith et al. 2023 §3).
 
 Public API (imported lazily, so ``import convscale_cli.finetune`` never pulls in jax)::
 

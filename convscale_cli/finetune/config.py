@@ -41,7 +41,7 @@ class FinetuneConfig:
     dataset: str = ""  # registry name of the target dataset, e.g. "digits"
     out: str = ""  # run directory of the fine-tuning run
     model: str | None = None  # optional check: the architecture the checkpoint must hold
-    # The from-scratch baseline (issue #7): the checkpoint's architecture and build options with a random
+    # The from-scratch baseline: the checkpoint's architecture and build options with a random
     # initialisation instead of its weights; same recipe, data and compute, so the two top-1s compare directly.
     scratch: bool = False
     data_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # DatasetSpec.open/info options

@@ -76,7 +76,7 @@ def standardize_weight(kernel: jax.Array, gain: jax.Array, eps: float, style: st
     """Scaled Weight Standardization of an HWIO kernel: zero mean, unit fan-in variance per output channel, x gain.
 
     The statistics are taken over a ``[fan_in, out]`` view of the kernel: XLA:CPU reduces that 2-D view 3-5x faster
-    than the leading three axes of a 1x1 kernel (issue #8); it is the same mean and variance.
+    than the leading three axes of a 1x1 kernel; it is the same mean and variance.
     """
     fan_in = kernel.shape[0] * kernel.shape[1] * kernel.shape[2]
     flat = kernel.reshape(fan_in, kernel.shape[3])
@@ -116,7 +116,7 @@ class WSConv2D(nn.Module):
 def grouped_conv(x: jax.Array, weight: jax.Array, stride: int, groups: int) -> jax.Array:
     """SAME-padded NHWC convolution with ``groups`` groups (TF/XLA SAME = timm's Conv2dSame padding).
 
-    The arithmetic is always this convolution's; only the XLA operation that carries it changes (issue #8, measured
+    The arithmetic is always this convolution's; only the XLA operation that carries it changes (measured
     forward + backward with weight standardisation, batch 16 at 64 px, on the 2-core CPU):
 
     * 1x1 convolutions are the channel matmul they are. As a ``dot_general`` the backward pass reads the kernel in
