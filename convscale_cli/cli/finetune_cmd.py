@@ -1,4 +1,4 @@
-"""``convscale finetune``: fine-tune a pre-trained run or imported weights with the paper's transfer recipe (#7).
+"""``convscale finetune``: fine-tune a pre-trained run or imported weights with the paper's transfer recipe.
 
 Only options live here; the command builds a :class:`~convscale_cli.finetune.config.FinetuneConfig` (TOML file, then
 flags, then ``--set`` overrides) and calls :func:`convscale_cli.finetune.api.finetune`, imported inside the command so
