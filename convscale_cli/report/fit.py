@@ -328,6 +328,14 @@ def make_fit(
     for coefficient, exponent, axis in (("A", "alpha", "model size"), ("B", "beta", "data")):
         if getattr(point, coefficient) == 0:
             unquoted.setdefault(exponent, f"{coefficient} = 0: the loss does not measurably depend on {axis}")
+        elif len(draws) and exponent not in intervals:
+            # The bootstrap's replicates left the term out too often to read an interval off the rest.
+            share = float(np.mean(draws[:, _NAMES.index(coefficient)] == 0))
+            unquoted.setdefault(
+                exponent,
+                f"{axis} drops out of the law in {share:.0%} of the bootstrap replicates: the runs do not pin "
+                f"{exponent} down",
+            )
     # A coefficient at 0 is a term the data do not support (left out of the law, or sitting on its bound).
     warnings = [
         f"{name} left out: the fit with it is no better than the run noise explains"
