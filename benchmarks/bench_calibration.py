@@ -12,7 +12,7 @@ as JSON with ``--json``); the exit status is 1 when any bound is missed:
 - "supported" in at least 80% where it holds and the design is meant to decide it;
 - a two-trial study never "supported" on the lr finding.
 
-    python benchmarks/bench_calibration.py                       # 200 simulations per scenario (~25 min, 2 cores)
+    python benchmarks/bench_calibration.py                       # 200 simulations per scenario (~45 min, 2 cores)
     python benchmarks/bench_calibration.py --sims 40 --workers 2  # a quick look
 """
 
@@ -74,6 +74,7 @@ def _print(summary: dict) -> None:
     print(f"coverage of 90% intervals: {cover}")
     for finding, shares in summary["verdicts"].items():
         print(f"  {finding:15s} " + "  ".join(f"{k} {v:4.0%}" for k, v in shares.items()))
+    sys.stdout.flush()  # one scenario takes minutes: show it when it is done, also when stdout is a file
 
 
 if __name__ == "__main__":

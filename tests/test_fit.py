@@ -184,3 +184,20 @@ def test_a_term_the_noise_explains_is_left_out_and_one_it_cannot_is_kept() -> No
     assert chosen.left_out == () and chosen.E == pytest.approx(1.5, rel=0.3)
     # Without a noise level only terms on a bound are left out.
     assert select_law(n, d, real).left_out == ()
+
+
+def test_a_fit_with_every_term_on_a_bound_is_kept_as_it_is() -> None:
+    """Flat noise over a tiny design can put E, alpha and beta all on their bounds: nothing is left to drop to."""
+    from convscale_cli.report.parametric import fit_varpro, select_law, unsupported_terms
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = np.repeat([1.2e5, 2.5e5, 5.4e5], 3)
+        d = np.tile([4e3, 8e3, 1.6e4], 3)
+        loss = 4.0 * np.exp(rng.normal(0.0, 0.06, 9))
+        if len(unsupported_terms(fit_varpro(n, d, loss))) == 3:
+            break
+    else:
+        raise AssertionError("no seeded draw put every term on a bound: the test lost its case")
+    chosen = select_law(n, d, loss, noise=0.06)
+    assert len(unsupported_terms(chosen)) == 3 and chosen.left_out == ()

@@ -345,6 +345,8 @@ def select_law(
     """
     fit = fit_varpro(N, D, loss)
     without = unsupported_terms(fit)
+    if len(without) == 3:  # no term is supported: nothing is left to fit, keep the free fit and its flags
+        return fit
     if without:
         fit = fit_varpro(N, D, loss, without=without)
     if noise is None or not math.isfinite(noise) or noise <= 0.0:
