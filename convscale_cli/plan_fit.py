@@ -60,16 +60,24 @@ def _candidate_specs(request: PlanRequest, registry: Registry, models: set[str])
     return list(chosen.values())
 
 
-def _start_lr(cells: list[Cell], model: str, size: float, epochs: float) -> float | None:
-    """The cell's own tuned lr when it was run, else the best lr of the nearest smaller-or-equal cell (two-trial)."""
+def _lr_trials(cells: list[Cell], model: str, size: float, epochs: float) -> tuple[float, float] | None:
+    """The two learning rates to try for a candidate: the paper's two-trial rule (Smith et al. 2023, §1.5).
+
+    A candidate the study trained: its tuned lr and half of it -- or, when that lr was the largest its cell tried,
+    twice it and itself: the optimum may lie above, and 2 alpha is the probe the rule offers when the upper trial
+    wins. Otherwise the best lr of the nearest smaller-or-equal cell and half of it. None: no such cell.
+    """
     own = [c for c in cells if c.model == model and math.isclose(c.epochs, epochs, rel_tol=1e-9)]
     if own:
-        return own[0].lr
+        cell = own[0]
+        if len(cell.lrs) >= 2 and math.isclose(cell.lr, max(cell.lrs), rel_tol=1e-9):
+            return 2 * cell.lr, cell.lr
+        return cell.lr, cell.lr / 2
     eligible = [c for c in cells if c.size <= size * (1 + 1e-9) and c.epochs <= epochs * (1 + 1e-9)]
     if not eligible:
         return None
     best = min(eligible, key=lambda c: (math.hypot(math.log(size / c.size), math.log(epochs / c.epochs)), -c.size))
-    return best.lr
+    return best.lr, best.lr / 2
 
 
 def plan_fitted(
@@ -123,8 +131,8 @@ def plan_fitted(
     same_data = request.dataset.name is not None and request.dataset.name == pretrain[0].dataset
     ranked = []
     for i, c in enumerate(found):
-        lr = _start_lr(result.cells, c.model, sizes_arr[i], c.epochs) if same_data else None
-        lr = c.lr if lr is None else lr
+        trials = _lr_trials(result.cells, c.model, sizes_arr[i], c.epochs) if same_data else None
+        trials = (c.lr, c.lr / 2) if trials is None else trials
         outside = []
         if not n.min() <= sizes_arr[i] <= n.max():
             outside.append("model size")
@@ -137,8 +145,8 @@ def plan_fitted(
                 loss_interval=(float(low[i]), float(high[i])),
                 extrapolated=bool(outside),
                 extrapolated_in=tuple(outside),
-                lr=lr,
-                lr_trials=(lr, lr / 2),
+                lr=trials[0],
+                lr_trials=trials,
             )
         )
     ranked.sort(key=lambda c: (c.predicted_loss, c.extrapolated, -c.macs_per_image))

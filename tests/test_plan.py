@@ -428,3 +428,25 @@ def test_plan_with_builtin_ladder_passes_the_dataset_size(capsys: pytest.Capture
     assert doc["dataset"]["resolution"] == 32 and doc["dataset"]["options"] == {"size": 16384}
     assert all(c["model"].startswith("nfnet-tiny-") for c in doc["candidates"])
     assert all("--data-option size=16384" in cmd for cmd in doc["recommendation"]["commands"])
+
+
+def test_a_trained_candidate_whose_best_lr_was_its_largest_is_offered_twice_that_lr() -> None:
+    """The rule's probe when the upper trial wins: the optimum may lie above the largest lr the cell tried."""
+    from convscale_cli.plan_fit import _lr_trials
+    from convscale_cli.report.analysis import Cell
+
+    def cell(model: str, size: float, epochs: float, lr: float, lrs: tuple[float, ...]) -> Cell:
+        return Cell(model, "nfnet", epochs, lr, 2.0, 1e-6, size, size, size, epochs * 1e4, lrs, 1, math.nan,
+                    math.nan, 0, True)  # fmt: skip
+
+    cells = [
+        cell("a", 1e5, 1.0, 0.4, (0.2, 0.4)),  # the upper trial won
+        cell("a", 1e5, 2.0, 0.2, (0.2, 0.4)),  # the lower trial won
+        cell("b", 2e5, 1.0, 0.2, (0.1, 0.2, 0.4)),  # an interior optimum of three
+    ]
+    assert _lr_trials(cells, "a", 1e5, 1.0) == (0.8, 0.4)
+    assert _lr_trials(cells, "a", 1e5, 2.0) == (0.2, 0.1)
+    assert _lr_trials(cells, "b", 2e5, 1.0) == (0.2, 0.1)
+    # An untrained candidate starts from the nearest smaller-or-equal cell's best, as the paper's rule does.
+    assert _lr_trials(cells, "b", 2e5, 2.0) == (0.2, 0.1)
+    assert _lr_trials(cells, "c", 5e4, 1.0) is None
