@@ -263,3 +263,13 @@ def test_a_budget_too_short_for_a_cooldown_is_refused_before_training(registry: 
     with pytest.raises(UsageError, match="the 0.0625-epoch budget of tiny-cnn is 1 step at batch 8, too short"):
         run_sweep(_study(tmp_path / "runs", epochs=(0.0625, 1.0)), registry, trainer=_trainer(registry))
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_study_that_names_the_default_cosine_schedule_reuses_its_finished_runs(registry: Any, tmp_path: Path) -> None:
+    # A cosine run's config.json leaves the schedule keys out; naming "cosine" is still the same setting.
+    study = _study(
+        tmp_path / "runs", epochs=(1.0,), branching=False, engine=ENGINE | {"recipe": {"schedule": "cosine"}}
+    )
+    first = run_sweep(study, registry, trainer=_trainer(registry))
+    again = run_sweep(study, registry, trainer=_trainer(registry))
+    assert (first.trained, again.trained) == (2, 0)
