@@ -237,8 +237,8 @@ def model_schedule(study: StudyConfig, registry: Registry, model: str) -> ModelS
     if study.branching and cooldown_steps(shortest, recipe.cooldown_fraction) < 1:
         raise UsageError(
             f"the {min(steps):g}-epoch budget of {model} is {shortest} step{'s' * (shortest != 1)} at batch {batch}, "
-            "too short for a "
-            f"cooldown of {recipe.cooldown_fraction:g} of its steps to branch into: drop it or use branching = false"
+            f"too short for a cooldown of {recipe.cooldown_fraction:g} of its steps to branch into: drop it or use "
+            "branching = false"
         )
     # Hagele et al. (2024) warm up for a fixed number of steps; a fraction of each run's length would make every
     # budget's schedule differ from the first step. The shortest budget keeps the recipe's fraction exactly.
