@@ -213,8 +213,9 @@ def train(ctx: LoopContext, state: Any, loader: Any, start_step: int) -> tuple[A
         saves the final checkpoint and writes the summary).
     """
     config, total = ctx.run.config, ctx.run.duration.steps
-    end = min(total, config.stop_step or total)
-    keep = frozenset(config.keep_steps)
+    # Pre-training options; a fine-tuning config has neither.
+    end = min(total, getattr(config, "stop_step", None) or total)
+    keep = frozenset(getattr(config, "keep_steps", ()))
     step = start_step
     status = "budget" if budget_spent(ctx) else "finished"  # the checkpoint's ledger: the same on every process
     pending: list[tuple[int, Any]] = []
