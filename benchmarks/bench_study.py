@@ -1,10 +1,15 @@
-"""Study efficiency: the two-trial rule against the full learning-rate grid on the quickstart study.
+"""Study efficiency: the two-trial rule against the full learning-rate grid, and cooldown branching against cosine.
 
 Run: `python benchmarks/bench_study.py [--runs quickstart/runs] [--study STUDY.toml]`. It runs (or resumes) the study
 with the two-trial rule, then the same cells on a full 6-point factor-2 grid around the study's `start_lr` into the
 same runs directory (runs the rule already trained are reused, not retrained), and prints per cell the rule's choice,
 the grid's optimum and the loss regret, plus the runs and training FLOPs each approach used. Not a test: it trains
 ~36 extra runs (about 10 minutes on a 2-core CPU).
+
+`--branching` instead runs the same design twice, into RUNS/cosine (the recipe's cosine, every cell trained from
+scratch) and RUNS/branching (wsd with `branching = true`: one trunk per model and learning rate, every budget a
+cooldown branch of it, Hägele et al. 2024), and prints each study's total compute (each trunk counted once), the
+wall time of this invocation, and the report's verdicts on each runs directory.
 """
 
 from __future__ import annotations
@@ -12,7 +17,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import time
 from pathlib import Path
+from typing import Any
 
 GRID_OCTAVES = (1, 0, -1, -2, -3, -4)  # the grid spans 2x above start_lr down to start_lr / 16
 
@@ -44,10 +52,80 @@ def _flops(runs: Path, names: set[str]) -> tuple[float, int]:
     return sum(cost.values()) + sum(by_cell.get(n.rsplit("-lr", 1)[0], 0.0) for n in diverged), len(diverged)
 
 
+def _with_schedule(study: Any, out: Path, schedule: str, branching: bool) -> Any:
+    recipe = {**(study.engine.get("recipe") or {}), "schedule": schedule}
+    return dataclasses.replace(study, out=str(out), branching=branching, engine={**study.engine, "recipe": recipe})
+
+
+def _best(runs: Path, decision: dict | None) -> tuple[float, float]:
+    """A cell's chosen alpha and its held-out loss (nan when the cell is missing or every trial failed)."""
+    if decision is None:
+        return math.nan, math.nan
+    losses = {t["run"]: t["eval_loss"] for t in decision["trials"]}
+    return decision["best_lr"], float(losses.get(decision["best_run"], math.nan))
+
+
+def compare_branching(study: Any, registry: Any, runs: Path) -> None:
+    """Train the study with cosine and with wsd branching; print the compute, wall time and verdicts of each."""
+    from convscale_cli.errors import ConvscaleError
+    from convscale_cli.report.build import analyse
+    from convscale_cli.sweep import run_sweep, study_compute
+
+    designs = {
+        "cosine": _with_schedule(study, runs / "cosine", "cosine", False),
+        "wsd + branching": _with_schedule(study, runs / "branching", "wsd", True),
+    }
+    rows, verdicts = {}, {}
+    for name, design in designs.items():
+        start = time.perf_counter()
+        result = run_sweep(design, registry)
+        wall = time.perf_counter() - start
+        rows[name] = (study_compute(design.out), wall, result.trained)
+        try:
+            verdicts[name] = {v.claim: v.status for v in analyse(design.out).verdicts}
+        except ConvscaleError as exc:  # too few runs for a report: say why, keep the compute figures
+            verdicts[name] = {"(no report)": str(exc)}
+    cells = len(study.models) * len(study.epochs)
+    print(f"{cells} cells ({len(study.models)} models x {len(study.epochs)} epoch budgets), rule {study.rule}")
+    print(
+        f"{'design':<16} {'runs':>5} {'trunks':>6} {'train FLOPs':>12} {'core-hours':>11} {'device-s':>9} "
+        f"{'wall-s':>7} {'trained now':>11}"
+    )
+    for name, (compute, wall, trained) in rows.items():
+        print(
+            f"{name:<16} {compute.runs:>5} {compute.trunks:>6} {compute.train_flops:>12.4g} "
+            f"{compute.core_hours:>11.4g} {compute.device_seconds:>9.1f} {wall:>7.1f} {trained:>11}"
+        )
+    (cosine, cosine_wall, _), (branching, branching_wall, _) = rows.values()
+    print(
+        f"branching / cosine: training FLOPs {branching.train_flops / cosine.train_flops:.2f}x, device-seconds "
+        f"{branching.device_seconds / max(cosine.device_seconds, 1e-9):.2f}x, wall time of this invocation "
+        f"{branching_wall / max(cosine_wall, 1e-9):.2f}x (cosine ran first and paid the compilations both share: "
+        "the initialisers and the evaluation step)"
+    )
+    best = {name: _decisions(Path(design.out), design.rule) for name, design in designs.items()}
+    print(
+        f"{'model':<16} {'epochs':>6} {'cosine alpha':>12} {'loss':>7} {'wsd alpha':>10} {'loss':>7} {'wsd - cos':>9}"
+    )
+    for key in sorted(best["cosine"], key=lambda k: (k[1], k[0])):
+        (c_lr, c_loss), (w_lr, w_loss) = (_best(Path(designs[n].out), best[n].get(key)) for n in designs)
+        print(
+            f"{key[0]:<16} {key[1]:>6g} {c_lr:>12g} {c_loss:>7.4f} {w_lr:>10g} {w_loss:>7.4f} {w_loss - c_loss:>9.4f}"
+        )
+    claims = list(dict.fromkeys(c for v in verdicts.values() for c in v))
+    print(f"{'verdict':<60} {'cosine':<18} {'wsd + branching':<18}")
+    for claim in claims:
+        shown = [verdicts[n].get(claim, "-") for n in designs]
+        print(f"{claim[:60]:<60} {shown[0][:18]:<18} {shown[1][:18]:<18}")
+    same = all(verdicts["cosine"].get(c) == verdicts["wsd + branching"].get(c) for c in claims)
+    print(f"verdicts agree: {'yes' if same else 'no'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, default=Path("quickstart/runs"))
     parser.add_argument("--study", type=Path, default=None, help="default: the packaged quickstart study")
+    parser.add_argument("--branching", action="store_true", help="cosine vs wsd cooldown branching instead")
     args = parser.parse_args()
 
     from convscale_cli.plugins import get_registry
@@ -56,6 +134,9 @@ def main() -> None:
 
     study = load_study(args.study or default_study(), {"out": str(args.runs)})
     registry = get_registry()
+    if args.branching:
+        compare_branching(study, registry, args.runs)
+        return
     run_sweep(study, registry)
     families: dict[str, list[str]] = {}
     for model in study.models:

@@ -37,6 +37,11 @@ class Recipe:
     grad_clip_norm: float | None = None
     # Linear warm-up as a fraction of the run's steps, then cosine decay to 0.
     warmup_fraction: float = 0.05
+    # The warm-up length in steps instead, the same for every run length; None: `warmup_fraction` of the run. A wsd
+    # schedule whose warm-up is a fraction of the run differs between budgets from the first step, so runs of several
+    # budgets share their constant phase (and a sweep can branch them from one trunk) only with a fixed warm-up, as
+    # Hagele et al. (2024, §2) use.
+    warmup_steps: int | None = None
     # "cosine" (the paper's) or "wsd": warm-up, constant, then a cooldown to 0 over the last `cooldown_fraction` of
     # the steps, linear or 1-sqrt (Hagele et al. 2024, "Scaling Laws and Compute-Optimal Training Beyond Fixed
     # Training Durations", §3): the constant phase is shared by every shorter budget, so a sweep can branch from it.
@@ -56,6 +61,10 @@ class Recipe:
             raise ValueError(f"base_batch_size must be > 0, got {self.base_batch_size}")
         if not 0.0 <= self.warmup_fraction < 1.0:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if self.warmup_steps is not None and (
+            isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0
+        ):
+            raise ValueError(f"warmup_steps must be a whole number >= 0 or None, got {self.warmup_steps!r}")
         if self.schedule not in ("cosine", "wsd"):
             raise ValueError(f"schedule must be cosine or wsd, got {self.schedule!r}")
         if self.cooldown_shape not in ("linear", "1-sqrt"):
@@ -79,6 +88,20 @@ class Recipe:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
 
 
+def cooldown_steps(total_steps: int, cooldown_fraction: float) -> int:
+    """Steps of a wsd run's cooldown: the last ``cooldown_fraction`` of its ``total_steps``, rounded."""
+    return int(round(cooldown_fraction * max(int(total_steps), 1)))
+
+
+def stable_end(recipe: Recipe, total_steps: int) -> int:
+    """The step a wsd run of ``total_steps`` cools down after: its constant phase ends there.
+
+    Two wsd runs with the same peak and warm-up take the same learning rate at every step up to the smaller of their
+    stable ends, whatever their lengths, so one can continue (branch) from the other's state at any such step.
+    """
+    return max(int(total_steps), 1) - cooldown_steps(total_steps, recipe.cooldown_fraction)
+
+
 SCHEDULE_KEYS = ("schedule", "cooldown_fraction", "cooldown_shape")
 
 
@@ -87,7 +110,10 @@ def without_default_schedule(record: dict[str, Any]) -> dict[str, Any]:
 
     The cooldown keys mean nothing for cosine, and run directories saved before the schedule was selectable lack
     them, so leaving them out keeps those runs resumable (a resumed run compares its saved config with the new one).
+    An unset ``warmup_steps`` is left out for the same reason.
     """
+    if record.get("warmup_steps", 0) is None:
+        record = {k: v for k, v in record.items() if k != "warmup_steps"}
     if record.get("schedule", "cosine") != "cosine":
         return record
     return {k: v for k, v in record.items() if k not in SCHEDULE_KEYS}

@@ -6,6 +6,16 @@ when a cell starts, every cell with a smaller-or-equal model and epoch budget ha
 (:func:`convscale_cli.tuning.tune_cell`) can take its start alpha from the nearest of them. All runs go into one
 directory; a rerun skips finished runs (and the engine resumes an interrupted one from its checkpoint), so the sweep
 is resumable by running the same command again.
+
+With the warm-up-stable-decay schedule (``engine.recipe.schedule = "wsd"``) every budget of a model shares the
+constant phase (Hägele et al. 2024, "Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations",
+§3), given a warm-up of fixed length: the study fixes it at the recipe's warm-up fraction of its shortest budget.
+``branching = true`` then trains each (model, lr) once, as a *trunk* (``OUT/trunks/{model}-e{longest}-lr{alpha}``,
+the longest budget's run paused where its cooldown would start), and every cell's run as a branch from the trunk's
+checkpoint at that budget's cooldown start (:mod:`convscale_cli.engine.branch`): the trunk's steps are paid once
+instead of once per budget. A branch equals the run trained from scratch, so branching changes the study's cost and
+never its results, and the tuning rule is untouched: cells run in the same order with the same trials, and a trial's
+trunk is extended on demand, only as far as the longest budget that has tried its lr needs.
 """
 
 from __future__ import annotations
@@ -16,10 +26,15 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from convscale_cli.config import check_seed, load_config
-from convscale_cli.errors import ConfigError, UnknownNameError, did_you_mean
+from convscale_cli import tuning
+from convscale_cli.config import check_seed, from_dict, load_config, to_dict
+from convscale_cli.errors import ConfigError, UnknownNameError, UsageError, did_you_mean
+from convscale_cli.planner import run_name
+from convscale_cli.recipe import Recipe, cooldown_steps, stable_end
 from convscale_cli.registry import Registry
 from convscale_cli.tuning import Trainer, TuneResult, lr_grid, tune_cell
+
+TRUNKS = "trunks"  # OUT/trunks/: the shared constant phases of a branching study
 
 # Engine fields the study sets itself; putting them under [engine] would silently fight the sweep.
 _RESERVED = frozenset({"model", "dataset", "epochs", "lr", "out", "seed", "batch_size", "resolution", "data_options"})
@@ -46,6 +61,8 @@ class StudyConfig:
     lr_grid: tuple[float, ...] = ()
     size_axis: Literal["params", "macs"] = "params"  # how "smaller model" is judged by the two-trial rule
     engine: dict[str, Any] = dataclasses.field(default_factory=dict)  # other PretrainConfig fields (precision, ...)
+    # wsd only: train each (model, lr) once as a trunk and every budget as a cooldown branch of it (module docstring).
+    branching: bool = False
 
     def __post_init__(self) -> None:
         if not self.out:
@@ -70,6 +87,14 @@ class StudyConfig:
             if value is not None and value <= 0:
                 raise ConfigError(f"{key} = {value} must be > 0")
         check_seed(self.seed)
+        recipe = self.engine.get("recipe")
+        schedule = recipe.get("schedule", "cosine") if isinstance(recipe, dict) else "cosine"
+        if self.branching and schedule != "wsd":
+            raise ConfigError(
+                f"branching = true needs the wsd schedule, not {schedule}: set engine.recipe.schedule = 'wsd' (a "
+                f"{schedule} run's learning rate depends on its length from the first step, so no budget can branch "
+                "from another)"
+            )
 
     def start_lr_for(self, family: str) -> float | None:
         """The first-cell alpha of ``family`` (None: its recipe's)."""
@@ -169,6 +194,106 @@ def trainer_options(study: StudyConfig) -> dict[str, Any]:
     return options
 
 
+def model_recipe(study: StudyConfig, registry: Registry, model: str) -> Recipe:
+    """The recipe the study's runs of ``model`` train with: the architecture's, with ``engine.recipe`` on top."""
+    spec = registry.architecture(model)
+    return from_dict(Recipe, {**to_dict(spec.recipe), **(study.engine.get("recipe") or {})}, prefix="recipe.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSchedule:
+    """The steps of each epoch budget of one model of the study, and where its wsd runs branch.
+
+    Attributes:
+        steps: optimiser steps of each epoch budget (wsd only).
+        warmup_steps: the fixed warm-up every wsd run of the model shares (None: cosine, a fraction of each run).
+        branch_points: each budget's cooldown start, the trunk step its branch starts from (wsd only).
+    """
+
+    steps: dict[float, int]
+    warmup_steps: int | None
+    branch_points: dict[float, int]
+
+
+def model_schedule(study: StudyConfig, registry: Registry, model: str) -> ModelSchedule:
+    """Steps, shared warm-up and branch points of ``model``'s runs in the study.
+
+    Raises:
+        UsageError: a branching study whose shortest budget is too short to leave a cooldown step.
+    """
+    from convscale_cli.engine.steps import resolve_duration
+
+    recipe = model_recipe(study, registry, model)
+    if recipe.schedule != "wsd":
+        return ModelSchedule({}, None, {})
+    data = registry.dataset(study.dataset)
+    info = data.info(**study.data_options) if study.data_options or data.static_info is None else data.static_info
+    train_size = int(info.split_sizes.get("train", 0))
+    batch = study.batch_size or recipe.base_batch_size
+    steps = {
+        float(e): resolve_duration(train_size=train_size, batch_size=batch, epochs=float(e)).steps for e in study.epochs
+    }
+    shortest = steps[min(steps)]
+    if study.branching and cooldown_steps(shortest, recipe.cooldown_fraction) < 1:
+        raise UsageError(
+            f"the {min(steps):g}-epoch budget of {model} is {shortest} step{'s' * (shortest != 1)} at batch {batch}, "
+            f"too short for a cooldown of {recipe.cooldown_fraction:g} of its steps to branch into: drop it or use "
+            "branching = false"
+        )
+    # Hagele et al. (2024) warm up for a fixed number of steps; a fraction of each run's length would make every
+    # budget's schedule differ from the first step. The shortest budget keeps the recipe's fraction exactly.
+    warmup = recipe.warmup_steps
+    if warmup is None:
+        warmup = int(round(recipe.warmup_fraction * shortest))
+    return ModelSchedule(steps, warmup, {e: stable_end(recipe, n) for e, n in steps.items()})
+
+
+def cell_options(study: StudyConfig, schedule: ModelSchedule) -> dict[str, Any]:
+    """Engine options of one model's runs: the study's, with the shared wsd warm-up fixed in the recipe."""
+    options = trainer_options(study)
+    if schedule.warmup_steps is not None:
+        options["recipe"] = {**(study.engine.get("recipe") or {}), "warmup_steps": schedule.warmup_steps}
+    return options
+
+
+class BranchingTrainer:
+    """A trainer that trains each run as a cooldown branch of its (model, lr) trunk (module docstring).
+
+    Args:
+        study: the branching study.
+        schedules: each model's :class:`ModelSchedule`.
+        trainer: trains one run, ``trainer(model, dataset, epochs, lr, out, **options) -> summary`` (the engine's by
+            default); it receives the trunk's ``stop_step``/``keep_steps`` and the branch's
+            ``branch_from``/``branch_step`` as further engine options.
+    """
+
+    def __init__(self, study: StudyConfig, schedules: dict[str, ModelSchedule], trainer: Trainer | None) -> None:
+        self.study = study
+        self.schedules = schedules
+        self.trainer = trainer
+        self.longest = max(float(e) for e in study.epochs)
+
+    def trunk_dir(self, out: Path, model: str, lr: float) -> Path:
+        """The trunk of ``(model, lr)`` beside the run directory ``out``."""
+        return out.parent / TRUNKS / run_name(model, self.longest, lr)
+
+    def __call__(
+        self, model: str, dataset: str, epochs: float, lr: float, out: str | Path, **options: Any
+    ) -> Mapping[str, Any]:
+        train = self.trainer or tuning.engine_trainer  # looked up per call, as tune_cell does
+        out = Path(out)
+        schedule = self.schedules[model]
+        point = schedule.branch_points[float(epochs)]
+        trunk = self.trunk_dir(out, model, lr)
+        keep = tuple(sorted(set(schedule.branch_points.values())))
+        train(model, dataset, self.longest, lr, trunk, **options, stop_step=point, keep_steps=keep)
+        if not (trunk / "checkpoints" / str(point)).is_dir() and not (out / "checkpoints").is_dir():
+            # The trunk went past this point before the study had it (epochs were added): train from scratch, which
+            # gives the same run.
+            return train(model, dataset, epochs, lr, out, **options)
+        return train(model, dataset, epochs, lr, out, **options, branch_from=str(trunk), branch_step=point)
+
+
 def run_sweep(
     study: StudyConfig,
     registry: Registry,
@@ -188,7 +313,9 @@ def run_sweep(
         on_done: called with each cell's decision.
     """
     cells = plan_cells(study, registry)
-    options = trainer_options(study)
+    schedules = {m: model_schedule(study, registry, m) for m in {c.model for c in cells}}
+    if study.branching:
+        trainer = BranchingTrainer(study, schedules, trainer)
     grid: bool | tuple[float, ...] = False
     if study.rule == "grid":
         grid = study.lr_grid or True
@@ -203,7 +330,7 @@ def run_sweep(
             dataset=study.dataset,
             registry=registry,
             trainer=trainer,
-            options=options,
+            options=cell_options(study, schedules[cell.model]),
             grid=grid,
             size_axis=study.size_axis,
             start_lr=study.start_lr_for(cell.family),
@@ -212,3 +339,51 @@ def run_sweep(
         if on_done is not None:
             on_done(cell, result)
     return SweepResult(results=tuple(results), grid_size=len(study.lr_grid) or len(lr_grid(1.0)))
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyCompute:
+    """What a study's runs directory has spent, each trunk counted once.
+
+    A branch's ledger counts its trunk's share (``trunk_*`` fields), so its ``core_hours`` are its compute on a
+    scaling law's axis; the study itself paid only the branch's own part, plus each trunk once.
+
+    Attributes:
+        runs: run directories counted (trunks included).
+        trunks: trunks among them.
+        train_flops: analytic training FLOPs (6 x MACs x examples).
+        core_hours: the same on the paper's TPU-v4 core-hour axis.
+        device_seconds: measured device time, compilation, evaluation and checkpoints included.
+    """
+
+    runs: int
+    trunks: int
+    train_flops: float
+    core_hours: float
+    device_seconds: float
+
+
+def study_compute(runs_dir: str | Path) -> StudyCompute:
+    """Sum the compute of every run directory with a ``summary.json`` under ``runs_dir`` and ``runs_dir/trunks``.
+
+    Runs that ended without a summary (a diverged trial) are not counted.
+    """
+    from convscale_cli.engine.rundir import read_json
+
+    root = Path(runs_dir)
+    dirs = [p for p in sorted(root.iterdir()) if p.is_dir()] if root.is_dir() else []
+    trunks = [p for p in sorted((root / TRUNKS).iterdir()) if p.is_dir()] if (root / TRUNKS).is_dir() else []
+    runs = flops = hours = seconds = 0.0
+    counted_trunks = 0
+    for path in [*dirs, *trunks]:
+        summary = read_json(path / "summary.json")
+        ledger = summary.get("ledger") if summary else None
+        if not isinstance(ledger, dict):
+            continue
+        spent = sum(float(v) for v in (ledger.get("device_seconds") or {}).values())
+        runs += 1
+        counted_trunks += path.parent.name == TRUNKS
+        flops += float(ledger.get("train_flops", 0.0)) - float(ledger.get("trunk_train_flops", 0.0))
+        hours += float(ledger.get("core_hours", 0.0)) - float(ledger.get("trunk_core_hours", 0.0))
+        seconds += spent - float(ledger.get("trunk_device_seconds", 0.0))
+    return StudyCompute(int(runs), counted_trunks, flops, hours, seconds)

@@ -27,6 +27,7 @@ from typing import Any, Literal
 from convscale_cli import interrupts
 from convscale_cli.errors import TrainingError, UnknownNameError, UsageError
 from convscale_cli.planner import run_name
+from convscale_cli.recipe import without_default_schedule
 from convscale_cli.registry import Registry
 
 Trainer = Callable[..., Mapping[str, Any]]
@@ -302,6 +303,8 @@ def _other_settings(out: Path, summary: Mapping[str, Any], dataset: str, options
     for key, wanted in options.items():
         if key in MUTABLE_KEYS or wanted is None:
             continue
+        if key == "recipe" and isinstance(wanted, Mapping):
+            wanted = without_default_schedule(dict(wanted))  # as the run saved it: cosine leaves its keys out
         have = saved.get(key)
         pairs = (
             [(f"{key}.{k}", have.get(k), v) for k, v in wanted.items()]

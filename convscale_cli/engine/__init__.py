@@ -15,5 +15,7 @@ Nothing is imported here, so ``import convscale_cli.engine`` stays cheap; import
 * :mod:`~convscale_cli.engine.mesh` -- ``init_distributed``, ``make_mesh``, ``state_shardings`` (``fsdp``),
   ``batch_sharding``, ``check_batch``.
 * :mod:`~convscale_cli.engine.rundir` -- ``RunDir`` (layout, same-config check), ``MetricsLog``.
+* :mod:`~convscale_cli.engine.branch` -- ``branch_start``: a wsd run continuing a trunk's checkpoint (a cooldown
+  branch, Hägele et al. 2024).
 * :mod:`~convscale_cli.engine.loop`, :mod:`~convscale_cli.engine.progress`, :mod:`~convscale_cli.engine.hardware`.
 """

@@ -20,6 +20,7 @@ import numpy as np
 
 from convscale_cli import interrupts
 from convscale_cli.engine import loop
+from convscale_cli.engine.branch import branch_start
 from convscale_cli.engine.build import Built, abstract_batch, build, compile_steps, host_batch, make_evaluate
 from convscale_cli.engine.cache import enable_compilation_cache
 from convscale_cli.engine.checkpoint import Checkpoints, CheckpointWarning
@@ -105,6 +106,7 @@ def pretrain(config: PretrainConfig, registry: Registry | None = None, *, pipeli
     if previous and (
         previous.get("status") == "finished"
         or (previous.get("status") == "budget" and previous.get("budget") == config.budget)
+        or (previous.get("status") == "paused" and _paused_past(previous, config.stop_step))
     ):
         progress.message(
             f"{config.out}: run already {previous['status']} at step {previous.get('steps')}; nothing to do"
@@ -119,7 +121,7 @@ def pretrain(config: PretrainConfig, registry: Registry | None = None, *, pipeli
     ledger = Ledger(
         flops_per_example=run.flops_per_example, num_devices=built.mesh.size, hardware=hardware, peak_flops=peak
     )
-    checkpoints = Checkpoints(rundir.checkpoints, keep=config.keep)
+    checkpoints = Checkpoints(rundir.checkpoints, keep=config.keep, keep_steps=config.keep_steps)
     # XLA:CPU compiles the partitionable threefry (jax's default) very slowly: ~6 s per random op on 2 cores, over a
     # minute for an NFNet's initialiser. The classic threefry gives the same values under any sharding, so CPU runs
     # use it; accelerators keep the default.
@@ -156,16 +158,33 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def _paused_past(previous: dict[str, Any], stop_step: int | None) -> bool:
+    """Whether a paused run has already reached ``stop_step`` (None: the end, which a paused run has not)."""
+    steps = previous.get("steps")
+    return stop_step is not None and isinstance(steps, int) and steps >= stop_step
+
+
 def _restore_or_init(
-    config: PretrainConfig, rundir: RunDir, progress: Progress, built: Built, ledger: Ledger, checkpoints: Checkpoints
-) -> tuple[Any, int, dict[str, Any] | None, Ledger]:
-    """``(state, start_step, data_state, ledger)`` from the newest readable checkpoint, or a fresh state."""
+    config: PretrainConfig,
+    run: ResolvedRun,
+    rundir: RunDir,
+    progress: Progress,
+    built: Built,
+    ledger: Ledger,
+    checkpoints: Checkpoints,
+) -> tuple[Any, int, dict[str, Any] | None, Ledger, bool]:
+    """``(state, start_step, data_state, ledger, resumed)`` from the newest readable checkpoint, else from the trunk's
+    branch point (``branch_from``), else a fresh state; ``resumed`` says the state is this run's own checkpoint."""
     restored = checkpoints.restore(built.abstract)
     if restored is None:
         rundir.truncate_metrics(0)
+        if config.branch_from is not None and config.branch_step is not None:
+            state, data_state, ledger = branch_start(config, run, built, ledger)
+            progress.message(f"branching {config.out} from {config.branch_from} at step {config.branch_step}")
+            return state, config.branch_step, data_state, ledger, False
         with ledger.timed("compile"):
             state = jax.block_until_ready(built.fresh_state())
-        return state, 0, None, ledger
+        return state, 0, None, ledger, False
     step, state, data_state, saved = restored
     lost = _lost_seconds(rundir.live_ledger(), saved)
     # Counters continue; the device count, hardware and peak are this invocation's (it may run elsewhere).
@@ -175,7 +194,7 @@ def _restore_or_init(
     resumed.device_seconds["lost"] += lost
     rundir.truncate_metrics(step)
     progress.message(f"resuming {config.out} from step {step} ({lost:.1f} device-seconds lost)")
-    return state, step, data_state, resumed
+    return state, step, data_state, resumed, True
 
 
 def _train(
@@ -189,7 +208,9 @@ def _train(
     ledger: Ledger,
     checkpoints: Checkpoints,
 ) -> dict[str, Any]:
-    state, start_step, data_state, ledger = _restore_or_init(config, rundir, progress, built, ledger, checkpoints)
+    state, start_step, data_state, ledger, resumed = _restore_or_init(
+        config, run, rundir, progress, built, ledger, checkpoints
+    )
     eval_source = run.data.open("eval", **config.data_options)
     if config.eval_examples is not None:
         eval_source = _Head(eval_source, config.eval_examples)
@@ -227,7 +248,7 @@ def _train(
         loader.set_state(data_state)
     log = MetricsLog(rundir, tensorboard=config.tensorboard)
     ctx = loop.LoopContext(
-        restored_step=start_step if start_step else None,
+        restored_step=start_step if resumed else None,
         run=run,
         rundir=rundir,
         log=log,
@@ -252,17 +273,21 @@ def _train(
                 raise RunInterrupted(
                     f"interrupted at step {step}; checkpoint saved in {config.out}, rerun the same command to resume"
                 )
-            final = loop.evaluate_and_log(ctx, state.params, step)
+            # A paused trunk is not a result: its branches are evaluated at their own ends.
+            final = None if status == "paused" else loop.evaluate_and_log(ctx, state.params, step)
             rundir.write_live_ledger(ledger.to_dict())
     finally:
         log.close()
     summary = _summary(run, resolved, status, step, final, ledger, state.params)
     rundir.write_summary(summary)
     _sync("summary")
-    progress.message(
-        f"{status}: step {step}, eval loss {final['eval_loss']:.4f}, top-1 {final['eval_top1']:.4f}, "
-        f"{ledger.core_hours:.3g} TPU-v4 core-hours"
-    )
+    if final is None:
+        progress.message(f"paused at step {step} of {run.duration.steps}: rerun with a later stop_step to continue")
+    else:
+        progress.message(
+            f"{status}: step {step}, eval loss {final['eval_loss']:.4f}, top-1 {final['eval_top1']:.4f}, "
+            f"{ledger.core_hours:.3g} TPU-v4 core-hours"
+        )
     return summary
 
 
@@ -281,7 +306,7 @@ def _summary(
     resolved: dict[str, Any],
     status: str,
     step: int,
-    final: dict[str, float],
+    final: dict[str, float] | None,
     ledger: Ledger,
     params: Any,
 ) -> dict[str, Any]:
@@ -320,6 +345,8 @@ def _summary(
     }
     if run.budget is not None:
         out["budget_spent"] = ledger.spent(run.budget)
+    if config.stop_step is not None:
+        out["stop_step"] = config.stop_step
     return out
 
 

@@ -84,17 +84,38 @@ class Checkpoints:
         directory: where step directories live (created if missing).
         keep: how many of the newest checkpoints to keep.
         use_async: save in a background thread (the training step goes on while the arrays are written).
+        keep_steps: steps whose checkpoints are kept besides the newest ``keep`` (a trunk's branch points).
+        read_only: only restore (another run's checkpoints, a branch's trunk): nothing is saved, deleted or cleaned.
     """
 
-    def __init__(self, directory: str | Path, *, keep: int, use_async: bool = True) -> None:
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        keep: int,
+        use_async: bool = True,
+        keep_steps: tuple[int, ...] = (),
+        read_only: bool = False,
+    ) -> None:
         self.directory = Path(directory).absolute()
+        # Read-only use never saves, so nothing is ever deleted (Orbax's own read_only mode only adds log warnings).
+        retention: dict[str, Any] = {"max_to_keep": None if read_only else keep}
+        if keep_steps and not read_only:
+            from orbax.checkpoint import checkpoint_managers as policies
+
+            retention = {
+                "preservation_policy": policies.AnyPreservationPolicy(
+                    [policies.LatestN(keep), policies.CustomSteps(sorted(set(keep_steps)))]
+                )
+            }
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
-            create=True,
-            cleanup_tmp_directories=True,  # remove what a killed save left behind
+            **retention,
+            create=not read_only,
+            cleanup_tmp_directories=not read_only,  # remove what a killed save left behind
             enable_async_checkpointing=use_async,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        self.read_only = read_only
         self._pending: int | None = None  # the step of the newest save not yet confirmed on disk
         self._failed = False  # a save failed: its stranded background threads are released on close()
 
@@ -114,6 +135,8 @@ class Checkpoints:
             CheckpointError: this save, or a previous asynchronous one, failed (disk full, permissions); the
                 newest complete checkpoint on disk is untouched.
         """
+        if self.read_only:
+            raise CheckpointError(f"{self.directory} is opened read-only (another run's checkpoints)")
         if self._pending is not None:
             # Orbax's finalize thread logs a background error and keeps it from check_for_errors; waiting for the
             # previous save (long done after N steps) is what surfaces it, named by its own step.
@@ -207,18 +230,7 @@ class Checkpoints:
         errors = []
         for step in reversed(steps):
             try:
-                corrupt = verify(self.directory / str(step))
-                if corrupt is not None:
-                    raise CorruptCheckpoint(corrupt)
-                restored = self._manager.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_state),
-                        data=ocp.args.JsonRestore(),
-                        ledger=ocp.args.JsonRestore(),
-                    ),
-                )
-                Ledger.from_dict(dict(restored["ledger"] or {}))  # a ledger of the wrong schema: unusable too
+                restored = self._restore_step(step, abstract_state)
             except Exception as exc:
                 detail = " ".join(str(exc).split())[:200]
                 errors.append(f"step {step}: {type(exc).__name__}: {detail}")
@@ -234,6 +246,39 @@ class Checkpoints:
         if steps:
             raise CheckpointError(f"no readable checkpoint in {self.directory}: {'; '.join(errors)}")
         return None
+
+    def restore_step(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+        """Restore the checkpoint of exactly ``step`` (a branch point): ``(state, data_state, ledger)``.
+
+        Raises:
+            CheckpointError: there is no complete checkpoint of ``step``, or it is unreadable or corrupt.
+        """
+        if step not in self.steps():
+            have = ", ".join(map(str, self.steps())) or "none"
+            raise CheckpointError(f"{self.directory} holds no checkpoint of step {step} (steps: {have})")
+        try:
+            restored = self._restore_step(step, abstract_state)
+        except Exception as exc:
+            detail = " ".join(str(exc).split())[:200]
+            raise CheckpointError(
+                f"checkpoint of step {step} in {self.directory} is unreadable ({type(exc).__name__}: {detail})"
+            ) from exc
+        return restored["state"], dict(restored["data"] or {}), dict(restored["ledger"] or {})
+
+    def _restore_step(self, step: int, abstract_state: Any) -> Any:
+        corrupt = verify(self.directory / str(step))
+        if corrupt is not None:
+            raise CorruptCheckpoint(corrupt)
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data=ocp.args.JsonRestore(),
+                ledger=ocp.args.JsonRestore(),
+            ),
+        )
+        Ledger.from_dict(dict(restored["ledger"] or {}))  # a ledger of the wrong schema: unusable too
+        return restored
 
     def set_aside(self, steps: Any) -> None:
         """Move checkpoints out of the manager's sight, kept for inspection as ``unreadable-<step>-<time>``.

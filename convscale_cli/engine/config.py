@@ -41,6 +41,8 @@ MUTABLE_KEYS = frozenset(
         "peak_flops",
         "tensorboard",
         "progress",
+        "stop_step",
+        "keep_steps",
     }
 )
 
@@ -73,6 +75,18 @@ class PretrainConfig:
     # Compute budget ("2-cpu-hours", "1e15-flops", "0.01-core-hours"): the run stops cleanly with status "budget"
     # once the ledger has spent it. A FLOP or core-hour budget also sets the duration when none is given.
     budget: str | None = None
+    # Pause after this step (status "paused", its checkpoint saved): a trunk of a branching sweep, trained only as far
+    # as its branches need. Rerunning with a later stop_step, or none, continues it. The schedule is the full run's.
+    stop_step: int | None = None
+    # Steps whose checkpoints are saved and kept beyond `keep` (a trunk's branch points).
+    keep_steps: tuple[int, ...] = ()
+    # Start from the checkpoint of step `branch_step` in the run directory `branch_from` (a wsd trunk) instead of a
+    # fresh initialisation: the trunk's state, data position and ledger, with this run's own schedule from there on.
+    # The two runs' wsd schedules must agree up to that step (same peak and warm-up, neither cooling down yet), so the
+    # result equals this run trained from scratch (Hagele et al. 2024, "Scaling Laws and Compute-Optimal Training
+    # Beyond Fixed Training Durations", §3).
+    branch_from: str | None = None
+    branch_step: int | None = None
 
     # --- recipe (None: the architecture's Recipe) ------------------------------------------------------------------
     batch_size: int | None = None  # global batch; default the recipe's base batch (4096 in the paper, §1.3)
@@ -141,6 +155,11 @@ class PretrainConfig:
             hint = did_you_mean(unknown[0], _RECIPE_FIELDS, prefix="recipe.")
             hint = f"; {hint}" if hint else ""
             raise ConfigError(f"unknown config key {'recipe.' + unknown[0]!r}{hint}")
+        _positive(self, "stop_step", "branch_step")
+        if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in self.keep_steps):
+            raise ConfigError(f"keep_steps = {list(self.keep_steps)!r} must hold step numbers >= 1")
+        if (self.branch_from is None) != (self.branch_step is None):
+            raise ConfigError("branch_from and branch_step go together: the trunk's run directory and its step")
         if self.process_id is not None and self.process_id < 0:
             raise ConfigError(f"process_id = {self.process_id!r} must be >= 0")
         check_seed(self.seed)

@@ -34,6 +34,10 @@ class Ledger:
         num_devices: devices the run currently uses.
         hardware: hardware table key (``cpu``, ``tpu-v4``, ``h100``, ...).
         peak_flops: dense peak FLOP/s of one device used for the MFU.
+        trunk: for a run branched from a trunk (a wsd sweep's shared constant phase), the trunk's ledger at the
+            branch point with its ``run`` and ``step``. The counters above include it, so they are what the run
+            would have spent trained from scratch (its compute on a scaling law's axis); the run's own share is the
+            difference, and a study's total counts each trunk once.
     """
 
     steps: int = 0
@@ -44,6 +48,7 @@ class Ledger:
     num_devices: int = 1
     hardware: str = "cpu"
     peak_flops: float = 0.0
+    trunk: dict[str, Any] | None = None
 
     @property
     def train_flops(self) -> float:
@@ -133,6 +138,7 @@ class Ledger:
             "hardware": isinstance(values.get("hardware", ""), str),
             "device_seconds": isinstance(seconds, dict)
             and all(isinstance(k, str) and _amount(v) for k, v in seconds.items()),
+            "trunk": values.get("trunk") is None or isinstance(values.get("trunk"), dict),
         }
         bad = [key for key, ok in checks.items() if not ok]
         if bad:
@@ -155,7 +161,26 @@ class Ledger:
             "hardware": self.hardware,
             "peak_flops_per_device": self.peak_flops,
             "num_devices": self.num_devices,
+            **self.trunk_summary(),
         }
+
+    def branch(self, run: str, step: int) -> None:
+        """Mark these counters (restored from a trunk's checkpoint of ``step``) as the trunk's share of this run."""
+        self.trunk = {
+            "run": str(run),
+            "step": int(step),
+            "steps": self.steps,
+            "examples": self.examples,
+            "train_flops": self.train_flops,
+            "core_hours": self.core_hours,
+            "device_seconds": self.total_device_seconds,
+        }
+
+    def trunk_summary(self) -> dict[str, Any]:
+        """The ``trunk_*`` fields of the summary's ledger block (none for a run trained from scratch)."""
+        if not self.trunk:
+            return {}
+        return {f"trunk_{key}": value for key, value in self.trunk.items()}
 
 
 def _count(value: Any) -> bool:

@@ -206,11 +206,16 @@ def train(ctx: LoopContext, state: Any, loader: Any, start_step: int) -> tuple[A
     Decisions that depend on the clock or on signals (time-based checkpoints, device-hour budgets, SIGTERM) are
     taken at log points and agreed across processes, since saving and stopping are collective operations.
 
+    A run with ``stop_step`` pauses there (a trunk of a branching sweep); ``keep_steps`` are always saved.
+
     Returns:
-        ``(state, status, step)`` with status ``finished``, ``budget`` or ``interrupted`` (the caller saves the
-        final checkpoint and writes the summary).
+        ``(state, status, step)`` with status ``finished``, ``paused``, ``budget`` or ``interrupted`` (the caller
+        saves the final checkpoint and writes the summary).
     """
     config, total = ctx.run.config, ctx.run.duration.steps
+    # Pre-training options; a fine-tuning config has neither.
+    end = min(total, getattr(config, "stop_step", None) or total)
+    keep = frozenset(getattr(config, "keep_steps", ()))
     step = start_step
     status = "budget" if budget_spent(ctx) else "finished"  # the checkpoint's ledger: the same on every process
     pending: list[tuple[int, Any]] = []
@@ -219,7 +224,7 @@ def train(ctx: LoopContext, state: Any, loader: Any, start_step: int) -> tuple[A
     budget = ctx.run.budget
     counted_budget = budget is not None and (budget.is_flops or budget.unit == "tpu-v4")
     with StopSignals() as signals:
-        while step < total and status == "finished":
+        while step < end and status == "finished":
             state, metrics = ctx.train_fn(state, ctx.to_device(next(batches)))
             step += 1
             ctx.ledger.add_steps(1, examples_in_step(step, ctx.run.batch_size, ctx.run.duration.examples))
@@ -227,7 +232,7 @@ def train(ctx: LoopContext, state: Any, loader: Any, start_step: int) -> tuple[A
             # FLOP and core-hour budgets are counted in examples: the same on every process at every step.
             over_budget = counted_budget and budget_spent(ctx)
             timed_save = stop = False
-            if jax.process_count() == 1 or step % config.log_every == 0 or step == total:
+            if jax.process_count() == 1 or step % config.log_every == 0 or step == end:
                 minutes = config.checkpoint_minutes
                 timed_save, stop, timed_budget = agree(
                     (
@@ -238,8 +243,9 @@ def train(ctx: LoopContext, state: Any, loader: Any, start_step: int) -> tuple[A
                 )
                 over_budget = over_budget or timed_budget
             save_due = bool(config.checkpoint_every and step % config.checkpoint_every == 0) or timed_save
+            save_due = save_due or step in keep
             eval_due = bool(config.eval_every and step % config.eval_every == 0 and step < total)
-            if step % config.log_every == 0 or save_due or eval_due or stop or over_budget or step == total:
+            if step % config.log_every == 0 or save_due or eval_due or stop or over_budget or step == end:
                 since = flush(ctx, pending, since)
                 pending = []
             if stop:
@@ -250,9 +256,11 @@ def train(ctx: LoopContext, state: Any, loader: Any, start_step: int) -> tuple[A
             if eval_due and status == "finished":
                 evaluate_and_log(ctx, state.params, step)
                 since = time.perf_counter()
-            if save_due and step < total and status == "finished":
+            if save_due and step < end and status == "finished":
                 save(ctx, state, loader, step)
                 last_save = time.monotonic()
                 since = time.perf_counter()
     flush(ctx, pending, since)
+    if status == "finished" and step < total:
+        status = "paused"
     return state, status, step

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from convscale_cli.errors import UsageError
-from convscale_cli.recipe import Recipe
+from convscale_cli.recipe import Recipe, cooldown_steps
 
 
 def param_path(path: Sequence[Any]) -> str:
@@ -161,19 +161,32 @@ def learning_rate_schedule(
     kind: str = "cosine",
     cooldown_fraction: float = 0.2,
     cooldown_shape: str = "linear",
+    warmup_steps: int | None = None,
 ) -> WarmupCosine | WarmupStableDecay:
     """Linear warm-up from 0 over ``warmup_fraction`` of the run, then cosine decay to 0 at ``total_steps``.
 
     The warm-up is a fraction of the run rather than the ImageNet recipe's fixed 5 epochs, so 0.25-epoch budgets
-    (§1.3) still spend most steps at a useful learning rate. ``kind="wsd"`` holds the peak after the warm-up and
-    cools down to 0 over the last ``cooldown_fraction`` of the steps (``cooldown_shape`` linear or 1-sqrt).
+    (§1.3) still spend most steps at a useful learning rate. ``warmup_steps`` fixes its length instead.
+    ``kind="wsd"`` holds the peak after the warm-up and cools down to 0 over the last ``cooldown_fraction`` of the
+    steps (``cooldown_shape`` linear or 1-sqrt).
+
+    Raises:
+        UsageError: an unknown kind, or a fixed warm-up that does not end before the decay starts.
     """
     total = max(int(total_steps), 1)
-    warmup = int(round(warmup_fraction * total_steps))
+    warmup = int(round(warmup_fraction * total_steps)) if warmup_steps is None else int(warmup_steps)
     if kind == "wsd":
-        return WarmupStableDecay(float(peak), warmup, total, int(round(cooldown_fraction * total)), cooldown_shape)
+        cooldown = cooldown_steps(total, cooldown_fraction)
+        if warmup_steps is not None and warmup > total - cooldown:
+            raise UsageError(
+                f"warm-up of {warmup} steps runs into the cooldown, which starts at step {total - cooldown} of this "
+                f"{total}-step run: use fewer warmup_steps or a longer run"
+            )
+        return WarmupStableDecay(float(peak), warmup, total, cooldown, cooldown_shape)
     if kind != "cosine":
         raise UsageError(f"unknown schedule {kind!r}: choose from cosine, wsd")
+    if warmup_steps is not None and warmup > total:
+        raise UsageError(f"warm-up of {warmup} steps is longer than this {total}-step run: use fewer warmup_steps")
     return WarmupCosine(float(peak), warmup, total)
 
 
@@ -186,6 +199,7 @@ def recipe_schedule(recipe: Recipe, peak: float, total_steps: int) -> WarmupCosi
         kind=recipe.schedule,
         cooldown_fraction=recipe.cooldown_fraction,
         cooldown_shape=recipe.cooldown_shape,
+        warmup_steps=recipe.warmup_steps,
     )
 
 

@@ -7,6 +7,7 @@ dataset specs, and :func:`resolved_dict` is what ``RUN/config.json`` holds. jax-
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 from convscale_cli.budget import Budget, get_hardware, parse_budget
@@ -15,7 +16,7 @@ from convscale_cli.data.augment import DEFAULT_EVAL_CROP_FRACTION, augment_from_
 from convscale_cli.engine.config import PretrainConfig
 from convscale_cli.engine.steps import Duration, resolve_duration
 from convscale_cli.errors import UnknownNameError, UsageError
-from convscale_cli.recipe import Recipe, without_default_schedule
+from convscale_cli.recipe import Recipe, stable_end, without_default_schedule
 from convscale_cli.registry import MAX_NUM_CLASSES, ArchitectureSpec, DatasetInfo, DatasetSpec, Registry
 
 
@@ -141,6 +142,7 @@ def resolve(config: PretrainConfig, registry: Registry) -> ResolvedRun:
         budget_flops=budget_flops,
         flops_per_example=6.0 * macs,
     )
+    _check_schedule(config, recipe, duration)
     return ResolvedRun(
         config=config,
         arch=arch,
@@ -158,6 +160,40 @@ def resolve(config: PretrainConfig, registry: Registry) -> ResolvedRun:
         augment=augment,
         eval_crop=data.eval_crop or DEFAULT_EVAL_CROP_FRACTION,
     )
+
+
+def _check_schedule(config: PretrainConfig, recipe: Recipe, duration: Duration) -> None:
+    """Refuse a fixed warm-up longer than the run allows, and a branch point its schedule cannot share.
+
+    Raises:
+        UsageError: naming the step numbers involved.
+    """
+    wsd = recipe.schedule == "wsd"
+    stable = stable_end(recipe, duration.steps) if wsd else duration.steps
+    if recipe.warmup_steps is not None and recipe.warmup_steps > stable:
+        where = f"the cooldown starts after step {stable}" if wsd else f"the run has {stable} steps"
+        raise UsageError(f"recipe.warmup_steps = {recipe.warmup_steps} is too long: {where}")
+    if config.branch_step is None:
+        return
+    if not wsd:
+        raise UsageError(
+            f"branch_from needs the wsd schedule (recipe.schedule = 'wsd'), not {recipe.schedule}: a {recipe.schedule} "
+            "run's learning rate depends on its length from the first step, so it cannot continue another run"
+        )
+    if stable >= duration.steps:
+        raise UsageError(
+            f"this {duration.steps}-step run has no cooldown step to branch into (cooldown_fraction "
+            f"{recipe.cooldown_fraction:g} of {duration.steps} steps rounds to 0): train it without branch_from"
+        )
+    if config.branch_step > stable:
+        raise UsageError(
+            f"branch_step {config.branch_step} is past this run's constant phase, which ends at step {stable} of "
+            f"{duration.steps}: a branch starts at or before its own cooldown"
+        )
+    if config.stop_step is not None:
+        raise UsageError("a branch runs to its end: stop_step applies to trunks, not with branch_from")
+    if Path(config.branch_from or "").expanduser().absolute() == Path(config.out).expanduser().absolute():
+        raise UsageError(f"branch_from {config.branch_from!r} is this run's own directory: name the trunk's")
 
 
 def resolved_dict(run: ResolvedRun) -> dict[str, Any]:
