@@ -90,6 +90,7 @@ def test_load_runs_skips_and_lists_bad_run_dirs(tmp_path: Path) -> None:
     del incomplete["final"]
     write(tmp_path, "incomplete", incomplete)
     write(tmp_path, "negative", summary(params=-1))
+    write(tmp_path, "trunks/m-e4-lr0.4", summary(status="paused"))  # a branching sweep's trunk: no cell, no failure
     runs, skipped = load_runs(tmp_path)
     assert [r.name for r in runs] == ["good"]
     reasons = {s.path: s.reason for s in skipped}

@@ -251,7 +251,8 @@ def load_runs(runs_dir: str | Path) -> tuple[list[Run], list[Skipped]]:
         runs_dir: Directory holding run directories.
 
     Returns:
-        ``(runs, skipped)``: the usable runs sorted by name, and the run directories that were skipped with reasons.
+        ``(runs, skipped)``: the usable runs sorted by name, and the run directories that were skipped with reasons
+        (the paused trunks of a branching sweep are neither).
 
     Raises:
         UsageError: The directory does not exist, is not a directory, or holds no run directories at all.
@@ -286,6 +287,10 @@ def load_runs(runs_dir: str | Path) -> tuple[list[Run], list[Skipped]]:
             summary = json.loads(path.read_text(encoding="utf-8"))
             if not isinstance(summary, Mapping):
                 raise _Invalid("summary.json is not a JSON object")
+            if summary.get("status") == "paused":
+                # A trunk of a branching sweep, paused where its longest budget's cooldown starts: its branches are
+                # the study's runs (each records its trunk share), the trunk itself is no cell.
+                continue
             runs.append(parse_summary(summary, name))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             skipped.append(Skipped(name, f"summary.json is not valid JSON ({exc})"))
