@@ -254,6 +254,7 @@ def _train(
                 )
             final = loop.evaluate_and_log(ctx, state.params, step)
             rundir.write_live_ledger(ledger.to_dict())
+            loop.check_final(ctx, final, step)
     finally:
         log.close()
     summary = _summary(run, resolved, status, step, final, ledger, state.params)

@@ -277,6 +277,7 @@ def _train(
                     f"interrupted at step {step}; checkpoint saved in {config.out}, rerun the same command to resume"
                 )
             final = loop.evaluate_and_log(ctx, state.params, step)
+            loop.check_final(ctx, final, step)
             final_ema = None
             if state.ema is not None:
                 final_ema = evaluate(state.ema)
