@@ -424,7 +424,10 @@ def test_plan_cells_orders_by_cost(registry: Registry, tmp_path: Path) -> None:
     [
         ({"modles": ["toy-s"]}, "did you mean 'models'"),
         ({"epochs": [0]}, "epochs must be positive"),
-        ({"engine": {"lr": 0.1}}, "engine.lr is set by the study"),
+        ({"engine": {"lr": 0.1}}, "engine.lr is set by the study's rule per trial; use the top-level key 'start_lr'"),
+        ({"engine": {"model": "toy-s"}}, "engine.model is set by the study itself; use the top-level key 'models'"),
+        ({"engine": {"epochs": 1}}, "engine.epochs is set by the study itself; use the top-level key 'epochs'"),
+        ({"engine": {"seed": 1}}, "use the top-level key 'seed'"),
         ({"rule": "three-trial"}, "is not one of"),
         ({"models": []}, "at least one"),
     ],
