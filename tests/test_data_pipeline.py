@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 import numpy as np
@@ -202,3 +203,36 @@ def test_worker_processes_produce_the_same_batches():
     for x, y in zip(inline, workers, strict=True):
         np.testing.assert_array_equal(x["id"], y["id"])
         np.testing.assert_array_equal(x["image"], y["image"])
+
+
+class BadLabelSource(ArraySource):
+    """Example 3 carries ``label``; the others are fine."""
+
+    def __init__(self, size: int, label: Any) -> None:
+        super().__init__(size)
+        self.label = label
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        element = super().__getitem__(index)
+        return {**element, "label": self.label} if index == 3 else element
+
+
+@pytest.mark.parametrize(
+    ("label", "shown"),
+    [(2**40, "1099511627776"), ("cat", "'cat'"), (2.5, "2.5"), (-1, "-1"), (True, "True"), ([1, [2]], "[1, [2]]")],
+)
+def test_a_label_that_is_not_a_class_index_is_a_data_error_naming_the_example(label: Any, shown: str) -> None:
+    """int32(2**40) raised OverflowError, int32('cat') ValueError and int32(2.5) truncated to 2 silently."""
+    loader = train_loader(BadLabelSource(8, label), global_batch_size=8, resolution=8, seed=0, num_examples=8)
+    with pytest.raises(DataError, match=rf"^dataset example 3: (multi-hot )?label {re.escape(shown)} is not a"):
+        list(loader)
+
+
+@pytest.mark.slow
+def test_a_bad_label_in_a_worker_process_is_one_data_error_without_a_traceback(capfd: pytest.CaptureFixture) -> None:
+    loader = train_loader(
+        BadLabelSource(16, 2**40), global_batch_size=8, resolution=8, seed=0, num_examples=16, worker_count=2
+    )
+    with pytest.raises(DataError, match=r"^dataset example 3: label 1099511627776 is not a class index"):
+        list(loader)
+    assert "Traceback" not in capfd.readouterr().err

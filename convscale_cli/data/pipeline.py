@@ -117,8 +117,7 @@ class _Examples:
             image = train_transform(element["image"], self.resolution, u, self.augment)
         else:
             image = eval_transform(element["image"], self.resolution, self.crop_fraction)
-        label = element["label"]
-        label = np.asarray(label, np.float32) if np.ndim(label) else np.int32(label)
+        label = _label(element["label"], element["id"])
         return {"image": image, "label": label, "id": np.int64(element["id"]), "mask": np.float32(1.0)}
 
     def _padding(self) -> dict[str, Any]:
@@ -143,6 +142,30 @@ class _Examples:
             for p, u in zip(positions, draws, strict=True)
         ]
         return {key: np.stack([e[key] for e in examples]) for key in ("image", "label", "id", "mask")}
+
+
+def _label(label: Any, example_id: Any) -> np.ndarray:
+    """A source's label as the batch holds it: int32 class index, or float32 multi-hot vector.
+
+    Checked here, where each example is read (in a worker process with ``--workers``): a label numpy cannot hold
+    (2**40, text) would otherwise end the run with the worker's traceback, and a float class index would be truncated
+    silently. The range against the classifier is checked on the host (:func:`convscale_cli.engine.build.host_batch`).
+
+    Raises:
+        DataError: a label that is neither an integer in [0, 2**31) nor a vector of numbers.
+    """
+    try:
+        if np.ndim(label):
+            return np.asarray(label, np.float32)
+    except (TypeError, ValueError):  # a ragged list, text in the vector
+        raise DataError(
+            f"dataset example {example_id}: multi-hot label {label!r:.60} is not a vector of numbers"
+        ) from None
+    if isinstance(label, (bool, np.bool_)) or not isinstance(label, (int, np.integer)) or not 0 <= label < 2**31:
+        raise DataError(
+            f"dataset example {example_id}: label {label!r:.60} is not a class index (an integer in [0, num_classes))"
+        )
+    return np.int32(label)
 
 
 class Loader:
