@@ -235,6 +235,20 @@ def test_ledger_accounts_and_round_trips() -> None:
     assert again == ledger and again.summary()["train_flops"] == 2.4e14
 
 
+def test_the_cpu_peak_is_the_documented_one_so_mfu_compares_across_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A matmul timed at the start of each run read 2.2e10-9.4e10 FLOP/s on a loaded machine, so one run's MFU could
+    not be set against another's; the peak is the configured one (README: default 1.6e11), shared by the devices."""
+    from convscale_cli.budget import CPU_PEAK_ENV, DEFAULT_CPU_PEAK_FLOPS
+    from convscale_cli.engine.hardware import device_peak
+
+    monkeypatch.delenv(CPU_PEAK_ENV, raising=False)
+    devices = jax.local_device_count()
+    assert device_peak() == ("cpu", DEFAULT_CPU_PEAK_FLOPS / devices)
+    monkeypatch.setenv(CPU_PEAK_ENV, "4e11")
+    assert device_peak() == ("cpu", 4e11 / devices)
+    assert device_peak(peak_flops=1e9) == ("cpu", 1e9)  # --peak-flops is per device, as given
+
+
 def test_batch_divisibility_error_names_devices() -> None:
     class FakeMesh:
         size = 4
