@@ -22,6 +22,8 @@ Grain provides the parallelism: ``MapDataset.range(steps).map(make_batch)`` read
 
 from __future__ import annotations
 
+import atexit
+import functools
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -168,6 +170,40 @@ def _label(label: Any, example_id: Any) -> np.ndarray:
     return np.int32(label)
 
 
+def _settle_shared_memory(*, at_exit: bool = False) -> None:
+    """Finish Grain's pending unlinks of the worker batches' shared memory.
+
+    Batches from worker processes live in shared memory that Grain unlinks from a background thread when each array
+    is freed (``SharedMemoryArray.enable_async_del``). Unlinks still queued when the interpreter exits never run,
+    and Python's resource tracker then removes the segments itself with a "leaked shared_memory objects" warning at
+    the end of every ``--workers`` run (google/grain#398). This waits for the queue (one thread, first in first
+    out, so a no-op task returns after every earlier unlink); ``at_exit`` also switches later frees to synchronous
+    unlinks and collects the batches nothing refers to any more. What Grain keeps alive past this point is its own.
+    """
+    try:
+        from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+    except ImportError:  # another Grain layout: its own cleanup is all there is
+        return
+    thread_pool = getattr(SharedMemoryArray, "_del_thread_pool", None)
+    if thread_pool is None:
+        return
+    try:
+        thread_pool.apply(int)
+    except ValueError:  # the pool is already closed
+        return
+    if at_exit:
+        SharedMemoryArray._del_thread_pool = None
+        import gc
+
+        gc.collect()
+
+
+@functools.cache
+def _settle_at_exit() -> None:
+    """Register :func:`_settle_shared_memory` to run at exit (once per process)."""
+    atexit.register(functools.partial(_settle_shared_memory, at_exit=True))
+
+
 class Loader:
     """An iterable over per-process batches with exact, JSON-serialisable resume state.
 
@@ -211,6 +247,7 @@ class Loader:
             # defaults are what we want (grain issue: "Trying to access flag ... before flags were parsed").
             if not flags.FLAGS.is_parsed():
                 flags.FLAGS.mark_as_parsed()
+            _settle_at_exit()
             # Worker processes (spawned) decode and augment whole batches; one reading thread each keeps the order.
             ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=_PREFETCH_BATCHES))
             return ids.mp_prefetch(
@@ -238,6 +275,8 @@ class Loader:
         live, self._live = self._live, None
         if live is not None and hasattr(live, "close"):
             live.close()
+        if self.worker_count > 0:
+            _settle_shared_memory()
 
     def get_state(self) -> dict[str, Any]:
         """JSON-serialisable resume state (global: independent of ``process_index`` and ``process_count``)."""
