@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -247,6 +249,20 @@ def test_the_cpu_peak_is_the_documented_one_so_mfu_compares_across_runs(monkeypa
     monkeypatch.setenv(CPU_PEAK_ENV, "4e11")
     assert device_peak() == ("cpu", 4e11 / devices)
     assert device_peak(peak_flops=1e9) == ("cpu", 1e9)  # --peak-flops is per device, as given
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="resetting the peak needs Linux's /proc")
+def test_host_peak_memory_is_reset_per_run() -> None:
+    """A sweep's runs share one process: without the reset each run would report the largest before it."""
+    from convscale_cli.engine.ledger import host_peak_memory, reset_host_peak_memory
+
+    reset_host_peak_memory()
+    block = np.ones(64 << 20, np.uint8)  # 64 MiB, touched
+    high = host_peak_memory()
+    del block
+    reset_host_peak_memory()
+    low = host_peak_memory()
+    assert high - low > 48 << 20 and Ledger().summary()["host_peak_memory_bytes"] >= low
 
 
 def test_batch_divisibility_error_names_devices() -> None:

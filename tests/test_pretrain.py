@@ -69,6 +69,7 @@ def test_run_writes_summary_metrics_and_config(finished: tuple[Path, dict[str, A
     ledger = summary["ledger"]
     assert ledger["train_flops"] == pytest.approx(6 * summary["macs_per_image"] * 192)
     assert ledger["xla_flops"] > 0 and ledger["core_hours"] > 0 and 0 < ledger["mfu"] < 1
+    assert ledger["host_peak_memory_bytes"] > 10 << 20  # at least the interpreter and jax
     assert set(ledger["device_seconds"]) == {"train", "eval", "compile", "checkpoint", "lost"}
     assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary, default=str))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -25,7 +25,7 @@ from convscale_cli.engine.cache import enable_compilation_cache
 from convscale_cli.engine.checkpoint import Checkpoints, CheckpointWarning
 from convscale_cli.engine.config import PretrainConfig
 from convscale_cli.engine.hardware import device_peak
-from convscale_cli.engine.ledger import Ledger, xla_flops
+from convscale_cli.engine.ledger import Ledger, reset_host_peak_memory, xla_flops
 from convscale_cli.engine.mesh import init_distributed
 from convscale_cli.engine.progress import Progress
 from convscale_cli.engine.resolve import ResolvedRun, resolve, resolved_dict
@@ -112,6 +112,7 @@ def pretrain(config: PretrainConfig, registry: Registry | None = None, *, pipeli
         return previous
     _sync("prepared")
     rundir.remove_summary()
+    reset_host_peak_memory()  # the summary's host_peak_memory_bytes is this run's, not the sweep's before it
 
     enable_compilation_cache()
     built = build(config, run)
