@@ -267,3 +267,25 @@ def test_a_run_with_worker_processes_leaves_no_shared_memory_behind(tmp_path: Pa
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and result.stdout.split() == ["5", "2"], result.stderr
     assert "leaked shared_memory" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+@pytest.mark.slow
+def test_worker_processes_leave_ctrl_c_to_the_main_process() -> None:
+    """A terminal's Ctrl-C reaches every process of the group: the workers must not die of it (each printed a
+    KeyboardInterrupt traceback, and the main process lost its batches before it could save and stop)."""
+    import multiprocessing
+    import os
+    import signal
+
+    kwargs = dict(global_batch_size=8, resolution=8, seed=0, num_examples=40)
+    loader = train_loader(ArraySource(64), worker_count=2, **kwargs)
+    batches = iter(loader)
+    first = next(batches)
+    workers = multiprocessing.active_children()
+    assert workers
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGINT)
+    rest = list(batches)
+    assert len(rest) == 4 and all(w.is_alive() or w.exitcode == 0 for w in workers)
+    expected = _ids(train_loader(ArraySource(64), **kwargs))
+    np.testing.assert_array_equal(np.concatenate([b["id"][b["mask"] > 0] for b in [first, *rest]]), expected)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import atexit
 import functools
 import math
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -198,6 +199,16 @@ def _settle_shared_memory(*, at_exit: bool = False) -> None:
         gc.collect()
 
 
+def _ignore_interrupts(worker_index: int, worker_count: int) -> None:
+    """Grain worker start-up: leave Ctrl-C to the main process.
+
+    A terminal's Ctrl-C reaches the whole process group. The main process saves a checkpoint and stops its workers
+    itself (exit 130); workers that took the SIGINT too each died printing a ``KeyboardInterrupt`` traceback.
+    """
+    del worker_index, worker_count
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @functools.cache
 def _settle_at_exit() -> None:
     """Register :func:`_settle_shared_memory` to run at exit (once per process)."""
@@ -251,7 +262,8 @@ class Loader:
             # Worker processes (spawned) decode and augment whole batches; one reading thread each keeps the order.
             ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=_PREFETCH_BATCHES))
             return ids.mp_prefetch(
-                grain.MultiprocessingOptions(num_workers=self.worker_count, per_worker_buffer_size=_PREFETCH_BATCHES)
+                grain.MultiprocessingOptions(num_workers=self.worker_count, per_worker_buffer_size=_PREFETCH_BATCHES),
+                worker_init_fn=_ignore_interrupts,
             )
         # In-process: two threads overlap PIL decoding (which releases the GIL) with the training step.
         return ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=_PREFETCH_BATCHES))
