@@ -336,7 +336,7 @@ def test_a_build_that_raises_is_one_line_naming_plugin_and_model(
     source = _FAILING_BUILD.format(raise_=raise_)
     install_plugin("fake-broken", {"fakebroken": "fake_plugin_broken"}, {"fake_plugin_broken": source})
     build = plugin_loader.get_registry().architecture("toy-broken").build
-    with pytest.raises(match=r"^plugin 'fakebroken': model 'toy-broken' failed to build: "):
+    with pytest.raises(ModelBuildError, match=r"^plugin 'fakebroken': model 'toy-broken' failed to build: "):
         build(num_classes=10)
     with pytest.raises(UsageError, match="^width must be positive"):  # the plugin's own one-line errors pass through
         build(num_classes=10, width=0)
