@@ -48,8 +48,8 @@ TPU_V3_MFU = CALIBRATION_TRAIN_FLOPS / (CALIBRATION_TPU_V3_CORE_HOURS * SECONDS_
 CPU_PEAK_ENV = "CONVSCALE_CPU_PEAK_FLOPS"
 DEFAULT_CPU_PEAK_FLOPS = 160e9
 # XLA's CPU convolutions on tiny, grouped, 32 px layers use a small fraction of the FMA peak: the NFNet ladder of
-# examples/quickstart.toml trains at 0.4-0.8 GFLOP/s of model FLOPs on the shared 2-core CI CPU (1-4% of the matmul
-# peak the engine measures there). 0.01 of the default peak (1.6 GFLOP/s) makes `plan --budget N-cpu-hours` fit in
+# examples/quickstart.toml trains at 0.4-0.8 GFLOP/s of model FLOPs on the shared 2-core CI CPU (1-4% of a float32
+# matmul's rate there). 0.01 of the default peak (1.6 GFLOP/s) makes `plan --budget N-cpu-hours` fit in
 # about N hours for those studies; larger models at higher resolution reach more, so pass a measured --mfu.
 DEFAULT_CPU_MFU = 0.01
 # The largest budget accepted, in model FLOPs: ~5e12 TPU-v4 core-hours, some 10^4 times the largest training runs

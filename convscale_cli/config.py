@@ -194,16 +194,40 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, prefix: str = "", source
         raise ConfigError(f"invalid config{' ' + prefix.rstrip('.') if prefix else ''}: {exc}") from None
 
 
+# The deepest key a config has is three levels (a study's ``engine.recipe.weight_decay``); the longest a few dozen
+# characters. A key past either is a mistake, and a 100k-level one built a 100k-deep table that plugins' own checks
+# then failed to print (RecursionError).
+MAX_KEY_DEPTH = 8
+MAX_KEY_LENGTH = 200
+
+
 def parse_override(text: str) -> tuple[str, Any]:
-    """Parse ``key=value`` (value in TOML syntax, bare words taken as strings) into ``("key", value)``."""
+    """Parse ``key=value`` (value in TOML syntax, bare words taken as strings) into ``("key", value)``.
+
+    Raises:
+        ConfigError: no ``=``; a key of more than :data:`MAX_KEY_DEPTH` dotted levels or :data:`MAX_KEY_LENGTH`
+            characters; a value nesting arrays or tables too deeply for the TOML parser.
+    """
     if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like key=value")
+        raise ConfigError(f"override {_clip(text)!r} must look like key=value")
     key, raw = (part.strip() for part in text.split("=", 1))
+    levels = key.count(".") + 1
+    if levels > MAX_KEY_DEPTH:
+        raise ConfigError(f"override key {_clip(key)!r} has {levels} levels; at most {MAX_KEY_DEPTH} (a.b.c)")
+    if len(key) > MAX_KEY_LENGTH:
+        raise ConfigError(f"override key {_clip(key)!r} is {len(key)} characters long; at most {MAX_KEY_LENGTH}")
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw  # bare word: a string
+    except RecursionError:
+        raise ConfigError(f"the value of {key} nests arrays or tables too deeply to be a setting") from None
     return key, value
+
+
+def _clip(text: str, n: int = 40) -> str:
+    """``text`` cut to ``n`` characters for an error message."""
+    return text if len(text) <= n else text[:n] + "..."
 
 
 def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:

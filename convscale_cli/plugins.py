@@ -80,6 +80,35 @@ class _CheckedCount:
         return result
 
 
+class ModelBuildError(PluginError):
+    """A third-party plugin's ``ArchitectureSpec.build`` raised something other than a convscale error."""
+
+    def __init__(self, plugin: str, model: str, reason: str) -> None:
+        self.plugin, self.model, self.reason = plugin, model, reason
+        super().__init__(f"plugin {plugin!r}: model {model!r} failed to build: {reason}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _CheckedBuild:
+    """A third-party ``build`` whose unexpected exceptions become :class:`ModelBuildError` (one line, exit 2).
+
+    Every command that makes a model (pretrain, sweep, tune-lr, finetune, eval, export, import-weights) calls
+    ``spec.build``, so the plugin's bug is named once here instead of in each caller.
+    """
+
+    build: Callable[..., Any]
+    plugin: str
+    model: str
+
+    def __call__(self, **kwargs: Any) -> Any:
+        try:
+            return self.build(**kwargs)
+        except ConvscaleError:
+            raise  # the plugin's own one-line error (an option it refuses, say)
+        except _PLUGIN_FAILURES as exc:
+            raise ModelBuildError(self.plugin, self.model, _describe(exc)) from exc
+
+
 @dataclasses.dataclass
 class PluginRecord:
     """What ``convscale plugins`` reports about one plugin."""
@@ -160,14 +189,22 @@ def _problem(spec: ArchitectureSpec | DatasetSpec, builtin: bool) -> str | None:
     return dataset_problem(spec, signatures=not builtin)
 
 
-def _checked(spec: Any, expected: type, plugin: str) -> Any:
-    """``spec`` if it is a valid ``expected``, its ``count`` guarded; raises TypeError/ValueError otherwise."""
+def _checked(spec: Any, expected: type, plugin: str, builtin: bool) -> Any:
+    """``spec`` if it is a valid ``expected``, its ``count`` (and a third party's ``build``) guarded.
+
+    A built-in ``build`` is left as it is: an exception from it is convscale's own bug and keeps its traceback.
+
+    Raises:
+        TypeError, ValueError: ``spec`` is not an ``expected`` with a name.
+    """
     if not isinstance(spec, expected):
         raise TypeError(f"register() takes {expected.__name__} objects, got {type(spec).__name__} {spec!r:.40}")
     if not isinstance(spec.name, str) or not spec.name:
         raise ValueError(f"register() got a {expected.__name__} without a name")
     if isinstance(spec, ArchitectureSpec) and not isinstance(spec.count, _CheckedCount):
         spec = dataclasses.replace(spec, count=_CheckedCount(spec.count, plugin, spec.name))
+    if isinstance(spec, ArchitectureSpec) and not builtin and not isinstance(spec.build, _CheckedBuild):
+        spec = dataclasses.replace(spec, build=_CheckedBuild(spec.build, plugin, spec.name))
     return spec
 
 
@@ -249,7 +286,7 @@ def load_plugins(
                 _plugin: str = impl.plugin_name,
                 _builtin: bool = record.builtin,
             ) -> None:
-                checked = _checked(spec, _type, _plugin)
+                checked = _checked(spec, _type, _plugin, _builtin)
                 _specs.append((checked, _problem(spec, _builtin)))
 
             try:
@@ -333,6 +370,7 @@ def reset() -> None:
 
 __all__ = [
     "DuplicateRegistrationError",
+    "ModelBuildError",
     "ModelCountError",
     "PluginRecord",
     "PluginWarning",

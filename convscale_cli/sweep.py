@@ -38,6 +38,7 @@ TRUNKS = "trunks"  # OUT/trunks/: the shared constant phases of a branching stud
 
 # Engine fields the study sets itself; putting them under [engine] would silently fight the sweep.
 _RESERVED = frozenset({"model", "dataset", "epochs", "lr", "out", "seed", "batch_size", "resolution", "data_options"})
+_STUDY_KEYS = {"model": "models"}  # the study's key where it is not the engine's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +50,7 @@ class StudyConfig:
     models: tuple[str, ...]  # registered architecture names; one or more families
     epochs: tuple[float, ...]  # epoch budgets (the paper's grid is 0.25 .. 8, factors of 2)
     data_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # DatasetSpec options, e.g. size
-    resolution: int | None = None  # training resolution; None: each model's default
+    resolution: int | None = None  # training resolution; None: the first cell's model's, which later cells inherit
     batch_size: int | None = None  # global batch; None: the recipe's (4096); alpha is quoted at 4096 either way
     seed: int = 0
     rule: Literal["two-trial", "grid"] = "two-trial"  # lr tuning per cell
@@ -81,8 +82,11 @@ class StudyConfig:
         if any(not (math.isfinite(lr) and lr > 0) for lr in self.lr_grid):
             raise ConfigError(f"lr_grid must hold positive finite values, got {list(self.lr_grid)}")
         clash = sorted(set(self.engine) & _RESERVED)
+        if clash and clash[0] == "lr":
+            raise ConfigError("engine.lr is set by the study's rule per trial; use the top-level key 'start_lr'")
         if clash:
-            raise ConfigError(f"engine.{clash[0]} is set by the study itself; use the top-level key {clash[0]!r}")
+            key = _STUDY_KEYS.get(clash[0], clash[0])
+            raise ConfigError(f"engine.{clash[0]} is set by the study itself; use the top-level key {key!r}")
         for key, value in (("resolution", self.resolution), ("batch_size", self.batch_size)):
             if value is not None and value <= 0:
                 raise ConfigError(f"{key} = {value} must be > 0")

@@ -318,8 +318,14 @@ def _other_settings(out: Path, summary: Mapping[str, Any], dataset: str, options
 
 
 # The settings every trial must share with the cells already in its runs directory: a tuned alpha or a fitted loss is
-# not comparable across a different data set size, batch size (the lr scales with it) or precision.
-INHERITED_SETTINGS = ("data_options", "batch_size", "precision")
+# not comparable across a different data set size, batch size (the lr scales with it) or precision, and the report
+# fits runs of one resolution and class count together (a trial at the model's default resolution would not join).
+INHERITED_SETTINGS = ("data_options", "batch_size", "precision", "resolution", "num_classes")
+_SETTING_FLAGS = {
+    "data_options": "--set data_options.KEY=VALUE",
+    "batch_size": "--batch-size",
+    "resolution": "--resolution",
+}
 
 
 def _inherit(runs: Sequence[RunRecord], options: Mapping[str, Any], data_defaults: Mapping[str, Any]) -> dict[str, Any]:
@@ -359,9 +365,7 @@ def _inherit(runs: Sequence[RunRecord], options: Mapping[str, Any], data_default
         if out.get(key) is None:
             out[key] = value
         elif norm(key, out[key]) != norm(key, value):
-            flag = {"data_options": "--set data_options.KEY=VALUE", "batch_size": "--batch-size"}.get(
-                key, f"--set {key}=..."
-            )
+            flag = _SETTING_FLAGS.get(key, f"--set {key}=...")
             raise UsageError(
                 f"{key} {out[key]!r} here, but the runs in {str(path.parent)!r} used {value!r} ({path.name}): a trial "
                 f"must match the cells it continues; drop {flag} to inherit it, or tune into another runs directory"
@@ -399,8 +403,9 @@ def tune_cell(
         dataset: registered dataset name; only earlier runs on it count.
         registry: resolves the model's family, recipe alpha and size.
         trainer: ``trainer(model, dataset, epochs, lr, out, **options) -> summary`` (default: :func:`engine_trainer`).
-        options: passed to the trainer (engine config fields). The data options, batch size and precision default
-            to those of the finished runs already in ``runs_dir`` on ``dataset``; a value given must equal theirs.
+        options: passed to the trainer (engine config fields). The data options, batch size, precision, resolution
+            and class count default to those of the finished runs already in ``runs_dir`` on ``dataset``; a value
+            given must equal theirs.
         grid: True for the default factor-2 grid, a sequence for an explicit grid, False for the two-trial rule.
         size_axis: compare models by ``params`` or ``macs`` when looking for a smaller cell.
         num_classes: class count for the size comparison (default: the dataset's).
@@ -409,8 +414,8 @@ def tune_cell(
             can start elsewhere and still follow the rule from there.
 
     Raises:
-        UsageError: unknown model or dataset, a non-positive epoch budget or lr; a data option, batch size or
-            precision other than the one of the runs already in ``runs_dir``.
+        UsageError: unknown model or dataset, a non-positive epoch budget or lr; a data option, batch size,
+            precision, resolution or class count other than the one of the runs already in ``runs_dir``.
     """
     if not (math.isfinite(epochs) and epochs > 0):
         raise UsageError(f"--epochs must be a positive number, got {epochs}")

@@ -86,6 +86,7 @@ class TinyPlugin:
                 eval_resolution=NATIVE,
                 recipe=Recipe(lr=0.4, base_batch_size=16, weight_decay=1e-5, agc_exclude=(r"^head/kernel$",)),
                 tags=("tiny",),
+                options={"width": WIDTH},
             )
         )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -91,6 +92,32 @@ def test_overrides_parse_toml_values_and_bare_words() -> None:
     assert parse_override("fsdp=true") == ("fsdp", True)
     with pytest.raises(ConfigError, match="key=value"):
         parse_override("epochs")
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        (".".join(["a"] * 100_000) + "=1", f"key '{'a.' * 20}...' has 100000 levels; at most 8"),
+        ("." * 100_000 + "=1", "has 100001 levels; at most 8"),
+        ("a" * 100_000 + "=1", f"key '{'a' * 40}...' is 100000 characters long; at most 200"),
+        ("x=" + "[" * 100_000 + "]" * 100_000, "the value of x nests arrays or tables too deeply"),
+    ],
+)
+def test_an_override_too_deep_or_too_long_is_refused_at_once(text: str, needle: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(needle)) as error:
+        parse_override(text)
+    assert len(str(error.value)) < 200  # the message quotes the key, not all of it
+
+
+def test_a_deep_override_reaching_a_plugin_is_one_line_not_a_recursion_error(capsys: pytest.CaptureFixture) -> None:
+    """shapes' own check quoted the 100k-level value with repr(), which raised RecursionError (exit 1)."""
+    from convscale_cli.cli import main
+
+    deep = ".".join(["a"] * 100_000)
+    args = ["pretrain", "--model", "nfnet-test", "--dataset", "shapes", "--steps", "1", "--out", "unused"]
+    assert main([*args, "--set", f"data_options.size.{deep}=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Error: override key 'data_options.size.a.a.a") and err.count("\n") == 1
 
 
 def test_merge_and_diff_name_the_changed_keys() -> None:

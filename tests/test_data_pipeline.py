@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -202,3 +206,86 @@ def test_worker_processes_produce_the_same_batches():
     for x, y in zip(inline, workers, strict=True):
         np.testing.assert_array_equal(x["id"], y["id"])
         np.testing.assert_array_equal(x["image"], y["image"])
+
+
+class BadLabelSource(ArraySource):
+    """Example 3 carries ``label``; the others are fine."""
+
+    def __init__(self, size: int, label: Any) -> None:
+        super().__init__(size)
+        self.label = label
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        element = super().__getitem__(index)
+        return {**element, "label": self.label} if index == 3 else element
+
+
+@pytest.mark.parametrize(
+    ("label", "shown"),
+    [(2**40, "1099511627776"), ("cat", "'cat'"), (2.5, "2.5"), (-1, "-1"), (True, "True"), ([1, [2]], "[1, [2]]")],
+)
+def test_a_label_that_is_not_a_class_index_is_a_data_error_naming_the_example(label: Any, shown: str) -> None:
+    """int32(2**40) raised OverflowError, int32('cat') ValueError and int32(2.5) truncated to 2 silently."""
+    loader = train_loader(BadLabelSource(8, label), global_batch_size=8, resolution=8, seed=0, num_examples=8)
+    with pytest.raises(DataError, match=rf"^dataset example 3: (multi-hot )?label {re.escape(shown)} is not a"):
+        list(loader)
+
+
+@pytest.mark.slow
+def test_a_bad_label_in_a_worker_process_is_one_data_error_without_a_traceback(capfd: pytest.CaptureFixture) -> None:
+    loader = train_loader(
+        BadLabelSource(16, 2**40), global_batch_size=8, resolution=8, seed=0, num_examples=16, worker_count=2
+    )
+    with pytest.raises(DataError, match=r"^dataset example 3: label 1099511627776 is not a class index"):
+        list(loader)
+    assert "Traceback" not in capfd.readouterr().err
+
+
+_WORKER_RUN = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_data_pipeline import ArraySource
+from convscale_cli.data import eval_loader, train_loader
+
+def main():
+    train = train_loader(ArraySource(64), global_batch_size=8, resolution=8, seed=0, num_examples=40, worker_count=2)
+    batches = list(train)  # held to the end of the run, as a training run's last batch is
+    evaluation = list(eval_loader(ArraySource(16), global_batch_size=8, resolution=8, worker_count=2))
+    print(len(batches), len(evaluation))
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+@pytest.mark.slow
+def test_a_run_with_worker_processes_leaves_no_shared_memory_behind(tmp_path: Path) -> None:
+    """Grain unlinks each batch's shared memory from a background thread; the unlinks pending at exit were left to
+    Python's resource tracker, which warned of "leaked shared_memory objects" after every --workers run."""
+    script = tmp_path / "run.py"
+    script.write_text(_WORKER_RUN.format(tests=str(Path(__file__).resolve().parent)))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout.split() == ["5", "2"], result.stderr
+    assert "leaked shared_memory" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+@pytest.mark.slow
+def test_worker_processes_leave_ctrl_c_to_the_main_process() -> None:
+    """A terminal's Ctrl-C reaches every process of the group: the workers must not die of it (each printed a
+    KeyboardInterrupt traceback, and the main process lost its batches before it could save and stop)."""
+    import multiprocessing
+    import os
+    import signal
+
+    kwargs = dict(global_batch_size=8, resolution=8, seed=0, num_examples=40)
+    loader = train_loader(ArraySource(64), worker_count=2, **kwargs)
+    batches = iter(loader)
+    first = next(batches)
+    workers = multiprocessing.active_children()
+    assert workers
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGINT)
+    rest = list(batches)
+    assert len(rest) == 4 and all(w.is_alive() or w.exitcode == 0 for w in workers)
+    expected = _ids(train_loader(ArraySource(64), **kwargs))
+    np.testing.assert_array_equal(np.concatenate([b["id"][b["mask"] > 0] for b in [first, *rest]]), expected)

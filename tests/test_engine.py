@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -233,6 +235,34 @@ def test_ledger_accounts_and_round_trips() -> None:
     assert ledger.spent(parse_budget("1-core-hours")) == pytest.approx(ledger.core_hours)
     again = Ledger.from_dict(ledger.to_dict())
     assert again == ledger and again.summary()["train_flops"] == 2.4e14
+
+
+def test_the_cpu_peak_is_the_documented_one_so_mfu_compares_across_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A matmul timed at the start of each run read 2.2e10-9.4e10 FLOP/s on a loaded machine, so one run's MFU could
+    not be set against another's; the peak is the configured one (README: default 1.6e11), shared by the devices."""
+    from convscale_cli.budget import CPU_PEAK_ENV, DEFAULT_CPU_PEAK_FLOPS
+    from convscale_cli.engine.hardware import device_peak
+
+    monkeypatch.delenv(CPU_PEAK_ENV, raising=False)
+    devices = jax.local_device_count()
+    assert device_peak() == ("cpu", DEFAULT_CPU_PEAK_FLOPS / devices)
+    monkeypatch.setenv(CPU_PEAK_ENV, "4e11")
+    assert device_peak() == ("cpu", 4e11 / devices)
+    assert device_peak(peak_flops=1e9) == ("cpu", 1e9)  # --peak-flops is per device, as given
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="resetting the peak needs Linux's /proc")
+def test_host_peak_memory_is_reset_per_run() -> None:
+    """A sweep's runs share one process: without the reset each run would report the largest before it."""
+    from convscale_cli.engine.ledger import host_peak_memory, reset_host_peak_memory
+
+    reset_host_peak_memory()
+    block = np.ones(64 << 20, np.uint8)  # 64 MiB, touched
+    high = host_peak_memory()
+    del block
+    reset_host_peak_memory()
+    low = host_peak_memory()
+    assert high - low > 48 << 20 and Ledger().summary()["host_peak_memory_bytes"] >= low
 
 
 def test_batch_divisibility_error_names_devices() -> None:

@@ -18,8 +18,8 @@ from convscale_cli import hookspecs
 from convscale_cli import plugins as plugin_loader
 from convscale_cli.cli import main
 from convscale_cli.cli.registry_cmds import _millions
-from convscale_cli.errors import PluginError
-from convscale_cli.plugins import ModelCountError, PluginWarning, load_plugins
+from convscale_cli.errors import PluginError, UsageError
+from convscale_cli.plugins import ModelBuildError, ModelCountError, PluginWarning, load_plugins
 from convscale_cli.recipe import Recipe
 from convscale_cli.registry import ArchitectureSpec, DatasetInfo, DatasetSpec, ModelCount
 from convscale_cli.spec_checks import architecture_problem, count_problem, dataset_problem
@@ -303,3 +303,72 @@ def register_architectures(register):
         "Error: plugin 'fakenodrop' failed to load (model 'toy-nodrop': build does not accept the documented keyword "
         "arguments (got an unexpected keyword argument 'drop_rate'); see docs/plugins.md)"
     )
+
+
+_FAILING_BUILD = """
+from convscale_cli.errors import UsageError
+from convscale_cli.hookspecs import hookimpl
+from convscale_cli.registry import ArchitectureSpec, ModelCount
+
+def build(*, num_classes, dtype="float32", drop_rate=0.0, stochdepth_rate=0.0, width=1):
+    if width == 0:
+        raise UsageError("width must be positive, got 0")
+    {raise_}
+
+@hookimpl
+def register_architectures(register):
+    register(ArchitectureSpec(name="toy-broken", family="toy", build=build, train_resolution=8, eval_resolution=8,
+                              count=lambda r, c: ModelCount(10, 100), options={{"width": 1}}))
+"""
+
+
+@pytest.mark.parametrize(
+    ("raise_", "reason"),
+    [("return 1 / 0", "ZeroDivisionError: division by zero"), ("return {}['depth']", "KeyError: 'depth'")],
+)
+def test_a_build_that_raises_is_one_line_naming_plugin_and_model(
+    install_plugin: Callable[..., dict[str, str]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    raise_: str,
+    reason: str,
+) -> None:
+    source = _FAILING_BUILD.format(raise_=raise_)
+    install_plugin("fake-broken", {"fakebroken": "fake_plugin_broken"}, {"fake_plugin_broken": source})
+    build = plugin_loader.get_registry().architecture("toy-broken").build
+    with pytest.raises(ModelBuildError, match=r"^plugin 'fakebroken': model 'toy-broken' failed to build: "):
+        build(num_classes=10)
+    with pytest.raises(UsageError, match="^width must be positive"):  # the plugin's own one-line errors pass through
+        build(num_classes=10, width=0)
+    args = ["pretrain", "--model", "toy-broken", "--dataset", "shapes", "--steps", "1", "--batch-size", "8"]
+    assert main([*args, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"Error: plugin 'fakebroken': model 'toy-broken' failed to build: {reason}"
+
+
+def test_a_builtin_build_keeps_its_own_exceptions() -> None:
+    """A built-in model's exception is convscale's bug: it keeps its traceback instead of blaming a plugin."""
+    build = plugin_loader.get_registry().architecture("nfnet-test").build
+    assert not isinstance(build, plugin_loader._CheckedBuild)
+
+
+@pytest.mark.parametrize(
+    ("option", "expected"),
+    [
+        ("drop_rate=0.1", "model option 'drop_rate' is set by the run, not as a model option: use --set drop_rate=P"),
+        ("stochdepth_rate=0.1", "use --set stochdepth_rate=P instead of model_options.stochdepth_rate"),
+        ("dtype=float32", "use --precision bf16|fp32 instead of model_options.dtype"),
+        ("num_classes=3", "use --set num_classes=N instead of model_options.num_classes"),
+        ("actvation=relu", "unknown nfnet-test model option 'actvation': did you mean 'activation'"),
+    ],
+)
+def test_model_options_are_checked_against_the_declared_options_before_the_run_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str, expected: str
+) -> None:
+    """nfnet-test declares drop_rate among its options; passing it again used to crash with 'multiple values'."""
+    out = tmp_path / "run"
+    args = ["pretrain", "--model", "nfnet-test", "--dataset", "shapes", "--steps", "1", "--batch-size", "8"]
+    assert main([*args, "--set", f"model_options.{option}", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("Error: ") and expected in err and "\n" not in err
+    assert not out.exists()  # refused before the run directory is claimed

@@ -69,6 +69,7 @@ def test_run_writes_summary_metrics_and_config(finished: tuple[Path, dict[str, A
     ledger = summary["ledger"]
     assert ledger["train_flops"] == pytest.approx(6 * summary["macs_per_image"] * 192)
     assert ledger["xla_flops"] > 0 and ledger["core_hours"] > 0 and 0 < ledger["mfu"] < 1
+    assert ledger["host_peak_memory_bytes"] > 10 << 20  # at least the interpreter and jax
     assert set(ledger["device_seconds"]) == {"train", "eval", "compile", "checkpoint", "lost"}
     assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary, default=str))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -209,6 +210,28 @@ def test_non_finite_loss_stops_naming_the_step(registry: Any, tmp_path: Path) ->
     kept = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
     assert kept and max(kept) < bad
     assert not (out / "summary.json").exists()
+
+
+def test_a_last_step_that_diverges_is_a_training_error_not_a_finished_run(registry: Any, tmp_path: Path) -> None:
+    """The loss of the last step is computed before its update: only the final evaluation sees the diverged state.
+
+    At lr 1e30 without clipping, step 1's loss is finite and its update blows the parameters up, so a one-step run
+    used to save them, evaluate to NaN and finish with a NaN loss in its summary.
+    """
+    out = tmp_path / "nan-last"
+    config = helpers.config(out, steps=1, lr=1e30, checkpoint_every=1, log_every=1, recipe={"agc_clip": None})
+    with pytest.raises(
+        TrainingError, match=r"^non-finite held-out loss \(nan\) after the last step \(1\); stopped"
+    ) as info:
+        pretrain(config, registry)
+    assert info.value.exit_code == ExitCode.TRAINING_FAILED
+    assert str(info.value).endswith("no good checkpoint is left")
+    assert not (out / "summary.json").exists()
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.isdigit()]  # nothing a rerun would call finished
+    with pytest.raises(
+        TrainingError, match=r"after the last step \(1\)"
+    ):  # a rerun trains again and fails the same way
+        pretrain(config, registry)
 
 
 def test_flop_budget_stops_cleanly(registry: Any, tmp_path: Path) -> None:

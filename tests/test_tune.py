@@ -300,6 +300,24 @@ def test_tune_lr_inherits_the_data_options_batch_size_and_precision_of_the_runs_
     assert "Error: unknown sizedset data option 'sise'" in capsys.readouterr().err
 
 
+def test_tune_lr_inherits_the_resolution_and_class_count_of_the_runs_it_continues(
+    registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A study at 16 px: a trial at the model's default 32 px would join a report group of its own."""
+    runs = tmp_path / "runs"
+    FakeTrainer()("toy-s", "toyset", 0.5, 1.6, runs / "toy-s-e0.5-lr1.6", resolution=16, num_classes=12)
+    trainer = RecordingTrainer()
+    monkeypatch.setattr(tuning, "engine_trainer", trainer)
+    assert main(["tune-lr", "--model", "toy-m", "--epochs", "0.5", "--runs", str(runs), "--set", "precision=fp32"]) == 0
+    assert [(o["resolution"], o["num_classes"]) for o in trainer.options] == [(16, 12), (16, 12)]
+    capsys.readouterr()
+    assert main(["tune-lr", "--model", "toy-l", "--epochs", "1", "--runs", str(runs), "--resolution", "32"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"Error: resolution 32 here, but the runs in {str(runs)!r} used 16 (toy-")
+    assert err.endswith("drop --resolution to inherit it, or tune into another runs directory")
+    assert len(trainer.options) == 2
+
+
 def test_tune_lr_refuses_a_runs_directory_whose_runs_differ_in_a_setting(
     registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -406,7 +424,10 @@ def test_plan_cells_orders_by_cost(registry: Registry, tmp_path: Path) -> None:
     [
         ({"modles": ["toy-s"]}, "did you mean 'models'"),
         ({"epochs": [0]}, "epochs must be positive"),
-        ({"engine": {"lr": 0.1}}, "engine.lr is set by the study"),
+        ({"engine": {"lr": 0.1}}, "engine.lr is set by the study's rule per trial; use the top-level key 'start_lr'"),
+        ({"engine": {"model": "toy-s"}}, "engine.model is set by the study itself; use the top-level key 'models'"),
+        ({"engine": {"epochs": 1}}, "engine.epochs is set by the study itself; use the top-level key 'epochs'"),
+        ({"engine": {"seed": 1}}, "use the top-level key 'seed'"),
         ({"rule": "three-trial"}, "is not one of"),
         ({"models": []}, "at least one"),
     ],

@@ -252,7 +252,10 @@ def tune_lr(
         int | None,
         typer.Option(help="Global batch size (default: that of the runs already in RUNS, else the recipe's)."),
     ] = None,
-    resolution: Annotated[int | None, typer.Option(help="Training resolution (default: the model's).")] = None,
+    resolution: Annotated[
+        int | None,
+        typer.Option(help="Training resolution (default: that of the runs already in RUNS, else the model's)."),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of every trial.")] = 0,
     set_: Annotated[
         list[str] | None,
@@ -269,8 +272,9 @@ def tune_lr(
     alpha is the best learning rate of the nearest finished cell with a smaller-or-equal model and epoch budget in
     RUNS (none: the recipe's, 1.6 for NFNets). Decisions are appended to RUNS/tuning.jsonl.
 
-    Trials inherit the data options, batch size and precision of the runs already in RUNS on the dataset, so they stay
-    comparable with the cells they continue; a different value given with --batch-size or --set is refused.
+    Trials inherit the data options, batch size, precision, resolution and class count of the runs already in RUNS on
+    the dataset, so they stay comparable with the cells they continue; a different value given with --batch-size,
+    --resolution or --set is refused.
     """
     from convscale_cli.plugins import get_registry
     from convscale_cli.tuning import tune_cell

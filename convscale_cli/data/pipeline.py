@@ -22,7 +22,10 @@ Grain provides the parallelism: ``MapDataset.range(steps).map(make_batch)`` read
 
 from __future__ import annotations
 
+import atexit
+import functools
 import math
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -117,8 +120,7 @@ class _Examples:
             image = train_transform(element["image"], self.resolution, u, self.augment)
         else:
             image = eval_transform(element["image"], self.resolution, self.crop_fraction)
-        label = element["label"]
-        label = np.asarray(label, np.float32) if np.ndim(label) else np.int32(label)
+        label = _label(element["label"], element["id"])
         return {"image": image, "label": label, "id": np.int64(element["id"]), "mask": np.float32(1.0)}
 
     def _padding(self) -> dict[str, Any]:
@@ -143,6 +145,74 @@ class _Examples:
             for p, u in zip(positions, draws, strict=True)
         ]
         return {key: np.stack([e[key] for e in examples]) for key in ("image", "label", "id", "mask")}
+
+
+def _label(label: Any, example_id: Any) -> np.ndarray:
+    """A source's label as the batch holds it: int32 class index, or float32 multi-hot vector.
+
+    Checked here, where each example is read (in a worker process with ``--workers``): a label numpy cannot hold
+    (2**40, text) would otherwise end the run with the worker's traceback, and a float class index would be truncated
+    silently. The range against the classifier is checked on the host (:func:`convscale_cli.engine.build.host_batch`).
+
+    Raises:
+        DataError: a label that is neither an integer in [0, 2**31) nor a vector of numbers.
+    """
+    try:
+        if np.ndim(label):
+            return np.asarray(label, np.float32)
+    except (TypeError, ValueError):  # a ragged list, text in the vector
+        raise DataError(
+            f"dataset example {example_id}: multi-hot label {label!r:.60} is not a vector of numbers"
+        ) from None
+    if isinstance(label, (bool, np.bool_)) or not isinstance(label, (int, np.integer)) or not 0 <= label < 2**31:
+        raise DataError(
+            f"dataset example {example_id}: label {label!r:.60} is not a class index (an integer in [0, num_classes))"
+        )
+    return np.int32(label)
+
+
+def _settle_shared_memory(*, at_exit: bool = False) -> None:
+    """Finish Grain's pending unlinks of the worker batches' shared memory.
+
+    Batches from worker processes live in shared memory that Grain unlinks from a background thread when each array
+    is freed (``SharedMemoryArray.enable_async_del``). Unlinks still queued when the interpreter exits never run,
+    and Python's resource tracker then removes the segments itself with a "leaked shared_memory objects" warning at
+    the end of every ``--workers`` run (google/grain#398). This waits for the queue (one thread, first in first
+    out, so a no-op task returns after every earlier unlink); ``at_exit`` also switches later frees to synchronous
+    unlinks and collects the batches nothing refers to any more. What Grain keeps alive past this point is its own.
+    """
+    try:
+        from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+    except ImportError:  # another Grain layout: its own cleanup is all there is
+        return
+    thread_pool = getattr(SharedMemoryArray, "_del_thread_pool", None)
+    if thread_pool is None:
+        return
+    try:
+        thread_pool.apply(int)
+    except ValueError:  # the pool is already closed
+        return
+    if at_exit:
+        SharedMemoryArray._del_thread_pool = None
+        import gc
+
+        gc.collect()
+
+
+def _ignore_interrupts(worker_index: int, worker_count: int) -> None:
+    """Grain worker start-up: leave Ctrl-C to the main process.
+
+    A terminal's Ctrl-C reaches the whole process group. The main process saves a checkpoint and stops its workers
+    itself (exit 130); workers that took the SIGINT too each died printing a ``KeyboardInterrupt`` traceback.
+    """
+    del worker_index, worker_count
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@functools.cache
+def _settle_at_exit() -> None:
+    """Register :func:`_settle_shared_memory` to run at exit (once per process)."""
+    atexit.register(functools.partial(_settle_shared_memory, at_exit=True))
 
 
 class Loader:
@@ -188,10 +258,12 @@ class Loader:
             # defaults are what we want (grain issue: "Trying to access flag ... before flags were parsed").
             if not flags.FLAGS.is_parsed():
                 flags.FLAGS.mark_as_parsed()
+            _settle_at_exit()
             # Worker processes (spawned) decode and augment whole batches; one reading thread each keeps the order.
             ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=_PREFETCH_BATCHES))
             return ids.mp_prefetch(
-                grain.MultiprocessingOptions(num_workers=self.worker_count, per_worker_buffer_size=_PREFETCH_BATCHES)
+                grain.MultiprocessingOptions(num_workers=self.worker_count, per_worker_buffer_size=_PREFETCH_BATCHES),
+                worker_init_fn=_ignore_interrupts,
             )
         # In-process: two threads overlap PIL decoding (which releases the GIL) with the training step.
         return ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=_PREFETCH_BATCHES))
@@ -215,6 +287,8 @@ class Loader:
         live, self._live = self._live, None
         if live is not None and hasattr(live, "close"):
             live.close()
+        if self.worker_count > 0:
+            _settle_shared_memory()
 
     def get_state(self) -> dict[str, Any]:
         """JSON-serialisable resume state (global: independent of ``process_index`` and ``process_count``)."""

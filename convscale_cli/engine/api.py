@@ -26,7 +26,7 @@ from convscale_cli.engine.cache import enable_compilation_cache
 from convscale_cli.engine.checkpoint import Checkpoints, CheckpointWarning
 from convscale_cli.engine.config import PretrainConfig
 from convscale_cli.engine.hardware import device_peak
-from convscale_cli.engine.ledger import Ledger, xla_flops
+from convscale_cli.engine.ledger import Ledger, reset_host_peak_memory, xla_flops
 from convscale_cli.engine.mesh import init_distributed
 from convscale_cli.engine.progress import Progress
 from convscale_cli.engine.resolve import ResolvedRun, resolve, resolved_dict
@@ -114,6 +114,7 @@ def pretrain(config: PretrainConfig, registry: Registry | None = None, *, pipeli
         return previous
     _sync("prepared")
     rundir.remove_summary()
+    reset_host_peak_memory()  # the summary's host_peak_memory_bytes is this run's, not the sweep's before it
 
     enable_compilation_cache()
     built = build(config, run)
@@ -276,6 +277,7 @@ def _train(
             # A paused trunk is not a result: its branches are evaluated at their own ends.
             final = None if status == "paused" else loop.evaluate_and_log(ctx, state.params, step)
             rundir.write_live_ledger(ledger.to_dict())
+            loop.check_final(ctx, final, step)
     finally:
         log.close()
     summary = _summary(run, resolved, status, step, final, ledger, state.params)

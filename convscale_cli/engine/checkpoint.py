@@ -288,7 +288,12 @@ class Checkpoints:
         moved = False
         for step in steps:
             if jax.process_index() == 0:
-                (self.directory / str(step)).rename(self.directory / f"unreadable-{step}-{int(time.time())}")
+                target = self.directory / f"unreadable-{step}-{int(time.time())}"
+                for n in range(1, 1000):  # a rerun within the same second sets the same step aside again
+                    if not target.exists():
+                        break
+                    target = self.directory / f"unreadable-{step}-{int(time.time())}-{n}"
+                (self.directory / str(step)).rename(target)
             moved = True
         if moved:
             if jax.process_count() > 1:

@@ -116,7 +116,7 @@ class PretrainConfig:
     fsdp: bool = False  # shard params and optimizer state over the data axis (ZeRO-3 style) instead of replicating
     worker_count: int = 0  # grain worker processes for the input pipeline
     hardware: str | None = None  # hardware table key for MFU (default: detected from the devices)
-    peak_flops: float | None = None  # per-device peak FLOP/s override (CPU default: measured by a matmul benchmark)
+    peak_flops: float | None = None  # per-device peak FLOP/s override (CPU default: CONVSCALE_CPU_PEAK_FLOPS's share)
     coordinator_address: str | None = None  # multi-host: "host:port" of process 0 (auto on TPU pods / SLURM)
     num_processes: int | None = None  # multi-host: number of processes
     process_id: int | None = None  # multi-host: this process's index

@@ -162,6 +162,7 @@ class Ledger:
             "peak_flops_per_device": self.peak_flops,
             "num_devices": self.num_devices,
             **self.trunk_summary(),
+            "host_peak_memory_bytes": host_peak_memory(),
         }
 
     def branch(self, run: str, step: int) -> None:
@@ -181,6 +182,39 @@ class Ledger:
         if not self.trunk:
             return {}
         return {f"trunk_{key}": value for key, value in self.trunk.items()}
+
+
+def reset_host_peak_memory() -> None:
+    """Start this process's peak-memory count afresh, so :func:`host_peak_memory` reads the run that starts now.
+
+    Linux resets the high-water mark of the resident set when ``5`` is written to ``/proc/self/clear_refs``; elsewhere
+    (or where /proc is read-only) the figure stays the process's peak since it started, which in a sweep includes
+    the runs before.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def host_peak_memory() -> int:
+    """Peak resident memory of this process in bytes (Linux ``VmHWM``, else ``getrusage``'s ``ru_maxrss``).
+
+    The host side of a run: the input pipeline's worker processes, when there are any, are not counted.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB elsewhere
 
 
 def _count(value: Any) -> bool:

@@ -2,7 +2,8 @@
 
 The loop never blocks on the device between log points: per-step metrics stay on device until a *flush*, where
 they are fetched together, checked for non-finite loss (naming the exact step), logged, and the elapsed wall time
-is charged to the ledger. A flush always precedes a checkpoint, so a checkpoint never holds a diverged state.
+is charged to the ledger. A flush always precedes a checkpoint, so a checkpoint never holds a diverged state; the
+last step's update is seen by the final evaluation alone, which :func:`check_final` checks the same way.
 """
 
 from __future__ import annotations
@@ -180,6 +181,28 @@ def evaluate_and_log(ctx: LoopContext, params: Any, step: int) -> dict[str, floa
         f"top-5 {result['eval_top5']:.4f}"
     )
     return result
+
+
+def check_final(ctx: LoopContext, result: dict[str, float], step: int) -> None:
+    """Stop a run whose final evaluation is not finite, setting aside the checkpoint of its last step.
+
+    The loss of a step is computed before its update, so the flush after the last step cannot see an update that
+    diverged: the final evaluation is the first to use those parameters. As a non-finite loss mid-run does, this
+    stops the run without a summary, and the checkpoint holding them is moved out of the way, so a rerun neither
+    calls it finished nor resumes from it (convscale_cli.engine.checkpoint.Checkpoints.set_aside).
+
+    Raises:
+        TrainingError: the held-out loss after ``step`` is NaN or infinite.
+    """
+    loss = float(result["eval_loss"])
+    if math.isfinite(loss):
+        return
+    ctx.checkpoints.wait()
+    if step in ctx.checkpoints.steps():
+        ctx.checkpoints.set_aside([step])
+    good = ctx.checkpoints.latest_step()
+    kept = f"the last good checkpoint is step {good}" if good is not None else "no good checkpoint is left"
+    raise TrainingError(f"non-finite held-out loss ({loss}) after the last step ({step}); stopped, {kept}")
 
 
 def save(ctx: LoopContext, state: Any, loader: Any, step: int) -> None:

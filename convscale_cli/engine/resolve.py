@@ -93,6 +93,37 @@ def check_num_classes(num_classes: int, info: DatasetInfo, dataset: str) -> None
         )
 
 
+# The build keywords a run sets itself (docs/plugins.md, "build: the exact calls"), and where each is given. A model
+# option of the same name would reach ``build`` twice.
+RUN_BUILD_ARGUMENTS = {
+    "num_classes": "--set num_classes=N",
+    "dtype": "--precision bf16|fp32",
+    "drop_rate": "--set drop_rate=P",
+    "stochdepth_rate": "--set stochdepth_rate=P",
+}
+
+
+def check_model_options(arch: ArchitectureSpec, options: dict[str, Any]) -> None:
+    """Refuse model options the spec does not declare, or that name a build argument the run passes itself.
+
+    Checked before the run directory is claimed, as the data options are, so the plugin's ``build`` never sees them.
+
+    Raises:
+        UsageError: a run setting given as a model option (naming where it is set).
+        UnknownNameError: an option not in ``arch.options`` (with close matches).
+    """
+    for key in options:
+        if key in RUN_BUILD_ARGUMENTS:
+            raise UsageError(
+                f"model option {key!r} is set by the run, not as a model option: use {RUN_BUILD_ARGUMENTS[key]} "
+                f"instead of model_options.{key}"
+            )
+    declared = [k for k in arch.options if k not in RUN_BUILD_ARGUMENTS]
+    unknown = sorted(set(options) - set(declared))
+    if unknown:
+        raise UnknownNameError(f"{arch.name} model option", unknown[0], declared)
+
+
 def resolve(config: PretrainConfig, registry: Registry) -> ResolvedRun:
     """Look up the model and dataset and fill in every default.
 
@@ -101,6 +132,7 @@ def resolve(config: PretrainConfig, registry: Registry) -> ResolvedRun:
         UsageError: an impossible combination (resolution the model refuses, a duration under one example, ...).
     """
     arch = registry.architecture(config.model)
+    check_model_options(arch, config.model_options)
     data = registry.dataset(config.dataset)
     unknown = sorted(set(config.data_options) - set(data.options))
     if unknown:

@@ -25,7 +25,7 @@ from convscale_cli.engine.build import abstract_batch, compile_eval_step, compil
 from convscale_cli.engine.cache import enable_compilation_cache
 from convscale_cli.engine.checkpoint import Checkpoints
 from convscale_cli.engine.hardware import device_peak
-from convscale_cli.engine.ledger import Ledger, xla_flops
+from convscale_cli.engine.ledger import Ledger, reset_host_peak_memory, xla_flops
 from convscale_cli.engine.mesh import batch_sharding, check_batch, make_mesh, replicated, state_shardings
 from convscale_cli.engine.optim import make_optimizer, recipe_schedule
 from convscale_cli.engine.progress import Progress
@@ -74,6 +74,7 @@ def finetune(
         progress.message(f"{config.out}: fine-tuning already finished at step {previous.get('steps')}; nothing to do")
         return previous
     rundir.remove_summary()
+    reset_host_peak_memory()
 
     enable_compilation_cache()  # a rerun, or the same model fine-tuned again, loads its compiled steps from disk
     mesh = make_mesh()
@@ -277,6 +278,7 @@ def _train(
                     f"interrupted at step {step}; checkpoint saved in {config.out}, rerun the same command to resume"
                 )
             final = loop.evaluate_and_log(ctx, state.params, step)
+            loop.check_final(ctx, final, step)
             final_ema = None
             if state.ema is not None:
                 final_ema = evaluate(state.ema)
