@@ -277,7 +277,8 @@ def _train(
             # A paused trunk is not a result: its branches are evaluated at their own ends.
             final = None if status == "paused" else loop.evaluate_and_log(ctx, state.params, step)
             rundir.write_live_ledger(ledger.to_dict())
-            loop.check_final(ctx, final, step)
+            if final is not None:
+                loop.check_final(ctx, final, step)
     finally:
         log.close()
     summary = _summary(run, resolved, status, step, final, ledger, state.params)
