@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -98,3 +99,55 @@ def test_help_states_the_lr_convention(capsys: Any) -> None:
     assert main(["pretrain", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "alpha x batch / 4096" in text and "--data-option" in text and "--fsdp" in text
+
+
+@pytest.mark.parametrize(
+    "backend, saved, expected",
+    [
+        ("cpu", None, "fp32"),  # XLA:CPU emulates bf16 arithmetic: slower than fp32
+        ("gpu", None, "bf16"),
+        ("tpu", None, "bf16"),
+        ("cpu", {"precision": "bf16"}, "bf16"),  # a resumed run keeps the precision it started with
+        ("gpu", {"precision": "fp32"}, "fp32"),
+        ("cpu", {"precision": "fp8"}, "fp32"),  # not a precision of ours: ignored
+    ],
+)
+def test_default_precision_follows_the_backend_and_the_run_being_resumed(
+    backend: str, saved: dict[str, Any] | None, expected: str
+) -> None:
+    from convscale_cli.engine.resolve import default_precision
+
+    precision, why = default_precision(backend, saved)
+    assert precision == expected and why
+
+
+def test_header_before_compiling_names_model_data_steps_lr_precision_and_devices(
+    tmp_path: Path, capsys: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from convscale_cli.engine import api
+    from convscale_cli.errors import UsageError
+
+    def no_compiling(*args: Any, **kwargs: Any) -> Any:
+        raise UsageError("stopped before building")
+
+    monkeypatch.setattr(api, "build", no_compiling)
+    out = tmp_path / "run"
+    assert main([*_base(out, "--steps", "6", "--batch-size", "16"), "--set", "progress=plain"]) == 2
+    header = capsys.readouterr().out
+    assert "tiny-cnn" in header and "colours" in header and "6 steps" in header and "batch 16" in header
+    assert "peak lr 0.4" in header and re.search(r"\b\d+ cpu devices?\b", header)
+    # On CPU the default is fp32, said so, and recorded in the run's config.
+    assert "precision fp32 (default on CPU" in header
+    assert json.loads((out / "config.json").read_text())["precision"] == "fp32"
+
+
+def test_finetune_precision_defaults_like_pretraining() -> None:
+    from convscale_cli.engine.resolve import with_precision
+    from convscale_cli.finetune.config import FinetuneConfig
+
+    config = FinetuneConfig(pretrained="x", dataset="colours", out="o", steps=4)
+    assert config.precision is None  # resolved per backend at run time, as in pre-training
+    assert with_precision(config, "cpu", None)[0].precision == "fp32"
+    assert with_precision(config, "gpu", None)[0].precision == "bf16"
+    given = FinetuneConfig(pretrained="x", dataset="colours", out="o", steps=4, precision="bf16")
+    assert with_precision(given, "cpu", None) == (given, "given")

@@ -103,7 +103,9 @@ def finetune(
     mixup: Annotated[float | None, typer.Option(help="MixUp alpha (default 0: off).")] = None,
     cutmix: Annotated[float | None, typer.Option(help="CutMix alpha (default 0: off).")] = None,
     label_smoothing: Annotated[float | None, typer.Option(help="Softmax label smoothing (default 0).")] = None,
-    precision: Annotated[str | None, typer.Option(help="bf16 (activations; fp32 params) or fp32.")] = None,
+    precision: Annotated[
+        str | None, typer.Option(help="bf16 activations (fp32 params) or fp32 (default: fp32 on CPU, bf16 on GPU/TPU).")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Head initialisation, data order and dropout seed.")] = None,
     eval_every: Annotated[int | None, typer.Option(help="Evaluate every N steps (0: at the end only).")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps (0: on exit only).")] = None,

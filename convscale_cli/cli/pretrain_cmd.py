@@ -14,7 +14,7 @@ from convscale_cli.cli import app
 from convscale_cli.cli._output import print_json, progress_to_stderr
 
 _HELP = """Pre-train a model on a dataset with its family's recipe (Smith et al. 2023: SGD + Nesterov + AGC,
-cosine schedule, bf16 activations).
+cosine schedule; bf16 activations on GPU/TPU, fp32 on CPU).
 
 The learning rate follows the paper's convention: --lr is the peak rate alpha quoted at batch 4096 (alpha ~ 1.6 for
 small epoch budgets) and is scaled linearly with the batch size, lr_actual = alpha x batch / 4096.
@@ -56,7 +56,9 @@ def pretrain(
     batch_size: Annotated[int | None, typer.Option(help="Global batch size (default: recipe, 4096).")] = None,
     resolution: Annotated[int | None, typer.Option(help="Training resolution in pixels.")] = None,
     eval_resolution: Annotated[int | None, typer.Option(help="Held-out evaluation resolution.")] = None,
-    precision: Annotated[str | None, typer.Option(help="bf16 (activations; fp32 params) or fp32.")] = None,
+    precision: Annotated[
+        str | None, typer.Option(help="bf16 activations (fp32 params) or fp32 (default: fp32 on CPU, bf16 on GPU/TPU).")
+    ] = None,
     loss: Annotated[str | None, typer.Option(help="softmax or sigmoid cross-entropy.")] = None,
     label_smoothing: Annotated[float | None, typer.Option(help="Softmax label smoothing.")] = None,
     seed: Annotated[int | None, typer.Option(help="Initialisation, data order and dropout seed.")] = None,

@@ -28,7 +28,7 @@ from convscale_cli.engine.hardware import device_peak
 from convscale_cli.engine.ledger import Ledger, xla_flops
 from convscale_cli.engine.mesh import init_distributed
 from convscale_cli.engine.progress import Progress
-from convscale_cli.engine.resolve import ResolvedRun, resolve, resolved_dict
+from convscale_cli.engine.resolve import ResolvedRun, header, resolve, resolved_dict, with_precision
 from convscale_cli.engine.rundir import MetricsLog, RunDir
 from convscale_cli.errors import RunInterrupted
 from convscale_cli.registry import Registry, head_params
@@ -95,9 +95,10 @@ def pretrain(config: PretrainConfig, registry: Registry | None = None, *, pipeli
         registry = get_registry()
     if pipeline is None:
         import convscale_cli.data as pipeline
-    run = resolve(config, registry)
     primary = jax.process_index() == 0
     rundir = RunDir(config.out, primary=primary)
+    config, precision_why = with_precision(config, jax.default_backend(), rundir.saved_config())
+    run = resolve(config, registry)
     resolved = resolved_dict(run)
     resuming = rundir.prepare(resolved, force=config.force)
     progress = Progress(run.duration.steps, mode=config.progress if primary else "none")
@@ -112,6 +113,7 @@ def pretrain(config: PretrainConfig, registry: Registry | None = None, *, pipeli
         return previous
     _sync("prepared")
     rundir.remove_summary()
+    progress.message(header(run, precision_why, jax.device_count(), jax.default_backend()))
 
     enable_compilation_cache()
     built = build(config, run)

@@ -85,7 +85,9 @@ class PretrainConfig:
     drop_rate: float = 0.0  # nor dropout
     resolution: int | None = None  # training resolution; default the model's (224 in the paper, §1.3)
     eval_resolution: int | None = None  # held-out resolution; default the model's (256 in the paper)
-    precision: Precision = "bf16"  # bf16 activations with fp32 params/optimizer (NFNet A.1); fp32 for exactness
+    # bf16 activations with fp32 params/optimizer (NFNet A.1), or fp32. None: the run's own when resuming, else fp32
+    # on CPU (XLA emulates bf16 arithmetic there: slower than fp32) and bf16 on accelerators (default_precision).
+    precision: Precision | None = None
     seed: int = 0  # initialisation, data order and dropout
 
     # --- evaluation, checkpoints, logging --------------------------------------------------------------------------

@@ -7,16 +7,20 @@ dataset specs, and :func:`resolved_dict` is what ``RUN/config.json`` holds. jax-
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, TypeVar, get_args
 
 from convscale_cli.budget import Budget, get_hardware, parse_budget
 from convscale_cli.config import from_dict, to_dict
 from convscale_cli.data.augment import DEFAULT_EVAL_CROP_FRACTION, augment_from_dict
-from convscale_cli.engine.config import PretrainConfig
+from convscale_cli.engine.config import Precision, PretrainConfig
 from convscale_cli.engine.steps import Duration, resolve_duration
 from convscale_cli.errors import UnknownNameError, UsageError
 from convscale_cli.recipe import Recipe, without_default_schedule
 from convscale_cli.registry import MAX_NUM_CLASSES, ArchitectureSpec, DatasetInfo, DatasetSpec, Registry
+
+PRECISIONS = get_args(Precision)
+C = TypeVar("C")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +94,33 @@ def check_num_classes(num_classes: int, info: DatasetInfo, dataset: str) -> None
             f"num_classes {num_classes} is smaller than dataset {dataset!r}'s {info.num_classes} classes (labels "
             f"0..{info.num_classes - 1}); use num_classes >= {info.num_classes} or leave it unset"
         )
+
+
+def default_precision(backend: str, saved: Mapping[str, Any] | None = None) -> tuple[str, str]:
+    """The precision of a run that names none, and why, in words for the run's header.
+
+    A run being resumed keeps the precision its ``config.json`` records. Otherwise: fp32 on CPU, where XLA emulates
+    bf16 arithmetic by converting to fp32 and back (slower than fp32, not faster); bf16 activations with fp32
+    parameters on GPUs and TPUs, the paper's setting (NFNet 2021, appendix A.1).
+
+    Args:
+        backend: ``jax.default_backend()`` (``cpu``, ``gpu``, ``tpu``, ...).
+        saved: the resolved config of the run in the output directory, if there is one.
+    """
+    if saved is not None and saved.get("precision") in PRECISIONS:
+        return str(saved["precision"]), "that of the run being resumed"
+    if backend == "cpu":
+        return "fp32", "default on CPU, where bf16 is emulated; --precision bf16 to override"
+    return "bf16", f"default on {backend.upper()}; --precision fp32 for exactness"
+
+
+def with_precision(config: C, backend: str, saved: Mapping[str, Any] | None) -> tuple[C, str]:
+    """``config`` (a pre-training or fine-tuning config) with its precision filled in (:func:`default_precision`)
+    and the reason, ``"given"`` when it names one."""
+    if config.precision is not None:  # type: ignore[attr-defined]
+        return config, "given"
+    precision, why = default_precision(backend, saved)
+    return dataclasses.replace(config, precision=precision), why  # type: ignore[type-var]
 
 
 def resolve(config: PretrainConfig, registry: Registry) -> ResolvedRun:
@@ -188,3 +219,20 @@ def resolved_dict(run: ResolvedRun) -> dict[str, Any]:
         },
     )
     return out
+
+
+def header(run: ResolvedRun, precision_why: str, devices: int, backend: str) -> str:
+    """What is about to run, printed before anything compiles (the first compile takes minutes on CPU)."""
+    config, duration, recipe = run.config, run.duration, run.recipe
+    train_size = int(run.info.split_sizes.get("train", 0))
+    budget = f"; stops at budget {config.budget}" if config.budget else ""
+    precision = config.precision if precision_why == "given" else f"{config.precision} ({precision_why})"
+    return "\n".join(
+        (
+            f"pretrain {run.arch.name} on {run.data.name} ({train_size} training examples) -> {config.out}",
+            f"  {duration.steps} steps = {duration.epochs:.4g} epochs of batch {run.batch_size}{budget}",
+            f"  peak lr {run.peak_lr:.4g} (alpha {recipe.lr:g} x {run.batch_size}/{recipe.base_batch_size}, "
+            f"{recipe.optimizer} {recipe.schedule}), {run.resolution} px",
+            f"  precision {precision}; {devices} {backend} {'device' if devices == 1 else 'devices'}",
+        )
+    )

@@ -107,6 +107,11 @@ class RunDir:
         """The summary of a run that ended, or None."""
         return read_json(self.path / "summary.json")
 
+    def saved_config(self) -> dict[str, Any] | None:
+        """The resolved config of the convscale run this directory holds, or None (none, or not one of ours)."""
+        saved = read_json(self.path / "config.json")
+        return saved if is_run_config(saved) else None
+
     def live_ledger(self) -> dict[str, Any] | None:
         """The last ledger heartbeat, or None."""
         return read_json(self.path / "ledger.json")

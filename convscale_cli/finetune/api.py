@@ -29,6 +29,7 @@ from convscale_cli.engine.ledger import Ledger, xla_flops
 from convscale_cli.engine.mesh import batch_sharding, check_batch, make_mesh, replicated, state_shardings
 from convscale_cli.engine.optim import make_optimizer, recipe_schedule
 from convscale_cli.engine.progress import Progress
+from convscale_cli.engine.resolve import with_precision
 from convscale_cli.engine.rundir import MetricsLog, RunDir
 from convscale_cli.engine.state import TrainState
 from convscale_cli.errors import RunInterrupted, UsageError
@@ -64,8 +65,9 @@ def finetune(
         import convscale_cli.data as pipeline
     if jax.process_count() > 1:
         raise UsageError("fine-tuning runs in a single process; multi-host is supported by pretrain only")
-    run = resolve(config, registry)
     rundir = RunDir(config.out, kind="finetune")
+    config, precision_why = with_precision(config, jax.default_backend(), rundir.saved_config())
+    run = resolve(config, registry)
     resolved = resolved_dict(run)
     resuming = rundir.prepare(resolved, force=config.force)
     progress = Progress(run.duration.steps, mode=config.progress)
@@ -74,6 +76,8 @@ def finetune(
         progress.message(f"{config.out}: fine-tuning already finished at step {previous.get('steps')}; nothing to do")
         return previous
     rundir.remove_summary()
+    if precision_why != "given":
+        progress.message(f"precision {config.precision} ({precision_why})")
 
     enable_compilation_cache()  # a rerun, or the same model fine-tuned again, loads its compiled steps from disk
     mesh = make_mesh()
