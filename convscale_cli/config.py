@@ -194,6 +194,37 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, prefix: str = "", source
         raise ConfigError(f"invalid config{' ' + prefix.rstrip('.') if prefix else ''}: {exc}") from None
 
 
+def check_options(what: str, given: Mapping[str, Any], defaults: Mapping[str, Any]) -> None:
+    """Check plugin options (a dataset's ``data_options``, a model's ``model_options``) against their defaults.
+
+    A plugin declares its options with their defaults; each given value must have its default's type, as every other
+    config key must (``multi_label = "maybe"`` is not a bool, ``clutter = "x"`` not a float). A default of None
+    declares no type.
+
+    Args:
+        what: the options in words for messages, e.g. ``"shapes data option"``.
+        given: the options as given.
+        defaults: the declared options and their defaults.
+
+    Raises:
+        UnknownNameError: an option the plugin does not declare (close matches suggested).
+        ConfigError: a value of another type than its default's.
+    """
+    from convscale_cli.errors import UnknownNameError
+
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise UnknownNameError(what, unknown[0], defaults)
+    for key, value in given.items():
+        default = defaults[key]
+        if default is None:
+            continue
+        try:
+            _coerce(value, type(default), key)
+        except ConfigError as exc:
+            raise ConfigError(f"{what} {exc}") from None
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """Parse ``key=value`` (value in TOML syntax, bare words taken as strings) into ``("key", value)``."""
     if "=" not in text:

@@ -11,11 +11,11 @@ from collections.abc import Mapping
 from typing import Any, TypeVar, get_args
 
 from convscale_cli.budget import Budget, get_hardware, parse_budget
-from convscale_cli.config import from_dict, to_dict
+from convscale_cli.config import check_options, from_dict, to_dict
 from convscale_cli.data.augment import DEFAULT_EVAL_CROP_FRACTION, augment_from_dict
 from convscale_cli.engine.config import Precision, PretrainConfig
 from convscale_cli.engine.steps import Duration, resolve_duration
-from convscale_cli.errors import UnknownNameError, UsageError
+from convscale_cli.errors import UsageError
 from convscale_cli.recipe import Recipe, without_default_schedule
 from convscale_cli.registry import MAX_NUM_CLASSES, ArchitectureSpec, DatasetInfo, DatasetSpec, Registry
 
@@ -132,9 +132,7 @@ def resolve(config: PretrainConfig, registry: Registry) -> ResolvedRun:
     """
     arch = registry.architecture(config.model)
     data = registry.dataset(config.dataset)
-    unknown = sorted(set(config.data_options) - set(data.options))
-    if unknown:
-        raise UnknownNameError(f"{data.name} data option", unknown[0], data.options)
+    check_options(f"{data.name} data option", config.data_options, data.options)
     info = data.info(**config.data_options)
     recipe = _recipe(arch.recipe, config)
     batch_size = config.batch_size or recipe.base_batch_size
