@@ -428,3 +428,52 @@ def test_plan_with_builtin_ladder_passes_the_dataset_size(capsys: pytest.Capture
     assert doc["dataset"]["resolution"] == 32 and doc["dataset"]["options"] == {"size": 16384}
     assert all(c["model"].startswith("nfnet-tiny-") for c in doc["candidates"])
     assert all("--data-option size=16384" in cmd for cmd in doc["recommendation"]["commands"])
+
+
+class _RootedDataPlugin:
+    """A dataset that, like arrayrecord and imagefolder, knows its size only once told where it lives."""
+
+    @hookimpl
+    def register_datasets(self, register) -> None:  # noqa: ANN001
+        from convscale_cli.registry import DatasetInfo, DatasetSpec
+
+        def info(root=None, strict_data=False) -> DatasetInfo:  # noqa: ANN001
+            if root is None:
+                raise UsageError("rooted needs --data-option root=DIR")
+            return DatasetInfo(num_classes=5, split_sizes={"train": 200, "eval": 50}, resolution=32)
+
+        register(
+            DatasetSpec(
+                name="rooted", description="", open=lambda s, **o: [], info=info,
+                options={"root": None, "strict_data": False},
+            )
+        )  # fmt: skip
+
+
+@pytest.fixture
+def rooted(monkeypatch: pytest.MonkeyPatch) -> Registry:
+    plugins = [("ladder", _LadderPlugin()), ("rooted", _RootedDataPlugin())]
+    loaded = plugin_loader.load_plugins(extra=plugins, entry_points=lambda: [])
+    monkeypatch.setattr(plugin_loader, "_CACHE", loaded)
+    return loaded.registry
+
+
+def test_plan_passes_data_options_to_the_dataset_and_the_commands(
+    rooted: Registry, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["plan", "--budget", "1e12-flops", "--family", "toy", "--dataset", "rooted", "--batch-size", "16"]
+    assert main([*args, "--data-option", "root=/data/x", "--data-option", "strict_data=true", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["dataset"]["size"] == 200 and doc["dataset"]["num_classes"] == 5
+    assert doc["dataset"]["options"] == {"root": "/data/x", "strict_data": True}
+    for command in doc["recommendation"]["commands"]:
+        assert "--data-option root=/data/x --data-option strict_data=true" in command
+    assert main([*args, "--data-option", "strict_data=maybe"]) == 2
+    assert "rooted data option strict_data = 'maybe' has the wrong type" in capsys.readouterr().err
+    assert main([*args, "--data-option", "rot=/x"]) == 2
+    assert "unknown rooted data option 'rot'" in capsys.readouterr().err
+    assert main(args) == 2
+    assert "--data-option" in capsys.readouterr().err  # the message says how to give the options
+    # Size, classes and resolution all given: nothing to ask the dataset.
+    assert main([*args, "--dataset-size", "200", "--num-classes", "5", "--resolution", "32", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["dataset"]["size"] == 200
