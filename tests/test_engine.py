@@ -229,7 +229,9 @@ def test_ledger_accounts_and_round_trips() -> None:
     assert ledger.img_per_sec_per_device == 100.0
     assert ledger.mfu == pytest.approx(2.4e14 / (400 * 137.5e12))
     assert ledger.spent(parse_budget("1e14-flops")) == 2.4e14
-    assert ledger.spent(parse_budget("1-cpu-hours")) == pytest.approx(420 / 3600)
+    # Every budget is counted in model FLOPs; a device-hour one at its hardware's peak x MFU, as `plan` converts it.
+    assert ledger.spent(parse_budget("1-cpu-hours")) == pytest.approx(2.4e14 / parse_budget("1-cpu-hours").to_flops())
+    assert ledger.spent(parse_budget("2-h100-hours")) == pytest.approx(2.4e14 / parse_budget("1-h100-hours").to_flops())
     assert ledger.spent(parse_budget("1-core-hours")) == pytest.approx(ledger.core_hours)
     again = Ledger.from_dict(ledger.to_dict())
     assert again == ledger and again.summary()["train_flops"] == 2.4e14

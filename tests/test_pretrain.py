@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import convscale_cli.data as data
+from convscale_cli.budget import parse_budget
 from convscale_cli.engine.api import pretrain
 from convscale_cli.engine.checkpoint import CheckpointWarning
 from convscale_cli.errors import CheckpointError, ExitCode, RunInterrupted, TrainingError, UnknownNameError, UsageError
@@ -252,12 +253,24 @@ def test_partial_final_batch_is_masked_in_bf16(registry: Any, tmp_path: Path) ->
     assert summary["epochs"] == pytest.approx(40 / helpers.TRAIN_SIZE)
 
 
-def test_device_hour_budget_counts_compile_time(registry: Any, tmp_path: Path) -> None:
-    # Measured device time (compile included) is what a cpu-hours budget buys: this one is gone before step 1.
-    summary = pretrain(helpers.config(tmp_path / "timed", budget="1e-7-cpu-hours"), registry)
-    assert summary["status"] == "budget" and summary["steps"] == 0
-    assert summary["budget_spent"] >= 1e-7 and summary["ledger"]["device_seconds"]["compile"] > 0
-    assert np.isfinite(summary["final"]["eval_loss"])
+def test_device_hour_budget_means_model_flops_like_plan(registry: Any, tmp_path: Path) -> None:
+    # A cpu-hours budget buys what `plan` says it buys: model FLOPs at the CPU's peak x MFU. Compile time and a slow
+    # machine do not eat it, so it stops at the same step as the equal FLOP budget.
+    per_step = 6 * helpers.count_tiny(8, 4).macs * 16
+    hours = 3.5 * per_step / parse_budget("1-cpu-hours").to_flops()
+    summary = pretrain(helpers.config(tmp_path / "timed", budget=f"{hours!r}-cpu-hours"), registry)
+    assert summary["status"] == "budget" and summary["steps"] == 4
+    assert summary["budget_spent"] == pytest.approx(4 / 3.5 * hours)
+
+
+def test_budget_below_one_step_is_an_error_before_anything_runs(registry: Any, tmp_path: Path) -> None:
+    per_step = 6 * helpers.count_tiny(8, 4).macs * 16
+    hours = 0.5 * per_step / parse_budget("1-cpu-hours").to_flops()
+    for budget, extra in ((f"{hours!r}-cpu-hours", {}), (f"{0.5 * per_step}-flops", {"steps": None})):
+        out = tmp_path / budget
+        with pytest.raises(UsageError, match=r"less than one step of batch 16"):
+            pretrain(helpers.config(out, budget=budget, **extra), registry)
+        assert not (out / "config.json").exists()  # refused before the run directory is claimed
 
 
 def test_failed_background_save_is_raised(registry: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

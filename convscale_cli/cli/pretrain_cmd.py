@@ -48,7 +48,10 @@ def pretrain(
     examples: Annotated[int | None, typer.Option(help="Duration in training examples.")] = None,
     budget: Annotated[
         str | None,
-        typer.Option(help="Stop cleanly once spent: 2-cpu-hours, 1e15-flops, 0.01-core-hours (TPU-v4)."),
+        typer.Option(
+            help="Stop cleanly once spent, in model FLOPs as plan converts it: 2-cpu-hours, 1e15-flops, "
+            "0.01-core-hours (TPU-v4)."
+        ),
     ] = None,
     lr: Annotated[
         float | None, typer.Option(help="Peak lr alpha at batch 4096, scaled by batch/4096 (default: recipe, 1.6).")

@@ -70,8 +70,9 @@ class PretrainConfig:
     epochs: float | None = None  # passes over the train split; fractional epochs are exact (paper: 0.25 .. 8, §1.3)
     examples: int | None = None  # training examples seen
     steps: int | None = None  # optimiser steps
-    # Compute budget ("2-cpu-hours", "1e15-flops", "0.01-core-hours"): the run stops cleanly with status "budget"
-    # once the ledger has spent it. A FLOP or core-hour budget also sets the duration when none is given.
+    # Compute budget ("2-cpu-hours", "1e15-flops", "0.01-core-hours") in model FLOPs, a device-hour budget converted
+    # at the hardware's peak x MFU as `plan` does: the run stops cleanly with status "budget" once the ledger's
+    # model FLOPs reach it, and it sets the duration when none is given.
     budget: str | None = None
 
     # --- recipe (None: the architecture's Recipe) ------------------------------------------------------------------

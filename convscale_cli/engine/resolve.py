@@ -123,6 +123,22 @@ def with_precision(config: C, backend: str, saved: Mapping[str, Any] | None) -> 
     return dataclasses.replace(config, precision=precision), why  # type: ignore[type-var]
 
 
+def check_budget_buys_a_step(budget: Budget, batch_size: int, flops_per_example: float, model: str) -> None:
+    """Refuse a budget that cannot pay for one optimiser step, before anything compiles.
+
+    Raises:
+        UsageError: naming what the budget buys, what one step costs and the smallest budget that buys one.
+    """
+    step = batch_size * flops_per_example
+    if budget.to_flops() < step:
+        need = budget.from_flops(step)
+        raise UsageError(
+            f"budget {budget.text or budget} buys {budget.to_flops():.3g} model FLOPs, less than one step of batch "
+            f"{batch_size} of {model} ({step:.3g} FLOPs); give at least {need:.3g} {budget.unit_label} or a smaller "
+            "--batch-size"
+        )
+
+
 def resolve(config: PretrainConfig, registry: Registry) -> ResolvedRun:
     """Look up the model and dataset and fill in every default.
 
@@ -159,8 +175,10 @@ def resolve(config: PretrainConfig, registry: Registry) -> ResolvedRun:
         get_hardware(config.hardware)
     budget = parse_budget(config.budget) if config.budget is not None else None
     budget_flops = None
-    if budget is not None and config.epochs is None and config.examples is None and config.steps is None:
-        budget_flops = budget.to_flops()
+    if budget is not None:
+        check_budget_buys_a_step(budget, batch_size, 6.0 * macs, arch.name)
+        if config.epochs is None and config.examples is None and config.steps is None:
+            budget_flops = budget.to_flops()
     duration = resolve_duration(
         train_size=train_size,
         batch_size=batch_size,
