@@ -237,6 +237,18 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def option_word(key: str, value: Any) -> str:
+    """``key=value`` as one shell word that :func:`parse_override` (``--data-option``, ``--set``) reads back as
+    ``value``: TOML syntax, bare words for strings, quotes where a string would read as a number or a boolean."""
+    import json
+    import shlex
+
+    text = json.dumps(value) if isinstance(value, (bool, int, float)) else str(value)
+    if parse_override(f"{key}={text}")[1] != value:
+        text = json.dumps(str(value))
+    return shlex.quote(f"{key}={text}")
+
+
 def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """Overlay ``overrides`` (dotted keys allowed: ``recipe.lr``) onto a nested mapping."""
     out: dict[str, Any] = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in base.items()}

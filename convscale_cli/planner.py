@@ -32,6 +32,7 @@ from convscale_cli.budget import (
     core_hours_to_flops,
     flops_to_core_hours,
 )
+from convscale_cli.config import option_word
 from convscale_cli.errors import UnknownNameError, UsageError
 from convscale_cli.registry import ArchitectureSpec, Registry
 
@@ -379,24 +380,10 @@ def pretrain_command(request: PlanRequest, candidate: Candidate, lr: float, out_
         f"--lr {lr:g}",
         f"--batch-size {request.batch_size}",
         f"--resolution {request.dataset.resolution}",
-        *(f"--data-option {option_text(key, value)}" for key, value in request.dataset.options),
+        *(f"--data-option {option_word(key, value)}" for key, value in request.dataset.options),
         f"--out {out_dir}/{run_name(candidate.model, candidate.epochs, lr)}",
     ]
     return " ".join(parts)
-
-
-def option_text(key: str, value: object) -> str:
-    """``key=value`` as a shell word that ``--data-option`` / ``--set`` read back as ``value`` (TOML syntax, bare
-    words taken as strings, quoted for the shell where needed)."""
-    import json
-    import shlex
-
-    from convscale_cli.config import parse_override
-
-    text = json.dumps(value) if isinstance(value, (bool, int, float)) else str(value)
-    if parse_override(f"{key}={text}")[1] != value:  # a string that reads as a number or a boolean: quote it
-        text = json.dumps(str(value))
-    return shlex.quote(f"{key}={text}")
 
 
 def run_name(model: str, epochs: float, lr: float) -> str:

@@ -55,6 +55,12 @@ def test_config_file_flags_and_overrides_then_finished_message(tmp_path: Path, c
     assert "run already finished at step 6; nothing to do" in capsys.readouterr().out
     assert main([*argv[:-1], "--lr", "0.4"]) == 2
     assert "different config (lr differs)" in capsys.readouterr().err
+    # Evaluation settings do not change what trained: never suggest deleting the run over them.
+    assert main([*argv[:-1], "--eval-resolution", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "eval_resolution" in err and "--force" not in err
+    assert f"convscale eval {out} --dataset colours --resolution 16" in err
+    assert (out / "summary.json").exists()
 
 
 @pytest.mark.parametrize(

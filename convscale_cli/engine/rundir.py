@@ -20,15 +20,19 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import shlex
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from convscale_cli.config import diff
+from convscale_cli.config import diff, option_word
 from convscale_cli.engine.config import MUTABLE_KEYS
 from convscale_cli.errors import CheckpointError, UsageError
 
+# Settings of the held-out evaluation only: a trained run that differs in nothing else is evaluated with
+# `convscale eval`, never retrained (training never reads them).
+EVAL_KEYS = frozenset({"eval_resolution", "eval_examples", "eval_crop", "eval_crop_fraction"})
 _RUN_FILES = ("config.json", "metrics.jsonl", "ledger.json", "summary.json")
 _RUN_DIRS = ("checkpoints", "tb")
 MARKER = "convscale_run"  # the config.json key that marks a directory as a convscale run
@@ -142,6 +146,8 @@ class RunDir:
         else:
             saved = {k: v for k, v in saved.items() if k != MARKER}
             changed = self._changed(saved, resolved)
+            if changed and set(changed) <= EVAL_KEYS and self.trained() and not force:
+                raise CheckpointError(self._evaluate_instead(changed, saved, resolved))
             if changed and self.trained() and not force:
                 shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
                 raise CheckpointError(
@@ -169,6 +175,21 @@ class RunDir:
         changed = [k for k in diff(saved, resolved) if k.split(".")[0] not in MUTABLE_KEYS]
         # Derived values (total steps, peak lr) only name the difference when no given value explains it.
         return [k for k in changed if not k.startswith("derived.")] or changed
+
+    def _evaluate_instead(self, changed: list[str], saved: dict[str, Any], resolved: dict[str, Any]) -> str:
+        """The refusal for a run that differs only in how it is evaluated: an eval command, never ``--force``."""
+        command = [f"convscale eval {shlex.quote(str(self.path))} --dataset {resolved.get('dataset')}"]
+        if "eval_resolution" in changed:
+            command.append(f"--resolution {resolved['eval_resolution']}")
+        for key in ("eval_crop", "eval_crop_fraction"):
+            if key in changed and resolved.get(key) is not None:
+                command.append(f"--eval-crop {resolved[key]:g}")
+        command += [f"--data-option {option_word(k, v)}" for k, v in (resolved.get("data_options") or {}).items()]
+        settings = ", ".join(f"{key} {saved.get(key)} in the run, {resolved.get(key)} now" for key in changed)
+        return (
+            f"{str(self.path)!r} holds a trained run that differs only in how it is evaluated ({settings}), which "
+            f"does not change training: to continue it keep its settings; to evaluate it: {' '.join(command)}"
+        )
 
     def _not_a_run(self, saved: dict[str, Any] | None) -> str:
         config = self.path / "config.json"
