@@ -231,6 +231,25 @@ def round_down(value: float, digits: int = 3) -> float:
     return float(f"{units}e{exponent}")
 
 
+def family_of(registry: Registry, patterns: Sequence[str], default: str = "nfnet") -> str:
+    """The family of the models ``patterns`` match (``default`` without patterns or matches).
+
+    Raises:
+        UsageError: the patterns match models of several families.
+    """
+    matched = {
+        s.family
+        for s in registry.architectures
+        if any(fnmatch.fnmatchcase(s.name, p.strip().lower()) for p in patterns)
+    }
+    if len(matched) > 1:
+        raise UsageError(
+            f"--models {','.join(patterns)} matches models of the families {', '.join(sorted(matched))}; a plan "
+            "compares one family: add --family"
+        )
+    return matched.pop() if matched else default
+
+
 def select_models(
     registry: Registry, family: str, patterns: Sequence[str] = (), *, tags: Sequence[str] = ()
 ) -> list[ArchitectureSpec]:
@@ -387,8 +406,11 @@ def pretrain_command(request: PlanRequest, candidate: Candidate, lr: float, out_
 
 
 def run_name(model: str, epochs: float, lr: float) -> str:
-    """Run-directory name of one trial: ``{model}-e{epochs}-lr{alpha}`` (shared by plan, tune-lr and sweep)."""
-    return f"{model}-e{epochs:g}-lr{lr:g}"
+    """Run-directory name of one trial: ``{model}-e{epochs}-lr{alpha}`` (shared by plan, tune-lr and sweep).
+
+    A ``/`` in a model name (``vit-l/16``) becomes ``_``, so each trial is one directory, not a nested one.
+    """
+    return f"{model.replace('/', '_')}-e{epochs:g}-lr{lr:g}"
 
 
 def plan_to_dict(plan: Plan) -> dict[str, object]:

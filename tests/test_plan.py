@@ -240,6 +240,7 @@ def test_plan_table_output(cli_registry: Registry, capsys: pytest.CaptureFixture
     assert main(["plan", "--budget", "0.4k-core-hours"]) == 0
     out = capsys.readouterr().out
     assert "Recommendation: nfnet-f0 for 0.3" in out
+    assert "params and GMACs at 224 px with a 30000-class head" in out  # the counts say what they count
     assert "--lr 1.6" in out and "--lr 0.8" in out
 
 
@@ -477,3 +478,16 @@ def test_plan_passes_data_options_to_the_dataset_and_the_commands(
     # Size, classes and resolution all given: nothing to ask the dataset.
     assert main([*args, "--dataset-size", "200", "--num-classes", "5", "--resolution", "32", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["dataset"]["size"] == 200
+
+
+def test_run_names_never_nest_directories() -> None:
+    assert "/" not in P.run_name("vit-l/16", 1.0, 0.1) and P.run_name("vit-l/16", 1, 0.1) != P.run_name("vit-l-16", 1, 0.1)
+
+
+def test_model_globs_choose_the_family(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["plan", "--budget", "0.05-cpu-hours", "--dataset", "shapes", "--dataset-size", "16384", "--batch-size", "64"]
+    assert main([*args, "--models", "vit-tiny-*", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["family"] == "vit" and all(c["model"].startswith("vit-tiny-") for c in doc["candidates"])
+    assert main([*args, "--models", "vit-tiny-*,nfnet-tiny-*"]) == 2
+    assert "--family" in capsys.readouterr().err  # two families: say which

@@ -158,3 +158,13 @@ def test_finetune_precision_defaults_like_pretraining() -> None:
     assert with_precision(config, "gpu", None)[0].precision == "bf16"
     given = FinetuneConfig(pretrained="x", dataset="colours", out="o", steps=4, precision="bf16")
     assert with_precision(given, "cpu", None) == (given, "given")
+
+
+def test_out_inside_another_runs_checkpoints_is_refused(tmp_path: Path, capsys: Any) -> None:
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"convscale_run": {"kind": "pretrain", "version": "0"}}))
+    for inner in (run / "checkpoints" / "x", run / "tb" / "y"):
+        assert main(_base(inner, "--steps", "1", "--batch-size", "16")) == 2
+        err = capsys.readouterr().err
+        assert "inside" in err and str(run) in err and not inner.exists()

@@ -111,10 +111,12 @@ def finetune(
     checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps (0: on exit only).")] = None,
     log_every: Annotated[int | None, typer.Option(help="Log metrics every N steps.")] = None,
     data_option: Annotated[
-        list[str] | None, typer.Option("--data-option", help="Dataset option key=value, e.g. root=/data (repeat).")
+        list[str] | None,
+        typer.Option("--data-option", metavar="KEY=VALUE", help="Dataset option key=value, e.g. root=/data (repeat)."),
     ] = None,
     set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Any config key=value, e.g. augment.min_area=0.5 (repeat).")
+        list[str] | None,
+        typer.Option("--set", metavar="KEY=VALUE", help="Any config key=value, e.g. augment.min_area=0.5 (repeat)."),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Start over in an --out holding a different run.")] = False,
     workers: Annotated[int | None, typer.Option(help="Input-pipeline worker processes.")] = None,

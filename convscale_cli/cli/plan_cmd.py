@@ -110,10 +110,17 @@ def plan(
     data_option: Annotated[
         list[str] | None,
         typer.Option(
-            "--data-option", help="Dataset option KEY=VALUE, e.g. root=/data/records (repeat); passed to the commands."
+            "--data-option",
+            metavar="KEY=VALUE",
+            help="Dataset option KEY=VALUE, e.g. root=/data/records (repeat); passed to the commands.",
         ),
     ] = None,
-    family: Annotated[str, typer.Option(help="Architecture family of the candidates (nfnet, vit, ...).")] = "nfnet",
+    family: Annotated[
+        str | None,
+        typer.Option(
+            help="Architecture family of the candidates (nfnet, vit, ...; default: that of --models, else nfnet)."
+        ),
+    ] = None,
     models: Annotated[
         str | None, typer.Option(help="Comma-separated globs restricting the candidates, e.g. 'nfnet-tiny-*'.")
     ] = None,
@@ -149,13 +156,14 @@ def plan(
     hw_name = hardware or ("tpu-v4" if parsed.is_flops else parsed.unit)
     hw = get_hardware(hw_name, mfu=mfu)
     registry = get_registry()
+    patterns = tuple(p for p in (models or "").split(",") if p.strip())
     request = planner.PlanRequest(
         budget=parsed,
         hardware=hw,
         dataset=_dataset_plan(registry, dataset, dataset_size, resolution, num_classes, _pairs(data_option)),
-        family=family,
+        family=family or planner.family_of(registry, patterns),
         batch_size=batch_size,
-        models=tuple(p for p in (models or "").split(",") if p.strip()),
+        models=patterns,
         top=top,
     )
     if from_ is not None:
@@ -225,6 +233,7 @@ def _print_plan(plan: "Plan", document: dict[str, Any]) -> None:
         row += [f"{c.lr:g}", f"{c.lr_trials[0]:g}, {c.lr_trials[1]:g}"]
         rows.append(row)
     print_table(None, columns, rows, right=["params", "GMACs", "epochs", "examples", "steps", "% budget"])
+    print(f"params and GMACs at {ds.resolution} px with a {ds.num_classes}-class head")
     best = plan.recommendation
     print(
         f"\nRecommendation: {best.model} for {_fmt_epochs(best.epochs)} epochs "
@@ -285,6 +294,7 @@ def tune_lr(
         list[str] | None,
         typer.Option(
             "--set",
+            metavar="KEY=VALUE",
             help="Further engine config fields as KEY=VALUE (precision=fp32, data_options.size=16384); repeatable.",
         ),
     ] = None,
@@ -357,7 +367,10 @@ def tune_lr(
 def sweep(
     study: Annotated[Path, typer.Argument(help="Study file (TOML), e.g. examples/quickstart.toml.")],
     set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Override a study key as KEY=VALUE (e.g. out=runs/b); repeatable.")
+        list[str] | None,
+        typer.Option(
+            "--set", metavar="KEY=VALUE", help="Override a study key as KEY=VALUE (e.g. out=runs/b); repeatable."
+        ),
     ] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print the decisions as JSON at the end.")] = False,
 ) -> None:

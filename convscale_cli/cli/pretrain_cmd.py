@@ -24,7 +24,16 @@ resumes the run from its newest checkpoint; a finished run says so and exits 0; 
 is refused (naming the differing keys) unless --force. SIGINT/SIGTERM save a checkpoint and exit with code 130; a
 non-finite loss stops the run with exit code 3.
 
-Writes OUT/config.json, OUT/metrics.jsonl, OUT/checkpoints/, OUT/tb/ and, at the end, OUT/summary.json."""
+Writes OUT/config.json, OUT/metrics.jsonl, OUT/checkpoints/, OUT/tb/ and, at the end, OUT/summary.json.
+
+Examples:
+
+\b
+  convscale pretrain --model nfnet-tiny-l1 --dataset shapes --epochs 1 \\
+      --batch-size 64 --lr 25.6 --data-option size=16384 --out runs/l1
+  convscale pretrain --config run.toml --set recipe.weight_decay=1e-5 --out runs/wd
+  convscale pretrain --model nfnet-f0 --dataset imagefolder \\
+      --data-option root=/data/images --budget 2-h100-hours --out runs/f0"""
 
 
 def _parse_pairs(pairs: list[str] | None, prefix: str = "") -> dict[str, Any]:
@@ -43,7 +52,9 @@ def pretrain(
     model: Annotated[str | None, typer.Option(help="Architecture, e.g. nfnet-f0 (see `convscale models`).")] = None,
     dataset: Annotated[str | None, typer.Option(help="Dataset, e.g. shapes (see `convscale datasets`).")] = None,
     out: Annotated[str | None, typer.Option(help="Run directory (created; rerun to resume).")] = None,
-    epochs: Annotated[float | None, typer.Option(help="Duration in passes over the train split (0.25 .. 8).")] = None,
+    epochs: Annotated[
+        float | None, typer.Option(help="Duration in passes over the train split (fractional allowed).")
+    ] = None,
     steps: Annotated[int | None, typer.Option(help="Duration in optimiser steps.")] = None,
     examples: Annotated[int | None, typer.Option(help="Duration in training examples.")] = None,
     budget: Annotated[
@@ -64,23 +75,30 @@ def pretrain(
     ] = None,
     loss: Annotated[str | None, typer.Option(help="softmax or sigmoid cross-entropy.")] = None,
     label_smoothing: Annotated[float | None, typer.Option(help="Softmax label smoothing.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Initialisation, data order and dropout seed.")] = None,
-    eval_every: Annotated[int | None, typer.Option(help="Evaluate every N steps (0: at the end only).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Initialisation, data order and dropout seed (default 0).")] = None,
+    eval_every: Annotated[int | None, typer.Option(help="Evaluate every N steps (default 0: at the end only).")] = None,
     eval_examples: Annotated[int | None, typer.Option(help="Evaluate on the first N held-out examples.")] = None,
-    checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps (0: on exit only).")] = None,
-    checkpoint_minutes: Annotated[float | None, typer.Option(help="...and at least every M minutes.")] = None,
-    keep: Annotated[int | None, typer.Option(help="Checkpoints to keep.")] = None,
-    log_every: Annotated[int | None, typer.Option(help="Log metrics every N steps.")] = None,
+    checkpoint_every: Annotated[
+        int | None, typer.Option(help="Checkpoint every N steps, 0: on exit only (default 1000).")
+    ] = None,
+    checkpoint_minutes: Annotated[
+        float | None, typer.Option(help="...and at least every M minutes (default 30).")
+    ] = None,
+    keep: Annotated[int | None, typer.Option(help="Checkpoints to keep (default 3).")] = None,
+    log_every: Annotated[int | None, typer.Option(help="Log metrics every N steps (default 50).")] = None,
     data_option: Annotated[
-        list[str] | None, typer.Option("--data-option", help="Dataset option key=value, e.g. root=/data (repeat).")
+        list[str] | None,
+        typer.Option("--data-option", metavar="KEY=VALUE", help="Dataset option key=value, e.g. root=/data (repeat)."),
     ] = None,
     set_: Annotated[
         list[str] | None,
-        typer.Option("--set", help="Any config key=value, e.g. recipe.weight_decay=1e-5 (repeat)."),
+        typer.Option(
+            "--set", metavar="KEY=VALUE", help="Any config key=value, e.g. recipe.weight_decay=1e-5 (repeat)."
+        ),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Start over in an --out holding a different run.")] = False,
     fsdp: Annotated[bool, typer.Option("--fsdp", help="Shard params and optimizer state over devices.")] = False,
-    workers: Annotated[int | None, typer.Option(help="Input-pipeline worker processes.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Input-pipeline worker processes (default 0).")] = None,
     hardware: Annotated[str | None, typer.Option(help="Hardware for MFU (default: detected).")] = None,
     coordinator_address: Annotated[
         str | None, typer.Option(help="Multi-host: host:port of process 0 (auto on TPU pods and SLURM).")

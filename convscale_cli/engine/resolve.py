@@ -246,7 +246,8 @@ def header(run: ResolvedRun, precision_why: str, devices: int, backend: str) -> 
     return "\n".join(
         (
             f"pretrain {run.arch.name} on {run.data.name} ({train_size} training examples) -> {config.out}",
-            f"  {duration.steps} steps = {duration.epochs:.4g} epochs of batch {run.batch_size}{budget}",
+            f"  {duration.steps} {'step' if duration.steps == 1 else 'steps'} = {duration.epochs:.4g} epochs of batch "
+            f"{run.batch_size}{budget}",
             f"  peak lr {run.peak_lr:.4g} (alpha {recipe.lr:g} x {run.batch_size}/{recipe.base_batch_size}, "
             f"{recipe.optimizer} {recipe.schedule}), {run.resolution} px",
             f"  precision {precision}; {devices} {backend} {'device' if devices == 1 else 'devices'}",

@@ -98,6 +98,12 @@ class RunDir:
         self.kind = kind
         if self.path.exists() and not self.path.is_dir():
             raise UsageError(f"--out {str(self.path)!r} is a file, expected a run directory")
+        for parent in self.path.absolute().parents:  # a run's checkpoints are rotated and --force clears tb/
+            if parent.name in _RUN_DIRS and is_run_config(read_json(parent.parent / "config.json")):
+                raise UsageError(
+                    f"--out {str(self.path)!r} is inside {str(parent)!r}, which the run in {str(parent.parent)!r} "
+                    "manages and deletes from; choose a directory outside it"
+                )
 
     @property
     def checkpoints(self) -> Path:
