@@ -481,11 +481,13 @@ def test_plan_passes_data_options_to_the_dataset_and_the_commands(
 
 
 def test_run_names_never_nest_directories() -> None:
-    assert "/" not in P.run_name("vit-l/16", 1.0, 0.1) and P.run_name("vit-l/16", 1, 0.1) != P.run_name("vit-l-16", 1, 0.1)
+    name = P.run_name("vit-l/16", 1.0, 0.1)
+    assert "/" not in name and name != P.run_name("vit-l-16", 1, 0.1)
 
 
 def test_model_globs_choose_the_family(capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["plan", "--budget", "0.05-cpu-hours", "--dataset", "shapes", "--dataset-size", "16384", "--batch-size", "64"]
+    args = ["plan", "--budget", "0.05-cpu-hours", "--dataset", "shapes", "--dataset-size", "16384"]
+    args += ["--batch-size", "64"]
     assert main([*args, "--models", "vit-tiny-*", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["family"] == "vit" and all(c["model"].startswith("vit-tiny-") for c in doc["candidates"])
