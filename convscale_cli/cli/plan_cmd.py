@@ -124,7 +124,10 @@ def plan(
     models: Annotated[
         str | None, typer.Option(help="Comma-separated globs restricting the candidates, e.g. 'nfnet-tiny-*'.")
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="Global batch size (the lr alpha is quoted at 4096).")] = 4096,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(help="Global batch size (default: the --from runs' batch, else the paper's 4096)."),
+    ] = None,
     from_: Annotated[
         Path | None,
         typer.Option("--from", help="Runs directory: fit L(N, D) to its finished runs and rank by predicted loss."),
@@ -157,11 +160,19 @@ def plan(
     hw = get_hardware(hw_name, mfu=mfu)
     registry = get_registry()
     patterns = tuple(p for p in (models or "").split(",") if p.strip())
+    family = family or planner.family_of(registry, patterns)
+    if batch_size is None:
+        from_runs = None
+        if from_ is not None:
+            from convscale_cli.plan_fit import runs_batch_size
+
+            from_runs = runs_batch_size(from_, family)
+        batch_size = from_runs or planner.PAPER_BATCH_SIZE
     request = planner.PlanRequest(
         budget=parsed,
         hardware=hw,
         dataset=_dataset_plan(registry, dataset, dataset_size, resolution, num_classes, _pairs(data_option)),
-        family=family or planner.family_of(registry, patterns),
+        family=family,
         batch_size=batch_size,
         models=patterns,
         top=top,
@@ -242,6 +253,7 @@ def _print_plan(plan: "Plan", document: dict[str, Any]) -> None:
     )
     for command in document["recommendation"]["commands"]:
         print(f"  {command}")
+    print(f"lr: {best.lr_source}")
     outside = sorted({what for c in plan.candidates for what in c.extrapolated_in})
     if fitted and outside:
         print(f"* {' or '.join(outside)} outside the fitted runs' range: the prediction extrapolates")
