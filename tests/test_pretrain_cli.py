@@ -168,3 +168,17 @@ def test_out_inside_another_runs_checkpoints_is_refused(tmp_path: Path, capsys: 
         assert main(_base(inner, "--steps", "1", "--batch-size", "16")) == 2
         err = capsys.readouterr().err
         assert "inside" in err and str(run) in err and not inner.exists()
+
+
+def test_live_bar_keeps_step_counter_and_eta_at_80_columns() -> None:
+    import io
+
+    from convscale_cli.engine.progress import Progress
+
+    stream = io.StringIO()  # not a terminal: Rich renders it 80 columns wide
+    fields = {"epoch": 1.2345, "loss": 5.4321, "img/s": 1234.5, "mfu": 0.01234, "core-h": 1.23e-5}
+    with Progress(12000, mode="rich", stream=stream) as progress:
+        progress.update(3712, {**fields, "budget": "0.0123 cpu-hours / 0.1 cpu-hours"})
+    last = [line for line in stream.getvalue().splitlines() if "3712" in line][-1]
+    assert "3712/12000" in last and ("-:--:--" in last or re.search(r"\d:\d\d:\d\d", last))
+    assert len(last) <= 80 and "loss" in last
