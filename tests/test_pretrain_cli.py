@@ -81,6 +81,7 @@ def test_config_file_flags_and_overrides_then_finished_message(tmp_path: Path, c
         (["--epochs", "1", "--steps", "4"], "give one duration, not epochs and steps"),
         (["--epochs", "1", "--data-option", "root=/nowhere"], "unknown colours data option 'root'"),
         (["--epochs", "1", "--data-option", "size=abc"], "colours data option size = 'abc' has the wrong type"),
+        (["--epochs", "1", "--tracker", "wandbb"], "unknown tracker 'wandbb'"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path: Path, capsys: Any, extra: list[str], needle: str) -> None:

@@ -118,6 +118,14 @@ def finetune(
         list[str] | None,
         typer.Option("--set", metavar="KEY=VALUE", help="Any config key=value, e.g. augment.min_area=0.5 (repeat)."),
     ] = None,
+    tracker: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--tracker",
+            metavar="NAME",
+            help="Experiment tracker besides metrics.jsonl: tensorboard (default), wandb, mlflow (repeat).",
+        ),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Start over in an --out holding a different run.")] = False,
     workers: Annotated[int | None, typer.Option(help="Input-pipeline worker processes.")] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print summary.json to stdout at the end.")] = False,
@@ -157,6 +165,8 @@ def finetune(
         "worker_count": workers,
     }
     overrides = {k: v for k, v in flags.items() if v is not None}
+    if tracker:
+        overrides["trackers"] = list(tracker)
     if force:
         overrides["force"] = True
     if scratch:

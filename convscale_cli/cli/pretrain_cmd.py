@@ -96,6 +96,14 @@ def pretrain(
             "--set", metavar="KEY=VALUE", help="Any config key=value, e.g. recipe.weight_decay=1e-5 (repeat)."
         ),
     ] = None,
+    tracker: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--tracker",
+            metavar="NAME",
+            help="Experiment tracker besides metrics.jsonl: tensorboard (default), wandb, mlflow (repeat).",
+        ),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Start over in an --out holding a different run.")] = False,
     fsdp: Annotated[bool, typer.Option("--fsdp", help="Shard params and optimizer state over devices.")] = False,
     workers: Annotated[int | None, typer.Option(help="Input-pipeline worker processes (default 0).")] = None,
@@ -139,6 +147,8 @@ def pretrain(
         "process_id": process_id,
     }
     overrides = {k: v for k, v in flags.items() if v is not None}
+    if tracker:
+        overrides["trackers"] = list(tracker)
     if force:
         overrides["force"] = True
     if fsdp:

@@ -30,8 +30,9 @@ from convscale_cli.engine.mesh import init_distributed
 from convscale_cli.engine.progress import Progress
 from convscale_cli.engine.resolve import ResolvedRun, header, resolve, resolved_dict, with_precision
 from convscale_cli.engine.rundir import MetricsLog, RunDir
+from convscale_cli.engine.tracking import choose_trackers, open_trackers
 from convscale_cli.errors import RunInterrupted
-from convscale_cli.registry import Registry, head_params
+from convscale_cli.registry import Registry, TrackerSpec, head_params
 
 BARRIER_TIMEOUT_S = 600  # how long processes wait for each other at a named sync point (first compiles included)
 _barriers = itertools.count()  # barrier keys must be unique; every process passes the same sync points in order
@@ -99,6 +100,7 @@ def pretrain(config: PretrainConfig, registry: Registry | None = None, *, pipeli
     rundir = RunDir(config.out, primary=primary)
     config, precision_why = with_precision(config, jax.default_backend(), rundir.saved_config())
     run = resolve(config, registry)
+    trackers = choose_trackers(registry, config.trackers, tensorboard=config.tensorboard)  # before compiling
     resolved = resolved_dict(run)
     resuming = rundir.prepare(resolved, force=config.force)
     progress = Progress(run.duration.steps, mode=config.progress if primary else "none")
@@ -129,7 +131,7 @@ def pretrain(config: PretrainConfig, registry: Registry | None = None, *, pipeli
     try:
         with rng_mode:
             try:
-                return _train(config, run, rundir, resolved, progress, pipeline, built, ledger, checkpoints)
+                return _train(config, run, rundir, resolved, progress, pipeline, built, ledger, checkpoints, trackers)
             except loop.RestoredCheckpointDiverged as exc:
                 # Corruption the checksums cannot see (a step saved before them, or damaged before it was sealed)
                 # shows as a loss that is non-finite at once; a run that diverges later keeps its checkpoints.
@@ -140,10 +142,15 @@ def pretrain(config: PretrainConfig, registry: Registry | None = None, *, pipeli
                     stacklevel=2,
                 )
                 checkpoints.set_aside([exc.step])
-                return _train(config, run, rundir, resolved, progress, pipeline, built, ledger, checkpoints)
+                return _train(config, run, rundir, resolved, progress, pipeline, built, ledger, checkpoints, trackers)
     finally:
         with interrupts.deferred():  # pending saves complete even when a signal arrives now
             checkpoints.close()
+
+
+def primary_process() -> bool:
+    """Whether this process writes the run's files and trackers (process 0)."""
+    return jax.process_index() == 0
 
 
 def _sync(name: str) -> None:
@@ -190,6 +197,7 @@ def _train(
     built: Built,
     ledger: Ledger,
     checkpoints: Checkpoints,
+    trackers: list[TrackerSpec],
 ) -> dict[str, Any]:
     state, start_step, data_state, ledger = _restore_or_init(config, rundir, progress, built, ledger, checkpoints)
     eval_source = run.data.open("eval", **config.data_options)
@@ -227,7 +235,7 @@ def _train(
     )
     if data_state:
         loader.set_state(data_state)
-    log = MetricsLog(rundir, tensorboard=config.tensorboard)
+    log = MetricsLog(rundir, trackers=open_trackers(trackers, rundir.path, resolved) if primary_process() else [])
     ctx = loop.LoopContext(
         restored_step=start_step if start_step else None,
         run=run,

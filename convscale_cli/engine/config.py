@@ -40,6 +40,7 @@ MUTABLE_KEYS = frozenset(
         "hardware",
         "peak_flops",
         "tensorboard",
+        "trackers",
         "progress",
     }
 )
@@ -98,7 +99,10 @@ class PretrainConfig:
     checkpoint_minutes: float = 30.0  # and at least every M minutes of wall time (0: off)
     keep: int = 3  # checkpoints kept (the newest K); older ones are deleted after a newer save completes
     log_every: int = 50  # metrics.jsonl / progress every N steps
-    tensorboard: bool = True  # TensorBoard events when tensorboardX is importable
+    tensorboard: bool = True  # the default tracker: TensorBoard events in RUN/tb (false: off)
+    # Experiment trackers besides RUN/metrics.jsonl (always written), by registered name: tensorboard, wandb, mlflow,
+    # or a plugin's (the register_trackers hook). None: tensorboard when installed (engine.tracking.choose_trackers).
+    trackers: tuple[str, ...] | None = None
     progress: Literal["auto", "rich", "plain", "none"] = "auto"  # Rich on a TTY, plain lines otherwise
 
     # --- hardware and scale-out ------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ Layout::
     RUN/metrics.jsonl    one JSON object per log / eval point
     RUN/ledger.json      the live compute ledger (heartbeat; charges time lost to a crash on resume)
     RUN/checkpoints/     Orbax checkpoints: <step>/{state,data,ledger}
-    RUN/tb/              TensorBoard events (when tensorboardX is installed)
+    RUN/tb/              TensorBoard events (the default tensorboard tracker)
     RUN/summary.json     written when the run ends: status "finished", "budget" or "interrupted"
 
 A run is resumed by running the same command again (big_vision: always resume from the workdir). ``config.json``
@@ -23,11 +23,14 @@ import os
 import shlex
 import shutil
 import tempfile
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from convscale_cli.config import diff, option_word
 from convscale_cli.engine.config import MUTABLE_KEYS
+from convscale_cli.engine.tracking import TrackerWarning, close_trackers
 from convscale_cli.errors import CheckpointError, UsageError
 
 # Settings of the held-out evaluation only: a trained run that differs in nothing else is evaluated with
@@ -267,19 +270,16 @@ def _append(path: Path) -> Any:
 
 
 class MetricsLog:
-    """Appends records to ``metrics.jsonl`` and, when tensorboardX is importable, TensorBoard scalars."""
+    """Appends records to ``metrics.jsonl`` and sends their scalars to the run's open trackers.
 
-    def __init__(self, run: RunDir, *, tensorboard: bool) -> None:
+    A tracker that fails while logging is closed and dropped with a warning: training goes on, and ``metrics.jsonl``
+    stays the complete record.
+    """
+
+    def __init__(self, run: RunDir, *, trackers: Sequence[tuple[str, Any]] = ()) -> None:
         self.run = run
         self._file = _append(run.metrics) if run.primary else None
-        self._tb: Any = None
-        if run.primary and tensorboard:
-            try:
-                from tensorboardX import SummaryWriter
-            except ImportError:
-                pass
-            else:
-                self._tb = SummaryWriter(str(run.path / "tb"))
+        self._trackers = list(trackers) if run.primary else []
 
     def write(self, record: dict[str, Any]) -> None:
         """One record: must hold ``step`` and ``split`` (``train`` or ``eval``)."""
@@ -287,15 +287,18 @@ class MetricsLog:
             return
         self._file.write(json.dumps(record, default=float) + "\n")
         self._file.flush()
-        if self._tb is not None:
-            for key, value in record.items():
-                if key not in ("step", "split") and isinstance(value, (int, float)):
-                    self._tb.add_scalar(f"{record['split']}/{key}", value, record["step"])
+        scalars = {k: v for k, v in record.items() if k not in ("step", "split") and isinstance(v, (int, float))}
+        for name, tracker in list(self._trackers):
+            try:
+                tracker.log_metrics(int(record["step"]), str(record["split"]), scalars)
+            except Exception as exc:  # never lose a run to its tracker
+                warnings.warn(f"tracker {name!r} dropped: {type(exc).__name__}: {exc}", TrackerWarning, stacklevel=2)
+                self._trackers.remove((name, tracker))
+                close_trackers([(name, tracker)])
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        close_trackers(self._trackers)
+        self._trackers = []

@@ -32,12 +32,13 @@ from convscale_cli.engine.progress import Progress
 from convscale_cli.engine.resolve import with_precision
 from convscale_cli.engine.rundir import MetricsLog, RunDir
 from convscale_cli.engine.state import TrainState
+from convscale_cli.engine.tracking import choose_trackers, open_trackers
 from convscale_cli.errors import RunInterrupted, UsageError
 from convscale_cli.finetune.backbone import abstract_params, load_params
 from convscale_cli.finetune.config import FinetuneConfig
 from convscale_cli.finetune.resolve import FinetuneRun, resolve, resolved_dict
 from convscale_cli.finetune.step import finetune_step
-from convscale_cli.registry import Registry
+from convscale_cli.registry import Registry, TrackerSpec
 
 
 def finetune(
@@ -68,6 +69,7 @@ def finetune(
     rundir = RunDir(config.out, kind="finetune")
     config, precision_why = with_precision(config, jax.default_backend(), rundir.saved_config())
     run = resolve(config, registry)
+    trackers = choose_trackers(registry, config.trackers, tensorboard=config.tensorboard)  # before compiling
     resolved = resolved_dict(run)
     resuming = rundir.prepare(resolved, force=config.force)
     progress = Progress(run.duration.steps, mode=config.progress)
@@ -165,6 +167,7 @@ def finetune(
             shardings,
             checkpoints,
             start,
+            trackers,
         )
     finally:
         with interrupts.deferred():  # pending saves complete even when a signal arrives now
@@ -185,6 +188,7 @@ def _train(
     shardings: Any,
     checkpoints: Checkpoints,
     start: tuple[int, Any, dict[str, Any] | None, Ledger],
+    trackers: list[TrackerSpec],
 ) -> dict[str, Any]:
     config = run.config
     start_step, state, data_state, ledger = start
@@ -254,7 +258,7 @@ def _train(
     )
     if data_state:
         loader.set_state(data_state)
-    log = MetricsLog(rundir, tensorboard=config.tensorboard)
+    log = MetricsLog(rundir, trackers=open_trackers(trackers, rundir.path, resolved))
     ctx = loop.LoopContext(
         run=run,
         rundir=rundir,

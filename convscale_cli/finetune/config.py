@@ -96,6 +96,7 @@ class FinetuneConfig:
     keep: int = 3
     log_every: int = 50
     tensorboard: bool = True
+    trackers: tuple[str, ...] | None = None  # as in pre-training: besides metrics.jsonl; None: tensorboard
     progress: Literal["auto", "rich", "plain", "none"] = "auto"
     worker_count: int = 0
     hardware: str | None = None
