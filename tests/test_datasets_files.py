@@ -148,3 +148,16 @@ def test_convert_output_has_the_umask_modes(tmp_path, umask):
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask
     for path in out.iterdir():
         assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path.name
+
+
+def test_convert_without_val_says_training_will_need_a_held_out_split(tmp_path):
+    import shutil
+
+    root = make_folder(tmp_path / "imgs")
+    shutil.rmtree(root / "val")
+    result = CliRunner().invoke(app, ["data", "convert", str(root), "--out", str(tmp_path / "ar")])
+    assert result.exit_code == 0, result.output
+    assert "no val/ split" in result.output and "held-out" in result.output and f"{root}/val/" in result.output
+    result = CliRunner().invoke(app, ["data", "convert", str(root), "--out", str(tmp_path / "ar2"), "--json"])
+    doc = json.loads(result.stdout)
+    assert doc["counts"] == {"train": 12} and any("no val/ split" in note for note in doc["notes"])
