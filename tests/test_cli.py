@@ -176,3 +176,18 @@ def test_pretrain_help_gives_examples_and_defaults(capsys: pytest.CaptureFixture
     for key in ("eval_every", "checkpoint_every", "keep", "log_every", "seed", "worker_count"):
         assert f"(default {defaults[key]:g})" in text or f"(default: {defaults[key]:g})" in text, key
     assert f"(default {defaults['checkpoint_minutes']:g})" in text
+
+
+def test_pretrain_dry_run_prints_the_resolved_run_without_jax(tmp_path) -> None:  # noqa: ANN001
+    out = tmp_path / "run"
+    args = ["pretrain", "--model", "nfnet-tiny-l1", "--dataset", "shapes", "--data-option", "size=1024", "--steps", "5",
+            "--batch-size", "64", "--lr", "25.6", "--out", str(out), "--dry-run"]  # fmt: skip
+    assert _imported_top_level(args, HEAVY) == [""]  # nothing compiles, nothing imports jax
+    assert not out.exists()
+    result = _run([*args, "--json"])
+    assert result.returncode == 0, result.stderr
+    resolved = json.loads(result.stdout)
+    assert resolved["derived"]["total_steps"] == 5 and resolved["derived"]["total_examples"] == 320
+    assert resolved["derived"]["peak_lr"] == pytest.approx(25.6 * 64 / 4096)
+    text = _run(args).stdout
+    assert "pretrain nfnet-tiny-l1 on shapes" in text and "5 steps" in text and "peak lr 0.4" in text

@@ -6,12 +6,15 @@ flags, then ``--set`` overrides) and calls :func:`convscale_cli.engine.api.pretr
 """
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from convscale_cli.cli import app
 from convscale_cli.cli._output import print_json, progress_to_stderr
+
+if TYPE_CHECKING:
+    from convscale_cli.engine.config import PretrainConfig
 
 _HELP = """Pre-train a model on a dataset with its family's recipe (Smith et al. 2023: SGD + Nesterov + AGC,
 cosine schedule; bf16 activations on GPU/TPU, fp32 on CPU).
@@ -113,7 +116,15 @@ def pretrain(
     ] = None,
     num_processes: Annotated[int | None, typer.Option(help="Multi-host: number of processes.")] = None,
     process_id: Annotated[int | None, typer.Option(help="Multi-host: this process's index.")] = None,
-    json_: Annotated[bool, typer.Option("--json", help="Print summary.json to stdout at the end.")] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="Print the resolved run (steps, examples, peak lr, every default) and exit: no compiling."
+        ),
+    ] = False,
+    json_: Annotated[
+        bool, typer.Option("--json", help="Print summary.json (with --dry-run: the resolved config) to stdout.")
+    ] = False,
 ) -> None:
     from convscale_cli.config import config_table, from_dict, load_toml, merge
     from convscale_cli.engine.config import PretrainConfig
@@ -164,9 +175,26 @@ def pretrain(
     overrides.update(_parse_pairs(data_option, prefix="data_options."))
     overrides.update(_parse_pairs(set_))
     run_config = from_dict(PretrainConfig, merge(data, overrides))
+    if dry_run:
+        _dry_run(run_config, json_)
+        return
     from convscale_cli.engine.api import pretrain as run_pretrain  # jax: only once there is something to train
 
     with progress_to_stderr(json_):
         summary = run_pretrain(run_config)
     if json_:
         print_json(summary)
+
+
+def _dry_run(config: "PretrainConfig", json_: bool) -> None:
+    """The run as ``config.json`` would record it, resolved without jax (so without choosing the devices)."""
+    from convscale_cli.engine.resolve import header, resolve, resolved_dict
+    from convscale_cli.plugins import get_registry
+
+    run = resolve(config, get_registry())
+    if json_:
+        print_json(resolved_dict(run))
+        return
+    why = "given" if config.precision is not None else "none given: fp32 on CPU, bf16 on GPU/TPU"
+    print(header(run, why, None, None))
+    print(f"  {run.duration.examples} training examples; nothing compiled, {config.out} not created (--dry-run)")

@@ -237,12 +237,16 @@ def resolved_dict(run: ResolvedRun) -> dict[str, Any]:
     return out
 
 
-def header(run: ResolvedRun, precision_why: str, devices: int, backend: str) -> str:
-    """What is about to run, printed before anything compiles (the first compile takes minutes on CPU)."""
+def header(run: ResolvedRun, precision_why: str, devices: int | None, backend: str | None) -> str:
+    """What is about to run, printed before anything compiles (the first compile takes minutes on CPU).
+
+    ``devices`` None (a dry run, which never starts jax) leaves the devices out.
+    """
     config, duration, recipe = run.config, run.duration, run.recipe
     train_size = int(run.info.split_sizes.get("train", 0))
     budget = f"; stops at budget {config.budget}" if config.budget else ""
-    precision = config.precision if precision_why == "given" else f"{config.precision} ({precision_why})"
+    chosen = config.precision or "auto"
+    precision = chosen if precision_why == "given" else f"{chosen} ({precision_why})"
     return "\n".join(
         (
             f"pretrain {run.arch.name} on {run.data.name} ({train_size} training examples) -> {config.out}",
@@ -250,6 +254,7 @@ def header(run: ResolvedRun, precision_why: str, devices: int, backend: str) -> 
             f"{run.batch_size}{budget}",
             f"  peak lr {run.peak_lr:.4g} (alpha {recipe.lr:g} x {run.batch_size}/{recipe.base_batch_size}, "
             f"{recipe.optimizer} {recipe.schedule}), {run.resolution} px",
-            f"  precision {precision}; {devices} {backend} {'device' if devices == 1 else 'devices'}",
+            f"  precision {precision}"
+            + ("" if devices is None else f"; {devices} {backend} {'device' if devices == 1 else 'devices'}"),
         )
     )
