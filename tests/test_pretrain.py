@@ -289,3 +289,19 @@ def test_failed_background_save_is_raised(registry: Any, tmp_path: Path, monkeyp
     with pytest.raises(CheckpointError, match=r"at step 8 failed .*the checkpoint of step 4 is intact"):
         pretrain(helpers.config(out, log_every=2), registry)
     assert 8 not in [int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()]
+
+
+def test_initial_checkpoint_starts_from_its_parameters_not_its_optimizer(registry: Any, tmp_path: Path) -> None:
+    first = pretrain(helpers.config(tmp_path / "a", steps=4), registry)
+    # A step at a negligible lr barely moves the weights: the run starts from the checkpoint's parameters...
+    config = helpers.config(tmp_path / "b", steps=1, lr=1e-12, initial_checkpoint=str(tmp_path / "a"))
+    second = pretrain(config, registry)
+    before, after = helpers.final_params(tmp_path / "a"), helpers.final_params(tmp_path / "b")
+    assert before.keys() == after.keys()
+    for key in before:
+        np.testing.assert_allclose(after[key], before[key], atol=1e-6, err_msg=key)
+    # ... with a fresh optimizer and step counter, and the run records where it started.
+    assert second["steps"] == 1 and second["final"]["eval_loss"] == pytest.approx(first["final"]["eval_loss"], abs=1e-4)
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["initial_checkpoint"] == str(tmp_path / "a")
+    with pytest.raises(UsageError, match="initial_checkpoint .* holds a tiny-cnn with 4 classes"):
+        pretrain(helpers.config(tmp_path / "c", num_classes=6, initial_checkpoint=str(tmp_path / "a")), registry)

@@ -99,6 +99,10 @@ def pretrain(
             "--set", metavar="KEY=VALUE", help="Any config key=value, e.g. recipe.weight_decay=1e-5 (repeat)."
         ),
     ] = None,
+    initial_checkpoint: Annotated[
+        str | None,
+        typer.Option(help="Start from this run's, checkpoint's or weights' parameters (fresh optimizer, step 0)."),
+    ] = None,
     tracker: Annotated[
         list[str] | None,
         typer.Option(
@@ -156,6 +160,7 @@ def pretrain(
         "coordinator_address": coordinator_address,
         "num_processes": num_processes,
         "process_id": process_id,
+        "initial_checkpoint": initial_checkpoint,
     }
     overrides = {k: v for k, v in flags.items() if v is not None}
     if tracker:

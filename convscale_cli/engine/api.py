@@ -8,11 +8,13 @@ writes ``summary.json``. Usable from a notebook: pass a registry to train models
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import itertools
 import platform
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -31,7 +33,7 @@ from convscale_cli.engine.progress import Progress
 from convscale_cli.engine.resolve import ResolvedRun, header, resolve, resolved_dict, with_precision
 from convscale_cli.engine.rundir import MetricsLog, RunDir
 from convscale_cli.engine.tracking import choose_trackers, open_trackers
-from convscale_cli.errors import RunInterrupted
+from convscale_cli.errors import RunInterrupted, UsageError
 from convscale_cli.registry import Registry, TrackerSpec, head_params
 
 BARRIER_TIMEOUT_S = 600  # how long processes wait for each other at a named sync point (first compiles included)
@@ -115,6 +117,7 @@ def pretrain(config: PretrainConfig, registry: Registry | None = None, *, pipeli
         return previous
     _sync("prepared")
     rundir.remove_summary()
+    initial = functools.partial(_initial_params, config, run, registry) if config.initial_checkpoint else None
     progress.message(header(run, precision_why, jax.device_count(), jax.default_backend()))
 
     enable_compilation_cache()
@@ -131,7 +134,9 @@ def pretrain(config: PretrainConfig, registry: Registry | None = None, *, pipeli
     try:
         with rng_mode:
             try:
-                return _train(config, run, rundir, resolved, progress, pipeline, built, ledger, checkpoints, trackers)
+                return _train(
+                    config, run, rundir, resolved, progress, pipeline, built, ledger, checkpoints, trackers, initial
+                )
             except loop.RestoredCheckpointDiverged as exc:
                 # Corruption the checksums cannot see (a step saved before them, or damaged before it was sealed)
                 # shows as a loss that is non-finite at once; a run that diverges later keeps its checkpoints.
@@ -142,7 +147,9 @@ def pretrain(config: PretrainConfig, registry: Registry | None = None, *, pipeli
                     stacklevel=2,
                 )
                 checkpoints.set_aside([exc.step])
-                return _train(config, run, rundir, resolved, progress, pipeline, built, ledger, checkpoints, trackers)
+                return _train(
+                    config, run, rundir, resolved, progress, pipeline, built, ledger, checkpoints, trackers, initial
+                )
     finally:
         with interrupts.deferred():  # pending saves complete even when a signal arrives now
             checkpoints.close()
@@ -165,13 +172,52 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def _initial_params(config: PretrainConfig, run: ResolvedRun, registry: Registry) -> Any:
+    """The parameters of ``config.initial_checkpoint``, checked against this run's model and classifier.
+
+    Raises:
+        UsageError: the checkpoint holds another architecture or classifier size.
+        CheckpointError: it is not a checkpoint, or a tensor does not fit (named).
+    """
+    from convscale_cli.loading import load
+
+    path = config.initial_checkpoint
+    loaded = load(str(path), ema=False, precision="fp32", registry=registry, what="initial_checkpoint")
+    if loaded.spec.name != run.arch.name or loaded.num_classes != run.num_classes:
+        raise UsageError(
+            f"initial_checkpoint {path!r} holds a {loaded.spec.name} with {loaded.num_classes} classes; this run "
+            f"trains a {run.arch.name} with {run.num_classes}"
+        )
+    return loaded.params
+
+
 def _restore_or_init(
-    config: PretrainConfig, rundir: RunDir, progress: Progress, built: Built, ledger: Ledger, checkpoints: Checkpoints
+    config: PretrainConfig,
+    rundir: RunDir,
+    progress: Progress,
+    built: Built,
+    ledger: Ledger,
+    checkpoints: Checkpoints,
+    initial: Callable[[], Any] | None = None,
 ) -> tuple[Any, int, dict[str, Any] | None, Ledger]:
-    """``(state, start_step, data_state, ledger)`` from the newest readable checkpoint, or a fresh state."""
+    """``(state, start_step, data_state, ledger)`` from the newest readable checkpoint, else a fresh state (from
+    ``initial()``'s parameters when given)."""
     restored = checkpoints.restore(built.abstract)
     if restored is None:
         rundir.truncate_metrics(0)
+        if initial is not None:
+            params = initial()
+            want = jax.tree_util.tree_map(lambda a: (a.shape, str(a.dtype)), built.abstract.params)
+            got = jax.tree_util.tree_map(lambda a: (tuple(np.shape(a)), str(np.asarray(a).dtype)), params)
+            if want != got:
+                raise UsageError(
+                    f"initial_checkpoint {config.initial_checkpoint!r} does not fit this run's model (other build "
+                    "options or resolution-dependent shapes); train from it with matching --set model_options"
+                )
+            with ledger.timed("compile"):
+                state = jax.block_until_ready(jax.device_put(built.from_params(params), built.shardings))
+            progress.message(f"initialised from {config.initial_checkpoint} (parameters only: a fresh optimizer)")
+            return state, 0, None, ledger
         with ledger.timed("compile"):
             state = jax.block_until_ready(built.fresh_state())
         return state, 0, None, ledger
@@ -198,8 +244,11 @@ def _train(
     ledger: Ledger,
     checkpoints: Checkpoints,
     trackers: list[TrackerSpec],
+    initial: Callable[[], Any] | None = None,
 ) -> dict[str, Any]:
-    state, start_step, data_state, ledger = _restore_or_init(config, rundir, progress, built, ledger, checkpoints)
+    state, start_step, data_state, ledger = _restore_or_init(
+        config, rundir, progress, built, ledger, checkpoints, initial
+    )
     eval_source = run.data.open("eval", **config.data_options)
     if config.eval_examples is not None:
         eval_source = _Head(eval_source, config.eval_examples)

@@ -91,6 +91,9 @@ class PretrainConfig:
     # on CPU (XLA emulates bf16 arithmetic there: slower than fp32) and bf16 on accelerators (default_precision).
     precision: Precision | None = None
     seed: int = 0  # initialisation, data order and dropout
+    # Start from the parameters of this run, checkpoint or weights checkpoint (timm's --initial-checkpoint): a fresh
+    # optimizer, schedule and step counter. A run that has saved its own checkpoint resumes from that instead.
+    initial_checkpoint: str | None = None
 
     # --- evaluation, checkpoints, logging --------------------------------------------------------------------------
     eval_every: int = 0  # held-out eval every N steps (0: only at the end)
