@@ -282,3 +282,35 @@ def test_recipe_masks_match_real_parameter_names(spec: object) -> None:
         assert len(excluded) == 1 and excluded[0][1][-1] == 7, excluded  # the classifier weight only
     no_decay = jax.tree_util.tree_leaves(path_mask(recipe.no_decay, match=True)(params))
     assert 0 < sum(no_decay) < len(no_decay)
+
+
+def test_gradient_accumulation_is_the_large_batch_update() -> None:
+    import _engine_helpers as helpers
+
+    from convscale_cli.engine.state import TrainState
+    from convscale_cli.engine.step import train_step
+
+    model = helpers.build_tiny(4)
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": jnp.asarray(rng.integers(0, 255, (8, 8, 8, 3)), jnp.uint8),
+        "label": jnp.asarray(rng.integers(0, 4, 8), jnp.int32),
+        "mask": jnp.asarray([1, 1, 1, 1, 1, 0, 0, 0], jnp.float32),  # a padded final batch: the mean is over 5
+    }
+    params = model.init({"params": jax.random.key(0)}, jnp.zeros((1, 8, 8, 3)), train=False)["params"]
+    tx = optax.sgd(0.5, momentum=0.9)
+    kwargs = dict(model=model, tx=tx, schedule=optax.constant_schedule(0.5), loss="softmax", num_classes=4,
+                  normalize=lambda x: x.astype(jnp.float32) / 255.0)  # fmt: skip
+    outs = {}
+    for k in (1, 2, 4):
+        state = TrainState.create(params, tx, jax.random.key(1))
+        for _ in range(2):  # twice: the optimiser state carries the accumulated gradient too
+            state, metrics = train_step(state, batch, accum_steps=k, **kwargs)
+        outs[k] = (state, metrics)
+    for k in (2, 4):
+        for a, b in zip(jax.tree.leaves(outs[1][0].params), jax.tree.leaves(outs[k][0].params), strict=True):
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+        for key in ("loss", "top1", "grad_norm", "examples"):
+            np.testing.assert_allclose(outs[k][1][key], outs[1][1][key], rtol=1e-5, err_msg=key)
+    with pytest.raises(ValueError, match="batch of 8 examples into 3 micro-batches"):
+        train_step(TrainState.create(params, tx, jax.random.key(1)), batch, accum_steps=3, **kwargs)

@@ -183,3 +183,15 @@ def test_live_bar_keeps_step_counter_and_eta_at_80_columns() -> None:
     last = [line for line in stream.getvalue().splitlines() if "3712" in line][-1]
     assert "3712/12000" in last and ("-:--:--" in last or re.search(r"\d:\d\d:\d\d", last))
     assert len(last) <= 80 and "loss" in last
+
+
+def test_grad_accum_steps_trains_like_the_large_batch(tmp_path: Path, capsys: Any) -> None:
+    common = ["--steps", "3", "--batch-size", "16", "--set", "progress=plain", "--json"]
+    assert main(_base(tmp_path / "one", *common)) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert main(_base(tmp_path / "two", *common, "--grad-accum-steps", "2")) == 0
+    two = json.loads(capsys.readouterr().out)
+    assert two["final"]["eval_loss"] == pytest.approx(one["final"]["eval_loss"], rel=1e-4)
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["grad_accum_steps"] == 2
+    assert main(_base(tmp_path / "bad", *common, "--grad-accum-steps", "3")) == 2
+    assert "does not split into 3 micro-batches" in capsys.readouterr().err

@@ -103,6 +103,10 @@ def pretrain(
         str | None,
         typer.Option(help="Start from this run's, checkpoint's or weights' parameters (fresh optimizer, step 0)."),
     ] = None,
+    grad_accum_steps: Annotated[
+        int | None,
+        typer.Option(help="Micro-batches per step whose gradients sum to the batch's: less memory (default 1)."),
+    ] = None,
     tracker: Annotated[
         list[str] | None,
         typer.Option(
@@ -161,6 +165,7 @@ def pretrain(
         "num_processes": num_processes,
         "process_id": process_id,
         "initial_checkpoint": initial_checkpoint,
+        "grad_accum_steps": grad_accum_steps,
     }
     overrides = {k: v for k, v in flags.items() if v is not None}
     if tracker:

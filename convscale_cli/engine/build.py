@@ -29,7 +29,7 @@ from convscale_cli.engine.optim import INJECTED_SCHEDULES, make_optimizer, recip
 from convscale_cli.engine.resolve import ResolvedRun
 from convscale_cli.engine.state import TrainState
 from convscale_cli.engine.step import eval_step, train_step
-from convscale_cli.errors import DataError
+from convscale_cli.errors import DataError, UsageError
 from convscale_cli.recipe import Recipe
 
 
@@ -86,6 +86,12 @@ def build(config: PretrainConfig, run: ResolvedRun) -> Built:
     """
     mesh = make_mesh()
     check_batch(run.batch_size, mesh, jax.process_count())
+    accum = config.grad_accum_steps
+    if run.batch_size % (accum * mesh.size):
+        raise UsageError(
+            f"batch size {run.batch_size} does not split into {accum} micro-batches over {mesh.size} devices: "
+            f"use a batch size divisible by {accum * mesh.size} (grad_accum_steps x devices)"
+        )
     model = run.arch.build(
         num_classes=run.num_classes,
         dtype="bfloat16" if config.precision == "bf16" else "float32",
@@ -217,7 +223,9 @@ def compile_steps(built: Built, run: ResolvedRun, pipeline: Any, eval_batch: int
         tx=built.tx,
         schedule=built.schedule,
         recipe=run.recipe,
-        options=common | {"label_smoothing": run.recipe.label_smoothing},
+        options=common
+        | {"label_smoothing": run.recipe.label_smoothing}
+        | ({"accum_steps": run.config.grad_accum_steps} if run.config.grad_accum_steps > 1 else {}),
         abstract=built.abstract,
         batch=abstract_batch(run, run.batch_size, run.resolution, built.data_sharding),
         out_shardings=(built.shardings, replicated(built.mesh)),

@@ -94,6 +94,9 @@ class PretrainConfig:
     # Start from the parameters of this run, checkpoint or weights checkpoint (timm's --initial-checkpoint): a fresh
     # optimizer, schedule and step counter. A run that has saved its own checkpoint resumes from that instead.
     initial_checkpoint: str | None = None
+    # Gradient accumulation: each step's batch is computed as this many micro-batches whose gradients sum to the
+    # batch's, so a batch too large for the devices' memory takes the same update (timm's --grad-accum-steps).
+    grad_accum_steps: int = 1
 
     # --- evaluation, checkpoints, logging --------------------------------------------------------------------------
     eval_every: int = 0  # held-out eval every N steps (0: only at the end)
@@ -142,6 +145,8 @@ class PretrainConfig:
                 raise ConfigError(f"{key} = {getattr(self, key)!r} must be >= 0")
         if not (math.isfinite(self.checkpoint_minutes) and self.checkpoint_minutes >= 0):
             raise ConfigError(f"checkpoint_minutes = {self.checkpoint_minutes!r} must be a finite number >= 0 (0: off)")
+        if isinstance(self.grad_accum_steps, bool) or self.grad_accum_steps < 1:
+            raise ConfigError(f"grad_accum_steps = {self.grad_accum_steps!r} must be an integer >= 1")
         if self.keep < 1:
             raise ConfigError(f"keep = {self.keep!r} must be >= 1")
         if self.log_every < 1:

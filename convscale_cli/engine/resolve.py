@@ -245,6 +245,8 @@ def header(run: ResolvedRun, precision_why: str, devices: int | None, backend: s
     config, duration, recipe = run.config, run.duration, run.recipe
     train_size = int(run.info.split_sizes.get("train", 0))
     budget = f"; stops at budget {config.budget}" if config.budget else ""
+    if config.grad_accum_steps > 1:
+        budget += f"; {config.grad_accum_steps} micro-batches of {run.batch_size // config.grad_accum_steps} per step"
     chosen = config.precision or "auto"
     precision = chosen if precision_why == "given" else f"{chosen} ({precision_why})"
     return "\n".join(
