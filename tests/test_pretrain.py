@@ -305,3 +305,16 @@ def test_initial_checkpoint_starts_from_its_parameters_not_its_optimizer(registr
     assert json.loads((tmp_path / "b" / "config.json").read_text())["initial_checkpoint"] == str(tmp_path / "a")
     with pytest.raises(UsageError, match="initial_checkpoint .* holds a tiny-cnn with 4 classes"):
         pretrain(helpers.config(tmp_path / "c", num_classes=6, initial_checkpoint=str(tmp_path / "a")), registry)
+
+
+def test_pretraining_keeps_an_ema_of_the_parameters_when_asked(registry: Any, tmp_path: Path) -> None:
+    from convscale_cli.loading import load
+
+    summary = pretrain(helpers.config(tmp_path / "ema", steps=8, ema_decay=0.9), registry)
+    assert set(summary["final_ema"]) == set(summary["final"]) and summary["final_ema"] != summary["final"]
+    records = [json.loads(line) for line in (tmp_path / "ema" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "eval_ema"] == [8]
+    loaded = load(tmp_path / "ema", registry=registry)
+    assert loaded.collection == "ema"  # load_model and fine-tuning take the average, as for a fine-tuned run
+    plain = pretrain(helpers.config(tmp_path / "plain", steps=8), registry)
+    assert "final_ema" not in plain and load(tmp_path / "plain", registry=registry).collection == "params"

@@ -107,6 +107,10 @@ def pretrain(
         int | None,
         typer.Option(help="Micro-batches per step whose gradients sum to the batch's: less memory (default 1)."),
     ] = None,
+    ema_decay: Annotated[
+        float | None,
+        typer.Option(help="Keep an EMA of the parameters with this decay, e.g. 0.9999 (default 0: none, as the paper)."),
+    ] = None,
     tracker: Annotated[
         list[str] | None,
         typer.Option(
@@ -166,6 +170,7 @@ def pretrain(
         "process_id": process_id,
         "initial_checkpoint": initial_checkpoint,
         "grad_accum_steps": grad_accum_steps,
+        "ema_decay": ema_decay,
     }
     overrides = {k: v for k, v in flags.items() if v is not None}
     if tracker:

@@ -312,10 +312,19 @@ def _train(
                     f"interrupted at step {step}; checkpoint saved in {config.out}, rerun the same command to resume"
                 )
             final = loop.evaluate_and_log(ctx, state.params, step)
+            final_ema = None
+            if state.ema is not None:
+                final_ema = evaluate(state.ema)
+                log.write({"step": step, "split": "eval_ema", **final_ema, "time": time.time()})
+                progress.message(
+                    f"EMA eval @ step {step}: loss {final_ema['eval_loss']:.4f}  top-1 {final_ema['eval_top1']:.4f}"
+                )
             rundir.write_live_ledger(ledger.to_dict())
     finally:
         log.close()
     summary = _summary(run, resolved, status, step, final, ledger, state.params)
+    if final_ema is not None:
+        summary["final_ema"] = final_ema
     rundir.write_summary(summary)
     _sync("summary")
     progress.message(

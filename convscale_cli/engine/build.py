@@ -109,7 +109,7 @@ def build(config: PretrainConfig, run: ResolvedRun) -> Built:
         return model.init({"params": init_key}, dummy, train=False)["params"]
 
     def from_params(params: Any) -> TrainState:
-        return TrainState.create(params, tx, dropout_key)
+        return TrainState.create(params, tx, dropout_key, ema=config.ema_decay > 0)
 
     def init() -> TrainState:
         return from_params(init_params())
@@ -225,7 +225,8 @@ def compile_steps(built: Built, run: ResolvedRun, pipeline: Any, eval_batch: int
         recipe=run.recipe,
         options=common
         | {"label_smoothing": run.recipe.label_smoothing}
-        | ({"accum_steps": run.config.grad_accum_steps} if run.config.grad_accum_steps > 1 else {}),
+        | ({"accum_steps": run.config.grad_accum_steps} if run.config.grad_accum_steps > 1 else {})
+        | ({"ema_decay": run.config.ema_decay} if run.config.ema_decay > 0 else {}),
         abstract=built.abstract,
         batch=abstract_batch(run, run.batch_size, run.resolution, built.data_sharding),
         out_shardings=(built.shardings, replicated(built.mesh)),

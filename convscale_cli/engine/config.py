@@ -97,6 +97,10 @@ class PretrainConfig:
     # Gradient accumulation: each step's batch is computed as this many micro-batches whose gradients sum to the
     # batch's, so a batch too large for the devices' memory takes the same update (timm's --grad-accum-steps).
     grad_accum_steps: int = 1
+    # Exponential moving average of the parameters, updated every step with the NFNet warm-up
+    # min(decay, (1+t)/(10+t)) (NFNet 2021 A.1); 0: none, as in the paper's pre-training (A.5). With one, the run
+    # also evaluates the average at the end, and load_model / fine-tuning take it.
+    ema_decay: float = 0.0
 
     # --- evaluation, checkpoints, logging --------------------------------------------------------------------------
     eval_every: int = 0  # held-out eval every N steps (0: only at the end)
@@ -145,6 +149,8 @@ class PretrainConfig:
                 raise ConfigError(f"{key} = {getattr(self, key)!r} must be >= 0")
         if not (math.isfinite(self.checkpoint_minutes) and self.checkpoint_minutes >= 0):
             raise ConfigError(f"checkpoint_minutes = {self.checkpoint_minutes!r} must be a finite number >= 0 (0: off)")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay = {self.ema_decay!r} must be in [0, 1) (0: no EMA)")
         if isinstance(self.grad_accum_steps, bool) or self.grad_accum_steps < 1:
             raise ConfigError(f"grad_accum_steps = {self.grad_accum_steps!r} must be an integer >= 1")
         if self.keep < 1:
