@@ -109,7 +109,7 @@ def pretrain(
     ] = None,
     ema_decay: Annotated[
         float | None,
-        typer.Option(help="Keep an EMA of the parameters with this decay, e.g. 0.9999 (default 0: none, as the paper)."),
+        typer.Option(help="EMA of the parameters with this decay, e.g. 0.9999 (default 0: none, as the paper)."),
     ] = None,
     tracker: Annotated[
         list[str] | None,
