@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -236,6 +236,11 @@ def compile_steps(built: Built, run: ResolvedRun, pipeline: Any, eval_batch: int
     return train_fn, eval_fn
 
 
+# Held-out sets up to this many bytes of decoded batches per process are read once and kept: every later evaluation
+# reuses them instead of decoding again and starting --workers processes anew (the held-out set never changes).
+EVAL_CACHE_BYTES = 256 << 20
+
+
 def make_evaluate(
     eval_fn: Any,
     eval_source: Any,
@@ -259,18 +264,34 @@ def make_evaluate(
         given) as ``eval``.
     """
 
+    kept: list[list[dict[str, Any]]] = []  # the held-out batches of a set small enough to keep, once read
+
+    def batches() -> Iterator[dict[str, Any]]:
+        if kept:
+            yield from kept[0]
+            return
+        held: list[dict[str, Any]] | None = []
+        size = 0
+        for batch in pipeline.eval_loader(
+            eval_source,
+            global_batch_size=batch_size,
+            resolution=resolution,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            worker_count=worker_count,
+            crop_fraction=crop_fraction,
+        ):
+            if held is not None:
+                size += sum(getattr(v, "nbytes", 0) for v in batch.values())
+                held = held + [batch] if size <= EVAL_CACHE_BYTES else None
+            yield batch
+        if held is not None:
+            kept.append(held)
+
     def evaluate(params: Any) -> dict[str, float]:
         with ledger.timed("eval") if ledger is not None else contextlib.nullcontext():
             sums = None
-            for batch in pipeline.eval_loader(
-                eval_source,
-                global_batch_size=batch_size,
-                resolution=resolution,
-                process_index=jax.process_index(),
-                process_count=jax.process_count(),
-                worker_count=worker_count,
-                crop_fraction=crop_fraction,
-            ):
+            for batch in batches():
                 out = eval_fn(params, to_device(batch))
                 sums = out if sums is None else jax.tree_util.tree_map(jnp.add, sums, out)
             host = {k: float(v) for k, v in jax.device_get(sums).items()}
