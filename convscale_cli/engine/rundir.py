@@ -121,9 +121,10 @@ class RunDir:
         return read_json(self.path / "summary.json")
 
     def saved_config(self) -> dict[str, Any] | None:
-        """The resolved config of the convscale run this directory holds, or None (none, or not one of ours)."""
+        """The resolved config of the trained convscale run this directory holds (it has a checkpoint or a summary),
+        or None: none, not one of ours, or one that never trained (a new config simply replaces it)."""
         saved = read_json(self.path / "config.json")
-        return saved if is_run_config(saved) else None
+        return saved if is_run_config(saved) and self.trained() else None
 
     def live_ledger(self) -> dict[str, Any] | None:
         """The last ledger heartbeat, or None."""
