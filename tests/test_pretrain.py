@@ -318,3 +318,33 @@ def test_pretraining_keeps_an_ema_of_the_parameters_when_asked(registry: Any, tm
     assert loaded.collection == "ema"  # load_model and fine-tuning take the average, as for a fine-tuned run
     plain = pretrain(helpers.config(tmp_path / "plain", steps=8), registry)
     assert "final_ema" not in plain and load(tmp_path / "plain", registry=registry).collection == "params"
+
+
+def test_holdout_carves_a_deterministic_held_out_split_from_train(tmp_path: Path) -> None:
+    from convscale_cli.engine.resolve import holdout_indices
+    from convscale_cli.plugins import load_plugins
+    from convscale_cli.registry import DatasetInfo, DatasetSpec
+
+    class NoEval:  # an image folder converted without val/
+        @staticmethod
+        @helpers.hookimpl
+        def register_datasets(register: Any) -> None:
+            register(
+                DatasetSpec(
+                    name="colours-train-only", description="", options={},
+                    open=lambda split: helpers.ColourSource(split, helpers.TRAIN_SIZE, 0),
+                    info=lambda: DatasetInfo(helpers.CLASSES, {"train": helpers.TRAIN_SIZE}, helpers.NATIVE),
+                )
+            )  # fmt: skip
+
+    extra = [("engine-test", helpers.TinyPlugin()), ("no-eval", NoEval())]
+    registry = load_plugins(extra=extra, entry_points=lambda: []).registry
+    with pytest.raises(UsageError, match=r"no held-out 'eval' split.*--set holdout=0.01"):
+        pretrain(helpers.config(tmp_path / "none", dataset="colours-train-only"), registry)
+    summary = pretrain(helpers.config(tmp_path / "held", dataset="colours-train-only", holdout=0.25), registry)
+    assert summary["epochs"] == pytest.approx(12 * 16 / 72)  # an epoch is the 72 examples left for training
+    train, held = holdout_indices(helpers.TRAIN_SIZE, 0.25)
+    assert len(held) == 24 and not set(train) & set(held) and sorted([*train, *held]) == list(range(96))
+    assert holdout_indices(helpers.TRAIN_SIZE, 0.25) == (train, held)  # the same split on every run
+    with pytest.raises(UsageError, match="already has a held-out 'eval' split"):
+        pretrain(helpers.config(tmp_path / "both", holdout=0.25), registry)

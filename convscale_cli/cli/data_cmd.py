@@ -52,7 +52,8 @@ def convert(
         # pretrain and finetune evaluate on a held-out split; without one they refuse to start, so say it now.
         notes.append(
             f"{src} has no val/ split, so {report.out} holds no held-out split: pretrain and finetune need one to "
-            f"evaluate on; add {src}/val/CLASS/ images (a few per class) and convert again"
+            f"evaluate on; add {src}/val/CLASS/ images (a few per class) and convert again, or pretrain with "
+            "--set holdout=0.01 to hold out 1% of train"
         )
     if json_:
         print_json(

@@ -30,7 +30,14 @@ from convscale_cli.engine.hardware import device_peak
 from convscale_cli.engine.ledger import Ledger, xla_flops
 from convscale_cli.engine.mesh import init_distributed
 from convscale_cli.engine.progress import Progress
-from convscale_cli.engine.resolve import ResolvedRun, header, resolve, resolved_dict, with_precision
+from convscale_cli.engine.resolve import (
+    ResolvedRun,
+    header,
+    holdout_indices,
+    resolve,
+    resolved_dict,
+    with_precision,
+)
 from convscale_cli.engine.rundir import MetricsLog, RunDir
 from convscale_cli.engine.tracking import choose_trackers, open_trackers
 from convscale_cli.errors import RunInterrupted, UsageError
@@ -67,6 +74,19 @@ class _Head:
         if not 0 <= index < self.n:
             raise IndexError(index)
         return self.source[index]
+
+
+class _Subset:
+    """The examples of a random-access source at ``indices`` (a held-out split carved from train, ``holdout``)."""
+
+    def __init__(self, source: Any, indices: list[int]) -> None:
+        self.source, self.indices = source, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.source[self.indices[index]]
 
 
 def _eval_batch_size(run: ResolvedRun, eval_size: int, devices: int) -> int:
@@ -249,7 +269,12 @@ def _train(
     state, start_step, data_state, ledger = _restore_or_init(
         config, rundir, progress, built, ledger, checkpoints, initial
     )
-    eval_source = run.data.open("eval", **config.data_options)
+    train_source = run.data.open("train", **config.data_options)
+    if config.holdout:
+        kept, held = holdout_indices(len(train_source), config.holdout)
+        train_source, eval_source = _Subset(train_source, kept), _Subset(train_source, held)
+    else:
+        eval_source = run.data.open("eval", **config.data_options)
     if config.eval_examples is not None:
         eval_source = _Head(eval_source, config.eval_examples)
     eval_batch = _eval_batch_size(run, len(eval_source), built.mesh.size)
@@ -272,7 +297,7 @@ def _train(
         ledger=ledger,
     )
     loader = pipeline.train_loader(
-        run.data.open("train", **config.data_options),
+        train_source,
         global_batch_size=run.batch_size,
         resolution=run.resolution,
         seed=config.seed,

@@ -66,6 +66,9 @@ class PretrainConfig:
     # empty: inception crop + flip, the paper's pre-training augmentation (NFNet 2021 A.5).
     augment: dict[str, Any] = dataclasses.field(default_factory=dict)
     num_classes: int | None = None  # classifier size; default: the dataset's
+    # Held-out split carved from train for a dataset that has none (an image folder without val/): this fraction of
+    # the train split, a fixed pseudo-random choice (the same on every run), like TFDS's "train[99%:]". 0: none.
+    holdout: float = 0.0
 
     # --- how long (one of these, or a FLOP/core-hour budget) -------------------------------------------------------
     epochs: float | None = None  # passes over the train split; fractional epochs are exact (paper: 0.25 .. 8, §1.3)
@@ -149,6 +152,8 @@ class PretrainConfig:
                 raise ConfigError(f"{key} = {getattr(self, key)!r} must be >= 0")
         if not (math.isfinite(self.checkpoint_minutes) and self.checkpoint_minutes >= 0):
             raise ConfigError(f"checkpoint_minutes = {self.checkpoint_minutes!r} must be a finite number >= 0 (0: off)")
+        if not 0.0 <= self.holdout <= 0.5:
+            raise ConfigError(f"holdout = {self.holdout!r} must be a fraction of the train split in [0, 0.5]")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay = {self.ema_decay!r} must be in [0, 1) (0: no EMA)")
         if isinstance(self.grad_accum_steps, bool) or self.grad_accum_steps < 1:

@@ -78,6 +78,21 @@ def _recipe(base: Recipe, config: PretrainConfig) -> Recipe:
     return recipe
 
 
+def holdout_indices(train_size: int, fraction: float) -> tuple[list[int], list[int]]:
+    """``(train, held_out)`` indices of a train split with ``fraction`` of it held out (at least one example).
+
+    The held-out examples are the first of a fixed shuffle (``random.Random(0)``), so every run, and every process,
+    holds out the same ones, spread over the classes however the split is ordered.
+    """
+    import random
+
+    order = list(range(train_size))
+    random.Random(0).shuffle(order)
+    held = sorted(order[: max(1, round(fraction * train_size))])
+    taken = set(held)
+    return [i for i in range(train_size) if i not in taken], held
+
+
 def check_num_classes(num_classes: int, info: DatasetInfo, dataset: str) -> None:
     """Refuse a classifier smaller than the dataset's label set (or past :data:`MAX_NUM_CLASSES`).
 
@@ -165,8 +180,20 @@ def resolve(config: PretrainConfig, registry: Registry) -> ResolvedRun:
             f"batch size {batch_size} is larger than dataset {data.name!r}'s {train_size} training examples; "
             f"use --batch-size {train_size} or less"
         )
+    if config.holdout:
+        if info.split_sizes.get("eval"):
+            raise UsageError(
+                f"dataset {data.name!r} already has a held-out 'eval' split ({info.split_sizes['eval']} examples); "
+                "holdout carves one from train only for a dataset without one"
+            )
+        held = len(holdout_indices(train_size, config.holdout)[1])
+        train_size -= held
+        info = dataclasses.replace(info, split_sizes={**info.split_sizes, "train": train_size, "eval": held})
     if "eval" not in info.split_sizes or not info.split_sizes["eval"]:
-        raise UsageError(f"dataset {data.name!r} has no held-out 'eval' split to evaluate on")
+        raise UsageError(
+            f"dataset {data.name!r} has no held-out 'eval' split to evaluate on; carve one from train with "
+            "--set holdout=0.01 (1% of it, the same examples on every run)"
+        )
     macs = int(arch.count(resolution, num_classes).macs)
     # Checked here, before the run directory is claimed (they are used only once training starts).
     augment = {**data.augment, **config.augment}
