@@ -201,6 +201,37 @@ MAX_KEY_DEPTH = 8
 MAX_KEY_LENGTH = 200
 
 
+def check_options(what: str, given: Mapping[str, Any], defaults: Mapping[str, Any]) -> None:
+    """Check plugin options (a dataset's ``data_options``, a model's ``model_options``) against their defaults.
+
+    A plugin declares its options with their defaults; each given value must have its default's type, as every other
+    config key must (``multi_label = "maybe"`` is not a bool, ``clutter = "x"`` not a float). A default of None
+    declares no type.
+
+    Args:
+        what: the options in words for messages, e.g. ``"shapes data option"``.
+        given: the options as given.
+        defaults: the declared options and their defaults.
+
+    Raises:
+        UnknownNameError: an option the plugin does not declare (close matches suggested).
+        ConfigError: a value of another type than its default's.
+    """
+    from convscale_cli.errors import UnknownNameError
+
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise UnknownNameError(what, unknown[0], defaults)
+    for key, value in given.items():
+        default = defaults[key]
+        if default is None:
+            continue
+        try:
+            _coerce(value, type(default), key)
+        except ConfigError as exc:
+            raise ConfigError(f"{what} {exc}") from None
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """Parse ``key=value`` (value in TOML syntax, bare words taken as strings) into ``("key", value)``.
 
@@ -228,6 +259,18 @@ def parse_override(text: str) -> tuple[str, Any]:
 def _clip(text: str, n: int = 40) -> str:
     """``text`` cut to ``n`` characters for an error message."""
     return text if len(text) <= n else text[:n] + "..."
+
+
+def option_word(key: str, value: Any) -> str:
+    """``key=value`` as one shell word that :func:`parse_override` (``--data-option``, ``--set``) reads back as
+    ``value``: TOML syntax, bare words for strings, quotes where a string would read as a number or a boolean."""
+    import json
+    import shlex
+
+    text = json.dumps(value) if isinstance(value, (bool, int, float)) else str(value)
+    if parse_override(f"{key}={text}")[1] != value:
+        text = json.dumps(str(value))
+    return shlex.quote(f"{key}={text}")
 
 
 def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from convscale_cli.config import check_options
 from convscale_cli.errors import UnknownNameError, UsageError
 from convscale_cli.registry import Registry
 
@@ -85,9 +86,7 @@ def evaluate(
         registry = get_registry()
     data = registry.dataset(dataset)
     data_options = dict(data_options or {})
-    unknown = sorted(set(data_options) - set(data.options))
-    if unknown:
-        raise UnknownNameError(f"{data.name} data option", unknown[0], data.options)
+    check_options(f"{data.name} data option", data_options, data.options)
     info = data.info(**data_options)
     if not info.split_sizes.get(split):
         raise UnknownNameError(f"{data.name} split", split, [s for s, n in info.split_sizes.items() if n])

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from convscale_cli.registry import ArchitectureSpec, DatasetSpec
+    from convscale_cli.registry import ArchitectureSpec, DatasetSpec, TrackerSpec
 
 PROJECT = "convscale"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -50,5 +50,15 @@ def register_datasets(register: Callable[[DatasetSpec], None]) -> None:
 
     Args:
         register: call once per dataset with a :class:`~convscale_cli.registry.DatasetSpec`; names are global
+            across plugins, as for architectures.
+    """
+
+
+@hookspec
+def register_trackers(register: Callable[[TrackerSpec], None]) -> None:
+    """Register experiment trackers (TensorBoard, Weights & Biases, MLflow, ...), chosen per run with ``--tracker``.
+
+    Args:
+        register: call once per tracker with a :class:`~convscale_cli.registry.TrackerSpec`; names are global
             across plugins, as for architectures.
     """

@@ -16,13 +16,24 @@ way the fitted runs measured it; the cost is counted at the planned resolution a
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from convscale_cli.errors import UsageError
-from convscale_cli.planner import Frontier, Plan, PlanRequest, candidates, select_models
+from convscale_cli.planner import (
+    Frontier,
+    Plan,
+    PlanRequest,
+    alpha_for_batch,
+    batch_rule,
+    candidates,
+    hardware_precision,
+    round_lr,
+    select_models,
+)
 from convscale_cli.registry import ArchitectureSpec, Registry, head_params
 
 if TYPE_CHECKING:
@@ -60,24 +71,67 @@ def _candidate_specs(request: PlanRequest, registry: Registry, models: set[str])
     return list(chosen.values())
 
 
-def _lr_trials(cells: list[Cell], model: str, size: float, epochs: float) -> tuple[float, float] | None:
-    """The two learning rates to try for a candidate: the paper's two-trial rule (Smith et al. 2023, §1.5).
+def lr_from_cells(
+    cells: list[Cell], model: str, size: float, epochs: float, trend: dict[str, float]
+) -> tuple[float, str] | None:
+    """The lr alpha for ``model`` at ``epochs`` from the runs' tuned optima, and where it comes from.
 
-    A candidate the study trained: its tuned lr and half of it -- or, when that lr was the largest its cell tried,
-    twice it and itself: the optimum may lie above, and 2 alpha is the probe the rule offers when the upper trial
-    wins. Otherwise the best lr of the nearest smaller-or-equal cell and half of it. None: no such cell.
+    A cell that was run keeps its own tuned optimum. Otherwise the nearest cell in log (size, epochs), preferring a
+    smaller-or-equal one as the two-trial rule does, moved by the fitted trend of log lr* on log epochs and log size
+    (``report``'s finding (c): ``trend`` holds its ``epochs_slope`` and ``size_slope``, NaN when the cells cannot
+    fit one); without a trend the nearest optimum is used as it is and the trials (alpha, alpha/2) cover a fall.
     """
     own = [c for c in cells if c.model == model and math.isclose(c.epochs, epochs, rel_tol=1e-9)]
     if own:
-        cell = own[0]
-        if len(cell.lrs) >= 2 and math.isclose(cell.lr, max(cell.lrs), rel_tol=1e-9):
-            return 2 * cell.lr, cell.lr
-        return cell.lr, cell.lr / 2
-    eligible = [c for c in cells if c.size <= size * (1 + 1e-9) and c.epochs <= epochs * (1 + 1e-9)]
-    if not eligible:
+        return own[0].lr, f"the tuned optimum of the cell {model} x {epochs:g} epochs in the runs"
+    if not cells:
         return None
-    best = min(eligible, key=lambda c: (math.hypot(math.log(size / c.size), math.log(epochs / c.epochs)), -c.size))
-    return best.lr, best.lr / 2
+    smaller = [c for c in cells if c.size <= size * (1 + 1e-9) and c.epochs <= epochs * (1 + 1e-9)]
+    best = min(
+        smaller or cells,
+        key=lambda c: (math.hypot(math.log(size / c.size), math.log(epochs / c.epochs)), -c.size),
+    )
+    where = f"the tuned optimum {best.lr:g} of the nearest cell, {best.model} x {best.epochs:g} epochs"
+    slopes = {k: trend.get(k, math.nan) for k in ("epochs_slope", "size_slope")}
+    if not any(math.isfinite(v) for v in slopes.values()):
+        return best.lr, f"{where} (no trend: the cells have too few learning rates to fit one)"
+    moved = best.lr
+    parts = []
+    for key, ratio, what in (("epochs_slope", epochs / best.epochs, "epochs"), ("size_slope", size / best.size, "N")):
+        if math.isfinite(slopes[key]) and ratio != 1:
+            moved *= ratio ** slopes[key]
+            parts.append(f"{what}^{slopes[key]:+.2f}")
+    law = " x ".join(parts) if parts else "no change at this cell"
+    return moved, f"{where}, moved by the fitted trend lr* ~ {law}"
+
+
+def runs_settings(runs_dir: Path, names: list[str]) -> dict[str, object]:
+    """The data options, precision and batch size most of the named runs were trained with (their config.json).
+
+    A plan's commands repeat them, so a recommended run trains on the data, in the precision and at the batch its
+    predicted loss and tuned learning rate were measured with.
+    """
+    from convscale_cli.engine.rundir import read_json
+
+    found: dict[str, Counter[str]] = {"data_options": Counter(), "precision": Counter(), "batch_size": Counter()}
+    for name in names:
+        config = read_json(runs_dir / name / "config.json") or {}
+        for key, counter in found.items():
+            if config.get(key) is not None:
+                counter[json.dumps(config[key], sort_keys=True)] += 1
+    return {key: json.loads(counter.most_common(1)[0][0]) for key, counter in found.items() if counter}
+
+
+def runs_batch_size(runs_dir: str | Path, family: str) -> int | None:
+    """The batch size most of the finished ``family`` pre-training runs in ``runs_dir`` used (None: unknown)."""
+    from convscale_cli.report.runs import load_runs
+
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        return None
+    runs, _ = load_runs(runs_dir)
+    sizes = Counter(r.batch_size for r in runs if r.kind == "pretrain" and r.family == family and r.batch_size > 0)
+    return sizes.most_common(1)[0][0] if sizes else None
 
 
 def plan_fitted(
@@ -129,10 +183,26 @@ def plan_fitted(
     n = np.array([c.size for c in result.cells])
     d = np.array([c.examples for c in result.cells])
     same_data = request.dataset.name is not None and request.dataset.name == pretrain[0].dataset
+    settings = runs_settings(runs_dir, [r.name for r in pretrain]) if same_data else {}
+    runs_batch = Counter(r.batch_size for r in pretrain if r.batch_size > 0).most_common(1)
+    if settings.get("data_options"):  # the commands train on the runs' data; options given on the command line win
+        options = {**settings["data_options"], **dict(request.dataset.options)}  # type: ignore[dict-item]
+        request = dataclasses.replace(
+            request, dataset=dataclasses.replace(request.dataset, options=tuple(options.items()))
+        )
     ranked = []
     for i, c in enumerate(found):
-        trials = _lr_trials(result.cells, c.model, sizes_arr[i], c.epochs) if same_data else None
-        trials = (c.lr, c.lr / 2) if trials is None else trials
+        tuned = lr_from_cells(result.cells, c.model, sizes_arr[i], c.epochs, result.estimates.lr) if same_data else None
+        lr, lr_source = c.lr, c.lr_source
+        if tuned is not None:
+            optimizer = registry.architecture(c.model).recipe.optimizer
+            from_batch = runs_batch[0][0] if runs_batch else request.batch_size
+            lr = round_lr(alpha_for_batch(tuned[0], optimizer, from_batch, request.batch_size))
+            lr_source = tuned[1] + (
+                f", rescaled from batch {from_batch} to {request.batch_size} ({batch_rule(optimizer)} rule)"
+                if from_batch != request.batch_size and lr != tuned[0]
+                else ""
+            )
         outside = []
         if not n.min() <= sizes_arr[i] <= n.max():
             outside.append("model size")
@@ -145,8 +215,9 @@ def plan_fitted(
                 loss_interval=(float(low[i]), float(high[i])),
                 extrapolated=bool(outside),
                 extrapolated_in=tuple(outside),
-                lr=trials[0],
-                lr_trials=trials,
+                lr=lr,
+                lr_trials=(lr, lr / 2),
+                lr_source=lr_source,
             )
         )
     ranked.sort(key=lambda c: (c.predicted_loss, c.extrapolated, -c.macs_per_image))
@@ -166,6 +237,7 @@ def plan_fitted(
         frontier_macs=frontier_macs,
         candidates=tuple(ranked[: request.top]),
         notes=tuple(notes),
+        precision=str(settings.get("precision") or hardware_precision(request.hardware)),
         fit={
             **fit.to_dict(),
             "runs_dir": str(runs_dir),

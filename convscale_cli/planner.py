@@ -32,6 +32,7 @@ from convscale_cli.budget import (
     core_hours_to_flops,
     flops_to_core_hours,
 )
+from convscale_cli.config import option_word
 from convscale_cli.errors import UnknownNameError, UsageError
 from convscale_cli.registry import ArchitectureSpec, Registry
 
@@ -107,6 +108,54 @@ def prior_lr(base_lr: float, macs_per_image: float, epochs: float) -> float:
     rate = HALVINGS_PER_OCTAVE[0] + (HALVINGS_PER_OCTAVE[1] - HALVINGS_PER_OCTAVE[0]) * min(size, 1.0)
     halvings = min(MAX_HALVINGS, math.floor(rate * math.log2(epochs / LR_FLAT_EPOCHS) + 0.5 + 1e-9))
     return base_lr / 2**halvings
+
+
+def batch_rule(optimizer: str) -> str:
+    """How an optimizer's peak learning rate follows the batch size: ``"linear"`` or ``"sqrt"``.
+
+    Linear for SGD (Goyal et al. 2017, "Accurate, Large Minibatch SGD", §2.1: the paper's alpha x batch / 4096);
+    square-root for adaptive optimizers (Malladi et al. 2022, "On the SDEs and Scaling Rules for Adaptive Gradient
+    Algorithms"; timm's ``train.py`` picks ``sqrt`` for any optimizer named ``ada*``/``lamb`` and ``linear`` otherwise).
+    """
+    name = optimizer.lower()
+    return "sqrt" if any(o in name for o in ("ada", "lamb")) else "linear"
+
+
+def alpha_for_batch(alpha: float, optimizer: str, from_batch: int, to_batch: int) -> float:
+    """The ``--lr`` alpha for ``to_batch`` that follows ``optimizer``'s batch rule from ``alpha`` at ``from_batch``.
+
+    The engine always applies alpha linearly (peak lr = alpha x batch / base batch), so under the linear rule alpha is
+    the same at every batch; under the square-root rule the peak lr scales as sqrt(batch), so alpha scales as
+    sqrt(from_batch / to_batch).
+    """
+    if batch_rule(optimizer) == "linear" or from_batch == to_batch:
+        return alpha
+    return alpha * math.sqrt(from_batch / to_batch)
+
+
+def round_lr(lr: float) -> float:
+    """A learning rate to 3 significant digits, as printed in commands and directory names."""
+    return float(f"{lr:.3g}")
+
+
+def prior_lr_source(spec: ArchitectureSpec, batch_size: int) -> str:
+    """Where a prior-mode learning rate comes from, in words."""
+    recipe = spec.recipe
+    base = f"the paper's prior (Smith et al. 2023 Fig. 3: the recipe's alpha {recipe.lr:g} at batch " + (
+        f"{recipe.base_batch_size}, halved for long runs)"
+    )
+    if batch_rule(recipe.optimizer) == "linear":
+        return f"{base}; {recipe.optimizer} scales it linearly with the batch (Goyal et al. 2017), which --lr does"
+    return (
+        f"{base}; {recipe.optimizer} scales it with the square-root rule (Malladi et al. 2022; timm's default "
+        f"for adaptive optimizers): alpha x sqrt({recipe.base_batch_size}/{batch_size}), which --lr applies as "
+        f"alpha x {batch_size}/{recipe.base_batch_size}"
+    )
+
+
+def hardware_precision(hardware: Hardware) -> str:
+    """The precision a run on ``hardware`` uses by default: fp32 on CPU (bf16 is emulated there), else bf16."""
+    return "fp32" if hardware.name == "cpu" else "bf16"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +236,7 @@ class Candidate:
     loss_interval: tuple[float, float] | None = None
     extrapolated: bool = False  # fitted mode: model size or example count outside the fitted runs' range
     extrapolated_in: tuple[str, ...] = ()  # which of "model size", "example count" lie outside it
+    lr_source: str = ""  # where ``lr`` comes from, in words
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready form (see README, ``plan --json``)."""
@@ -207,6 +257,7 @@ class Plan:
     candidates: tuple[Candidate, ...]
     notes: tuple[str, ...] = ()
     fit: dict[str, object] | None = None
+    precision: str | None = None  # the --precision the commands carry
 
     @property
     def recommendation(self) -> Candidate:
@@ -228,6 +279,25 @@ def round_down(value: float, digits: int = 3) -> float:
     exponent = exact.adjusted() - digits + 1
     units = (exact * decimal.Decimal("1.000000001")).scaleb(-exponent).to_integral_value(decimal.ROUND_FLOOR)
     return float(f"{units}e{exponent}")
+
+
+def family_of(registry: Registry, patterns: Sequence[str], default: str = "nfnet") -> str:
+    """The family of the models ``patterns`` match (``default`` without patterns or matches).
+
+    Raises:
+        UsageError: the patterns match models of several families.
+    """
+    matched = {
+        s.family
+        for s in registry.architectures
+        if any(fnmatch.fnmatchcase(s.name, p.strip().lower()) for p in patterns)
+    }
+    if len(matched) > 1:
+        raise UsageError(
+            f"--models {','.join(patterns)} matches models of the families {', '.join(sorted(matched))}; a plan "
+            "compares one family: add --family"
+        )
+    return matched.pop() if matched else default
 
 
 def select_models(
@@ -266,7 +336,8 @@ def affordable(request: PlanRequest, spec: ArchitectureSpec, frontier_macs: floa
         return None
     examples = int(round(epochs * request.dataset.size))
     flops = per_example * examples
-    lr = prior_lr(spec.recipe.lr, count.macs * _paper_scale(request.dataset), epochs)
+    alpha = prior_lr(spec.recipe.lr, count.macs * _paper_scale(request.dataset), epochs)
+    lr = round_lr(alpha_for_batch(alpha, spec.recipe.optimizer, spec.recipe.base_batch_size, request.batch_size))
     return Candidate(
         model=spec.name,
         family=spec.family,
@@ -283,6 +354,7 @@ def affordable(request: PlanRequest, spec: ArchitectureSpec, frontier_macs: floa
         lr=lr,
         lr_trials=(lr, lr / 2),
         frontier_distance=abs(math.log(count.macs / frontier_macs)),
+        lr_source=prior_lr_source(spec, request.batch_size),
     )
 
 
@@ -353,6 +425,12 @@ def plan_prior(request: PlanRequest, registry: Registry, frontier: Frontier | No
             "the lr prior's decay was measured for NFNets trained with SGD (Fig. 3); for other optimizers it is only "
             "a starting point for the two trials"
         )
+    if request.batch_size < PAPER_BATCH_SIZE:
+        notes.append(
+            "the lr prior is the paper's JFT-scale setting; small models at small batches often train best far above "
+            "it (examples/quickstart.toml measured alpha 25.6-51.2 for the tiny NFNets at batch 64): tune it with "
+            "`convscale tune-lr --grid`, or plan with --from RUNS once you have runs"
+        )
     if request.dataset.size != JFT4B_SIZE:
         notes.append(
             "the frontier is defined in examples seen on JFT-4B; on a smaller dataset the same number of examples "
@@ -365,11 +443,14 @@ def plan_prior(request: PlanRequest, registry: Registry, frontier: Frontier | No
         frontier_macs=frontier_macs,
         candidates=tuple(found[: request.top]),
         notes=tuple(notes),
+        precision=hardware_precision(request.hardware),
     )
 
 
-def pretrain_command(request: PlanRequest, candidate: Candidate, lr: float, out_dir: str = "runs") -> str:
-    """The exact ``convscale pretrain`` command of one candidate trial."""
+def pretrain_command(
+    request: PlanRequest, candidate: Candidate, lr: float, out_dir: str = "runs", precision: str | None = None
+) -> str:
+    """The exact ``convscale pretrain`` command of one candidate trial, every setting it needs spelled out."""
     dataset = request.dataset.name or "DATASET"
     parts = [
         "convscale pretrain",
@@ -379,15 +460,19 @@ def pretrain_command(request: PlanRequest, candidate: Candidate, lr: float, out_
         f"--lr {lr:g}",
         f"--batch-size {request.batch_size}",
         f"--resolution {request.dataset.resolution}",
-        *(f"--data-option {key}={value}" for key, value in request.dataset.options),
+        *([f"--precision {precision}"] if precision else []),
+        *(f"--data-option {option_word(key, value)}" for key, value in request.dataset.options),
         f"--out {out_dir}/{run_name(candidate.model, candidate.epochs, lr)}",
     ]
     return " ".join(parts)
 
 
 def run_name(model: str, epochs: float, lr: float) -> str:
-    """Run-directory name of one trial: ``{model}-e{epochs}-lr{alpha}`` (shared by plan, tune-lr and sweep)."""
-    return f"{model}-e{epochs:g}-lr{lr:g}"
+    """Run-directory name of one trial: ``{model}-e{epochs}-lr{alpha}`` (shared by plan, tune-lr and sweep).
+
+    A ``/`` in a model name (``vit-l/16``) becomes ``_``, so each trial is one directory, not a nested one.
+    """
+    return f"{model.replace('/', '_')}-e{epochs:g}-lr{lr:g}"
 
 
 def plan_to_dict(plan: Plan) -> dict[str, object]:
@@ -419,7 +504,7 @@ def plan_to_dict(plan: Plan) -> dict[str, object]:
         "candidates": [c.to_dict() for c in plan.candidates],
         "recommendation": {
             **best.to_dict(),
-            "commands": [pretrain_command(request, best, lr) for lr in best.lr_trials],
+            "commands": [pretrain_command(request, best, lr, precision=plan.precision) for lr in best.lr_trials],
         },
         "fit": plan.fit,
         "notes": list(plan.notes),

@@ -28,7 +28,7 @@ import pluggy
 
 from convscale_cli import hookspecs
 from convscale_cli.errors import ConvscaleError, DuplicateRegistrationError, PluginError, did_you_mean
-from convscale_cli.registry import ArchitectureSpec, DatasetSpec, ModelCount, Registry
+from convscale_cli.registry import ArchitectureSpec, DatasetSpec, ModelCount, Registry, TrackerSpec
 from convscale_cli.spec_checks import architecture_problem, count_problem, dataset_problem
 
 ENTRY_POINT_GROUP = "convscale"
@@ -40,6 +40,7 @@ STRICT_ENV = "CONVSCALE_STRICT_PLUGINS"
 _HOOKS: dict[str, tuple[str, type]] = {
     "register_architectures": ("architectures", ArchitectureSpec),
     "register_datasets": ("datasets", DatasetSpec),
+    "register_trackers": ("trackers", TrackerSpec),
 }
 # What a plugin's import, hooks or callables may raise that must not take the CLI down: a module calling sys.exit()
 # at import included. KeyboardInterrupt (and GeneratorExit) still propagate.
@@ -178,7 +179,7 @@ def warn_left_out(error: ModelCountError, *, strict: bool | None = None) -> None
     warnings.warn(message, PluginWarning, stacklevel=2)
 
 
-def _problem(spec: ArchitectureSpec | DatasetSpec, builtin: bool) -> str | None:
+def _problem(spec: ArchitectureSpec | DatasetSpec | TrackerSpec, builtin: bool) -> str | None:
     """How ``spec`` breaks the plugin contract, or None (no plugin code runs; counts are probed separately).
 
     Built-in specs skip the signature checks: the test suite runs them, which keeps every command's start-up free of
@@ -186,6 +187,8 @@ def _problem(spec: ArchitectureSpec | DatasetSpec, builtin: bool) -> str | None:
     """
     if isinstance(spec, ArchitectureSpec):
         return architecture_problem(spec, signatures=not builtin)
+    if isinstance(spec, TrackerSpec):
+        return None if callable(spec.open) else "open is not callable"
     return dataset_problem(spec, signatures=not builtin)
 
 

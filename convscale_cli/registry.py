@@ -1,4 +1,4 @@
-"""What plugins register: architecture and dataset specs, and the registry that holds them.
+"""What plugins register: architecture, dataset and tracker specs, and the registry that holds them.
 
 Specs are frozen dataclasses whose optional fields all have defaults, so adding a capability never breaks a
 third-party plugin. Everything needed to *list* a spec (names, counts, sizes) is plain Python; everything that needs
@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Generic, TypeVar
+from pathlib import Path
+from typing import Any, Generic, Protocol, TypeVar
 
 from convscale_cli.errors import DuplicateRegistrationError, UnknownNameError, UsageError
 from convscale_cli.recipe import Recipe
@@ -168,7 +169,40 @@ class DatasetSpec:
     eval_crop: float | None = None
 
 
-S = TypeVar("S", ArchitectureSpec, DatasetSpec)
+class Tracker(Protocol):
+    """One open experiment tracker of one run (what :attr:`TrackerSpec.open` returns)."""
+
+    def log_config(self, config: Mapping[str, Any]) -> None:
+        """Record the run's resolved config (once, when the run starts or resumes)."""
+
+    def log_metrics(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
+        """Record scalar ``metrics`` of ``split`` (``train`` or ``eval``) at ``step``."""
+
+    def close(self) -> None:
+        """Flush and release everything (the run ended, was interrupted or failed)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackerSpec:
+    """An experiment tracker: where a run's metrics and config go besides its own ``metrics.jsonl``.
+
+    Attributes:
+        name: what ``--tracker`` and the ``trackers`` config key call it (``tensorboard``, ``wandb``).
+        description: one line for ``convscale plugins`` and errors.
+        open: ``open(run_dir, run_name)`` returning a :class:`Tracker`; imports its package only when called.
+        requires: the importable module the tracker needs (``wandb``), checked before a run compiles anything;
+            empty when it needs none.
+        install: how to install that module, for the error that says it is missing.
+    """
+
+    name: str
+    description: str
+    open: Callable[[Path, str], Tracker]
+    requires: str = ""
+    install: str = ""
+
+
+S = TypeVar("S", ArchitectureSpec, DatasetSpec, TrackerSpec)
 
 
 class _Table(Generic[S]):
@@ -224,11 +258,12 @@ class _Table(Generic[S]):
 
 
 class Registry:
-    """All architectures and datasets registered by the loaded plugins."""
+    """All architectures, datasets and trackers registered by the loaded plugins."""
 
     def __init__(self) -> None:
         self.architectures: _Table[ArchitectureSpec] = _Table("model")
         self.datasets: _Table[DatasetSpec] = _Table("dataset")
+        self.trackers: _Table[TrackerSpec] = _Table("tracker")
 
     def architecture(self, name: str) -> ArchitectureSpec:
         """The spec registered as ``name``; raises UnknownNameError with close matches."""

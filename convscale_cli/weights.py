@@ -335,9 +335,12 @@ def find_by_source(registry: Registry, source: str, model: str) -> ArchitectureS
     if not by_model:
         sources = sorted({s for spec in registry.architectures for s in spec.weight_sources})
         raise UnknownNameError("weight source", source, sources)
-    if model not in by_model:
+    # timm names one set of weights ``architecture.tag`` (vit_base_patch16_224.augreg_in21k): the tag picks the
+    # weights, the part before it the architecture.
+    base = model if model in by_model else model.split(".", 1)[0]
+    if base not in by_model:
         raise UnknownNameError(f"{source} model", model, by_model, hint="no registered architecture imports it")
-    return by_model[model]
+    return by_model[base]
 
 
 def _read_safetensors(file: Path) -> dict[str, Any]:

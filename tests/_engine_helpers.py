@@ -107,10 +107,12 @@ class TinyPlugin:
 
 
 def registry() -> Any:
-    """A registry holding only the tiny test model and dataset."""
+    """A registry holding the tiny test model and dataset, and the built-in trackers (TensorBoard by default)."""
+    from convscale_plugins import trackers
+
     from convscale_cli.plugins import load_plugins
 
-    return load_plugins(extra=[("engine-test", TinyPlugin())], entry_points=lambda: []).registry
+    return load_plugins(extra=[("engine-test", TinyPlugin()), ("trackers", trackers)], entry_points=lambda: []).registry
 
 
 def config(out: str | Path, **overrides: Any) -> Any:

@@ -144,3 +144,50 @@ def test_ranged_and_parsed_options_are_left_to_typer() -> None:
 
     assert fast_value(int, OptionInfo(min=1), None, "5") is _MISS
     assert fast_value(str, OptionInfo(parser=str.upper), None, "a") is _MISS
+
+
+COMMANDS = ["pretrain", "finetune", "plan", "tune-lr", "sweep", "eval", "export", "models", "datasets", "report"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_shows_no_python_types(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "list[" not in out and "<dict" not in out  # repeatable options read KEY=VALUE, not <list[str]>
+
+
+def test_pattern_help_fits_each_listing(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["datasets", "--help"]) == 0
+    assert "nfnet" not in capsys.readouterr().out
+    assert main(["models", "--help"]) == 0
+    assert "nfnet-f*" in capsys.readouterr().out
+
+
+def test_pretrain_help_gives_examples_and_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    import dataclasses
+
+    from convscale_cli.engine.config import PretrainConfig
+
+    assert main(["pretrain", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.replace("│", " ").split())
+    assert "Examples" in text and "convscale pretrain --model nfnet-tiny-l1 --dataset shapes" in text
+    assert "0.25 .. 8" not in text  # the paper's grid is not a limit of the flag
+    defaults = {f.name: f.default for f in dataclasses.fields(PretrainConfig)}
+    for key in ("eval_every", "checkpoint_every", "keep", "log_every", "seed", "worker_count"):
+        assert f"(default {defaults[key]:g})" in text or f"(default: {defaults[key]:g})" in text, key
+    assert f"(default {defaults['checkpoint_minutes']:g})" in text
+
+
+def test_pretrain_dry_run_prints_the_resolved_run_without_jax(tmp_path) -> None:  # noqa: ANN001
+    out = tmp_path / "run"
+    args = ["pretrain", "--model", "nfnet-tiny-l1", "--dataset", "shapes", "--data-option", "size=1024", "--steps", "5",
+            "--batch-size", "64", "--lr", "25.6", "--out", str(out), "--dry-run"]  # fmt: skip
+    assert _imported_top_level(args, HEAVY) == [""]  # nothing compiles, nothing imports jax
+    assert not out.exists()
+    result = _run([*args, "--json"])
+    assert result.returncode == 0, result.stderr
+    resolved = json.loads(result.stdout)
+    assert resolved["derived"]["total_steps"] == 5 and resolved["derived"]["total_examples"] == 320
+    assert resolved["derived"]["peak_lr"] == pytest.approx(25.6 * 64 / 4096)
+    text = _run(args).stdout
+    assert "pretrain nfnet-tiny-l1 on shapes" in text and "5 steps" in text and "peak lr 0.4" in text

@@ -125,3 +125,32 @@ def test_merge_and_diff_name_the_changed_keys() -> None:
     b = to_dict(from_dict(Run, merge(a, {"optim.lr": 0.4, "epochs": 2})))
     assert diff(a, b) == ["epochs", "optim.lr"]
     assert diff(a, a) == []
+
+
+@pytest.mark.parametrize(
+    "given, message",
+    [
+        ({"multi_label": "maybe"}, "shapes data option multi_label = 'maybe' has the wrong type: expected bool"),
+        ({"multi_label": "ture"}, "multi_label = 'ture' has the wrong type: expected bool"),
+        ({"clutter": "abc"}, "shapes data option clutter = 'abc' has the wrong type: expected float"),
+        ({"size": 1.5}, "size = 1.5 has the wrong type: expected int"),
+        ({"name": 3}, "name = 3 has the wrong type: expected str"),
+        ({"sizee": 3}, "unknown shapes data option 'sizee': did you mean 'size'?"),
+    ],
+)
+def test_options_are_typed_by_their_defaults(given: dict, message: str) -> None:
+    from convscale_cli.config import check_options
+    from convscale_cli.errors import UsageError
+
+    defaults = {"size": 10, "clutter": 1.0, "multi_label": False, "name": "x", "root": None}
+    with pytest.raises(UsageError) as info:
+        check_options("shapes data option", given, defaults)
+    assert message in str(info.value)
+
+
+def test_options_of_the_right_type_pass() -> None:
+    from convscale_cli.config import check_options
+
+    defaults = {"size": 10, "clutter": 1.0, "multi_label": False, "root": None}
+    check_options("shapes data option", {"size": 3, "clutter": 2, "multi_label": True, "root": "/d"}, defaults)
+    check_options("shapes data option", {"root": 5}, defaults)  # a default of None takes anything

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -132,3 +133,31 @@ def test_cli_data_convert_prints_counts_and_bytes(tmp_path):
     assert "KiB" in result.output
     result = CliRunner().invoke(app, ["data", "convert", str(root), "--out", str(tmp_path / "ar2"), "--json"])
     assert json.loads(result.output)["counts"] == {"train": 12, "eval": 6}
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_convert_output_has_the_umask_modes(tmp_path, umask):
+    # Shared storage: the converted dataset must be as readable as anything else the user creates, not mkdtemp's 700.
+    root = make_folder(tmp_path / "imgs")
+    old = os.umask(umask)
+    try:
+        convert_imagefolder(root, tmp_path / "ar", shard_size=5)
+    finally:
+        os.umask(old)
+    out = tmp_path / "ar"
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+    for path in out.iterdir():
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path.name
+
+
+def test_convert_without_val_says_training_will_need_a_held_out_split(tmp_path):
+    import shutil
+
+    root = make_folder(tmp_path / "imgs")
+    shutil.rmtree(root / "val")
+    result = CliRunner().invoke(app, ["data", "convert", str(root), "--out", str(tmp_path / "ar")])
+    assert result.exit_code == 0, result.output
+    assert "no val/ split" in result.output and "held-out" in result.output and f"{root}/val/" in result.output
+    result = CliRunner().invoke(app, ["data", "convert", str(root), "--out", str(tmp_path / "ar2"), "--json"])
+    doc = json.loads(result.stdout)
+    assert doc["counts"] == {"train": 12} and any("no val/ split" in note for note in doc["notes"])

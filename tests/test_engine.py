@@ -231,7 +231,9 @@ def test_ledger_accounts_and_round_trips() -> None:
     assert ledger.img_per_sec_per_device == 100.0
     assert ledger.mfu == pytest.approx(2.4e14 / (400 * 137.5e12))
     assert ledger.spent(parse_budget("1e14-flops")) == 2.4e14
-    assert ledger.spent(parse_budget("1-cpu-hours")) == pytest.approx(420 / 3600)
+    # Every budget is counted in model FLOPs; a device-hour one at its hardware's peak x MFU, as `plan` converts it.
+    assert ledger.spent(parse_budget("1-cpu-hours")) == pytest.approx(2.4e14 / parse_budget("1-cpu-hours").to_flops())
+    assert ledger.spent(parse_budget("2-h100-hours")) == pytest.approx(2.4e14 / parse_budget("1-h100-hours").to_flops())
     assert ledger.spent(parse_budget("1-core-hours")) == pytest.approx(ledger.core_hours)
     again = Ledger.from_dict(ledger.to_dict())
     assert again == ledger and again.summary()["train_flops"] == 2.4e14
@@ -310,3 +312,64 @@ def test_recipe_masks_match_real_parameter_names(spec: object) -> None:
         assert len(excluded) == 1 and excluded[0][1][-1] == 7, excluded  # the classifier weight only
     no_decay = jax.tree_util.tree_leaves(path_mask(recipe.no_decay, match=True)(params))
     assert 0 < sum(no_decay) < len(no_decay)
+
+
+def test_gradient_accumulation_is_the_large_batch_update() -> None:
+    import _engine_helpers as helpers
+
+    from convscale_cli.engine.state import TrainState
+    from convscale_cli.engine.step import train_step
+
+    model = helpers.build_tiny(4)
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": jnp.asarray(rng.integers(0, 255, (8, 8, 8, 3)), jnp.uint8),
+        "label": jnp.asarray(rng.integers(0, 4, 8), jnp.int32),
+        "mask": jnp.asarray([1, 1, 1, 1, 1, 0, 0, 0], jnp.float32),  # a padded final batch: the mean is over 5
+    }
+    params = model.init({"params": jax.random.key(0)}, jnp.zeros((1, 8, 8, 3)), train=False)["params"]
+    tx = optax.sgd(0.5, momentum=0.9)
+    kwargs = dict(model=model, tx=tx, schedule=optax.constant_schedule(0.5), loss="softmax", num_classes=4,
+                  normalize=lambda x: x.astype(jnp.float32) / 255.0)  # fmt: skip
+    outs = {}
+    for k in (1, 2, 4):
+        state = TrainState.create(params, tx, jax.random.key(1))
+        for _ in range(2):  # twice: the optimiser state carries the accumulated gradient too
+            state, metrics = train_step(state, batch, accum_steps=k, **kwargs)
+        outs[k] = (state, metrics)
+    for k in (2, 4):
+        for a, b in zip(jax.tree.leaves(outs[1][0].params), jax.tree.leaves(outs[k][0].params), strict=True):
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+        for key in ("loss", "top1", "grad_norm", "examples"):
+            np.testing.assert_allclose(outs[k][1][key], outs[1][1][key], rtol=1e-5, err_msg=key)
+    with pytest.raises(ValueError, match="batch of 8 examples into 3 micro-batches"):
+        train_step(TrainState.create(params, tx, jax.random.key(1)), batch, accum_steps=3, **kwargs)
+
+
+def test_held_out_batches_are_read_once_and_reused_by_later_evaluations() -> None:
+    # Worker processes (--workers N) start for every pass over a loader: a small held-out set is read once.
+    from convscale_cli.engine.build import make_evaluate
+    from convscale_cli.engine.ledger import Ledger
+
+    calls = []
+    batches = [
+        {"image": np.full((4, 2, 2, 3), i, np.uint8), "label": np.arange(4), "mask": np.ones(4, np.float32)}
+        for i in range(3)
+    ]
+
+    class Pipeline:
+        @staticmethod
+        def eval_loader(source, **kwargs):  # noqa: ANN001, ANN003, ANN205
+            calls.append(kwargs)
+            return iter(batches)
+
+    def eval_fn(params, batch):  # noqa: ANN001, ANN202
+        n = float(batch["mask"].sum())
+        return {"loss_sum": n * params, "top1_sum": n / 2, "top5_sum": n, "count": n}
+
+    ledger = Ledger(flops_per_example=1.0, num_devices=1, hardware="cpu", peak_flops=1e9)
+    evaluate = make_evaluate(eval_fn, [0] * 12, pipeline=Pipeline, batch_size=4, resolution=2, crop_fraction=1.0,
+                             worker_count=2, to_device=lambda b: b, ledger=ledger)  # fmt: skip
+    first, second = evaluate(1.0), evaluate(2.0)
+    assert len(calls) == 1 and first["eval_top1"] == second["eval_top1"] == 0.5
+    assert (first["eval_loss"], second["eval_loss"]) == (1.0, 2.0)  # the parameters still change the result

@@ -224,15 +224,16 @@ def test_plan_json_schema(cli_registry: Registry, capsys: pytest.CaptureFixture[
         "loss_interval",
         "extrapolated",
         "extrapolated_in",
+        "lr_source",
     }
     assert all(set(c) == keys for c in doc["candidates"])
     rec = doc["recommendation"]
     assert rec["model"] == "nfnet-f7+" and rec["epochs"] == 8.0
     assert rec["commands"] == [
         "convscale pretrain --model nfnet-f7+ --dataset DATASET --epochs 8 --lr 0.4 --batch-size 4096 "
-        "--resolution 224 --out runs/nfnet-f7+-e8-lr0.4",
+        "--resolution 224 --precision bf16 --out runs/nfnet-f7+-e8-lr0.4",
         "convscale pretrain --model nfnet-f7+ --dataset DATASET --epochs 8 --lr 0.2 --batch-size 4096 "
-        "--resolution 224 --out runs/nfnet-f7+-e8-lr0.2",
+        "--resolution 224 --precision bf16 --out runs/nfnet-f7+-e8-lr0.2",
     ]
 
 
@@ -240,6 +241,7 @@ def test_plan_table_output(cli_registry: Registry, capsys: pytest.CaptureFixture
     assert main(["plan", "--budget", "0.4k-core-hours"]) == 0
     out = capsys.readouterr().out
     assert "Recommendation: nfnet-f0 for 0.3" in out
+    assert "params and GMACs at 224 px with a 30000-class head" in out  # the counts say what they count
     assert "--lr 1.6" in out and "--lr 0.8" in out
 
 
@@ -430,23 +432,123 @@ def test_plan_with_builtin_ladder_passes_the_dataset_size(capsys: pytest.Capture
     assert all("--data-option size=16384" in cmd for cmd in doc["recommendation"]["commands"])
 
 
-def test_a_trained_candidate_whose_best_lr_was_its_largest_is_offered_twice_that_lr() -> None:
-    """The rule's probe when the upper trial wins: the optimum may lie above the largest lr the cell tried."""
-    from convscale_cli.plan_fit import _lr_trials
-    from convscale_cli.report.analysis import Cell
+class _RootedDataPlugin:
+    """A dataset that, like arrayrecord and imagefolder, knows its size only once told where it lives."""
 
-    def cell(model: str, size: float, epochs: float, lr: float, lrs: tuple[float, ...]) -> Cell:
-        return Cell(model, "nfnet", epochs, lr, 2.0, 1e-6, size, size, size, epochs * 1e4, lrs, 1, math.nan,
-                    math.nan, 0, True)  # fmt: skip
+    @hookimpl
+    def register_datasets(self, register) -> None:  # noqa: ANN001
+        from convscale_cli.registry import DatasetInfo, DatasetSpec
+
+        def info(root=None, strict_data=False) -> DatasetInfo:  # noqa: ANN001
+            if root is None:
+                raise UsageError("rooted needs --data-option root=DIR")
+            return DatasetInfo(num_classes=5, split_sizes={"train": 200, "eval": 50}, resolution=32)
+
+        register(
+            DatasetSpec(
+                name="rooted", description="", open=lambda s, **o: [], info=info,
+                options={"root": None, "strict_data": False},
+            )
+        )  # fmt: skip
+
+
+@pytest.fixture
+def rooted(monkeypatch: pytest.MonkeyPatch) -> Registry:
+    plugins = [("ladder", _LadderPlugin()), ("rooted", _RootedDataPlugin())]
+    loaded = plugin_loader.load_plugins(extra=plugins, entry_points=lambda: [])
+    monkeypatch.setattr(plugin_loader, "_CACHE", loaded)
+    return loaded.registry
+
+
+def test_plan_passes_data_options_to_the_dataset_and_the_commands(
+    rooted: Registry, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["plan", "--budget", "1e12-flops", "--family", "toy", "--dataset", "rooted", "--batch-size", "16"]
+    assert main([*args, "--data-option", "root=/data/x", "--data-option", "strict_data=true", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["dataset"]["size"] == 200 and doc["dataset"]["num_classes"] == 5
+    assert doc["dataset"]["options"] == {"root": "/data/x", "strict_data": True}
+    for command in doc["recommendation"]["commands"]:
+        assert "--data-option root=/data/x --data-option strict_data=true" in command
+    assert main([*args, "--data-option", "strict_data=maybe"]) == 2
+    assert "rooted data option strict_data = 'maybe' has the wrong type" in capsys.readouterr().err
+    assert main([*args, "--data-option", "rot=/x"]) == 2
+    assert "unknown rooted data option 'rot'" in capsys.readouterr().err
+    assert main(args) == 2
+    assert "--data-option" in capsys.readouterr().err  # the message says how to give the options
+    # Size, classes and resolution all given: nothing to ask the dataset.
+    assert main([*args, "--dataset-size", "200", "--num-classes", "5", "--resolution", "32", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["dataset"]["size"] == 200
+
+
+def test_run_names_never_nest_directories() -> None:
+    name = P.run_name("vit-l/16", 1.0, 0.1)
+    assert "/" not in name and name != P.run_name("vit-l-16", 1, 0.1)
+
+
+def test_model_globs_choose_the_family(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["plan", "--budget", "0.05-cpu-hours", "--dataset", "shapes", "--dataset-size", "16384"]
+    args += ["--batch-size", "64"]
+    assert main([*args, "--models", "vit-tiny-*", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["family"] == "vit" and all(c["model"].startswith("vit-tiny-") for c in doc["candidates"])
+    assert main([*args, "--models", "vit-tiny-*,nfnet-tiny-*"]) == 2
+    assert "--family" in capsys.readouterr().err  # two families: say which
+
+
+def test_prior_lr_follows_the_optimizers_batch_rule_and_says_so(registry: Registry) -> None:
+    def best(budget: str, family: str, batch: int) -> P.Candidate:
+        return P.plan_prior(_request(budget, family=family, batch_size=batch), registry).recommendation
+
+    # SGD (NFNets): alpha is quoted at batch 4096 and applied linearly (Goyal et al. 2017): the same alpha.
+    sgd_big, sgd_small = best("0.4k-core-hours", "nfnet", 4096), best("0.4k-core-hours", "nfnet", 64)
+    assert sgd_small.lr == sgd_big.lr == 1.6 and "linear" in sgd_small.lr_source
+    # AdamW (ViT): square-root scaling (Malladi et al. 2022; timm's default for adaptive optimizers): the peak rate
+    # at batch 64 is 1e-3 x sqrt(64/4096), which the engine's alpha x 64/4096 gives for alpha = 1e-3 x 8.
+    adam_big, adam_small = best("10k-core-hours", "vit", 4096), best("10k-core-hours", "vit", 64)
+    assert adam_small.lr == pytest.approx(8 * adam_big.lr) and "square-root" in adam_small.lr_source
+    assert adam_small.lr * 64 / 4096 == pytest.approx(adam_big.lr * math.sqrt(64 / 4096))
+
+
+def test_prior_commands_carry_the_precision_of_the_planned_hardware(cli_registry: Registry, capsys) -> None:  # noqa: ANN001
+    assert main(["plan", "--budget", "0.4k-core-hours", "--json"]) == 0
+    commands = json.loads(capsys.readouterr().out)["recommendation"]["commands"]
+    assert all("--precision bf16" in c for c in commands)
+    assert main(["plan", "--budget", "2e7-cpu-hours", "--json"]) == 0  # on CPU bf16 is emulated: fp32
+    commands = json.loads(capsys.readouterr().out)["recommendation"]["commands"]
+    assert all("--precision fp32" in c for c in commands)
+
+
+def test_fitted_lr_is_the_nearest_tuned_optimum_moved_by_the_fitted_trend() -> None:
+    import types
+
+    from convscale_cli.plan_fit import lr_from_cells
 
     cells = [
-        cell("a", 1e5, 1.0, 0.4, (0.2, 0.4)),  # the upper trial won
-        cell("a", 1e5, 2.0, 0.2, (0.2, 0.4)),  # the lower trial won
-        cell("b", 2e5, 1.0, 0.2, (0.1, 0.2, 0.4)),  # an interior optimum of three
+        types.SimpleNamespace(model="a", epochs=1.0, lr=0.8, size=100.0),
+        types.SimpleNamespace(model="b", epochs=1.0, lr=0.4, size=400.0),
     ]
-    assert _lr_trials(cells, "a", 1e5, 1.0) == (0.8, 0.4)
-    assert _lr_trials(cells, "a", 1e5, 2.0) == (0.2, 0.1)
-    assert _lr_trials(cells, "b", 2e5, 1.0) == (0.2, 0.1)
-    # An untrained candidate starts from the nearest smaller-or-equal cell's best, as the paper's rule does.
-    assert _lr_trials(cells, "b", 2e5, 2.0) == (0.2, 0.1)
-    assert _lr_trials(cells, "c", 5e4, 1.0) is None
+    trend = {"epochs_slope": -0.5, "size_slope": -0.25}
+    assert lr_from_cells(cells, "a", 100.0, 1.0, trend)[0] == 0.8  # the cell itself: its own tuned optimum
+    lr, source = lr_from_cells(cells, "c", 400.0, 4.0, trend)  # b, 4x the epochs: lr x 4^-0.5
+    assert lr == pytest.approx(0.2) and "b" in source and "trend" in source
+    lr, source = lr_from_cells(cells, "c", 400.0, 4.0, {"epochs_slope": math.nan, "size_slope": math.nan})
+    assert lr == 0.4 and "no trend" in source  # two-trial cells cannot fit a trend: the nearest optimum as it is
+
+
+def test_fitted_commands_carry_the_runs_settings(ladder: Registry, tmp_path, capsys) -> None:  # noqa: ANN001
+    _write_runs(tmp_path)
+    for run in tmp_path.iterdir():
+        config = {"convscale_run": {"kind": "pretrain"}, "precision": "fp32", "batch_size": 64,
+                  "data_options": {"clutter": 0.0}}  # fmt: skip
+        (run / "config.json").write_text(json.dumps(config))
+    args = ["plan", "--budget", "3e13-flops", "--family", "toy", "--dataset", "toyset", "--from", str(tmp_path)]
+    assert main([*args, "--bootstrap", "0", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["batch_size"] == 64  # the runs' batch, so their tuned alphas apply as they are
+    for command in doc["recommendation"]["commands"]:
+        assert "--precision fp32" in command and "--batch-size 64" in command
+        assert "--data-option clutter=0.0" in command
+    assert doc["recommendation"]["lr_source"]
+    assert main([*args, "--bootstrap", "0"]) == 0
+    assert "lr: " in capsys.readouterr().out  # the table says where the lr comes from

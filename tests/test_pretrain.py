@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import convscale_cli.data as data
+from convscale_cli.budget import parse_budget
 from convscale_cli.engine.api import pretrain
 from convscale_cli.engine.checkpoint import CheckpointWarning
 from convscale_cli.errors import CheckpointError, ExitCode, RunInterrupted, TrainingError, UnknownNameError, UsageError
@@ -275,12 +276,24 @@ def test_partial_final_batch_is_masked_in_bf16(registry: Any, tmp_path: Path) ->
     assert summary["epochs"] == pytest.approx(40 / helpers.TRAIN_SIZE)
 
 
-def test_device_hour_budget_counts_compile_time(registry: Any, tmp_path: Path) -> None:
-    # Measured device time (compile included) is what a cpu-hours budget buys: this one is gone before step 1.
-    summary = pretrain(helpers.config(tmp_path / "timed", budget="1e-7-cpu-hours"), registry)
-    assert summary["status"] == "budget" and summary["steps"] == 0
-    assert summary["budget_spent"] >= 1e-7 and summary["ledger"]["device_seconds"]["compile"] > 0
-    assert np.isfinite(summary["final"]["eval_loss"])
+def test_device_hour_budget_means_model_flops_like_plan(registry: Any, tmp_path: Path) -> None:
+    # A cpu-hours budget buys what `plan` says it buys: model FLOPs at the CPU's peak x MFU. Compile time and a slow
+    # machine do not eat it, so it stops at the same step as the equal FLOP budget.
+    per_step = 6 * helpers.count_tiny(8, 4).macs * 16
+    hours = 3.5 * per_step / parse_budget("1-cpu-hours").to_flops()
+    summary = pretrain(helpers.config(tmp_path / "timed", budget=f"{hours!r}-cpu-hours"), registry)
+    assert summary["status"] == "budget" and summary["steps"] == 4
+    assert summary["budget_spent"] == pytest.approx(4 / 3.5 * hours)
+
+
+def test_budget_below_one_step_is_an_error_before_anything_runs(registry: Any, tmp_path: Path) -> None:
+    per_step = 6 * helpers.count_tiny(8, 4).macs * 16
+    hours = 0.5 * per_step / parse_budget("1-cpu-hours").to_flops()
+    for budget, extra in ((f"{hours!r}-cpu-hours", {}), (f"{0.5 * per_step}-flops", {"steps": None})):
+        out = tmp_path / budget
+        with pytest.raises(UsageError, match=r"less than one step of batch 16"):
+            pretrain(helpers.config(out, budget=budget, **extra), registry)
+        assert not (out / "config.json").exists()  # refused before the run directory is claimed
 
 
 def test_failed_background_save_is_raised(registry: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -299,3 +312,62 @@ def test_failed_background_save_is_raised(registry: Any, tmp_path: Path, monkeyp
     with pytest.raises(CheckpointError, match=r"at step 8 failed .*the checkpoint of step 4 is intact"):
         pretrain(helpers.config(out, log_every=2), registry)
     assert 8 not in [int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()]
+
+
+def test_initial_checkpoint_starts_from_its_parameters_not_its_optimizer(registry: Any, tmp_path: Path) -> None:
+    first = pretrain(helpers.config(tmp_path / "a", steps=4), registry)
+    # A step at a negligible lr barely moves the weights: the run starts from the checkpoint's parameters...
+    config = helpers.config(tmp_path / "b", steps=1, lr=1e-12, initial_checkpoint=str(tmp_path / "a"))
+    second = pretrain(config, registry)
+    before, after = helpers.final_params(tmp_path / "a"), helpers.final_params(tmp_path / "b")
+    assert before.keys() == after.keys()
+    for key in before:
+        np.testing.assert_allclose(after[key], before[key], atol=1e-6, err_msg=key)
+    # ... with a fresh optimizer and step counter, and the run records where it started.
+    assert second["steps"] == 1 and second["final"]["eval_loss"] == pytest.approx(first["final"]["eval_loss"], abs=1e-4)
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["initial_checkpoint"] == str(tmp_path / "a")
+    with pytest.raises(UsageError, match="initial_checkpoint .* holds a tiny-cnn with 4 classes"):
+        pretrain(helpers.config(tmp_path / "c", num_classes=6, initial_checkpoint=str(tmp_path / "a")), registry)
+
+
+def test_pretraining_keeps_an_ema_of_the_parameters_when_asked(registry: Any, tmp_path: Path) -> None:
+    from convscale_cli.loading import load
+
+    summary = pretrain(helpers.config(tmp_path / "ema", steps=8, ema_decay=0.9), registry)
+    assert set(summary["final_ema"]) == set(summary["final"]) and summary["final_ema"] != summary["final"]
+    records = [json.loads(line) for line in (tmp_path / "ema" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "eval_ema"] == [8]
+    loaded = load(tmp_path / "ema", registry=registry)
+    assert loaded.collection == "ema"  # load_model and fine-tuning take the average, as for a fine-tuned run
+    plain = pretrain(helpers.config(tmp_path / "plain", steps=8), registry)
+    assert "final_ema" not in plain and load(tmp_path / "plain", registry=registry).collection == "params"
+
+
+def test_holdout_carves_a_deterministic_held_out_split_from_train(tmp_path: Path) -> None:
+    from convscale_cli.engine.resolve import holdout_indices
+    from convscale_cli.plugins import load_plugins
+    from convscale_cli.registry import DatasetInfo, DatasetSpec
+
+    class NoEval:  # an image folder converted without val/
+        @staticmethod
+        @helpers.hookimpl
+        def register_datasets(register: Any) -> None:
+            register(
+                DatasetSpec(
+                    name="colours-train-only", description="", options={},
+                    open=lambda split: helpers.ColourSource(split, helpers.TRAIN_SIZE, 0),
+                    info=lambda: DatasetInfo(helpers.CLASSES, {"train": helpers.TRAIN_SIZE}, helpers.NATIVE),
+                )
+            )  # fmt: skip
+
+    extra = [("engine-test", helpers.TinyPlugin()), ("no-eval", NoEval())]
+    registry = load_plugins(extra=extra, entry_points=lambda: []).registry
+    with pytest.raises(UsageError, match=r"no held-out 'eval' split.*--set holdout=0.01"):
+        pretrain(helpers.config(tmp_path / "none", dataset="colours-train-only"), registry)
+    summary = pretrain(helpers.config(tmp_path / "held", dataset="colours-train-only", holdout=0.25), registry)
+    assert summary["epochs"] == pytest.approx(12 * 16 / 72)  # an epoch is the 72 examples left for training
+    train, held = holdout_indices(helpers.TRAIN_SIZE, 0.25)
+    assert len(held) == 24 and not set(train) & set(held) and sorted([*train, *held]) == list(range(96))
+    assert holdout_indices(helpers.TRAIN_SIZE, 0.25) == (train, held)  # the same split on every run
+    with pytest.raises(UsageError, match="already has a held-out 'eval' split"):
+        pretrain(helpers.config(tmp_path / "both", holdout=0.25), registry)

@@ -243,3 +243,18 @@ def test_import_numerics_are_checked_before_anything_is_written(tmp_path: Path, 
     code, out, err = _run([*argv[:-1], "timm"], capsys)
     assert code == 0 and "timm numerics" in out, err
     assert json.loads((tmp_path / "c" / MODEL_JSON).read_text())["numerics"] == "timm"
+
+
+def test_timm_pretrained_tags_select_the_architecture(tmp_path: Path, registry, capsys) -> None:  # noqa: ANN001
+    # timm names a set of weights model.tag (vit_base_patch16_224.augreg_in21k): the tag picks the weights, not the
+    # architecture, and the provenance keeps the whole name.
+    file = _file(tmp_path, _tensors())
+    name = "vit_timmtest.augreg_in21k_ft_in1k"
+    code, out, err = _run(["import-weights", "timm", name, str(file), "--out", str(tmp_path / "c")], capsys)
+    assert code == 0, err
+    assert "as vit-timmtest" in out
+    assert load_weights(tmp_path / "c")[2]["source"]["model"] == name
+    code, out, err = _run(
+        ["import-weights", "timm", "vit_timmtst.augreg", str(file), "--out", str(tmp_path / "d")], capsys
+    )
+    assert code == 2 and "unknown timm model 'vit_timmtst.augreg'" in err

@@ -47,9 +47,18 @@ def convert(
             workers=workers,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
+    notes = []
+    if "eval" not in report.counts:
+        # pretrain and finetune evaluate on a held-out split; without one they refuse to start, so say it now.
+        notes.append(
+            f"{src} has no val/ split, so {report.out} holds no held-out split: pretrain and finetune need one to "
+            f"evaluate on; add {src}/val/CLASS/ images (a few per class) and convert again, or pretrain with "
+            "--set holdout=0.01 to hold out 1% of train"
+        )
     if json_:
         print_json(
             {
+                "notes": notes,
                 "out": str(report.out),
                 "counts": report.counts,
                 "skipped": report.skipped,
@@ -67,3 +76,5 @@ def convert(
         f"wrote {report.out} ({_size(report.bytes)}, {report.num_classes} classes); use --dataset arrayrecord "
         f"with root={report.out}"
     )
+    for note in notes:
+        print(f"Note: {note}")

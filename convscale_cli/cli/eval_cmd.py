@@ -33,7 +33,8 @@ def eval_(
         str | None, typer.Option(help="bf16 or fp32 activations (default: the run's; fp32 for weights).")
     ] = None,
     data_option: Annotated[
-        list[str] | None, typer.Option("--data-option", help="Dataset option key=value, e.g. root=/data (repeat).")
+        list[str] | None,
+        typer.Option("--data-option", metavar="KEY=VALUE", help="Dataset option key=value, e.g. root=/data (repeat)."),
     ] = None,
     workers: Annotated[int, typer.Option(help="Input-pipeline worker processes.")] = 0,
     json_: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,

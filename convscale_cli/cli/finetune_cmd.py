@@ -103,16 +103,28 @@ def finetune(
     mixup: Annotated[float | None, typer.Option(help="MixUp alpha (default 0: off).")] = None,
     cutmix: Annotated[float | None, typer.Option(help="CutMix alpha (default 0: off).")] = None,
     label_smoothing: Annotated[float | None, typer.Option(help="Softmax label smoothing (default 0).")] = None,
-    precision: Annotated[str | None, typer.Option(help="bf16 (activations; fp32 params) or fp32.")] = None,
+    precision: Annotated[
+        str | None, typer.Option(help="bf16 activations (fp32 params) or fp32 (default: fp32 on CPU, bf16 on GPU/TPU).")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Head initialisation, data order and dropout seed.")] = None,
     eval_every: Annotated[int | None, typer.Option(help="Evaluate every N steps (0: at the end only).")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps (0: on exit only).")] = None,
     log_every: Annotated[int | None, typer.Option(help="Log metrics every N steps.")] = None,
     data_option: Annotated[
-        list[str] | None, typer.Option("--data-option", help="Dataset option key=value, e.g. root=/data (repeat).")
+        list[str] | None,
+        typer.Option("--data-option", metavar="KEY=VALUE", help="Dataset option key=value, e.g. root=/data (repeat)."),
     ] = None,
     set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Any config key=value, e.g. augment.min_area=0.5 (repeat).")
+        list[str] | None,
+        typer.Option("--set", metavar="KEY=VALUE", help="Any config key=value, e.g. augment.min_area=0.5 (repeat)."),
+    ] = None,
+    tracker: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--tracker",
+            metavar="NAME",
+            help="Experiment tracker besides metrics.jsonl: tensorboard (default), wandb, mlflow (repeat).",
+        ),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Start over in an --out holding a different run.")] = False,
     workers: Annotated[int | None, typer.Option(help="Input-pipeline worker processes.")] = None,
@@ -153,6 +165,8 @@ def finetune(
         "worker_count": workers,
     }
     overrides = {k: v for k, v in flags.items() if v is not None}
+    if tracker:
+        overrides["trackers"] = list(tracker)
     if force:
         overrides["force"] = True
     if scratch:

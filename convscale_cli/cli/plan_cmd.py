@@ -22,11 +22,20 @@ if TYPE_CHECKING:
 
 
 def _dataset_plan(
-    registry: "Registry", dataset: str | None, dataset_size: int | None, resolution: int | None, num_classes: int | None
+    registry: "Registry",
+    dataset: str | None,
+    dataset_size: int | None,
+    resolution: int | None,
+    num_classes: int | None,
+    data_options: dict[str, Any] | None = None,
 ) -> "DatasetPlan":
     from convscale_cli import planner
+    from convscale_cli.config import check_options
+    from convscale_cli.registry import DatasetInfo
 
     if dataset is None:
+        if data_options:
+            raise UsageError("--data-option needs --dataset (the options belong to a registered dataset)")
         return planner.DatasetPlan(
             name=None,
             size=planner.JFT4B_SIZE if dataset_size is None else dataset_size,
@@ -34,23 +43,29 @@ def _dataset_plan(
             resolution=planner.PAPER_RESOLUTION if resolution is None else resolution,
         )
     spec = registry.dataset(dataset)
-    info = spec.static_info
+    options = dict(data_options or {})
+    check_options(f"{spec.name} data option", options, spec.options)
+    info = spec.static_info if not options else None
+    if dataset_size is not None and num_classes is not None and resolution is not None:
+        info = DatasetInfo(num_classes, {"train": dataset_size}, resolution)  # nothing to ask the dataset
     if info is None:
         try:
-            info = spec.info()
+            info = spec.info(**options)
         except UsageError as exc:
             raise UsageError(
-                f"dataset {dataset!r} needs options to report its size ({exc}); pass --dataset-size and --num-classes"
+                f"dataset {dataset!r} needs options to report its size ({exc}); pass them with --data-option "
+                "KEY=VALUE, or give --dataset-size and --num-classes"
             ) from None
     size = dataset_size if dataset_size is not None else int(info.split_sizes.get("train", 0))
     # A dataset that takes a `size` option (procedural ones like shapes) is told the planned size in the command.
-    options = (("size", dataset_size),) if dataset_size is not None and "size" in spec.options else ()
+    if dataset_size is not None and "size" in spec.options:
+        options["size"] = dataset_size
     return planner.DatasetPlan(
         name=spec.name,
         size=size,
         num_classes=num_classes if num_classes is not None else info.num_classes,
         resolution=resolution if resolution is not None else info.resolution,
-        options=options,
+        options=tuple(options.items()),
     )
 
 
@@ -92,11 +107,27 @@ def plan(
     num_classes: Annotated[
         int | None, typer.Option(help="Classifier size (default: the dataset's, or 30k for JFT-4B).")
     ] = None,
-    family: Annotated[str, typer.Option(help="Architecture family of the candidates (nfnet, vit, ...).")] = "nfnet",
+    data_option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--data-option",
+            metavar="KEY=VALUE",
+            help="Dataset option KEY=VALUE, e.g. root=/data/records (repeat); passed to the commands.",
+        ),
+    ] = None,
+    family: Annotated[
+        str | None,
+        typer.Option(
+            help="Architecture family of the candidates (nfnet, vit, ...; default: that of --models, else nfnet)."
+        ),
+    ] = None,
     models: Annotated[
         str | None, typer.Option(help="Comma-separated globs restricting the candidates, e.g. 'nfnet-tiny-*'.")
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="Global batch size (the lr alpha is quoted at 4096).")] = 4096,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(help="Global batch size (default: the --from runs' batch, else the paper's 4096)."),
+    ] = None,
     from_: Annotated[
         Path | None,
         typer.Option("--from", help="Runs directory: fit L(N, D) to its finished runs and rank by predicted loss."),
@@ -128,13 +159,22 @@ def plan(
     hw_name = hardware or ("tpu-v4" if parsed.is_flops else parsed.unit)
     hw = get_hardware(hw_name, mfu=mfu)
     registry = get_registry()
+    patterns = tuple(p for p in (models or "").split(",") if p.strip())
+    family = family or planner.family_of(registry, patterns)
+    if batch_size is None:
+        from_runs = None
+        if from_ is not None:
+            from convscale_cli.plan_fit import runs_batch_size
+
+            from_runs = runs_batch_size(from_, family)
+        batch_size = from_runs or planner.PAPER_BATCH_SIZE
     request = planner.PlanRequest(
         budget=parsed,
         hardware=hw,
-        dataset=_dataset_plan(registry, dataset, dataset_size, resolution, num_classes),
+        dataset=_dataset_plan(registry, dataset, dataset_size, resolution, num_classes, _pairs(data_option)),
         family=family,
         batch_size=batch_size,
-        models=tuple(p for p in (models or "").split(",") if p.strip()),
+        models=patterns,
         top=top,
     )
     if from_ is not None:
@@ -204,6 +244,7 @@ def _print_plan(plan: "Plan", document: dict[str, Any]) -> None:
         row += [f"{c.lr:g}", f"{c.lr_trials[0]:g}, {c.lr_trials[1]:g}"]
         rows.append(row)
     print_table(None, columns, rows, right=["params", "GMACs", "epochs", "examples", "steps", "% budget"])
+    print(f"params and GMACs at {ds.resolution} px with a {ds.num_classes}-class head")
     best = plan.recommendation
     print(
         f"\nRecommendation: {best.model} for {_fmt_epochs(best.epochs)} epochs "
@@ -212,11 +253,18 @@ def _print_plan(plan: "Plan", document: dict[str, Any]) -> None:
     )
     for command in document["recommendation"]["commands"]:
         print(f"  {command}")
+    print(f"lr: {best.lr_source}")
     outside = sorted({what for c in plan.candidates for what in c.extrapolated_in})
     if fitted and outside:
         print(f"* {' or '.join(outside)} outside the fitted runs' range: the prediction extrapolates")
     for note in document["notes"]:
         print(f"Note: {note}")
+
+
+def _pairs(items: list[str] | None) -> dict[str, Any]:
+    from convscale_cli.config import parse_override
+
+    return dict(parse_override(item) for item in items or [])
 
 
 def _overrides(items: list[str] | None) -> dict[str, Any]:
@@ -261,6 +309,7 @@ def tune_lr(
         list[str] | None,
         typer.Option(
             "--set",
+            metavar="KEY=VALUE",
             help="Further engine config fields as KEY=VALUE (precision=fp32, data_options.size=16384); repeatable.",
         ),
     ] = None,
@@ -334,7 +383,10 @@ def tune_lr(
 def sweep(
     study: Annotated[Path, typer.Argument(help="Study file (TOML), e.g. examples/quickstart.toml.")],
     set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Override a study key as KEY=VALUE (e.g. out=runs/b); repeatable.")
+        list[str] | None,
+        typer.Option(
+            "--set", metavar="KEY=VALUE", help="Override a study key as KEY=VALUE (e.g. out=runs/b); repeatable."
+        ),
     ] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print the decisions as JSON at the end.")] = False,
 ) -> None:

@@ -6,15 +6,18 @@ flags, then ``--set`` overrides) and calls :func:`convscale_cli.engine.api.pretr
 """
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from convscale_cli.cli import app
 from convscale_cli.cli._output import print_json, progress_to_stderr
 
+if TYPE_CHECKING:
+    from convscale_cli.engine.config import PretrainConfig
+
 _HELP = """Pre-train a model on a dataset with its family's recipe (Smith et al. 2023: SGD + Nesterov + AGC,
-cosine schedule, bf16 activations).
+cosine schedule; bf16 activations on GPU/TPU, fp32 on CPU).
 
 The learning rate follows the paper's convention: --lr is the peak rate alpha quoted at batch 4096 (alpha ~ 1.6 for
 small epoch budgets) and is scaled linearly with the batch size, lr_actual = alpha x batch / 4096.
@@ -24,7 +27,16 @@ resumes the run from its newest checkpoint; a finished run says so and exits 0; 
 is refused (naming the differing keys) unless --force. SIGINT/SIGTERM save a checkpoint and exit with code 130; a
 non-finite loss stops the run with exit code 3.
 
-Writes OUT/config.json, OUT/metrics.jsonl, OUT/checkpoints/, OUT/tb/ and, at the end, OUT/summary.json."""
+Writes OUT/config.json, OUT/metrics.jsonl, OUT/checkpoints/, OUT/tb/ and, at the end, OUT/summary.json.
+
+Examples:
+
+\b
+  convscale pretrain --model nfnet-tiny-l1 --dataset shapes --epochs 1 \\
+      --batch-size 64 --lr 25.6 --data-option size=16384 --out runs/l1
+  convscale pretrain --config run.toml --set recipe.weight_decay=1e-5 --out runs/wd
+  convscale pretrain --model nfnet-f0 --dataset imagefolder \\
+      --data-option root=/data/images --budget 2-h100-hours --out runs/f0"""
 
 
 def _parse_pairs(pairs: list[str] | None, prefix: str = "") -> dict[str, Any]:
@@ -43,12 +55,17 @@ def pretrain(
     model: Annotated[str | None, typer.Option(help="Architecture, e.g. nfnet-f0 (see `convscale models`).")] = None,
     dataset: Annotated[str | None, typer.Option(help="Dataset, e.g. shapes (see `convscale datasets`).")] = None,
     out: Annotated[str | None, typer.Option(help="Run directory (created; rerun to resume).")] = None,
-    epochs: Annotated[float | None, typer.Option(help="Duration in passes over the train split (0.25 .. 8).")] = None,
+    epochs: Annotated[
+        float | None, typer.Option(help="Duration in passes over the train split (fractional allowed).")
+    ] = None,
     steps: Annotated[int | None, typer.Option(help="Duration in optimiser steps.")] = None,
     examples: Annotated[int | None, typer.Option(help="Duration in training examples.")] = None,
     budget: Annotated[
         str | None,
-        typer.Option(help="Stop cleanly once spent: 2-cpu-hours, 1e15-flops, 0.01-core-hours (TPU-v4)."),
+        typer.Option(
+            help="Stop cleanly once spent, in model FLOPs as plan converts it: 2-cpu-hours, 1e15-flops, "
+            "0.01-core-hours (TPU-v4)."
+        ),
     ] = None,
     lr: Annotated[
         float | None, typer.Option(help="Peak lr alpha at batch 4096, scaled by batch/4096 (default: recipe, 1.6).")
@@ -56,33 +73,70 @@ def pretrain(
     batch_size: Annotated[int | None, typer.Option(help="Global batch size (default: recipe, 4096).")] = None,
     resolution: Annotated[int | None, typer.Option(help="Training resolution in pixels.")] = None,
     eval_resolution: Annotated[int | None, typer.Option(help="Held-out evaluation resolution.")] = None,
-    precision: Annotated[str | None, typer.Option(help="bf16 (activations; fp32 params) or fp32.")] = None,
+    precision: Annotated[
+        str | None, typer.Option(help="bf16 activations (fp32 params) or fp32 (default: fp32 on CPU, bf16 on GPU/TPU).")
+    ] = None,
     loss: Annotated[str | None, typer.Option(help="softmax or sigmoid cross-entropy.")] = None,
     label_smoothing: Annotated[float | None, typer.Option(help="Softmax label smoothing.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Initialisation, data order and dropout seed.")] = None,
-    eval_every: Annotated[int | None, typer.Option(help="Evaluate every N steps (0: at the end only).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Initialisation, data order and dropout seed (default 0).")] = None,
+    eval_every: Annotated[int | None, typer.Option(help="Evaluate every N steps (default 0: at the end only).")] = None,
     eval_examples: Annotated[int | None, typer.Option(help="Evaluate on the first N held-out examples.")] = None,
-    checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps (0: on exit only).")] = None,
-    checkpoint_minutes: Annotated[float | None, typer.Option(help="...and at least every M minutes.")] = None,
-    keep: Annotated[int | None, typer.Option(help="Checkpoints to keep.")] = None,
-    log_every: Annotated[int | None, typer.Option(help="Log metrics every N steps.")] = None,
+    checkpoint_every: Annotated[
+        int | None, typer.Option(help="Checkpoint every N steps, 0: on exit only (default 1000).")
+    ] = None,
+    checkpoint_minutes: Annotated[
+        float | None, typer.Option(help="...and at least every M minutes (default 30).")
+    ] = None,
+    keep: Annotated[int | None, typer.Option(help="Checkpoints to keep (default 3).")] = None,
+    log_every: Annotated[int | None, typer.Option(help="Log metrics every N steps (default 50).")] = None,
     data_option: Annotated[
-        list[str] | None, typer.Option("--data-option", help="Dataset option key=value, e.g. root=/data (repeat).")
+        list[str] | None,
+        typer.Option("--data-option", metavar="KEY=VALUE", help="Dataset option key=value, e.g. root=/data (repeat)."),
     ] = None,
     set_: Annotated[
         list[str] | None,
-        typer.Option("--set", help="Any config key=value, e.g. recipe.weight_decay=1e-5 (repeat)."),
+        typer.Option(
+            "--set", metavar="KEY=VALUE", help="Any config key=value, e.g. recipe.weight_decay=1e-5 (repeat)."
+        ),
+    ] = None,
+    initial_checkpoint: Annotated[
+        str | None,
+        typer.Option(help="Start from this run's, checkpoint's or weights' parameters (fresh optimizer, step 0)."),
+    ] = None,
+    grad_accum_steps: Annotated[
+        int | None,
+        typer.Option(help="Micro-batches per step whose gradients sum to the batch's: less memory (default 1)."),
+    ] = None,
+    ema_decay: Annotated[
+        float | None,
+        typer.Option(help="EMA of the parameters with this decay, e.g. 0.9999 (default 0: none, as the paper)."),
+    ] = None,
+    tracker: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--tracker",
+            metavar="NAME",
+            help="Experiment tracker besides metrics.jsonl: tensorboard (default), wandb, mlflow (repeat).",
+        ),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Start over in an --out holding a different run.")] = False,
     fsdp: Annotated[bool, typer.Option("--fsdp", help="Shard params and optimizer state over devices.")] = False,
-    workers: Annotated[int | None, typer.Option(help="Input-pipeline worker processes.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Input-pipeline worker processes (default 0).")] = None,
     hardware: Annotated[str | None, typer.Option(help="Hardware for MFU (default: detected).")] = None,
     coordinator_address: Annotated[
         str | None, typer.Option(help="Multi-host: host:port of process 0 (auto on TPU pods and SLURM).")
     ] = None,
     num_processes: Annotated[int | None, typer.Option(help="Multi-host: number of processes.")] = None,
     process_id: Annotated[int | None, typer.Option(help="Multi-host: this process's index.")] = None,
-    json_: Annotated[bool, typer.Option("--json", help="Print summary.json to stdout at the end.")] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="Print the resolved run (steps, examples, peak lr, every default) and exit: no compiling."
+        ),
+    ] = False,
+    json_: Annotated[
+        bool, typer.Option("--json", help="Print summary.json (with --dry-run: the resolved config) to stdout.")
+    ] = False,
 ) -> None:
     from convscale_cli.config import config_table, from_dict, load_toml, merge
     from convscale_cli.engine.config import PretrainConfig
@@ -114,8 +168,13 @@ def pretrain(
         "coordinator_address": coordinator_address,
         "num_processes": num_processes,
         "process_id": process_id,
+        "initial_checkpoint": initial_checkpoint,
+        "grad_accum_steps": grad_accum_steps,
+        "ema_decay": ema_decay,
     }
     overrides = {k: v for k, v in flags.items() if v is not None}
+    if tracker:
+        overrides["trackers"] = list(tracker)
     if force:
         overrides["force"] = True
     if fsdp:
@@ -131,9 +190,26 @@ def pretrain(
     overrides.update(_parse_pairs(data_option, prefix="data_options."))
     overrides.update(_parse_pairs(set_))
     run_config = from_dict(PretrainConfig, merge(data, overrides))
+    if dry_run:
+        _dry_run(run_config, json_)
+        return
     from convscale_cli.engine.api import pretrain as run_pretrain  # jax: only once there is something to train
 
     with progress_to_stderr(json_):
         summary = run_pretrain(run_config)
     if json_:
         print_json(summary)
+
+
+def _dry_run(config: "PretrainConfig", json_: bool) -> None:
+    """The run as ``config.json`` would record it, resolved without jax (so without choosing the devices)."""
+    from convscale_cli.engine.resolve import header, resolve, resolved_dict
+    from convscale_cli.plugins import get_registry
+
+    run = resolve(config, get_registry())
+    if json_:
+        print_json(resolved_dict(run))
+        return
+    why = "given" if config.precision is not None else "none given: fp32 on CPU, bf16 on GPU/TPU"
+    print(header(run, why, None, None))
+    print(f"  {run.duration.examples} training examples; nothing compiled, {config.out} not created (--dry-run)")

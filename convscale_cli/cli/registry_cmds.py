@@ -8,7 +8,8 @@ from convscale_cli.cli import app
 from convscale_cli.cli._output import print_json, print_table
 from convscale_cli.errors import UsageError, did_you_mean
 
-PatternArg = Annotated[str | None, typer.Argument(help="Glob (nfnet-f*) or substring to filter names.")]
+ModelPattern = Annotated[str | None, typer.Argument(help="Glob (nfnet-f*) or substring to filter model names.")]
+DatasetPattern = Annotated[str | None, typer.Argument(help="Glob (shape*) or substring to filter dataset names.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
@@ -22,7 +23,7 @@ def _no_match(kind: str, pattern: str, names: list[str]) -> UsageError:
 
 @app.command()
 def models(
-    pattern: PatternArg = None,
+    pattern: ModelPattern = None,
     family: Annotated[str | None, typer.Option(help="Only this family (nfnet, vit, ...).")] = None,
     resolution: Annotated[
         int | None, typer.Option(help="Count MACs at this resolution instead of each model's eval resolution.")
@@ -105,7 +106,7 @@ def _millions(params: int) -> str:
 
 
 @app.command()
-def datasets(pattern: PatternArg = None, json_: JsonOpt = False) -> None:
+def datasets(pattern: DatasetPattern = None, json_: JsonOpt = False) -> None:
     """List registered datasets with their classes and split sizes."""
     from convscale_cli.plugins import get_registry
 

@@ -64,6 +64,13 @@ def _write_shard(listing: FolderSplit, start: int, stop: int, path: Path, advanc
     return skipped
 
 
+def _umask() -> int:
+    """The process's umask (read by setting and restoring it: POSIX has no way to only read it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def convert_imagefolder(
     src: str | Path,
     out: str | Path,
@@ -110,6 +117,9 @@ def convert_imagefolder(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    # mkdtemp creates the directory 0o700; the dataset it becomes gets the mode any directory the user creates has
+    # (0o755 under umask 022, 0o775 under 002), so a dataset on shared storage is readable like its neighbours.
+    tmp.chmod(0o777 & ~_umask())
     try:
         jobs = {}
         with ThreadPoolExecutor(max_workers=workers) as pool:

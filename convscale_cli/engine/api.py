@@ -8,11 +8,13 @@ writes ``summary.json``. Usable from a notebook: pass a registry to train models
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import itertools
 import platform
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -29,10 +31,18 @@ from convscale_cli.engine.hardware import device_peak
 from convscale_cli.engine.ledger import Ledger, reset_host_peak_memory, xla_flops
 from convscale_cli.engine.mesh import init_distributed
 from convscale_cli.engine.progress import Progress
-from convscale_cli.engine.resolve import ResolvedRun, resolve, resolved_dict
+from convscale_cli.engine.resolve import (
+    ResolvedRun,
+    header,
+    holdout_indices,
+    resolve,
+    resolved_dict,
+    with_precision,
+)
 from convscale_cli.engine.rundir import MetricsLog, RunDir
-from convscale_cli.errors import RunInterrupted
-from convscale_cli.registry import Registry, head_params
+from convscale_cli.engine.tracking import choose_trackers, open_trackers
+from convscale_cli.errors import RunInterrupted, UsageError
+from convscale_cli.registry import Registry, TrackerSpec, head_params
 
 BARRIER_TIMEOUT_S = 600  # how long processes wait for each other at a named sync point (first compiles included)
 _barriers = itertools.count()  # barrier keys must be unique; every process passes the same sync points in order
@@ -67,6 +77,19 @@ class _Head:
         return self.source[index]
 
 
+class _Subset:
+    """The examples of a random-access source at ``indices`` (a held-out split carved from train, ``holdout``)."""
+
+    def __init__(self, source: Any, indices: list[int]) -> None:
+        self.source, self.indices = source, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.source[self.indices[index]]
+
+
 def _eval_batch_size(run: ResolvedRun, eval_size: int, devices: int) -> int:
     # Never pad a small held-out set up to a 4096 batch: the smallest multiple of the device (and process) count
     # that holds the whole set, capped at the training batch.
@@ -96,9 +119,11 @@ def pretrain(config: PretrainConfig, registry: Registry | None = None, *, pipeli
         registry = get_registry()
     if pipeline is None:
         import convscale_cli.data as pipeline
-    run = resolve(config, registry)
     primary = jax.process_index() == 0
     rundir = RunDir(config.out, primary=primary)
+    config, precision_why = with_precision(config, jax.default_backend(), rundir.saved_config())
+    run = resolve(config, registry)
+    trackers = choose_trackers(registry, config.trackers, tensorboard=config.tensorboard)  # before compiling
     resolved = resolved_dict(run)
     resuming = rundir.prepare(resolved, force=config.force)
     progress = Progress(run.duration.steps, mode=config.progress if primary else "none")
@@ -115,6 +140,8 @@ def pretrain(config: PretrainConfig, registry: Registry | None = None, *, pipeli
     _sync("prepared")
     rundir.remove_summary()
     reset_host_peak_memory()  # the summary's host_peak_memory_bytes is this run's, not the sweep's before it
+    initial = functools.partial(_initial_params, config, run, registry) if config.initial_checkpoint else None
+    progress.message(header(run, precision_why, jax.device_count(), jax.default_backend()))
 
     enable_compilation_cache()
     built = build(config, run)
@@ -130,7 +157,9 @@ def pretrain(config: PretrainConfig, registry: Registry | None = None, *, pipeli
     try:
         with rng_mode:
             try:
-                return _train(config, run, rundir, resolved, progress, pipeline, built, ledger, checkpoints)
+                return _train(
+                    config, run, rundir, resolved, progress, pipeline, built, ledger, checkpoints, trackers, initial
+                )
             except loop.RestoredCheckpointDiverged as exc:
                 # Corruption the checksums cannot see (a step saved before them, or damaged before it was sealed)
                 # shows as a loss that is non-finite at once; a run that diverges later keeps its checkpoints.
@@ -141,10 +170,17 @@ def pretrain(config: PretrainConfig, registry: Registry | None = None, *, pipeli
                     stacklevel=2,
                 )
                 checkpoints.set_aside([exc.step])
-                return _train(config, run, rundir, resolved, progress, pipeline, built, ledger, checkpoints)
+                return _train(
+                    config, run, rundir, resolved, progress, pipeline, built, ledger, checkpoints, trackers, initial
+                )
     finally:
         with interrupts.deferred():  # pending saves complete even when a signal arrives now
             checkpoints.close()
+
+
+def primary_process() -> bool:
+    """Whether this process writes the run's files and trackers (process 0)."""
+    return jax.process_index() == 0
 
 
 def _sync(name: str) -> None:
@@ -165,6 +201,25 @@ def _paused_past(previous: dict[str, Any], stop_step: int | None) -> bool:
     return stop_step is not None and isinstance(steps, int) and steps >= stop_step
 
 
+def _initial_params(config: PretrainConfig, run: ResolvedRun, registry: Registry) -> Any:
+    """The parameters of ``config.initial_checkpoint``, checked against this run's model and classifier.
+
+    Raises:
+        UsageError: the checkpoint holds another architecture or classifier size.
+        CheckpointError: it is not a checkpoint, or a tensor does not fit (named).
+    """
+    from convscale_cli.loading import load
+
+    path = config.initial_checkpoint
+    loaded = load(str(path), ema=False, precision="fp32", registry=registry, what="initial_checkpoint")
+    if loaded.spec.name != run.arch.name or loaded.num_classes != run.num_classes:
+        raise UsageError(
+            f"initial_checkpoint {path!r} holds a {loaded.spec.name} with {loaded.num_classes} classes; this run "
+            f"trains a {run.arch.name} with {run.num_classes}"
+        )
+    return loaded.params
+
+
 def _restore_or_init(
     config: PretrainConfig,
     run: ResolvedRun,
@@ -173,9 +228,11 @@ def _restore_or_init(
     built: Built,
     ledger: Ledger,
     checkpoints: Checkpoints,
+    initial: Callable[[], Any] | None = None,
 ) -> tuple[Any, int, dict[str, Any] | None, Ledger, bool]:
     """``(state, start_step, data_state, ledger, resumed)`` from the newest readable checkpoint, else from the trunk's
-    branch point (``branch_from``), else a fresh state; ``resumed`` says the state is this run's own checkpoint."""
+    branch point (``branch_from``), else a fresh state (from ``initial()``'s parameters when given); ``resumed`` says
+    the state is this run's own checkpoint."""
     restored = checkpoints.restore(built.abstract)
     if restored is None:
         rundir.truncate_metrics(0)
@@ -183,6 +240,19 @@ def _restore_or_init(
             state, data_state, ledger = branch_start(config, run, built, ledger)
             progress.message(f"branching {config.out} from {config.branch_from} at step {config.branch_step}")
             return state, config.branch_step, data_state, ledger, False
+        if initial is not None:
+            params = initial()
+            want = jax.tree_util.tree_map(lambda a: (a.shape, str(a.dtype)), built.abstract.params)
+            got = jax.tree_util.tree_map(lambda a: (tuple(np.shape(a)), str(np.asarray(a).dtype)), params)
+            if want != got:
+                raise UsageError(
+                    f"initial_checkpoint {config.initial_checkpoint!r} does not fit this run's model (other build "
+                    "options or resolution-dependent shapes); train from it with matching --set model_options"
+                )
+            with ledger.timed("compile"):
+                state = jax.block_until_ready(jax.device_put(built.from_params(params), built.shardings))
+            progress.message(f"initialised from {config.initial_checkpoint} (parameters only: a fresh optimizer)")
+            return state, 0, None, ledger, False
         with ledger.timed("compile"):
             state = jax.block_until_ready(built.fresh_state())
         return state, 0, None, ledger, False
@@ -208,11 +278,18 @@ def _train(
     built: Built,
     ledger: Ledger,
     checkpoints: Checkpoints,
+    trackers: list[TrackerSpec],
+    initial: Callable[[], Any] | None = None,
 ) -> dict[str, Any]:
     state, start_step, data_state, ledger, resumed = _restore_or_init(
-        config, run, rundir, progress, built, ledger, checkpoints
+        config, run, rundir, progress, built, ledger, checkpoints, initial
     )
-    eval_source = run.data.open("eval", **config.data_options)
+    train_source = run.data.open("train", **config.data_options)
+    if config.holdout:
+        kept, held = holdout_indices(len(train_source), config.holdout)
+        train_source, eval_source = _Subset(train_source, kept), _Subset(train_source, held)
+    else:
+        eval_source = run.data.open("eval", **config.data_options)
     if config.eval_examples is not None:
         eval_source = _Head(eval_source, config.eval_examples)
     eval_batch = _eval_batch_size(run, len(eval_source), built.mesh.size)
@@ -235,7 +312,7 @@ def _train(
         ledger=ledger,
     )
     loader = pipeline.train_loader(
-        run.data.open("train", **config.data_options),
+        train_source,
         global_batch_size=run.batch_size,
         resolution=run.resolution,
         seed=config.seed,
@@ -247,7 +324,7 @@ def _train(
     )
     if data_state:
         loader.set_state(data_state)
-    log = MetricsLog(rundir, tensorboard=config.tensorboard)
+    log = MetricsLog(rundir, trackers=open_trackers(trackers, rundir.path, resolved) if primary_process() else [])
     ctx = loop.LoopContext(
         restored_step=start_step if resumed else None,
         run=run,
@@ -276,12 +353,21 @@ def _train(
                 )
             # A paused trunk is not a result: its branches are evaluated at their own ends.
             final = None if status == "paused" else loop.evaluate_and_log(ctx, state.params, step)
+            final_ema = None
+            if final is not None and state.ema is not None:
+                final_ema = evaluate(state.ema)
+                log.write({"step": step, "split": "eval_ema", **final_ema, "time": time.time()})
+                progress.message(
+                    f"EMA eval @ step {step}: loss {final_ema['eval_loss']:.4f}  top-1 {final_ema['eval_top1']:.4f}"
+                )
             rundir.write_live_ledger(ledger.to_dict())
             if final is not None:
                 loop.check_final(ctx, final, step)
     finally:
         log.close()
     summary = _summary(run, resolved, status, step, final, ledger, state.params)
+    if final_ema is not None:
+        summary["final_ema"] = final_ema
     rundir.write_summary(summary)
     _sync("summary")
     if final is None:

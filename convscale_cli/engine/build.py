@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -29,7 +29,7 @@ from convscale_cli.engine.optim import INJECTED_SCHEDULES, make_optimizer, recip
 from convscale_cli.engine.resolve import ResolvedRun
 from convscale_cli.engine.state import TrainState
 from convscale_cli.engine.step import eval_step, train_step
-from convscale_cli.errors import DataError
+from convscale_cli.errors import DataError, UsageError
 from convscale_cli.recipe import Recipe
 
 
@@ -86,6 +86,12 @@ def build(config: PretrainConfig, run: ResolvedRun) -> Built:
     """
     mesh = make_mesh()
     check_batch(run.batch_size, mesh, jax.process_count())
+    accum = config.grad_accum_steps
+    if run.batch_size % (accum * mesh.size):
+        raise UsageError(
+            f"batch size {run.batch_size} does not split into {accum} micro-batches over {mesh.size} devices: "
+            f"use a batch size divisible by {accum * mesh.size} (grad_accum_steps x devices)"
+        )
     model = run.arch.build(
         num_classes=run.num_classes,
         dtype="bfloat16" if config.precision == "bf16" else "float32",
@@ -103,7 +109,7 @@ def build(config: PretrainConfig, run: ResolvedRun) -> Built:
         return model.init({"params": init_key}, dummy, train=False)["params"]
 
     def from_params(params: Any) -> TrainState:
-        return TrainState.create(params, tx, dropout_key)
+        return TrainState.create(params, tx, dropout_key, ema=config.ema_decay > 0)
 
     def init() -> TrainState:
         return from_params(init_params())
@@ -217,7 +223,10 @@ def compile_steps(built: Built, run: ResolvedRun, pipeline: Any, eval_batch: int
         tx=built.tx,
         schedule=built.schedule,
         recipe=run.recipe,
-        options=common | {"label_smoothing": run.recipe.label_smoothing},
+        options=common
+        | {"label_smoothing": run.recipe.label_smoothing}
+        | ({"accum_steps": run.config.grad_accum_steps} if run.config.grad_accum_steps > 1 else {})
+        | ({"ema_decay": run.config.ema_decay} if run.config.ema_decay > 0 else {}),
         abstract=built.abstract,
         batch=abstract_batch(run, run.batch_size, run.resolution, built.data_sharding),
         out_shardings=(built.shardings, replicated(built.mesh)),
@@ -225,6 +234,11 @@ def compile_steps(built: Built, run: ResolvedRun, pipeline: Any, eval_batch: int
     held_out = abstract_batch(run, eval_batch, run.eval_resolution, built.data_sharding)
     eval_fn = compile_eval_step(built.model, common, built.abstract.params, held_out, replicated(built.mesh))
     return train_fn, eval_fn
+
+
+# Held-out sets up to this many bytes of decoded batches per process are read once and kept: every later evaluation
+# reuses them instead of decoding again and starting --workers processes anew (the held-out set never changes).
+EVAL_CACHE_BYTES = 256 << 20
 
 
 def make_evaluate(
@@ -250,18 +264,34 @@ def make_evaluate(
         given) as ``eval``.
     """
 
+    kept: list[list[dict[str, Any]]] = []  # the held-out batches of a set small enough to keep, once read
+
+    def batches() -> Iterator[dict[str, Any]]:
+        if kept:
+            yield from kept[0]
+            return
+        held: list[dict[str, Any]] | None = []
+        size = 0
+        for batch in pipeline.eval_loader(
+            eval_source,
+            global_batch_size=batch_size,
+            resolution=resolution,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            worker_count=worker_count,
+            crop_fraction=crop_fraction,
+        ):
+            if held is not None:
+                size += sum(getattr(v, "nbytes", 0) for v in batch.values())
+                held = held + [batch] if size <= EVAL_CACHE_BYTES else None
+            yield batch
+        if held is not None:
+            kept.append(held)
+
     def evaluate(params: Any) -> dict[str, float]:
         with ledger.timed("eval") if ledger is not None else contextlib.nullcontext():
             sums = None
-            for batch in pipeline.eval_loader(
-                eval_source,
-                global_batch_size=batch_size,
-                resolution=resolution,
-                process_index=jax.process_index(),
-                process_count=jax.process_count(),
-                worker_count=worker_count,
-                crop_fraction=crop_fraction,
-            ):
+            for batch in batches():
                 out = eval_fn(params, to_device(batch))
                 sums = out if sums is None else jax.tree_util.tree_map(jnp.add, sums, out)
             host = {k: float(v) for k, v in jax.device_get(sums).items()}

@@ -40,6 +40,7 @@ MUTABLE_KEYS = frozenset(
         "hardware",
         "peak_flops",
         "tensorboard",
+        "trackers",
         "progress",
         "stop_step",
         "keep_steps",
@@ -67,13 +68,17 @@ class PretrainConfig:
     # empty: inception crop + flip, the paper's pre-training augmentation (NFNet 2021 A.5).
     augment: dict[str, Any] = dataclasses.field(default_factory=dict)
     num_classes: int | None = None  # classifier size; default: the dataset's
+    # Held-out split carved from train for a dataset that has none (an image folder without val/): this fraction of
+    # the train split, a fixed pseudo-random choice (the same on every run), like TFDS's "train[99%:]". 0: none.
+    holdout: float = 0.0
 
     # --- how long (one of these, or a FLOP/core-hour budget) -------------------------------------------------------
     epochs: float | None = None  # passes over the train split; fractional epochs are exact (paper: 0.25 .. 8, §1.3)
     examples: int | None = None  # training examples seen
     steps: int | None = None  # optimiser steps
-    # Compute budget ("2-cpu-hours", "1e15-flops", "0.01-core-hours"): the run stops cleanly with status "budget"
-    # once the ledger has spent it. A FLOP or core-hour budget also sets the duration when none is given.
+    # Compute budget ("2-cpu-hours", "1e15-flops", "0.01-core-hours") in model FLOPs, a device-hour budget converted
+    # at the hardware's peak x MFU as `plan` does: the run stops cleanly with status "budget" once the ledger's
+    # model FLOPs reach it, and it sets the duration when none is given.
     budget: str | None = None
     # Pause after this step (status "paused", its checkpoint saved): a trunk of a branching sweep, trained only as far
     # as its branches need. Rerunning with a later stop_step, or none, continues it. The schedule is the full run's.
@@ -99,8 +104,20 @@ class PretrainConfig:
     drop_rate: float = 0.0  # nor dropout
     resolution: int | None = None  # training resolution; default the model's (224 in the paper, §1.3)
     eval_resolution: int | None = None  # held-out resolution; default the model's (256 in the paper)
-    precision: Precision = "bf16"  # bf16 activations with fp32 params/optimizer (NFNet A.1); fp32 for exactness
+    # bf16 activations with fp32 params/optimizer (NFNet A.1), or fp32. None: the run's own when resuming, else fp32
+    # on CPU (XLA emulates bf16 arithmetic there: slower than fp32) and bf16 on accelerators (default_precision).
+    precision: Precision | None = None
     seed: int = 0  # initialisation, data order and dropout
+    # Start from the parameters of this run, checkpoint or weights checkpoint (timm's --initial-checkpoint): a fresh
+    # optimizer, schedule and step counter. A run that has saved its own checkpoint resumes from that instead.
+    initial_checkpoint: str | None = None
+    # Gradient accumulation: each step's batch is computed as this many micro-batches whose gradients sum to the
+    # batch's, so a batch too large for the devices' memory takes the same update (timm's --grad-accum-steps).
+    grad_accum_steps: int = 1
+    # Exponential moving average of the parameters, updated every step with the NFNet warm-up
+    # min(decay, (1+t)/(10+t)) (NFNet 2021 A.1); 0: none, as in the paper's pre-training (A.5). With one, the run
+    # also evaluates the average at the end, and load_model / fine-tuning take it.
+    ema_decay: float = 0.0
 
     # --- evaluation, checkpoints, logging --------------------------------------------------------------------------
     eval_every: int = 0  # held-out eval every N steps (0: only at the end)
@@ -109,7 +126,10 @@ class PretrainConfig:
     checkpoint_minutes: float = 30.0  # and at least every M minutes of wall time (0: off)
     keep: int = 3  # checkpoints kept (the newest K); older ones are deleted after a newer save completes
     log_every: int = 50  # metrics.jsonl / progress every N steps
-    tensorboard: bool = True  # TensorBoard events when tensorboardX is importable
+    tensorboard: bool = True  # the default tracker: TensorBoard events in RUN/tb (false: off)
+    # Experiment trackers besides RUN/metrics.jsonl (always written), by registered name: tensorboard, wandb, mlflow,
+    # or a plugin's (the register_trackers hook). None: tensorboard when installed (engine.tracking.choose_trackers).
+    trackers: tuple[str, ...] | None = None
     progress: Literal["auto", "rich", "plain", "none"] = "auto"  # Rich on a TTY, plain lines otherwise
 
     # --- hardware and scale-out ------------------------------------------------------------------------------------
@@ -146,6 +166,12 @@ class PretrainConfig:
                 raise ConfigError(f"{key} = {getattr(self, key)!r} must be >= 0")
         if not (math.isfinite(self.checkpoint_minutes) and self.checkpoint_minutes >= 0):
             raise ConfigError(f"checkpoint_minutes = {self.checkpoint_minutes!r} must be a finite number >= 0 (0: off)")
+        if not 0.0 <= self.holdout <= 0.5:
+            raise ConfigError(f"holdout = {self.holdout!r} must be a fraction of the train split in [0, 0.5]")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay = {self.ema_decay!r} must be in [0, 1) (0: no EMA)")
+        if isinstance(self.grad_accum_steps, bool) or self.grad_accum_steps < 1:
+            raise ConfigError(f"grad_accum_steps = {self.grad_accum_steps!r} must be an integer >= 1")
         if self.keep < 1:
             raise ConfigError(f"keep = {self.keep!r} must be >= 1")
         if self.log_every < 1:

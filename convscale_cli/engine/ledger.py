@@ -103,14 +103,12 @@ class Ledger:
     def spent(self, budget: Budget) -> float:
         """The part of ``budget`` used so far, in its own unit.
 
-        FLOP and TPU-v4 core-hour budgets are counted in model FLOPs (the paper's axis); other device-hour budgets
-        (``2-cpu-hours``, ``10-h100-hours``) in measured device time, everything included.
+        Every budget is counted in model FLOPs (6 x MACs x examples, the paper's axis): a device-hour budget is the
+        FLOPs those hours buy at the hardware's peak and calibrated utilisation, the same conversion ``plan`` makes.
+        Measured device time (compilation, evaluation, a slow machine) is reported in the ledger but never spends a
+        budget, so a run stops at the same step on any machine and a budget means what ``plan`` said it buys.
         """
-        if budget.is_flops:
-            return self.train_flops
-        if budget.unit == "tpu-v4":
-            return self.core_hours
-        return self.total_device_seconds / 3600.0
+        return budget.from_flops(self.train_flops)
 
     def to_dict(self) -> dict[str, Any]:
         """What checkpoints hold (plain JSON)."""

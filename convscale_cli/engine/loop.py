@@ -102,16 +102,10 @@ def examples_in_step(step: int, batch_size: int, total_examples: int) -> int:
     return max(0, min(batch_size, total_examples - (step - 1) * batch_size))
 
 
-def budget_spent(ctx: LoopContext, unflushed_seconds: float = 0.0) -> bool:
-    """Whether the run's compute budget is used up (counting train time not yet charged to the ledger)."""
+def budget_spent(ctx: LoopContext) -> bool:
+    """Whether the run's compute budget is used up (model FLOPs, counted in examples: see ``Ledger.spent``)."""
     budget = ctx.run.budget
-    if budget is None:
-        return False
-    ledger = ctx.ledger
-    if budget.is_flops or budget.unit == "tpu-v4":
-        return ledger.spent(budget) >= budget.amount
-    pending = unflushed_seconds * ledger.num_devices / 3600.0
-    return ledger.spent(budget) + pending >= budget.amount
+    return budget is not None and ctx.ledger.train_flops >= budget.to_flops()
 
 
 def _status_fields(ctx: LoopContext, loss: float) -> dict[str, Any]:
@@ -226,7 +220,7 @@ def agree(flags: tuple[bool, ...]) -> tuple[bool, ...]:
 def train(ctx: LoopContext, state: Any, loader: Any, start_step: int) -> tuple[Any, str, int]:
     """Train from ``start_step`` to the end of the run, a spent budget, or a stop signal.
 
-    Decisions that depend on the clock or on signals (time-based checkpoints, device-hour budgets, SIGTERM) are
+    Decisions that depend on the clock or on signals (time-based checkpoints, SIGTERM) are
     taken at log points and agreed across processes, since saving and stopping are collective operations.
 
     A run with ``stop_step`` pauses there (a trunk of a branching sweep); ``keep_steps`` are always saved.
@@ -244,27 +238,20 @@ def train(ctx: LoopContext, state: Any, loader: Any, start_step: int) -> tuple[A
     pending: list[tuple[int, Any]] = []
     since, last_save = time.perf_counter(), time.monotonic()
     batches: Iterator[dict[str, np.ndarray]] = iter(loader)
-    budget = ctx.run.budget
-    counted_budget = budget is not None and (budget.is_flops or budget.unit == "tpu-v4")
     with StopSignals() as signals:
         while step < end and status == "finished":
             state, metrics = ctx.train_fn(state, ctx.to_device(next(batches)))
             step += 1
             ctx.ledger.add_steps(1, examples_in_step(step, ctx.run.batch_size, ctx.run.duration.examples))
             pending.append((step, metrics))
-            # FLOP and core-hour budgets are counted in examples: the same on every process at every step.
-            over_budget = counted_budget and budget_spent(ctx)
+            # Budgets are counted in examples: the same on every process at every step.
+            over_budget = budget_spent(ctx)
             timed_save = stop = False
             if jax.process_count() == 1 or step % config.log_every == 0 or step == end:
                 minutes = config.checkpoint_minutes
-                timed_save, stop, timed_budget = agree(
-                    (
-                        bool(minutes and time.monotonic() - last_save >= 60.0 * minutes),
-                        signals.received is not None,
-                        not counted_budget and budget_spent(ctx, time.perf_counter() - since),
-                    )
+                timed_save, stop = agree(
+                    (bool(minutes and time.monotonic() - last_save >= 60.0 * minutes), signals.received is not None)
                 )
-                over_budget = over_budget or timed_budget
             save_due = bool(config.checkpoint_every and step % config.checkpoint_every == 0) or timed_save
             save_due = save_due or step in keep
             eval_due = bool(config.eval_every and step % config.eval_every == 0 and step < total)

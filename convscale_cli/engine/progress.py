@@ -26,11 +26,12 @@ class Progress:
         total_steps: steps of the whole run.
         start_step: steps already done (a resumed run).
         mode: ``rich`` (a live bar), ``plain`` (one line per update), ``none``, or ``auto`` (rich on a TTY).
-        stream: where plain lines go.
+        stream: where plain lines (and, when given, the live bar) go.
     """
 
     def __init__(self, total_steps: int, *, start_step: int = 0, mode: Mode = "auto", stream: TextIO | None = None):
         self.total = total_steps
+        self._own_stream = stream is not None  # the live bar draws there too (else on Rich's console: stdout)
         self.stream = stream or sys.stdout
         if mode == "auto":
             mode = "rich" if self.stream.isatty() else "plain"
@@ -43,16 +44,22 @@ class Progress:
     def __enter__(self) -> Progress:
         self._start_time = time.monotonic()  # the ETA counts training only, not the compile before it
         if self.mode == "rich":
+            from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
             from rich.progress import Progress as RichProgress
+            from rich.table import Column
 
+            # Step counter and ETA first and never squeezed; the metrics take what is left of the line and are cut
+            # with an ellipsis, so an 80-column terminal still shows where the run is and when it ends.
             self._rich = RichProgress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeRemainingColumn(),
-                TextColumn("{task.fields[info]}"),
+                TextColumn("[bold]{task.description}", table_column=Column(no_wrap=True)),
+                MofNCompleteColumn(table_column=Column(no_wrap=True, min_width=9)),
+                TimeRemainingColumn(table_column=Column(no_wrap=True, min_width=7)),
+                BarColumn(bar_width=16),
+                TextColumn("{task.fields[info]}", table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis")),
                 transient=False,
+                expand=True,
+                **({"console": Console(file=self.stream)} if self._own_stream else {}),
             )
             self._rich.__enter__()
             self._task = self._rich.add_task("train", total=self.total, completed=self._start_step, info="")

@@ -7,17 +7,21 @@ dataset specs, and :func:`resolved_dict` is what ``RUN/config.json`` holds. jax-
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, get_args
 
 from convscale_cli.budget import Budget, get_hardware, parse_budget
-from convscale_cli.config import from_dict, to_dict
+from convscale_cli.config import check_options, from_dict, to_dict
 from convscale_cli.data.augment import DEFAULT_EVAL_CROP_FRACTION, augment_from_dict
-from convscale_cli.engine.config import PretrainConfig
+from convscale_cli.engine.config import Precision, PretrainConfig
 from convscale_cli.engine.steps import Duration, resolve_duration
 from convscale_cli.errors import UnknownNameError, UsageError
 from convscale_cli.recipe import Recipe, stable_end, without_default_schedule
 from convscale_cli.registry import MAX_NUM_CLASSES, ArchitectureSpec, DatasetInfo, DatasetSpec, Registry
+
+PRECISIONS = get_args(Precision)
+C = TypeVar("C")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +79,21 @@ def _recipe(base: Recipe, config: PretrainConfig) -> Recipe:
     return recipe
 
 
+def holdout_indices(train_size: int, fraction: float) -> tuple[list[int], list[int]]:
+    """``(train, held_out)`` indices of a train split with ``fraction`` of it held out (at least one example).
+
+    The held-out examples are the first of a fixed shuffle (``random.Random(0)``), so every run, and every process,
+    holds out the same ones, spread over the classes however the split is ordered.
+    """
+    import random
+
+    order = list(range(train_size))
+    random.Random(0).shuffle(order)
+    held = sorted(order[: max(1, round(fraction * train_size))])
+    taken = set(held)
+    return [i for i in range(train_size) if i not in taken], held
+
+
 def check_num_classes(num_classes: int, info: DatasetInfo, dataset: str) -> None:
     """Refuse a classifier smaller than the dataset's label set (or past :data:`MAX_NUM_CLASSES`).
 
@@ -124,6 +143,49 @@ def check_model_options(arch: ArchitectureSpec, options: dict[str, Any]) -> None
         raise UnknownNameError(f"{arch.name} model option", unknown[0], declared)
 
 
+def default_precision(backend: str, saved: Mapping[str, Any] | None = None) -> tuple[str, str]:
+    """The precision of a run that names none, and why, in words for the run's header.
+
+    A run being resumed keeps the precision its ``config.json`` records. Otherwise: fp32 on CPU, where XLA emulates
+    bf16 arithmetic by converting to fp32 and back (slower than fp32, not faster); bf16 activations with fp32
+    parameters on GPUs and TPUs, the paper's setting (NFNet 2021, appendix A.1).
+
+    Args:
+        backend: ``jax.default_backend()`` (``cpu``, ``gpu``, ``tpu``, ...).
+        saved: the resolved config of the run in the output directory, if there is one.
+    """
+    if saved is not None and saved.get("precision") in PRECISIONS:
+        return str(saved["precision"]), "that of the run being resumed"
+    if backend == "cpu":
+        return "fp32", "default on CPU, where bf16 is emulated; --precision bf16 to override"
+    return "bf16", f"default on {backend.upper()}; --precision fp32 for exactness"
+
+
+def with_precision(config: C, backend: str, saved: Mapping[str, Any] | None) -> tuple[C, str]:
+    """``config`` (a pre-training or fine-tuning config) with its precision filled in (:func:`default_precision`)
+    and the reason, ``"given"`` when it names one."""
+    if config.precision is not None:  # type: ignore[attr-defined]
+        return config, "given"
+    precision, why = default_precision(backend, saved)
+    return dataclasses.replace(config, precision=precision), why  # type: ignore[type-var]
+
+
+def check_budget_buys_a_step(budget: Budget, batch_size: int, flops_per_example: float, model: str) -> None:
+    """Refuse a budget that cannot pay for one optimiser step, before anything compiles.
+
+    Raises:
+        UsageError: naming what the budget buys, what one step costs and the smallest budget that buys one.
+    """
+    step = batch_size * flops_per_example
+    if budget.to_flops() < step:
+        need = budget.from_flops(step)
+        raise UsageError(
+            f"budget {budget.text or budget} buys {budget.to_flops():.3g} model FLOPs, less than one step of batch "
+            f"{batch_size} of {model} ({step:.3g} FLOPs); give at least {need:.3g} {budget.unit_label} or a smaller "
+            "--batch-size"
+        )
+
+
 def resolve(config: PretrainConfig, registry: Registry) -> ResolvedRun:
     """Look up the model and dataset and fill in every default.
 
@@ -134,9 +196,7 @@ def resolve(config: PretrainConfig, registry: Registry) -> ResolvedRun:
     arch = registry.architecture(config.model)
     check_model_options(arch, config.model_options)
     data = registry.dataset(config.dataset)
-    unknown = sorted(set(config.data_options) - set(data.options))
-    if unknown:
-        raise UnknownNameError(f"{data.name} data option", unknown[0], data.options)
+    check_options(f"{data.name} data option", config.data_options, data.options)
     info = data.info(**config.data_options)
     recipe = _recipe(arch.recipe, config)
     batch_size = config.batch_size or recipe.base_batch_size
@@ -153,8 +213,20 @@ def resolve(config: PretrainConfig, registry: Registry) -> ResolvedRun:
             f"batch size {batch_size} is larger than dataset {data.name!r}'s {train_size} training examples; "
             f"use --batch-size {train_size} or less"
         )
+    if config.holdout:
+        if info.split_sizes.get("eval"):
+            raise UsageError(
+                f"dataset {data.name!r} already has a held-out 'eval' split ({info.split_sizes['eval']} examples); "
+                "holdout carves one from train only for a dataset without one"
+            )
+        held = len(holdout_indices(train_size, config.holdout)[1])
+        train_size -= held
+        info = dataclasses.replace(info, split_sizes={**info.split_sizes, "train": train_size, "eval": held})
     if "eval" not in info.split_sizes or not info.split_sizes["eval"]:
-        raise UsageError(f"dataset {data.name!r} has no held-out 'eval' split to evaluate on")
+        raise UsageError(
+            f"dataset {data.name!r} has no held-out 'eval' split to evaluate on; carve one from train with "
+            "--set holdout=0.01 (1% of it, the same examples on every run)"
+        )
     macs = int(arch.count(resolution, num_classes).macs)
     # Checked here, before the run directory is claimed (they are used only once training starts).
     augment = {**data.augment, **config.augment}
@@ -163,8 +235,10 @@ def resolve(config: PretrainConfig, registry: Registry) -> ResolvedRun:
         get_hardware(config.hardware)
     budget = parse_budget(config.budget) if config.budget is not None else None
     budget_flops = None
-    if budget is not None and config.epochs is None and config.examples is None and config.steps is None:
-        budget_flops = budget.to_flops()
+    if budget is not None:
+        check_budget_buys_a_step(budget, batch_size, 6.0 * macs, arch.name)
+        if config.epochs is None and config.examples is None and config.steps is None:
+            budget_flops = budget.to_flops()
     duration = resolve_duration(
         train_size=train_size,
         batch_size=batch_size,
@@ -256,3 +330,28 @@ def resolved_dict(run: ResolvedRun) -> dict[str, Any]:
         },
     )
     return out
+
+
+def header(run: ResolvedRun, precision_why: str, devices: int | None, backend: str | None) -> str:
+    """What is about to run, printed before anything compiles (the first compile takes minutes on CPU).
+
+    ``devices`` None (a dry run, which never starts jax) leaves the devices out.
+    """
+    config, duration, recipe = run.config, run.duration, run.recipe
+    train_size = int(run.info.split_sizes.get("train", 0))
+    budget = f"; stops at budget {config.budget}" if config.budget else ""
+    if config.grad_accum_steps > 1:
+        budget += f"; {config.grad_accum_steps} micro-batches of {run.batch_size // config.grad_accum_steps} per step"
+    chosen = config.precision or "auto"
+    precision = chosen if precision_why == "given" else f"{chosen} ({precision_why})"
+    return "\n".join(
+        (
+            f"pretrain {run.arch.name} on {run.data.name} ({train_size} training examples) -> {config.out}",
+            f"  {duration.steps} {'step' if duration.steps == 1 else 'steps'} = {duration.epochs:.4g} epochs of batch "
+            f"{run.batch_size}{budget}",
+            f"  peak lr {run.peak_lr:.4g} (alpha {recipe.lr:g} x {run.batch_size}/{recipe.base_batch_size}, "
+            f"{recipe.optimizer} {recipe.schedule}), {run.resolution} px",
+            f"  precision {precision}"
+            + ("" if devices is None else f"; {devices} {backend} {'device' if devices == 1 else 'devices'}"),
+        )
+    )

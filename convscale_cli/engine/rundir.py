@@ -6,7 +6,7 @@ Layout::
     RUN/metrics.jsonl    one JSON object per log / eval point
     RUN/ledger.json      the live compute ledger (heartbeat; charges time lost to a crash on resume)
     RUN/checkpoints/     Orbax checkpoints: <step>/{state,data,ledger}
-    RUN/tb/              TensorBoard events (when tensorboardX is installed)
+    RUN/tb/              TensorBoard events (the default tensorboard tracker)
     RUN/summary.json     written when the run ends: status "finished", "budget" or "interrupted"
 
 A run is resumed by running the same command again (big_vision: always resume from the workdir). ``config.json``
@@ -20,15 +20,22 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import shlex
 import shutil
 import tempfile
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from convscale_cli.config import diff
+from convscale_cli.config import diff, option_word
 from convscale_cli.engine.config import MUTABLE_KEYS
+from convscale_cli.engine.tracking import TrackerWarning, close_trackers
 from convscale_cli.errors import CheckpointError, UsageError
 
+# Settings of the held-out evaluation only: a trained run that differs in nothing else is evaluated with
+# `convscale eval`, never retrained (training never reads them).
+EVAL_KEYS = frozenset({"eval_resolution", "eval_examples", "eval_crop", "eval_crop_fraction"})
 _RUN_FILES = ("config.json", "metrics.jsonl", "ledger.json", "summary.json")
 _RUN_DIRS = ("checkpoints", "tb")
 MARKER = "convscale_run"  # the config.json key that marks a directory as a convscale run
@@ -94,6 +101,12 @@ class RunDir:
         self.kind = kind
         if self.path.exists() and not self.path.is_dir():
             raise UsageError(f"--out {str(self.path)!r} is a file, expected a run directory")
+        for parent in self.path.absolute().parents:  # a run's checkpoints are rotated and --force clears tb/
+            if parent.name in _RUN_DIRS and is_run_config(read_json(parent.parent / "config.json")):
+                raise UsageError(
+                    f"--out {str(self.path)!r} is inside {str(parent)!r}, which the run in {str(parent.parent)!r} "
+                    "manages and deletes from; choose a directory outside it"
+                )
 
     @property
     def checkpoints(self) -> Path:
@@ -106,6 +119,12 @@ class RunDir:
     def summary(self) -> dict[str, Any] | None:
         """The summary of a run that ended, or None."""
         return read_json(self.path / "summary.json")
+
+    def saved_config(self) -> dict[str, Any] | None:
+        """The resolved config of the trained convscale run this directory holds (it has a checkpoint or a summary),
+        or None: none, not one of ours, or one that never trained (a new config simply replaces it)."""
+        saved = read_json(self.path / "config.json")
+        return saved if is_run_config(saved) and self.trained() else None
 
     def live_ledger(self) -> dict[str, Any] | None:
         """The last ledger heartbeat, or None."""
@@ -137,6 +156,8 @@ class RunDir:
         else:
             saved = {k: v for k, v in saved.items() if k != MARKER}
             changed = self._changed(saved, resolved)
+            if changed and set(changed) <= EVAL_KEYS and self.trained() and not force:
+                raise CheckpointError(self._evaluate_instead(changed, saved, resolved))
             if changed and self.trained() and not force:
                 shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
                 raise CheckpointError(
@@ -164,6 +185,21 @@ class RunDir:
         changed = [k for k in diff(saved, resolved) if k.split(".")[0] not in MUTABLE_KEYS]
         # Derived values (total steps, peak lr) only name the difference when no given value explains it.
         return [k for k in changed if not k.startswith("derived.")] or changed
+
+    def _evaluate_instead(self, changed: list[str], saved: dict[str, Any], resolved: dict[str, Any]) -> str:
+        """The refusal for a run that differs only in how it is evaluated: an eval command, never ``--force``."""
+        command = [f"convscale eval {shlex.quote(str(self.path))} --dataset {resolved.get('dataset')}"]
+        if "eval_resolution" in changed:
+            command.append(f"--resolution {resolved['eval_resolution']}")
+        for key in ("eval_crop", "eval_crop_fraction"):
+            if key in changed and resolved.get(key) is not None:
+                command.append(f"--eval-crop {resolved[key]:g}")
+        command += [f"--data-option {option_word(k, v)}" for k, v in (resolved.get("data_options") or {}).items()]
+        settings = ", ".join(f"{key} {saved.get(key)} in the run, {resolved.get(key)} now" for key in changed)
+        return (
+            f"{str(self.path)!r} holds a trained run that differs only in how it is evaluated ({settings}), which "
+            f"does not change training: to continue it keep its settings; to evaluate it: {' '.join(command)}"
+        )
 
     def _not_a_run(self, saved: dict[str, Any] | None) -> str:
         config = self.path / "config.json"
@@ -235,19 +271,16 @@ def _append(path: Path) -> Any:
 
 
 class MetricsLog:
-    """Appends records to ``metrics.jsonl`` and, when tensorboardX is importable, TensorBoard scalars."""
+    """Appends records to ``metrics.jsonl`` and sends their scalars to the run's open trackers.
 
-    def __init__(self, run: RunDir, *, tensorboard: bool) -> None:
+    A tracker that fails while logging is closed and dropped with a warning: training goes on, and ``metrics.jsonl``
+    stays the complete record.
+    """
+
+    def __init__(self, run: RunDir, *, trackers: Sequence[tuple[str, Any]] = ()) -> None:
         self.run = run
         self._file = _append(run.metrics) if run.primary else None
-        self._tb: Any = None
-        if run.primary and tensorboard:
-            try:
-                from tensorboardX import SummaryWriter
-            except ImportError:
-                pass
-            else:
-                self._tb = SummaryWriter(str(run.path / "tb"))
+        self._trackers = list(trackers) if run.primary else []
 
     def write(self, record: dict[str, Any]) -> None:
         """One record: must hold ``step`` and ``split`` (``train`` or ``eval``)."""
@@ -255,15 +288,18 @@ class MetricsLog:
             return
         self._file.write(json.dumps(record, default=float) + "\n")
         self._file.flush()
-        if self._tb is not None:
-            for key, value in record.items():
-                if key not in ("step", "split") and isinstance(value, (int, float)):
-                    self._tb.add_scalar(f"{record['split']}/{key}", value, record["step"])
+        scalars = {k: v for k, v in record.items() if k not in ("step", "split") and isinstance(v, (int, float))}
+        for name, tracker in list(self._trackers):
+            try:
+                tracker.log_metrics(int(record["step"]), str(record["split"]), scalars)
+            except Exception as exc:  # never lose a run to its tracker
+                warnings.warn(f"tracker {name!r} dropped: {type(exc).__name__}: {exc}", TrackerWarning, stacklevel=2)
+                self._trackers.remove((name, tracker))
+                close_trackers([(name, tracker)])
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        close_trackers(self._trackers)
+        self._trackers = []

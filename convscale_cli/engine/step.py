@@ -77,6 +77,7 @@ def train_step(
     num_classes: int,
     label_smoothing: float = 0.0,
     ema_decay: float | None = None,
+    accum_steps: int = 1,
 ) -> tuple[TrainState, Metrics]:
     """One optimiser step on one global batch.
 
@@ -94,23 +95,33 @@ def train_step(
         num_classes: classifier size.
         label_smoothing: softmax label smoothing.
         ema_decay: decay of the parameter EMA (with the NFNet warm-up ``min(decay, (1+t)/(10+t))``), or None.
+        accum_steps: gradient accumulation (timm's ``--grad-accum-steps``): the batch is split into this many
+            micro-batches whose summed gradients make the large batch's gradient (the masked mean over all of it), so
+            the update is the large batch's up to float rounding, at a fraction of the activation memory. Micro-batch
+            ``i`` draws its dropout from ``fold_in(step key, i)``: with dropout or stochastic depth the random masks
+            differ from the large batch's (the paper's pre-training uses neither).
 
     Returns:
         The new state and scalar metrics: ``loss`` and ``top1`` (masked means over the batch), ``grad_norm``, ``lr``
         and ``examples`` (real examples in the batch).
     """
     rng = step_key(state.rng, state.step)
-    images = normalize(batch["image"])
     mask = batch["mask"].astype(jnp.float32)
+    if accum_steps > 1:
+        value, top1, grads = _accumulated(state.params, batch, rng, accum_steps, model, normalize, loss, num_classes,
+                                          label_smoothing)  # fmt: skip
+    else:
+        images = normalize(batch["image"])
 
-    def loss_fn(params: Any) -> tuple[jax.Array, jax.Array]:
-        logits = model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
-        per = per_example_loss(
-            logits, batch["label"], loss=loss, num_classes=num_classes, label_smoothing=label_smoothing
-        )
-        return masked_mean(per, mask), logits
+        def loss_fn(params: Any) -> tuple[jax.Array, jax.Array]:
+            logits = model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
+            per = per_example_loss(
+                logits, batch["label"], loss=loss, num_classes=num_classes, label_smoothing=label_smoothing
+            )
+            return masked_mean(per, mask), logits
 
-    (value, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (value, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        top1 = masked_mean(topk_correct(logits, batch["label"], 1), mask)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = state.ema
@@ -119,12 +130,57 @@ def train_step(
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema)
     metrics = {
         "loss": value,
-        "top1": masked_mean(topk_correct(logits, batch["label"], 1), mask),
+        "top1": top1,
         "grad_norm": optax.tree.norm(grads),
         "lr": current_learning_rate(state.opt_state, state.step, schedule),
         "examples": mask.sum(),
     }
     return new_state, metrics
+
+
+def _accumulated(
+    params: Any,
+    batch: Batch,
+    rng: jax.Array,
+    accum_steps: int,
+    model: Any,
+    normalize: Callable[[jax.Array], jax.Array],
+    loss: str,
+    num_classes: int,
+    label_smoothing: float,
+) -> tuple[jax.Array, jax.Array, Any]:
+    """``(loss, top1, grads)`` of the whole batch as masked means, summed over ``accum_steps`` micro-batches."""
+    size = batch["mask"].shape[0]
+    if size % accum_steps:
+        raise ValueError(f"cannot split a batch of {size} examples into {accum_steps} micro-batches of equal size")
+
+    # Micro-batch i holds examples i, i + k, i + 2k, ...: with the batch split over devices in contiguous blocks of
+    # a multiple of k, every device keeps its own examples and works on each micro-batch (no data moves).
+    def split(x: jax.Array) -> jax.Array:
+        return jnp.moveaxis(x.reshape(size // accum_steps, accum_steps, *x.shape[1:]), 1, 0)
+
+    micro = jax.tree_util.tree_map(split, batch)
+
+    def sums(params: Any, part: Batch, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+        logits = model.apply({"params": params}, normalize(part["image"]), train=True, rngs={"dropout": key})
+        per = per_example_loss(
+            logits, part["label"], loss=loss, num_classes=num_classes, label_smoothing=label_smoothing
+        )
+        mask = part["mask"].astype(jnp.float32)
+        return (per * mask).sum(), (topk_correct(logits, part["label"], 1) * mask).sum()
+
+    def body(carry: Any, xs: tuple[jax.Array, Batch]) -> tuple[Any, None]:
+        index, part = xs
+        (loss_sum, top1_sum), grads = jax.value_and_grad(sums, has_aux=True)(
+            params, part, jax.random.fold_in(rng, index)
+        )
+        total = (carry[0] + loss_sum, carry[1] + top1_sum, jax.tree_util.tree_map(jnp.add, carry[2], grads))
+        return total, None
+
+    zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, params))
+    (loss_sum, top1_sum, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), micro))
+    count = jnp.maximum(batch["mask"].astype(jnp.float32).sum(), 1.0)
+    return loss_sum / count, top1_sum / count, jax.tree_util.tree_map(lambda g: g / count, grads)
 
 
 def eval_step(

@@ -29,14 +29,16 @@ from convscale_cli.engine.ledger import Ledger, reset_host_peak_memory, xla_flop
 from convscale_cli.engine.mesh import batch_sharding, check_batch, make_mesh, replicated, state_shardings
 from convscale_cli.engine.optim import make_optimizer, recipe_schedule
 from convscale_cli.engine.progress import Progress
+from convscale_cli.engine.resolve import with_precision
 from convscale_cli.engine.rundir import MetricsLog, RunDir
 from convscale_cli.engine.state import TrainState
+from convscale_cli.engine.tracking import choose_trackers, open_trackers
 from convscale_cli.errors import RunInterrupted, UsageError
 from convscale_cli.finetune.backbone import abstract_params, load_params
 from convscale_cli.finetune.config import FinetuneConfig
 from convscale_cli.finetune.resolve import FinetuneRun, resolve, resolved_dict
 from convscale_cli.finetune.step import finetune_step
-from convscale_cli.registry import Registry
+from convscale_cli.registry import Registry, TrackerSpec
 
 
 def finetune(
@@ -64,8 +66,10 @@ def finetune(
         import convscale_cli.data as pipeline
     if jax.process_count() > 1:
         raise UsageError("fine-tuning runs in a single process; multi-host is supported by pretrain only")
-    run = resolve(config, registry)
     rundir = RunDir(config.out, kind="finetune")
+    config, precision_why = with_precision(config, jax.default_backend(), rundir.saved_config())
+    run = resolve(config, registry)
+    trackers = choose_trackers(registry, config.trackers, tensorboard=config.tensorboard)  # before compiling
     resolved = resolved_dict(run)
     resuming = rundir.prepare(resolved, force=config.force)
     progress = Progress(run.duration.steps, mode=config.progress)
@@ -75,6 +79,8 @@ def finetune(
         return previous
     rundir.remove_summary()
     reset_host_peak_memory()
+    if precision_why != "given":
+        progress.message(f"precision {config.precision} ({precision_why})")
 
     enable_compilation_cache()  # a rerun, or the same model fine-tuned again, loads its compiled steps from disk
     mesh = make_mesh()
@@ -162,6 +168,7 @@ def finetune(
             shardings,
             checkpoints,
             start,
+            trackers,
         )
     finally:
         with interrupts.deferred():  # pending saves complete even when a signal arrives now
@@ -182,6 +189,7 @@ def _train(
     shardings: Any,
     checkpoints: Checkpoints,
     start: tuple[int, Any, dict[str, Any] | None, Ledger],
+    trackers: list[TrackerSpec],
 ) -> dict[str, Any]:
     config = run.config
     start_step, state, data_state, ledger = start
@@ -251,7 +259,7 @@ def _train(
     )
     if data_state:
         loader.set_state(data_state)
-    log = MetricsLog(rundir, tensorboard=config.tensorboard)
+    log = MetricsLog(rundir, trackers=open_trackers(trackers, rundir.path, resolved))
     ctx = loop.LoopContext(
         run=run,
         rundir=rundir,

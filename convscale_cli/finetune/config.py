@@ -83,7 +83,9 @@ class FinetuneConfig:
     # the whole image, for datasets whose object fills the frame (digits) and that are trained with crop="resize".
     # None: the dataset's choice (DatasetSpec.eval_crop), else 0.875.
     eval_crop_fraction: float | None = None
-    precision: Precision = "bf16"  # bf16 activations, fp32 params/optimiser/EMA; fp32 for bitwise-exact tests
+    # bf16 activations with fp32 params/optimiser/EMA, or fp32. None: the run's own when resuming, else fp32 on CPU
+    # (bf16 is emulated there) and bf16 on accelerators (engine.resolve.default_precision).
+    precision: Precision | None = None
     seed: int = 0  # new head, data order, augmentation, dropout
 
     # --- evaluation, checkpoints, logging (as in pre-training) --------------------------------------------------------
@@ -94,6 +96,7 @@ class FinetuneConfig:
     keep: int = 3
     log_every: int = 50
     tensorboard: bool = True
+    trackers: tuple[str, ...] | None = None  # as in pre-training: besides metrics.jsonl; None: tensorboard
     progress: Literal["auto", "rich", "plain", "none"] = "auto"
     worker_count: int = 0
     hardware: str | None = None

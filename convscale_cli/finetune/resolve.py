@@ -11,11 +11,11 @@ import dataclasses
 from typing import Any
 
 from convscale_cli.budget import get_hardware
-from convscale_cli.config import from_dict, to_dict
+from convscale_cli.config import check_options, from_dict, to_dict
 from convscale_cli.data.augment import DEFAULT_EVAL_CROP_FRACTION, AugmentConfig
 from convscale_cli.engine.resolve import check_num_classes
 from convscale_cli.engine.steps import Duration, resolve_duration
-from convscale_cli.errors import UnknownNameError, UsageError
+from convscale_cli.errors import UsageError
 from convscale_cli.finetune.backbone import Pretrained, locate
 from convscale_cli.finetune.config import DEFAULT_BATCH_SIZE, FINETUNE_LR_FRACTION, FinetuneConfig
 from convscale_cli.recipe import Recipe, without_default_schedule
@@ -99,9 +99,7 @@ def resolve(config: FinetuneConfig, registry: Registry) -> FinetuneRun:
     if config.model is not None and registry.architecture(config.model).name != arch.name:
         raise UsageError(f"--from {config.pretrained!r} holds a {arch.name} checkpoint, not --model {config.model}")
     data = registry.dataset(config.dataset)
-    unknown = sorted(set(config.data_options) - set(data.options))
-    if unknown:
-        raise UnknownNameError(f"{data.name} data option", unknown[0], data.options)
+    check_options(f"{data.name} data option", config.data_options, data.options)
     info = data.info(**config.data_options)
     if not info.split_sizes.get("eval"):
         raise UsageError(f"dataset {data.name!r} has no held-out 'eval' split to evaluate on")
