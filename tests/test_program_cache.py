@@ -46,7 +46,7 @@ class StablePlugin:
     @hookimpl
     def register_architectures(self, register: Any) -> None:
         tiny = helpers.registry().architecture("tiny-cnn")
-        register(dataclasses.replace(tiny, name="stable-cnn", build=build_stable))
+        register(dataclasses.replace(tiny, name="stable-cnn", build=build_stable, options={}))
 
 
 @pytest.fixture(scope="module")
