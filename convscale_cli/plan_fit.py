@@ -39,6 +39,7 @@ from convscale_cli.registry import ArchitectureSpec, Registry, head_params
 if TYPE_CHECKING:
     from convscale_cli.report.analysis import Cell
     from convscale_cli.report.build import Analysis
+    from convscale_cli.report.inference import Noise
 
 BOOTSTRAP = 200
 LEVEL = 0.9
@@ -105,6 +106,12 @@ def lr_from_cells(
     return moved, f"{where}, moved by the fitted trend lr* ~ {law}"
 
 
+def _spread_words(spread: Noise) -> str:
+    if not spread.known:
+        return "not measurable with so few cells: the intervals are the law's alone"
+    return f"{100 * (math.exp(spread.sigma) - 1):.1f}% in loss, from {spread.df} degrees of freedom"
+
+
 def runs_settings(runs_dir: Path, names: list[str]) -> dict[str, object]:
     """The data options, precision and batch size most of the named runs were trained with (their config.json).
 
@@ -155,6 +162,7 @@ def plan_fitted(
     import numpy as np
 
     from convscale_cli.report.build import analyse
+    from convscale_cli.report.inference import fit_noise
 
     runs_dir = Path(runs_dir)
     dataset = _check_runs(request, runs_dir)
@@ -179,7 +187,11 @@ def plan_fitted(
     sizes_arr = np.array(sizes, dtype=float)
     examples = np.array([c.examples for c in found], dtype=float)
     mean = fit.predict(sizes_arr, examples)
-    low, high = fit.interval(sizes_arr, examples)
+    # One run's loss scatters about the law by its noise and by how well its lr happens to be tuned: the plan's
+    # interval is for the run a user will train, with that spread measured on the fitted runs themselves.
+    spread = fit_noise(result.design, result.estimates)
+    low, high = fit.prediction_interval(sizes_arr, examples, spread.sigma, spread.df)
+    law_low, law_high = fit.interval(sizes_arr, examples)
     n = np.array([c.size for c in result.cells])
     d = np.array([c.examples for c in result.cells])
     same_data = request.dataset.name is not None and request.dataset.name == pretrain[0].dataset
@@ -213,6 +225,7 @@ def plan_fitted(
                 c,
                 predicted_loss=float(mean[i]),
                 loss_interval=(float(low[i]), float(high[i])),
+                law_interval=(float(law_low[i]), float(law_high[i])),
                 extrapolated=bool(outside),
                 extrapolated_in=tuple(outside),
                 lr=lr,
@@ -224,7 +237,9 @@ def plan_fitted(
     notes = [
         f"fitted mode: L(N, D) fitted to the best-lr cells of {result.design.n_cells} (model, epochs) cells in "
         f"{runs_dir} ({result.data_key}), N without the classifier head, seeds averaged; losses are predicted on "
-        f"that data's held-out split with {int(level * 100)}% bootstrap intervals over runs (as convscale report)",
+        f"that data's held-out split. Intervals are {int(level * 100)}% prediction intervals for the loss of one run "
+        "tuned as the fitted runs were: the law's bootstrap over runs (as convscale report) and the spread of the "
+        f"fitted runs about the law ({_spread_words(spread)})",
         *fit.warnings,
         *(f"{name} not quoted: {why}" for name, why in fit.unquoted.items()),
     ]

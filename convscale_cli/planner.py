@@ -233,7 +233,8 @@ class Candidate:
     lr_trials: tuple[float, float]
     frontier_distance: float  # |log(macs / frontier macs)|, the prior's ranking key
     predicted_loss: float | None = None
-    loss_interval: tuple[float, float] | None = None
+    loss_interval: tuple[float, float] | None = None  # fitted mode: prediction interval for one run's loss
+    law_interval: tuple[float, float] | None = None  # fitted mode: confidence interval of the law's mean loss
     extrapolated: bool = False  # fitted mode: model size or example count outside the fitted runs' range
     extrapolated_in: tuple[str, ...] = ()  # which of "model size", "example count" lie outside it
     lr_source: str = ""  # where ``lr`` comes from, in words
@@ -243,6 +244,7 @@ class Candidate:
         out = dataclasses.asdict(self)
         out["lr_trials"] = list(self.lr_trials)
         out["loss_interval"] = list(self.loss_interval) if self.loss_interval else None
+        out["law_interval"] = list(self.law_interval) if self.law_interval else None
         return out
 
 

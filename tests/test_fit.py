@@ -201,3 +201,33 @@ def test_a_fit_with_every_term_on_a_bound_is_kept_as_it_is() -> None:
         raise AssertionError("no seeded draw put every term on a bound: the test lost its case")
     chosen = select_law(n, d, loss, noise=0.06)
     assert len(unsupported_terms(chosen)) == 3 and chosen.left_out == ()
+
+
+def test_prediction_interval_adds_one_runs_spread_to_the_laws_uncertainty() -> None:
+    import dataclasses
+
+    from convscale_cli.report.fit import ParametricFit
+
+    truth = np.array([0.5, 20.0, 0.3, 30.0, 0.3])
+    fit = ParametricFit(
+        *truth, n=9, n_sizes=3, size_axis="params", level=0.9, intervals={}, warnings=(), unquoted={}, rms=0.0,
+        samples=np.tile(truth, (200, 1)),
+    )  # fmt: skip
+    n, d = np.array([1e5, 1e6]), np.array([1e6, 1e7])
+    mean = fit.predict(n, d)
+    # A law known exactly: the interval for one run is the run's own log-normal spread, +-1.645 sigma.
+    low, high = fit.prediction_interval(n, d, spread=0.02, df=10_000)
+    np.testing.assert_allclose(np.log(low / mean), -1.645 * 0.02, rtol=0.05)
+    np.testing.assert_allclose(np.log(high / mean), 1.645 * 0.02, rtol=0.05)
+    # Few degrees of freedom behind the spread widen it (the t-like tails of an estimated sigma).
+    low5, high5 = fit.prediction_interval(n, d, spread=0.02, df=5)
+    assert np.all(high5 > high) and np.all(low5 < low)
+    # It contains the law's own interval, and without a measured spread it is that interval.
+    jitter = truth * np.exp(np.random.default_rng(0).normal(0, 0.01, (200, 5)))
+    fit = dataclasses.replace(fit, samples=jitter)
+    law_low, law_high = fit.interval(n, d)
+    low, high = fit.prediction_interval(n, d, spread=0.02, df=20)
+    assert np.all(low < law_low) and np.all(high > law_high)
+    same = fit.prediction_interval(n, d, spread=float("nan"), df=0)
+    np.testing.assert_array_equal(same[0], law_low)
+    np.testing.assert_array_equal(same[1], law_high)

@@ -222,6 +222,7 @@ def test_plan_json_schema(cli_registry: Registry, capsys: pytest.CaptureFixture[
         "frontier_distance",
         "predicted_loss",
         "loss_interval",
+        "law_interval",
         "extrapolated",
         "extrapolated_in",
         "lr_source",
@@ -384,12 +385,17 @@ def test_plan_from_runs_json(ladder: Registry, tmp_path, capsys: pytest.CaptureF
     doc = json.loads(capsys.readouterr().out)
     assert doc["mode"] == "fitted" and doc["fit"]["law"] == "L = E + A / N^alpha + B / D^beta"
     assert all(c["predicted_loss"] is not None and len(c["loss_interval"]) == 2 for c in doc["candidates"])
+    # One run's interval holds the law's own: a run scatters about the law's mean.
+    assert all(
+        c["loss_interval"][0] <= c["law_interval"][0] <= c["law_interval"][1] <= c["loss_interval"][1]
+        for c in doc["candidates"]
+    )
     assert doc["recommendation"]["commands"][0].startswith(
         f"convscale pretrain --model {doc['recommendation']['model']} --dataset toyset"
     )
     assert "--data-option" not in doc["recommendation"]["commands"][0]  # toyset takes no size option
     assert main(args) == 0
-    assert "pred. loss (interval)" in capsys.readouterr().out
+    assert "pred. loss (one run, 90%)" in capsys.readouterr().out
 
 
 def test_plan_from_and_report_agree_on_the_same_runs(ladder: Registry, tmp_path, capsys) -> None:  # noqa: ANN001

@@ -222,7 +222,7 @@ def _print_plan(plan: "Plan", document: dict[str, Any]) -> None:
         "% budget",
     ]
     if fitted:
-        columns.append("pred. loss (interval)")
+        columns.append("pred. loss (one run, 90%)")
     columns += ["lr", "trials"]
     rows = []
     for i, c in enumerate(plan.candidates, 1):

@@ -238,6 +238,37 @@ class ParametricFit:
         preds = np.stack([law(p, n, d) for p in self.samples])
         return quantile_interval(preds, check_level(level or self.level))
 
+    def prediction_interval(
+        self,
+        N: ArrayLike,  # noqa: N803
+        D: ArrayLike,  # noqa: N803
+        spread: float,
+        df: int,
+        level: float | None = None,
+        seed: int = 0,
+        draws: int = 50,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Pointwise interval for the held-out loss of *one new run* at ``(N, D)``, tuned as the fitted runs were.
+
+        A new run differs from the law by more than the law's own uncertainty: by its noise, and by how well its
+        learning rate happens to be tuned (two trials per cell leave some cells 2% or more above the law). Both show
+        in how far the fitted runs themselves fall from the law, ``spread``: the standard deviation of one run's log
+        loss about it, with ``df`` degrees of freedom. Each bootstrap draw of the law is multiplied by ``draws``
+        draws of ``exp(s z)``, ``z ~ N(0, 1)`` and ``s`` from the scaled inverse chi-square of ``spread`` (a
+        bootstrap prediction interval, Davison & Hinkley 1997, §6.3.3). Without a bootstrap or a spread, this is
+        :meth:`interval`.
+        """
+        n, d = positive_array("N", N), positive_array("D", D)
+        if len(self.samples) == 0 or not (math.isfinite(spread) and df > 0):
+            return self.interval(n, d, level)
+        rng = np.random.default_rng(seed)
+        k = len(self.samples) * draws
+        scale = spread * np.sqrt(df / rng.chisquare(df, size=k))
+        preds = np.repeat(np.stack([law(p, n, d) for p in self.samples]), draws, axis=0)
+        scale = scale.reshape((k,) + (1,) * (preds.ndim - 1))
+        preds = preds * np.exp(scale * rng.standard_normal(preds.shape))
+        return quantile_interval(preds, check_level(level or self.level))
+
     def allocation_exponents(self) -> tuple[float, float]:
         """Exponents of the compute-optimal ``N_opt ~ C**a`` and ``D_opt ~ C**(1-a)`` (Hoffmann et al. eq. 4)."""
         total = self.alpha + self.beta

@@ -76,8 +76,11 @@ def seed_noise(design: StudyDesign) -> Noise:
 def fit_noise(design: StudyDesign, est: Estimates) -> Noise:
     """Noise of one run from the parametric law's residuals on the cells (seeds scale it: sigma^2 / seeds)."""
     fit = est.parametric
-    dof = design.n_cells - 5
-    if fit is None or dof < 2:
+    if fit is None:
+        return Noise(math.nan, 0, "none")
+    # Degrees of freedom: the cells less the law's free parameters (a term left out takes its exponent with it).
+    dof = design.n_cells - 5 + int(fit.E == 0) + 2 * int(fit.A == 0) + 2 * int(fit.B == 0)
+    if dof < 2:
         return Noise(math.nan, 0, "none")
     cells = est.cells
     predicted = law(fit.array(), design.size[design.cell_model], cells.examples)

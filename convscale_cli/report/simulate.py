@@ -409,10 +409,12 @@ def run_once(scenario: Scenario, study_seed: int, workdir: str | Path, replicate
         best = plan.recommendation
         size = scenario.models()[best.model][1]
         epochs = best.examples / scenario.examples_per_epoch
-        # The plan predicts the loss of a run tuned the way the study tuned its runs: the best lr of the study's
-        # grid, or for the two-trial rule the better of the two trials the plan suggests. Without noise.
+        # The plan predicts the loss a user will measure following it with one seed, tuning the way the study tuned
+        # its runs: the best of the study's lr grid, or for the two-trial rule the better of the two trials the
+        # plan suggests, each a new run with its own noise.
         grid = [scenario.lr_ref * 2.0**k for k in scenario.lr_octaves] if scenario.rule == "grid" else best.lr_trials
-        truth = min(scenario.loss(size, epochs, lr, 0.0) for lr in grid)
+        draws = np.random.default_rng([study_seed, len(grid)]).standard_normal(len(grid))
+        truth = min(scenario.loss(size, epochs, lr, z) for lr, z in zip(grid, draws, strict=True))
         row["plan"] = {"interval": best.loss_interval, "truth": truth}
     shutil.rmtree(out, ignore_errors=True)
     return row
