@@ -150,6 +150,33 @@ def final_params(out: str | Path) -> dict[str, np.ndarray]:
     return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in flat}
 
 
+def flat(tree: Any) -> dict[str, np.ndarray]:
+    """A pytree as flat ``"a/b/c" -> array`` (dict keys joined by slashes)."""
+    import jax
+
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(k.key) for k in path): np.asarray(leaf) for path, leaf in leaves}
+
+
+def restore_tree(step_dir: str | Path, name: str = "params") -> dict[str, np.ndarray]:
+    """One collection (``params``, ``ema``, ``opt_state``) of a checkpoint step, as :func:`flat` host arrays."""
+    import orbax.checkpoint as ocp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sharding info not provided": we want host numpy arrays
+        tree = ocp.PyTreeCheckpointer().restore(Path(step_dir) / "state")
+    return flat(tree[name])
+
+
+def run_cli(argv: list[str], capsys: Any) -> tuple[int, str, str]:
+    """``convscale ARGV`` in process: ``(exit code, stdout, stripped stderr)``."""
+    from convscale_cli.cli import main
+
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err.strip()
+
+
 def slow_pipeline(seconds: float) -> Any:
     """The real input pipeline with a pause before each training batch (so a test can kill a run mid-way)."""
     import types

@@ -14,12 +14,10 @@ from typing import Any
 import _engine_helpers as helpers
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from convscale_cli import load_model
 from convscale_cli import plugins as plugin_loader
-from convscale_cli.cli import main
 from convscale_cli.errors import CheckpointError
 from convscale_cli.hookspecs import hookimpl
 from convscale_cli.registry import DatasetInfo, DatasetSpec
@@ -59,19 +57,9 @@ def loaded() -> plugin_loader.Plugins:
 
 
 @pytest.fixture(autouse=True)
-def cli_registry(loaded: plugin_loader.Plugins, monkeypatch: pytest.MonkeyPatch) -> Any:
-    """The tiny plugins as the process-wide registry (load_model and the CLI use it)."""
-    monkeypatch.setattr(plugin_loader, "_CACHE", loaded)
-    return loaded.registry
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory: pytest.TempPathFactory, loaded: plugin_loader.Plugins) -> Path:
-    from convscale_cli.engine.api import pretrain
-
-    out = tmp_path_factory.mktemp("pre") / "run"
-    pretrain(helpers.config(out, steps=8), loaded.registry)
-    return out
+def _cli_registry(cli_registry: Any) -> Any:
+    """Every test here: the tiny plugins as the process-wide registry (load_model and the CLI use it)."""
+    return cli_registry
 
 
 @pytest.fixture(scope="module")
@@ -89,23 +77,6 @@ def finetuned(tmp_path_factory: pytest.TempPathFactory, loaded: plugin_loader.Pl
     return out
 
 
-def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err.strip()
-
-
-def _collection(step_dir: Path, name: str) -> dict[str, np.ndarray]:
-    tree = ocp.PyTreeCheckpointer().restore(step_dir / "state")
-    flat = jax.tree_util.tree_flatten_with_path(tree[name])[0]
-    return {"/".join(str(k.key) for k in path): np.asarray(leaf) for path, leaf in flat}
-
-
-def _flat(tree: Any) -> dict[str, np.ndarray]:
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(str(k.key) for k in path): np.asarray(leaf) for path, leaf in flat}
-
-
 def _images(n: int = 4, size: int = 8) -> np.ndarray:
     return np.random.default_rng(3).normal(size=(n, size, size, 3)).astype(np.float32)
 
@@ -118,30 +89,31 @@ def _summary(run: Path) -> dict[str, Any]:
 
 
 def test_load_model_reads_a_pretraining_run_and_one_of_its_checkpoints(pretrained: Path) -> None:
-    newest = _collection(pretrained / "checkpoints" / "8", "params")
+    newest = helpers.restore_tree(pretrained / "checkpoints" / "8", "params")
     apply_fn, variables = load_model(pretrained)
-    assert _flat(variables["params"]).keys() == newest.keys()
-    for path, value in _flat(variables["params"]).items():
+    assert helpers.flat(variables["params"]).keys() == newest.keys()
+    for path, value in helpers.flat(variables["params"]).items():
         np.testing.assert_array_equal(value, newest[path], err_msg=path)
     logits = np.asarray(apply_fn(variables, _images()))
     assert logits.shape == (4, helpers.CLASSES) and np.isfinite(logits).all()
 
     _, older = load_model(pretrained / "checkpoints" / "4")
     np.testing.assert_array_equal(
-        _flat(older["params"])["head/kernel"], _collection(pretrained / "checkpoints" / "4", "params")["head/kernel"]
+        helpers.flat(older["params"])["head/kernel"],
+        helpers.restore_tree(pretrained / "checkpoints" / "4", "params")["head/kernel"],
     )
-    assert not np.array_equal(_flat(older["params"])["head/kernel"], newest["head/kernel"])
+    assert not np.array_equal(helpers.flat(older["params"])["head/kernel"], newest["head/kernel"])
 
 
 def test_load_model_takes_the_ema_of_a_finetuning_run_unless_told_not_to(finetuned: Path) -> None:
     step_dir = finetuned / "checkpoints" / "6"
-    ema, raw = _collection(step_dir, "ema"), _collection(step_dir, "params")
+    ema, raw = helpers.restore_tree(step_dir, "ema"), helpers.restore_tree(step_dir, "params")
     assert not np.array_equal(ema["head/kernel"], raw["head/kernel"])  # the test can tell them apart
     _, variables = load_model(finetuned)
-    for path, value in _flat(variables["params"]).items():
+    for path, value in helpers.flat(variables["params"]).items():
         np.testing.assert_array_equal(value, ema[path], err_msg=path)
     _, variables = load_model(finetuned, ema=False)
-    for path, value in _flat(variables["params"]).items():
+    for path, value in helpers.flat(variables["params"]).items():
         np.testing.assert_array_equal(value, raw[path], err_msg=path)
 
 
@@ -158,7 +130,7 @@ def test_load_model_errors_name_the_path(tmp_path: Path, pretrained: Path) -> No
 
 
 def test_eval_reproduces_the_pretraining_summary(pretrained: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = _run(["eval", str(pretrained), "--dataset", "colours", "--json"], capsys)
+    code, out, err = helpers.run_cli(["eval", str(pretrained), "--dataset", "colours", "--json"], capsys)
     assert code == 0, err
     result, final = json.loads(out), _summary(pretrained)["final"]
     assert result["eval_top1"] == final["eval_top1"]
@@ -175,10 +147,10 @@ def test_eval_at_another_resolution_and_batch_runs_and_reports(
     batch = 2 * jax.device_count()
     argv = ["eval", str(pretrained), "--dataset", "colours", "--resolution", "16", "--eval-crop", "1.0",
             "--batch-size", str(batch)]  # fmt: skip
-    code, out, err = _run(argv, capsys)
+    code, out, err = helpers.run_cli(argv, capsys)
     assert code == 0, err
     assert "16 px" in out and "crop 1" in out and "top-1" in out and "images/s" in out
-    code, out, _ = _run([*argv, "--json"], capsys)
+    code, out, _ = helpers.run_cli([*argv, "--json"], capsys)
     result = json.loads(out)
     assert (result["resolution"], result["batch_size"], result["crop_fraction"]) == (16, batch, 1.0)
     final = _summary(pretrained)["final"]
@@ -189,13 +161,13 @@ def test_eval_of_a_finetuning_run_reproduces_its_ema_and_raw_top1(
     finetuned: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     summary = _summary(finetuned)
-    code, out, err = _run(["eval", str(finetuned), "--dataset", "colours", "--json"], capsys)
+    code, out, err = helpers.run_cli(["eval", str(finetuned), "--dataset", "colours", "--json"], capsys)
     assert code == 0, err
     result = json.loads(out)
     assert result["checkpoint"]["parameters"] == "ema"
     assert result["eval_top1"] == summary["final_ema"]["eval_top1"]
     assert result["eval_loss"] == pytest.approx(summary["final_ema"]["eval_loss"], rel=1e-6)
-    code, out, err = _run(["eval", str(finetuned), "--dataset", "colours", "--no-ema", "--json"], capsys)
+    code, out, err = helpers.run_cli(["eval", str(finetuned), "--dataset", "colours", "--no-ema", "--json"], capsys)
     result = json.loads(out)
     assert result["checkpoint"]["parameters"] == "params"
     assert result["eval_loss"] == pytest.approx(summary["final"]["eval_loss"], rel=1e-6)
@@ -220,7 +192,7 @@ def test_eval_bad_input_is_one_line_exit_2(
     if "--batch-size" in args and jax.device_count() == 1:
         pytest.skip("every batch divides one device")
     argv = ["eval", *(a.format(run=pretrained, missing=tmp_path / "nope") for a in args)]
-    code, out, err = _run(argv, capsys)
+    code, out, err = helpers.run_cli(argv, capsys)
     assert code == 2 and out == "" and len(err.splitlines()) == 1, err
     assert err.startswith("Error: ") and needle in err, err
 
@@ -232,7 +204,7 @@ def test_safetensors_export_loads_anywhere_and_evaluates_the_same(
     finetuned: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     file = tmp_path / "exported" / "tiny.safetensors"
-    code, out, err = _run(["export", str(finetuned), "--format", "safetensors", "--out", str(file)], capsys)
+    code, out, err = helpers.run_cli(["export", str(finetuned), "--format", "safetensors", "--out", str(file)], capsys)
     assert code == 0, err
     assert file.is_file() and (file.parent / "model.json").is_file() and "load_model" in out
     meta = json.loads((file.parent / "model.json").read_text())
@@ -242,7 +214,7 @@ def test_safetensors_export_loads_anywhere_and_evaluates_the_same(
     for path in (file, file.parent):
         apply_fn, variables = load_model(path)
         np.testing.assert_array_equal(np.asarray(apply_fn(variables, _images())), want)
-    code, out, err = _run(["eval", str(file), "--dataset", "colours", "--json"], capsys)
+    code, out, err = helpers.run_cli(["eval", str(file), "--dataset", "colours", "--json"], capsys)
     assert code == 0, err
     assert json.loads(out)["eval_top1"] == _summary(finetuned)["final_ema"]["eval_top1"]
 
@@ -253,10 +225,12 @@ def test_finetuning_starts_from_a_safetensors_export(
     from convscale_cli.finetune.backbone import load_params, locate
 
     file = tmp_path / "pre.safetensors"
-    assert _run(["export", str(pretrained), "--format", "safetensors", "--out", str(file)], capsys)[0] == 0
+    assert helpers.run_cli(["export", str(pretrained), "--format", "safetensors", "--out", str(file)], capsys)[0] == 0
     spec = loaded.registry.architecture("tiny-cnn")
-    params = _flat(load_params(locate(file), spec, num_classes=5, options={}, resolution=8, rng=jax.random.key(0)))
-    saved = _collection(pretrained / "checkpoints" / "8", "params")
+    params = helpers.flat(
+        load_params(locate(file), spec, num_classes=5, options={}, resolution=8, rng=jax.random.key(0))
+    )
+    saved = helpers.restore_tree(pretrained / "checkpoints" / "8", "params")
     np.testing.assert_array_equal(params["conv/kernel"], saved["conv/kernel"])
     assert params["head/kernel"].shape == (helpers.WIDTH, 5)
 
@@ -274,6 +248,6 @@ def test_export_refuses_what_it_cannot_write(
         (["--format", "safetensors", "--out", str(taken)], "already exists"),
     ]
     for args, needle in cases:
-        code, out, err = _run(["export", str(pretrained), *args], capsys)
+        code, out, err = helpers.run_cli(["export", str(pretrained), *args], capsys)
         assert code == 2 and len(err.splitlines()) == 1 and needle in err, (args, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.safetensors"]  # nothing half-written

@@ -78,6 +78,47 @@ def test_a_failed_checkpoint_save_ends_the_process(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["4"]
 
 
+def test_a_full_disk_during_a_save_is_one_error_line(tmp_path: Path) -> None:
+    # Every file Orbax writes from Python for the step-8 save (metadata, the JSON items) fails with ENOSPC. The
+    # failure used to surface again when the checkpoints were closed, as a raw OSError that replaced the one-line
+    # error (exit 1, its traceback, then "Event loop is closed" from the save's threads).
+    child = textwrap.dedent(
+        f"""
+        import errno, logging, sys
+        sys.path.insert(0, {str(TESTS)!r})
+        import etils.epath as epath
+        from orbax.checkpoint._src.path import async_path
+
+        def full(path):
+            return "8.orbax-checkpoint-tmp" in str(path)
+
+        real_async, real_sync = async_path.write_text, epath.Path.write_text
+
+        async def write_text(path, text):
+            if full(path):
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            return await real_async(path, text)
+
+        def sync_write_text(self, *args, **kwargs):
+            if full(self):
+                raise OSError(errno.ENOSPC, "No space left on device", str(self))
+            return real_sync(self, *args, **kwargs)
+
+        async_path.write_text, epath.Path.write_text = write_text, sync_write_text
+        logging.getLogger("absl").setLevel(logging.CRITICAL)  # as the CLI does: Orbax logs its own failures
+        import _engine_helpers
+        sys.exit(_engine_helpers.main([{str(tmp_path / "run")!r}]))
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", child], env=_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Error: saving a checkpoint at step 8 failed (OSError: [Errno 28] No space left" in proc.stderr
+    assert "the checkpoint of step 4 is intact" in proc.stderr
+    assert proc.stderr.count("No space left on device") == 1, proc.stderr[-3000:]  # the error line, no traceback
+    assert "During handling" not in proc.stderr and "never retrieved" not in proc.stderr, proc.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()] == ["4"]
+
+
 def _foreign(root: Path) -> dict[str, bytes]:
     """A Hugging Face-like model directory: a JSON-object config.json, a metrics.jsonl, checkpoints/ and tb/."""
     (root / "checkpoints").mkdir(parents=True)

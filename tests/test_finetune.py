@@ -19,7 +19,6 @@ import orbax.checkpoint as ocp
 import pytest
 
 from convscale_cli import plugins as plugin_loader
-from convscale_cli.cli import main
 from convscale_cli.errors import CheckpointError, ConfigError, ExitCode
 from convscale_cli.finetune.backbone import head_paths, load_params, locate
 from convscale_cli.finetune.config import FinetuneConfig
@@ -49,39 +48,6 @@ def loaded() -> plugin_loader.Plugins:
     return plugin_loader.load_plugins(extra=[("finetune-test", _Plugin())], entry_points=lambda: [])
 
 
-@pytest.fixture
-def cli_registry(loaded: plugin_loader.Plugins, monkeypatch: pytest.MonkeyPatch) -> Any:
-    """Make the tiny plugins the CLI's process-wide registry for one test."""
-    monkeypatch.setattr(plugin_loader, "_CACHE", loaded)
-    return loaded.registry
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory: pytest.TempPathFactory, loaded: plugin_loader.Plugins) -> Path:
-    from convscale_cli.engine.api import pretrain
-
-    out = tmp_path_factory.mktemp("pre") / "run"
-    pretrain(helpers.config(out, steps=8), loaded.registry)
-    return out
-
-
-def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err.strip()
-
-
-def _restore_params(step_dir: Path) -> dict[str, np.ndarray]:
-    tree = ocp.PyTreeCheckpointer().restore(step_dir / "state")
-    flat = jax.tree_util.tree_flatten_with_path(tree["params"])[0]
-    return {"/".join(str(k.key) for k in path): np.asarray(leaf) for path, leaf in flat}
-
-
-def _flat(tree: Any) -> dict[str, np.ndarray]:
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(str(k.key) for k in path): np.asarray(leaf) for path, leaf in flat}
-
-
 def test_locate_accepts_the_run_its_checkpoints_and_one_checkpoint(pretrained: Path) -> None:
     run = locate(pretrained)
     assert (run.kind, run.step, run.architecture, run.num_classes) == ("run", 8, "tiny-cnn", helpers.CLASSES)
@@ -94,10 +60,10 @@ def test_locate_accepts_the_run_its_checkpoints_and_one_checkpoint(pretrained: P
 def test_backbone_is_kept_and_the_head_is_new(pretrained: Path, loaded: plugin_loader.Plugins) -> None:
     spec = loaded.registry.architecture("tiny-cnn")
     assert head_paths(spec, 7, {}, 8) == ["head/bias", "head/kernel"]
-    params = _flat(
+    params = helpers.flat(
         load_params(locate(pretrained), spec, num_classes=7, options={}, resolution=8, rng=jax.random.PRNGKey(0))
     )
-    saved = _restore_params(pretrained / "checkpoints" / "8")
+    saved = helpers.restore_tree(pretrained / "checkpoints" / "8")
     for path, value in saved.items():
         if not path.startswith("head/"):
             np.testing.assert_array_equal(params[path], value, err_msg=path)
@@ -109,7 +75,7 @@ def test_backbone_is_kept_and_the_head_is_new(pretrained: Path, loaded: plugin_l
 def test_mismatched_backbone_names_the_first_tensor(tmp_path: Path, pretrained: Path, loaded: Any) -> None:
     """An imported-weights directory whose 'conv' layer is narrower than the model's."""
     spec = loaded.registry.architecture("tiny-cnn")
-    params = _restore_params(pretrained / "checkpoints" / "8")
+    params = helpers.restore_tree(pretrained / "checkpoints" / "8")
     tree: dict[str, Any] = {}
     for path, value in params.items():
         layer, name = path.split("/")
@@ -180,7 +146,7 @@ def test_bad_input_exits_2_with_one_line(
     toml.write_text(f"[finetune]\npretrained = {json.dumps(str(pretrained))}\nrepeat_aug = 0\n")
     cases.append((["--config", str(toml)], "repeat_aug = 0 must be >= 1"))
     for extra, needle in cases:
-        code, _, err = _run([*base, *extra], capsys)
+        code, _, err = helpers.run_cli([*base, *extra], capsys)
         assert code == ExitCode.USAGE_ERROR, (extra, err)
         assert err.startswith("Error: ") and "\n" not in err and needle in err, (extra, err)
 
@@ -212,7 +178,7 @@ def test_model_check_refuses_another_architecture(
         "--steps",
         "2",
     ]
-    code, _, err = _run(argv, capsys)
+    code, _, err = helpers.run_cli(argv, capsys)
     assert code == ExitCode.USAGE_ERROR
     assert "holds a tiny-cnn checkpoint, not --model tiny-cnn-2" in err
 
@@ -231,7 +197,7 @@ def test_every_option_end_to_end_then_rerun_is_a_no_op(
         "--set", "augment.crop=resize", "--set", "progress=none", "--set", "tensorboard=false",
         "--set", "checkpoint_minutes=0", "--set", "recipe.warmup_fraction=0.2", "--json",
     ]  # fmt: skip
-    code, stdout, err = _run(argv, capsys)
+    code, stdout, err = helpers.run_cli(argv, capsys)
     assert code == ExitCode.OK, err
     summary = json.loads(stdout)
     assert summary == json.loads((out / "summary.json").read_text())
@@ -263,11 +229,11 @@ def test_every_option_end_to_end_then_rerun_is_a_no_op(
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["split"] for r in records][-2:] == ["eval", "eval_ema"]
 
-    code, stdout, err = _run(argv, capsys)  # the same command again: finished, nothing is trained
+    code, stdout, err = helpers.run_cli(argv, capsys)  # the same command again: finished, nothing is trained
     assert code == ExitCode.OK and json.loads(stdout)["finished_at"] == summary["finished_at"]
     changed = list(argv)  # another SAM rho in the same --out
     changed[changed.index("--sam-rho") + 1] = "0.2"
-    code, _, err = _run(changed, capsys)
+    code, _, err = helpers.run_cli(changed, capsys)
     assert code == ExitCode.USAGE_ERROR and "different config (sam_rho differs)" in err and "--force" in err
 
 
@@ -312,19 +278,19 @@ def test_scratch_baseline_starts_from_a_random_initialisation(
     base = ["finetune", "--from", str(pretrained), "--dataset", "colours", "--steps", "1", "--batch-size", "8",
             "--lr", "1e-9", "--precision", "fp32", "--sam-rho", "0", "--ema-decay", "0", "--set", "progress=none",
             "--set", "tensorboard=false", "--json"]  # fmt: skip
-    code, stdout, err = _run([*base, "--out", str(tmp_path / "ft")], capsys)
+    code, stdout, err = helpers.run_cli([*base, "--out", str(tmp_path / "ft")], capsys)
     assert code == ExitCode.OK, err
     assert json.loads(stdout)["init"] == "pretrained"
-    code, stdout, err = _run([*base, "--scratch", "--out", str(tmp_path / "scratch")], capsys)
+    code, stdout, err = helpers.run_cli([*base, "--scratch", "--out", str(tmp_path / "scratch")], capsys)
     assert code == ExitCode.OK, err
     summary = json.loads(stdout)
     assert summary["init"] == "scratch" and summary["config"]["scratch"] is True
     assert summary["pretrain"]["kind"] == "scratch" and summary["pretrain"]["core_hours"] == 0.0
     assert summary["ledger"]["steps"] == 1 and summary["model"] == "tiny-cnn"
 
-    saved = _restore_params(pretrained / "checkpoints" / "8")["conv/kernel"]
-    tuned = _restore_params(tmp_path / "ft" / "checkpoints" / "1")["conv/kernel"]
-    scratch = _restore_params(tmp_path / "scratch" / "checkpoints" / "1")["conv/kernel"]
+    saved = helpers.restore_tree(pretrained / "checkpoints" / "8")["conv/kernel"]
+    tuned = helpers.restore_tree(tmp_path / "ft" / "checkpoints" / "1")["conv/kernel"]
+    scratch = helpers.restore_tree(tmp_path / "scratch" / "checkpoints" / "1")["conv/kernel"]
     np.testing.assert_allclose(tuned, saved, atol=1e-6)  # lr 1e-9: one step leaves the loaded weights in place
     assert not np.allclose(scratch, saved, atol=1e-3) and np.isfinite(scratch).all()
 

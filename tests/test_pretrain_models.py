@@ -12,6 +12,7 @@ from convscale_cli.engine.api import pretrain
 from convscale_cli.engine.config import PretrainConfig
 
 
+@pytest.mark.slow  # 128 steps of 64 images and 8 evaluations of 512, per model
 @pytest.mark.parametrize(("model", "lr"), [("nfnet-test", 51.2), ("vit-test", 0.1)])
 def test_tiny_models_lower_the_held_out_loss_on_shapes(model: str, lr: float, tmp_path: Path) -> None:
     config = PretrainConfig(

@@ -75,35 +75,42 @@ def losses(run: Path) -> list[float]:
 
 def test_later_runs_reuse_the_programs_and_train_bit_for_bit_alike(registry: Any, tmp_path: Path) -> None:
     train(registry, tmp_path / "first", lr=0.4, steps=8)
-    assert program_stats() == {"hits": 0, "misses": 4, "kept": 4}  # state shapes, initialiser, train and eval steps
+    compiled = program_stats()["misses"]
+    assert compiled > 0 and program_stats()["hits"] == 0
 
-    # Another learning rate and length: those numbers live in the optimiser state, so nothing is traced again.
+    # Another learning rate and length: those numbers live in the optimiser state, so nothing is traced again and
+    # every program of the first run is reused.
     reused = train(registry, tmp_path / "reused", lr=0.2, steps=12)
-    assert program_stats() == {"hits": 4, "misses": 4, "kept": 4}
+    assert program_stats() == {"hits": compiled, "misses": compiled, "kept": compiled}
     assert reused["ledger"]["device_seconds"]["compile"] < 1.0
 
     clear_programs()
     fresh = train(registry, tmp_path / "fresh", lr=0.2, steps=12)
-    assert program_stats()["misses"] == 4
+    assert program_stats()["misses"] == compiled
     assert reused["final"] == fresh["final"]
     assert losses(tmp_path / "reused") == losses(tmp_path / "fresh")
     assert len(losses(tmp_path / "fresh")) == 3  # logged every 4 of 12 steps
 
 
 def test_what_changes_the_program_is_traced_again(registry: Any, tmp_path: Path) -> None:
+    def delta(before: dict[str, int]) -> tuple[int, int]:
+        after = program_stats()
+        return after["hits"] - before["hits"], after["misses"] - before["misses"]
+
     train(registry, tmp_path / "a")
-    # Another weight decay changes the optimiser: the train step and the state are new; the model's are not.
-    train(registry, tmp_path / "b", recipe={"weight_decay": 1e-4})
-    assert program_stats()["hits"] == 2 and program_stats()["misses"] == 6  # the initialiser and the eval step
-    # Another seed changes the initialiser alone; another batch size the train and eval steps.
-    train(registry, tmp_path / "c", seed=1)
-    assert program_stats()["hits"] == 5 and program_stats()["misses"] == 7
-    train(registry, tmp_path / "d", batch_size=8)
-    assert program_stats()["hits"] == 7 and program_stats()["misses"] == 9
+    # Each of these changes some programs (traced again) and leaves others (reused): another weight decay changes
+    # the optimiser but not the model; another seed the initialiser but not the steps; another batch size the steps
+    # but not the initialiser.
+    for name, change in (("b", {"recipe": {"weight_decay": 1e-4}}), ("c", {"seed": 1}), ("d", {"batch_size": 8})):
+        before = program_stats()
+        train(registry, tmp_path / name, **change)
+        hits, misses = delta(before)
+        assert hits > 0 and misses > 0, (change, hits, misses)
     # The test double's module class is new in every build: never a hit.
+    before = program_stats()
     pretrain(helpers.config(tmp_path / "e", checkpoint_every=0), registry)
     pretrain(helpers.config(tmp_path / "f", checkpoint_every=0), registry)
-    assert program_stats()["hits"] == 7
+    assert delta(before)[0] == 0
 
 
 def test_an_unhashable_key_is_computed_every_time() -> None:

@@ -306,7 +306,13 @@ class Checkpoints:
         """Finish pending saves and release the manager (and the threads of a failed save)."""
         step = self._pending
         try:
-            self._manager.close()
+            try:
+                self._manager.close()
+            except Exception as exc:
+                # After a failed save, closing re-raises pieces of that failure (its other writes hit the same full
+                # disk); it has been reported already, and a raw OSError here would replace that one-line error.
+                if not self._failed:
+                    raise self._failure(step, exc) from exc
             if step is not None and not self._failed:
                 self._seal(step)
         finally:

@@ -113,7 +113,7 @@ class WSConv2D(nn.Module):
         return out + bias.astype(self.dtype)
 
 
-def grouped_conv(x: jax.Array, weight: jax.Array, stride: int, groups: int) -> jax.Array:
+def grouped_conv(x: jax.Array, weight: jax.Array, stride: int, groups: int, method: str | None = None) -> jax.Array:
     """SAME-padded NHWC convolution with ``groups`` groups (TF/XLA SAME = timm's Conv2dSame padding).
 
     The arithmetic is always this convolution's; only the XLA operation that carries it changes (measured
@@ -125,28 +125,39 @@ def grouped_conv(x: jax.Array, weight: jax.Array, stride: int, groups: int) -> j
       groups are split and concatenated. On maps of at most 2x2 outputs, where most of a 3x3 window is padding,
       the groups are one batched matmul over the unfolded windows instead (3x faster than split convolutions).
       Accelerators keep the native ``feature_group_count``.
+
+    ``method`` forces one of the grouped paths (``native``, ``split`` or ``unfolded``) whatever the backend, so
+    the three can be compared on one machine; None chooses as above.
     """
-    if weight.shape[:2] == (1, 1) and stride == 1 and groups == 1:
-        return lax.dot_general(x, weight[0, 0], (((3,), (0,)), ((), ())))
-
-    def conv(inputs: jax.Array, kernel: jax.Array, feature_group_count: int = 1) -> jax.Array:
-        return lax.conv_general_dilated(
-            inputs,
-            kernel,
-            window_strides=(stride, stride),
-            padding="SAME",
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            feature_group_count=feature_group_count,
-        )
-
-    if groups == 1:
-        return conv(x, weight)
-    if jax.default_backend() != "cpu":
-        return conv(x, weight, groups)
-    if -(-x.shape[1] // stride) * -(-x.shape[2] // stride) <= 4:
+    if method is None:
+        if weight.shape[:2] == (1, 1) and stride == 1 and groups == 1:
+            return lax.dot_general(x, weight[0, 0], (((3,), (0,)), ((), ())))
+        if groups == 1 or jax.default_backend() != "cpu":
+            method = "native"
+        elif -(-x.shape[1] // stride) * -(-x.shape[2] // stride) <= 4:
+            method = "unfolded"
+        else:
+            method = "split"
+    if method == "native":
+        return _conv(x, weight, stride, groups)
+    if method == "unfolded":
         return _grouped_conv_unfolded(x, weight, stride, groups)
-    xs, ws = jnp.split(x, groups, axis=-1), jnp.split(weight, groups, axis=-1)
-    return jnp.concatenate([conv(a, b) for a, b in zip(xs, ws, strict=True)], axis=-1)
+    if method == "split":
+        xs, ws = jnp.split(x, groups, axis=-1), jnp.split(weight, groups, axis=-1)
+        return jnp.concatenate([_conv(a, b, stride, 1) for a, b in zip(xs, ws, strict=True)], axis=-1)
+    raise ValueError(f"grouped_conv method {method!r} is not one of native, split, unfolded")
+
+
+def _conv(x: jax.Array, weight: jax.Array, stride: int, feature_group_count: int) -> jax.Array:
+    """XLA's SAME-padded NHWC convolution."""
+    return lax.conv_general_dilated(
+        x,
+        weight,
+        window_strides=(stride, stride),
+        padding="SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=feature_group_count,
+    )
 
 
 def _grouped_conv_unfolded(x: jax.Array, weight: jax.Array, stride: int, groups: int) -> jax.Array:
