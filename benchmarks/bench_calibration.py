@@ -14,6 +14,7 @@ as JSON with ``--json``); the exit status is 1 when any bound is missed:
 
     python benchmarks/bench_calibration.py                       # 200 simulations per scenario (~45 min, 2 cores)
     python benchmarks/bench_calibration.py --sims 40 --workers 2  # a quick look
+    python benchmarks/bench_calibration.py --plan-at 10            # plan --from at 10x the largest cell's compute
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 
 
-def _one(name: str, workdir: str, replicates: int, seed: int) -> dict:
+def _one(name: str, workdir: str, replicates: int, plan_at: float, seed: int) -> dict:
     from convscale_cli.report.simulate import run_once, scenarios
 
-    return run_once(scenarios()[name], seed, workdir, replicates)
+    return run_once(scenarios()[name], seed, workdir, replicates, plan_at)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replicates", type=int, default=100, help="bootstrap replicates per simulation")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--scenarios", default="", help="comma-separated names (default: all)")
+    parser.add_argument(
+        "--plan-at",
+        type=float,
+        default=1.0,
+        help="plan --from's budget as a multiple of the largest cell's compute (10: the quickstart's extrapolation)",
+    )
     parser.add_argument("--json", dest="json_out", default="", help="also write the tallies to this file")
     args = parser.parse_args(argv)
 
@@ -50,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as workdir, ProcessPoolExecutor(args.workers) as pool:
         for scenario in chosen:
             start = time.time()
-            rows = list(pool.map(partial(_one, scenario.name, workdir, args.replicates), range(args.sims)))
+            rows = list(
+                pool.map(partial(_one, scenario.name, workdir, args.replicates, args.plan_at), range(args.sims))
+            )
             summary = tally(scenario, rows)
             summary["rows"] = rows
             summary["seconds"] = time.time() - start

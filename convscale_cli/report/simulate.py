@@ -365,8 +365,13 @@ def truth_values(scenario: Scenario) -> dict[str, float]:
     return out
 
 
-def run_once(scenario: Scenario, study_seed: int, workdir: str | Path, replicates: int) -> dict[str, Any]:
-    """One simulated study through the real sweep, analysis and plan: intervals, truths and verdicts."""
+def run_once(
+    scenario: Scenario, study_seed: int, workdir: str | Path, replicates: int, plan_at: float = 1.0
+) -> dict[str, Any]:
+    """One simulated study through the real sweep, analysis and plan: intervals, truths and verdicts.
+
+    ``plan_at`` is the plan's budget as a multiple of the largest cell's compute (above 1 the plan extrapolates).
+    """
     import shutil
 
     from convscale_cli.budget import get_hardware, parse_budget
@@ -392,9 +397,9 @@ def run_once(scenario: Scenario, study_seed: int, workdir: str | Path, replicate
         "intervals": intervals,
         "noise": result.noise.sigma,
     }
-    # plan --from at the largest cell's compute: does the recommended candidate's interval hold the true loss?
+    # plan --from at (a multiple of) the largest cell's compute: does the recommendation's interval hold the truth?
     if result.parametric is not None:
-        largest = max(c.core_hours for c in result.cells)
+        largest = plan_at * max(c.core_hours for c in result.cells)
         from convscale_cli.budget import core_hours_to_flops
 
         request = PlanRequest(
