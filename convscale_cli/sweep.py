@@ -24,21 +24,30 @@ import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from convscale_cli import tuning
 from convscale_cli.config import check_seed, from_dict, load_config, to_dict
-from convscale_cli.errors import ConfigError, UnknownNameError, UsageError, did_you_mean
+from convscale_cli.errors import ConfigError, ConvscaleError, ExitCode, UnknownNameError, UsageError, did_you_mean
 from convscale_cli.planner import run_name
 from convscale_cli.recipe import Recipe, cooldown_steps, stable_end
 from convscale_cli.registry import Registry
 from convscale_cli.tuning import Trainer, TuneResult, lr_grid, tune_cell
+
+if TYPE_CHECKING:
+    from convscale_cli.sweep_graph import Shard
 
 TRUNKS = "trunks"  # OUT/trunks/: the shared constant phases of a branching study
 
 # Engine fields the study sets itself; putting them under [engine] would silently fight the sweep.
 _RESERVED = frozenset({"model", "dataset", "epochs", "lr", "out", "seed", "batch_size", "resolution", "data_options"})
 _STUDY_KEYS = {"model": "models"}  # the study's key where it is not the engine's
+
+
+class SweepStalled(ConvscaleError):
+    """A sweep worker waited for another worker's cell, and nothing in the runs directory changed for too long."""
+
+    exit_code = ExitCode.TRAINING_FAILED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,30 +312,64 @@ def run_sweep(
     registry: Registry,
     *,
     trainer: Trainer | None = None,
+    shard: Shard | None = None,
+    wait_timeout: float = 3600.0,
+    poll_seconds: float = 5.0,
     on_start: Callable[[CellPlan], None] | None = None,
     on_done: Callable[[CellPlan, TuneResult], None] | None = None,
+    on_wait: Callable[[str], None] | None = None,
 ) -> SweepResult:
-    """Run (or resume) every cell of the study, cheapest first, each tuned by the study's rule.
+    """Run (or resume) the study's cells, each tuned by the study's rule; with ``shard``, only one worker's share.
+
+    Every worker computes the same dependency graph and assignment (:mod:`convscale_cli.sweep_graph`), runs its own
+    cells as they become ready (cheapest first) and waits, polling the runs directory, while each of its remaining
+    cells depends on an undecided cell of another worker. Decisions and ``tuning.jsonl`` are those of the
+    one-process sweep whatever the number of workers (:mod:`convscale_cli.sweep_dir`).
 
     Args:
         study: the study.
         registry: models and datasets.
         trainer: ``trainer(model, dataset, epochs, lr, out, **options) -> summary``; default: the jax engine
             (:func:`convscale_cli.tuning.engine_trainer`).
+        shard: this worker and the number of workers (default: one worker, every cell).
+        wait_timeout: seconds to wait with nothing in the runs directory changing before giving up.
+        poll_seconds: the longest pause between two looks at the runs directory while waiting.
         on_start: called before a cell runs (live display).
         on_done: called with each cell's decision.
+        on_wait: called with a one-line message when the worker starts waiting for another worker's cell.
+
+    Raises:
+        SweepStalled: nothing changed in the runs directory for ``wait_timeout`` seconds while waiting.
     """
-    cells = plan_cells(study, registry)
+    from convscale_cli import sweep_dir
+    from convscale_cli.sweep_graph import Shard, cell_key, study_graph
+
+    shard = shard or Shard(0, 1)
+    graph = study_graph(study, registry)
+    cells = list(graph.cells)
+    keys = [cell_key(c) for c in cells]
     schedules = {m: model_schedule(study, registry, m) for m in {c.model for c in cells}}
     if study.branching:
         trainer = BranchingTrainer(study, schedules, trainer)
     grid: bool | tuple[float, ...] = False
     if study.rule == "grid":
         grid = study.lr_grid or True
-    results = []
-    for cell in cells:
+    owner = graph.assign(shard.count)
+    remaining = [c for c in cells if owner[cell_key(c)] == shard.index]
+    stamp = sweep_dir.fingerprint(study)
+    results: dict[tuple[str, float], TuneResult] = {}
+    waiter = _Waiter(study.out, shard, owner, wait_timeout, poll_seconds, on_wait)
+    while remaining:
+        decided = sweep_dir.read_decisions(study.out, keys, study.rule, stamp) if shard.count > 1 else {}
+        cell = next((c for c in remaining if shard.count == 1 or _ready(cell_key(c), graph, keys, decided)), None)
+        if cell is None:
+            waiter.wait(_blocker(cell_key(remaining[0]), graph, keys, decided, owner, shard.index))
+            continue
+        waiter.reset()
+        remaining.remove(cell)
         if on_start is not None:
             on_start(cell)
+        deps = set(graph.deps[cell_key(cell)])
         result = tune_cell(
             cell.model,
             cell.epochs,
@@ -338,11 +381,108 @@ def run_sweep(
             grid=grid,
             size_axis=study.size_axis,
             start_lr=study.start_lr_for(cell.family),
+            hidden=[k for k in keys if k not in deps],
+            record_decision=False,
         )
-        results.append(result)
+        sweep_dir.write_decision(study.out, result, stamp)
+        sweep_dir.rebuild_log(study.out, keys, study.rule, registry.dataset(study.dataset).name)
+        results[cell_key(cell)] = result
         if on_done is not None:
             on_done(cell, result)
-    return SweepResult(results=tuple(results), grid_size=len(study.lr_grid) or len(lr_grid(1.0)))
+    ordered = tuple(results[k] for k in keys if k in results)
+    return SweepResult(results=ordered, grid_size=len(study.lr_grid) or len(lr_grid(1.0)))
+
+
+Key = tuple[str, float]
+
+
+def _ready(key: Key, graph: Any, keys: list[Key], decided: Mapping[Key, Any]) -> bool:
+    """Whether every cell ``key`` depends on is decided, and so is the run its unset settings are inherited from.
+
+    Runs inherit unset settings (the resolution, ...) from the finished runs before them, so the first cell whose
+    decision holds a finished run must be decided: normally the first cell; if all its trials failed, the next.
+    """
+    if any(d not in decided for d in graph.deps[key]):
+        return False
+    if not graph.inherits:
+        return True
+    for earlier in keys:
+        if earlier == key:
+            return True
+        decision = decided.get(earlier)
+        if decision is None:
+            return False
+        if any(t.get("status") != "failed" for t in decision.get("trials") or []):
+            return True
+    return True
+
+
+def _blocker(
+    key: Key, graph: Any, keys: list[Key], decided: Mapping[Key, Any], owner: Mapping[Key, int], me: int
+) -> Key:
+    """The undecided cell of another worker that ``key`` waits for, following the chain through this worker's own."""
+    seen = set()
+    while owner[key] == me and key not in seen:
+        seen.add(key)
+        pending = [d for d in graph.deps[key] if d not in decided]
+        pending = pending or [k for k in keys[: keys.index(key)] if k not in decided]
+        if not pending:
+            break
+        key = pending[0]
+    return key
+
+
+class _Waiter:
+    """Polls the runs directory while a worker waits; gives up when nothing in it changed for ``timeout`` seconds."""
+
+    def __init__(
+        self,
+        out: str,
+        shard: Any,
+        owner: Mapping[Key, int],
+        timeout: float,
+        poll: float,
+        on_wait: Callable[[str], None] | None,
+    ) -> None:
+        self.out, self.shard, self.owner, self.timeout, self.poll, self.on_wait = (
+            out,
+            shard,
+            owner,
+            timeout,
+            poll,
+            on_wait,
+        )
+        self.reset()
+
+    def reset(self) -> None:
+        self.waiting_for: Key | None = None
+        self.pause = min(0.05, self.poll)
+
+    def wait(self, key: Key) -> None:
+        import time
+
+        from convscale_cli.sweep_dir import activity
+
+        now = time.monotonic()
+        seen = activity(self.out)
+        if key != self.waiting_for:
+            self.waiting_for, self.since, self.last_seen = key, now, seen
+            self.pause = min(0.05, self.poll)
+            if self.on_wait is not None:
+                self.on_wait(f"waiting for {self._name(key)}")
+        elif seen != self.last_seen:
+            self.since, self.last_seen = now, seen
+        elif now - self.since > self.timeout:
+            raise SweepStalled(
+                f"worker {self.shard} waited {self.timeout:g} s for {self._name(key)} and nothing in "
+                f"{self.out!r} changed meanwhile: is that worker running? A worker that died resumes when its "
+                f"command is run again (--shard {self.owner[key]}/{self.shard.count}); --wait-timeout waits longer"
+            )
+        time.sleep(self.pause)
+        self.pause = min(self.pause * 2, self.poll)
+
+    def _name(self, key: Key) -> str:
+        return f"cell {key[0]} x {key[1]:g} epochs (worker {self.owner[key]}/{self.shard.count}'s)"
 
 
 @dataclasses.dataclass(frozen=True)
