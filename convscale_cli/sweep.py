@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from convscale_cli import tuning
+from convscale_cli import interrupts, tuning
 from convscale_cli.config import check_seed, from_dict, load_config, to_dict
 from convscale_cli.errors import ConfigError, ConvscaleError, ExitCode, UnknownNameError, UsageError, did_you_mean
 from convscale_cli.planner import run_name
@@ -463,6 +463,7 @@ class _Waiter:
 
         from convscale_cli.sweep_dir import activity
 
+        interrupts.check()  # a Ctrl-C while waiting stops the worker as it would between trials
         now = time.monotonic()
         seen = activity(self.out)
         if key != self.waiting_for:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from convscale_cli.budget import flops_to_core_hours
 from convscale_cli.errors import UsageError
@@ -118,15 +118,17 @@ class StudyGraph:
             waves[n].append(key)
         return waves
 
-    def critical_path(self) -> tuple[list[Key], float]:
-        """The dependency chain of greatest total cost, and that cost (FLOPs)."""
+    def critical_path(self, costs: Mapping[Key, float] | None = None) -> tuple[list[Key], float]:
+        """The dependency chain of greatest total cost, and that cost (FLOPs; or in ``costs``' unit, e.g. measured
+        seconds per cell)."""
         finish: dict[Key, float] = {}
         before: dict[Key, Key | None] = {}
         for cell in self.cells:
             key = cell_key(cell)
             prior = max(self.deps[key], key=lambda d: finish[d], default=None)
             before[key] = prior
-            finish[key] = self.cost(key) + (finish[prior] if prior is not None else 0.0)
+            own = self.cost(key) if costs is None else costs[key]
+            finish[key] = own + (finish[prior] if prior is not None else 0.0)
         if not finish:
             return [], 0.0
         end: Key | None = max(finish, key=lambda k: finish[k])

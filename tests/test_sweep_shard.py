@@ -71,15 +71,15 @@ ENGINE = {
     "progress": "none",
     "tensorboard": False,
     "log_every": 2,
-    "checkpoint_every": 2,
+    "checkpoint_every": 3,
     "checkpoint_minutes": 0.0,
 }
 
 
 def study(out: Path) -> StudyConfig:
-    # 3 widths x 2 budgets of 96 images at batch 8 (6 and 12 steps), two trials per cell: 12 runs in 4 waves.
+    # 3 widths x 2 budgets of 96 images at batch 16 (3 and 6 steps), two trials per cell: 12 runs in 4 waves.
     return StudyConfig(
-        out=str(out), dataset="colours", models=tuple(f"tiny-w{w}" for w in WIDTHS), epochs=(0.5, 1.0), batch_size=8,
+        out=str(out), dataset="colours", models=tuple(f"tiny-w{w}" for w in WIDTHS), epochs=(0.5, 1.0), batch_size=16,
         start_lr=0.8, engine=ENGINE,
     )  # fmt: skip
 
