@@ -7,6 +7,7 @@ Training uses the engine tests' tiny setup (small CNNs on in-memory colours, 8 p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -171,6 +172,18 @@ def test_the_graph_chains_cells_as_the_two_trial_rule_reads_them() -> None:
     assert graph.makespan(1) > graph.makespan(2) >= cost
 
 
+def test_a_grid_study_waits_only_for_the_first_cell_and_a_branching_one_chains_each_model() -> None:
+    grid = dataclasses.replace(study(Path("unused")), rule="grid", lr_grid=(0.8, 0.4))
+    graph = study_graph(grid, registry())
+    assert graph.trials == 2 and len(graph.waves()) == 2  # the first cell, whose runs set the inherited resolution
+    fixed = study_graph(dataclasses.replace(grid, resolution=8), registry())
+    assert len(fixed.waves()) == 1 and max(graph.assign(3).values()) == 2
+    wsd = {**ENGINE, "recipe": {"schedule": "wsd"}}
+    branching = study_graph(dataclasses.replace(grid, resolution=8, branching=True, engine=wsd), registry())
+    assert branching.deps[("tiny-w8", 1.0)] == (("tiny-w8", 0.5),)  # its trunks are extended by one cell at a time
+    assert [len(w) for w in branching.waves()] == [3, 3]
+
+
 def graph_order(graph: Any) -> list[tuple[int, float]]:
     return [(int(c.model.removeprefix("tiny-w")), c.epochs) for c in graph.cells]
 
@@ -186,6 +199,54 @@ def test_concurrent_workers_give_the_one_process_sweep_bit_for_bit(
     same_params(reference, out)
     decided = sorted(p.name for p in (out / "cells").iterdir())
     assert len(decided) == 6
+
+
+def _threaded_sweep(out: Path, workers: int) -> dict[str, Any]:
+    """The toy study of test_tune (a loss bowl around a falling optimum, no training) run by ``workers`` threads,
+    each trial of worker i taking i x 20 ms, so the workers reach their cells in an order of their own."""
+    import threading
+
+    import test_tune
+    from test_tune import FakeTrainer, _ToyPlugin
+
+    from convscale_cli.plugins import load_plugins
+    from convscale_cli.sweep import load_study
+
+    reg = load_plugins(extra=[("toy", _ToyPlugin())], entry_points=lambda: []).registry
+    out.parent.mkdir(parents=True)
+    toy = load_study(test_tune._study(out.parent), {"out": str(out), "start_lr": 3.2})
+    errors: list[BaseException] = []
+
+    def run(index: int) -> None:
+        fake = FakeTrainer()
+
+        def train(*args: Any, **options: Any) -> dict:
+            time.sleep(0.02 * index)
+            return fake(*args, **options)
+
+        try:
+            run_sweep(toy, reg, trainer=train, shard=Shard(index, workers), poll_seconds=0.01, wait_timeout=60)
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    return outcome(out)
+
+
+# The fake trainer writes summary.json in place, so a worker may read one half-written (the engine renames it in).
+@pytest.mark.filterwarnings("ignore::convscale_cli.tuning.RunWarning")
+@pytest.mark.parametrize("workers", [2, 3])
+def test_workers_that_run_at_different_speeds_decide_as_one_process(tmp_path: Path, workers: int) -> None:
+    one = _threaded_sweep(tmp_path / "one" / "runs", 1)
+    many = _threaded_sweep(tmp_path / "many" / "runs", workers)
+    assert len(one["tuning"]) == 9 and len(one["runs"]) == 18
+    assert [d["start_lr"] for d in one["tuning"]].count(3.2) == 1  # every other cell started from a finished cell
+    assert many == one
 
 
 def _mid_cell(out: Path, names: set[str]) -> bool:
