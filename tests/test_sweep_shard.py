@@ -330,6 +330,8 @@ def test_plan_prints_the_waves_and_the_critical_path(capsys: pytest.CaptureFixtu
     assert speedups[0] == pytest.approx(1.0) and speedups == sorted(speedups)
     bound = plan["total"]["train_flops"] / plan["critical_path"]["train_flops"]
     assert speedups[-1] <= bound + 1e-9
+    assert main(["sweep", str(EXAMPLES / example), "--plan", "--json", "--shard", "0/3"]) == ExitCode.OK
+    assert {row["worker"] for row in json.loads(capsys.readouterr().out)["cells"]} == {0, 1, 2}
     assert main(["sweep", str(EXAMPLES / example), "--plan", "--shard", "0/2"]) == ExitCode.OK
     text = capsys.readouterr().out
     assert (
@@ -338,3 +340,11 @@ def test_plan_prints_the_waves_and_the_critical_path(capsys: pytest.CaptureFixtu
         and f"critical path: {path[0]['model']} x 0.25 ->" in text
         and "worker 1/2" in text
     )
+
+
+def test_a_wait_timeout_that_is_not_positive_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    runs = tmp_path / "runs"
+    argv = ["sweep", str(EXAMPLES / "quickstart.toml"), "--set", f"out={runs}", "--shard", "0/2", "--wait-timeout", "0"]
+    assert main(argv) == ExitCode.USAGE_ERROR
+    err = capsys.readouterr().err.strip()
+    assert err == "Error: --wait-timeout must be a positive number of seconds, got 0" and not runs.exists()

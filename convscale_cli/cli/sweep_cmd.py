@@ -98,10 +98,13 @@ def _print_plan(config: "StudyConfig", registry: "Registry", worker: "Shard | No
     graph = study_graph(config, registry)
     counts = sorted({1, 2, 4, 8} | ({worker.count} if worker is not None else set()))
     document = plan_dict(graph, counts)
+    owner = graph.assign(worker.count) if worker is not None else None
     if json_:
+        if owner is not None:  # each cell's worker of the N given
+            for row in document["cells"]:
+                row["worker"] = owner[(row["model"], row["epochs"])]
         print_json({"study": str(config.out), **document})
         return
-    owner = graph.assign(worker.count) if worker is not None else None
     hours = lambda flops: format_amount(flops_to_core_hours(flops), "core-hours")  # noqa: E731
     note = "; a branching study pays each trunk once, so less" if config.branching else ""
     print(
