@@ -159,7 +159,12 @@ def _sweep(study_file: Path, out: Path, workers: int) -> float:
                 preexec_fn=lambda cpus=set(mine): os.sched_setaffinity(0, cpus),  # noqa: PLW1509
             )
         )
-    failed = [i for i, p in enumerate(procs) if p.wait() != 0]
+    try:
+        failed = [i for i, p in enumerate(procs) if p.wait() != 0]
+    finally:  # interrupted (or a test's timeout): take the workers down too
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
     if failed:
         raise SystemExit(f"worker {failed[0]} failed: see {out.parent / f'{out.name}-worker{failed[0]}.log'}")
     return time.perf_counter() - start

@@ -16,6 +16,11 @@ checkpoint at that budget's cooldown start (:mod:`convscale_cli.engine.branch`):
 instead of once per budget. A branch equals the run trained from scratch, so branching changes the study's cost and
 never its results, and the tuning rule is untouched: cells run in the same order with the same trials, and a trial's
 trunk is extended on demand, only as far as the longest budget that has tried its lr needs.
+
+``run_sweep(..., shard=Shard(i, n))`` runs worker i of n: the workers share only the runs directory, each runs the
+cells the common assignment gives it as soon as the cells they depend on are decided (:mod:`convscale_cli.sweep_graph`),
+and each decision goes to its own file, from which ``tuning.jsonl`` is rebuilt (:mod:`convscale_cli.sweep_dir`). A
+cell only ever sees the cells it depends on, so the results do not depend on the number of workers.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from convscale_cli import interrupts, tuning
+from convscale_cli import tuning
 from convscale_cli.config import check_seed, from_dict, load_config, to_dict
 from convscale_cli.errors import ConfigError, ConvscaleError, ExitCode, UnknownNameError, UsageError, did_you_mean
 from convscale_cli.planner import run_name
@@ -358,12 +363,12 @@ def run_sweep(
     remaining = [c for c in cells if owner[cell_key(c)] == shard.index]
     stamp = sweep_dir.fingerprint(study)
     results: dict[tuple[str, float], TuneResult] = {}
-    waiter = _Waiter(study.out, shard, owner, wait_timeout, poll_seconds, on_wait)
+    waiter = sweep_dir.Waiter(study.out, shard, owner, wait_timeout, poll_seconds, on_wait)
     while remaining:
         decided = sweep_dir.read_decisions(study.out, keys, study.rule, stamp) if shard.count > 1 else {}
-        cell = next((c for c in remaining if shard.count == 1 or _ready(cell_key(c), graph, keys, decided)), None)
+        cell = next((c for c in remaining if shard.count == 1 or sweep_dir.ready(cell_key(c), graph, decided)), None)
         if cell is None:
-            waiter.wait(_blocker(cell_key(remaining[0]), graph, keys, decided, owner, shard.index))
+            waiter.wait(sweep_dir.blocker(cell_key(remaining[0]), graph, decided, owner, shard.index))
             continue
         waiter.reset()
         remaining.remove(cell)
@@ -391,99 +396,6 @@ def run_sweep(
             on_done(cell, result)
     ordered = tuple(results[k] for k in keys if k in results)
     return SweepResult(results=ordered, grid_size=len(study.lr_grid) or len(lr_grid(1.0)))
-
-
-Key = tuple[str, float]
-
-
-def _ready(key: Key, graph: Any, keys: list[Key], decided: Mapping[Key, Any]) -> bool:
-    """Whether every cell ``key`` depends on is decided, and so is the run its unset settings are inherited from.
-
-    Runs inherit unset settings (the resolution, ...) from the finished runs before them, so the first cell whose
-    decision holds a finished run must be decided: normally the first cell; if all its trials failed, the next.
-    """
-    if any(d not in decided for d in graph.deps[key]):
-        return False
-    if not graph.inherits:
-        return True
-    for earlier in keys:
-        if earlier == key:
-            return True
-        decision = decided.get(earlier)
-        if decision is None:
-            return False
-        if any(t.get("status") != "failed" for t in decision.get("trials") or []):
-            return True
-    return True
-
-
-def _blocker(
-    key: Key, graph: Any, keys: list[Key], decided: Mapping[Key, Any], owner: Mapping[Key, int], me: int
-) -> Key:
-    """The undecided cell of another worker that ``key`` waits for, following the chain through this worker's own."""
-    seen = set()
-    while owner[key] == me and key not in seen:
-        seen.add(key)
-        pending = [d for d in graph.deps[key] if d not in decided]
-        pending = pending or [k for k in keys[: keys.index(key)] if k not in decided]
-        if not pending:
-            break
-        key = pending[0]
-    return key
-
-
-class _Waiter:
-    """Polls the runs directory while a worker waits; gives up when nothing in it changed for ``timeout`` seconds."""
-
-    def __init__(
-        self,
-        out: str,
-        shard: Any,
-        owner: Mapping[Key, int],
-        timeout: float,
-        poll: float,
-        on_wait: Callable[[str], None] | None,
-    ) -> None:
-        self.out, self.shard, self.owner, self.timeout, self.poll, self.on_wait = (
-            out,
-            shard,
-            owner,
-            timeout,
-            poll,
-            on_wait,
-        )
-        self.reset()
-
-    def reset(self) -> None:
-        self.waiting_for: Key | None = None
-        self.pause = min(0.05, self.poll)
-
-    def wait(self, key: Key) -> None:
-        import time
-
-        from convscale_cli.sweep_dir import activity
-
-        interrupts.check()  # a Ctrl-C while waiting stops the worker as it would between trials
-        now = time.monotonic()
-        seen = activity(self.out)
-        if key != self.waiting_for:
-            self.waiting_for, self.since, self.last_seen = key, now, seen
-            self.pause = min(0.05, self.poll)
-            if self.on_wait is not None:
-                self.on_wait(f"waiting for {self._name(key)}")
-        elif seen != self.last_seen:
-            self.since, self.last_seen = now, seen
-        elif now - self.since > self.timeout:
-            raise SweepStalled(
-                f"worker {self.shard} waited {self.timeout:g} s for {self._name(key)} and nothing in "
-                f"{self.out!r} changed meanwhile: is that worker running? A worker that died resumes when its "
-                f"command is run again (--shard {self.owner[key]}/{self.shard.count}); --wait-timeout waits longer"
-            )
-        time.sleep(self.pause)
-        self.pause = min(self.pause * 2, self.poll)
-
-    def _name(self, key: Key) -> str:
-        return f"cell {key[0]} x {key[1]:g} epochs (worker {self.owner[key]}/{self.shard.count}'s)"
 
 
 @dataclasses.dataclass(frozen=True)

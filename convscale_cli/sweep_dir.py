@@ -1,4 +1,4 @@
-"""What the workers of one sweep share: the runs directory, and nothing else.
+"""What the workers of one sweep share: the runs directory, and nothing else; and how a worker waits on it.
 
 Each cell's decision is written, by the one worker that ran the cell, to its own file
 ``OUT/cells/{model}-e{epochs}.{rule}.json`` (a write then a rename, so a reader never sees half of one), stamped with
@@ -16,12 +16,14 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from convscale_cli import interrupts
 from convscale_cli.config import to_dict
-from convscale_cli.sweep import TRUNKS, StudyConfig
+from convscale_cli.sweep import TRUNKS, StudyConfig, SweepStalled
+from convscale_cli.sweep_graph import Shard, StudyGraph, cell_key
 from convscale_cli.tuning import TUNING_LOG, TuneResult
 
 CELLS = "cells"  # OUT/cells/: one decision file per cell
@@ -147,3 +149,94 @@ def activity(out: str | Path) -> float:
             except OSError:
                 continue
     return newest
+
+
+def ready(key: Key, graph: StudyGraph, decided: Mapping[Key, Any]) -> bool:
+    """Whether every cell ``key`` depends on is decided, and so is the run its unset settings are inherited from.
+
+    Runs inherit unset settings (the resolution, ...) from the finished runs before them, so the first cell whose
+    decision holds a finished run must be decided: normally the first cell; if all its trials failed, the next.
+    """
+    if any(d not in decided for d in graph.deps[key]):
+        return False
+    if not graph.inherits:
+        return True
+    for earlier in (cell_key(c) for c in graph.cells):
+        if earlier == key:
+            return True
+        decision = decided.get(earlier)
+        if decision is None:
+            return False
+        if any(t.get("status") != "failed" for t in decision.get("trials") or []):
+            return True
+    return True
+
+
+def blocker(key: Key, graph: StudyGraph, decided: Mapping[Key, Any], owner: Mapping[Key, int], me: int) -> Key:
+    """The undecided cell of another worker that ``key`` waits for, following the chain through this worker's own."""
+    keys = [cell_key(c) for c in graph.cells]
+    seen = set()
+    while owner[key] == me and key not in seen:
+        seen.add(key)
+        pending = [d for d in graph.deps[key] if d not in decided]
+        pending = pending or [k for k in keys[: keys.index(key)] if k not in decided]
+        if not pending:
+            break
+        key = pending[0]
+    return key
+
+
+class Waiter:
+    """Polls the runs directory while a worker waits; gives up when nothing in it changed for ``timeout`` seconds."""
+
+    def __init__(
+        self,
+        out: str,
+        shard: Shard,
+        owner: Mapping[Key, int],
+        timeout: float,
+        poll: float,
+        on_wait: Callable[[str], None] | None,
+    ) -> None:
+        self.out = out
+        self.shard = shard
+        self.owner = owner
+        self.timeout = timeout
+        self.poll = poll
+        self.on_wait = on_wait
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the cell waited for (this worker has just found a ready cell)."""
+        self.waiting_for: Key | None = None
+        self.since = 0.0  # when the directory last changed, or the wait for this cell began
+        self.last_seen = -math.inf  # the directory's newest modification time then
+        self.pause = min(0.05, self.poll)
+
+    def wait(self, key: Key) -> None:
+        """Sleep a little (longer each time, up to ``poll`` seconds) before the worker looks for a ready cell again.
+
+        Raises:
+            SweepStalled: the runs directory has not changed for ``timeout`` seconds of waiting for ``key``.
+        """
+        interrupts.check()  # a Ctrl-C while waiting stops the worker as it would between trials
+        now = time.monotonic()
+        seen = activity(self.out)
+        if key != self.waiting_for:
+            self.waiting_for, self.since, self.last_seen = key, now, seen
+            self.pause = min(0.05, self.poll)
+            if self.on_wait is not None:
+                self.on_wait(f"waiting for {self._name(key)}")
+        elif seen != self.last_seen:
+            self.since, self.last_seen = now, seen
+        elif now - self.since > self.timeout:
+            raise SweepStalled(
+                f"worker {self.shard} waited {self.timeout:g} s for {self._name(key)} and nothing in "
+                f"{self.out!r} changed meanwhile: is that worker running? A worker that died resumes when its "
+                f"command is run again (--shard {self.owner[key]}/{self.shard.count}); --wait-timeout waits longer"
+            )
+        time.sleep(self.pause)
+        self.pause = min(self.pause * 2, self.poll)
+
+    def _name(self, key: Key) -> str:
+        return f"cell {key[0]} x {key[1]:g} epochs (worker {self.owner[key]}/{self.shard.count}'s)"
