@@ -213,7 +213,7 @@ def _threaded_sweep(out: Path, workers: int) -> dict[str, Any]:
     from convscale_cli.sweep import load_study
 
     reg = load_plugins(extra=[("toy", _ToyPlugin())], entry_points=lambda: []).registry
-    out.parent.mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     toy = load_study(test_tune._study(out.parent), {"out": str(out), "start_lr": 3.2})
     errors: list[BaseException] = []
 
@@ -348,3 +348,19 @@ def test_a_wait_timeout_that_is_not_positive_is_a_one_line_error(tmp_path: Path,
     assert main(argv) == ExitCode.USAGE_ERROR
     err = capsys.readouterr().err.strip()
     assert err == "Error: --wait-timeout must be a positive number of seconds, got 0" and not runs.exists()
+
+
+@pytest.mark.filterwarnings("ignore::convscale_cli.tuning.RunWarning")
+def test_tuning_log_keeps_other_decisions_and_a_rerun_leaves_it_as_it_was(tmp_path: Path) -> None:
+    out = tmp_path / "toy" / "runs"
+    out.mkdir(parents=True)
+    other = {"time": "t", "model": "toy-s", "dataset": "toyset", "epochs": 0.5, "rule": "grid", "best_lr": 1.0}
+    stale = {**other, "rule": "two-trial"}  # an earlier decision of one of the study's cells: replaced
+    (out / "tuning.jsonl").write_text(json.dumps(stale) + "\n" + json.dumps(other) + "\n")
+    _threaded_sweep(out, 2)
+    lines = (out / "tuning.jsonl").read_text().splitlines()
+    assert len(lines) == 10 and json.loads(lines[-1]) == other  # the study's block stands where its first line was
+    assert [json.loads(line)["rule"] for line in lines[:9]] == ["two-trial"] * 9
+    first = (out / "tuning.jsonl").read_bytes()
+    _threaded_sweep(out, 3)  # everything reused, time stamps and trial statuses included
+    assert (out / "tuning.jsonl").read_bytes() == first
