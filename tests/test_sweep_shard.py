@@ -364,3 +364,17 @@ def test_tuning_log_keeps_other_decisions_and_a_rerun_leaves_it_as_it_was(tmp_pa
     first = (out / "tuning.jsonl").read_bytes()
     _threaded_sweep(out, 3)  # everything reused, time stamps and trial statuses included
     assert (out / "tuning.jsonl").read_bytes() == first
+
+
+def test_a_worker_that_gives_up_waiting_says_for_whom_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    runs = tmp_path / "runs"
+    study = str(EXAMPLES / "quickstart.toml")
+    argv = ["sweep", study, "--set", f"out={runs}", "--shard", "1/2", "--wait-timeout", "0.2"]
+    assert main(argv) == ExitCode.TRAINING_FAILED
+    captured = capsys.readouterr()
+    assert "waiting for cell nfnet-tiny-l0 x 0.25 epochs (worker 0/2's)" in captured.out
+    err = captured.err.strip()
+    assert err.startswith("Error: worker 1/2 waited 0.2 s for cell nfnet-tiny-l0 x 0.25 epochs") and "\n" not in err
+    assert "--shard 0/2" in err and not list(runs.glob("nfnet-*"))
