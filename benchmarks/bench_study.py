@@ -10,6 +10,13 @@ the grid's optimum and the loss regret, plus the runs and training FLOPs each ap
 scratch) and RUNS/branching (wsd with `branching = true`: one trunk per model and learning rate, every budget a
 cooldown branch of it, Hägele et al. 2024), and prints each study's total compute (each trunk counted once), the
 wall time of this invocation, and the report's verdicts on each runs directory.
+
+`--workers N` instead runs the study twice from scratch, into RUNS/workers-1 (one `convscale sweep` process) and
+RUNS/workers-N (N concurrent `convscale sweep --shard I/N` processes), each with its own empty compilation cache, and
+prints both wall times, the speed-up, and the critical-path bound: the longest dependency chain of cells, costed
+with the one-worker run's measured seconds per cell, which no number of workers can beat. The machine's cores are
+split between the workers (each pinned to its share, which also sizes XLA's CPU thread pool), so one worker gets
+every core and N workers get 1/N each: the comparison spends the same machine.
 """
 
 from __future__ import annotations
@@ -18,6 +25,9 @@ import argparse
 import dataclasses
 import json
 import math
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -121,11 +131,98 @@ def compare_branching(study: Any, registry: Any, runs: Path) -> None:
     print(f"verdicts agree: {'yes' if same else 'no'}")
 
 
+def _worker_env(cache: Path, cores: list[int]) -> dict[str, str]:
+    env = dict(os.environ, CONVSCALE_COMPILATION_CACHE=str(cache), JAX_PLATFORMS="cpu")
+    if len(cores) == 1:  # one core: keep XLA's Eigen thread pool from spinning threads it cannot run
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_cpu_multi_thread_eigen=false".strip()
+    return env
+
+
+def _sweep(study_file: Path, out: Path, workers: int) -> float:
+    """Wall seconds of ``workers`` concurrent sweep processes over the study, the cores split between them."""
+    cores = sorted(os.sched_getaffinity(0))
+    share = max(1, len(cores) // workers)
+    procs = []
+    start = time.perf_counter()
+    for i in range(workers):
+        mine = cores[i * share : (i + 1) * share] or cores[-1:]
+        argv = [sys.executable, "-m", "convscale_cli", "sweep", str(study_file), "--set", f"out={out}", "--json"]
+        if workers > 1:
+            argv += ["--shard", f"{i}/{workers}"]
+        log = (out.parent / f"{out.name}-worker{i}.log").open("w")
+        procs.append(
+            subprocess.Popen(
+                argv,
+                env=_worker_env(out.parent / f"{out.name}-xla-cache", mine),
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                preexec_fn=lambda cpus=set(mine): os.sched_setaffinity(0, cpus),  # noqa: PLW1509
+            )
+        )
+    try:
+        failed = [i for i, p in enumerate(procs) if p.wait() != 0]
+    finally:  # interrupted (or a test's timeout): take the workers down too
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    if failed:
+        raise SystemExit(f"worker {failed[0]} failed: see {out.parent / f'{out.name}-worker{failed[0]}.log'}")
+    return time.perf_counter() - start
+
+
+def _cell_seconds(runs: Path) -> dict[tuple[str, float], float]:
+    """Measured device seconds of each cell (its trials together) from the runs' ledgers."""
+    seconds: dict[tuple[str, float], float] = {}
+    for summary in runs.glob("*/summary.json"):
+        data = json.loads(summary.read_text())
+        key = (data["model"], float(data["epochs"]))
+        seconds[key] = seconds.get(key, 0.0) + sum((data["ledger"].get("device_seconds") or {}).values())
+    return seconds
+
+
+def _tuning(runs: Path) -> list[dict]:
+    lines = (runs / "tuning.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "time"} for line in lines]
+
+
+def compare_workers(study_file: Path, study: Any, registry: Any, runs: Path, workers: int) -> None:
+    """Run the study with 1 and with ``workers`` processes; print wall times, speed-up and the critical-path bound."""
+    import shutil
+
+    from convscale_cli.sweep_graph import cell_key, study_graph
+
+    graph = study_graph(study, registry)
+    walls = {}
+    for n in (1, workers):
+        out = runs / f"workers-{n}"
+        for stale in (out, runs / f"workers-{n}-xla-cache"):
+            shutil.rmtree(stale, ignore_errors=True)
+        runs.mkdir(parents=True, exist_ok=True)
+        walls[n] = _sweep(study_file, out, n)
+    measured = _cell_seconds(runs / "workers-1")
+    path, bound = graph.critical_path({cell_key(c): measured.get(cell_key(c), 0.0) for c in graph.cells})
+    total = sum(measured.values())
+    _, flops_path = graph.critical_path()
+    flops_total = sum(graph.cost(cell_key(c)) for c in graph.cells)
+    cores = len(os.sched_getaffinity(0))
+    print(f"{len(graph.cells)} cells in {len(graph.waves())} waves, {cores} cores split between the workers")
+    for n, wall in walls.items():
+        print(f"{n} worker{'s' * (n != 1)}: wall {wall:.1f} s" + (f", {walls[1] / wall:.2f}x" if n != 1 else ""))
+    print(
+        f"critical path ({' -> '.join(f'{m} x {e:g}' for m, e in path)}): {bound:.1f} device-s of the one-worker "
+        f"run's {total:.1f}, so no number of workers beats {total / max(bound, 1e-9):.2f}x on these cells "
+        f"(the FLOP estimate of --plan says {flops_total / flops_path:.2f}x)"
+    )
+    same = _tuning(runs / "workers-1") == _tuning(runs / f"workers-{workers}")
+    print(f"tuning.jsonl identical apart from time stamps: {'yes' if same else 'no'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, default=Path("quickstart/runs"))
     parser.add_argument("--study", type=Path, default=None, help="default: the packaged quickstart study")
     parser.add_argument("--branching", action="store_true", help="cosine vs wsd cooldown branching instead")
+    parser.add_argument("--workers", type=int, default=None, help="1 vs N worker processes instead")
     args = parser.parse_args()
 
     from convscale_cli.plugins import get_registry
@@ -136,6 +233,9 @@ def main() -> None:
     registry = get_registry()
     if args.branching:
         compare_branching(study, registry, args.runs)
+        return
+    if args.workers is not None:
+        compare_workers(Path(args.study or default_study()), study, registry, args.runs, args.workers)
         return
     run_sweep(study, registry)
     families: dict[str, list[str]] = {}

@@ -16,6 +16,11 @@ checkpoint at that budget's cooldown start (:mod:`convscale_cli.engine.branch`):
 instead of once per budget. A branch equals the run trained from scratch, so branching changes the study's cost and
 never its results, and the tuning rule is untouched: cells run in the same order with the same trials, and a trial's
 trunk is extended on demand, only as far as the longest budget that has tried its lr needs.
+
+``run_sweep(..., shard=Shard(i, n))`` runs worker i of n: the workers share only the runs directory, each runs the
+cells the common assignment gives it as soon as the cells they depend on are decided (:mod:`convscale_cli.sweep_graph`),
+and each decision goes to its own file, from which ``tuning.jsonl`` is rebuilt (:mod:`convscale_cli.sweep_dir`). A
+cell only ever sees the cells it depends on, so the results do not depend on the number of workers.
 """
 
 from __future__ import annotations
@@ -24,21 +29,30 @@ import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from convscale_cli import tuning
 from convscale_cli.config import check_seed, from_dict, load_config, to_dict
-from convscale_cli.errors import ConfigError, UnknownNameError, UsageError, did_you_mean
+from convscale_cli.errors import ConfigError, ConvscaleError, ExitCode, UnknownNameError, UsageError, did_you_mean
 from convscale_cli.planner import run_name
 from convscale_cli.recipe import Recipe, cooldown_steps, stable_end
 from convscale_cli.registry import Registry
 from convscale_cli.tuning import Trainer, TuneResult, lr_grid, tune_cell
+
+if TYPE_CHECKING:
+    from convscale_cli.sweep_graph import Shard
 
 TRUNKS = "trunks"  # OUT/trunks/: the shared constant phases of a branching study
 
 # Engine fields the study sets itself; putting them under [engine] would silently fight the sweep.
 _RESERVED = frozenset({"model", "dataset", "epochs", "lr", "out", "seed", "batch_size", "resolution", "data_options"})
 _STUDY_KEYS = {"model": "models"}  # the study's key where it is not the engine's
+
+
+class SweepStalled(ConvscaleError):
+    """A sweep worker waited for another worker's cell, and nothing in the runs directory changed for too long."""
+
+    exit_code = ExitCode.TRAINING_FAILED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,30 +317,64 @@ def run_sweep(
     registry: Registry,
     *,
     trainer: Trainer | None = None,
+    shard: Shard | None = None,
+    wait_timeout: float = 3600.0,
+    poll_seconds: float = 5.0,
     on_start: Callable[[CellPlan], None] | None = None,
     on_done: Callable[[CellPlan, TuneResult], None] | None = None,
+    on_wait: Callable[[str], None] | None = None,
 ) -> SweepResult:
-    """Run (or resume) every cell of the study, cheapest first, each tuned by the study's rule.
+    """Run (or resume) the study's cells, each tuned by the study's rule; with ``shard``, only one worker's share.
+
+    Every worker computes the same dependency graph and assignment (:mod:`convscale_cli.sweep_graph`), runs its own
+    cells as they become ready (cheapest first) and waits, polling the runs directory, while each of its remaining
+    cells depends on an undecided cell of another worker. Decisions and ``tuning.jsonl`` are those of the
+    one-process sweep whatever the number of workers (:mod:`convscale_cli.sweep_dir`).
 
     Args:
         study: the study.
         registry: models and datasets.
         trainer: ``trainer(model, dataset, epochs, lr, out, **options) -> summary``; default: the jax engine
             (:func:`convscale_cli.tuning.engine_trainer`).
+        shard: this worker and the number of workers (default: one worker, every cell).
+        wait_timeout: seconds to wait with nothing in the runs directory changing before giving up.
+        poll_seconds: the longest pause between two looks at the runs directory while waiting.
         on_start: called before a cell runs (live display).
         on_done: called with each cell's decision.
+        on_wait: called with a one-line message when the worker starts waiting for another worker's cell.
+
+    Raises:
+        SweepStalled: nothing changed in the runs directory for ``wait_timeout`` seconds while waiting.
     """
-    cells = plan_cells(study, registry)
+    from convscale_cli import sweep_dir
+    from convscale_cli.sweep_graph import Shard, cell_key, study_graph
+
+    shard = shard or Shard(0, 1)
+    graph = study_graph(study, registry)
+    cells = list(graph.cells)
+    keys = [cell_key(c) for c in cells]
     schedules = {m: model_schedule(study, registry, m) for m in {c.model for c in cells}}
     if study.branching:
         trainer = BranchingTrainer(study, schedules, trainer)
     grid: bool | tuple[float, ...] = False
     if study.rule == "grid":
         grid = study.lr_grid or True
-    results = []
-    for cell in cells:
+    owner = graph.assign(shard.count)
+    remaining = [c for c in cells if owner[cell_key(c)] == shard.index]
+    stamp = sweep_dir.fingerprint(study)
+    results: dict[tuple[str, float], TuneResult] = {}
+    waiter = sweep_dir.Waiter(study.out, shard, owner, wait_timeout, poll_seconds, on_wait)
+    while remaining:
+        decided = sweep_dir.read_decisions(study.out, keys, study.rule, stamp) if shard.count > 1 else {}
+        cell = next((c for c in remaining if shard.count == 1 or sweep_dir.ready(cell_key(c), graph, decided)), None)
+        if cell is None:
+            waiter.wait(sweep_dir.blocker(cell_key(remaining[0]), graph, decided, owner, shard.index))
+            continue
+        waiter.reset()
+        remaining.remove(cell)
         if on_start is not None:
             on_start(cell)
+        deps = set(graph.deps[cell_key(cell)])
         result = tune_cell(
             cell.model,
             cell.epochs,
@@ -338,11 +386,16 @@ def run_sweep(
             grid=grid,
             size_axis=study.size_axis,
             start_lr=study.start_lr_for(cell.family),
+            hidden=[k for k in keys if k not in deps],
+            record_decision=False,
         )
-        results.append(result)
+        sweep_dir.write_decision(study.out, result, stamp)
+        sweep_dir.rebuild_log(study.out, keys, study.rule, registry.dataset(study.dataset).name)
+        results[cell_key(cell)] = result
         if on_done is not None:
             on_done(cell, result)
-    return SweepResult(results=tuple(results), grid_size=len(study.lr_grid) or len(lr_grid(1.0)))
+    ordered = tuple(results[k] for k in keys if k in results)
+    return SweepResult(results=ordered, grid_size=len(study.lr_grid) or len(lr_grid(1.0)))
 
 
 @dataclasses.dataclass(frozen=True)

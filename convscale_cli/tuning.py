@@ -20,7 +20,7 @@ import json
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -393,6 +393,8 @@ def tune_cell(
     size_axis: SizeAxis = "params",
     num_classes: int | None = None,
     start_lr: float | None = None,
+    hidden: Collection[tuple[str, float]] = (),
+    record_decision: bool = True,
 ) -> TuneResult:
     """Tune the learning rate of one cell by the two-trial rule (or a full grid) and record the decision.
 
@@ -412,6 +414,10 @@ def tune_cell(
         start_lr: alpha of the first cell, when no smaller finished cell exists (default: the recipe's, 1.6). The
             paper's 1.6 is the optimum for JFT-4B at 224 px; a very different setting (a laptop study at batch 64)
             can start elsewhere and still follow the rule from there.
+        hidden: ``(model, epochs)`` cells whose runs the start alpha must not come from: a sweep hides the cells the
+            one-process sweep would not have finished yet, so a decision never depends on which worker was faster.
+        record_decision: append the decision to ``RUNS_DIR/tuning.jsonl`` (a sweep writes its own,
+            :mod:`convscale_cli.sweep_dir`).
 
     Raises:
         UsageError: unknown model or dataset, a non-positive epoch budget or lr; a data option, batch size,
@@ -439,7 +445,8 @@ def tune_cell(
     if num_classes is None:
         info = data.info(**data_options) if data_options or data.static_info is None else data.static_info
         num_classes = options.get("num_classes") or info.num_classes
-    runs = [r for r in study if r.family == spec.family]
+    hide = {(m, round(float(e), 9)) for m, e in hidden}
+    runs = [r for r in study if r.family == spec.family and (r.model, round(r.epochs, 9)) not in hide]
     size = target_size(registry, spec.name, size_axis, options.get("resolution"), num_classes)
     neighbour = nearest_cell(group_cells(runs, size_axis), spec.name, size, epochs)
     if neighbour is not None:
@@ -474,7 +481,7 @@ def tune_cell(
         best_run=best.run,
         next_lr=next_lr,
     )
-    if result.trained or not _logged(root, result):
+    if record_decision and (result.trained or not _logged(root, result)):
         record(root, result)
     return result
 

@@ -85,3 +85,12 @@ def test_study_benchmark_compares_the_rule_with_the_grid(tmp_path: Path) -> None
     assert re.search(r"^runs: rule 2, grid 6 \(3\.0x\); training FLOPs: .* \(3\.0x\)$", out, re.M), out
     regret = r"^loss regret of the rule: mean -?\d+\.\d+, max -?\d+\.\d+, zero in [01] of 1 cells$"
     assert re.search(regret, out, re.M), out
+
+
+def test_study_benchmark_compares_one_worker_with_two(tmp_path: Path) -> None:
+    (tmp_path / "study.toml").write_text(STUDY.replace("epochs = [0.25]", "epochs = [0.25, 0.5]"))
+    out = bench("bench_study.py", "--runs", "runs", "--study", "study.toml", "--workers", "2", cwd=tmp_path)
+    assert re.search(r"^1 worker: wall \d+\.\d s$", out, re.M), out
+    assert re.search(rf"^2 workers: wall \d+\.\d s, {RATIO}$", out, re.M), out
+    assert re.search(r"^critical path \(nfnet-tiny-l0 x 0\.25 -> nfnet-tiny-l0 x 0\.5\): \d+\.\d device-s", out, re.M)
+    assert "tuning.jsonl identical apart from time stamps: yes" in out, out

@@ -172,6 +172,21 @@ def test_start_alpha_comes_from_the_nearest_smaller_cell(registry: Registry, tmp
     assert [(t.lr, t.status) for t in result.trials] == [(0.4, "trained"), (0.2, "reused")]
 
 
+def test_hidden_cells_are_no_neighbours_and_record_decision_false_logs_nothing(
+    registry: Registry, tmp_path: Path
+) -> None:
+    write_run(tmp_path, "toy-s", 0.5, 0.4, 2.7)
+    write_run(tmp_path, "toy-s", 1, 0.1, 2.5)  # the nearest cell, but a sweep's worker has not decided it yet
+    fake = FakeTrainer()
+    result = tuning.tune_cell(
+        "toy-m", 1, tmp_path, dataset="toyset", registry=registry, trainer=fake, hidden=[("toy-s", 1.0)],
+        record_decision=False,
+    )  # fmt: skip
+    assert result.source == "best of cell toy-s x 0.5 epochs" and result.start_lr == 0.4
+    assert not (tmp_path / tuning.TUNING_LOG).exists()
+    assert tuning.tune_cell("toy-s", 2, tmp_path, dataset="toyset", registry=registry, trainer=fake).start_lr == 0.1
+
+
 def test_nearest_cell_prefers_the_closest_in_log_space() -> None:
     def cell(model: str, size: float, epochs: float) -> tuning.Cell:
         run = tuning.RunRecord.from_summary(Path(model), fake_summary("toy-s", "toyset", epochs, 0.8, 2.0))

@@ -75,6 +75,7 @@ def _register_commands() -> None:
         quickstart_cmd,
         registry_cmds,
         report_cmd,
+        sweep_cmd,
         weights_cmd,
     )
 

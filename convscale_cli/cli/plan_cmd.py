@@ -1,7 +1,7 @@
-"""``convscale plan``, ``tune-lr`` and ``sweep``: spend a compute budget well.
+"""``convscale plan`` and ``tune-lr``: spend a compute budget well.
 
-``plan`` imports neither jax nor numpy in prior mode (it answers in well under a second); ``tune-lr`` and ``sweep``
-import the training engine only when they actually train.
+``plan`` imports neither jax nor numpy in prior mode (it answers in well under a second); ``tune-lr`` imports the
+training engine only when it actually trains.
 """
 
 import math
@@ -17,8 +17,6 @@ from convscale_cli.errors import UsageError, did_you_mean
 if TYPE_CHECKING:
     from convscale_cli.planner import DatasetPlan, Plan
     from convscale_cli.registry import Registry
-    from convscale_cli.sweep import CellPlan, StudyConfig, SweepResult
-    from convscale_cli.tuning import TuneResult
 
 
 def _dataset_plan(
@@ -377,99 +375,3 @@ def tune_lr(
             f"--lr-grid {result.next_lr:g} --dataset {result.dataset}"
         )
         print(f"Next trial: {command}")
-
-
-@app.command()
-def sweep(
-    study: Annotated[Path, typer.Argument(help="Study file (TOML), e.g. examples/quickstart.toml.")],
-    set_: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--set", metavar="KEY=VALUE", help="Override a study key as KEY=VALUE (e.g. out=runs/b); repeatable."
-        ),
-    ] = None,
-    json_: Annotated[bool, typer.Option("--json", help="Print the decisions as JSON at the end.")] = False,
-) -> None:
-    """Run a study: every (model, epoch budget) cell, cheapest first, each tuned by the two-trial rule.
-
-    Resumable: rerun the same command and finished runs are skipped (an interrupted run resumes from its checkpoint).
-    """
-    from convscale_cli.plugins import get_registry
-    from convscale_cli.sweep import load_study, run_sweep
-
-    config = load_study(study, _overrides(set_))
-    registry = get_registry()
-    if json_:
-        with progress_to_stderr(True):
-            result = run_sweep(config, registry)
-        print_json(
-            {
-                "out": config.out,
-                "cells": [r.to_dict() for r in result.results],
-                "runs_used": result.runs_used,
-                "trained": result.trained,
-                "full_grid_runs": result.full_grid_runs,
-            }
-        )
-        return
-    result = _sweep_live(config, registry)
-    print(
-        f"{len(result.results)} cells: the {config.rule} rule used {result.runs_used} runs "
-        f"({result.trained} trained now) where a full {result.grid_size}-point lr grid needs {result.full_grid_runs}."
-    )
-
-
-def _sweep_live(config: "StudyConfig", registry: "Registry") -> "SweepResult":
-    from rich.console import Console
-    from rich.live import Live
-    from rich.table import Table
-
-    from convscale_cli.sweep import plan_cells, run_sweep
-
-    rows: dict[tuple[str, float], list[str]] = {
-        (c.model, c.epochs): [c.model, f"{c.epochs:g}", "pending", "", "", ""] for c in plan_cells(config, registry)
-    }
-
-    def render() -> "Table":
-        table = Table(title=f"sweep -> {config.out}", header_style="bold", box=None, pad_edge=False)
-        for column in ("model", "epochs", "status", "trials (alpha: loss)", "best alpha", "note"):
-            table.add_column(column, no_wrap=True)
-        for row in rows.values():
-            table.add_row(*row)
-        return table
-
-    console = Console()
-    live_mode = console.is_terminal
-
-    def start(cell: "CellPlan") -> None:
-        rows[(cell.model, cell.epochs)][2] = "running"
-        if live_mode:
-            live.update(render())
-
-    def done(cell: "CellPlan", result: "TuneResult") -> None:
-        trials = ", ".join(
-            f"{t.lr:g}: {'failed' if t.status == 'failed' else f'{t.eval_loss:.4f}'}" for t in result.trials
-        )
-        reused = all(t.status == "reused" for t in result.trials)
-        note = ""
-        if result.next_lr is not None:
-            won = "alpha/2" if result.next_lr < result.best_lr else "alpha"
-            note = f"{won} won: try {result.next_lr:g} next"
-        rows[(cell.model, cell.epochs)][2:] = ["done" if reused else "trained", trials, f"{result.best_lr:g}", note]
-        if live_mode:
-            live.update(render())
-        else:
-            print(" ".join(x for x in rows[(cell.model, cell.epochs)] if x), flush=True)
-
-    if live_mode:
-        import dataclasses
-
-        # One live display at a time: the engine's own Rich bar would clash with the table, so runs log plain lines,
-        # which Live prints above the table.
-        if "progress" not in config.engine:
-            config = dataclasses.replace(config, engine={**config.engine, "progress": "plain"})
-        with Live(render(), console=console, refresh_per_second=4, redirect_stdout=True, redirect_stderr=True) as live:
-            return run_sweep(config, registry, on_start=start, on_done=done)
-    result = run_sweep(config, registry, on_start=start, on_done=done)
-    Console(width=1000).print(render())
-    return result
