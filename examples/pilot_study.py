@@ -17,6 +17,13 @@ overstate the loss a run of that length would reach: an upper bound). Short dire
 
     nice -n 10 python examples/pilot_study.py --out runs/pilot            # the whole pilot (~35 min on 2 busy cores)
     python examples/pilot_study.py --out runs/pilot --report              # tables from the finished runs only
+    python examples/pilot_study.py --cells runs/pilot2/b32                # a study's cells and where rungs cross
+    nice -n 10 python examples/pilot_study.py --study runs/pilot2-w64.toml # a study with nfnet-w64 registered
+
+The second round runs candidate designs as ordinary studies (``convscale sweep``, wsd with cooldown branching, the
+study files in ``docs/study-pilot.md``); ``--cells`` reads their runs: each cell's held-out loss and training FLOPs,
+and every other rung's loss at that compute (log-log interpolation between its cells), which shows where a larger
+rung's loss-vs-FLOPs curve crosses a smaller one's.
 
 Results: ``docs/study-pilot.md``. Rerunning skips finished runs (each run directory resumes by itself).
 """
@@ -120,7 +127,7 @@ def train(
 
 
 def _registry() -> Any:
-    """The installed plugins plus ``nfnet-w32`` (1/32 width at the width ladder's depth), a candidate smallest rung."""
+    """The installed plugins plus ``nfnet-w64`` (1/64 width at the width ladder's depth), a candidate bottom rung."""
     from convscale_plugins.nfnet import spec
     from convscale_plugins.nfnet.variants import WIDTH_LADDER_DEPTHS, Variant, scaled_config
 
@@ -130,8 +137,8 @@ def _registry() -> Any:
     class PilotRungs:
         @hookimpl
         def register_architectures(self, register: Any) -> None:
-            config = scaled_config(32, WIDTH_LADDER_DEPTHS)
-            register(spec(Variant("nfnet-w32", config, 32, 32, "NFNet at 1/32 width (pilot)", ("ladder",))))
+            config = scaled_config(64, WIDTH_LADDER_DEPTHS)
+            register(spec(Variant("nfnet-w64", config, 32, 32, "NFNet at 1/64 width (pilot)", ("ladder",))))
 
     global _REGISTRY
     if _REGISTRY is None:
@@ -206,12 +213,68 @@ def slope(curve: list[tuple[int, float, float]], lo: int, hi: int) -> float:
     return (math.log(at_step(curve, hi)) - math.log(at_step(curve, lo))) / (math.log(hi) - math.log(lo))
 
 
+def cells_table(runs: Path) -> None:
+    """Print a study's finished cells (best lr per budget) and each rung's loss at every cell's compute."""
+    cells: dict[str, list[tuple[float, float, float, float, float]]] = {}
+    for path in sorted(runs.glob("*/summary.json")):
+        s = json.loads(path.read_text())
+        if s.get("status") == "finished":
+            row = (s["ledger"]["train_flops"], s["epochs"], s["lr"], s["final"]["eval_loss"], s["final"]["eval_top1"])
+            cells.setdefault(s["model"], []).append(row)
+    chance = math.log(DATA["classes"])
+    best = {
+        model: sorted(min((r for r in rows if r[1] == e), key=lambda r: r[3]) for e in {r[1] for r in rows})
+        for model, rows in cells.items()
+    }
+    order = sorted(best, key=lambda m: best[m][0][0])
+    for model in order:
+        for flops, epochs, alpha, loss, top1 in best[model]:
+            others = []
+            for other in order:
+                xs = [math.log(r[0]) for r in best[other]]
+                ys = [math.log(r[3]) for r in best[other]]
+                x = math.log(flops)
+                inside = xs[0] - 1e-9 <= x <= xs[-1] + 1e-9
+                others.append(f"{other} {math.exp(_interp(x, xs, ys)):.3f}" if inside else f"{other}   -  ")
+            lrs = sorted(r[2] for r in cells[model] if r[1] == epochs)
+            print(
+                f"{model} e{epochs:g} alpha {alpha:g} (of {lrs}) {flops:.3g} FLOPs: loss {loss:.3f} "
+                f"({loss / chance:.0%} of chance), top-1 {top1:.3f} | " + ", ".join(others)
+            )
+
+
+def _interp(x: float, xs: list[float], ys: list[float]) -> float:
+    if len(xs) == 1:
+        return ys[0]
+    for i in range(1, len(xs)):
+        if x <= xs[i] + 1e-12:
+            return ys[i - 1] + (ys[i] - ys[i - 1]) * (x - xs[i - 1]) / (xs[i] - xs[i - 1])
+    return ys[-1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/pilot"))
     parser.add_argument("--report", action="store_true", help="only print the tables of the finished runs")
     parser.add_argument("--skip", nargs="*", default=[], help="parts to skip: agc, scan, long, seeds, lambda")
+    parser.add_argument("--cells", type=Path, help="only print the cells of the study in this runs directory")
+    parser.add_argument("--study", type=Path, help="run this study file with the pilot's extra rungs registered")
     args = parser.parse_args()
+    if args.cells is not None:
+        cells_table(args.cells)
+        return
+    if args.study is not None:
+        from convscale_cli.config import from_dict
+        from convscale_cli.engine.api import pretrain
+        from convscale_cli.engine.config import PretrainConfig
+        from convscale_cli.sweep import load_study, run_sweep
+
+        def trainer(model: str, dataset: str, epochs: float, lr: float, out: Any, **options: Any) -> dict:
+            fields = {"model": model, "dataset": dataset, "epochs": epochs, "lr": lr, "out": str(out), **options}
+            return dict(pretrain(from_dict(PretrainConfig, fields), _registry()))
+
+        run_sweep(load_study(args.study), _registry(), trainer=trainer)
+        return
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"data": DATA, "engine": ENGINE}
