@@ -256,6 +256,19 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def parse_overrides(pairs: list[str] | None, prefix: str = "") -> dict[str, Any]:
+    """Repeated ``key=value`` options (``--set``, ``--data-option``) as one mapping, each key under ``prefix``.
+
+    Raises:
+        ConfigError: a pair :func:`parse_override` refuses.
+    """
+    out: dict[str, Any] = {}
+    for text in pairs or []:
+        key, value = parse_override(text)
+        out[prefix + key] = value
+    return out
+
+
 def _clip(text: str, n: int = 40) -> str:
     """``text`` cut to ``n`` characters for an error message."""
     return text if len(text) <= n else text[:n] + "..."

@@ -290,15 +290,21 @@ def load_weights(path: str | Path, registry: Registry | None = None) -> tuple[An
     Returns:
         ``(module, variables, meta)``: the Flax module, ``{"params": ...}`` and the parsed ``model.json``.
     """
-    from convscale_cli.finetune.backbone import _flat, _from_weights, check_backbone, checkpoint_shapes, restore_params
+    from convscale_cli.finetune.backbone import (
+        check_backbone,
+        checkpoint_shapes,
+        flat_params,
+        from_weights,
+        restore_params,
+    )
     from convscale_cli.plugins import get_registry
 
     path = Path(path).expanduser().resolve()
     meta = read_model_json(path)
     spec = (registry or get_registry()).architecture(meta["architecture"])
     module, abstract = _abstract_params(spec, int(meta["num_classes"]), meta.get("options", {}))
-    pre = _from_weights(path)
-    wanted = _flat(abstract)
+    pre = from_weights(path)
+    wanted = flat_params(abstract)
     check_backbone(spec.name, checkpoint_shapes(pre), wanted, [])
     return module, {"params": restore_params(pre, wanted)}, meta
 

@@ -32,16 +32,6 @@ Rerunning the same command resumes; a finished run says so and exits 0. Writes O
 checkpoints/ and summary.json (kind "finetune": final, final_ema, and the pre-training cost under pretrain)."""
 
 
-def _parse_pairs(pairs: list[str] | None, prefix: str = "") -> dict[str, Any]:
-    from convscale_cli.config import parse_override
-
-    out: dict[str, Any] = {}
-    for text in pairs or []:
-        key, value = parse_override(text)
-        out[prefix + key] = value
-    return out
-
-
 def _randaugment(text: str) -> list[float]:
     """``"L,M"`` -> ``[L, M]`` (layers, magnitude)."""
     parts = [p.strip() for p in text.split(",")]
@@ -130,7 +120,7 @@ def finetune(
     workers: Annotated[int | None, typer.Option(help="Input-pipeline worker processes.")] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print summary.json to stdout at the end.")] = False,
 ) -> None:
-    from convscale_cli.config import config_table, from_dict, load_toml, merge
+    from convscale_cli.config import config_table, from_dict, load_toml, merge, parse_overrides
     from convscale_cli.finetune.config import FinetuneConfig
 
     flags = {
@@ -178,8 +168,8 @@ def finetune(
     if any(k in overrides for k in ("epochs", "steps", "examples")):
         for key in ("epochs", "steps", "examples"):  # one duration per run: the command line's wins
             data.pop(key, None)
-    overrides.update(_parse_pairs(data_option, prefix="data_options."))
-    overrides.update(_parse_pairs(set_))
+    overrides.update(parse_overrides(data_option, prefix="data_options."))
+    overrides.update(parse_overrides(set_))
     run_config = from_dict(FinetuneConfig, merge(data, overrides))
 
     from convscale_cli.finetune.api import finetune as run_finetune

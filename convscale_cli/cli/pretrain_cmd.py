@@ -39,16 +39,6 @@ Examples:
       --data-option root=/data/images --budget 2-h100-hours --out runs/f0"""
 
 
-def _parse_pairs(pairs: list[str] | None, prefix: str = "") -> dict[str, Any]:
-    from convscale_cli.config import parse_override
-
-    out: dict[str, Any] = {}
-    for text in pairs or []:
-        key, value = parse_override(text)
-        out[prefix + key] = value
-    return out
-
-
 @app.command(help=_HELP)
 def pretrain(
     config: Annotated[Path | None, typer.Option("--config", help="Run config TOML (flags override it).")] = None,
@@ -138,7 +128,7 @@ def pretrain(
         bool, typer.Option("--json", help="Print summary.json (with --dry-run: the resolved config) to stdout.")
     ] = False,
 ) -> None:
-    from convscale_cli.config import config_table, from_dict, load_toml, merge
+    from convscale_cli.config import config_table, from_dict, load_toml, merge, parse_overrides
     from convscale_cli.engine.config import PretrainConfig
 
     flags = {
@@ -187,8 +177,8 @@ def pretrain(
     if any(k in overrides for k in ("epochs", "steps", "examples")):
         for key in ("epochs", "steps", "examples"):
             data.pop(key, None)
-    overrides.update(_parse_pairs(data_option, prefix="data_options."))
-    overrides.update(_parse_pairs(set_))
+    overrides.update(parse_overrides(data_option, prefix="data_options."))
+    overrides.update(parse_overrides(set_))
     run_config = from_dict(PretrainConfig, merge(data, overrides))
     if dry_run:
         _dry_run(run_config, json_)

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.metadata
 import itertools
-import platform
 import time
 import warnings
 from collections.abc import Callable
@@ -23,78 +21,30 @@ import numpy as np
 from convscale_cli import interrupts
 from convscale_cli.engine import loop
 from convscale_cli.engine.branch import branch_start
-from convscale_cli.engine.build import Built, abstract_batch, build, compile_steps, host_batch, make_evaluate
+from convscale_cli.engine.build import Built, build, compile_steps, host_batch, make_evaluate
 from convscale_cli.engine.cache import enable_compilation_cache
 from convscale_cli.engine.checkpoint import Checkpoints, CheckpointWarning
 from convscale_cli.engine.config import PretrainConfig
 from convscale_cli.engine.hardware import device_peak
-from convscale_cli.engine.ledger import Ledger, reset_host_peak_memory, xla_flops
+from convscale_cli.engine.ledger import Ledger, lost_seconds, reset_host_peak_memory, xla_flops
 from convscale_cli.engine.mesh import init_distributed
 from convscale_cli.engine.progress import Progress
 from convscale_cli.engine.resolve import (
     ResolvedRun,
     header,
-    holdout_indices,
     resolve,
     resolved_dict,
     with_precision,
 )
 from convscale_cli.engine.rundir import MetricsLog, RunDir
+from convscale_cli.engine.sources import eval_batch_size, open_sources
+from convscale_cli.engine.summary import versions
 from convscale_cli.engine.tracking import choose_trackers, open_trackers
 from convscale_cli.errors import RunInterrupted, UsageError
 from convscale_cli.registry import Registry, TrackerSpec, head_params
 
 BARRIER_TIMEOUT_S = 600  # how long processes wait for each other at a named sync point (first compiles included)
 _barriers = itertools.count()  # barrier keys must be unique; every process passes the same sync points in order
-
-# Kept under their first names: the fine-tuning engine builds on them.
-_abstract_batch = abstract_batch
-_host_batch = host_batch
-
-
-def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for dist in ("convscale", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return out
-
-
-class _Head:
-    """The first ``n`` examples of a random-access source (``eval_examples``)."""
-
-    def __init__(self, source: Any, n: int) -> None:
-        self.source, self.n = source, min(n, len(source))
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, index: int) -> Any:
-        if not 0 <= index < self.n:
-            raise IndexError(index)
-        return self.source[index]
-
-
-class _Subset:
-    """The examples of a random-access source at ``indices`` (a held-out split carved from train, ``holdout``)."""
-
-    def __init__(self, source: Any, indices: list[int]) -> None:
-        self.source, self.indices = source, indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, index: int) -> Any:
-        return self.source[self.indices[index]]
-
-
-def _eval_batch_size(run: ResolvedRun, eval_size: int, devices: int) -> int:
-    # Never pad a small held-out set up to a 4096 batch: the smallest multiple of the device (and process) count
-    # that holds the whole set, capped at the training batch.
-    unit = devices * jax.process_count() // np.gcd(devices, jax.process_count())
-    return min(run.batch_size, max(unit, -(-eval_size // unit) * unit))
 
 
 def pretrain(config: PretrainConfig, registry: Registry | None = None, *, pipeline: Any = None) -> dict[str, Any]:
@@ -257,7 +207,7 @@ def _restore_or_init(
             state = jax.block_until_ready(built.fresh_state())
         return state, 0, None, ledger, False
     step, state, data_state, saved = restored
-    lost = _lost_seconds(rundir.live_ledger(), saved)
+    lost = lost_seconds(rundir.live_ledger(), saved)
     # Counters continue; the device count, hardware and peak are this invocation's (it may run elsewhere).
     resumed = Ledger.from_dict(
         {**saved, "num_devices": ledger.num_devices, "hardware": ledger.hardware, "peak_flops": ledger.peak_flops}
@@ -284,15 +234,10 @@ def _train(
     state, start_step, data_state, ledger, resumed = _restore_or_init(
         config, run, rundir, progress, built, ledger, checkpoints, initial
     )
-    train_source = run.data.open("train", **config.data_options)
-    if config.holdout:
-        kept, held = holdout_indices(len(train_source), config.holdout)
-        train_source, eval_source = _Subset(train_source, kept), _Subset(train_source, held)
-    else:
-        eval_source = run.data.open("eval", **config.data_options)
-    if config.eval_examples is not None:
-        eval_source = _Head(eval_source, config.eval_examples)
-    eval_batch = _eval_batch_size(run, len(eval_source), built.mesh.size)
+    train_source, eval_source = open_sources(
+        run.data, config.data_options, holdout=config.holdout, eval_examples=config.eval_examples
+    )
+    eval_batch = eval_batch_size(run.batch_size, len(eval_source), built.mesh.size, jax.process_count())
     with ledger.timed("compile"):
         train_fn, eval_fn = compile_steps(built, run, pipeline, eval_batch)
     ledger.xla_flops_per_step = xla_flops(train_fn) * built.mesh.size  # cost analysis is per device
@@ -380,16 +325,6 @@ def _train(
     return summary
 
 
-def _lost_seconds(live: dict[str, Any] | None, saved: dict[str, Any]) -> float:
-    """Device-seconds spent after the restored checkpoint by the run that died (from its last heartbeat)."""
-    try:
-        spent = sum(Ledger.from_dict(live).device_seconds.values()) if live else 0.0
-    except ValueError:  # a heartbeat of another schema only loses the estimate, never the resume
-        return 0.0
-    kept = sum(Ledger.from_dict(saved).device_seconds.values())
-    return max(0.0, spent - kept)
-
-
 def _summary(
     run: ResolvedRun,
     resolved: dict[str, Any],
@@ -429,7 +364,7 @@ def _summary(
         "final": final,
         "ledger": ledger.summary(),
         "config": resolved,
-        "versions": _versions(),
+        "versions": versions(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if run.budget is not None:

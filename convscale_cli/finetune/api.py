@@ -20,18 +20,19 @@ import numpy as np
 
 from convscale_cli import interrupts
 from convscale_cli.engine import loop
-from convscale_cli.engine.api import _eval_batch_size, _Head, _lost_seconds, _versions
 from convscale_cli.engine.build import abstract_batch, compile_eval_step, compile_train_step, host_batch
 from convscale_cli.engine.cache import enable_compilation_cache
 from convscale_cli.engine.checkpoint import Checkpoints
 from convscale_cli.engine.hardware import device_peak
-from convscale_cli.engine.ledger import Ledger, reset_host_peak_memory, xla_flops
+from convscale_cli.engine.ledger import Ledger, lost_seconds, reset_host_peak_memory, xla_flops
 from convscale_cli.engine.mesh import batch_sharding, check_batch, make_mesh, replicated, state_shardings
 from convscale_cli.engine.optim import make_optimizer, recipe_schedule
 from convscale_cli.engine.progress import Progress
 from convscale_cli.engine.resolve import with_precision
 from convscale_cli.engine.rundir import MetricsLog, RunDir
+from convscale_cli.engine.sources import eval_batch_size, open_sources
 from convscale_cli.engine.state import TrainState
+from convscale_cli.engine.summary import versions
 from convscale_cli.engine.tracking import choose_trackers, open_trackers
 from convscale_cli.errors import RunInterrupted, UsageError
 from convscale_cli.finetune.backbone import abstract_params, load_params
@@ -142,7 +143,7 @@ def finetune(
             start = (0, state, None, ledger)
         else:
             step, state, data_state, saved = restored
-            lost = _lost_seconds(rundir.live_ledger(), saved)
+            lost = lost_seconds(rundir.live_ledger(), saved)
             ledger = Ledger.from_dict(
                 {
                     **saved,
@@ -196,10 +197,8 @@ def _train(
     rundir.truncate_metrics(start_step)
     data_sharding = batch_sharding(mesh)
     common = {"normalize": pipeline.normalize, "loss": run.recipe.loss, "num_classes": run.num_classes}
-    eval_source = run.data.open("eval", **config.data_options)
-    if config.eval_examples is not None:
-        eval_source = _Head(eval_source, config.eval_examples)
-    eval_batch = _eval_batch_size(run, len(eval_source), mesh.size)
+    train_source, eval_source = open_sources(run.data, config.data_options, eval_examples=config.eval_examples)
+    eval_batch = eval_batch_size(run.batch_size, len(eval_source), mesh.size, jax.process_count())
     with ledger.timed("compile"):  # once per process for each distinct program (engine/cache.py)
         train_fn = compile_train_step(
             finetune_step,
@@ -249,7 +248,7 @@ def _train(
         }
 
     loader = pipeline.train_loader(
-        run.data.open("train", **config.data_options),
+        train_source,
         global_batch_size=run.batch_size,
         resolution=run.resolution,
         seed=config.seed,
@@ -351,7 +350,7 @@ def _summary(
         "pretrain": run.pretrained.describe(scratch=config.scratch),
         "ledger": ledger.summary(),
         "config": resolved,
-        "versions": _versions(),
+        "versions": versions(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
