@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar, get_args
+from typing import Any, Protocol, TypeVar, get_args
 
 from convscale_cli.budget import Budget, get_hardware, parse_budget
 from convscale_cli.config import check_options, from_dict, to_dict
@@ -22,6 +22,93 @@ from convscale_cli.registry import MAX_NUM_CLASSES, ArchitectureSpec, DatasetInf
 
 PRECISIONS = get_args(Precision)
 C = TypeVar("C")
+
+
+class RunSettings(Protocol):
+    """The settings of a run config that the engine reads: :class:`PretrainConfig` and ``FinetuneConfig`` both have
+    them, with the same meaning and validation."""
+
+    @property
+    def out(self) -> str: ...
+    @property
+    def force(self) -> bool: ...
+    @property
+    def seed(self) -> int: ...
+    @property
+    def precision(self) -> Precision | None: ...
+    @property
+    def fsdp(self) -> bool: ...
+    @property
+    def ema_decay(self) -> float: ...
+    @property
+    def data_options(self) -> dict[str, Any]: ...
+    @property
+    def eval_examples(self) -> int | None: ...
+    @property
+    def eval_every(self) -> int: ...
+    @property
+    def checkpoint_every(self) -> int: ...
+    @property
+    def checkpoint_minutes(self) -> float: ...
+    @property
+    def keep(self) -> int: ...
+    @property
+    def log_every(self) -> int: ...
+    @property
+    def tensorboard(self) -> bool: ...
+    @property
+    def trackers(self) -> tuple[str, ...] | None: ...
+    @property
+    def progress(self) -> str: ...
+    @property
+    def worker_count(self) -> int: ...
+    @property
+    def hardware(self) -> str | None: ...
+    @property
+    def peak_flops(self) -> float | None: ...
+    @property
+    def coordinator_address(self) -> str | None: ...
+    @property
+    def num_processes(self) -> int | None: ...
+    @property
+    def process_id(self) -> int | None: ...
+
+
+class EngineRun(Protocol):
+    """A resolved run as the engine reads it: :class:`ResolvedRun` and ``FinetuneRun`` both are one."""
+
+    @property
+    def config(self) -> RunSettings: ...
+    @property
+    def arch(self) -> ArchitectureSpec: ...
+    @property
+    def data(self) -> DatasetSpec: ...
+    @property
+    def info(self) -> DatasetInfo: ...
+    @property
+    def recipe(self) -> Recipe: ...
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def peak_lr(self) -> float: ...
+    @property
+    def resolution(self) -> int: ...
+    @property
+    def eval_resolution(self) -> int: ...
+    @property
+    def num_classes(self) -> int: ...
+    @property
+    def duration(self) -> Duration: ...
+    @property
+    def macs_per_image(self) -> int: ...
+    @property
+    def budget(self) -> Budget | None: ...
+    @property
+    def eval_crop(self) -> float: ...
+    @property
+    def build_options(self) -> dict[str, Any]: ...
+    @property
+    def flops_per_example(self) -> float: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +153,12 @@ class ResolvedRun:
     def flops_per_example(self) -> float:
         """Training FLOPs of one example: 6 x MACs (forward + backward ~ 3 forwards, 2 FLOPs per MAC)."""
         return 6.0 * self.macs_per_image
+
+    @property
+    def build_options(self) -> dict[str, Any]:
+        """The ``ArchitectureSpec.build`` options besides the classifier size and dtype."""
+        config = self.config
+        return {"stochdepth_rate": config.stochdepth_rate, "drop_rate": config.drop_rate, **config.model_options}
 
 
 def _recipe(base: Recipe, config: PretrainConfig) -> Recipe:
@@ -322,14 +415,19 @@ def resolved_dict(run: ResolvedRun) -> dict[str, Any]:
         num_classes=run.num_classes,
         augment=run.augment,
         eval_crop=run.eval_crop,
-        derived={
-            "total_steps": run.duration.steps,
-            "total_examples": run.duration.examples,
-            "peak_lr": run.peak_lr,
-            "macs_per_image": run.macs_per_image,
-        },
+        derived=derived(run),
     )
     return out
+
+
+def derived(run: EngineRun) -> dict[str, Any]:
+    """The values of a resolved config computed from the rest (its ``derived`` block, for every kind of run)."""
+    return {
+        "total_steps": run.duration.steps,
+        "total_examples": run.duration.examples,
+        "peak_lr": run.peak_lr,
+        "macs_per_image": run.macs_per_image,
+    }
 
 
 def header(run: ResolvedRun, precision_why: str, devices: int | None, backend: str | None) -> str:
@@ -337,18 +435,28 @@ def header(run: ResolvedRun, precision_why: str, devices: int | None, backend: s
 
     ``devices`` None (a dry run, which never starts jax) leaves the devices out.
     """
-    config, duration, recipe = run.config, run.duration, run.recipe
+    config = run.config
     train_size = int(run.info.split_sizes.get("train", 0))
-    budget = f"; stops at budget {config.budget}" if config.budget else ""
+    notes = f"; stops at budget {config.budget}" if config.budget else ""
     if config.grad_accum_steps > 1:
-        budget += f"; {config.grad_accum_steps} micro-batches of {run.batch_size // config.grad_accum_steps} per step"
+        notes += f"; {config.grad_accum_steps} micro-batches of {run.batch_size // config.grad_accum_steps} per step"
+    title = f"pretrain {run.arch.name} on {run.data.name} ({train_size} training examples) -> {config.out}"
+    return run_header(run, title, notes, precision_why, devices, backend)
+
+
+def run_header(
+    run: EngineRun, title: str, notes: str, precision_why: str, devices: int | None, backend: str | None
+) -> str:
+    """The header of any run: ``title``, then its duration (with ``notes``), learning rate, resolution, precision
+    and devices (``devices`` None leaves them out)."""
+    config, duration, recipe = run.config, run.duration, run.recipe
     chosen = config.precision or "auto"
     precision = chosen if precision_why == "given" else f"{chosen} ({precision_why})"
     return "\n".join(
         (
-            f"pretrain {run.arch.name} on {run.data.name} ({train_size} training examples) -> {config.out}",
+            title,
             f"  {duration.steps} {'step' if duration.steps == 1 else 'steps'} = {duration.epochs:.4g} epochs of batch "
-            f"{run.batch_size}{budget}",
+            f"{run.batch_size}{notes}",
             f"  peak lr {run.peak_lr:.4g} (alpha {recipe.lr:g} x {run.batch_size}/{recipe.base_batch_size}, "
             f"{recipe.optimizer} {recipe.schedule}), {run.resolution} px",
             f"  precision {precision}"

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from convscale_cli.data.device import smooth_labels
 from convscale_cli.engine.ema import ema_update
 from convscale_cli.engine.optim import current_learning_rate
 from convscale_cli.engine.state import TrainState, step_key
@@ -44,8 +45,7 @@ def per_example_loss(
         return optax.sigmoid_binary_cross_entropy(logits, targets).sum(axis=-1)
     if labels.ndim != 1:
         targets = targets / jnp.maximum(targets.sum(axis=-1, keepdims=True), 1.0)
-    if label_smoothing:
-        targets = targets * (1.0 - label_smoothing) + label_smoothing / num_classes
+    targets = smooth_labels(targets, label_smoothing, num_classes)
     return -(targets * jax.nn.log_softmax(logits, axis=-1)).sum(axis=-1)
 
 

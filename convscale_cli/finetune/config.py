@@ -98,10 +98,18 @@ class FinetuneConfig:
     tensorboard: bool = True
     trackers: tuple[str, ...] | None = None  # as in pre-training: besides metrics.jsonl; None: tensorboard
     progress: Literal["auto", "rich", "plain", "none"] = "auto"
+    force: bool = False
+
+    # --- hardware and scale-out (as in pre-training) -----------------------------------------------------------------
+    # Shard params and optimizer state over the data axis (ZeRO-3 style) instead of replicating: the paper's F7+
+    # fine-tune at 384 px does not fit one accelerator.
+    fsdp: bool = False
     worker_count: int = 0
     hardware: str | None = None
     peak_flops: float | None = None
-    force: bool = False
+    coordinator_address: str | None = None  # multi-host: "host:port" of process 0 (auto on TPU pods / SLURM)
+    num_processes: int | None = None  # multi-host: number of processes
+    process_id: int | None = None  # multi-host: this process's index
 
     def __post_init__(self) -> None:
         for key, flag in (("pretrained", "--from"), ("dataset", "--dataset"), ("out", "--out")):
@@ -121,6 +129,7 @@ class FinetuneConfig:
             "num_classes",
             "eval_examples",
             "peak_flops",
+            "num_processes",
         ):
             value = getattr(self, key)
             if value is not None and not (value > 0 and math.isfinite(value)):
@@ -154,6 +163,8 @@ class FinetuneConfig:
         for key in ("keep", "log_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} = {getattr(self, key)!r} must be >= 1")
+        if self.process_id is not None and self.process_id < 0:
+            raise ConfigError(f"process_id = {self.process_id!r} must be >= 0")
         check_seed(self.seed)
         _known(self.recipe, _RECIPE_FIELDS, "recipe")
         _known(self.augment, _AUGMENT_FIELDS, "augment")

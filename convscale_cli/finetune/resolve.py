@@ -13,7 +13,7 @@ from typing import Any
 from convscale_cli.budget import get_hardware
 from convscale_cli.config import check_options, from_dict, to_dict
 from convscale_cli.data.augment import DEFAULT_EVAL_CROP_FRACTION, AugmentConfig
-from convscale_cli.engine.resolve import check_num_classes
+from convscale_cli.engine.resolve import check_num_classes, derived, run_header
 from convscale_cli.engine.steps import Duration, resolve_duration
 from convscale_cli.errors import UsageError
 from convscale_cli.finetune.backbone import Pretrained, locate
@@ -43,7 +43,7 @@ class FinetuneRun:
         duration: steps / examples (augmented samples) / epochs.
         macs_per_image: forward MACs of one image at the training resolution.
         eval_crop: central fraction of each held-out image evaluated (the config's, the dataset's, else 0.875).
-        budget: always None (read by the engine's loop: fine-tuning has no compute-budget stop).
+        budget: always None: fine-tuning has no compute-budget stop.
     """
 
     config: FinetuneConfig
@@ -172,11 +172,23 @@ def resolved_dict(run: FinetuneRun) -> dict[str, Any]:
         resolution=run.resolution,
         eval_resolution=run.eval_resolution,
         num_classes=run.num_classes,
-        total_steps=run.duration.steps,
-        total_examples=run.duration.examples,
-        peak_lr=run.peak_lr,
+        derived=derived(run),
     )
     return out
 
 
-__all__ = ["FinetuneRun", "resolve", "resolved_dict"]
+def header(run: FinetuneRun, precision_why: str, devices: int | None, backend: str | None) -> str:
+    """What is about to run, printed before anything compiles (:func:`~convscale_cli.engine.resolve.run_header`)."""
+    config = run.config
+    train_size = int(run.info.split_sizes.get("train", 0))
+    source = "a random initialisation" if config.scratch else str(run.pretrained.path)
+    title = (
+        f"finetune {run.arch.name} from {source} on {run.data.name} ({train_size} training examples) -> {config.out}"
+    )
+    notes = f"; SAM rho {config.sam_rho:g} on {config.sam_fraction:g} of each batch" if config.sam_rho > 0 else ""
+    if config.ema_decay > 0:
+        notes += f"; EMA {config.ema_decay:g}"
+    return run_header(run, title, notes, precision_why, devices, backend)
+
+
+__all__ = ["FinetuneRun", "header", "resolve", "resolved_dict"]
