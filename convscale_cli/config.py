@@ -317,6 +317,37 @@ def load_config(
     return from_dict(cls, merge(data, overrides or {}), source=source)
 
 
+DURATION_KEYS = ("epochs", "steps", "examples")
+
+
+def command_config(
+    cls: type[T],
+    section: str,
+    path: str | Path | None,
+    flags: Mapping[str, Any],
+    *,
+    data_options: list[str] | None = None,
+    sets: list[str] | None = None,
+) -> T:
+    """A run config as a command builds it: the TOML file at ``path`` (its ``[section]`` table, or the whole file),
+    then ``flags`` (those not None; a duration among them replaces the file's, one duration per run), then the
+    ``key=value`` pairs of ``data_options`` (under ``data_options.``) and of ``sets``.
+
+    Raises:
+        ConfigError: an unreadable file, a bad pair, an unknown key or a value of the wrong type.
+    """
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = config_table(load_toml(path), section, path)
+    if any(k in overrides for k in DURATION_KEYS):
+        for key in DURATION_KEYS:
+            data.pop(key, None)
+    overrides.update(parse_overrides(data_options, prefix="data_options."))
+    overrides.update(parse_overrides(sets))
+    return from_dict(cls, merge(data, overrides))
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     """The resolved config as plain data (tuples become lists), ready for JSON."""
 
