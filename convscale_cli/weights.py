@@ -160,8 +160,7 @@ def _meta(
     source: Mapping[str, Any] | None,
     numerics: str | None = None,
 ) -> dict[str, Any]:
-    import jax
-    import numpy as np
+    from convscale_cli.engine.state import param_count
 
     if numerics is None or spec.numerics_diff(options, numerics):
         numerics = spec.numerics_name(options)
@@ -174,7 +173,7 @@ def _meta(
         "num_classes": num_classes,
         "options": dict(options),
         "numerics": numerics,
-        "params": int(sum(np.size(x) for x in jax.tree.leaves(dict(params)))),
+        "params": param_count(dict(params)),
         "source": dict(source or {}),
     }
 

@@ -23,7 +23,6 @@ from convscale_cli.engine.config import PretrainConfig
 from convscale_cli.engine.ledger import Ledger
 from convscale_cli.engine.progress import Progress
 from convscale_cli.engine.resolve import ResolvedRun, header, resolve, resolved_dict
-from convscale_cli.engine.step import train_step
 from convscale_cli.engine.trainer import RunKind, Start, open_run, primary_process, train_run
 from convscale_cli.errors import UsageError
 from convscale_cli.registry import Registry
@@ -55,7 +54,6 @@ def pretrain(config: PretrainConfig, registry: Registry | None = None, *, pipeli
     kind = RunKind(
         name="pretrain",
         start=functools.partial(_start, config, run, initial),
-        step=train_step,
         step_options=options,
         summary=_summary,
         done=functools.partial(_done, config),

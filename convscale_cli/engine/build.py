@@ -25,7 +25,7 @@ from convscale_cli.engine.cache import program, tree_key
 from convscale_cli.engine.ledger import Ledger
 from convscale_cli.engine.mesh import batch_sharding, check_batch, make_mesh, replicated, state_shardings
 from convscale_cli.engine.optim import INJECTED_SCHEDULES, make_optimizer, recipe_schedule
-from convscale_cli.engine.resolve import EngineRun
+from convscale_cli.engine.resolve import RunSpec
 from convscale_cli.engine.state import TrainState
 from convscale_cli.engine.step import eval_step, train_step
 from convscale_cli.errors import DataError, UsageError
@@ -83,7 +83,7 @@ class Built:
         return jax.device_put(self.from_params(params), self.shardings)
 
 
-def build(run: EngineRun, *, accum_steps: int = 1) -> Built:
+def build(run: RunSpec, *, accum_steps: int = 1) -> Built:
     """Create the mesh, model, optimiser and state layout (nothing is compiled or allocated yet).
 
     Args:
@@ -154,7 +154,7 @@ def program_recipe(recipe: Recipe) -> Recipe:
     return dataclasses.replace(recipe, lr=Recipe.lr)
 
 
-def abstract_batch(run: EngineRun, batch: int, resolution: int, sharding: Any) -> dict[str, jax.ShapeDtypeStruct]:
+def abstract_batch(run: RunSpec, batch: int, resolution: int, sharding: Any) -> dict[str, jax.ShapeDtypeStruct]:
     """The shapes of one global batch: uint8 images, int32 labels (float32 multi-hot), float32 mask."""
     if run.info.multi_label:
         label = jax.ShapeDtypeStruct((batch, run.num_classes), jnp.float32, sharding=sharding)
@@ -234,11 +234,10 @@ def compile_eval_step(model: Any, options: dict[str, Any], params: Any, batch: A
 
 def compile_steps(
     built: Built,
-    run: EngineRun,
+    run: RunSpec,
     pipeline: Any,
     eval_batch: int,
     *,
-    step: Callable[..., Any] = train_step,
     options: Mapping[str, Any] | None = None,
 ) -> tuple[Any, Any]:
     """Compile ``(train_fn, eval_fn)`` for the run's batch shapes; the state argument of ``train_fn`` is donated.
@@ -248,12 +247,12 @@ def compile_steps(
         run: the resolved run.
         pipeline: the input pipeline module (its ``normalize`` is traced into both steps).
         eval_batch: the held-out batch size.
-        step: the training step (default :func:`~convscale_cli.engine.step.train_step`).
-        options: its static options besides the model, optimiser, schedule, normalisation, loss and class count.
+        options: static options of :func:`~convscale_cli.engine.step.train_step` besides the model, optimiser,
+            schedule, normalisation, loss and class count (label smoothing, EMA, accumulation, SAM, mixing).
     """
     common = {"normalize": pipeline.normalize, "loss": run.recipe.loss, "num_classes": run.num_classes}
     train_fn = compile_train_step(
-        step,
+        train_step,
         model=built.model,
         tx=built.tx,
         schedule=built.schedule,

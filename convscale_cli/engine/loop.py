@@ -23,7 +23,7 @@ from convscale_cli import interrupts
 from convscale_cli.engine.checkpoint import Checkpoints
 from convscale_cli.engine.ledger import Ledger
 from convscale_cli.engine.progress import Progress
-from convscale_cli.engine.resolve import EngineRun
+from convscale_cli.engine.resolve import RunSpec
 from convscale_cli.engine.rundir import MetricsLog, RunDir
 from convscale_cli.errors import TrainingError
 
@@ -48,7 +48,7 @@ class LoopContext:
         keep_steps: steps that are always saved (a trunk's branch points).
     """
 
-    run: EngineRun
+    run: RunSpec
     rundir: RunDir
     log: MetricsLog
     checkpoints: Checkpoints

@@ -19,7 +19,6 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
-import numpy as np
 
 from convscale_cli import interrupts
 from convscale_cli.engine import loop
@@ -30,9 +29,10 @@ from convscale_cli.engine.hardware import device_peak
 from convscale_cli.engine.ledger import Ledger, lost_seconds, reset_host_peak_memory, xla_flops
 from convscale_cli.engine.mesh import init_distributed
 from convscale_cli.engine.progress import Progress
-from convscale_cli.engine.resolve import EngineRun, RunSettings, with_precision
+from convscale_cli.engine.resolve import RunSettings, RunSpec, with_precision
 from convscale_cli.engine.rundir import MetricsLog, RunDir
 from convscale_cli.engine.sources import eval_batch_size, open_sources
+from convscale_cli.engine.state import param_count
 from convscale_cli.engine.summary import versions
 from convscale_cli.engine.tracking import choose_trackers, open_trackers
 from convscale_cli.errors import RunInterrupted
@@ -58,8 +58,6 @@ class RunKind:
     Attributes:
         name: ``pretrain`` or ``finetune``: the summary's ``kind`` and the marker of ``config.json``.
         start: ``start(built, ledger, progress) -> Start`` for a run that has no checkpoint of its own.
-        step: the pure training step, ``step(state, batch, *, model, tx, schedule, normalize, loss, num_classes,
-            **step_options)``.
         step_options: static options of :func:`~convscale_cli.engine.step.train_step` besides the model, optimiser,
             loss and normalisation (label smoothing, EMA decay, SAM, mixing, gradient accumulation); hashable.
         summary: ``summary(run, ledger) -> dict``: the summary's keys of this kind, added to the common ones.
@@ -74,7 +72,6 @@ class RunKind:
 
     name: str
     start: Callable[[Built, Ledger, Progress], Start]
-    step: Callable[..., Any]
     step_options: Mapping[str, Any]
     summary: Callable[[Any, Ledger], dict[str, Any]]
     done: Callable[[dict[str, Any]], bool]
@@ -126,7 +123,7 @@ def sync(name: str) -> None:
 
 
 def train_run(
-    run: EngineRun,
+    run: RunSpec,
     kind: RunKind,
     *,
     rundir: RunDir,
@@ -196,7 +193,7 @@ def train_run(
 class _Session:
     """One invocation's training of a run: what :func:`train_run` has built, and the steps after it."""
 
-    run: EngineRun
+    run: RunSpec
     kind: RunKind
     rundir: RunDir
     resolved: dict[str, Any]
@@ -231,9 +228,7 @@ class _Session:
         )
         eval_batch = eval_batch_size(run.batch_size, len(eval_source), built.mesh.size, jax.process_count())
         with ledger.timed("compile"):  # once per process for each distinct program (engine/cache.py)
-            train_fn, eval_fn = compile_steps(
-                built, run, pipeline, eval_batch, step=self.kind.step, options=self.kind.step_options
-            )
+            train_fn, eval_fn = compile_steps(built, run, pipeline, eval_batch, options=self.kind.step_options)
         ledger.xla_flops_per_step = xla_flops(train_fn) * built.mesh.size  # cost analysis is per device
 
         def to_device(batch: dict[str, Any]) -> Any:
@@ -338,13 +333,8 @@ class _Session:
         return final, final_ema
 
 
-def param_count(params: Any) -> int:
-    """The number of parameters in a tree of arrays (or of ``ShapeDtypeStruct``s)."""
-    return int(sum(np.prod(np.shape(x), dtype=np.int64) for x in jax.tree_util.tree_leaves(params)))
-
-
 def build_summary(
-    run: EngineRun,
+    run: RunSpec,
     resolved: dict[str, Any],
     kind: RunKind,
     status: str,
@@ -399,7 +389,6 @@ __all__ = [
     "Start",
     "build_summary",
     "open_run",
-    "param_count",
     "primary_process",
     "sync",
     "train_run",

@@ -1,12 +1,13 @@
 """``finetune(config)``: the library entry point behind ``convscale finetune``.
 
 It resolves the config and drives the same run engine as pre-training (:mod:`convscale_cli.engine.trainer`): the run
-directory (a rerun of the same command resumes), the mesh (replicated or FSDP, one process or several), checkpoints,
-ledger, evaluation and summary are the engine's. What is fine-tuning's own: a run without a checkpoint of its own
-starts from the pre-trained backbone with a new classifier (or, with ``scratch``, from a random initialisation of the
-same architecture); the step adds SAM and on-device MixUp/CutMix (:func:`~convscale_cli.finetune.step.finetune_step`);
-and the summary records the transfer recipe and, under ``pretrain``, the pre-training cost it builds on, both in
-TPU-v4 core-hours (Smith et al. 2023 §3: an F7+ costs ~110k core-hours to pre-train and ~1.6k to fine-tune).
+directory (a rerun of the same command resumes), the mesh (replicated or FSDP, one process or several), the step,
+checkpoints, ledger, evaluation and summary are the engine's. What is fine-tuning's own: a run without a checkpoint
+of its own starts from the pre-trained backbone with a new classifier (or, with ``scratch``, from a random
+initialisation of the same architecture); the step runs with SAM and on-device MixUp/CutMix switched on
+(:func:`~convscale_cli.engine.step.train_step`); and the summary records the transfer recipe and, under ``pretrain``,
+the pre-training cost it builds on, both in TPU-v4 core-hours (Smith et al. 2023 §3: an F7+ costs ~110k core-hours
+to pre-train and ~1.6k to fine-tune).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from convscale_cli.engine.trainer import RunKind, Start, open_run, train_run
 from convscale_cli.finetune.backbone import load_params
 from convscale_cli.finetune.config import FinetuneConfig
 from convscale_cli.finetune.resolve import FinetuneRun, header, resolve, resolved_dict
-from convscale_cli.finetune.step import finetune_step
 from convscale_cli.registry import Registry
 
 
@@ -50,7 +50,6 @@ def finetune(
     kind = RunKind(
         name="finetune",
         start=functools.partial(_start, run),
-        step=finetune_step,
         step_options={
             "sam_rho": config.sam_rho,
             "sam_fraction": config.sam_fraction,
