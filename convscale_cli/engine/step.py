@@ -20,6 +20,9 @@ from convscale_cli.engine.optim import current_learning_rate
 from convscale_cli.engine.sam import DEFAULT_FRACTION, sam_gradients
 from convscale_cli.engine.state import TrainState, step_key
 
+# The stream of the step key that MixUp/CutMix draw from; dropout and stochastic depth use the step key itself.
+MIX_STREAM = 1
+
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
@@ -134,10 +137,10 @@ def train_step(
         images, targets, smoothing = normalize(batch["image"]), batch["label"], label_smoothing
         if mixing:
             # On device, because MixUp/CutMix pair examples of the batch (NFNet A.3); the soft targets carry the
-            # label smoothing.
-            rng, mix_key = jax.random.split(rng)
+            # label smoothing. The mixing draws from its own stream, so turning it on changes nothing else (the
+            # dropout and stochastic-depth masks stay those of the run without it).
             images, targets = mix_batch(
-                mix_key,
+                jax.random.fold_in(rng, MIX_STREAM),
                 images,
                 targets,
                 num_classes=num_classes,
