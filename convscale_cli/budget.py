@@ -30,10 +30,20 @@ from convscale_cli.errors import UsageError, did_you_mean
 
 SECONDS_PER_HOUR = 3600.0
 
+# Training FLOPs per forward multiply-accumulate: the backward pass costs about two forwards, and a MAC is 2 FLOPs
+# (Kaplan et al. 2020, "Scaling Laws for Neural Language Models", §2.1: C ~ 6 N per token).
+TRAIN_FLOPS_PER_MAC = 6.0
+
+
+def train_flops(macs: float) -> float:
+    """Training FLOPs of one example whose forward pass takes ``macs`` multiply-accumulates: 6 x MACs."""
+    return TRAIN_FLOPS_PER_MAC * macs
+
+
 # The calibration run (paper-facts §1.6 and §3.7): NFNet-F7+, 8 epochs of JFT-4B, 224 px, 30k-class head.
 CALIBRATION_MACS_PER_IMAGE = 100.86e9  # F7+ forward MACs at 224 px with a 30k head (mid-128 rounding, §3.7)
 CALIBRATION_EXAMPLES = 8 * 4.0e9  # 8 epochs of JFT-4B's ~4 billion images (§1.1)
-CALIBRATION_TRAIN_FLOPS = 6.0 * CALIBRATION_MACS_PER_IMAGE * CALIBRATION_EXAMPLES
+CALIBRATION_TRAIN_FLOPS = train_flops(CALIBRATION_MACS_PER_IMAGE) * CALIBRATION_EXAMPLES
 CALIBRATION_TPU_V4_CORE_HOURS = 110e3  # "roughly 110k TPU-v4 core hours to pre-train" (§1.6)
 CALIBRATION_TPU_V3_CORE_HOURS = 250e3  # "250 TPU-v3 core hours", almost certainly 250k (§1.6)
 

@@ -256,6 +256,19 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def parse_overrides(pairs: list[str] | None, prefix: str = "") -> dict[str, Any]:
+    """Repeated ``key=value`` options (``--set``, ``--data-option``) as one mapping, each key under ``prefix``.
+
+    Raises:
+        ConfigError: a pair :func:`parse_override` refuses.
+    """
+    out: dict[str, Any] = {}
+    for text in pairs or []:
+        key, value = parse_override(text)
+        out[prefix + key] = value
+    return out
+
+
 def _clip(text: str, n: int = 40) -> str:
     """``text`` cut to ``n`` characters for an error message."""
     return text if len(text) <= n else text[:n] + "..."
@@ -302,6 +315,37 @@ def load_config(
             data = config_table(data, section, path, default={})
     source = "" if path is None else str(path) + (f" [{section}]" if section else "")
     return from_dict(cls, merge(data, overrides or {}), source=source)
+
+
+DURATION_KEYS = ("epochs", "steps", "examples")
+
+
+def command_config(
+    cls: type[T],
+    section: str,
+    path: str | Path | None,
+    flags: Mapping[str, Any],
+    *,
+    data_options: list[str] | None = None,
+    sets: list[str] | None = None,
+) -> T:
+    """A run config as a command builds it: the TOML file at ``path`` (its ``[section]`` table, or the whole file),
+    then ``flags`` (those not None; a duration among them replaces the file's, one duration per run), then the
+    ``key=value`` pairs of ``data_options`` (under ``data_options.``) and of ``sets``.
+
+    Raises:
+        ConfigError: an unreadable file, a bad pair, an unknown key or a value of the wrong type.
+    """
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = config_table(load_toml(path), section, path)
+    if any(k in overrides for k in DURATION_KEYS):
+        for key in DURATION_KEYS:
+            data.pop(key, None)
+    overrides.update(parse_overrides(data_options, prefix="data_options."))
+    overrides.update(parse_overrides(sets))
+    return from_dict(cls, merge(data, overrides))
 
 
 def to_dict(config: Any) -> dict[str, Any]:

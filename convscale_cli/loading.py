@@ -113,10 +113,10 @@ def load(
     import jax.numpy as jnp
 
     from convscale_cli.finetune.backbone import (
-        _flat,
         abstract_params,
         check_backbone,
         checkpoint_shapes,
+        flat_params,
         locate,
         restore_params,
     )
@@ -141,7 +141,7 @@ def load(
             pre, collection = with_ema, "ema"
     options = dict(pre.options)
     resolution = int(options.get("resolution", spec.train_resolution))
-    wanted = _flat(abstract_params(spec, pre.num_classes, options, resolution))
+    wanted = flat_params(abstract_params(spec, pre.num_classes, options, resolution))
     check_backbone(spec.name, checkpoint_shapes(pre), wanted, [])
     params = restore_params(pre, {p: jax.ShapeDtypeStruct(v.shape, jnp.float32) for p, v in wanted.items()})
     precision = precision or str(config.get("precision") or "fp32")

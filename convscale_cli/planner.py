@@ -26,11 +26,13 @@ from collections.abc import Sequence
 
 from convscale_cli.budget import (
     CALIBRATION_TRAIN_FLOPS,
+    TRAIN_FLOPS_PER_MAC,
     Budget,
     Hardware,
     check_budget_flops,
     core_hours_to_flops,
     flops_to_core_hours,
+    train_flops,
 )
 from convscale_cli.config import option_word
 from convscale_cli.errors import UnknownNameError, UsageError
@@ -49,7 +51,7 @@ MIN_EPOCHS = 0.25
 F0_MACS_224 = 9.58e9
 F7PLUS_MACS_224 = 100.86e9
 FRONTIER_ANCHORS: tuple[tuple[float, float], ...] = (
-    (6.0 * F0_MACS_224 * MIN_EPOCHS * JFT4B_SIZE, MIN_EPOCHS * JFT4B_SIZE),
+    (train_flops(F0_MACS_224) * MIN_EPOCHS * JFT4B_SIZE, MIN_EPOCHS * JFT4B_SIZE),
     (core_hours_to_flops(5e3), 1.0 * JFT4B_SIZE),
     (CALIBRATION_TRAIN_FLOPS, 8.0 * JFT4B_SIZE),
 )
@@ -86,7 +88,7 @@ class Frontier:
 
     def macs(self, flops: float) -> float:
         """Compute-optimal forward MACs per example for ``flops`` model FLOPs."""
-        return flops / (6.0 * self.examples(flops))
+        return flops / (TRAIN_FLOPS_PER_MAC * self.examples(flops))
 
     def exponents(self) -> list[float]:
         """d log(examples) / d log(flops) on each segment (the model's cost per example takes ``1 - slope``)."""
@@ -332,7 +334,7 @@ def select_models(
 def affordable(request: PlanRequest, spec: ArchitectureSpec, frontier_macs: float) -> Candidate | None:
     """The longest run of ``spec`` the budget affords (epochs rounded down), or None below ``min_epochs``."""
     count = spec.count(request.dataset.resolution, request.dataset.num_classes)
-    per_example = 6.0 * count.macs
+    per_example = count.train_flops
     epochs = round_down(request.flops / (per_example * request.dataset.size))
     if epochs < request.min_epochs:
         return None
@@ -368,7 +370,7 @@ def _paper_scale(dataset: DatasetPlan) -> float:
 
 def smallest_run(request: PlanRequest, specs: Sequence[ArchitectureSpec]) -> tuple[str, float]:
     """(model, FLOPs) of the cheapest run considered: the smallest model for ``min_epochs``."""
-    costs = [(6.0 * s.count(request.dataset.resolution, request.dataset.num_classes).macs, s.name) for s in specs]
+    costs = [(s.count(request.dataset.resolution, request.dataset.num_classes).train_flops, s.name) for s in specs]
     per_example, name = min(costs)
     return name, per_example * request.min_epochs * request.dataset.size
 

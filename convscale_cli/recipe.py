@@ -16,6 +16,18 @@ Schedule = Literal["cosine", "wsd"]
 CooldownShape = Literal["linear", "1-sqrt"]
 
 
+# The regularisers of the NFNet transfer recipe (Brock et al. 2021 A.4-A.5) that fine-tuning uses by default: SAM
+# (Foret et al. 2021) with radius 0.05, its ascent step on 20% of each batch, and a parameter EMA of decay 0.9999.
+DEFAULT_SAM_RHO = 0.05
+DEFAULT_SAM_FRACTION = 0.2
+DEFAULT_EMA_DECAY = 0.9999
+
+
+def peak_learning_rate(alpha: float, batch_size: int, base_batch_size: int) -> float:
+    """The paper's convention: alpha is quoted at ``base_batch_size`` (4096) and scaled linearly with the batch."""
+    return alpha * batch_size / base_batch_size
+
+
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     """Optimiser, schedule and loss defaults for one architecture family."""

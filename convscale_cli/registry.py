@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
+from convscale_cli.budget import train_flops
 from convscale_cli.errors import DuplicateRegistrationError, UnknownNameError, UsageError
 from convscale_cli.recipe import Recipe
 
@@ -33,8 +34,8 @@ class ModelCount:
 
     @property
     def train_flops(self) -> float:
-        """Training FLOPs per image: forward + backward ~ 3 x forward, 2 FLOPs per MAC."""
-        return 6.0 * self.macs
+        """Training FLOPs per image (:func:`convscale_cli.budget.train_flops`)."""
+        return train_flops(self.macs)
 
 
 def head_params(count: Callable[[int, int], ModelCount], resolution: int, num_classes: int) -> int:

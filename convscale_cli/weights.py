@@ -160,8 +160,7 @@ def _meta(
     source: Mapping[str, Any] | None,
     numerics: str | None = None,
 ) -> dict[str, Any]:
-    import jax
-    import numpy as np
+    from convscale_cli.engine.state import param_count
 
     if numerics is None or spec.numerics_diff(options, numerics):
         numerics = spec.numerics_name(options)
@@ -174,7 +173,7 @@ def _meta(
         "num_classes": num_classes,
         "options": dict(options),
         "numerics": numerics,
-        "params": int(sum(np.size(x) for x in jax.tree.leaves(dict(params)))),
+        "params": param_count(dict(params)),
         "source": dict(source or {}),
     }
 
@@ -290,15 +289,21 @@ def load_weights(path: str | Path, registry: Registry | None = None) -> tuple[An
     Returns:
         ``(module, variables, meta)``: the Flax module, ``{"params": ...}`` and the parsed ``model.json``.
     """
-    from convscale_cli.finetune.backbone import _flat, _from_weights, check_backbone, checkpoint_shapes, restore_params
+    from convscale_cli.finetune.backbone import (
+        check_backbone,
+        checkpoint_shapes,
+        flat_params,
+        from_weights,
+        restore_params,
+    )
     from convscale_cli.plugins import get_registry
 
     path = Path(path).expanduser().resolve()
     meta = read_model_json(path)
     spec = (registry or get_registry()).architecture(meta["architecture"])
     module, abstract = _abstract_params(spec, int(meta["num_classes"]), meta.get("options", {}))
-    pre = _from_weights(path)
-    wanted = _flat(abstract)
+    pre = from_weights(path)
+    wanted = flat_params(abstract)
     check_backbone(spec.name, checkpoint_shapes(pre), wanted, [])
     return module, {"params": restore_params(pre, wanted)}, meta
 

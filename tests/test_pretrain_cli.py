@@ -132,13 +132,13 @@ def test_default_precision_follows_the_backend_and_the_run_being_resumed(
 def test_header_before_compiling_names_model_data_steps_lr_precision_and_devices(
     tmp_path: Path, capsys: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from convscale_cli.engine import api
+    from convscale_cli.engine import trainer
     from convscale_cli.errors import UsageError
 
     def no_compiling(*args: Any, **kwargs: Any) -> Any:
         raise UsageError("stopped before building")
 
-    monkeypatch.setattr(api, "build", no_compiling)
+    monkeypatch.setattr(trainer, "build", no_compiling)
     out = tmp_path / "run"
     assert main([*_base(out, "--steps", "6", "--batch-size", "16"), "--set", "progress=plain"]) == 2
     header = capsys.readouterr().out

@@ -39,7 +39,7 @@ def eval_(
     workers: Annotated[int, typer.Option(help="Input-pipeline worker processes.")] = 0,
     json_: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    from convscale_cli.cli.pretrain_cmd import _parse_pairs
+    from convscale_cli.config import parse_overrides
     from convscale_cli.evaluate import evaluate  # jax: only once there is something to evaluate
 
     result = evaluate(
@@ -51,7 +51,7 @@ def eval_(
         batch_size=batch_size,
         ema=ema,
         precision=precision,
-        data_options=_parse_pairs(data_option),
+        data_options=parse_overrides(data_option),
         worker_count=workers,
     )
     if json_:

@@ -5,12 +5,12 @@ flags, then ``--set`` overrides) and calls :func:`convscale_cli.finetune.api.fin
 ``convscale --help`` never loads jax.
 """
 
-from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from convscale_cli.cli import app
+from convscale_cli.cli import run_options as opt
 from convscale_cli.cli._output import print_json, progress_to_stderr
 from convscale_cli.errors import UsageError
 
@@ -28,18 +28,12 @@ batch); --lr and --weight-decay replace them. With --repeat-aug k each image app
 per batch stream with independent augmentations and the duration counts augmented samples, so the compute stays
 the same with k times fewer passes.
 
+It runs on the same engine as pretrain: --fsdp shards the parameters and optimizer state over the devices (the
+paper's 384 px F7+ fine-tune does not fit one accelerator), and --coordinator-address/--num-processes/--process-id
+run it on several hosts.
+
 Rerunning the same command resumes; a finished run says so and exits 0. Writes OUT/config.json, metrics.jsonl,
 checkpoints/ and summary.json (kind "finetune": final, final_ema, and the pre-training cost under pretrain)."""
-
-
-def _parse_pairs(pairs: list[str] | None, prefix: str = "") -> dict[str, Any]:
-    from convscale_cli.config import parse_override
-
-    out: dict[str, Any] = {}
-    for text in pairs or []:
-        key, value = parse_override(text)
-        out[prefix + key] = value
-    return out
 
 
 def _randaugment(text: str) -> list[float]:
@@ -60,7 +54,7 @@ def finetune(
         str | None, typer.Option("--from", help="Pre-training run dir, a checkpoint in it, or imported weights.")
     ] = None,
     dataset: Annotated[str | None, typer.Option(help="Target dataset, e.g. digits (see `convscale datasets`).")] = None,
-    out: Annotated[str | None, typer.Option(help="Run directory (created; rerun to resume).")] = None,
+    out: opt.Out = None,
     model: Annotated[str | None, typer.Option(help="Check that the checkpoint holds this architecture.")] = None,
     scratch: Annotated[
         bool,
@@ -69,9 +63,9 @@ def finetune(
             help="Baseline: train --from's architecture from a random initialisation with the same recipe and compute.",
         ),
     ] = False,
-    config: Annotated[Path | None, typer.Option("--config", help="Run config TOML (flags override it).")] = None,
+    config: opt.ConfigFile = None,
     epochs: Annotated[float | None, typer.Option(help="Duration: augmented samples / train size (50).")] = None,
-    steps: Annotated[int | None, typer.Option(help="Duration in optimiser steps.")] = None,
+    steps: opt.Steps = None,
     examples: Annotated[int | None, typer.Option(help="Duration in (augmented) training examples.")] = None,
     lr: Annotated[
         float | None,
@@ -103,34 +97,23 @@ def finetune(
     mixup: Annotated[float | None, typer.Option(help="MixUp alpha (default 0: off).")] = None,
     cutmix: Annotated[float | None, typer.Option(help="CutMix alpha (default 0: off).")] = None,
     label_smoothing: Annotated[float | None, typer.Option(help="Softmax label smoothing (default 0).")] = None,
-    precision: Annotated[
-        str | None, typer.Option(help="bf16 activations (fp32 params) or fp32 (default: fp32 on CPU, bf16 on GPU/TPU).")
-    ] = None,
+    precision: opt.Precision = None,
     seed: Annotated[int | None, typer.Option(help="Head initialisation, data order and dropout seed.")] = None,
-    eval_every: Annotated[int | None, typer.Option(help="Evaluate every N steps (0: at the end only).")] = None,
-    checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps (0: on exit only).")] = None,
-    log_every: Annotated[int | None, typer.Option(help="Log metrics every N steps.")] = None,
-    data_option: Annotated[
-        list[str] | None,
-        typer.Option("--data-option", metavar="KEY=VALUE", help="Dataset option key=value, e.g. root=/data (repeat)."),
-    ] = None,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", metavar="KEY=VALUE", help="Any config key=value, e.g. augment.min_area=0.5 (repeat)."),
-    ] = None,
-    tracker: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--tracker",
-            metavar="NAME",
-            help="Experiment tracker besides metrics.jsonl: tensorboard (default), wandb, mlflow (repeat).",
-        ),
-    ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Start over in an --out holding a different run.")] = False,
-    workers: Annotated[int | None, typer.Option(help="Input-pipeline worker processes.")] = None,
+    eval_every: opt.EvalEvery = None,
+    checkpoint_every: opt.CheckpointEvery = None,
+    log_every: opt.LogEvery = None,
+    data_option: opt.DataOptions = None,
+    set_: opt.Sets = None,
+    tracker: opt.Trackers = None,
+    force: opt.Force = False,
+    fsdp: opt.Fsdp = False,
+    workers: opt.Workers = None,
+    coordinator_address: opt.CoordinatorAddress = None,
+    num_processes: opt.NumProcesses = None,
+    process_id: opt.ProcessId = None,
     json_: Annotated[bool, typer.Option("--json", help="Print summary.json to stdout at the end.")] = False,
 ) -> None:
-    from convscale_cli.config import config_table, from_dict, load_toml, merge
+    from convscale_cli.config import command_config
     from convscale_cli.finetune.config import FinetuneConfig
 
     flags = {
@@ -163,24 +146,17 @@ def finetune(
         "checkpoint_every": checkpoint_every,
         "log_every": log_every,
         "worker_count": workers,
+        "coordinator_address": coordinator_address,
+        "num_processes": num_processes,
+        "process_id": process_id,
     }
-    overrides = {k: v for k, v in flags.items() if v is not None}
-    if tracker:
-        overrides["trackers"] = list(tracker)
-    if force:
-        overrides["force"] = True
-    if scratch:
-        overrides["scratch"] = True
-    data: dict[str, Any] = {}
-    if config is not None:
-        data = load_toml(config)
-        data = config_table(data, "finetune", config)  # a [finetune] table, or the whole file
-    if any(k in overrides for k in ("epochs", "steps", "examples")):
-        for key in ("epochs", "steps", "examples"):  # one duration per run: the command line's wins
-            data.pop(key, None)
-    overrides.update(_parse_pairs(data_option, prefix="data_options."))
-    overrides.update(_parse_pairs(set_))
-    run_config = from_dict(FinetuneConfig, merge(data, overrides))
+    flags |= {
+        "trackers": list(tracker) if tracker else None,
+        "force": force or None,
+        "scratch": scratch or None,
+        "fsdp": fsdp or None,
+    }
+    run_config = command_config(FinetuneConfig, "finetune", config, flags, data_options=data_option, sets=set_)
 
     from convscale_cli.finetune.api import finetune as run_finetune
 

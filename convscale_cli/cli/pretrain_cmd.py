@@ -5,12 +5,12 @@ flags, then ``--set`` overrides) and calls :func:`convscale_cli.engine.api.pretr
 ``convscale --help`` never loads jax.
 """
 
-from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from convscale_cli.cli import app
+from convscale_cli.cli import run_options as opt
 from convscale_cli.cli._output import print_json, progress_to_stderr
 
 if TYPE_CHECKING:
@@ -39,26 +39,16 @@ Examples:
       --data-option root=/data/images --budget 2-h100-hours --out runs/f0"""
 
 
-def _parse_pairs(pairs: list[str] | None, prefix: str = "") -> dict[str, Any]:
-    from convscale_cli.config import parse_override
-
-    out: dict[str, Any] = {}
-    for text in pairs or []:
-        key, value = parse_override(text)
-        out[prefix + key] = value
-    return out
-
-
 @app.command(help=_HELP)
 def pretrain(
-    config: Annotated[Path | None, typer.Option("--config", help="Run config TOML (flags override it).")] = None,
+    config: opt.ConfigFile = None,
     model: Annotated[str | None, typer.Option(help="Architecture, e.g. nfnet-f0 (see `convscale models`).")] = None,
     dataset: Annotated[str | None, typer.Option(help="Dataset, e.g. shapes (see `convscale datasets`).")] = None,
-    out: Annotated[str | None, typer.Option(help="Run directory (created; rerun to resume).")] = None,
+    out: opt.Out = None,
     epochs: Annotated[
         float | None, typer.Option(help="Duration in passes over the train split (fractional allowed).")
     ] = None,
-    steps: Annotated[int | None, typer.Option(help="Duration in optimiser steps.")] = None,
+    steps: opt.Steps = None,
     examples: Annotated[int | None, typer.Option(help="Duration in training examples.")] = None,
     budget: Annotated[
         str | None,
@@ -73,32 +63,20 @@ def pretrain(
     batch_size: Annotated[int | None, typer.Option(help="Global batch size (default: recipe, 4096).")] = None,
     resolution: Annotated[int | None, typer.Option(help="Training resolution in pixels.")] = None,
     eval_resolution: Annotated[int | None, typer.Option(help="Held-out evaluation resolution.")] = None,
-    precision: Annotated[
-        str | None, typer.Option(help="bf16 activations (fp32 params) or fp32 (default: fp32 on CPU, bf16 on GPU/TPU).")
-    ] = None,
+    precision: opt.Precision = None,
     loss: Annotated[str | None, typer.Option(help="softmax or sigmoid cross-entropy.")] = None,
     label_smoothing: Annotated[float | None, typer.Option(help="Softmax label smoothing.")] = None,
     seed: Annotated[int | None, typer.Option(help="Initialisation, data order and dropout seed (default 0).")] = None,
-    eval_every: Annotated[int | None, typer.Option(help="Evaluate every N steps (default 0: at the end only).")] = None,
+    eval_every: opt.EvalEvery = None,
     eval_examples: Annotated[int | None, typer.Option(help="Evaluate on the first N held-out examples.")] = None,
-    checkpoint_every: Annotated[
-        int | None, typer.Option(help="Checkpoint every N steps, 0: on exit only (default 1000).")
-    ] = None,
+    checkpoint_every: opt.CheckpointEvery = None,
     checkpoint_minutes: Annotated[
         float | None, typer.Option(help="...and at least every M minutes (default 30).")
     ] = None,
     keep: Annotated[int | None, typer.Option(help="Checkpoints to keep (default 3).")] = None,
-    log_every: Annotated[int | None, typer.Option(help="Log metrics every N steps (default 50).")] = None,
-    data_option: Annotated[
-        list[str] | None,
-        typer.Option("--data-option", metavar="KEY=VALUE", help="Dataset option key=value, e.g. root=/data (repeat)."),
-    ] = None,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--set", metavar="KEY=VALUE", help="Any config key=value, e.g. recipe.weight_decay=1e-5 (repeat)."
-        ),
-    ] = None,
+    log_every: opt.LogEvery = None,
+    data_option: opt.DataOptions = None,
+    set_: opt.Sets = None,
     initial_checkpoint: Annotated[
         str | None,
         typer.Option(help="Start from this run's, checkpoint's or weights' parameters (fresh optimizer, step 0)."),
@@ -111,23 +89,14 @@ def pretrain(
         float | None,
         typer.Option(help="EMA of the parameters with this decay, e.g. 0.9999 (default 0: none, as the paper)."),
     ] = None,
-    tracker: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--tracker",
-            metavar="NAME",
-            help="Experiment tracker besides metrics.jsonl: tensorboard (default), wandb, mlflow (repeat).",
-        ),
-    ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Start over in an --out holding a different run.")] = False,
-    fsdp: Annotated[bool, typer.Option("--fsdp", help="Shard params and optimizer state over devices.")] = False,
-    workers: Annotated[int | None, typer.Option(help="Input-pipeline worker processes (default 0).")] = None,
+    tracker: opt.Trackers = None,
+    force: opt.Force = False,
+    fsdp: opt.Fsdp = False,
+    workers: opt.Workers = None,
     hardware: Annotated[str | None, typer.Option(help="Hardware for MFU (default: detected).")] = None,
-    coordinator_address: Annotated[
-        str | None, typer.Option(help="Multi-host: host:port of process 0 (auto on TPU pods and SLURM).")
-    ] = None,
-    num_processes: Annotated[int | None, typer.Option(help="Multi-host: number of processes.")] = None,
-    process_id: Annotated[int | None, typer.Option(help="Multi-host: this process's index.")] = None,
+    coordinator_address: opt.CoordinatorAddress = None,
+    num_processes: opt.NumProcesses = None,
+    process_id: opt.ProcessId = None,
     dry_run: Annotated[
         bool,
         typer.Option(
@@ -138,7 +107,7 @@ def pretrain(
         bool, typer.Option("--json", help="Print summary.json (with --dry-run: the resolved config) to stdout.")
     ] = False,
 ) -> None:
-    from convscale_cli.config import config_table, from_dict, load_toml, merge
+    from convscale_cli.config import command_config
     from convscale_cli.engine.config import PretrainConfig
 
     flags = {
@@ -172,24 +141,8 @@ def pretrain(
         "grad_accum_steps": grad_accum_steps,
         "ema_decay": ema_decay,
     }
-    overrides = {k: v for k, v in flags.items() if v is not None}
-    if tracker:
-        overrides["trackers"] = list(tracker)
-    if force:
-        overrides["force"] = True
-    if fsdp:
-        overrides["fsdp"] = True
-    data: dict[str, Any] = {}
-    if config is not None:
-        data = load_toml(config)
-        data = config_table(data, "pretrain", config)  # a [pretrain] table, or the whole file
-    # A duration on the command line replaces the file's (one duration per run).
-    if any(k in overrides for k in ("epochs", "steps", "examples")):
-        for key in ("epochs", "steps", "examples"):
-            data.pop(key, None)
-    overrides.update(_parse_pairs(data_option, prefix="data_options."))
-    overrides.update(_parse_pairs(set_))
-    run_config = from_dict(PretrainConfig, merge(data, overrides))
+    flags |= {"trackers": list(tracker) if tracker else None, "force": force or None, "fsdp": fsdp or None}
+    run_config = command_config(PretrainConfig, "pretrain", config, flags, data_options=data_option, sets=set_)
     if dry_run:
         _dry_run(run_config, json_)
         return

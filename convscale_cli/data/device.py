@@ -44,15 +44,22 @@ def to_global(batch: dict[str, Any], sharding: jax.sharding.Sharding) -> dict[st
     return {key: jax.make_array_from_process_local_data(sharding, value) for key, value in batch.items()}
 
 
+def smooth_labels(targets: jax.Array, label_smoothing: float, num_classes: int) -> jax.Array:
+    """Targets mixed with the uniform distribution over ``num_classes`` (Szegedy et al. 2016, "Rethinking the
+    Inception Architecture", §7): the one label smoothing of convscale, for pre-training's loss and fine-tuning's
+    mixed targets alike."""
+    if label_smoothing > 0:
+        targets = targets * (1.0 - label_smoothing) + label_smoothing / num_classes
+    return targets
+
+
 def one_hot_targets(labels: jax.Array, num_classes: int, label_smoothing: float = 0.0) -> jax.Array:
     """Integer labels (or multi-hot float labels, passed through) -> float32 targets with optional smoothing."""
     if labels.ndim == 1 and jnp.issubdtype(labels.dtype, jnp.integer):
         targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
     else:
         targets = labels.astype(jnp.float32)
-    if label_smoothing > 0:
-        targets = targets * (1.0 - label_smoothing) + label_smoothing / num_classes
-    return targets
+    return smooth_labels(targets, label_smoothing, num_classes)
 
 
 def _cutmix_mask(rng: jax.Array, height: int, width: int, lam: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -1,8 +1,12 @@
-"""The training engine: pre-training loop, optimiser, checkpoints, compute ledger.
+"""The training engine: one run engine for pre-training and fine-tuning, optimiser, checkpoints, compute ledger.
 
 Nothing is imported here, so ``import convscale_cli.engine`` stays cheap; import the modules you need:
 
 * :mod:`~convscale_cli.engine.api` -- ``pretrain(config, registry=None, *, pipeline=None) -> summary dict``.
+* :mod:`~convscale_cli.engine.trainer` -- ``train_run(run, kind, ...)``: the run engine both ``pretrain`` and
+  ``finetune`` drive; a ``RunKind`` says how a run starts, its step's extras and its summary's keys.
+* :mod:`~convscale_cli.engine.sources` -- ``open_sources`` (train / held-out sources), ``eval_batch_size``.
+* :mod:`~convscale_cli.engine.summary` -- ``versions``.
 * :mod:`~convscale_cli.engine.config` -- ``PretrainConfig`` (frozen, validated) and ``MUTABLE_KEYS``.
 * :mod:`~convscale_cli.engine.resolve` -- ``resolve(config, registry) -> ResolvedRun``, ``resolved_dict``.
 * :mod:`~convscale_cli.engine.steps` -- ``resolve_duration``: the one epochs/examples/steps/FLOPs -> steps conversion.

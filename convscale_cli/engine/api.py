@@ -1,100 +1,31 @@
 """``pretrain(config)``: the library entry point behind ``convscale pretrain``.
 
-It resolves the config, claims the run directory (resuming a run with the same config, refusing a different one),
-builds the model, optimiser, mesh and compiled steps, restores the newest readable checkpoint, runs the loop, and
-writes ``summary.json``. Usable from a notebook: pass a registry to train models registered in code.
+It resolves the config and drives the run engine (:mod:`convscale_cli.engine.trainer`), which claims the run
+directory (resuming a run with the same config, refusing a different one), builds the model, optimiser, mesh and
+compiled steps, restores the newest readable checkpoint, runs the loop, and writes ``summary.json``. What is
+pre-training's own: a run starts fresh, from a trunk's checkpoint (``branch_from``) or from another run's parameters
+(``initial_checkpoint``), and may stop at a compute budget or pause at ``stop_step``. Usable from a notebook: pass a
+registry to train models registered in code.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import importlib.metadata
-import itertools
-import platform
-import time
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
 
-from convscale_cli import interrupts
-from convscale_cli.engine import loop
 from convscale_cli.engine.branch import branch_start
-from convscale_cli.engine.build import Built, abstract_batch, build, compile_steps, host_batch, make_evaluate
-from convscale_cli.engine.cache import enable_compilation_cache
-from convscale_cli.engine.checkpoint import Checkpoints, CheckpointWarning
+from convscale_cli.engine.build import Built
 from convscale_cli.engine.config import PretrainConfig
-from convscale_cli.engine.hardware import device_peak
-from convscale_cli.engine.ledger import Ledger, reset_host_peak_memory, xla_flops
-from convscale_cli.engine.mesh import init_distributed
+from convscale_cli.engine.ledger import Ledger
 from convscale_cli.engine.progress import Progress
-from convscale_cli.engine.resolve import (
-    ResolvedRun,
-    header,
-    holdout_indices,
-    resolve,
-    resolved_dict,
-    with_precision,
-)
-from convscale_cli.engine.rundir import MetricsLog, RunDir
-from convscale_cli.engine.tracking import choose_trackers, open_trackers
-from convscale_cli.errors import RunInterrupted, UsageError
-from convscale_cli.registry import Registry, TrackerSpec, head_params
-
-BARRIER_TIMEOUT_S = 600  # how long processes wait for each other at a named sync point (first compiles included)
-_barriers = itertools.count()  # barrier keys must be unique; every process passes the same sync points in order
-
-# Kept under their first names: the fine-tuning engine builds on them.
-_abstract_batch = abstract_batch
-_host_batch = host_batch
-
-
-def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for dist in ("convscale", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return out
-
-
-class _Head:
-    """The first ``n`` examples of a random-access source (``eval_examples``)."""
-
-    def __init__(self, source: Any, n: int) -> None:
-        self.source, self.n = source, min(n, len(source))
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, index: int) -> Any:
-        if not 0 <= index < self.n:
-            raise IndexError(index)
-        return self.source[index]
-
-
-class _Subset:
-    """The examples of a random-access source at ``indices`` (a held-out split carved from train, ``holdout``)."""
-
-    def __init__(self, source: Any, indices: list[int]) -> None:
-        self.source, self.indices = source, indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, index: int) -> Any:
-        return self.source[self.indices[index]]
-
-
-def _eval_batch_size(run: ResolvedRun, eval_size: int, devices: int) -> int:
-    # Never pad a small held-out set up to a 4096 batch: the smallest multiple of the device (and process) count
-    # that holds the whole set, capped at the training batch.
-    unit = devices * jax.process_count() // np.gcd(devices, jax.process_count())
-    return min(run.batch_size, max(unit, -(-eval_size // unit) * unit))
+from convscale_cli.engine.resolve import ResolvedRun, header, resolve, resolved_dict
+from convscale_cli.engine.trainer import RunKind, Start, open_run, primary_process, train_run
+from convscale_cli.errors import UsageError
+from convscale_cli.registry import Registry
 
 
 def pretrain(config: PretrainConfig, registry: Registry | None = None, *, pipeline: Any = None) -> dict[str, Any]:
@@ -112,87 +43,38 @@ def pretrain(config: PretrainConfig, registry: Registry | None = None, *, pipeli
         RunInterrupted: SIGTERM/SIGINT, after saving a checkpoint (exit code 130).
         CheckpointError: a checkpoint save failed (the previous checkpoint is intact).
     """
-    init_distributed(config.coordinator_address, config.num_processes, config.process_id)
-    if registry is None:
-        from convscale_cli.plugins import get_registry
-
-        registry = get_registry()
-    if pipeline is None:
-        import convscale_cli.data as pipeline
-    primary = jax.process_index() == 0
-    rundir = RunDir(config.out, primary=primary)
-    config, precision_why = with_precision(config, jax.default_backend(), rundir.saved_config())
+    config, precision_why, rundir, registry, pipeline = open_run(config, "pretrain", registry, pipeline)
     run = resolve(config, registry)
-    trackers = choose_trackers(registry, config.trackers, tensorboard=config.tensorboard)  # before compiling
-    resolved = resolved_dict(run)
-    resuming = rundir.prepare(resolved, force=config.force)
-    progress = Progress(run.duration.steps, mode=config.progress if primary else "none")
-    previous = rundir.summary() if resuming else None
-    if previous and (
-        previous.get("status") == "finished"
-        or (previous.get("status") == "budget" and previous.get("budget") == config.budget)
-        or (previous.get("status") == "paused" and _paused_past(previous, config.stop_step))
-    ):
-        progress.message(
-            f"{config.out}: run already {previous['status']} at step {previous.get('steps')}; nothing to do"
-        )
-        return previous
-    _sync("prepared")
-    rundir.remove_summary()
-    reset_host_peak_memory()  # the summary's host_peak_memory_bytes is this run's, not the sweep's before it
     initial = functools.partial(_initial_params, config, run, registry) if config.initial_checkpoint else None
-    progress.message(header(run, precision_why, jax.device_count(), jax.default_backend()))
-
-    enable_compilation_cache()
-    built = build(config, run)
-    hardware, peak = device_peak(config.hardware, config.peak_flops)
-    ledger = Ledger(
-        flops_per_example=run.flops_per_example, num_devices=built.mesh.size, hardware=hardware, peak_flops=peak
+    options: dict[str, Any] = {"label_smoothing": run.recipe.label_smoothing}
+    if config.grad_accum_steps > 1:
+        options["accum_steps"] = config.grad_accum_steps
+    if config.ema_decay > 0:
+        options["ema_decay"] = config.ema_decay
+    kind = RunKind(
+        name="pretrain",
+        start=functools.partial(_start, config, run, initial),
+        step_options=options,
+        summary=_summary,
+        done=functools.partial(_done, config),
+        header=header(run, precision_why, jax.device_count(), jax.default_backend()),
+        augment=pipeline.augment_from_dict(run.augment) if run.augment else None,
+        holdout=config.holdout,
+        accum_steps=config.grad_accum_steps,
+        stop_step=config.stop_step,
+        keep_steps=config.keep_steps,
     )
-    checkpoints = Checkpoints(rundir.checkpoints, keep=config.keep, keep_steps=config.keep_steps)
-    # XLA:CPU compiles the partitionable threefry (jax's default) very slowly: ~6 s per random op on 2 cores, over a
-    # minute for an NFNet's initialiser. The classic threefry gives the same values under any sharding, so CPU runs
-    # use it; accelerators keep the default.
-    rng_mode = jax.threefry_partitionable(False) if jax.default_backend() == "cpu" else contextlib.nullcontext()
-    try:
-        with rng_mode:
-            try:
-                return _train(
-                    config, run, rundir, resolved, progress, pipeline, built, ledger, checkpoints, trackers, initial
-                )
-            except loop.RestoredCheckpointDiverged as exc:
-                # Corruption the checksums cannot see (a step saved before them, or damaged before it was sealed)
-                # shows as a loss that is non-finite at once; a run that diverges later keeps its checkpoints.
-                warnings.warn(
-                    f"checkpoint of step {exc.step} in {checkpoints.directory} gives a non-finite loss at its first "
-                    "step; setting it aside and trying the previous one",
-                    CheckpointWarning,
-                    stacklevel=2,
-                )
-                checkpoints.set_aside([exc.step])
-                return _train(
-                    config, run, rundir, resolved, progress, pipeline, built, ledger, checkpoints, trackers, initial
-                )
-    finally:
-        with interrupts.deferred():  # pending saves complete even when a signal arrives now
-            checkpoints.close()
+    return train_run(run, kind, rundir=rundir, resolved=resolved_dict(run), registry=registry, pipeline=pipeline)
 
 
-def primary_process() -> bool:
-    """Whether this process writes the run's files and trackers (process 0)."""
-    return jax.process_index() == 0
-
-
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        import orbax.checkpoint as ocp
-        from jax.experimental import multihost_utils
-
-        # The coordination service's barrier first: it waits as long as a slow process needs, whereas the gloo set-up
-        # of the first cross-process collective gives up after 30 s (seen once in CI, 2 processes on 2 cores).
-        barrier = ocp.multihost.get_barrier_sync_fn()
-        barrier(key=f"convscale/{name}/{next(_barriers)}", timeout_ms=BARRIER_TIMEOUT_S * 1000)
-        multihost_utils.sync_global_devices(name)
+def _done(config: PretrainConfig, previous: dict[str, Any]) -> bool:
+    """Whether a rerun has nothing to do: the run finished, spent this budget, or paused at or past ``stop_step``."""
+    status = previous.get("status")
+    return (
+        status == "finished"
+        or (status == "budget" and previous.get("budget") == config.budget)
+        or (status == "paused" and _paused_past(previous, config.stop_step))
+    )
 
 
 def _paused_past(previous: dict[str, Any], stop_step: int | None) -> bool:
@@ -220,218 +102,42 @@ def _initial_params(config: PretrainConfig, run: ResolvedRun, registry: Registry
     return loaded.params
 
 
-def _restore_or_init(
+def _start(
     config: PretrainConfig,
     run: ResolvedRun,
-    rundir: RunDir,
-    progress: Progress,
+    initial: Callable[[], Any] | None,
     built: Built,
     ledger: Ledger,
-    checkpoints: Checkpoints,
-    initial: Callable[[], Any] | None = None,
-) -> tuple[Any, int, dict[str, Any] | None, Ledger, bool]:
-    """``(state, start_step, data_state, ledger, resumed)`` from the newest readable checkpoint, else from the trunk's
-    branch point (``branch_from``), else a fresh state (from ``initial()``'s parameters when given); ``resumed`` says
-    the state is this run's own checkpoint."""
-    restored = checkpoints.restore(built.abstract)
-    if restored is None:
-        rundir.truncate_metrics(0)
-        if config.branch_from is not None and config.branch_step is not None:
-            state, data_state, ledger = branch_start(config, run, built, ledger)
-            progress.message(f"branching {config.out} from {config.branch_from} at step {config.branch_step}")
-            return state, config.branch_step, data_state, ledger, False
-        if initial is not None:
-            params = initial()
-            want = jax.tree_util.tree_map(lambda a: (a.shape, str(a.dtype)), built.abstract.params)
-            got = jax.tree_util.tree_map(lambda a: (tuple(np.shape(a)), str(np.asarray(a).dtype)), params)
-            if want != got:
-                raise UsageError(
-                    f"initial_checkpoint {config.initial_checkpoint!r} does not fit this run's model (other build "
-                    "options or resolution-dependent shapes); train from it with matching --set model_options"
-                )
-            with ledger.timed("compile"):
-                state = jax.block_until_ready(jax.device_put(built.from_params(params), built.shardings))
-            progress.message(f"initialised from {config.initial_checkpoint} (parameters only: a fresh optimizer)")
-            return state, 0, None, ledger, False
+    progress: Progress,
+) -> Start:
+    """A run without a checkpoint of its own starts from the trunk's branch point (``branch_from``), else from
+    ``initial()``'s parameters when given (``initial_checkpoint``), else fresh."""
+    if config.branch_from is not None and config.branch_step is not None:
+        state, data_state, ledger = branch_start(config, run, built, ledger)
+        progress.message(f"branching {config.out} from {config.branch_from} at step {config.branch_step}")
+        return Start(state, config.branch_step, data_state, ledger)
+    if initial is not None:
+        params = initial()
+        want = jax.tree_util.tree_map(lambda a: (a.shape, str(a.dtype)), built.abstract.params)
+        got = jax.tree_util.tree_map(lambda a: (tuple(np.shape(a)), str(np.asarray(a).dtype)), params)
+        if want != got:
+            raise UsageError(
+                f"initial_checkpoint {config.initial_checkpoint!r} does not fit this run's model (other build "
+                "options or resolution-dependent shapes); train from it with matching --set model_options"
+            )
         with ledger.timed("compile"):
-            state = jax.block_until_ready(built.fresh_state())
-        return state, 0, None, ledger, False
-    step, state, data_state, saved = restored
-    lost = _lost_seconds(rundir.live_ledger(), saved)
-    # Counters continue; the device count, hardware and peak are this invocation's (it may run elsewhere).
-    resumed = Ledger.from_dict(
-        {**saved, "num_devices": ledger.num_devices, "hardware": ledger.hardware, "peak_flops": ledger.peak_flops}
-    )
-    resumed.device_seconds["lost"] += lost
-    rundir.truncate_metrics(step)
-    progress.message(f"resuming {config.out} from step {step} ({lost:.1f} device-seconds lost)")
-    return state, step, data_state, resumed, True
-
-
-def _train(
-    config: PretrainConfig,
-    run: ResolvedRun,
-    rundir: RunDir,
-    resolved: dict[str, Any],
-    progress: Progress,
-    pipeline: Any,
-    built: Built,
-    ledger: Ledger,
-    checkpoints: Checkpoints,
-    trackers: list[TrackerSpec],
-    initial: Callable[[], Any] | None = None,
-) -> dict[str, Any]:
-    state, start_step, data_state, ledger, resumed = _restore_or_init(
-        config, run, rundir, progress, built, ledger, checkpoints, initial
-    )
-    train_source = run.data.open("train", **config.data_options)
-    if config.holdout:
-        kept, held = holdout_indices(len(train_source), config.holdout)
-        train_source, eval_source = _Subset(train_source, kept), _Subset(train_source, held)
-    else:
-        eval_source = run.data.open("eval", **config.data_options)
-    if config.eval_examples is not None:
-        eval_source = _Head(eval_source, config.eval_examples)
-    eval_batch = _eval_batch_size(run, len(eval_source), built.mesh.size)
+            state = jax.block_until_ready(built.with_params(params))
+        progress.message(f"initialised from {config.initial_checkpoint} (parameters only: a fresh optimizer)")
+        return Start(state, 0, None, ledger)
     with ledger.timed("compile"):
-        train_fn, eval_fn = compile_steps(built, run, pipeline, eval_batch)
-    ledger.xla_flops_per_step = xla_flops(train_fn) * built.mesh.size  # cost analysis is per device
-
-    def to_device(batch: dict[str, Any]) -> Any:
-        return pipeline.to_global(host_batch(batch, run.info.multi_label, run.num_classes), built.data_sharding)
-
-    evaluate = make_evaluate(
-        eval_fn,
-        eval_source,
-        pipeline=pipeline,
-        batch_size=eval_batch,
-        resolution=run.eval_resolution,
-        crop_fraction=run.eval_crop,
-        worker_count=config.worker_count,
-        to_device=to_device,
-        ledger=ledger,
-    )
-    loader = pipeline.train_loader(
-        train_source,
-        global_batch_size=run.batch_size,
-        resolution=run.resolution,
-        seed=config.seed,
-        num_examples=run.duration.examples,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        worker_count=config.worker_count,
-        augment=pipeline.augment_from_dict(run.augment) if run.augment else None,
-    )
-    if data_state:
-        loader.set_state(data_state)
-    log = MetricsLog(rundir, trackers=open_trackers(trackers, rundir.path, resolved) if primary_process() else [])
-    ctx = loop.LoopContext(
-        restored_step=start_step if resumed else None,
-        run=run,
-        rundir=rundir,
-        log=log,
-        checkpoints=checkpoints,
-        ledger=ledger,
-        train_fn=train_fn,
-        evaluate=evaluate,
-        to_device=to_device,
-        progress=progress,
-    )
-    try:
-        with progress:
-            state, status, step = loop.train(ctx, state, loader, start_step)
-            with interrupts.deferred():  # a signal now is honoured once the final checkpoint is on disk
-                if ctx.saved_step != step and step != start_step:
-                    loop.save(ctx, state, loader, step)
-                checkpoints.wait()
-            if interrupts.received():
-                status = "interrupted"
-            if status == "interrupted":
-                rundir.write_live_ledger(ledger.to_dict())
-                raise RunInterrupted(
-                    f"interrupted at step {step}; checkpoint saved in {config.out}, rerun the same command to resume"
-                )
-            # A paused trunk is not a result: its branches are evaluated at their own ends.
-            final = None if status == "paused" else loop.evaluate_and_log(ctx, state.params, step)
-            final_ema = None
-            if final is not None and state.ema is not None:
-                final_ema = evaluate(state.ema)
-                log.write({"step": step, "split": "eval_ema", **final_ema, "time": time.time()})
-                progress.message(
-                    f"EMA eval @ step {step}: loss {final_ema['eval_loss']:.4f}  top-1 {final_ema['eval_top1']:.4f}"
-                )
-            rundir.write_live_ledger(ledger.to_dict())
-            if final is not None:
-                loop.check_final(ctx, final, step)
-    finally:
-        log.close()
-    summary = _summary(run, resolved, status, step, final, ledger, state.params)
-    if final_ema is not None:
-        summary["final_ema"] = final_ema
-    rundir.write_summary(summary)
-    _sync("summary")
-    if final is None:
-        progress.message(f"paused at step {step} of {run.duration.steps}: rerun with a later stop_step to continue")
-    else:
-        progress.message(
-            f"{status}: step {step}, eval loss {final['eval_loss']:.4f}, top-1 {final['eval_top1']:.4f}, "
-            f"{ledger.core_hours:.3g} TPU-v4 core-hours"
-        )
-    return summary
+        state = jax.block_until_ready(built.fresh_state())
+    return Start(state, 0, None, ledger)
 
 
-def _lost_seconds(live: dict[str, Any] | None, saved: dict[str, Any]) -> float:
-    """Device-seconds spent after the restored checkpoint by the run that died (from its last heartbeat)."""
-    try:
-        spent = sum(Ledger.from_dict(live).device_seconds.values()) if live else 0.0
-    except ValueError:  # a heartbeat of another schema only loses the estimate, never the resume
-        return 0.0
-    kept = sum(Ledger.from_dict(saved).device_seconds.values())
-    return max(0.0, spent - kept)
-
-
-def _summary(
-    run: ResolvedRun,
-    resolved: dict[str, Any],
-    status: str,
-    step: int,
-    final: dict[str, float] | None,
-    ledger: Ledger,
-    params: Any,
-) -> dict[str, Any]:
+def _summary(run: ResolvedRun, ledger: Ledger) -> dict[str, Any]:
+    """Pre-training's keys of ``summary.json``: the budget and what it spent, and where a trunk paused."""
     config = run.config
-    train_size = max(int(run.info.split_sizes.get("train", 0)), 1)
-    total_params = int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))
-    out = {
-        "kind": "pretrain",
-        "status": status,
-        "run": str(config.out),
-        "model": run.arch.name,
-        "family": run.arch.family,
-        "dataset": run.data.name,
-        "epochs": run.duration.epochs,
-        "epochs_seen": ledger.examples / train_size,
-        "lr": run.recipe.lr,
-        "peak_lr": run.peak_lr,
-        "batch_size": run.batch_size,
-        "seed": config.seed,
-        "params": total_params,
-        # Without the classifier head: the model-size axis of the scaling-law fits (convscale_cli.report.runs).
-        "params_body": max(1, total_params - head_params(run.arch.count, run.resolution, run.num_classes)),
-        "macs_per_image": run.macs_per_image,
-        "train_resolution": run.resolution,
-        "eval_resolution": run.eval_resolution,
-        "num_classes": run.num_classes,
-        "examples_seen": ledger.examples,
-        "steps": step,
-        "total_steps": run.duration.steps,
-        "budget": config.budget,
-        "final": final,
-        "ledger": ledger.summary(),
-        "config": resolved,
-        "versions": _versions(),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    out: dict[str, Any] = {"budget": config.budget}
     if run.budget is not None:
         out["budget_spent"] = ledger.spent(run.budget)
     if config.stop_step is not None:
@@ -439,4 +145,4 @@ def _summary(
     return out
 
 
-__all__ = ["PretrainConfig", "pretrain"]
+__all__ = ["PretrainConfig", "pretrain", "primary_process"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -22,11 +22,10 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from convscale_cli.engine.cache import program, tree_key
-from convscale_cli.engine.config import PretrainConfig
 from convscale_cli.engine.ledger import Ledger
 from convscale_cli.engine.mesh import batch_sharding, check_batch, make_mesh, replicated, state_shardings
 from convscale_cli.engine.optim import INJECTED_SCHEDULES, make_optimizer, recipe_schedule
-from convscale_cli.engine.resolve import ResolvedRun
+from convscale_cli.engine.resolve import RunSpec
 from convscale_cli.engine.state import TrainState
 from convscale_cli.engine.step import eval_step, train_step
 from convscale_cli.errors import DataError, UsageError
@@ -45,6 +44,7 @@ class Built:
         init: ``init() -> TrainState`` at step 0, for shapes (:meth:`fresh_state` builds the real one).
         init_params: ``init_params() -> params``: the model initialiser alone, jitted by :meth:`fresh_state`.
         from_params: ``from_params(params) -> TrainState`` at step 0 (optimiser state, base key).
+        init_key: the key of the initialiser (a fine-tuning run's new classifier draws from it too).
         abstract: the state's shapes and dtypes, with ``shardings`` attached (the restore target).
         shardings: the state's shardings (replicated, or FSDP-split).
         data_sharding: the batch sharding.
@@ -58,6 +58,7 @@ class Built:
     init: Callable[[], TrainState]
     init_params: Callable[[], Any]
     from_params: Callable[[Any], TrainState]
+    init_key: jax.Array
     abstract: Any
     shardings: Any
     data_sharding: NamedSharding
@@ -74,30 +75,36 @@ class Built:
             ("init", self.model, *self.init_signature, tree_key(self.shardings.params)),
             lambda: jax.jit(self.init_params, out_shardings=self.shardings.params).lower().compile(),
         )
-        params = initialise()
+        return self.with_params(initialise())
+
+    def with_params(self, params: Any) -> TrainState:
+        """The step-0 state holding ``params``, laid out on the devices; built eagerly, so the run's schedule numbers
+        never enter a compiled program."""
         return jax.device_put(self.from_params(params), self.shardings)
 
 
-def build(config: PretrainConfig, run: ResolvedRun) -> Built:
+def build(run: RunSpec, *, accum_steps: int = 1) -> Built:
     """Create the mesh, model, optimiser and state layout (nothing is compiled or allocated yet).
+
+    Args:
+        run: the resolved run (pre-training or fine-tuning).
+        accum_steps: gradient-accumulation micro-batches per step (the batch must split into them on every device).
 
     Raises:
         UsageError: a global batch the devices or processes do not divide.
     """
+    config = run.config
     mesh = make_mesh()
     check_batch(run.batch_size, mesh, jax.process_count())
-    accum = config.grad_accum_steps
-    if run.batch_size % (accum * mesh.size):
+    if run.batch_size % (accum_steps * mesh.size):
         raise UsageError(
-            f"batch size {run.batch_size} does not split into {accum} micro-batches over {mesh.size} devices: "
-            f"use a batch size divisible by {accum * mesh.size} (grad_accum_steps x devices)"
+            f"batch size {run.batch_size} does not split into {accum_steps} micro-batches over {mesh.size} devices: "
+            f"use a batch size divisible by {accum_steps * mesh.size} (grad_accum_steps x devices)"
         )
     model = run.arch.build(
         num_classes=run.num_classes,
         dtype="bfloat16" if config.precision == "bf16" else "float32",
-        stochdepth_rate=config.stochdepth_rate,
-        drop_rate=config.drop_rate,
-        **config.model_options,
+        **run.build_options,
     )
     schedule = recipe_schedule(run.recipe, run.peak_lr, run.duration.steps)
     tx = make_optimizer(run.recipe, schedule)
@@ -122,7 +129,18 @@ def build(config: PretrainConfig, run: ResolvedRun) -> Built:
     )
     signature = (run.resolution, config.seed)
     return Built(
-        mesh, model, schedule, tx, init, init_params, from_params, abstract, shardings, batch_sharding(mesh), signature
+        mesh,
+        model,
+        schedule,
+        tx,
+        init,
+        init_params,
+        from_params,
+        init_key,
+        abstract,
+        shardings,
+        batch_sharding(mesh),
+        signature,
     )
 
 
@@ -136,7 +154,7 @@ def program_recipe(recipe: Recipe) -> Recipe:
     return dataclasses.replace(recipe, lr=Recipe.lr)
 
 
-def abstract_batch(run: ResolvedRun, batch: int, resolution: int, sharding: Any) -> dict[str, jax.ShapeDtypeStruct]:
+def abstract_batch(run: RunSpec, batch: int, resolution: int, sharding: Any) -> dict[str, jax.ShapeDtypeStruct]:
     """The shapes of one global batch: uint8 images, int32 labels (float32 multi-hot), float32 mask."""
     if run.info.multi_label:
         label = jax.ShapeDtypeStruct((batch, run.num_classes), jnp.float32, sharding=sharding)
@@ -214,8 +232,24 @@ def compile_eval_step(model: Any, options: dict[str, Any], params: Any, batch: A
     return program((*key, tree_key(out_shardings)), compile)
 
 
-def compile_steps(built: Built, run: ResolvedRun, pipeline: Any, eval_batch: int) -> tuple[Any, Any]:
-    """Compile ``(train_fn, eval_fn)`` for the run's batch shapes; the state argument of ``train_fn`` is donated."""
+def compile_steps(
+    built: Built,
+    run: RunSpec,
+    pipeline: Any,
+    eval_batch: int,
+    *,
+    options: Mapping[str, Any] | None = None,
+) -> tuple[Any, Any]:
+    """Compile ``(train_fn, eval_fn)`` for the run's batch shapes; the state argument of ``train_fn`` is donated.
+
+    Args:
+        built: the run's device-side pieces.
+        run: the resolved run.
+        pipeline: the input pipeline module (its ``normalize`` is traced into both steps).
+        eval_batch: the held-out batch size.
+        options: static options of :func:`~convscale_cli.engine.step.train_step` besides the model, optimiser,
+            schedule, normalisation, loss and class count (label smoothing, EMA, accumulation, SAM, mixing).
+    """
     common = {"normalize": pipeline.normalize, "loss": run.recipe.loss, "num_classes": run.num_classes}
     train_fn = compile_train_step(
         train_step,
@@ -223,10 +257,7 @@ def compile_steps(built: Built, run: ResolvedRun, pipeline: Any, eval_batch: int
         tx=built.tx,
         schedule=built.schedule,
         recipe=run.recipe,
-        options=common
-        | {"label_smoothing": run.recipe.label_smoothing}
-        | ({"accum_steps": run.config.grad_accum_steps} if run.config.grad_accum_steps > 1 else {})
-        | ({"ema_decay": run.config.ema_decay} if run.config.ema_decay > 0 else {}),
+        options=common | dict(options or {}),
         abstract=built.abstract,
         batch=abstract_batch(run, run.batch_size, run.resolution, built.data_sharding),
         out_shardings=(built.shardings, replicated(built.mesh)),

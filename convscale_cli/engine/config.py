@@ -47,7 +47,7 @@ MUTABLE_KEYS = frozenset(
     }
 )
 
-_RECIPE_FIELDS = frozenset(f.name for f in dataclasses.fields(Recipe))
+RECIPE_FIELDS = frozenset(f.name for f in dataclasses.fields(Recipe))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,47 +155,66 @@ class PretrainConfig:
         if not given and self.budget is None:
             raise ConfigError("no duration: give epochs, examples, steps or a FLOP/core-hour budget")
         _positive(self, "epochs", "examples", "steps", "batch_size", "lr", "resolution", "eval_resolution")
-        _positive(self, "num_classes", "eval_examples", "peak_flops", "num_processes")
+        _positive(self, "num_classes")
         if self.label_smoothing is not None and not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing = {self.label_smoothing!r} must be in [0, 1)")
         for key in ("stochdepth_rate", "drop_rate"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ConfigError(f"{key} = {getattr(self, key)!r} must be in [0, 1)")
-        for key in ("eval_every", "checkpoint_every", "worker_count"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"{key} = {getattr(self, key)!r} must be >= 0")
-        if not (math.isfinite(self.checkpoint_minutes) and self.checkpoint_minutes >= 0):
-            raise ConfigError(f"checkpoint_minutes = {self.checkpoint_minutes!r} must be a finite number >= 0 (0: off)")
         if not 0.0 <= self.holdout <= 0.5:
             raise ConfigError(f"holdout = {self.holdout!r} must be a fraction of the train split in [0, 0.5]")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ConfigError(f"ema_decay = {self.ema_decay!r} must be in [0, 1) (0: no EMA)")
         if isinstance(self.grad_accum_steps, bool) or self.grad_accum_steps < 1:
             raise ConfigError(f"grad_accum_steps = {self.grad_accum_steps!r} must be an integer >= 1")
-        if self.keep < 1:
-            raise ConfigError(f"keep = {self.keep!r} must be >= 1")
-        if self.log_every < 1:
-            raise ConfigError(f"log_every = {self.log_every!r} must be >= 1")
-        unknown = sorted(set(self.recipe) - _RECIPE_FIELDS)
-        if unknown:
-            hint = did_you_mean(unknown[0], _RECIPE_FIELDS, prefix="recipe.")
-            hint = f"; {hint}" if hint else ""
-            raise ConfigError(f"unknown config key {'recipe.' + unknown[0]!r}{hint}")
+        check_run_settings(self)
+        check_known(self.recipe, RECIPE_FIELDS, "recipe")
         _positive(self, "stop_step", "branch_step")
         if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in self.keep_steps):
             raise ConfigError(f"keep_steps = {list(self.keep_steps)!r} must hold step numbers >= 1")
         if (self.branch_from is None) != (self.branch_step is None):
             raise ConfigError("branch_from and branch_step go together: the trunk's run directory and its step")
-        if self.process_id is not None and self.process_id < 0:
-            raise ConfigError(f"process_id = {self.process_id!r} must be >= 0")
-        check_seed(self.seed)
         if self.budget is not None:
             from convscale_cli.budget import parse_budget
 
             parse_budget(self.budget)  # fail at config time, not after compiling
 
 
-def _positive(config: PretrainConfig, *keys: str) -> None:
+def check_run_settings(config: Any) -> None:
+    """Validate the settings every run config shares (:class:`~convscale_cli.engine.resolve.RunSettings`): one set
+    of rules, and one wording, for pre-training and fine-tuning.
+
+    Raises:
+        ConfigError: naming the setting, its value and what it must be.
+    """
+    _positive(config, "eval_examples", "peak_flops", "num_processes")
+    for key in ("eval_every", "checkpoint_every", "worker_count"):
+        if getattr(config, key) < 0:
+            raise ConfigError(f"{key} = {getattr(config, key)!r} must be >= 0")
+    if not (math.isfinite(config.checkpoint_minutes) and config.checkpoint_minutes >= 0):
+        raise ConfigError(f"checkpoint_minutes = {config.checkpoint_minutes!r} must be a finite number >= 0 (0: off)")
+    for key in ("keep", "log_every"):
+        if getattr(config, key) < 1:
+            raise ConfigError(f"{key} = {getattr(config, key)!r} must be >= 1")
+    if not 0.0 <= config.ema_decay < 1.0:  # NaN-safe: NaN fails both comparisons
+        raise ConfigError(f"ema_decay = {config.ema_decay!r} must be in [0, 1) (0: no EMA)")
+    if config.process_id is not None and config.process_id < 0:
+        raise ConfigError(f"process_id = {config.process_id!r} must be >= 0")
+    check_seed(config.seed)
+
+
+def check_known(values: dict[str, Any], fields: frozenset[str], prefix: str) -> None:
+    """Refuse a key of the ``prefix`` table (``recipe``, ``augment``) that is not one of ``fields``.
+
+    Raises:
+        ConfigError: the first unknown key, with the closest known one.
+    """
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        hint = did_you_mean(unknown[0], fields, prefix=prefix + ".")
+        hint = f"; {hint}" if hint else ""
+        raise ConfigError(f"unknown config key {prefix + '.' + unknown[0]!r}{hint}")
+
+
+def _positive(config: Any, *keys: str) -> None:
     for key in keys:
         value = getattr(config, key)
         if value is None:

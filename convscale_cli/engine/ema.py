@@ -17,9 +17,10 @@ import jax
 import jax.numpy as jnp
 
 from convscale_cli.errors import UsageError
+from convscale_cli.recipe import DEFAULT_EMA_DECAY
 
 # The NFNet fine-tuning decay (Brock et al. 2021 A.5 -> the ResNet fine-tuning recipe).
-DEFAULT_DECAY = 0.9999
+DEFAULT_DECAY = DEFAULT_EMA_DECAY
 
 
 def check_decay(decay: float) -> None:

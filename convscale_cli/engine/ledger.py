@@ -182,6 +182,18 @@ class Ledger:
         return {f"trunk_{key}": value for key, value in self.trunk.items()}
 
 
+def lost_seconds(live: dict[str, Any] | None, saved: dict[str, Any]) -> float:
+    """Device-seconds spent after the restored checkpoint (ledger ``saved``) by the run that died, read from its last
+    heartbeat ``live``; 0 when there is none, or one of another schema (that only loses the estimate, never the
+    resume)."""
+    try:
+        spent = sum(Ledger.from_dict(live).device_seconds.values()) if live else 0.0
+    except ValueError:
+        return 0.0
+    kept = sum(Ledger.from_dict(saved).device_seconds.values())
+    return max(0.0, spent - kept)
+
+
 def reset_host_peak_memory() -> None:
     """Start this process's peak-memory count afresh, so :func:`host_peak_memory` reads the run that starts now.
 

@@ -23,7 +23,7 @@ from convscale_cli import interrupts
 from convscale_cli.engine.checkpoint import Checkpoints
 from convscale_cli.engine.ledger import Ledger
 from convscale_cli.engine.progress import Progress
-from convscale_cli.engine.resolve import ResolvedRun
+from convscale_cli.engine.resolve import RunSpec
 from convscale_cli.engine.rundir import MetricsLog, RunDir
 from convscale_cli.errors import TrainingError
 
@@ -44,9 +44,11 @@ class LoopContext:
         progress: the progress display.
         saved_step: the step of the newest checkpoint this process started saving (None before the first).
         restored_step: the step of the checkpoint the run resumed from (None for a fresh start).
+        stop_step: pause after this step (a trunk of a branching sweep); None: train to the end.
+        keep_steps: steps that are always saved (a trunk's branch points).
     """
 
-    run: ResolvedRun
+    run: RunSpec
     rundir: RunDir
     log: MetricsLog
     checkpoints: Checkpoints
@@ -57,6 +59,8 @@ class LoopContext:
     progress: Progress
     saved_step: int | None = None
     restored_step: int | None = None
+    stop_step: int | None = None
+    keep_steps: frozenset[int] = frozenset()
 
 
 class RestoredCheckpointDiverged(TrainingError):
@@ -230,9 +234,8 @@ def train(ctx: LoopContext, state: Any, loader: Any, start_step: int) -> tuple[A
         saves the final checkpoint and writes the summary).
     """
     config, total = ctx.run.config, ctx.run.duration.steps
-    # Pre-training options; a fine-tuning config has neither.
-    end = min(total, getattr(config, "stop_step", None) or total)
-    keep = frozenset(getattr(config, "keep_steps", ()))
+    end = min(total, ctx.stop_step or total)
+    keep = ctx.keep_steps
     step = start_step
     status = "budget" if budget_spent(ctx) else "finished"  # the checkpoint's ledger: the same on every process
     pending: list[tuple[int, Any]] = []

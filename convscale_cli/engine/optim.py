@@ -24,6 +24,7 @@ import optax
 
 from convscale_cli.errors import UsageError
 from convscale_cli.recipe import Recipe, cooldown_steps
+from convscale_cli.recipe import peak_learning_rate as peak_learning_rate  # the engine's name for it
 
 
 def param_path(path: Sequence[Any]) -> str:
@@ -58,11 +59,6 @@ def path_mask(patterns: Sequence[str], *, match: bool) -> Callable[[Any], Any]:
         return jax.tree_util.tree_map_with_path(leaf, params)
 
     return mask
-
-
-def peak_learning_rate(alpha: float, batch_size: int, base_batch_size: int) -> float:
-    """The paper's convention: alpha is quoted at ``base_batch_size`` (4096) and scaled linearly with the batch."""
-    return alpha * batch_size / base_batch_size
 
 
 def warmup_cosine(count: Any, peak_lr: Any, warmup_steps: Any, total_steps: Any) -> jax.Array:

@@ -9,48 +9,103 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar, get_args
+from typing import Any, ClassVar, Protocol, TypeVar, get_args
 
-from convscale_cli.budget import Budget, get_hardware, parse_budget
+from convscale_cli.budget import Budget, get_hardware, parse_budget, train_flops
 from convscale_cli.config import check_options, from_dict, to_dict
 from convscale_cli.data.augment import DEFAULT_EVAL_CROP_FRACTION, augment_from_dict
 from convscale_cli.engine.config import Precision, PretrainConfig
 from convscale_cli.engine.steps import Duration, resolve_duration
 from convscale_cli.errors import UnknownNameError, UsageError
-from convscale_cli.recipe import Recipe, stable_end, without_default_schedule
+from convscale_cli.recipe import Recipe, peak_learning_rate, stable_end, without_default_schedule
 from convscale_cli.registry import MAX_NUM_CLASSES, ArchitectureSpec, DatasetInfo, DatasetSpec, Registry
 
 PRECISIONS = get_args(Precision)
-C = TypeVar("C")
+C = TypeVar("C", bound="RunSettings")
+
+
+class RunSettings(Protocol):
+    """The settings of a run config that the engine reads: :class:`PretrainConfig` and ``FinetuneConfig`` both have
+    them, with the same meaning and validation (:func:`~convscale_cli.engine.config.check_run_settings`). Both are
+    frozen dataclasses."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+
+    @property
+    def out(self) -> str: ...
+    @property
+    def force(self) -> bool: ...
+    @property
+    def seed(self) -> int: ...
+    @property
+    def precision(self) -> Precision | None: ...
+    @property
+    def fsdp(self) -> bool: ...
+    @property
+    def ema_decay(self) -> float: ...
+    @property
+    def data_options(self) -> dict[str, Any]: ...
+    @property
+    def eval_examples(self) -> int | None: ...
+    @property
+    def eval_every(self) -> int: ...
+    @property
+    def checkpoint_every(self) -> int: ...
+    @property
+    def checkpoint_minutes(self) -> float: ...
+    @property
+    def keep(self) -> int: ...
+    @property
+    def log_every(self) -> int: ...
+    @property
+    def tensorboard(self) -> bool: ...
+    @property
+    def trackers(self) -> tuple[str, ...] | None: ...
+    @property
+    def progress(self) -> str: ...
+    @property
+    def worker_count(self) -> int: ...
+    @property
+    def hardware(self) -> str | None: ...
+    @property
+    def peak_flops(self) -> float | None: ...
+    @property
+    def coordinator_address(self) -> str | None: ...
+    @property
+    def num_processes(self) -> int | None: ...
+    @property
+    def process_id(self) -> int | None: ...
 
 
 @dataclasses.dataclass(frozen=True)
-class ResolvedRun:
-    """A pre-training run with every default filled in.
+class RunSpec:
+    """A resolved run as the engine reads it, whatever its kind: pre-training's :class:`ResolvedRun` and
+    fine-tuning's ``FinetuneRun`` add their config and what only they resolve.
 
     Attributes:
-        config: the config as given.
+        config: the settings the engine reads (a :class:`RunSettings`).
         arch: the architecture spec.
         data: the dataset spec.
         info: the dataset's info under the config's data options.
-        recipe: the architecture's recipe with the config's overrides applied.
+        recipe: the architecture's recipe with the run's overrides applied.
+        build_options: ``ArchitectureSpec.build`` options besides the classifier size and dtype.
         batch_size: global batch size.
-        peak_lr: the learning rate actually used at the peak: ``recipe.lr * batch_size / recipe.base_batch_size``.
+        peak_lr: the peak learning rate, alpha scaled to the batch (:func:`convscale_cli.recipe.peak_learning_rate`).
         resolution: training resolution.
         eval_resolution: held-out resolution.
         num_classes: classifier size.
         duration: steps / examples / epochs.
         macs_per_image: forward MACs of one image at the training resolution.
-        budget: the parsed compute budget, or None.
-        augment: training augmentation, the dataset's defaults updated with the config's ``augment``.
-        eval_crop: central fraction of each held-out image evaluated (the dataset's, else the recipe's 0.875).
+        budget: the parsed compute budget at which the run stops, or None.
+        eval_crop: central fraction of each held-out image evaluated.
     """
 
-    config: PretrainConfig
+    config: RunSettings
     arch: ArchitectureSpec
     data: DatasetSpec
     info: DatasetInfo
     recipe: Recipe
+    build_options: dict[str, Any]
     batch_size: int
     peak_lr: float
     resolution: int
@@ -59,13 +114,25 @@ class ResolvedRun:
     duration: Duration
     macs_per_image: int
     budget: Budget | None
-    augment: dict[str, Any]
     eval_crop: float
 
     @property
     def flops_per_example(self) -> float:
-        """Training FLOPs of one example: 6 x MACs (forward + backward ~ 3 forwards, 2 FLOPs per MAC)."""
-        return 6.0 * self.macs_per_image
+        """Training FLOPs of one example (:func:`convscale_cli.budget.train_flops`)."""
+        return train_flops(self.macs_per_image)
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedRun(RunSpec):
+    """A pre-training run with every default filled in (the attributes of :class:`RunSpec`, and these).
+
+    Attributes:
+        config: the config as given.
+        augment: training augmentation, the dataset's defaults updated with the config's ``augment``.
+    """
+
+    config: PretrainConfig
+    augment: dict[str, Any]
 
 
 def _recipe(base: Recipe, config: PretrainConfig) -> Recipe:
@@ -92,6 +159,22 @@ def holdout_indices(train_size: int, fraction: float) -> tuple[list[int], list[i
     held = sorted(order[: max(1, round(fraction * train_size))])
     taken = set(held)
     return [i for i in range(train_size) if i not in taken], held
+
+
+def resolve_sizes(config: Any, arch: ArchitectureSpec, info: DatasetInfo, dataset: str) -> tuple[int, int, int]:
+    """``(resolution, eval_resolution, num_classes)`` of a run: the config's ``resolution``, ``eval_resolution`` and
+    ``num_classes``, else the model's and the dataset's; checked against both.
+
+    Raises:
+        UsageError: a resolution the model refuses, a classifier smaller than the dataset's label set.
+    """
+    resolution = config.resolution or arch.train_resolution
+    eval_resolution = config.eval_resolution or arch.eval_resolution
+    arch.check_resolution(resolution)
+    arch.check_resolution(eval_resolution)
+    num_classes = config.num_classes or info.num_classes
+    check_num_classes(num_classes, info, dataset)
+    return resolution, eval_resolution, num_classes
 
 
 def check_num_classes(num_classes: int, info: DatasetInfo, dataset: str) -> None:
@@ -164,10 +247,10 @@ def default_precision(backend: str, saved: Mapping[str, Any] | None = None) -> t
 def with_precision(config: C, backend: str, saved: Mapping[str, Any] | None) -> tuple[C, str]:
     """``config`` (a pre-training or fine-tuning config) with its precision filled in (:func:`default_precision`)
     and the reason, ``"given"`` when it names one."""
-    if config.precision is not None:  # type: ignore[attr-defined]
+    if config.precision is not None:
         return config, "given"
     precision, why = default_precision(backend, saved)
-    return dataclasses.replace(config, precision=precision), why  # type: ignore[type-var]
+    return dataclasses.replace(config, precision=precision), why
 
 
 def check_budget_buys_a_step(budget: Budget, batch_size: int, flops_per_example: float, model: str) -> None:
@@ -200,12 +283,7 @@ def resolve(config: PretrainConfig, registry: Registry) -> ResolvedRun:
     info = data.info(**config.data_options)
     recipe = _recipe(arch.recipe, config)
     batch_size = config.batch_size or recipe.base_batch_size
-    resolution = config.resolution or arch.train_resolution
-    eval_resolution = config.eval_resolution or arch.eval_resolution
-    arch.check_resolution(resolution)
-    arch.check_resolution(eval_resolution)
-    num_classes = config.num_classes or info.num_classes
-    check_num_classes(num_classes, info, data.name)
+    resolution, eval_resolution, num_classes = resolve_sizes(config, arch, info, data.name)
     train_size = int(info.split_sizes.get("train", 0))
     # The recipe's default batch may pad a small dataset; a batch asked for that exceeds the whole split is a mistake.
     if config.batch_size is not None and train_size and batch_size > train_size:
@@ -236,7 +314,7 @@ def resolve(config: PretrainConfig, registry: Registry) -> ResolvedRun:
     budget = parse_budget(config.budget) if config.budget is not None else None
     budget_flops = None
     if budget is not None:
-        check_budget_buys_a_step(budget, batch_size, 6.0 * macs, arch.name)
+        check_budget_buys_a_step(budget, batch_size, train_flops(macs), arch.name)
         if config.epochs is None and config.examples is None and config.steps is None:
             budget_flops = budget.to_flops()
     duration = resolve_duration(
@@ -246,7 +324,7 @@ def resolve(config: PretrainConfig, registry: Registry) -> ResolvedRun:
         examples=config.examples,
         steps=config.steps,
         budget_flops=budget_flops,
-        flops_per_example=6.0 * macs,
+        flops_per_example=train_flops(macs),
     )
     _check_schedule(config, recipe, duration)
     return ResolvedRun(
@@ -256,7 +334,12 @@ def resolve(config: PretrainConfig, registry: Registry) -> ResolvedRun:
         info=info,
         recipe=recipe,
         batch_size=batch_size,
-        peak_lr=recipe.lr * batch_size / recipe.base_batch_size,
+        build_options={
+            "stochdepth_rate": config.stochdepth_rate,
+            "drop_rate": config.drop_rate,
+            **config.model_options,
+        },
+        peak_lr=peak_learning_rate(recipe.lr, batch_size, recipe.base_batch_size),
         resolution=resolution,
         eval_resolution=eval_resolution,
         num_classes=num_classes,
@@ -308,20 +391,30 @@ def resolved_dict(run: ResolvedRun) -> dict[str, Any]:
     ``lr``, ``loss`` and ``label_smoothing`` stay top-level (the recipe block holds the other recipe fields), and
     values computed from the rest sit under ``derived``, so a changed flag is named once when a run is compared.
     """
-    out = to_dict(run.config)
     recipe = {k: v for k, v in to_dict(run.recipe).items() if k not in ("lr", "loss", "label_smoothing")}
-    recipe = without_default_schedule(recipe)
+    return resolved_layout(
+        run,
+        label_smoothing=run.recipe.label_smoothing,
+        recipe=without_default_schedule(recipe),
+        augment=run.augment,
+        eval_crop=run.eval_crop,
+    )
+
+
+def resolved_layout(run: RunSpec, **own: Any) -> dict[str, Any]:
+    """The resolved config of any kind of run as plain JSON (what ``RUN/config.json`` holds and a rerun is compared
+    against): the given config, the values every run resolves (batch, lr, loss, resolutions, classes), the kind's
+    own resolved values ``own``, and under ``derived`` the values computed from the rest (total steps and examples,
+    peak lr, MACs), which only name a difference that no given value explains (:meth:`RunDir.prepare`)."""
+    out = to_dict(run.config)
     out.update(
         batch_size=run.batch_size,
         lr=run.recipe.lr,
         loss=run.recipe.loss,
-        label_smoothing=run.recipe.label_smoothing,
-        recipe=recipe,
         resolution=run.resolution,
         eval_resolution=run.eval_resolution,
         num_classes=run.num_classes,
-        augment=run.augment,
-        eval_crop=run.eval_crop,
+        **own,
         derived={
             "total_steps": run.duration.steps,
             "total_examples": run.duration.examples,
@@ -337,18 +430,28 @@ def header(run: ResolvedRun, precision_why: str, devices: int | None, backend: s
 
     ``devices`` None (a dry run, which never starts jax) leaves the devices out.
     """
-    config, duration, recipe = run.config, run.duration, run.recipe
+    config = run.config
     train_size = int(run.info.split_sizes.get("train", 0))
-    budget = f"; stops at budget {config.budget}" if config.budget else ""
+    notes = f"; stops at budget {config.budget}" if config.budget else ""
     if config.grad_accum_steps > 1:
-        budget += f"; {config.grad_accum_steps} micro-batches of {run.batch_size // config.grad_accum_steps} per step"
+        notes += f"; {config.grad_accum_steps} micro-batches of {run.batch_size // config.grad_accum_steps} per step"
+    title = f"pretrain {run.arch.name} on {run.data.name} ({train_size} training examples) -> {config.out}"
+    return run_header(run, title, notes, precision_why, devices, backend)
+
+
+def run_header(
+    run: RunSpec, title: str, notes: str, precision_why: str, devices: int | None, backend: str | None
+) -> str:
+    """The header of any run: ``title``, then its duration (with ``notes``), learning rate, resolution, precision
+    and devices (``devices`` None leaves them out)."""
+    config, duration, recipe = run.config, run.duration, run.recipe
     chosen = config.precision or "auto"
     precision = chosen if precision_why == "given" else f"{chosen} ({precision_why})"
     return "\n".join(
         (
-            f"pretrain {run.arch.name} on {run.data.name} ({train_size} training examples) -> {config.out}",
+            title,
             f"  {duration.steps} {'step' if duration.steps == 1 else 'steps'} = {duration.epochs:.4g} epochs of batch "
-            f"{run.batch_size}{budget}",
+            f"{run.batch_size}{notes}",
             f"  peak lr {run.peak_lr:.4g} (alpha {recipe.lr:g} x {run.batch_size}/{recipe.base_batch_size}, "
             f"{recipe.optimizer} {recipe.schedule}), {run.resolution} px",
             f"  precision {precision}"

@@ -31,10 +31,11 @@ import jax
 import optax
 
 from convscale_cli.errors import UsageError
+from convscale_cli.recipe import DEFAULT_SAM_FRACTION, DEFAULT_SAM_RHO
 
 # SAM radius of the NFNet transfer recipe (Brock et al. 2021 A.5) and the fraction of the batch its ascent uses (A.4).
-DEFAULT_RHO = 0.05
-DEFAULT_FRACTION = 0.2
+DEFAULT_RHO = DEFAULT_SAM_RHO
+DEFAULT_FRACTION = DEFAULT_SAM_FRACTION
 
 GradFn = Callable[[Any, dict[str, jax.Array]], tuple[tuple[jax.Array, Any], Any]]
 

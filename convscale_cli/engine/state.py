@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -44,3 +46,8 @@ class TrainState(flax.struct.PyTreeNode):
 def step_key(rng: jax.Array, step: jax.Array) -> jax.Array:
     """The PRNG key of one step: a pure function of the base key and the step number (restart-invariant)."""
     return jax.random.fold_in(rng, step)
+
+
+def param_count(params: Any) -> int:
+    """The number of parameters in a tree of arrays (or of ``ShapeDtypeStruct``s): read off the shapes alone."""
+    return int(sum(math.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(params)))

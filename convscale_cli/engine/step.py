@@ -14,9 +14,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from convscale_cli.data.device import mix_batch, smooth_labels
 from convscale_cli.engine.ema import ema_update
 from convscale_cli.engine.optim import current_learning_rate
+from convscale_cli.engine.sam import DEFAULT_FRACTION, sam_gradients
 from convscale_cli.engine.state import TrainState, step_key
+
+# The stream of the step key that MixUp/CutMix draw from; dropout and stochastic depth use the step key itself.
+MIX_STREAM = 1
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -44,8 +49,7 @@ def per_example_loss(
         return optax.sigmoid_binary_cross_entropy(logits, targets).sum(axis=-1)
     if labels.ndim != 1:
         targets = targets / jnp.maximum(targets.sum(axis=-1, keepdims=True), 1.0)
-    if label_smoothing:
-        targets = targets * (1.0 - label_smoothing) + label_smoothing / num_classes
+    targets = smooth_labels(targets, label_smoothing, num_classes)
     return -(targets * jax.nn.log_softmax(logits, axis=-1)).sum(axis=-1)
 
 
@@ -78,14 +82,21 @@ def train_step(
     label_smoothing: float = 0.0,
     ema_decay: float | None = None,
     accum_steps: int = 1,
+    sam_rho: float = 0.0,
+    sam_fraction: float = DEFAULT_FRACTION,
+    num_shards: int = 1,
+    mixup_alpha: float = 0.0,
+    cutmix_alpha: float = 0.0,
 ) -> tuple[TrainState, Metrics]:
-    """One optimiser step on one global batch.
+    """One optimiser step on one global batch: pre-training's, and fine-tuning's with its extras switched on.
 
     The dropout / stochastic-depth key is folded from the state's base key and the step number, so the step is a
-    pure function of ``(state, batch)`` and a resumed run reproduces an uninterrupted one bit for bit.
+    pure function of ``(state, batch)`` and a resumed run reproduces an uninterrupted one bit for bit. The transfer
+    recipe (Smith et al. 2023 §3; NFNet 2021 A.3-A.5) adds SAM, whose gradient is handed to AGC and the optimiser as
+    the plain gradient would be, and MixUp/CutMix on device; both are static options, off by default.
 
     Args:
-        state: the current state (donated by the jitted caller).
+        state: the current state (donated by the jitted caller); ``state.ema`` is None when the EMA is off.
         batch: ``image`` uint8 ``[b, H, W, 3]``, ``label``, ``mask`` float ``[b]`` (0 for padding).
         model: the flax module.
         tx: the optimiser.
@@ -93,34 +104,66 @@ def train_step(
         normalize: uint8 images -> normalised float32 (ImageNet mean/std), traced into the step.
         loss: ``softmax`` or ``sigmoid``.
         num_classes: classifier size.
-        label_smoothing: softmax label smoothing.
+        label_smoothing: softmax label smoothing (of the mixed targets, when mixing).
         ema_decay: decay of the parameter EMA (with the NFNet warm-up ``min(decay, (1+t)/(10+t))``), or None.
         accum_steps: gradient accumulation (timm's ``--grad-accum-steps``): the batch is split into this many
             micro-batches whose summed gradients make the large batch's gradient (the masked mean over all of it), so
             the update is the large batch's up to float rounding, at a fraction of the activation memory. Micro-batch
             ``i`` draws its dropout from ``fold_in(step key, i)``: with dropout or stochastic depth the random masks
-            differ from the large batch's (the paper's pre-training uses neither).
+            differ from the large batch's (the paper's pre-training uses neither). Not combined with SAM or mixing.
+        sam_rho: SAM radius (Foret et al. 2021); 0: plain gradients, no ascent pass.
+        sam_fraction: share of each device's rows the SAM ascent pass uses (NFNet A.4: 20%).
+        num_shards: devices the batch is split over (so the ascent rows stay on their devices).
+        mixup_alpha: MixUp Beta parameter (0: off).
+        cutmix_alpha: CutMix Beta parameter (0: off; with both, half the batch gets each: NFNet A.3).
 
     Returns:
-        The new state and scalar metrics: ``loss`` and ``top1`` (masked means over the batch), ``grad_norm``, ``lr``
-        and ``examples`` (real examples in the batch).
+        The new state and scalar metrics: ``loss`` (at the SAM-perturbed point when SAM is on) and ``top1`` (against
+        the unmixed labels) as masked means over the batch, ``grad_norm`` (of the gradient the optimiser consumed,
+        before AGC), ``lr`` and ``examples`` (real examples in the batch).
+
+    Raises:
+        ValueError: gradient accumulation asked for together with SAM or mixing.
     """
     rng = step_key(state.rng, state.step)
     mask = batch["mask"].astype(jnp.float32)
+    mixing = bool(mixup_alpha or cutmix_alpha)
     if accum_steps > 1:
+        if sam_rho or mixing:
+            raise ValueError("gradient accumulation does not combine with SAM or on-device mixing")
         value, top1, grads = _accumulated(state.params, batch, rng, accum_steps, model, normalize, loss, num_classes,
                                           label_smoothing)  # fmt: skip
     else:
-        images = normalize(batch["image"])
-
-        def loss_fn(params: Any) -> tuple[jax.Array, jax.Array]:
-            logits = model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
-            per = per_example_loss(
-                logits, batch["label"], loss=loss, num_classes=num_classes, label_smoothing=label_smoothing
+        images, targets, smoothing = normalize(batch["image"]), batch["label"], label_smoothing
+        if mixing:
+            # On device, because MixUp/CutMix pair examples of the batch (NFNet A.3); the soft targets carry the
+            # label smoothing. The mixing draws from its own stream, so turning it on changes nothing else (the
+            # dropout and stochastic-depth masks stay those of the run without it).
+            images, targets = mix_batch(
+                jax.random.fold_in(rng, MIX_STREAM),
+                images,
+                targets,
+                num_classes=num_classes,
+                mixup_alpha=mixup_alpha,
+                cutmix_alpha=cutmix_alpha,
+                label_smoothing=label_smoothing,
             )
-            return masked_mean(per, mask), logits
+            smoothing = 0.0
 
-        (value, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        def grad_fn(params: Any, part: Batch) -> tuple[tuple[jax.Array, jax.Array], Any]:
+            def loss_fn(p: Any) -> tuple[jax.Array, jax.Array]:
+                logits = model.apply({"params": p}, part["image"], train=True, rngs={"dropout": rng})
+                per = per_example_loss(
+                    logits, part["target"], loss=loss, num_classes=num_classes, label_smoothing=smoothing
+                )
+                return masked_mean(per, part["mask"]), logits
+
+            return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+        rows = {"image": images, "target": targets, "mask": mask}
+        (value, logits), grads = sam_gradients(
+            grad_fn, state.params, rows, rho=sam_rho, fraction=sam_fraction, num_shards=num_shards
+        )
         top1 = masked_mean(topk_correct(logits, batch["label"], 1), mask)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -132,6 +175,7 @@ def train_step(
         "loss": value,
         "top1": top1,
         "grad_norm": optax.tree.norm(grads),
+        # Read from the injected hyperparameters, so runs differing only in lr or length share one compiled step.
         "lr": current_learning_rate(state.opt_state, state.step, schedule),
         "examples": mask.sum(),
     }

@@ -5,7 +5,6 @@ Public API (imported lazily, so ``import convscale_cli.finetune`` never pulls in
     FinetuneConfig                      # convscale_cli.finetune.config (jax-free)
     finetune(config, registry=None)     # convscale_cli.finetune.api -> summary dict
     locate(path) -> Pretrained          # convscale_cli.finetune.backbone: what ``--from`` names
-    finetune_step                       # convscale_cli.finetune.step: the pure jitted step (SAM + EMA)
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ _LAZY = {
     "finetune": "api",
     "locate": "backbone",
     "Pretrained": "backbone",
-    "finetune_step": "step",
 }
 
 __all__ = sorted(_LAZY)

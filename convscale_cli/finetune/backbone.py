@@ -110,7 +110,8 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def _from_weights(path: Path) -> Pretrained:
+def from_weights(path: Path) -> Pretrained:
+    """The imported-weights directory ``path`` (``convscale import-weights``) as a backbone to fine-tune."""
     from convscale_cli.weights import PARAMS_DIR, params_file, read_model_json
 
     meta = read_model_json(path)
@@ -192,14 +193,14 @@ def locate(path: str | Path, what: str = "--from") -> Pretrained:
         raise CheckpointError(f"{what} {str(path)!r} does not exist")
     named = named.resolve()
     if named.is_file() and named.suffix == ".safetensors" and (named.parent / _WEIGHTS_JSON).is_file():
-        pre = _from_weights(named.parent)
+        pre = from_weights(named.parent)
         if pre.params_file != named:
             raise CheckpointError(f"{what} {str(path)!r} is not the parameters file its model.json names")
         return pre
     if not named.is_dir():
         raise CheckpointError(f"{what} {str(path)!r} is a file, expected a run, checkpoint or weights directory")
     if (named / _WEIGHTS_JSON).is_file():
-        return _from_weights(named)
+        return from_weights(named)
     if (named / "config.json").is_file() and (named / "checkpoints").is_dir():
         return _from_run(named, None, named)
     if named.name == "checkpoints" and (named.parent / "config.json").is_file():
@@ -212,7 +213,8 @@ def locate(path: str | Path, what: str = "--from") -> Pretrained:
     )
 
 
-def _flat(tree: Mapping[str, Any]) -> dict[str, Any]:
+def flat_params(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """A nested parameter tree as ``{"layer/sub/name": leaf}``."""
     from flax.traverse_util import flatten_dict
 
     return {"/".join(str(k) for k in key): value for key, value in flatten_dict(dict(tree)).items()}
@@ -230,8 +232,8 @@ def abstract_params(spec: ArchitectureSpec, num_classes: int, options: Mapping[s
 
 def head_paths(spec: ArchitectureSpec, num_classes: int, options: Mapping[str, Any], resolution: int) -> list[str]:
     """Paths of the parameters whose shape depends on the number of classes: the classifier, in any family."""
-    one = _flat(abstract_params(spec, num_classes, options, resolution))
-    two = _flat(abstract_params(spec, num_classes + 1, options, resolution))
+    one = flat_params(abstract_params(spec, num_classes, options, resolution))
+    two = flat_params(abstract_params(spec, num_classes + 1, options, resolution))
     head = [path for path, leaf in one.items() if two[path].shape != leaf.shape]
     if not head:
         raise UsageError(f"{spec.name} has no parameter whose shape depends on num_classes: no classifier to replace")
@@ -260,7 +262,7 @@ def checkpoint_shapes(pre: Pretrained) -> dict[str, tuple[int, ...]]:
         if not isinstance(tree, Mapping) or not isinstance(tree.get(key), Mapping):  # a None EMA has no arrays
             raise CheckpointError(f"checkpoint {str(pre.params_dir)!r} holds no {key!r} collection")
         tree = tree[key]
-    return {path: tuple(leaf.shape) for path, leaf in _flat(tree).items()}
+    return {path: tuple(leaf.shape) for path, leaf in flat_params(tree).items()}
 
 
 def check_backbone(name: str, saved: Mapping[str, tuple[int, ...]], wanted: Mapping[str, Any], head: list[str]) -> None:
@@ -346,14 +348,14 @@ def load_params(
     import jax.numpy as jnp
     from flax.traverse_util import unflatten_dict
 
-    wanted = _flat(abstract_params(spec, num_classes, options, resolution))
+    wanted = flat_params(abstract_params(spec, num_classes, options, resolution))
     head = head_paths(spec, num_classes, options, resolution)
     check_backbone(spec.name, checkpoint_shapes(pre), wanted, head)
 
     body = {p: jax.ShapeDtypeStruct(v.shape, jnp.float32) for p, v in wanted.items() if p not in head}
     restored = restore_params(pre, body)
 
-    flat = {tuple(p.split("/")): v for p, v in _flat(restored).items()}
+    flat = {tuple(p.split("/")): v for p, v in flat_params(restored).items()}
     keys = jax.random.split(rng, len(head))
     for key, path in zip(keys, head, strict=True):
         leaf = wanted[path]

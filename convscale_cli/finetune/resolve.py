@@ -10,65 +10,43 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from convscale_cli.budget import get_hardware
+from convscale_cli.budget import get_hardware, train_flops
 from convscale_cli.config import check_options, from_dict, to_dict
 from convscale_cli.data.augment import DEFAULT_EVAL_CROP_FRACTION, AugmentConfig
-from convscale_cli.engine.resolve import check_num_classes
-from convscale_cli.engine.steps import Duration, resolve_duration
+from convscale_cli.engine.resolve import RunSpec, resolve_sizes, resolved_layout, run_header
+from convscale_cli.engine.steps import resolve_duration
 from convscale_cli.errors import UsageError
 from convscale_cli.finetune.backbone import Pretrained, locate
 from convscale_cli.finetune.config import DEFAULT_BATCH_SIZE, FINETUNE_LR_FRACTION, FinetuneConfig
-from convscale_cli.recipe import Recipe, without_default_schedule
-from convscale_cli.registry import ArchitectureSpec, DatasetInfo, DatasetSpec, Registry
+from convscale_cli.recipe import Recipe, peak_learning_rate, without_default_schedule
+from convscale_cli.registry import Registry
 
 
 @dataclasses.dataclass(frozen=True)
-class FinetuneRun:
-    """A fine-tuning run with every default filled in (the attributes the engine's loop reads included).
+class FinetuneRun(RunSpec):
+    """A fine-tuning run with every default filled in (the attributes of
+    :class:`~convscale_cli.engine.resolve.RunSpec`, and these).
 
     Attributes:
         config: the config as given.
         pretrained: the located checkpoint.
-        arch: the checkpoint's architecture.
-        data: the target dataset.
-        info: its info under the config's data options.
-        recipe: the architecture's recipe with the fine-tuning overrides.
         augment: the host-side and on-device augmentation (the dataset's defaults updated with the config's).
-        build_options: ``ArchitectureSpec.build`` options (the checkpoint's, plus stochastic depth and dropout).
-        batch_size: global batch size.
-        peak_lr: ``recipe.lr * batch_size / recipe.base_batch_size``.
-        resolution: training resolution.
-        eval_resolution: held-out resolution.
-        num_classes: classes of the new classifier.
-        duration: steps / examples (augmented samples) / epochs.
-        macs_per_image: forward MACs of one image at the training resolution.
-        eval_crop: central fraction of each held-out image evaluated (the config's, the dataset's, else 0.875).
-        budget: always None (read by the engine's loop: fine-tuning has no compute-budget stop).
+
+    Its ``arch`` is the checkpoint's architecture; ``build_options`` are the checkpoint's, plus stochastic depth and
+    dropout; ``budget`` is None (fine-tuning has no compute-budget stop); ``eval_crop`` is the config's, else the
+    dataset's, else 0.875.
     """
 
     config: FinetuneConfig
     pretrained: Pretrained
-    arch: ArchitectureSpec
-    data: DatasetSpec
-    info: DatasetInfo
-    recipe: Recipe
     augment: AugmentConfig
-    build_options: dict[str, Any]
-    batch_size: int
-    peak_lr: float
-    resolution: int
-    eval_resolution: int
-    num_classes: int
-    duration: Duration
-    macs_per_image: int
-    eval_crop: float
-    budget: None = None
 
     @property
     def flops_per_example(self) -> float:
-        """Training FLOPs of one example: 6 x MACs, plus the SAM ascent pass over ``sam_fraction`` of the batch."""
+        """Training FLOPs of one example (:func:`convscale_cli.budget.train_flops`), plus the SAM ascent pass over
+        ``sam_fraction`` of the batch."""
         sam = self.config.sam_fraction if self.config.sam_rho > 0 else 0.0
-        return 6.0 * self.macs_per_image * (1.0 + sam)
+        return train_flops(self.macs_per_image) * (1.0 + sam)
 
 
 def _recipe(base: Recipe, config: FinetuneConfig) -> Recipe:
@@ -105,12 +83,7 @@ def resolve(config: FinetuneConfig, registry: Registry) -> FinetuneRun:
         raise UsageError(f"dataset {data.name!r} has no held-out 'eval' split to evaluate on")
     recipe = _recipe(arch.recipe, config)
     batch_size = config.batch_size or DEFAULT_BATCH_SIZE
-    resolution = config.resolution or arch.train_resolution
-    eval_resolution = config.eval_resolution or arch.eval_resolution
-    arch.check_resolution(resolution)
-    arch.check_resolution(eval_resolution)
-    num_classes = config.num_classes or info.num_classes
-    check_num_classes(num_classes, info, data.name)
+    resolution, eval_resolution, num_classes = resolve_sizes(config, arch, info, data.name)
     layers, magnitude = config.randaugment
     augment = from_dict(
         AugmentConfig,
@@ -145,38 +118,43 @@ def resolve(config: FinetuneConfig, registry: Registry) -> FinetuneRun:
         augment=augment,
         build_options={**pre.options, "stochdepth_rate": config.stochdepth_rate, "drop_rate": config.drop_rate},
         batch_size=batch_size,
-        peak_lr=recipe.lr * batch_size / recipe.base_batch_size,
+        peak_lr=peak_learning_rate(recipe.lr, batch_size, recipe.base_batch_size),
         resolution=resolution,
         eval_resolution=eval_resolution,
         num_classes=num_classes,
         duration=duration,
         macs_per_image=int(arch.count(resolution, num_classes).macs),
+        budget=None,
         eval_crop=config.eval_crop_fraction or data.eval_crop or DEFAULT_EVAL_CROP_FRACTION,
     )
 
 
 def resolved_dict(run: FinetuneRun) -> dict[str, Any]:
     """The resolved config as plain JSON (what ``RUN/config.json`` holds and a rerun is compared against)."""
-    out = to_dict(run.config)
-    out.update(
+    return resolved_layout(
+        run,
         kind="finetune",
         model=run.arch.name,
         pretrained_checkpoint={"path": str(run.pretrained.params_dir), "step": run.pretrained.step},
-        batch_size=run.batch_size,
-        lr=run.recipe.lr,
-        loss=run.recipe.loss,
         recipe=without_default_schedule(to_dict(run.recipe)),
         augment=to_dict(run.augment),
         eval_crop_fraction=run.eval_crop,
         model_options=run.build_options,
-        resolution=run.resolution,
-        eval_resolution=run.eval_resolution,
-        num_classes=run.num_classes,
-        total_steps=run.duration.steps,
-        total_examples=run.duration.examples,
-        peak_lr=run.peak_lr,
     )
-    return out
 
 
-__all__ = ["FinetuneRun", "resolve", "resolved_dict"]
+def header(run: FinetuneRun, precision_why: str, devices: int | None, backend: str | None) -> str:
+    """What is about to run, printed before anything compiles (:func:`~convscale_cli.engine.resolve.run_header`)."""
+    config = run.config
+    train_size = int(run.info.split_sizes.get("train", 0))
+    source = "a random initialisation" if config.scratch else str(run.pretrained.path)
+    title = (
+        f"finetune {run.arch.name} from {source} on {run.data.name} ({train_size} training examples) -> {config.out}"
+    )
+    notes = f"; SAM rho {config.sam_rho:g} on {config.sam_fraction:g} of each batch" if config.sam_rho > 0 else ""
+    if config.ema_decay > 0:
+        notes += f"; EMA {config.ema_decay:g}"
+    return run_header(run, title, notes, precision_why, devices, backend)
+
+
+__all__ = ["FinetuneRun", "header", "resolve", "resolved_dict"]
