@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from convscale_cli import tuning
+from convscale_cli.budget import train_flops
 from convscale_cli.config import check_seed, from_dict, load_config, to_dict
 from convscale_cli.errors import ConfigError, ConvscaleError, ExitCode, UnknownNameError, UsageError, did_you_mean
 from convscale_cli.planner import run_name
@@ -185,7 +186,7 @@ def plan_cells(study: StudyConfig, registry: Registry) -> list[CellPlan]:
         spec.check_resolution(resolution)
         macs = spec.count(resolution, classes).macs
         for epochs in study.epochs:
-            cells.append(CellPlan(spec.name, spec.family, float(epochs), 6.0 * macs * epochs * train_size))
+            cells.append(CellPlan(spec.name, spec.family, float(epochs), train_flops(macs) * epochs * train_size))
     if isinstance(study.start_lr, dict):
         families = sorted({c.family for c in cells})
         unknown = sorted(set(study.start_lr) - set(families))

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from convscale_cli import interrupts
+from convscale_cli.budget import train_flops
 from convscale_cli.errors import TrainingError, UnknownNameError, UsageError
 from convscale_cli.planner import run_name
 from convscale_cli.recipe import without_default_schedule
@@ -81,7 +82,9 @@ class RunRecord:
             examples_seen=int(summary["examples_seen"]),
             # A diverged run counts as infinitely bad rather than vanishing from the comparison.
             eval_loss=float(loss) if loss is not None and math.isfinite(float(loss)) else math.inf,
-            train_flops=float(ledger.get("train_flops", 6.0 * summary["macs_per_image"] * summary["examples_seen"])),
+            train_flops=float(
+                ledger.get("train_flops", train_flops(summary["macs_per_image"]) * summary["examples_seen"])
+            ),
             core_hours=float(ledger.get("core_hours", math.nan)),
         )
 

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from convscale_cli.budget import train_flops
 from convscale_cli.recipe import Recipe
 from convscale_cli.registry import ArchitectureSpec, DatasetInfo, DatasetSpec, ModelCount, Registry
 from convscale_cli.report.verdicts import VIT_FAMILY
@@ -170,7 +171,7 @@ class SimulatedTrainer:
         family, size = self.models[model]
         loss = scenario.loss(size, epochs, lr, noise, family)
         examples = int(round(epochs * scenario.examples_per_epoch))
-        flops = 6.0 * size * MACS_PER_PARAM * examples
+        flops = train_flops(size * MACS_PER_PARAM) * examples
         from convscale_cli.budget import flops_to_core_hours
 
         summary = {
@@ -349,7 +350,7 @@ def truth_values(scenario: Scenario) -> dict[str, float]:
         for epochs in scenario.epochs:
             lr = scenario.optimal_lr(size, epochs)
             examples = epochs * scenario.examples_per_epoch
-            flops = 6.0 * size * MACS_PER_PARAM * examples
+            flops = train_flops(size * MACS_PER_PARAM) * examples
             loss = scenario.loss(size, epochs, lr, 0.0, family)
             points.append(RunPoint(name, family, epochs, lr, size, examples, flops, loss))
     design = StudyDesign.from_points([p for p in points if p.family == FAMILY])
