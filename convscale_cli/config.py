@@ -269,6 +269,16 @@ def parse_overrides(pairs: list[str] | None, prefix: str = "") -> dict[str, Any]
     return out
 
 
+def nested_overrides(pairs: list[str] | None) -> dict[str, Any]:
+    """Repeated ``key=value`` options as a nested mapping: dotted keys (``data_options.size=4096``) become tables,
+    as in a TOML file.
+
+    Raises:
+        ConfigError: a pair :func:`parse_override` refuses.
+    """
+    return merge({}, parse_overrides(pairs))
+
+
 def _clip(text: str, n: int = 40) -> str:
     """``text`` cut to ``n`` characters for an error message."""
     return text if len(text) <= n else text[:n] + "..."

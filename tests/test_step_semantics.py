@@ -126,9 +126,9 @@ def _state(run: Path, step: int) -> dict[str, dict[str, np.ndarray]]:
     return flat
 
 
-def _train_losses(run: Path) -> list[float]:
+def _train_losses(run: Path, key: str = "loss") -> list[float]:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in records if r["split"] == "train"]
+    return [r[key] for r in records if r["split"] == "train"]
 
 
 def _warm_decay(t: int) -> float:
@@ -198,7 +198,12 @@ def test_finetuning_mixes_the_batch_when_asked(
     finetuned: tuple[Path, list[float]],
     option: str,
 ) -> None:
-    """Same seed, data and initial weights: only the mixing differs, so the first step's loss must differ."""
+    """Same seed, data and initial weights: only the mixing differs, so the first step's gradient must differ.
+
+    The new head starts near 0, so the first loss is about log C whatever the targets; the gradient is not: the
+    head's is (softmax - targets) x features, and mixing changes both the targets and the features.
+    """
     mixed, _ = _finetune(tmp_path / option, pretrained[0], registry, steps=1, **{option: 1.0})
-    plain, with_mixing = _train_losses(finetuned[0])[0], _train_losses(mixed)[0]
-    assert abs(with_mixing - plain) > 1e-3 * abs(plain), f"{option}=1.0 left the first loss at {plain}"
+    plain = _train_losses(finetuned[0], "grad_norm")[0]
+    with_mixing = _train_losses(mixed, "grad_norm")[0]
+    assert abs(with_mixing - plain) > 0.01 * abs(plain), f"{option}=1.0 left the first gradient norm at {plain}"

@@ -166,10 +166,12 @@ def plan(
 
             from_runs = runs_batch_size(from_, family)
         batch_size = from_runs or planner.PAPER_BATCH_SIZE
+    from convscale_cli.config import parse_overrides
+
     request = planner.PlanRequest(
         budget=parsed,
         hardware=hw,
-        dataset=_dataset_plan(registry, dataset, dataset_size, resolution, num_classes, _pairs(data_option)),
+        dataset=_dataset_plan(registry, dataset, dataset_size, resolution, num_classes, parse_overrides(data_option)),
         family=family,
         batch_size=batch_size,
         models=patterns,
@@ -259,19 +261,6 @@ def _print_plan(plan: "Plan", document: dict[str, Any]) -> None:
         print(f"Note: {note}")
 
 
-def _pairs(items: list[str] | None) -> dict[str, Any]:
-    from convscale_cli.config import parse_override
-
-    return dict(parse_override(item) for item in items or [])
-
-
-def _overrides(items: list[str] | None) -> dict[str, Any]:
-    from convscale_cli.config import merge, parse_override
-
-    # Dotted keys (data_options.size=4096) become nested tables, as in a TOML file.
-    return merge({}, dict(parse_override(item) for item in items or []))
-
-
 def _infer_dataset(runs_dir: Path) -> str:
     from convscale_cli.tuning import load_runs
 
@@ -323,6 +312,7 @@ def tune_lr(
     the dataset, so they stay comparable with the cells they continue; a different value given with --batch-size,
     --resolution or --set is refused.
     """
+    from convscale_cli.config import nested_overrides
     from convscale_cli.plugins import get_registry
     from convscale_cli.tuning import tune_cell
 
@@ -330,7 +320,7 @@ def tune_lr(
         hint = did_you_mean(size_axis, ("params", "macs"), n=1)
         hint = f"; {hint}" if hint else ""
         raise UsageError(f"--size-axis {size_axis!r} is not one of 'params', 'macs'{hint}")
-    options: dict[str, Any] = {"seed": seed, **_overrides(set_)}
+    options: dict[str, Any] = {"seed": seed, **nested_overrides(set_)}
     if batch_size is not None:
         options["batch_size"] = batch_size
     if resolution is not None:

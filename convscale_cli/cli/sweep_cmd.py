@@ -10,7 +10,6 @@ import typer
 
 from convscale_cli.cli import app
 from convscale_cli.cli._output import err, print_json, progress_to_stderr
-from convscale_cli.cli.plan_cmd import _overrides
 
 if TYPE_CHECKING:
     from convscale_cli.registry import Registry
@@ -56,6 +55,7 @@ def sweep(
     Resumable: rerun the same command and finished runs are skipped (an interrupted run resumes from its checkpoint).
     With --shard I/N, N workers split the cells; their decisions and tuning.jsonl are those of one process.
     """
+    from convscale_cli.config import nested_overrides
     from convscale_cli.errors import UsageError
     from convscale_cli.plugins import get_registry
     from convscale_cli.sweep import load_study, run_sweep
@@ -64,7 +64,7 @@ def sweep(
     worker = Shard.parse(shard) if shard is not None else None
     if not wait_timeout > 0:
         raise UsageError(f"--wait-timeout must be a positive number of seconds, got {wait_timeout:g}")
-    config = load_study(study, _overrides(set_))
+    config = load_study(study, nested_overrides(set_))
     registry = get_registry()
     if plan:
         _print_plan(config, registry, worker, json_)
