@@ -60,6 +60,13 @@ def test_two_trials_per_cell_can_never_show_a_falling_lr(tmp_path: Path) -> None
     assert found["lr_falls"].reason.startswith("two trials per cell cannot show a fall")
 
 
+def test_one_lr_per_cell_says_so_and_not_two_trials(tmp_path: Path) -> None:
+    one = dataclasses.replace(scenarios()["law-holds"], name="one-lr", lr_octaves=(0,))
+    found = verdicts_of(one, tmp_path)
+    assert found["lr_falls"].status == INCONCLUSIVE
+    assert found["lr_falls"].reason.startswith("one learning rate per cell cannot show a fall"), found["lr_falls"].text
+
+
 def test_too_small_a_design_is_inconclusive_not_a_verdict(tmp_path: Path) -> None:
     small = dataclasses.replace(scenarios()["law-holds"], name="tiny", sizes=(1e5, 2e5), epochs=(0.5, 1.0))
     found = verdicts_of(small, tmp_path)

@@ -200,13 +200,12 @@ def lr_falls(est: Estimates, boot: Bootstrap, noise: Noise, design: StudyDesign)
     finding, claim = "lr_falls", "the optimal learning rate falls as the epoch budget rises"
     tried = design.lrs_per_cell
     if len(tried) and tried.max() <= 2:
-        return Verdict(
-            finding,
-            claim,
-            INCONCLUSIVE,
-            "two trials per cell cannot show a fall (the two-trial rule keeps alpha or alpha/2 by design); "
-            "run >= 3 learning rates per cell (tune-lr --grid)",
+        why = (
+            "two trials per cell cannot show a fall (the two-trial rule keeps alpha or alpha/2 by design)"
+            if tried.max() == 2
+            else "one learning rate per cell cannot show a fall (no cell has an optimum to compare)"
         )
+        return Verdict(finding, claim, INCONCLUSIVE, f"{why}; run >= 3 learning rates per cell (tune-lr --grid)")
     with_three = int((tried >= 3).sum())
     edges = int((est.cells.edge != 0).sum())
     interior = int(math.isfinite(est.lr["cells"]) and est.lr["cells"])
