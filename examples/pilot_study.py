@@ -18,7 +18,7 @@ overstate the loss a run of that length would reach: an upper bound). Short dire
     nice -n 10 python examples/pilot_study.py --out runs/pilot            # the whole pilot (~35 min on 2 busy cores)
     python examples/pilot_study.py --out runs/pilot --report              # tables from the finished runs only
     python examples/pilot_study.py --cells runs/pilot2/b32                # a study's cells and where rungs cross
-    nice -n 10 python examples/pilot_study.py --study runs/pilot2-w64.toml # a study with nfnet-w64 registered
+    nice -n 10 python examples/pilot_study.py --study runs/pilot2-w64.toml # any study file, trained in-process
 
 The second round runs candidate designs as ordinary studies (``convscale sweep``, wsd with cooldown branching, the
 study files in ``docs/study-pilot.md``); ``--cells`` reads their runs: each cell's held-out loss and training FLOPs,
@@ -127,22 +127,12 @@ def train(
 
 
 def _registry() -> Any:
-    """The installed plugins plus ``nfnet-w64`` (1/64 width at the width ladder's depth), a candidate bottom rung."""
-    from convscale_plugins.nfnet import spec
-    from convscale_plugins.nfnet.variants import WIDTH_LADDER_DEPTHS, Variant, scaled_config
-
-    from convscale_cli.hookspecs import hookimpl
+    """The installed plugins' registry (loaded once per process)."""
     from convscale_cli.plugins import load_plugins
-
-    class PilotRungs:
-        @hookimpl
-        def register_architectures(self, register: Any) -> None:
-            config = scaled_config(64, WIDTH_LADDER_DEPTHS)
-            register(spec(Variant("nfnet-w64", config, 32, 32, "NFNet at 1/64 width (pilot)", ("ladder",))))
 
     global _REGISTRY
     if _REGISTRY is None:
-        _REGISTRY = load_plugins(extra=[("pilot", PilotRungs())]).registry
+        _REGISTRY = load_plugins().registry
     return _REGISTRY
 
 
@@ -258,7 +248,7 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="only print the tables of the finished runs")
     parser.add_argument("--skip", nargs="*", default=[], help="parts to skip: agc, scan, long, seeds, lambda")
     parser.add_argument("--cells", type=Path, help="only print the cells of the study in this runs directory")
-    parser.add_argument("--study", type=Path, help="run this study file with the pilot's extra rungs registered")
+    parser.add_argument("--study", type=Path, help="run this study file in this process, as `convscale sweep` does")
     args = parser.parse_args()
     if args.cells is not None:
         cells_table(args.cells)

@@ -120,18 +120,19 @@ def test_ladder_spans_two_decades_in_small_steps():
 
 def test_width_ladder_varies_width_only_with_the_stated_sizes():
     ladder = [v for v in VARIANTS.values() if "width" in v.tags]
-    assert [v.name for v in ladder] == ["nfnet-w32", "nfnet-w16", "nfnet-w8", "nfnet-w4", "nfnet-w2"]
+    assert [v.name for v in ladder] == ["nfnet-w64", "nfnet-w32", "nfnet-w16", "nfnet-w8", "nfnet-w4", "nfnet-w2"]
     assert {v.config.depths for v in ladder} == {(1, 2, 2, 1)}
     assert all("ladder" in v.tags and (v.train_resolution, v.eval_resolution) == (32, 32) for v in ladder)
     non_head = [
         sum(int(np.prod(shape)) for path, shape in param_shapes(v.config, 70).items() if not path.startswith("fc/"))
         for v in ladder
     ]
-    assert non_head == [30_798, 118_354, 465_746, 1_849_194, 7_370_254]
+    assert non_head == [8_464, 30_798, 118_354, 465_746, 1_849_194, 7_370_254]
     macs = [count(v.name, 32, 70).macs for v in ladder]
-    np.testing.assert_allclose(np.array(macs[:4]) / 1e6, [0.23, 0.59, 2.05, 7.98], atol=0.01)
+    np.testing.assert_allclose(np.array(macs[:5]) / 1e6, [0.14, 0.23, 0.59, 2.05, 7.98], atol=0.01)
     assert VARIANTS["nfnet-w8"].config == VARIANTS["nfnet-tiny-l2"].config
-    assert non_head[2] / non_head[0] >= 15  # the three smallest rungs already span the study's size range
+    assert non_head[3] / non_head[1] >= 15  # three consecutive rungs already span a study's size range
+    assert non_head[2] / non_head[0] >= 13  # the power-law study's ladder, nfnet-w64 .. nfnet-w16
 
 
 def test_recipe_masks_select_the_right_parameters():

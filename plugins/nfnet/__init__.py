@@ -6,9 +6,10 @@ Registers, through the same ``register_architectures`` hook a third-party plugin
   reproduce the NFNet paper's Table 3 and paper-facts §3.7; F0-F6 import timm ``dm_nfnet_fN`` state dicts.
 * the laptop ladder ``nfnet-tiny-l0`` .. ``nfnet-tiny-l6`` (tag ``ladder``): the same block structure at 1/16 .. 1/2
   width and F0/F1-style depths, trained and evaluated at 32 px, spanning 120x in MACs;
-* the width-only ladder ``nfnet-w32``, ``nfnet-w16``, ``nfnet-w8``, ``nfnet-w4``, ``nfnet-w2`` (tags ``ladder`` and
-  ``width``): 1/32 .. 1/2 width at one depth (1, 2, 2, 1), ~4x non-head parameters per rung (31k, 118k, 466k, 1.85M,
-  7.37M), so size is one clean axis (at 32 px with 70 classes: 0.23M, 0.59M, 2.05M, 7.98M, 31.8M MACs);
+* the width-only ladder ``nfnet-w64``, ``nfnet-w32``, ``nfnet-w16``, ``nfnet-w8``, ``nfnet-w4``, ``nfnet-w2`` (tags
+  ``ladder`` and ``width``): 1/64 .. 1/2 width at one depth (1, 2, 2, 1), ~4x non-head parameters per rung (8.5k,
+  31k, 118k, 466k, 1.85M, 7.37M), so size is one clean axis (at 32 px with 70 classes: 0.14M, 0.23M, 0.59M, 2.05M,
+  7.98M, 31.8M MACs);
 * ``nfnet-test`` (tag ``tiny``) for unit tests.
 
 Laptop ladder at 32 px, 10 classes: analytic MACs per image, and one jitted train step (forward + backward +

@@ -313,7 +313,7 @@ def scaled_config(divisor: int, depths: tuple[int, int, int, int], drop_rate: fl
 # single axis (each rung has ~4x the non-head parameters and MACs of the previous one) and a scaling study's size
 # contrast is not confounded with depth. nfnet-w8 is the same network as nfnet-tiny-l2.
 WIDTH_LADDER_DEPTHS = (1, 2, 2, 1)
-_WIDTH_LADDER = {f"nfnet-w{divisor}": divisor for divisor in (32, 16, 8, 4, 2)}
+_WIDTH_LADDER = {f"nfnet-w{divisor}": divisor for divisor in (64, 32, 16, 8, 4, 2)}
 
 
 def _ladder_variants() -> list[Variant]:
