@@ -268,3 +268,17 @@ def test_cells_average_seeds_and_pick_the_best_lr(tmp_path: Path) -> None:
     # The mean over seeds decides (2.1 at 0.8 beats 2.15 at 1.6), never the luckiest seed.
     assert cell.lr == 0.8 and cell.loss == pytest.approx(2.1) and cell.seeds == 2
     assert cell.seed_sd == pytest.approx(math.sqrt(0.02)) and cell.lrs == (0.8, 1.6)
+
+
+def test_diverged_trials_are_listed_with_the_rates_tried(tmp_path: Path) -> None:
+    """A rate that diverged leaves no run directory; the report still names it where the cell's rates are listed."""
+    runs = study(tmp_path / "runs")
+    trials = [{"lr": 1.6, "status": "trained"}, {"lr": 3.2, "status": "failed", "eval_loss": None}]
+    decision = {"model": "f0", "dataset": "jft", "epochs": 1.0, "rule": "grid", "trials": trials, "best_lr": 1.6}
+    (runs / "tuning.jsonl").write_text(json.dumps(decision) + "\n")
+    assert main(["report", str(runs), "--bootstrap", "0"]) == 0
+    markdown = (runs / "report" / "report.md").read_text()
+    assert "| f0 | 1 | 0.8 | " in markdown and "| 0.4, 0.8, 1.6, 3.2 (diverged) |" in markdown
+    assert "| f0 | 0.5 | 1.6 | " in markdown and "| 0.4, 0.8, 1.6 | yes |" in markdown  # other cells unchanged
+    assert "| f0 | 1 | grid | " in markdown and "| 1.6, 3.2 (diverged) | 1.6 |" in markdown
+    assert "stopped at a non-finite loss" in markdown

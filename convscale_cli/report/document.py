@@ -198,20 +198,44 @@ def _lr_section(result: dict[str, Any], images: dict[str, str]) -> list[Block]:
                 f"lr* ∝ epochs^{_g(lr['epochs_slope'])} {_interval(lr['epochs_slope_interval'], 2)}."
             )
         )
+    failed = _failed_trials(result)
     rows = tuple(
         (
             model,
             _g(r["epochs"]),
             _g(r["lr"]),
             _g(r["optimum"]),
-            ", ".join(_g(x) for x in r["lrs"]),
+            ", ".join(
+                [_g(x) for x in r["lrs"]]
+                + [f"{_g(x)} (diverged)" for x in failed.get((model, float(r["epochs"])), ()) if x not in r["lrs"]]
+            ),
             "yes" if r["at_edge"] else "",
         )
         for model, entries in sorted(table.items())
         for r in entries
     )
     blocks.append(Table(("model", "epochs", "best lr", "optimum (parabola)", "lrs tried", "at grid edge"), rows))
+    if failed:
+        blocks.append(
+            Paragraph(
+                "A learning rate marked diverged was tried (`tuning.jsonl`) and stopped at a non-finite loss: it "
+                "has no held-out loss, so the fits and the optimum above do not use it."
+            )
+        )
     return blocks
+
+
+def _failed_trials(result: dict[str, Any]) -> dict[tuple[str, float], list[float]]:
+    """The learning rates of each (model, epochs) cell whose tuning trial failed (a non-finite loss), by cell."""
+    out: dict[tuple[str, float], list[float]] = {}
+    for decision in result["tuning"]["decisions"]:
+        trials, epochs = decision["trials"], decision["epochs"]
+        if not isinstance(trials, list) or not isinstance(epochs, int | float):
+            continue
+        for trial in trials:
+            if isinstance(trial, dict) and trial.get("status") == "failed" and isinstance(trial.get("lr"), int | float):
+                out.setdefault((decision["model"], float(epochs)), []).append(float(trial["lr"]))
+    return out
 
 
 def _tuning_section(result: dict[str, Any]) -> list[Block]:
@@ -224,7 +248,11 @@ def _tuning_section(result: dict[str, Any]) -> list[Block]:
             _g(d["epochs"]),
             str(d.get("rule", "")),
             f"{_g(d.get('start_lr'))} ({d.get('source', '')})",
-            ", ".join(_g(t.get("lr")) for t in d["trials"] if isinstance(t, dict)),
+            ", ".join(
+                _g(t.get("lr")) + (" (diverged)" if t.get("status") == "failed" else "")
+                for t in d["trials"]
+                if isinstance(t, dict)
+            ),
             _g(d["best_lr"]),
             f"try {_g(d['next_lr'])} next" if d.get("next_lr") is not None else "",
         )
