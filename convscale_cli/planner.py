@@ -22,7 +22,7 @@ import dataclasses
 import decimal
 import fnmatch
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from convscale_cli.budget import (
     CALIBRATION_TRAIN_FLOPS,
@@ -283,6 +283,71 @@ def round_down(value: float, digits: int = 3) -> float:
     exponent = exact.adjusted() - digits + 1
     units = (exact * decimal.Decimal("1.000000001")).scaleb(-exponent).to_integral_value(decimal.ROUND_FLOOR)
     return float(f"{units}e{exponent}")
+
+
+def dataset_plan(
+    registry: Registry,
+    dataset: str | None,
+    *,
+    size: int | None = None,
+    resolution: int | None = None,
+    num_classes: int | None = None,
+    options: Mapping[str, object] | None = None,
+) -> DatasetPlan:
+    """The data a plan is for: a registered dataset (its size, classes and resolution unless given), or, without
+    ``dataset``, JFT-4B's sizes (Smith et al. 2023 §2) with whatever is given.
+
+    A dataset that takes a ``size`` option (a procedural one like ``shapes``) is told the planned ``size`` in the
+    commands the plan prints.
+
+    Raises:
+        UsageError: ``options`` without ``dataset``; options the dataset does not take; a dataset that needs options
+            to report its size when they were not given (and ``size`` and ``num_classes`` were not either).
+    """
+    from convscale_cli.config import check_options
+    from convscale_cli.registry import DatasetInfo
+
+    if dataset is None:
+        if options:
+            raise UsageError("data options need a dataset (the options belong to a registered dataset)")
+        return DatasetPlan(
+            name=None,
+            size=JFT4B_SIZE if size is None else size,
+            num_classes=JFT4B_CLASSES if num_classes is None else num_classes,
+            resolution=PAPER_RESOLUTION if resolution is None else resolution,
+        )
+    spec = registry.dataset(dataset)
+    given = dict(options or {})
+    check_options(f"{spec.name} data option", given, spec.options)
+    info = spec.static_info if not given else None
+    if size is not None and num_classes is not None and resolution is not None:
+        info = DatasetInfo(num_classes, {"train": size}, resolution)  # nothing to ask the dataset
+    if info is None:
+        try:
+            info = spec.info(**given)
+        except UsageError as exc:
+            raise DatasetInfoError(spec.name, str(exc)) from None
+    if size is not None and "size" in spec.options:
+        given["size"] = size
+    return DatasetPlan(
+        name=spec.name,
+        size=size if size is not None else int(info.split_sizes.get("train", 0)),
+        num_classes=num_classes if num_classes is not None else info.num_classes,
+        resolution=resolution if resolution is not None else info.resolution,
+        options=tuple(given.items()),
+    )
+
+
+class DatasetInfoError(UsageError):
+    """A dataset could not report its size without options that were not given."""
+
+    def __init__(self, dataset: str, reason: str) -> None:
+        super().__init__(
+            f"dataset {dataset!r} needs options to report its size ({reason}); pass its options, or give its size "
+            "and class count"
+        )
+        self.dataset = dataset
+        self.reason = reason
 
 
 def family_of(registry: Registry, patterns: Sequence[str], default: str = "nfnet") -> str:

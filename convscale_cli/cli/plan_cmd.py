@@ -27,44 +27,20 @@ def _dataset_plan(
     num_classes: int | None,
     data_options: dict[str, Any] | None = None,
 ) -> "DatasetPlan":
+    """:func:`convscale_cli.planner.dataset_plan`, its errors in the command's flags."""
     from convscale_cli import planner
-    from convscale_cli.config import check_options
-    from convscale_cli.registry import DatasetInfo
 
-    if dataset is None:
-        if data_options:
-            raise UsageError("--data-option needs --dataset (the options belong to a registered dataset)")
-        return planner.DatasetPlan(
-            name=None,
-            size=planner.JFT4B_SIZE if dataset_size is None else dataset_size,
-            num_classes=planner.JFT4B_CLASSES if num_classes is None else num_classes,
-            resolution=planner.PAPER_RESOLUTION if resolution is None else resolution,
+    if dataset is None and data_options:
+        raise UsageError("--data-option needs --dataset (the options belong to a registered dataset)")
+    try:
+        return planner.dataset_plan(
+            registry, dataset, size=dataset_size, resolution=resolution, num_classes=num_classes, options=data_options
         )
-    spec = registry.dataset(dataset)
-    options = dict(data_options or {})
-    check_options(f"{spec.name} data option", options, spec.options)
-    info = spec.static_info if not options else None
-    if dataset_size is not None and num_classes is not None and resolution is not None:
-        info = DatasetInfo(num_classes, {"train": dataset_size}, resolution)  # nothing to ask the dataset
-    if info is None:
-        try:
-            info = spec.info(**options)
-        except UsageError as exc:
-            raise UsageError(
-                f"dataset {dataset!r} needs options to report its size ({exc}); pass them with --data-option "
-                "KEY=VALUE, or give --dataset-size and --num-classes"
-            ) from None
-    size = dataset_size if dataset_size is not None else int(info.split_sizes.get("train", 0))
-    # A dataset that takes a `size` option (procedural ones like shapes) is told the planned size in the command.
-    if dataset_size is not None and "size" in spec.options:
-        options["size"] = dataset_size
-    return planner.DatasetPlan(
-        name=spec.name,
-        size=size,
-        num_classes=num_classes if num_classes is not None else info.num_classes,
-        resolution=resolution if resolution is not None else info.resolution,
-        options=tuple(options.items()),
-    )
+    except planner.DatasetInfoError as exc:
+        raise UsageError(
+            f"dataset {exc.dataset!r} needs options to report its size ({exc.reason}); pass them with --data-option "
+            "KEY=VALUE, or give --dataset-size and --num-classes"
+        ) from None
 
 
 def _fmt_epochs(epochs: float) -> str:
@@ -183,16 +159,18 @@ def plan(
         result = plan_fitted(request, registry, from_, bootstrap=bootstrap)
     else:
         result = planner.plan_prior(request, registry)
-    document = planner.plan_to_dict(result)
     if json_:
-        print_json(document)
+        print_json(planner.plan_to_dict(result))
         return
-    _print_plan(result, document)
+    show_plan(result)
 
 
-def _print_plan(plan: "Plan", document: dict[str, Any]) -> None:
+def show_plan(plan: "Plan") -> None:
+    """Print a plan as ``convscale plan`` does: the budget, the ranked candidates and the recommended commands."""
     from convscale_cli.budget import format_amount
+    from convscale_cli.planner import plan_to_dict
 
+    document = plan_to_dict(plan)
     request = plan.request
     b = document["budget"]
     ds = request.dataset
