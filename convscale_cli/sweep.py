@@ -26,6 +26,7 @@ cell only ever sees the cells it depends on, so the results do not depend on the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -282,14 +283,22 @@ class BranchingTrainer:
         study: the branching study.
         schedules: each model's :class:`ModelSchedule`.
         trainer: trains one run, ``trainer(model, dataset, epochs, lr, out, **options) -> summary`` (the engine's by
-            default); it receives the trunk's ``stop_step``/``keep_steps`` and the branch's
+            default, with ``registry``); it receives the trunk's ``stop_step``/``keep_steps`` and the branch's
             ``branch_from``/``branch_step`` as further engine options.
+        registry: where the default trainer looks models and datasets up (default: the installed plugins).
     """
 
-    def __init__(self, study: StudyConfig, schedules: dict[str, ModelSchedule], trainer: Trainer | None) -> None:
+    def __init__(
+        self,
+        study: StudyConfig,
+        schedules: dict[str, ModelSchedule],
+        trainer: Trainer | None,
+        registry: Registry | None = None,
+    ) -> None:
         self.study = study
         self.schedules = schedules
         self.trainer = trainer
+        self.registry = registry
         self.longest = max(float(e) for e in study.epochs)
 
     def trunk_dir(self, out: Path, model: str, lr: float) -> Path:
@@ -299,7 +308,8 @@ class BranchingTrainer:
     def __call__(
         self, model: str, dataset: str, epochs: float, lr: float, out: str | Path, **options: Any
     ) -> Mapping[str, Any]:
-        train = self.trainer or tuning.engine_trainer  # looked up per call, as tune_cell does
+        # Looked up per call, as tune_cell does; the engine trains with the study's registry.
+        train = self.trainer or functools.partial(tuning.engine_trainer, registry=self.registry)
         out = Path(out)
         schedule = self.schedules[model]
         point = schedule.branch_points[float(epochs)]
@@ -336,7 +346,7 @@ def run_sweep(
         study: the study.
         registry: models and datasets.
         trainer: ``trainer(model, dataset, epochs, lr, out, **options) -> summary``; default: the jax engine
-            (:func:`convscale_cli.tuning.engine_trainer`).
+            (:func:`convscale_cli.tuning.engine_trainer`), training with ``registry``.
         shard: this worker and the number of workers (default: one worker, every cell).
         wait_timeout: seconds to wait with nothing in the runs directory changing before giving up.
         poll_seconds: the longest pause between two looks at the runs directory while waiting.
@@ -356,7 +366,7 @@ def run_sweep(
     keys = [cell_key(c) for c in cells]
     schedules = {m: model_schedule(study, registry, m) for m in {c.model for c in cells}}
     if study.branching:
-        trainer = BranchingTrainer(study, schedules, trainer)
+        trainer = BranchingTrainer(study, schedules, trainer, registry)
     grid: bool | tuple[float, ...] = False
     if study.rule == "grid":
         grid = study.lr_grid or True

@@ -16,6 +16,7 @@ one, :func:`engine_trainer`, imports the jax engine only when called. Nothing he
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -240,10 +241,20 @@ class TuneResult:
         return out
 
 
-def engine_trainer(model: str, dataset: str, epochs: float, lr: float, out: str | Path, **options: Any) -> dict:
+def engine_trainer(
+    model: str,
+    dataset: str,
+    epochs: float,
+    lr: float,
+    out: str | Path,
+    *,
+    registry: Registry | None = None,
+    **options: Any,
+) -> dict:
     """Train one run with the jax engine (imported here, never at module level) and return its summary.
 
-    ``options`` are further :class:`~convscale_cli.engine.config.PretrainConfig` fields (``batch_size``, ``seed``,
+    ``registry`` is where the engine looks the model and dataset up (default: the installed plugins); ``options``
+    are further :class:`~convscale_cli.engine.config.PretrainConfig` fields (``batch_size``, ``seed``,
     ``resolution``, ``data_options``, ...); unknown keys raise a ConfigError naming them.
     """
     from convscale_cli.config import from_dict
@@ -251,7 +262,7 @@ def engine_trainer(model: str, dataset: str, epochs: float, lr: float, out: str 
     from convscale_cli.engine.config import PretrainConfig
 
     fields = {"model": model, "dataset": dataset, "epochs": epochs, "lr": lr, "out": str(out), **options}
-    return dict(pretrain(from_dict(PretrainConfig, fields)))
+    return dict(pretrain(from_dict(PretrainConfig, fields), registry))
 
 
 def _loss(summary: Mapping[str, Any]) -> float:
@@ -406,8 +417,9 @@ def tune_cell(
         epochs: epoch budget of the cell.
         runs_dir: where trials are written (``{model}-e{epochs}-lr{alpha}``) and earlier cells are looked up.
         dataset: registered dataset name; only earlier runs on it count.
-        registry: resolves the model's family, recipe alpha and size.
-        trainer: ``trainer(model, dataset, epochs, lr, out, **options) -> summary`` (default: :func:`engine_trainer`).
+        registry: resolves the model's family, recipe alpha and size, and is the one the default trainer trains with.
+        trainer: ``trainer(model, dataset, epochs, lr, out, **options) -> summary`` (default: :func:`engine_trainer`
+            with ``registry``).
         options: passed to the trainer (engine config fields). The data options, batch size, precision, resolution
             and class count default to those of the finished runs already in ``runs_dir`` on ``dataset``; a value
             given must equal theirs.
@@ -431,7 +443,7 @@ def tune_cell(
     if start_lr is not None and not (math.isfinite(start_lr) and start_lr > 0):
         raise UsageError(f"start lr must be a positive number, got {start_lr}")
     options = dict(options or {})
-    trainer = trainer or engine_trainer
+    trainer = trainer or functools.partial(engine_trainer, registry=registry)
     spec = registry.architecture(model)
     data = registry.dataset(dataset)
     root = Path(runs_dir)

@@ -72,10 +72,22 @@ class FakeTrainer:
 
     def __init__(self, diverge_above: float = math.inf) -> None:
         self.calls: list[tuple[str, float, float]] = []
+        self.registries: list[Registry | None] = []  # the registry each call was given, as the engine's trainer is
         self.diverge_above = diverge_above
 
-    def __call__(self, model: str, dataset: str, epochs: float, lr: float, out: Path, **options: Any) -> dict:
+    def __call__(
+        self,
+        model: str,
+        dataset: str,
+        epochs: float,
+        lr: float,
+        out: Path,
+        *,
+        registry: Registry | None = None,
+        **options: Any,
+    ) -> dict:
         self.calls.append((model, epochs, lr))
+        self.registries.append(registry)
         if lr > self.diverge_above:
             raise TrainingError(f"non-finite loss at lr {lr}")
         params = SIZES.get(model, 500)
@@ -270,6 +282,7 @@ def test_tune_lr_cli_prints_the_decision_and_next_command(
         main(["tune-lr", "--model", "toy-l", "--epochs", "4", "--runs", str(runs), "--grid", "--lr-grid", "0.4"]) == 0
     )
     assert [lr for _, _, lr in fake.calls] == [1.6, 0.8, 0.4]
+    assert fake.registries == [registry] * 3  # the command's registry trains the trials
 
 
 class RecordingTrainer(FakeTrainer):
@@ -280,7 +293,7 @@ class RecordingTrainer(FakeTrainer):
         self.options: list[dict[str, Any]] = []
 
     def __call__(self, model: str, dataset: str, epochs: float, lr: float, out: Path, **options: Any) -> dict:
-        self.options.append(options)
+        self.options.append({k: v for k, v in options.items() if k != "registry"})
         return super().__call__(model, dataset, epochs, lr, out, **options)
 
 
@@ -502,3 +515,35 @@ def test_a_process_ignoring_ctrl_c_keeps_ignoring_it() -> None:
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_an_in_code_registry_trains_through_the_sweep_end_to_end(tmp_path: Path) -> None:
+    """The registry a caller passes is the one the engine trains with: ``tiny-cnn`` and ``colours`` exist only in it
+    (the process-wide registry has neither), so a lookup in the global one would be an UnknownNameError."""
+    import _engine_helpers as helpers
+
+    from convscale_cli.plugins import get_registry
+
+    local = helpers.registry()
+    assert "tiny-cnn" not in {s.name for s in get_registry().architectures}
+    engine = {"precision": "fp32", "progress": "none", "tensorboard": False, "checkpoint_every": 0}
+    study = StudyConfig(
+        out=str(tmp_path / "runs"), dataset="colours", models=("tiny-cnn",), epochs=(0.5,), batch_size=16,
+        resolution=helpers.NATIVE, start_lr=0.8, engine=engine,
+    )  # fmt: skip
+    result = run_sweep(study, local)
+    assert [t.status for t in result.results[0].trials] == ["trained", "trained"]
+    assert all(math.isfinite(t.eval_loss) for t in result.results[0].trials)
+
+
+def test_a_branching_sweep_trains_trunks_and_branches_with_the_registry_it_was_given(
+    registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakeTrainer()
+    monkeypatch.setattr(tuning, "engine_trainer", fake)
+    study = load_study(
+        _study(tmp_path, branching=True, batch_size=16),
+        {"models": ["toy-s"], "epochs": [0.5, 1], "engine.recipe.schedule": "wsd"},
+    )
+    run_sweep(study, registry)
+    assert len(fake.calls) >= 4 and fake.registries == [registry] * len(fake.calls)  # trunks and runs alike
