@@ -57,7 +57,7 @@ def _check_runs(request: PlanRequest, runs_dir: Path) -> str | None:
     if not family:
         found = sorted({r.family for r in runs})
         raise UsageError(
-            f"{str(runs_dir)!r} holds no {request.family} runs (families: {', '.join(found)}); pass --family {found[0]}"
+            f"{str(runs_dir)!r} holds no {request.family} runs (families: {', '.join(found)}); pass `family={found[0]}`"
         )
     names = {r.dataset for r in family}
     return request.dataset.name if request.dataset.name in names else None

@@ -197,15 +197,15 @@ class PlanRequest:
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0:
-            raise UsageError(f"--batch-size must be > 0, got {self.batch_size}")
+            raise UsageError(f"`batch_size` must be > 0, got {self.batch_size}")
         if self.top <= 0:
-            raise UsageError(f"--top must be > 0, got {self.top}")
+            raise UsageError(f"`top` must be > 0, got {self.top}")
         if self.dataset.size <= 0:
-            raise UsageError(f"--dataset-size must be > 0, got {self.dataset.size}")
+            raise UsageError(f"`dataset_size` must be > 0, got {self.dataset.size}")
         if self.dataset.num_classes <= 0:
-            raise UsageError(f"--num-classes must be > 0, got {self.dataset.num_classes}")
+            raise UsageError(f"`num_classes` must be > 0, got {self.dataset.num_classes}")
         if self.dataset.resolution <= 0:
-            raise UsageError(f"--resolution must be > 0, got {self.dataset.resolution}")
+            raise UsageError(f"`resolution` must be > 0, got {self.dataset.resolution}")
         # Again on the plan's hardware: a measured peak (CONVSCALE_CPU_PEAK_FLOPS) can push a budget past the limit.
         check_budget_flops(self.flops, self.budget.text or self.budget.format())
 
@@ -363,8 +363,8 @@ def family_of(registry: Registry, patterns: Sequence[str], default: str = "nfnet
     }
     if len(matched) > 1:
         raise UsageError(
-            f"--models {','.join(patterns)} matches models of the families {', '.join(sorted(matched))}; a plan "
-            "compares one family: add --family"
+            f"`models` {','.join(patterns)} matches models of the families {', '.join(sorted(matched))}; a plan "
+            "compares one family: add `family`"
         )
     return matched.pop() if matched else default
 

@@ -124,6 +124,20 @@ def load_runs(runs_dir: str | Path, *, kind: str = "pretrain") -> list[RunRecord
     return records
 
 
+def infer_dataset(runs_dir: str | Path) -> str:
+    """The one dataset the finished pre-training runs in ``runs_dir`` were trained on.
+
+    Raises:
+        UsageError: ``runs_dir`` holds finished runs of no dataset or of several.
+    """
+    root = Path(runs_dir)
+    found = sorted({r.dataset for r in load_runs(root)}) if root.is_dir() else []
+    if len(found) != 1:
+        where = f"it holds runs on {', '.join(found)}" if found else "it holds no finished runs"
+        raise UsageError(f"cannot infer the dataset from {str(root)!r} ({where}); pass `dataset`")
+    return found[0]
+
+
 @dataclasses.dataclass(frozen=True)
 class Cell:
     """All finished trials of one (model, epoch budget)."""
@@ -335,11 +349,6 @@ def _other_settings(out: Path, summary: Mapping[str, Any], dataset: str, options
 # not comparable across a different data set size, batch size (the lr scales with it) or precision, and the report
 # fits runs of one resolution and class count together (a trial at the model's default resolution would not join).
 INHERITED_SETTINGS = ("data_options", "batch_size", "precision", "resolution", "num_classes")
-_SETTING_FLAGS = {
-    "data_options": "--set data_options.KEY=VALUE",
-    "batch_size": "--batch-size",
-    "resolution": "--resolution",
-}
 
 
 def _inherit(runs: Sequence[RunRecord], options: Mapping[str, Any], data_defaults: Mapping[str, Any]) -> dict[str, Any]:
@@ -379,10 +388,10 @@ def _inherit(runs: Sequence[RunRecord], options: Mapping[str, Any], data_default
         if out.get(key) is None:
             out[key] = value
         elif norm(key, out[key]) != norm(key, value):
-            flag = _SETTING_FLAGS.get(key, f"--set {key}=...")
+            given = "`data_options.KEY=VALUE`" if key == "data_options" else f"`{key}=...`"
             raise UsageError(
                 f"{key} {out[key]!r} here, but the runs in {str(path.parent)!r} used {value!r} ({path.name}): a trial "
-                f"must match the cells it continues; drop {flag} to inherit it, or tune into another runs directory"
+                f"must match the cells it continues; drop {given} to inherit it, or tune into another runs directory"
             )
     return out
 
@@ -399,7 +408,7 @@ def tune_cell(
     epochs: float,
     runs_dir: str | Path,
     *,
-    dataset: str,
+    dataset: str | None = None,
     registry: Registry,
     trainer: Trainer | None = None,
     options: Mapping[str, Any] | None = None,
@@ -416,7 +425,8 @@ def tune_cell(
         model: registered architecture name.
         epochs: epoch budget of the cell.
         runs_dir: where trials are written (``{model}-e{epochs}-lr{alpha}``) and earlier cells are looked up.
-        dataset: registered dataset name; only earlier runs on it count.
+        dataset: registered dataset name; only earlier runs on it count (default: the one dataset of the finished
+            runs in ``runs_dir``).
         registry: resolves the model's family, recipe alpha and size, and is the one the default trainer trains with.
         trainer: ``trainer(model, dataset, epochs, lr, out, **options) -> summary`` (default: :func:`engine_trainer`
             with ``registry``).
@@ -435,18 +445,22 @@ def tune_cell(
             :mod:`convscale_cli.sweep_dir`).
 
     Raises:
-        UsageError: unknown model or dataset, a non-positive epoch budget or lr; a data option, batch size,
-            precision, resolution or class count other than the one of the runs already in ``runs_dir``.
+        UsageError: unknown model or dataset, a non-positive epoch budget or lr, ``runs_dir`` a file; no
+            ``dataset`` given and ``runs_dir`` holding finished runs of none or several; a data option, batch size,
+            precision, resolution or class count other than the one of the runs already in ``runs_dir``. Checked in
+            that order, before anything is trained.
     """
+    spec = registry.architecture(model)
     if not (math.isfinite(epochs) and epochs > 0):
-        raise UsageError(f"--epochs must be a positive number, got {epochs}")
+        raise UsageError(f"`epochs` must be a positive number, got {epochs}")
     if start_lr is not None and not (math.isfinite(start_lr) and start_lr > 0):
-        raise UsageError(f"start lr must be a positive number, got {start_lr}")
+        raise UsageError(f"`start_lr` must be a positive number, got {start_lr}")
+    root = Path(runs_dir)
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"`runs_dir` {str(root)!r} is a file, expected a runs directory")
     options = dict(options or {})
     trainer = trainer or functools.partial(engine_trainer, registry=registry)
-    spec = registry.architecture(model)
-    data = registry.dataset(dataset)
-    root = Path(runs_dir)
+    data = registry.dataset(dataset if dataset is not None else infer_dataset(root))
     root.mkdir(parents=True, exist_ok=True)
     log = root / TUNING_LOG
     if log.exists() and not log.is_file():  # checked before training: the decision must not be lost after it

@@ -370,7 +370,7 @@ def test_fitted_plan_needs_five_cells_and_one_dataset(ladder: Registry, tmp_path
     _write_runs(tmp_path / "mixed", models=("lad-3",), dataset="otherset")
     plain = P.DatasetPlan(None, TOY_TRAIN, 10, 32)
     request = P.PlanRequest(parse_budget("3e13-flops"), get_hardware("tpu-v4"), plain, family="toy")
-    with pytest.raises(UsageError, match="pick one with --dataset"):
+    with pytest.raises(UsageError, match="pick one with `dataset`"):
         plan_fitted(request, ladder, tmp_path / "mixed", bootstrap=0)
     assert plan_fitted(_toy_request(), ladder, tmp_path / "mixed", bootstrap=0).fit["cells"] == 12
     with pytest.raises(UsageError, match="does not exist"):

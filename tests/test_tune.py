@@ -157,7 +157,7 @@ def test_a_study_start_lr_replaces_the_recipe_alpha_only_for_the_first_cell(regi
     assert first.start_lr == 6.4 and "start_lr" in first.source
     second = tuning.tune_cell("toy-s", 1, tmp_path, dataset="toyset", registry=registry, trainer=fake, start_lr=6.4)
     assert second.start_lr == first.best_lr and "best of cell" in second.source  # the rule takes over
-    with pytest.raises(UsageError, match="start lr must be a positive number"):
+    with pytest.raises(UsageError, match="`start_lr` must be a positive number"):
         tuning.tune_cell("toy-m", 1, tmp_path, dataset="toyset", registry=registry, trainer=fake, start_lr=-1.0)
 
 

@@ -239,16 +239,6 @@ def show_plan(plan: "Plan") -> None:
         print(f"Note: {note}")
 
 
-def _infer_dataset(runs_dir: Path) -> str:
-    from convscale_cli.tuning import load_runs
-
-    found = sorted({r.dataset for r in load_runs(runs_dir)}) if runs_dir.is_dir() else []
-    if len(found) != 1:
-        where = f"it holds runs on {', '.join(found)}" if found else "it holds no finished runs"
-        raise UsageError(f"cannot infer the dataset from {str(runs_dir)!r} ({where}); pass --dataset")
-    return found[0]
-
-
 @app.command("tune-lr")
 def tune_lr(
     model: Annotated[str, typer.Option(help="Registered model to tune, e.g. nfnet-tiny-l2.")],
@@ -316,19 +306,13 @@ def tune_lr(
             raise UsageError(
                 f"--lr-grid {lr_grid!r} is not a comma-separated list of positive numbers, e.g. 1.6,0.8,0.4"
             )
-    registry = get_registry()
-    registry.architecture(model)  # a misspelt model or a bad budget is named before the runs directory is read
-    if not (math.isfinite(epochs) and epochs > 0):
-        raise UsageError(f"--epochs must be a positive number, got {epochs}")
-    if runs.exists() and not runs.is_dir():
-        raise UsageError(f"--runs {str(runs)!r} is a file, expected a runs directory")
     with progress_to_stderr(json_):
         result = tune_cell(
             model,
             epochs,
             runs,
-            dataset=dataset or _infer_dataset(runs),
-            registry=registry,
+            dataset=dataset,
+            registry=get_registry(),
             options=options,
             grid=grid_values,
             size_axis=size_axis,  # type: ignore[arg-type]

@@ -356,7 +356,7 @@ def select_dataset(runs: Iterable[Run], dataset: str | None = None) -> list[Run]
         shown = "; ".join(f"{k!r} ({sum(r.data_key == k for r in pretrain)} runs)" for k in candidates)
         raise UsageError(
             f"runs span {len(candidates)} data settings, whose losses cannot share one law: {shown}; pick one with "
-            "--dataset (a name, or a setting as quoted here)"
+            "`dataset` (a name, or a setting as quoted here)"
         )
     chosen = [r for r in pretrain if r.data_key == candidates[0]]
     names = {r.name for r in chosen} | {r.name.rsplit("/", 1)[-1] for r in chosen}
