@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from convscale_cli import interrupts
 from convscale_cli.errors import UsageError
+from convscale_cli.runs_dir import FINISHED
 from convscale_cli.tuning import RunRecord, load_runs
 
 if TYPE_CHECKING:
@@ -160,10 +161,12 @@ class QuickstartResult:
 def best_pretrain_run(runs_dir: Path) -> RunRecord:
     """The finished pre-training run with the lowest held-out loss (the fine-tuning source).
 
+    Only runs that finished their schedule count: a budget-stopped run ended before its schedule did.
+
     Raises:
         UsageError: no finished pre-training run with a finite loss in ``runs_dir``.
     """
-    runs = [r for r in load_runs(runs_dir) if math.isfinite(r.eval_loss)]
+    runs = [r for r in load_runs(runs_dir, statuses=FINISHED) if math.isfinite(r.eval_loss)]
     if not runs:
         raise UsageError(f"no finished pre-training run in {str(runs_dir)!r} to fine-tune")
     return min(runs, key=lambda r: r.eval_loss)
@@ -171,7 +174,7 @@ def best_pretrain_run(runs_dir: Path) -> RunRecord:
 
 def largest_flops(runs_dir: Path) -> float:
     """Training FLOPs of the largest finished pre-training run (the plan's budget is a multiple of it)."""
-    return max((r.train_flops for r in load_runs(runs_dir)), default=0.0)
+    return max((r.train_flops for r in load_runs(runs_dir, statuses=FINISHED)), default=0.0)
 
 
 def _top1(summary: Mapping[str, Any]) -> dict[str, float | None]:

@@ -432,25 +432,23 @@ class StudyCompute:
 
 
 def study_compute(runs_dir: str | Path) -> StudyCompute:
-    """Sum the compute of every run directory with a ``summary.json`` under ``runs_dir`` and ``runs_dir/trunks``.
+    """Sum the compute of every run under ``runs_dir`` with a ``summary.json`` of any status, trunks included.
 
     Runs that ended without a summary (a diverged trial) are not counted.
     """
-    from convscale_cli.engine.rundir import read_json
+    from convscale_cli.runs_dir import scan_runs
 
     root = Path(runs_dir)
-    dirs = [p for p in sorted(root.iterdir()) if p.is_dir()] if root.is_dir() else []
-    trunks = [p for p in sorted((root / TRUNKS).iterdir()) if p.is_dir()] if (root / TRUNKS).is_dir() else []
+    found, _ = scan_runs(root, statuses=None) if root.is_dir() else ([], [])
     runs = flops = hours = seconds = 0.0
     counted_trunks = 0
-    for path in [*dirs, *trunks]:
-        summary = read_json(path / "summary.json")
-        ledger = summary.get("ledger") if summary else None
+    for run in found:
+        ledger = run.summary.get("ledger")
         if not isinstance(ledger, dict):
             continue
         spent = sum(float(v) for v in (ledger.get("device_seconds") or {}).values())
         runs += 1
-        counted_trunks += path.parent.name == TRUNKS
+        counted_trunks += run.path.parent.name == TRUNKS
         flops += float(ledger.get("train_flops", 0.0)) - float(ledger.get("trunk_train_flops", 0.0))
         hours += float(ledger.get("core_hours", 0.0)) - float(ledger.get("trunk_core_hours", 0.0))
         seconds += spent - float(ledger.get("trunk_device_seconds", 0.0))

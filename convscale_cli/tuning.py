@@ -31,6 +31,7 @@ from convscale_cli.errors import TrainingError, UnknownNameError, UsageError
 from convscale_cli.planner import run_name
 from convscale_cli.recipe import without_default_schedule
 from convscale_cli.registry import Registry
+from convscale_cli.runs_dir import COMPLETE, DEFAULT_DEPTH, scan_runs
 
 Trainer = Callable[..., Mapping[str, Any]]
 SizeAxis = Literal["params", "macs"]
@@ -45,7 +46,7 @@ class RunWarning(UserWarning):
 
 @dataclasses.dataclass(frozen=True)
 class RunRecord:
-    """The fields of one finished pre-training run's ``summary.json`` that planning and tuning use."""
+    """The fields of one finished (or budget-stopped) pre-training run's ``summary.json`` that tuning uses."""
 
     path: Path
     model: str
@@ -103,24 +104,32 @@ def read_finished(run_dir: Path) -> dict[str, Any] | None:
     return summary if isinstance(summary, dict) and summary.get("status") == "finished" else None
 
 
-def load_runs(runs_dir: str | Path, *, kind: str = "pretrain") -> list[RunRecord]:
-    """Every finished run of ``kind`` directly under ``runs_dir`` (or ``runs_dir`` itself if it is one run).
+def load_runs(
+    runs_dir: str | Path,
+    *,
+    kind: str = "pretrain",
+    statuses: Collection[str] | None = COMPLETE,
+    max_depth: int = DEFAULT_DEPTH,
+) -> list[RunRecord]:
+    """Every run of ``kind`` under ``runs_dir`` that :func:`convscale_cli.runs_dir.scan_runs` keeps.
+
+    By default the finished and budget-stopped runs down to three levels, the runs ``report`` and ``plan --from``
+    read, so the cells the two-trial rule looks up are the cells the report fits. A run directory whose summary cannot
+    be read or lacks a field a record needs is skipped with a :class:`RunWarning`.
 
     Raises:
-        UsageError: ``runs_dir`` does not exist or is not a directory.
+        UsageError: ``runs_dir`` does not exist, is not a directory or is itself a run directory.
     """
-    root = Path(runs_dir)
-    if not root.is_dir():
-        raise UsageError(f"runs directory {str(root)!r} does not exist or is not a directory")
+    found, skipped = scan_runs(runs_dir, statuses=statuses, kinds=(kind,), max_depth=max_depth)
+    for left_out in skipped:
+        if left_out.broken:
+            warnings.warn(f"skipping {Path(runs_dir) / left_out.path}: {left_out.reason}", RunWarning, stacklevel=2)
     records = []
-    for run_dir in [root, *sorted(p for p in root.iterdir() if p.is_dir())]:
-        summary = read_finished(run_dir)
-        if summary is None or summary.get("kind", "pretrain") != kind:
-            continue
+    for run in found:
         try:
-            records.append(RunRecord.from_summary(run_dir, summary))
+            records.append(RunRecord.from_summary(run.path, run.summary))
         except (KeyError, TypeError, ValueError) as exc:
-            warnings.warn(f"skipping {run_dir / 'summary.json'}: missing or bad field {exc}", RunWarning, stacklevel=2)
+            warnings.warn(f"skipping {run.path / 'summary.json'}: missing or bad field {exc}", RunWarning, stacklevel=2)
     return records
 
 

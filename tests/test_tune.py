@@ -137,6 +137,17 @@ def _log(root: Path) -> list[dict]:
     return [json.loads(line) for line in (root / tuning.TUNING_LOG).read_text().splitlines()]
 
 
+def test_the_start_alpha_comes_from_the_cells_the_report_reads(registry: Registry, tmp_path: Path) -> None:
+    """A budget-stopped cell one level down is a cell of the study for ``report``, and so for the two-trial rule."""
+    write_run(tmp_path / "earlier", "toy-s", 0.5, 0.4, 1.9)
+    summary_path = tmp_path / "earlier" / tuning.run_name("toy-s", 0.5, 0.4) / "summary.json"
+    summary_path.write_text(json.dumps({**json.loads(summary_path.read_text()), "status": "budget"}))
+    fake = FakeTrainer()
+    result = tuning.tune_cell("toy-m", 0.5, tmp_path, registry=registry, trainer=fake)  # the dataset inferred
+    assert result.start_lr == 0.4 and result.source == "best of cell toy-s x 0.5 epochs"
+    assert [lr for _, _, lr in fake.calls] == [0.4, 0.2] and result.dataset == "toyset"
+
+
 def test_two_trials_without_a_smaller_cell_start_at_the_recipe_alpha(registry: Registry, tmp_path: Path) -> None:
     fake = FakeTrainer()
     result = tuning.tune_cell("toy-s", 0.5, tmp_path, dataset="toyset", registry=registry, trainer=fake)
