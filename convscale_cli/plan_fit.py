@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from convscale_cli.errors import UsageError
+from convscale_cli.plan_data import select_models
 from convscale_cli.planner import (
     Frontier,
     Plan,
@@ -32,7 +33,6 @@ from convscale_cli.planner import (
     candidates,
     hardware_precision,
     round_lr,
-    select_models,
 )
 from convscale_cli.registry import ArchitectureSpec, Registry, head_params
 

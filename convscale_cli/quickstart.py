@@ -193,16 +193,16 @@ def _percent(top1: Mapping[str, float | None]) -> str:
 
 def plan_from_runs(study: StudyConfig, registry: Registry, runs_dir: Path, budget_flops: float) -> Plan:
     """The plan ``convscale plan --from RUNS`` makes for ``budget_flops`` on a CPU, for the study's data setting."""
-    from convscale_cli import planner
+    from convscale_cli import plan_data, planner
     from convscale_cli.budget import get_hardware, parse_budget
     from convscale_cli.plan_fit import plan_fitted, runs_batch_size
 
-    family = planner.family_of(registry, ())
+    family = plan_data.family_of(registry, ())
     size = study.data_options.get("size")
     request = planner.PlanRequest(
         budget=parse_budget(f"{budget_flops:.4g}-flops"),  # as the command line would give it
         hardware=get_hardware("cpu"),
-        dataset=planner.dataset_plan(
+        dataset=plan_data.dataset_plan(
             registry, study.dataset, size=int(size) if size else None, resolution=study.resolution or 32
         ),
         family=family,

@@ -15,7 +15,8 @@ from convscale_cli.cli._output import print_json, print_table, progress_to_stder
 from convscale_cli.errors import UsageError, did_you_mean
 
 if TYPE_CHECKING:
-    from convscale_cli.planner import DatasetPlan, Plan
+    from convscale_cli.plan_data import DatasetPlan
+    from convscale_cli.planner import Plan
     from convscale_cli.registry import Registry
 
 
@@ -27,16 +28,16 @@ def _dataset_plan(
     num_classes: int | None,
     data_options: dict[str, Any] | None = None,
 ) -> "DatasetPlan":
-    """:func:`convscale_cli.planner.dataset_plan`, its errors in the command's flags."""
-    from convscale_cli import planner
+    """:func:`convscale_cli.plan_data.dataset_plan`, its errors in the command's flags."""
+    from convscale_cli import plan_data
 
     if dataset is None and data_options:
         raise UsageError("--data-option needs --dataset (the options belong to a registered dataset)")
     try:
-        return planner.dataset_plan(
+        return plan_data.dataset_plan(
             registry, dataset, size=dataset_size, resolution=resolution, num_classes=num_classes, options=data_options
         )
-    except planner.DatasetInfoError as exc:
+    except plan_data.DatasetInfoError as exc:
         raise UsageError(
             f"dataset {exc.dataset!r} needs options to report its size ({exc.reason}); pass them with --data-option "
             "KEY=VALUE, or give --dataset-size and --num-classes"
@@ -123,6 +124,7 @@ def plan(
     """
     from convscale_cli import planner
     from convscale_cli.budget import get_hardware, parse_budget
+    from convscale_cli.plan_data import family_of
     from convscale_cli.plugins import get_registry
 
     if bootstrap < 0:
@@ -134,7 +136,7 @@ def plan(
     hw = get_hardware(hw_name, mfu=mfu)
     registry = get_registry()
     patterns = tuple(p for p in (models or "").split(",") if p.strip())
-    family = family or planner.family_of(registry, patterns)
+    family = family or family_of(registry, patterns)
     if batch_size is None:
         from_runs = None
         if from_ is not None:
