@@ -29,8 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from convscale_cli import interrupts
 from convscale_cli.errors import UsageError
-from convscale_cli.runs_dir import FINISHED
-from convscale_cli.tuning import RunRecord, load_runs
+from convscale_cli.runs_dir import FINISHED, RunRecord, load_runs
 
 if TYPE_CHECKING:
     from convscale_cli.finetune.config import FinetuneConfig

@@ -15,16 +15,23 @@ runs a caller wants is said with two explicit filters:
 ``kinds`` keeps only ``pretrain`` or ``finetune`` runs (a summary without a kind is a pre-training run); runs of
 another kind are left out silently. Unreadable summaries and run directories without one are listed as skipped, so one
 broken run never hides the rest of a study.
+
+:func:`load_runs` reads the pre-training runs as the two-trial rule (:mod:`convscale_cli.tuning`) and the quickstart
+use them (:class:`RunRecord`); the report parses the same runs into its own records (:mod:`convscale_cli.report.runs`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import warnings
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from convscale_cli.budget import train_flops
 from convscale_cli.errors import UsageError
 
 COMPLETE = ("finished", "budget")
@@ -159,3 +166,97 @@ def scan_runs(
             continue
         runs.append(found)
     return runs, skipped
+
+
+class RunWarning(UserWarning):
+    """A run directory was skipped because its summary could not be read."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+    """The fields of one finished (or budget-stopped) pre-training run's ``summary.json`` that tuning uses."""
+
+    path: Path
+    model: str
+    family: str
+    dataset: str
+    epochs: float
+    lr: float
+    batch_size: int
+    params: int
+    macs_per_image: int
+    train_resolution: int
+    num_classes: int
+    examples_seen: int
+    eval_loss: float
+    train_flops: float
+    core_hours: float
+
+    @classmethod
+    def from_summary(cls, path: Path, summary: Mapping[str, Any]) -> RunRecord:
+        """Build a record from a summary dict; raises KeyError/TypeError/ValueError on a malformed one."""
+        ledger = summary.get("ledger") or {}
+        loss = summary["final"]["eval_loss"]
+        return cls(
+            path=path,
+            model=str(summary["model"]),
+            family=str(summary["family"]),
+            dataset=str(summary["dataset"]),
+            epochs=float(summary["epochs"]),
+            lr=float(summary["lr"]),
+            batch_size=int(summary["batch_size"]),
+            params=int(summary["params"]),
+            macs_per_image=int(summary["macs_per_image"]),
+            train_resolution=int(summary["train_resolution"]),
+            num_classes=int(summary["num_classes"]),
+            examples_seen=int(summary["examples_seen"]),
+            # A diverged run counts as infinitely bad rather than vanishing from the comparison.
+            eval_loss=float(loss) if loss is not None and math.isfinite(float(loss)) else math.inf,
+            train_flops=float(
+                ledger.get("train_flops", train_flops(summary["macs_per_image"]) * summary["examples_seen"])
+            ),
+            core_hours=float(ledger.get("core_hours", math.nan)),
+        )
+
+
+def load_runs(
+    runs_dir: str | Path,
+    *,
+    kind: str = "pretrain",
+    statuses: Collection[str] | None = COMPLETE,
+    max_depth: int = DEFAULT_DEPTH,
+) -> list[RunRecord]:
+    """Every run of ``kind`` under ``runs_dir`` that :func:`convscale_cli.runs_dir.scan_runs` keeps.
+
+    By default the finished and budget-stopped runs down to three levels, the runs ``report`` and ``plan --from``
+    read, so the cells the two-trial rule looks up are the cells the report fits. A run directory whose summary cannot
+    be read or lacks a field a record needs is skipped with a :class:`RunWarning`.
+
+    Raises:
+        UsageError: ``runs_dir`` does not exist, is not a directory or is itself a run directory.
+    """
+    found, skipped = scan_runs(runs_dir, statuses=statuses, kinds=(kind,), max_depth=max_depth)
+    for left_out in skipped:
+        if left_out.broken:
+            warnings.warn(f"skipping {Path(runs_dir) / left_out.path}: {left_out.reason}", RunWarning, stacklevel=2)
+    records = []
+    for run in found:
+        try:
+            records.append(RunRecord.from_summary(run.path, run.summary))
+        except (KeyError, TypeError, ValueError) as exc:
+            warnings.warn(f"skipping {run.path / 'summary.json'}: missing or bad field {exc}", RunWarning, stacklevel=2)
+    return records
+
+
+def infer_dataset(runs_dir: str | Path) -> str:
+    """The one dataset the finished pre-training runs in ``runs_dir`` were trained on.
+
+    Raises:
+        UsageError: ``runs_dir`` holds finished runs of no dataset or of several.
+    """
+    root = Path(runs_dir)
+    found = sorted({r.dataset for r in load_runs(root)}) if root.is_dir() else []
+    if len(found) != 1:
+        where = f"it holds runs on {', '.join(found)}" if found else "it holds no finished runs"
+        raise UsageError(f"cannot infer the dataset from {str(root)!r} ({where}); pass `dataset`")
+    return found[0]

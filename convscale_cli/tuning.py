@@ -1,4 +1,4 @@
-"""Learning-rate tuning by the paper's two-trial rule, and the run records it reads.
+"""Learning-rate tuning by the paper's two-trial rule.
 
 Smith et al. (2023, §2; paper-facts §1.4): "one can efficiently tune the learning rate within 2 trials by assuming
 that the optimal learning rate falls slowly but monotonically as both the model size and the epoch budget increases."
@@ -26,69 +26,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 from convscale_cli import interrupts
-from convscale_cli.budget import train_flops
 from convscale_cli.errors import TrainingError, UnknownNameError, UsageError
 from convscale_cli.planner import run_name
 from convscale_cli.recipe import without_default_schedule
 from convscale_cli.registry import Registry
-from convscale_cli.runs_dir import COMPLETE, DEFAULT_DEPTH, scan_runs
+from convscale_cli.runs_dir import RunRecord, RunWarning, infer_dataset, load_runs
 
 Trainer = Callable[..., Mapping[str, Any]]
 SizeAxis = Literal["params", "macs"]
 TUNING_LOG = "tuning.jsonl"
 # The default grid of --grid: factors of 2 around the recipe's alpha (3.2 .. 0.1 for NFNets; Fig. 3 spans 0.4-1.6).
 GRID_OCTAVES = (1, 0, -1, -2, -3, -4)
-
-
-class RunWarning(UserWarning):
-    """A run directory was skipped because its summary could not be read."""
-
-
-@dataclasses.dataclass(frozen=True)
-class RunRecord:
-    """The fields of one finished (or budget-stopped) pre-training run's ``summary.json`` that tuning uses."""
-
-    path: Path
-    model: str
-    family: str
-    dataset: str
-    epochs: float
-    lr: float
-    batch_size: int
-    params: int
-    macs_per_image: int
-    train_resolution: int
-    num_classes: int
-    examples_seen: int
-    eval_loss: float
-    train_flops: float
-    core_hours: float
-
-    @classmethod
-    def from_summary(cls, path: Path, summary: Mapping[str, Any]) -> RunRecord:
-        """Build a record from a summary dict; raises KeyError/TypeError/ValueError on a malformed one."""
-        ledger = summary.get("ledger") or {}
-        loss = summary["final"]["eval_loss"]
-        return cls(
-            path=path,
-            model=str(summary["model"]),
-            family=str(summary["family"]),
-            dataset=str(summary["dataset"]),
-            epochs=float(summary["epochs"]),
-            lr=float(summary["lr"]),
-            batch_size=int(summary["batch_size"]),
-            params=int(summary["params"]),
-            macs_per_image=int(summary["macs_per_image"]),
-            train_resolution=int(summary["train_resolution"]),
-            num_classes=int(summary["num_classes"]),
-            examples_seen=int(summary["examples_seen"]),
-            # A diverged run counts as infinitely bad rather than vanishing from the comparison.
-            eval_loss=float(loss) if loss is not None and math.isfinite(float(loss)) else math.inf,
-            train_flops=float(
-                ledger.get("train_flops", train_flops(summary["macs_per_image"]) * summary["examples_seen"])
-            ),
-            core_hours=float(ledger.get("core_hours", math.nan)),
-        )
 
 
 def read_finished(run_dir: Path) -> dict[str, Any] | None:
@@ -102,49 +50,6 @@ def read_finished(run_dir: Path) -> dict[str, Any] | None:
         warnings.warn(f"skipping {path}: {exc}", RunWarning, stacklevel=2)
         return None
     return summary if isinstance(summary, dict) and summary.get("status") == "finished" else None
-
-
-def load_runs(
-    runs_dir: str | Path,
-    *,
-    kind: str = "pretrain",
-    statuses: Collection[str] | None = COMPLETE,
-    max_depth: int = DEFAULT_DEPTH,
-) -> list[RunRecord]:
-    """Every run of ``kind`` under ``runs_dir`` that :func:`convscale_cli.runs_dir.scan_runs` keeps.
-
-    By default the finished and budget-stopped runs down to three levels, the runs ``report`` and ``plan --from``
-    read, so the cells the two-trial rule looks up are the cells the report fits. A run directory whose summary cannot
-    be read or lacks a field a record needs is skipped with a :class:`RunWarning`.
-
-    Raises:
-        UsageError: ``runs_dir`` does not exist, is not a directory or is itself a run directory.
-    """
-    found, skipped = scan_runs(runs_dir, statuses=statuses, kinds=(kind,), max_depth=max_depth)
-    for left_out in skipped:
-        if left_out.broken:
-            warnings.warn(f"skipping {Path(runs_dir) / left_out.path}: {left_out.reason}", RunWarning, stacklevel=2)
-    records = []
-    for run in found:
-        try:
-            records.append(RunRecord.from_summary(run.path, run.summary))
-        except (KeyError, TypeError, ValueError) as exc:
-            warnings.warn(f"skipping {run.path / 'summary.json'}: missing or bad field {exc}", RunWarning, stacklevel=2)
-    return records
-
-
-def infer_dataset(runs_dir: str | Path) -> str:
-    """The one dataset the finished pre-training runs in ``runs_dir`` were trained on.
-
-    Raises:
-        UsageError: ``runs_dir`` holds finished runs of no dataset or of several.
-    """
-    root = Path(runs_dir)
-    found = sorted({r.dataset for r in load_runs(root)}) if root.is_dir() else []
-    if len(found) != 1:
-        where = f"it holds runs on {', '.join(found)}" if found else "it holds no finished runs"
-        raise UsageError(f"cannot infer the dataset from {str(root)!r} ({where}); pass `dataset`")
-    return found[0]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,10 +8,9 @@ from typing import Any
 
 import pytest
 
-from convscale_cli import tuning
 from convscale_cli.errors import UsageError
 from convscale_cli.report.runs import load_runs as report_runs
-from convscale_cli.runs_dir import COMPLETE, FINISHED, scan_runs
+from convscale_cli.runs_dir import COMPLETE, FINISHED, RunWarning, infer_dataset, load_runs, scan_runs
 from convscale_cli.sweep import study_compute
 
 
@@ -79,14 +78,14 @@ def test_report_tuning_and_the_sweep_read_the_same_runs(runs: Path) -> None:
     pre-training runs against one: finished only, one level)."""
     reported, skipped = report_runs(runs)
     pretrain = sorted(r.name for r in reported if r.kind == "pretrain")
-    tuned = sorted(r.path.relative_to(runs).as_posix() for r in tuning.load_runs(runs))
+    tuned = sorted(r.path.relative_to(runs).as_posix() for r in load_runs(runs))
     assert pretrain == tuned == ["done", "stopped", "sweep/nested"]
     assert {s.path for s in skipped} == {"crashed", "failed"}
-    assert tuning.infer_dataset(runs) == "jft"
+    assert infer_dataset(runs) == "jft"
     (runs / "broken").mkdir()
     (runs / "broken" / "summary.json").write_text("{half a summ")  # a summary being written by another worker
-    with pytest.warns(tuning.RunWarning, match="broken: summary.json is not valid JSON"):
-        assert len(tuning.load_runs(runs)) == 3
+    with pytest.warns(RunWarning, match="broken: summary.json is not valid JSON"):
+        assert len(load_runs(runs)) == 3
     # The sweep's compute counts every run with a summary, of any status, each trunk once.
     spent = study_compute(runs)
     assert (spent.runs, spent.trunks) == (6, 1)

@@ -18,6 +18,7 @@ from convscale_cli.cli import main
 from convscale_cli.errors import ConfigError, ExitCode, TrainingError, UsageError
 from convscale_cli.hookspecs import hookimpl
 from convscale_cli.registry import ArchitectureSpec, DatasetInfo, DatasetSpec, ModelCount, Registry
+from convscale_cli.runs_dir import RunRecord
 from convscale_cli.sweep import StudyConfig, load_study, plan_cells, run_sweep
 
 SIZES = {"toy-s": 1_000, "toy-m": 4_000, "toy-l": 16_000}  # params; MACs = 10 x params at 32 px
@@ -212,7 +213,7 @@ def test_hidden_cells_are_no_neighbours_and_record_decision_false_logs_nothing(
 
 def test_nearest_cell_prefers_the_closest_in_log_space() -> None:
     def cell(model: str, size: float, epochs: float) -> tuning.Cell:
-        run = tuning.RunRecord.from_summary(Path(model), fake_summary("toy-s", "toyset", epochs, 0.8, 2.0))
+        run = RunRecord.from_summary(Path(model), fake_summary("toy-s", "toyset", epochs, 0.8, 2.0))
         return tuning.Cell(model, "toy", epochs, size, (run,))
 
     cells = [cell("a", 1e3, 0.25), cell("a", 1e3, 1.0), cell("b", 4e3, 0.5), cell("c", 16e3, 0.25)]
