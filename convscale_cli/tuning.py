@@ -122,6 +122,20 @@ class Trial:
     run: str
     eval_loss: float
     status: Literal["trained", "reused", "failed"]
+    error: str = ""  # why a failed trial failed: its TrainingError's message (a non-finite loss, at which step)
+
+    def outcome(self) -> str:
+        """``loss 2.1234``, ``failed (non-finite loss (nan) at step 7; ...)`` or ``failed``."""
+        if self.status != "failed":
+            return f"loss {self.eval_loss:.4f}"
+        return f"failed ({self.error})" if self.error else "failed"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form; ``error`` only for a failed trial."""
+        out = dataclasses.asdict(self)
+        if not self.error:
+            del out["error"]
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,9 +162,7 @@ class TuneResult:
 
     def message(self) -> str:
         """What was decided, in one paragraph."""
-        tried = ", ".join(
-            f"alpha {t.lr:g}: {'failed' if t.status == 'failed' else f'loss {t.eval_loss:.4f}'}" for t in self.trials
-        )
+        tried = ", ".join(f"alpha {t.lr:g}: {t.outcome()}" for t in self.trials)
         text = f"{self.model} x {self.epochs:g} epochs: start alpha {self.start_lr:g} ({self.source}); {tried}; "
         if all(t.eval_loss == math.inf for t in self.trials):
             return text + f"every trial failed: try alpha {self.next_lr:g}."
@@ -165,7 +177,7 @@ class TuneResult:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (one line of ``tuning.jsonl``)."""
         out = dataclasses.asdict(self)
-        out["trials"] = [dataclasses.asdict(t) for t in self.trials]
+        out["trials"] = [t.to_dict() for t in self.trials]
         return out
 
 
@@ -207,7 +219,7 @@ def run_trial(
     """Train (or reuse, when its run directory already holds a finished run) one learning rate of a cell.
 
     A run that ends in :class:`TrainingError` (a non-finite loss, likely at too high an lr) is a failed trial with an
-    infinite loss: the comparison still has an answer.
+    infinite loss and the error's message: the comparison still has an answer, and the user sees why.
     """
     interrupts.check()  # a Ctrl-C swallowed during the previous trial stops the study here
     name = run_name(model, epochs, lr)
@@ -223,8 +235,8 @@ def run_trial(
         return Trial(lr, name, _loss(finished), "reused")
     try:
         summary = trainer(model, dataset, epochs, lr, out, **options)
-    except TrainingError:
-        return Trial(lr, name, math.inf, "failed")
+    except TrainingError as exc:
+        return Trial(lr, name, math.inf, "failed", str(exc))
     return Trial(lr, name, _loss(summary), "trained")
 
 

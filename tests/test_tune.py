@@ -260,6 +260,22 @@ def test_a_diverged_trial_loses(registry: Registry, tmp_path: Path) -> None:
     assert result.best_lr == 0.8 and "alpha 1.6: failed" in result.message()
 
 
+def test_a_failed_trial_keeps_its_reason(
+    registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The TrainingError that failed a trial is recorded in tuning.jsonl and shown by tune-lr and sweep."""
+    monkeypatch.setattr(tuning, "engine_trainer", FakeTrainer(diverge_above=1.0))
+    runs = tmp_path / "runs"
+    assert main(["tune-lr", "--model", "toy-s", "--epochs", "0.5", "--runs", str(runs), "--dataset", "toyset"]) == 0
+    assert "alpha 1.6: failed (non-finite loss at lr 1.6), alpha 0.8: loss" in capsys.readouterr().out
+    [entry] = _log(runs)
+    assert [t.get("error") for t in entry["trials"]] == ["non-finite loss at lr 1.6", None]  # none when trained
+    (tmp_path / "study").mkdir()  # a study of its own: no cell passes it an alpha below 1.6
+    study = str(_study(tmp_path / "study"))
+    assert main(["sweep", study, "--set", "models=['toy-m']", "--set", "epochs=[0.5]"]) == 0
+    assert "toy-m x 0.5 epochs, alpha 1.6 failed: non-finite loss at lr 1.6" in capsys.readouterr().out
+
+
 def test_all_trials_diverging_offers_a_lower_lr(registry: Registry, tmp_path: Path) -> None:
     fake = FakeTrainer(diverge_above=0.5)
     result = tuning.tune_cell("toy-s", 0.5, tmp_path, dataset="toyset", registry=registry, trainer=fake)

@@ -194,6 +194,13 @@ def _sweep_live(
             live.update(render())
         else:
             print(" ".join(x for x in rows[(cell.model, cell.epochs)] if x), flush=True)
+        for trial in result.trials:
+            if trial.error:
+                why = f"{cell.model} x {cell.epochs:g} epochs, alpha {trial.lr:g} failed: {trial.error}"
+                if live_mode:
+                    console.print(why, markup=False, highlight=False)
+                else:
+                    print(why, flush=True)
 
     def wait(message: str) -> None:
         if live_mode:
