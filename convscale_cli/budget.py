@@ -269,7 +269,7 @@ class Budget:
         if hardware.name != self.unit:
             raise UsageError(
                 f"budget {self.text or self.format()!r} is in {self.unit_label} but the hardware is {hardware.name!r}; "
-                f"drop --hardware or give the budget as {hardware.unit} or FLOPs"
+                f"drop `hardware` or give the budget as {hardware.unit} or FLOPs"
             )
         return self.amount * hardware.flops_per_hour()
 

@@ -2,6 +2,11 @@
 
 Every error carries the exit code the CLI returns for it. Messages are one line and name the bad value, what was
 expected and, where there is a finite set of choices, the close matches (pytest's ``ExitCode`` is the model).
+
+A message names a parameter as the library calls it, in backticks: ```epochs` must be a positive number``, ``pass
+`force=True```, ``set `holdout=0.01```. The library knows no command-line flags; the CLI shows each backticked name as
+the running command's flag (``--epochs``, ``--force``, ``--set holdout=0.01``), see
+:func:`convscale_cli.cli._flags.as_flags`.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ DEFAULT_BATCH_SIZE = 256
 def _batch_size(given: int | None, examples: int, devices: int, cap: int) -> int:
     if given is not None:
         if given <= 0:
-            raise UsageError(f"--batch-size must be > 0, got {given}")
+            raise UsageError(f"`batch_size` must be > 0, got {given}")
         if given % devices:
             raise UsageError(
                 f"batch size {given} is not divisible by {devices} devices; use a multiple of {devices} such as "
@@ -77,9 +77,9 @@ def evaluate(
         CheckpointError: ``path`` is not a checkpoint.
     """
     if resolution is not None and resolution <= 0:
-        raise UsageError(f"--resolution must be > 0, got {resolution}")
+        raise UsageError(f"`resolution` must be > 0, got {resolution}")
     if crop_fraction is not None and not 0.0 < crop_fraction <= 1.0:
-        raise UsageError(f"--eval-crop must be in (0, 1], got {crop_fraction}")
+        raise UsageError(f"`crop_fraction` must be in (0, 1], got {crop_fraction}")
     if registry is None:
         from convscale_cli.plugins import get_registry
 

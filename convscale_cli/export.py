@@ -78,9 +78,9 @@ def export(
         raise UnknownNameError("export format", format, formats)
     out = Path(out).expanduser().resolve()
     if out.suffix != ".safetensors":
-        raise UsageError(f"--out {str(out)!r} must be a .safetensors file")
+        raise UsageError(f"`out` {str(out)!r} must be a .safetensors file")
     if out.exists():
-        raise CheckpointError(f"--out {str(out)!r} already exists; choose another file")
+        raise CheckpointError(f"`out` {str(out)!r} already exists; choose another file")
 
     from convscale_cli.loading import load
 

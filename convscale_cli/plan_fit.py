@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from convscale_cli.errors import UsageError
+from convscale_cli.plan_data import select_models
 from convscale_cli.planner import (
     Frontier,
     Plan,
@@ -32,7 +33,6 @@ from convscale_cli.planner import (
     candidates,
     hardware_precision,
     round_lr,
-    select_models,
 )
 from convscale_cli.registry import ArchitectureSpec, Registry, head_params
 
@@ -57,7 +57,7 @@ def _check_runs(request: PlanRequest, runs_dir: Path) -> str | None:
     if not family:
         found = sorted({r.family for r in runs})
         raise UsageError(
-            f"{str(runs_dir)!r} holds no {request.family} runs (families: {', '.join(found)}); pass --family {found[0]}"
+            f"{str(runs_dir)!r} holds no {request.family} runs (families: {', '.join(found)}); pass `family={found[0]}`"
         )
     names = {r.dataset for r in family}
     return request.dataset.name if request.dataset.name in names else None

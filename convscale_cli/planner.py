@@ -20,7 +20,6 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import decimal
-import fnmatch
 import math
 from collections.abc import Sequence
 
@@ -35,13 +34,16 @@ from convscale_cli.budget import (
     train_flops,
 )
 from convscale_cli.config import option_word
-from convscale_cli.errors import UnknownNameError, UsageError
+from convscale_cli.errors import UsageError
+from convscale_cli.plan_data import (
+    JFT4B_SIZE,
+    PAPER_RESOLUTION,
+    DatasetPlan,
+    select_models,
+)
 from convscale_cli.registry import ArchitectureSpec, Registry
 
-# Paper defaults (§1.1, §1.3): JFT-4B has ~4e9 images in ~30k classes; pre-training is at 224 px, batch 4096.
-JFT4B_SIZE = 4_000_000_000
-JFT4B_CLASSES = 30_000
-PAPER_RESOLUTION = 224
+# The paper's pre-training batch (§1.3).
 PAPER_BATCH_SIZE = 4096
 # Fig. 3's epoch grid: 0.25 .. 8 in factors of 2. The smallest is the smallest run the paper trained.
 MIN_EPOCHS = 0.25
@@ -161,17 +163,6 @@ def hardware_precision(hardware: Hardware) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class DatasetPlan:
-    """The pre-training data the plan is for."""
-
-    name: str | None  # registry name, None for a bare --dataset-size (JFT-4B by default)
-    size: int  # training examples per epoch
-    num_classes: int
-    resolution: int
-    options: tuple[tuple[str, object], ...] = ()  # dataset options the pretrain command must pass (e.g. size)
-
-
-@dataclasses.dataclass(frozen=True)
 class PlanRequest:
     """Everything ``convscale plan`` was asked.
 
@@ -197,15 +188,15 @@ class PlanRequest:
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0:
-            raise UsageError(f"--batch-size must be > 0, got {self.batch_size}")
+            raise UsageError(f"`batch_size` must be > 0, got {self.batch_size}")
         if self.top <= 0:
-            raise UsageError(f"--top must be > 0, got {self.top}")
+            raise UsageError(f"`top` must be > 0, got {self.top}")
         if self.dataset.size <= 0:
-            raise UsageError(f"--dataset-size must be > 0, got {self.dataset.size}")
+            raise UsageError(f"`dataset_size` must be > 0, got {self.dataset.size}")
         if self.dataset.num_classes <= 0:
-            raise UsageError(f"--num-classes must be > 0, got {self.dataset.num_classes}")
+            raise UsageError(f"`num_classes` must be > 0, got {self.dataset.num_classes}")
         if self.dataset.resolution <= 0:
-            raise UsageError(f"--resolution must be > 0, got {self.dataset.resolution}")
+            raise UsageError(f"`resolution` must be > 0, got {self.dataset.resolution}")
         # Again on the plan's hardware: a measured peak (CONVSCALE_CPU_PEAK_FLOPS) can push a budget past the limit.
         check_budget_flops(self.flops, self.budget.text or self.budget.format())
 
@@ -283,52 +274,6 @@ def round_down(value: float, digits: int = 3) -> float:
     exponent = exact.adjusted() - digits + 1
     units = (exact * decimal.Decimal("1.000000001")).scaleb(-exponent).to_integral_value(decimal.ROUND_FLOOR)
     return float(f"{units}e{exponent}")
-
-
-def family_of(registry: Registry, patterns: Sequence[str], default: str = "nfnet") -> str:
-    """The family of the models ``patterns`` match (``default`` without patterns or matches).
-
-    Raises:
-        UsageError: the patterns match models of several families.
-    """
-    matched = {
-        s.family
-        for s in registry.architectures
-        if any(fnmatch.fnmatchcase(s.name, p.strip().lower()) for p in patterns)
-    }
-    if len(matched) > 1:
-        raise UsageError(
-            f"--models {','.join(patterns)} matches models of the families {', '.join(sorted(matched))}; a plan "
-            "compares one family: add --family"
-        )
-    return matched.pop() if matched else default
-
-
-def select_models(
-    registry: Registry, family: str, patterns: Sequence[str] = (), *, tags: Sequence[str] = ()
-) -> list[ArchitectureSpec]:
-    """The candidate models of ``family``.
-
-    Those matching ``patterns``; else those tagged with one of ``tags`` (default ``paper``); else those not tagged
-    ``tiny``; else all of them (a family of tiny models only, such as a test plugin's).
-
-    Raises:
-        UnknownNameError: no registered model belongs to ``family``.
-        UsageError: no model of the family matches ``patterns``.
-    """
-    specs = [s for s in registry.architectures if s.family == family]
-    if not specs:
-        raise UnknownNameError("family", family, sorted({s.family for s in registry.architectures}))
-    if patterns:
-        chosen = [s for s in specs if any(fnmatch.fnmatchcase(s.name, p.strip().lower()) for p in patterns)]
-        if not chosen:
-            raise UsageError(
-                f"no {family} model matches {', '.join(patterns)}; choose from {', '.join(s.name for s in specs)}"
-            )
-        return chosen
-    wanted = tuple(tags) or ("paper",)
-    chosen = [s for s in specs if set(wanted) & set(s.tags)]
-    return chosen or [s for s in specs if "tiny" not in s.tags] or specs
 
 
 def affordable(request: PlanRequest, spec: ArchitectureSpec, frontier_macs: float) -> Candidate | None:

@@ -1,32 +1,41 @@
 """The main job: a complete small scaling study on the embedded data, on a laptop CPU, in minutes.
 
-``convscale quickstart`` chains the commands a user would run by hand, in one process so that compiled programs are
-shared:
+``convscale quickstart`` does what a user would do by hand with four commands, by calling the library functions behind
+them in one process (so compiled programs are shared), and uses what each returns:
 
-1. ``convscale sweep`` over the packaged study (``convscale_cli/studies/quickstart.toml``): a few rungs of the tiny
-   NFNet ladder x a few epoch budgets on ``shapes``, each cell's learning rate tuned by the two-trial rule;
-2. ``convscale finetune`` of the lowest-loss pre-trained run on the real ``digits`` data, and of the same architecture
-   from a random initialisation with the same recipe and compute (``--scratch``), the baseline pre-training must beat;
-3. ``convscale report`` over the runs (scaling-law fits, verdicts on the paper's findings, HTML with plots);
-4. ``convscale plan --from`` for a budget 10x the study's largest run.
+1. :func:`~convscale_cli.sweep.run_sweep` (``convscale sweep``) over the packaged study
+   (``convscale_cli/studies/quickstart.toml``): a few rungs of the tiny NFNet ladder x a few epoch budgets on
+   ``shapes``, each cell's learning rate tuned by the two-trial rule;
+2. :func:`~convscale_cli.finetune.api.finetune` (``convscale finetune``) of the lowest-loss pre-trained run on the
+   real ``digits`` data, and of the same architecture from a random initialisation with the same recipe and compute
+   (``--scratch``), the baseline pre-training must beat;
+3. :func:`~convscale_cli.report.build_report` (``convscale report``) over the runs (scaling-law fits, verdicts on the
+   paper's findings, HTML with plots);
+4. :func:`~convscale_cli.plan_fit.plan_fitted` (``convscale plan --from``) for a budget 10x the study's largest run.
 
 It ends with a short summary: runs used by the rule vs a full grid, the verdicts, the digits top-1 with and without
-pre-training, and where the report is. Each step's own output (live tables, progress) is printed as it runs.
+pre-training, and where the report is. Training progress is printed as it runs; how each step's result is shown
+(the commands' own tables, from the CLI) is the caller's choice (:class:`Display`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from convscale_cli import interrupts
-from convscale_cli.errors import ConvscaleError, ExitCode, UsageError
-from convscale_cli.tuning import RunRecord, load_runs
+from convscale_cli.errors import UsageError
+from convscale_cli.runs_dir import FINISHED, RunRecord, load_runs
+
+if TYPE_CHECKING:
+    from convscale_cli.finetune.config import FinetuneConfig
+    from convscale_cli.planner import Plan
+    from convscale_cli.registry import Registry
+    from convscale_cli.sweep import StudyConfig, SweepResult
 
 STUDY = "quickstart.toml"
 FINETUNE_DATASET = "digits"
@@ -53,42 +62,121 @@ class FinetuneSettings:
     ema_decay: float = 0.999
     # Augmentation and the evaluation crop are digits' own defaults (no flips or crops: a mirrored 2 is no digit).
 
-    def argv(self, source: Path, out: Path, *, scratch: bool = False) -> list[str]:
-        """The ``convscale finetune`` command line: ``source`` fine-tuned (or, with ``scratch``, its architecture
-        trained from a random initialisation) on the quickstart's dataset into ``out``."""
-        return [
-            "finetune", "--from", str(source), "--dataset", FINETUNE_DATASET,
-            "--epochs", f"{self.epochs:g}", "--batch-size", str(self.batch_size), "--lr", f"{self.lr:g}",
-            "--sam-rho", f"{self.sam_rho:g}", "--ema-decay", f"{self.ema_decay:g}", "--precision", "fp32",
-            *(["--scratch"] if scratch else []), "--out", str(out),
-        ]  # fmt: skip
+    def config(self, source: Path, out: Path, *, scratch: bool = False) -> FinetuneConfig:
+        """The run config: ``source`` fine-tuned (or, with ``scratch``, its architecture trained from a random
+        initialisation) on the quickstart's dataset into ``out``."""
+        from convscale_cli.finetune.config import FinetuneConfig
+
+        return FinetuneConfig(
+            pretrained=str(source), dataset=FINETUNE_DATASET, out=str(out), scratch=scratch, epochs=self.epochs,
+            batch_size=self.batch_size, lr=self.lr, sam_rho=self.sam_rho, ema_decay=self.ema_decay, precision="fp32",
+        )  # fmt: skip
 
 
-def _call(run_command: Callable[[Sequence[str]], int], args: list[str]) -> None:
-    interrupts.check()
-    code = run_command(args)
-    interrupts.check()
-    if code != ExitCode.OK:
-        raise QuickstartFailed(f"`convscale {' '.join(args)}` failed with exit code {code}", code)
+def _sweep_quietly(study: StudyConfig, registry: Registry) -> SweepResult:
+    from convscale_cli.sweep import run_sweep
+
+    return run_sweep(study, registry)
 
 
-class QuickstartFailed(ConvscaleError):
-    """A step of the quickstart failed (its own error was printed above)."""
-
-    def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
-        self.exit_code = ExitCode(code) if code in ExitCode._value2member_map_ else ExitCode.INTERNAL_ERROR
+def _nothing(*_: Any) -> None:
+    return None
 
 
-def _best_pretrain_run(runs_dir: Path) -> RunRecord:
-    """The finished pre-training run with the lowest held-out loss (the fine-tuning source)."""
-    runs = [r for r in load_runs(runs_dir) if math.isfinite(r.eval_loss)]
+@dataclasses.dataclass(frozen=True)
+class Display:
+    """How the steps run and show their results. The defaults show only the engine's progress lines; ``convscale
+    quickstart`` passes the sweep, report and plan commands' own tables.
+
+    Attributes:
+        sweep: runs the study, ``sweep(study, registry) -> SweepResult`` (a live table around
+            :func:`~convscale_cli.sweep.run_sweep`, say).
+        report: shows the report, ``report(fit, out_dir)`` with ``fit`` the content of ``fit.json``.
+        plan: shows the plan.
+    """
+
+    sweep: Callable[[StudyConfig, Registry], SweepResult] = _sweep_quietly
+    report: Callable[[dict[str, Any], Path], None] = _nothing
+    plan: Callable[[Plan], None] = _nothing
+
+
+@dataclasses.dataclass(frozen=True)
+class QuickstartResult:
+    """What each step of the job returned, and where its files are.
+
+    Attributes:
+        sweep: the study's decisions, one per cell.
+        best: the lowest-loss finished pre-training run, the fine-tuning source.
+        finetune: the fine-tuning run's summary (``summary.json``).
+        scratch: the from-scratch baseline's summary.
+        fit: the report's analysis (``fit.json``).
+        plan: the plan for a budget :data:`PLAN_BUDGET_FACTOR` times the largest run.
+        finetune_dir: the fine-tuning run's directory.
+        scratch_dir: the baseline's directory.
+        report_html: the HTML report.
+        finetune_epochs: the fine-tuning duration.
+    """
+
+    sweep: SweepResult
+    best: RunRecord
+    finetune: Mapping[str, Any]
+    scratch: Mapping[str, Any]
+    fit: Mapping[str, Any]
+    plan: Plan
+    finetune_dir: Path
+    scratch_dir: Path
+    report_html: Path
+    finetune_epochs: float
+
+    @property
+    def top1(self) -> dict[str, float | None]:
+        """Held-out top-1 of the fine-tuned run, raw and EMA weights."""
+        return _top1(self.finetune)
+
+    @property
+    def top1_scratch(self) -> dict[str, float | None]:
+        """Held-out top-1 of the from-scratch baseline, raw and EMA weights."""
+        return _top1(self.scratch)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The summary ``convscale quickstart --json`` prints."""
+        return {
+            "cells": len(self.sweep.results),
+            "runs_used": self.sweep.runs_used,
+            "full_grid_runs": self.sweep.full_grid_runs,
+            "verdicts": list(self.fit.get("verdicts", [])),
+            "best_pretrain_run": self.best.path.name,
+            "finetune": {
+                "dataset": FINETUNE_DATASET,
+                "epochs": self.finetune_epochs,
+                **self.top1,
+                "run": str(self.finetune_dir),
+                "scratch": {**self.top1_scratch, "run": str(self.scratch_dir)},
+            },
+            "report": str(self.report_html),
+        }
+
+
+def best_pretrain_run(runs_dir: Path) -> RunRecord:
+    """The finished pre-training run with the lowest held-out loss (the fine-tuning source).
+
+    Only runs that finished their schedule count: a budget-stopped run ended before its schedule did.
+
+    Raises:
+        UsageError: no finished pre-training run with a finite loss in ``runs_dir``.
+    """
+    runs = [r for r in load_runs(runs_dir, statuses=FINISHED) if math.isfinite(r.eval_loss)]
     if not runs:
         raise UsageError(f"no finished pre-training run in {str(runs_dir)!r} to fine-tune")
     return min(runs, key=lambda r: r.eval_loss)
 
 
-def _top1(summary: dict[str, Any]) -> dict[str, float | None]:
+def largest_flops(runs_dir: Path) -> float:
+    """Training FLOPs of the largest finished pre-training run (the plan's budget is a multiple of it)."""
+    return max((r.train_flops for r in load_runs(runs_dir, statuses=FINISHED)), default=0.0)
+
+
+def _top1(summary: Mapping[str, Any]) -> dict[str, float | None]:
     """Held-out top-1 of a fine-tuning summary, raw and EMA weights."""
     return {
         "top1": (summary.get("final") or {}).get("eval_top1"),
@@ -96,120 +184,126 @@ def _top1(summary: dict[str, Any]) -> dict[str, float | None]:
     }
 
 
-def _percent(top1: dict[str, float | None]) -> str:
+def _percent(top1: Mapping[str, float | None]) -> str:
     raw, ema = top1["top1"], top1["top1_ema"]
     text = f"{100 * raw:.1f}%" if raw is not None else "n/a"
     return text + (f" (EMA {100 * ema:.1f}%)" if ema is not None else "")
 
 
-def _largest_flops(runs_dir: Path) -> float:
-    """Training FLOPs of the largest finished pre-training run (the plan's budget is a multiple of it)."""
-    return max((r.train_flops for r in load_runs(runs_dir)), default=0.0)
+def plan_from_runs(study: StudyConfig, registry: Registry, runs_dir: Path, budget_flops: float) -> Plan:
+    """The plan ``convscale plan --from RUNS`` makes for ``budget_flops`` on a CPU, for the study's data setting."""
+    from convscale_cli import plan_data, planner
+    from convscale_cli.budget import get_hardware, parse_budget
+    from convscale_cli.plan_fit import plan_fitted, runs_batch_size
+
+    family = plan_data.family_of(registry, ())
+    size = study.data_options.get("size")
+    request = planner.PlanRequest(
+        budget=parse_budget(f"{budget_flops:.4g}-flops"),  # as the command line would give it
+        hardware=get_hardware("cpu"),
+        dataset=plan_data.dataset_plan(
+            registry, study.dataset, size=int(size) if size else None, resolution=study.resolution or 32
+        ),
+        family=family,
+        batch_size=study.batch_size or runs_batch_size(runs_dir, family) or planner.PAPER_BATCH_SIZE,
+    )
+    return plan_fitted(request, registry, runs_dir)
 
 
 def run(
     out: Path,
-    run_command: Callable[[Sequence[str]], int],
     *,
     study: Path | None = None,
     finetune: FinetuneSettings = FinetuneSettings(),
+    registry: Registry | None = None,
+    display: Display = Display(),
     echo: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """Run the whole job into ``out`` (``out/runs``, ``out/report``) and return the summary it prints.
+) -> QuickstartResult:
+    """Run the whole job into ``out`` (``out/runs``, ``out/report``), print its summary and return its results.
 
     Args:
         out: output directory; rerunning with the same ``out`` resumes (finished runs are skipped).
-        run_command: ``run_command(argv) -> exit code``, the ``convscale`` entry point (in-process).
         study: a study TOML to use instead of the packaged one.
         finetune: fine-tuning settings.
+        registry: models and datasets (default: the installed plugins).
+        display: how the steps run and show their results.
         echo: where section headers and the summary go.
+
+    Raises:
+        ConvscaleError: a step failed (a bad study, a diverged run, too few runs to fit, ...).
     """
-    from convscale_cli.plugins import get_registry
+    from convscale_cli.finetune.api import finetune as run_finetune
+    from convscale_cli.report import build_report
     from convscale_cli.sweep import load_study, plan_cells
 
+    if registry is None:
+        from convscale_cli.plugins import get_registry
+
+        registry = get_registry()
     study_path = Path(study) if study is not None else default_study()
     runs_dir, report_dir = out / "runs", out / "report"
     loaded = load_study(study_path, {"out": str(runs_dir)})  # validates the study before anything runs
-    plan_cells(loaded, get_registry())  # and its model and dataset names, in one line of their own
+    plan_cells(loaded, registry)  # and its model and dataset names, in one line of their own
 
     echo(
         f"[1/4] pre-training: {len(loaded.models)} models x {len(loaded.epochs)} epoch budgets on {loaded.dataset}, "
         "learning rates tuned by the two-trial rule"
     )
-    _call(run_command, ["sweep", str(study_path), "--set", f"out={runs_dir}"])
+    swept = display.sweep(loaded, registry)
+    interrupts.check()
 
-    best = _best_pretrain_run(runs_dir)
-    best_dir = best.path
+    best = best_pretrain_run(runs_dir)
     ft_dir = runs_dir / f"finetune-{FINETUNE_DATASET}"
     scratch_dir = runs_dir / f"scratch-{FINETUNE_DATASET}"
     echo(
-        f"[2/4] fine-tuning the lowest-loss run ({best_dir.name}, held-out loss {best.eval_loss:.4f}) on the "
+        f"[2/4] fine-tuning the lowest-loss run ({best.path.name}, held-out loss {best.eval_loss:.4f}) on the "
         f"real {FINETUNE_DATASET} data"
     )
-    _call(run_command, finetune.argv(best_dir, ft_dir))
+    tuned = run_finetune(finetune.config(best.path, ft_dir), registry)
+    interrupts.check()
     echo(f"      baseline: the same {best.model} from a random initialisation, same recipe and fine-tuning compute")
-    _call(run_command, finetune.argv(best_dir, scratch_dir, scratch=True))
-    ft = json.loads((ft_dir / "summary.json").read_text())
-    scratch = json.loads((scratch_dir / "summary.json").read_text())
+    scratch = run_finetune(finetune.config(best.path, scratch_dir, scratch=True), registry)
+    interrupts.check()
 
     echo("[3/4] fitting scaling laws and writing the report")
-    _call(run_command, ["report", str(runs_dir), "--out", str(report_dir), "--dataset", loaded.dataset])
-    fit = json.loads((report_dir / "fit.json").read_text())
+    fit = build_report(runs_dir, report_dir, dataset=loaded.dataset)
+    display.report(fit, report_dir)
+    interrupts.check()
 
-    budget_flops = PLAN_BUDGET_FACTOR * _largest_flops(runs_dir)
+    budget_flops = PLAN_BUDGET_FACTOR * largest_flops(runs_dir)
     echo(
         f"[4/4] planning a budget {PLAN_BUDGET_FACTOR:g}x the largest run ({budget_flops:.3g} FLOPs) from the "
         "fitted runs"
     )
-    size = loaded.data_options.get("size")
-    plan_args = [
-        "plan",
-        "--budget",
-        f"{budget_flops:.4g}-flops",
-        "--from",
-        str(runs_dir),
-        "--dataset",
-        loaded.dataset,
-        "--hardware",
-        "cpu",
-        "--resolution",
-        str(loaded.resolution or 32),
-    ]
-    if size:
-        plan_args += ["--dataset-size", str(size)]
-    if loaded.batch_size:
-        plan_args += ["--batch-size", str(loaded.batch_size)]
-    _call(run_command, plan_args)
+    plan = plan_from_runs(loaded, registry, runs_dir, budget_flops)
+    display.plan(plan)
+    interrupts.check()
 
-    tuning = [json.loads(line) for line in (runs_dir / "tuning.jsonl").read_text().splitlines() if line.strip()]
-    runs_used = len({t["run"] for cell in tuning for t in cell["trials"]})
-    grid = len(tuning) * 6
-    top1 = _top1(ft)
-    top1_scratch = _top1(scratch)
-    summary = {
-        "cells": len(tuning),
-        "runs_used": runs_used,
-        "full_grid_runs": grid,
-        "verdicts": fit.get("verdicts", []),
-        "best_pretrain_run": best_dir.name,
-        "finetune": {
-            "dataset": FINETUNE_DATASET,
-            "epochs": finetune.epochs,
-            **top1,
-            "run": str(ft_dir),
-            "scratch": {**top1_scratch, "run": str(scratch_dir)},
-        },
-        "report": str(report_dir / "report.html"),
-    }
+    result = QuickstartResult(
+        sweep=swept,
+        best=best,
+        finetune=tuned,
+        scratch=scratch,
+        fit=fit,
+        plan=plan,
+        finetune_dir=ft_dir,
+        scratch_dir=scratch_dir,
+        report_html=report_dir / "report.html",
+        finetune_epochs=finetune.epochs,
+    )
+    grid = swept.full_grid_runs
     echo("")
     echo("Quickstart summary")
-    echo(f"  two-trial rule: {runs_used} runs for {len(tuning)} cells (a full 6-point lr grid needs {grid})")
-    for verdict in summary["verdicts"]:
+    echo(
+        f"  two-trial rule: {swept.runs_used} runs for {len(swept.results)} cells (a full {swept.grid_size}-point lr "
+        f"grid needs {grid})"
+    )
+    for verdict in fit.get("verdicts", []):
         echo(f"  {verdict.get('claim') or verdict.get('finding')}: {verdict.get('text')}")
     echo(
         f"  {FINETUNE_DATASET} top-1 on the held-out split after {finetune.epochs:g} epochs: "
-        f"{_percent(top1)} fine-tuned from {best_dir.name}, {_percent(top1_scratch)} from scratch (same fine-tuning "
-        "compute)"
+        f"{_percent(result.top1)} fine-tuned from {best.path.name}, {_percent(result.top1_scratch)} from scratch "
+        "(same fine-tuning compute)"
     )
-    echo(f"  report: {summary['report']}")
-    return summary
+    echo(f"  report: {result.report_html}")
+    return result

@@ -26,6 +26,7 @@ cell only ever sees the cells it depends on, so the results do not depend on the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -282,14 +283,22 @@ class BranchingTrainer:
         study: the branching study.
         schedules: each model's :class:`ModelSchedule`.
         trainer: trains one run, ``trainer(model, dataset, epochs, lr, out, **options) -> summary`` (the engine's by
-            default); it receives the trunk's ``stop_step``/``keep_steps`` and the branch's
+            default, with ``registry``); it receives the trunk's ``stop_step``/``keep_steps`` and the branch's
             ``branch_from``/``branch_step`` as further engine options.
+        registry: where the default trainer looks models and datasets up (default: the installed plugins).
     """
 
-    def __init__(self, study: StudyConfig, schedules: dict[str, ModelSchedule], trainer: Trainer | None) -> None:
+    def __init__(
+        self,
+        study: StudyConfig,
+        schedules: dict[str, ModelSchedule],
+        trainer: Trainer | None,
+        registry: Registry | None = None,
+    ) -> None:
         self.study = study
         self.schedules = schedules
         self.trainer = trainer
+        self.registry = registry
         self.longest = max(float(e) for e in study.epochs)
 
     def trunk_dir(self, out: Path, model: str, lr: float) -> Path:
@@ -299,7 +308,8 @@ class BranchingTrainer:
     def __call__(
         self, model: str, dataset: str, epochs: float, lr: float, out: str | Path, **options: Any
     ) -> Mapping[str, Any]:
-        train = self.trainer or tuning.engine_trainer  # looked up per call, as tune_cell does
+        # Looked up per call, as tune_cell does; the engine trains with the study's registry.
+        train = self.trainer or functools.partial(tuning.engine_trainer, registry=self.registry)
         out = Path(out)
         schedule = self.schedules[model]
         point = schedule.branch_points[float(epochs)]
@@ -336,7 +346,7 @@ def run_sweep(
         study: the study.
         registry: models and datasets.
         trainer: ``trainer(model, dataset, epochs, lr, out, **options) -> summary``; default: the jax engine
-            (:func:`convscale_cli.tuning.engine_trainer`).
+            (:func:`convscale_cli.tuning.engine_trainer`), training with ``registry``.
         shard: this worker and the number of workers (default: one worker, every cell).
         wait_timeout: seconds to wait with nothing in the runs directory changing before giving up.
         poll_seconds: the longest pause between two looks at the runs directory while waiting.
@@ -356,7 +366,7 @@ def run_sweep(
     keys = [cell_key(c) for c in cells]
     schedules = {m: model_schedule(study, registry, m) for m in {c.model for c in cells}}
     if study.branching:
-        trainer = BranchingTrainer(study, schedules, trainer)
+        trainer = BranchingTrainer(study, schedules, trainer, registry)
     grid: bool | tuple[float, ...] = False
     if study.rule == "grid":
         grid = study.lr_grid or True
@@ -422,25 +432,23 @@ class StudyCompute:
 
 
 def study_compute(runs_dir: str | Path) -> StudyCompute:
-    """Sum the compute of every run directory with a ``summary.json`` under ``runs_dir`` and ``runs_dir/trunks``.
+    """Sum the compute of every run under ``runs_dir`` with a ``summary.json`` of any status, trunks included.
 
     Runs that ended without a summary (a diverged trial) are not counted.
     """
-    from convscale_cli.engine.rundir import read_json
+    from convscale_cli.runs_dir import scan_runs
 
     root = Path(runs_dir)
-    dirs = [p for p in sorted(root.iterdir()) if p.is_dir()] if root.is_dir() else []
-    trunks = [p for p in sorted((root / TRUNKS).iterdir()) if p.is_dir()] if (root / TRUNKS).is_dir() else []
+    found, _ = scan_runs(root, statuses=None) if root.is_dir() else ([], [])
     runs = flops = hours = seconds = 0.0
     counted_trunks = 0
-    for path in [*dirs, *trunks]:
-        summary = read_json(path / "summary.json")
-        ledger = summary.get("ledger") if summary else None
+    for run in found:
+        ledger = run.summary.get("ledger")
         if not isinstance(ledger, dict):
             continue
         spent = sum(float(v) for v in (ledger.get("device_seconds") or {}).values())
         runs += 1
-        counted_trunks += path.parent.name == TRUNKS
+        counted_trunks += run.path.parent.name == TRUNKS
         flops += float(ledger.get("train_flops", 0.0)) - float(ledger.get("trunk_train_flops", 0.0))
         hours += float(ledger.get("core_hours", 0.0)) - float(ledger.get("trunk_core_hours", 0.0))
         seconds += spent - float(ledger.get("trunk_device_seconds", 0.0))

@@ -233,7 +233,7 @@ class Waiter:
             raise SweepStalled(
                 f"worker {self.shard} waited {self.timeout:g} s for {self._name(key)} and nothing in "
                 f"{self.out!r} changed meanwhile: is that worker running? A worker that died resumes when its "
-                f"command is run again (--shard {self.owner[key]}/{self.shard.count}); --wait-timeout waits longer"
+                f"command is run again (`shard={self.owner[key]}/{self.shard.count}`); `wait_timeout` waits longer"
             )
         time.sleep(self.pause)
         self.pause = min(self.pause * 2, self.poll)

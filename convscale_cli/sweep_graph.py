@@ -51,11 +51,11 @@ class Shard:
 
     def __post_init__(self) -> None:
         if self.count < 1:
-            raise UsageError(f"--shard {self}: N must be at least 1 worker, e.g. --shard 0/4")
+            raise UsageError(f"`shard` {self}: N must be at least 1 worker, e.g. `shard=0/4`")
         if not 0 <= self.index < self.count:
             raise UsageError(
-                f"--shard {self}: worker index {self.index} is not below N = {self.count} (workers are numbered "
-                f"0 to {self.count - 1}), e.g. --shard 0/{self.count}"
+                f"`shard` {self}: worker index {self.index} is not below N = {self.count} (workers are numbered "
+                f"0 to {self.count - 1}), e.g. `shard=0/{self.count}`"
             )
 
     def __str__(self) -> str:
@@ -70,7 +70,7 @@ class Shard:
         """
         match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
         if match is None:
-            raise UsageError(f"--shard {text!r} is not I/N (worker I of N workers, 0 <= I < N), e.g. --shard 0/4")
+            raise UsageError(f"`shard` {text!r} is not I/N (worker I of N workers, 0 <= I < N), e.g. `shard=0/4`")
         return cls(int(match.group(1)), int(match.group(2)))
 
 

@@ -1,4 +1,4 @@
-"""Learning-rate tuning by the paper's two-trial rule, and the run records it reads.
+"""Learning-rate tuning by the paper's two-trial rule.
 
 Smith et al. (2023, §2; paper-facts §1.4): "one can efficiently tune the learning rate within 2 trials by assuming
 that the optimal learning rate falls slowly but monotonically as both the model size and the epoch budget increases."
@@ -16,6 +16,7 @@ one, :func:`engine_trainer`, imports the jax engine only when called. Nothing he
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -25,68 +26,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 from convscale_cli import interrupts
-from convscale_cli.budget import train_flops
 from convscale_cli.errors import TrainingError, UnknownNameError, UsageError
 from convscale_cli.planner import run_name
 from convscale_cli.recipe import without_default_schedule
 from convscale_cli.registry import Registry
+from convscale_cli.runs_dir import RunRecord, RunWarning, infer_dataset, load_runs
 
 Trainer = Callable[..., Mapping[str, Any]]
 SizeAxis = Literal["params", "macs"]
 TUNING_LOG = "tuning.jsonl"
 # The default grid of --grid: factors of 2 around the recipe's alpha (3.2 .. 0.1 for NFNets; Fig. 3 spans 0.4-1.6).
 GRID_OCTAVES = (1, 0, -1, -2, -3, -4)
-
-
-class RunWarning(UserWarning):
-    """A run directory was skipped because its summary could not be read."""
-
-
-@dataclasses.dataclass(frozen=True)
-class RunRecord:
-    """The fields of one finished pre-training run's ``summary.json`` that planning and tuning use."""
-
-    path: Path
-    model: str
-    family: str
-    dataset: str
-    epochs: float
-    lr: float
-    batch_size: int
-    params: int
-    macs_per_image: int
-    train_resolution: int
-    num_classes: int
-    examples_seen: int
-    eval_loss: float
-    train_flops: float
-    core_hours: float
-
-    @classmethod
-    def from_summary(cls, path: Path, summary: Mapping[str, Any]) -> RunRecord:
-        """Build a record from a summary dict; raises KeyError/TypeError/ValueError on a malformed one."""
-        ledger = summary.get("ledger") or {}
-        loss = summary["final"]["eval_loss"]
-        return cls(
-            path=path,
-            model=str(summary["model"]),
-            family=str(summary["family"]),
-            dataset=str(summary["dataset"]),
-            epochs=float(summary["epochs"]),
-            lr=float(summary["lr"]),
-            batch_size=int(summary["batch_size"]),
-            params=int(summary["params"]),
-            macs_per_image=int(summary["macs_per_image"]),
-            train_resolution=int(summary["train_resolution"]),
-            num_classes=int(summary["num_classes"]),
-            examples_seen=int(summary["examples_seen"]),
-            # A diverged run counts as infinitely bad rather than vanishing from the comparison.
-            eval_loss=float(loss) if loss is not None and math.isfinite(float(loss)) else math.inf,
-            train_flops=float(
-                ledger.get("train_flops", train_flops(summary["macs_per_image"]) * summary["examples_seen"])
-            ),
-            core_hours=float(ledger.get("core_hours", math.nan)),
-        )
 
 
 def read_finished(run_dir: Path) -> dict[str, Any] | None:
@@ -100,27 +50,6 @@ def read_finished(run_dir: Path) -> dict[str, Any] | None:
         warnings.warn(f"skipping {path}: {exc}", RunWarning, stacklevel=2)
         return None
     return summary if isinstance(summary, dict) and summary.get("status") == "finished" else None
-
-
-def load_runs(runs_dir: str | Path, *, kind: str = "pretrain") -> list[RunRecord]:
-    """Every finished run of ``kind`` directly under ``runs_dir`` (or ``runs_dir`` itself if it is one run).
-
-    Raises:
-        UsageError: ``runs_dir`` does not exist or is not a directory.
-    """
-    root = Path(runs_dir)
-    if not root.is_dir():
-        raise UsageError(f"runs directory {str(root)!r} does not exist or is not a directory")
-    records = []
-    for run_dir in [root, *sorted(p for p in root.iterdir() if p.is_dir())]:
-        summary = read_finished(run_dir)
-        if summary is None or summary.get("kind", "pretrain") != kind:
-            continue
-        try:
-            records.append(RunRecord.from_summary(run_dir, summary))
-        except (KeyError, TypeError, ValueError) as exc:
-            warnings.warn(f"skipping {run_dir / 'summary.json'}: missing or bad field {exc}", RunWarning, stacklevel=2)
-    return records
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,6 +122,20 @@ class Trial:
     run: str
     eval_loss: float
     status: Literal["trained", "reused", "failed"]
+    error: str = ""  # why a failed trial failed: its TrainingError's message (a non-finite loss, at which step)
+
+    def outcome(self) -> str:
+        """``loss 2.1234``, ``failed (non-finite loss (nan) at step 7; ...)`` or ``failed``."""
+        if self.status != "failed":
+            return f"loss {self.eval_loss:.4f}"
+        return f"failed ({self.error})" if self.error else "failed"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form; ``error`` only for a failed trial."""
+        out = dataclasses.asdict(self)
+        if not self.error:
+            del out["error"]
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,9 +162,7 @@ class TuneResult:
 
     def message(self) -> str:
         """What was decided, in one paragraph."""
-        tried = ", ".join(
-            f"alpha {t.lr:g}: {'failed' if t.status == 'failed' else f'loss {t.eval_loss:.4f}'}" for t in self.trials
-        )
+        tried = ", ".join(f"alpha {t.lr:g}: {t.outcome()}" for t in self.trials)
         text = f"{self.model} x {self.epochs:g} epochs: start alpha {self.start_lr:g} ({self.source}); {tried}; "
         if all(t.eval_loss == math.inf for t in self.trials):
             return text + f"every trial failed: try alpha {self.next_lr:g}."
@@ -236,14 +177,24 @@ class TuneResult:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (one line of ``tuning.jsonl``)."""
         out = dataclasses.asdict(self)
-        out["trials"] = [dataclasses.asdict(t) for t in self.trials]
+        out["trials"] = [t.to_dict() for t in self.trials]
         return out
 
 
-def engine_trainer(model: str, dataset: str, epochs: float, lr: float, out: str | Path, **options: Any) -> dict:
+def engine_trainer(
+    model: str,
+    dataset: str,
+    epochs: float,
+    lr: float,
+    out: str | Path,
+    *,
+    registry: Registry | None = None,
+    **options: Any,
+) -> dict:
     """Train one run with the jax engine (imported here, never at module level) and return its summary.
 
-    ``options`` are further :class:`~convscale_cli.engine.config.PretrainConfig` fields (``batch_size``, ``seed``,
+    ``registry`` is where the engine looks the model and dataset up (default: the installed plugins); ``options``
+    are further :class:`~convscale_cli.engine.config.PretrainConfig` fields (``batch_size``, ``seed``,
     ``resolution``, ``data_options``, ...); unknown keys raise a ConfigError naming them.
     """
     from convscale_cli.config import from_dict
@@ -251,7 +202,7 @@ def engine_trainer(model: str, dataset: str, epochs: float, lr: float, out: str 
     from convscale_cli.engine.config import PretrainConfig
 
     fields = {"model": model, "dataset": dataset, "epochs": epochs, "lr": lr, "out": str(out), **options}
-    return dict(pretrain(from_dict(PretrainConfig, fields)))
+    return dict(pretrain(from_dict(PretrainConfig, fields), registry))
 
 
 def _loss(summary: Mapping[str, Any]) -> float:
@@ -268,7 +219,7 @@ def run_trial(
     """Train (or reuse, when its run directory already holds a finished run) one learning rate of a cell.
 
     A run that ends in :class:`TrainingError` (a non-finite loss, likely at too high an lr) is a failed trial with an
-    infinite loss: the comparison still has an answer.
+    infinite loss and the error's message: the comparison still has an answer, and the user sees why.
     """
     interrupts.check()  # a Ctrl-C swallowed during the previous trial stops the study here
     name = run_name(model, epochs, lr)
@@ -284,8 +235,8 @@ def run_trial(
         return Trial(lr, name, _loss(finished), "reused")
     try:
         summary = trainer(model, dataset, epochs, lr, out, **options)
-    except TrainingError:
-        return Trial(lr, name, math.inf, "failed")
+    except TrainingError as exc:
+        return Trial(lr, name, math.inf, "failed", str(exc))
     return Trial(lr, name, _loss(summary), "trained")
 
 
@@ -324,11 +275,6 @@ def _other_settings(out: Path, summary: Mapping[str, Any], dataset: str, options
 # not comparable across a different data set size, batch size (the lr scales with it) or precision, and the report
 # fits runs of one resolution and class count together (a trial at the model's default resolution would not join).
 INHERITED_SETTINGS = ("data_options", "batch_size", "precision", "resolution", "num_classes")
-_SETTING_FLAGS = {
-    "data_options": "--set data_options.KEY=VALUE",
-    "batch_size": "--batch-size",
-    "resolution": "--resolution",
-}
 
 
 def _inherit(runs: Sequence[RunRecord], options: Mapping[str, Any], data_defaults: Mapping[str, Any]) -> dict[str, Any]:
@@ -368,10 +314,10 @@ def _inherit(runs: Sequence[RunRecord], options: Mapping[str, Any], data_default
         if out.get(key) is None:
             out[key] = value
         elif norm(key, out[key]) != norm(key, value):
-            flag = _SETTING_FLAGS.get(key, f"--set {key}=...")
+            given = "`data_options.KEY=VALUE`" if key == "data_options" else f"`{key}=...`"
             raise UsageError(
                 f"{key} {out[key]!r} here, but the runs in {str(path.parent)!r} used {value!r} ({path.name}): a trial "
-                f"must match the cells it continues; drop {flag} to inherit it, or tune into another runs directory"
+                f"must match the cells it continues; drop {given} to inherit it, or tune into another runs directory"
             )
     return out
 
@@ -388,7 +334,7 @@ def tune_cell(
     epochs: float,
     runs_dir: str | Path,
     *,
-    dataset: str,
+    dataset: str | None = None,
     registry: Registry,
     trainer: Trainer | None = None,
     options: Mapping[str, Any] | None = None,
@@ -405,9 +351,11 @@ def tune_cell(
         model: registered architecture name.
         epochs: epoch budget of the cell.
         runs_dir: where trials are written (``{model}-e{epochs}-lr{alpha}``) and earlier cells are looked up.
-        dataset: registered dataset name; only earlier runs on it count.
-        registry: resolves the model's family, recipe alpha and size.
-        trainer: ``trainer(model, dataset, epochs, lr, out, **options) -> summary`` (default: :func:`engine_trainer`).
+        dataset: registered dataset name; only earlier runs on it count (default: the one dataset of the finished
+            runs in ``runs_dir``).
+        registry: resolves the model's family, recipe alpha and size, and is the one the default trainer trains with.
+        trainer: ``trainer(model, dataset, epochs, lr, out, **options) -> summary`` (default: :func:`engine_trainer`
+            with ``registry``).
         options: passed to the trainer (engine config fields). The data options, batch size, precision, resolution
             and class count default to those of the finished runs already in ``runs_dir`` on ``dataset``; a value
             given must equal theirs.
@@ -423,18 +371,22 @@ def tune_cell(
             :mod:`convscale_cli.sweep_dir`).
 
     Raises:
-        UsageError: unknown model or dataset, a non-positive epoch budget or lr; a data option, batch size,
-            precision, resolution or class count other than the one of the runs already in ``runs_dir``.
+        UsageError: unknown model or dataset, a non-positive epoch budget or lr, ``runs_dir`` a file; no
+            ``dataset`` given and ``runs_dir`` holding finished runs of none or several; a data option, batch size,
+            precision, resolution or class count other than the one of the runs already in ``runs_dir``. Checked in
+            that order, before anything is trained.
     """
-    if not (math.isfinite(epochs) and epochs > 0):
-        raise UsageError(f"--epochs must be a positive number, got {epochs}")
-    if start_lr is not None and not (math.isfinite(start_lr) and start_lr > 0):
-        raise UsageError(f"start lr must be a positive number, got {start_lr}")
-    options = dict(options or {})
-    trainer = trainer or engine_trainer
     spec = registry.architecture(model)
-    data = registry.dataset(dataset)
+    if not (math.isfinite(epochs) and epochs > 0):
+        raise UsageError(f"`epochs` must be a positive number, got {epochs}")
+    if start_lr is not None and not (math.isfinite(start_lr) and start_lr > 0):
+        raise UsageError(f"`start_lr` must be a positive number, got {start_lr}")
     root = Path(runs_dir)
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"`runs_dir` {str(root)!r} is a file, expected a runs directory")
+    options = dict(options or {})
+    trainer = trainer or functools.partial(engine_trainer, registry=registry)
+    data = registry.dataset(dataset if dataset is not None else infer_dataset(root))
     root.mkdir(parents=True, exist_ok=True)
     log = root / TUNING_LOG
     if log.exists() and not log.is_file():  # checked before training: the decision must not be lost after it

@@ -203,11 +203,11 @@ def save_safetensors_weights(
 
     file = Path(file).expanduser().resolve()
     if file.suffix != ".safetensors":
-        raise UsageError(f"--out {str(file)!r} must end in .safetensors")
+        raise UsageError(f"`file` {str(file)!r} must end in .safetensors")
     meta_file = file.parent / MODEL_JSON
     for path in (file, meta_file):
         if path.exists():
-            raise CheckpointError(f"{str(path)!r} already exists; choose another --out (one export per directory)")
+            raise CheckpointError(f"{str(path)!r} already exists; choose another file (one export per directory)")
     options = dict(options or {})
     _, abstract = _abstract_params(spec, num_classes, options)
     _check_tree(spec.name, params, abstract)
@@ -438,7 +438,7 @@ def import_weights(
     from convscale_cli.plugins import get_registry
 
     if num_classes is not None and not 0 < num_classes <= MAX_NUM_CLASSES:
-        raise UsageError(f"--num-classes must be in [1, {MAX_NUM_CLASSES}], got {num_classes}")
+        raise UsageError(f"`num_classes` must be in [1, {MAX_NUM_CLASSES}], got {num_classes}")
     spec = find_by_source(get_registry(), source, model)
     if spec.import_weights is None:
         raise UsageError(f"{spec.name} lists {source} weights but its plugin has no import_weights")

@@ -17,6 +17,7 @@ from convscale_cli.budget import get_hardware, parse_budget
 from convscale_cli.cli import main
 from convscale_cli.errors import UnknownNameError, UsageError
 from convscale_cli.hookspecs import hookimpl
+from convscale_cli.plan_data import JFT4B_CLASSES, JFT4B_SIZE, DatasetPlan
 from convscale_cli.recipe import Recipe
 from convscale_cli.registry import ArchitectureSpec, ModelCount, Registry
 
@@ -72,7 +73,7 @@ def cli_registry(registry: Registry, monkeypatch: pytest.MonkeyPatch) -> Iterato
 def _request(budget: str, **kwargs) -> P.PlanRequest:  # noqa: ANN003
     parsed = parse_budget(budget)
     hw = get_hardware("tpu-v4" if parsed.is_flops else parsed.unit)
-    dataset = P.DatasetPlan(None, P.JFT4B_SIZE, P.JFT4B_CLASSES, 224)
+    dataset = DatasetPlan(None, JFT4B_SIZE, JFT4B_CLASSES, 224)
     return P.PlanRequest(budget=parsed, hardware=hw, dataset=dataset, **kwargs)
 
 
@@ -335,7 +336,7 @@ def ladder(monkeypatch: pytest.MonkeyPatch) -> Registry:
 
 
 def _toy_request(budget: str = "3e13-flops", **kwargs) -> P.PlanRequest:  # noqa: ANN003
-    dataset = P.DatasetPlan("toyset", TOY_TRAIN, 10, 32)
+    dataset = DatasetPlan("toyset", TOY_TRAIN, 10, 32)
     return P.PlanRequest(parse_budget(budget), get_hardware("tpu-v4"), dataset, family="toy", top=4, **kwargs)
 
 
@@ -368,9 +369,9 @@ def test_fitted_plan_needs_five_cells_and_one_dataset(ladder: Registry, tmp_path
         plan_fitted(_toy_request(), ladder, tmp_path / "few", bootstrap=0)
     _write_runs(tmp_path / "mixed")
     _write_runs(tmp_path / "mixed", models=("lad-3",), dataset="otherset")
-    plain = P.DatasetPlan(None, TOY_TRAIN, 10, 32)
+    plain = DatasetPlan(None, TOY_TRAIN, 10, 32)
     request = P.PlanRequest(parse_budget("3e13-flops"), get_hardware("tpu-v4"), plain, family="toy")
-    with pytest.raises(UsageError, match="pick one with --dataset"):
+    with pytest.raises(UsageError, match="pick one with `dataset`"):
         plan_fitted(request, ladder, tmp_path / "mixed", bootstrap=0)
     assert plan_fitted(_toy_request(), ladder, tmp_path / "mixed", bootstrap=0).fit["cells"] == 12
     with pytest.raises(UsageError, match="does not exist"):

@@ -114,7 +114,7 @@ def test_different_config_is_refused_then_forced(
 ) -> None:
     out = tmp_path / "copy"
     shutil.copytree(finished[0], out)
-    with pytest.raises(CheckpointError, match=r"different config \(lr, seed differ\).*--force"):
+    with pytest.raises(CheckpointError, match=r"different config \(lr, seed differ\).*`force`"):
         pretrain(helpers.config(out, lr=0.8, seed=3), registry)
     forced = pretrain(helpers.config(out, lr=0.8, steps=4, force=True), registry)
     assert forced["steps"] == 4 and forced["lr"] == 0.8
@@ -362,7 +362,7 @@ def test_holdout_carves_a_deterministic_held_out_split_from_train(tmp_path: Path
 
     extra = [("engine-test", helpers.TinyPlugin()), ("no-eval", NoEval())]
     registry = load_plugins(extra=extra, entry_points=lambda: []).registry
-    with pytest.raises(UsageError, match=r"no held-out 'eval' split.*--set holdout=0.01"):
+    with pytest.raises(UsageError, match=r"no held-out 'eval' split.*`holdout=0.01`"):
         pretrain(helpers.config(tmp_path / "none", dataset="colours-train-only"), registry)
     summary = pretrain(helpers.config(tmp_path / "held", dataset="colours-train-only", holdout=0.25), registry)
     assert summary["epochs"] == pytest.approx(12 * 16 / 72)  # an epoch is the 72 examples left for training

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from convscale_cli import quickstart
 from convscale_cli.sweep import load_study
@@ -57,41 +60,62 @@ def test_best_run_and_largest_compute_are_read_from_the_summaries(tmp_path: Path
     _summary(tmp_path, "b", "pretrain", 4.0, 3e9)
     _summary(tmp_path, "c", "pretrain", 3.0, 5e9, status="budget")  # not finished: neither source nor budget base
     _summary(tmp_path, "d", "finetune", 0.1, 9e9)
-    best = quickstart._best_pretrain_run(tmp_path)
+    best = quickstart.best_pretrain_run(tmp_path)
     assert best.path.name == "b" and best.eval_loss == 4.0
-    assert quickstart._largest_flops(tmp_path) == 3e9  # finished pre-training runs only
+    assert quickstart.largest_flops(tmp_path) == 3e9  # finished pre-training runs only
 
 
-def test_the_job_fine_tunes_the_best_run_and_its_scratch_baseline(tmp_path: Path) -> None:
-    """The four steps in order, wired by the files each writes (the commands are stood in for; they have own tests)."""
-    calls: list[list[str]] = []
+def test_the_job_chains_the_library_steps_on_their_return_values(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The four steps in order, each fed by what the one before returned; the stand-ins write no files the job could
+    read back (no tuning.jsonl, fit.json or fine-tuning summary.json), so the summary must come from return values."""
+    import convscale_cli.finetune.api as finetune_api
+    import convscale_cli.report as report
+    from convscale_cli.sweep import SweepResult
+    from convscale_cli.tuning import Trial, TuneResult
 
-    def fake(argv: list[str]) -> int:
-        calls.append(list(argv))
-        runs = tmp_path / "job" / "runs"
-        if argv[0] == "sweep":
-            _summary(runs, "l0", "pretrain", 5.0, 1e9)
-            _summary(runs, "l1", "pretrain", 4.0, 3e9)
-            cells = [{"trials": [{"run": "l0"}, {"run": "l1"}]}]
-            (runs / "tuning.jsonl").write_text("".join(json.dumps(c) + "\n" for c in cells))
-        elif argv[0] == "finetune":
-            out = Path(argv[argv.index("--out") + 1])
-            out.mkdir(parents=True)
-            top1 = 0.9 if "--scratch" in argv else 0.99
-            doc = {"final": {"eval_top1": top1}, "final_ema": {"eval_top1": top1 - 0.01}}
-            (out / "summary.json").write_text(json.dumps(doc))
-        elif argv[0] == "report":
-            out = Path(argv[argv.index("--out") + 1])
-            out.mkdir(parents=True)
-            (out / "fit.json").write_text(json.dumps({"verdicts": [{"claim": "log-log law", "text": "supported"}]}))
-        return 0
+    calls: list[str] = []
+    runs = tmp_path / "job" / "runs"
 
+    def sweep(study: Any, registry: Any) -> SweepResult:
+        calls.append("sweep")
+        assert study.out == str(runs)
+        _summary(runs, "l0", "pretrain", 5.0, 1e9)
+        _summary(runs, "l1", "pretrain", 4.0, 3e9)
+        trials = (Trial(1.6, "l0", 5.0, "trained"), Trial(0.8, "l1", 4.0, "trained"))
+        cell = TuneResult("m", "shapes", 1.0, "two-trial", 1.6, "recipe", trials, 0.8, "l1", 0.4)
+        return SweepResult(results=(cell,), grid_size=4)
+
+    def finetune(config: Any, registry: Any = None) -> dict[str, Any]:
+        calls.append("scratch" if config.scratch else "finetune")
+        assert Path(config.pretrained).name == "l1"  # the lowest held-out loss
+        top1 = 0.9 if config.scratch else 0.99
+        return {"final": {"eval_top1": top1}, "final_ema": {"eval_top1": top1 - 0.01}}
+
+    def build_report(runs_dir: Path, out_dir: Path, **kw: Any) -> dict[str, Any]:
+        calls.append("report")
+        return {"verdicts": [{"claim": "log-log law", "text": "supported"}]}
+
+    def plan(study: Any, registry: Any, runs_dir: Path, budget_flops: float) -> str:
+        calls.append("plan")
+        assert budget_flops == quickstart.PLAN_BUDGET_FACTOR * 3e9  # 10x the largest finished run
+        return "the plan"
+
+    monkeypatch.setattr(finetune_api, "finetune", finetune)
+    monkeypatch.setattr(report, "build_report", build_report)
+    monkeypatch.setattr(quickstart, "plan_from_runs", plan)
+    shown: list[Any] = []
+    display = quickstart.Display(sweep=sweep, report=lambda fit, out: shown.append(fit), plan=shown.append)
     lines: list[str] = []
-    summary = quickstart.run(tmp_path / "job", fake, echo=lines.append)
-    assert [c[0] for c in calls] == ["sweep", "finetune", "finetune", "report", "plan"]
-    tuned, scratch = calls[1], calls[2]
-    assert tuned[tuned.index("--from") + 1].endswith("l1")  # the lowest held-out loss
-    assert "--scratch" not in tuned and scratch == [*tuned[:-2], "--scratch", *scratch[-2:]]
+    result = quickstart.run(tmp_path / "job", display=display, echo=lines.append)
+    assert calls == ["sweep", "finetune", "scratch", "report", "plan"]
+    assert shown == [result.fit, "the plan"] and result.plan == "the plan"
+    summary = result.to_dict()
     assert summary["finetune"]["top1"] == 0.99 and summary["finetune"]["scratch"]["top1"] == 0.9
     assert summary["runs_used"] == 2 and summary["best_pretrain_run"] == "l1"
+    assert summary["cells"] == 1 and summary["full_grid_runs"] == 4  # the sweep's grid, not a hard-coded one
+    assert summary["verdicts"] == [{"claim": "log-log law", "text": "supported"}]
+    assert "  two-trial rule: 2 runs for 1 cells (a full 4-point lr grid needs 4)" in lines
     assert any("99.0% (EMA 98.0%) fine-tuned from l1, 90.0% (EMA 89.0%) from scratch" in line for line in lines)
+    assert not (runs / "tuning.jsonl").exists() and not (runs / "finetune-digits" / "summary.json").exists()

@@ -239,7 +239,7 @@ def _threaded_sweep(out: Path, workers: int) -> dict[str, Any]:
 
 
 # The fake trainer writes summary.json in place, so a worker may read one half-written (the engine renames it in).
-@pytest.mark.filterwarnings("ignore::convscale_cli.tuning.RunWarning")
+@pytest.mark.filterwarnings("ignore::convscale_cli.runs_dir.RunWarning")
 @pytest.mark.parametrize("workers", [2, 3])
 def test_workers_that_run_at_different_speeds_decide_as_one_process(tmp_path: Path, workers: int) -> None:
     one = _threaded_sweep(tmp_path / "one" / "runs", 1)
@@ -350,7 +350,7 @@ def test_a_wait_timeout_that_is_not_positive_is_a_one_line_error(tmp_path: Path,
     assert err == "Error: --wait-timeout must be a positive number of seconds, got 0" and not runs.exists()
 
 
-@pytest.mark.filterwarnings("ignore::convscale_cli.tuning.RunWarning")
+@pytest.mark.filterwarnings("ignore::convscale_cli.runs_dir.RunWarning")
 def test_tuning_log_keeps_other_decisions_and_a_rerun_leaves_it_as_it_was(tmp_path: Path) -> None:
     out = tmp_path / "toy" / "runs"
     out.mkdir(parents=True)

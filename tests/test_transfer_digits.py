@@ -27,9 +27,9 @@ ALPHA = 25.6  # the alpha the two-trial rule keeps for this cell
 
 
 def demonstrate(out: Path) -> dict[str, float]:
-    """Pre-train the quickstart's best cell, then run the quickstart's own fine-tune and from-scratch commands."""
+    """Pre-train the quickstart's best cell, then the quickstart's own fine-tune and from-scratch runs."""
     from convscale_cli import quickstart
-    from convscale_cli.cli import main
+    from convscale_cli.finetune.api import finetune
     from convscale_cli.sweep import load_study, trainer_options
     from convscale_cli.tuning import engine_trainer
 
@@ -38,9 +38,8 @@ def demonstrate(out: Path) -> dict[str, float]:
     engine_trainer(MODEL, study.dataset, EPOCHS, ALPHA, out / "pre", **options)
     top1 = {}
     for name in ("ft", "scratch"):
-        argv = quickstart.FinetuneSettings().argv(out / "pre", out / name, scratch=name == "scratch")
-        assert main(argv) == 0, argv
-        top1[name] = float(json.loads((out / name / "summary.json").read_text())["final"]["eval_top1"])
+        summary = finetune(quickstart.FinetuneSettings().config(out / "pre", out / name, scratch=name == "scratch"))
+        top1[name] = float(summary["final"]["eval_top1"])
     return top1
 
 

@@ -18,6 +18,7 @@ from convscale_cli.cli import main
 from convscale_cli.errors import ConfigError, ExitCode, TrainingError, UsageError
 from convscale_cli.hookspecs import hookimpl
 from convscale_cli.registry import ArchitectureSpec, DatasetInfo, DatasetSpec, ModelCount, Registry
+from convscale_cli.runs_dir import RunRecord
 from convscale_cli.sweep import StudyConfig, load_study, plan_cells, run_sweep
 
 SIZES = {"toy-s": 1_000, "toy-m": 4_000, "toy-l": 16_000}  # params; MACs = 10 x params at 32 px
@@ -72,10 +73,22 @@ class FakeTrainer:
 
     def __init__(self, diverge_above: float = math.inf) -> None:
         self.calls: list[tuple[str, float, float]] = []
+        self.registries: list[Registry | None] = []  # the registry each call was given, as the engine's trainer is
         self.diverge_above = diverge_above
 
-    def __call__(self, model: str, dataset: str, epochs: float, lr: float, out: Path, **options: Any) -> dict:
+    def __call__(
+        self,
+        model: str,
+        dataset: str,
+        epochs: float,
+        lr: float,
+        out: Path,
+        *,
+        registry: Registry | None = None,
+        **options: Any,
+    ) -> dict:
         self.calls.append((model, epochs, lr))
+        self.registries.append(registry)
         if lr > self.diverge_above:
             raise TrainingError(f"non-finite loss at lr {lr}")
         params = SIZES.get(model, 500)
@@ -125,6 +138,17 @@ def _log(root: Path) -> list[dict]:
     return [json.loads(line) for line in (root / tuning.TUNING_LOG).read_text().splitlines()]
 
 
+def test_the_start_alpha_comes_from_the_cells_the_report_reads(registry: Registry, tmp_path: Path) -> None:
+    """A budget-stopped cell one level down is a cell of the study for ``report``, and so for the two-trial rule."""
+    write_run(tmp_path / "earlier", "toy-s", 0.5, 0.4, 1.9)
+    summary_path = tmp_path / "earlier" / tuning.run_name("toy-s", 0.5, 0.4) / "summary.json"
+    summary_path.write_text(json.dumps({**json.loads(summary_path.read_text()), "status": "budget"}))
+    fake = FakeTrainer()
+    result = tuning.tune_cell("toy-m", 0.5, tmp_path, registry=registry, trainer=fake)  # the dataset inferred
+    assert result.start_lr == 0.4 and result.source == "best of cell toy-s x 0.5 epochs"
+    assert [lr for _, _, lr in fake.calls] == [0.4, 0.2] and result.dataset == "toyset"
+
+
 def test_two_trials_without_a_smaller_cell_start_at_the_recipe_alpha(registry: Registry, tmp_path: Path) -> None:
     fake = FakeTrainer()
     result = tuning.tune_cell("toy-s", 0.5, tmp_path, dataset="toyset", registry=registry, trainer=fake)
@@ -145,7 +169,7 @@ def test_a_study_start_lr_replaces_the_recipe_alpha_only_for_the_first_cell(regi
     assert first.start_lr == 6.4 and "start_lr" in first.source
     second = tuning.tune_cell("toy-s", 1, tmp_path, dataset="toyset", registry=registry, trainer=fake, start_lr=6.4)
     assert second.start_lr == first.best_lr and "best of cell" in second.source  # the rule takes over
-    with pytest.raises(UsageError, match="start lr must be a positive number"):
+    with pytest.raises(UsageError, match="`start_lr` must be a positive number"):
         tuning.tune_cell("toy-m", 1, tmp_path, dataset="toyset", registry=registry, trainer=fake, start_lr=-1.0)
 
 
@@ -189,7 +213,7 @@ def test_hidden_cells_are_no_neighbours_and_record_decision_false_logs_nothing(
 
 def test_nearest_cell_prefers_the_closest_in_log_space() -> None:
     def cell(model: str, size: float, epochs: float) -> tuning.Cell:
-        run = tuning.RunRecord.from_summary(Path(model), fake_summary("toy-s", "toyset", epochs, 0.8, 2.0))
+        run = RunRecord.from_summary(Path(model), fake_summary("toy-s", "toyset", epochs, 0.8, 2.0))
         return tuning.Cell(model, "toy", epochs, size, (run,))
 
     cells = [cell("a", 1e3, 0.25), cell("a", 1e3, 1.0), cell("b", 4e3, 0.5), cell("c", 16e3, 0.25)]
@@ -236,6 +260,22 @@ def test_a_diverged_trial_loses(registry: Registry, tmp_path: Path) -> None:
     assert result.best_lr == 0.8 and "alpha 1.6: failed" in result.message()
 
 
+def test_a_failed_trial_keeps_its_reason(
+    registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The TrainingError that failed a trial is recorded in tuning.jsonl and shown by tune-lr and sweep."""
+    monkeypatch.setattr(tuning, "engine_trainer", FakeTrainer(diverge_above=1.0))
+    runs = tmp_path / "runs"
+    assert main(["tune-lr", "--model", "toy-s", "--epochs", "0.5", "--runs", str(runs), "--dataset", "toyset"]) == 0
+    assert "alpha 1.6: failed (non-finite loss at lr 1.6), alpha 0.8: loss" in capsys.readouterr().out
+    [entry] = _log(runs)
+    assert [t.get("error") for t in entry["trials"]] == ["non-finite loss at lr 1.6", None]  # none when trained
+    (tmp_path / "study").mkdir()  # a study of its own: no cell passes it an alpha below 1.6
+    study = str(_study(tmp_path / "study"))
+    assert main(["sweep", study, "--set", "models=['toy-m']", "--set", "epochs=[0.5]"]) == 0
+    assert "toy-m x 0.5 epochs, alpha 1.6 failed: non-finite loss at lr 1.6" in capsys.readouterr().out
+
+
 def test_all_trials_diverging_offers_a_lower_lr(registry: Registry, tmp_path: Path) -> None:
     fake = FakeTrainer(diverge_above=0.5)
     result = tuning.tune_cell("toy-s", 0.5, tmp_path, dataset="toyset", registry=registry, trainer=fake)
@@ -270,6 +310,7 @@ def test_tune_lr_cli_prints_the_decision_and_next_command(
         main(["tune-lr", "--model", "toy-l", "--epochs", "4", "--runs", str(runs), "--grid", "--lr-grid", "0.4"]) == 0
     )
     assert [lr for _, _, lr in fake.calls] == [1.6, 0.8, 0.4]
+    assert fake.registries == [registry] * 3  # the command's registry trains the trials
 
 
 class RecordingTrainer(FakeTrainer):
@@ -280,7 +321,7 @@ class RecordingTrainer(FakeTrainer):
         self.options: list[dict[str, Any]] = []
 
     def __call__(self, model: str, dataset: str, epochs: float, lr: float, out: Path, **options: Any) -> dict:
-        self.options.append(options)
+        self.options.append({k: v for k, v in options.items() if k != "registry"})
         return super().__call__(model, dataset, epochs, lr, out, **options)
 
 
@@ -502,3 +543,35 @@ def test_a_process_ignoring_ctrl_c_keeps_ignoring_it() -> None:
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_an_in_code_registry_trains_through_the_sweep_end_to_end(tmp_path: Path) -> None:
+    """The registry a caller passes is the one the engine trains with: ``tiny-cnn`` and ``colours`` exist only in it
+    (the process-wide registry has neither), so a lookup in the global one would be an UnknownNameError."""
+    import _engine_helpers as helpers
+
+    from convscale_cli.plugins import get_registry
+
+    local = helpers.registry()
+    assert "tiny-cnn" not in {s.name for s in get_registry().architectures}
+    engine = {"precision": "fp32", "progress": "none", "tensorboard": False, "checkpoint_every": 0}
+    study = StudyConfig(
+        out=str(tmp_path / "runs"), dataset="colours", models=("tiny-cnn",), epochs=(0.5,), batch_size=16,
+        resolution=helpers.NATIVE, start_lr=0.8, engine=engine,
+    )  # fmt: skip
+    result = run_sweep(study, local)
+    assert [t.status for t in result.results[0].trials] == ["trained", "trained"]
+    assert all(math.isfinite(t.eval_loss) for t in result.results[0].trials)
+
+
+def test_a_branching_sweep_trains_trunks_and_branches_with_the_registry_it_was_given(
+    registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakeTrainer()
+    monkeypatch.setattr(tuning, "engine_trainer", fake)
+    study = load_study(
+        _study(tmp_path, branching=True, batch_size=16),
+        {"models": ["toy-s"], "epochs": [0.5, 1], "engine.recipe.schedule": "wsd"},
+    )
+    run_sweep(study, registry)
+    assert len(fake.calls) >= 4 and fake.registries == [registry] * len(fake.calls)  # trunks and runs alike

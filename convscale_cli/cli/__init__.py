@@ -1,8 +1,9 @@
 """The ``convscale`` command: a thin Typer layer over the library.
 
 Only this package defines options. Commands build typed configs and call library code; library code raises
-:class:`~convscale_cli.errors.ConvscaleError`, which :func:`main` turns into one ``Error: ...`` line on stderr and the
-error's exit code (2 for bad input). ``--debug`` shows the traceback instead.
+:class:`~convscale_cli.errors.ConvscaleError`, which :func:`main` turns into one ``Error: ...`` line on stderr (the
+parameters it names shown as the command's flags) and the error's exit code (2 for bad input). ``--debug`` shows the
+traceback instead.
 
 Keep this import graph free of jax, flax, optax, grain and orbax: ``--help``, ``models``, ``datasets``, ``plugins`` and
 ``plan`` must start in well under a second. Commands that train import the engine inside their function body.
@@ -134,7 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConvscaleError as exc:
         if _state.debug:
             raise
-        print(f"Error: {_one_line(str(exc))}", file=sys.stderr)
+        from convscale_cli.cli._flags import as_flags, command_flags
+
+        print(f"Error: {_one_line(as_flags(str(exc), command_flags(args)))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)

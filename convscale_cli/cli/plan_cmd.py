@@ -15,7 +15,8 @@ from convscale_cli.cli._output import print_json, print_table, progress_to_stder
 from convscale_cli.errors import UsageError, did_you_mean
 
 if TYPE_CHECKING:
-    from convscale_cli.planner import DatasetPlan, Plan
+    from convscale_cli.plan_data import DatasetPlan
+    from convscale_cli.planner import Plan
     from convscale_cli.registry import Registry
 
 
@@ -27,44 +28,20 @@ def _dataset_plan(
     num_classes: int | None,
     data_options: dict[str, Any] | None = None,
 ) -> "DatasetPlan":
-    from convscale_cli import planner
-    from convscale_cli.config import check_options
-    from convscale_cli.registry import DatasetInfo
+    """:func:`convscale_cli.plan_data.dataset_plan`, its errors in the command's flags."""
+    from convscale_cli import plan_data
 
-    if dataset is None:
-        if data_options:
-            raise UsageError("--data-option needs --dataset (the options belong to a registered dataset)")
-        return planner.DatasetPlan(
-            name=None,
-            size=planner.JFT4B_SIZE if dataset_size is None else dataset_size,
-            num_classes=planner.JFT4B_CLASSES if num_classes is None else num_classes,
-            resolution=planner.PAPER_RESOLUTION if resolution is None else resolution,
+    if dataset is None and data_options:
+        raise UsageError("--data-option needs --dataset (the options belong to a registered dataset)")
+    try:
+        return plan_data.dataset_plan(
+            registry, dataset, size=dataset_size, resolution=resolution, num_classes=num_classes, options=data_options
         )
-    spec = registry.dataset(dataset)
-    options = dict(data_options or {})
-    check_options(f"{spec.name} data option", options, spec.options)
-    info = spec.static_info if not options else None
-    if dataset_size is not None and num_classes is not None and resolution is not None:
-        info = DatasetInfo(num_classes, {"train": dataset_size}, resolution)  # nothing to ask the dataset
-    if info is None:
-        try:
-            info = spec.info(**options)
-        except UsageError as exc:
-            raise UsageError(
-                f"dataset {dataset!r} needs options to report its size ({exc}); pass them with --data-option "
-                "KEY=VALUE, or give --dataset-size and --num-classes"
-            ) from None
-    size = dataset_size if dataset_size is not None else int(info.split_sizes.get("train", 0))
-    # A dataset that takes a `size` option (procedural ones like shapes) is told the planned size in the command.
-    if dataset_size is not None and "size" in spec.options:
-        options["size"] = dataset_size
-    return planner.DatasetPlan(
-        name=spec.name,
-        size=size,
-        num_classes=num_classes if num_classes is not None else info.num_classes,
-        resolution=resolution if resolution is not None else info.resolution,
-        options=tuple(options.items()),
-    )
+    except plan_data.DatasetInfoError as exc:
+        raise UsageError(
+            f"dataset {exc.dataset!r} needs options to report its size ({exc.reason}); pass them with --data-option "
+            "KEY=VALUE, or give --dataset-size and --num-classes"
+        ) from None
 
 
 def _fmt_epochs(epochs: float) -> str:
@@ -147,6 +124,7 @@ def plan(
     """
     from convscale_cli import planner
     from convscale_cli.budget import get_hardware, parse_budget
+    from convscale_cli.plan_data import family_of
     from convscale_cli.plugins import get_registry
 
     if bootstrap < 0:
@@ -158,7 +136,7 @@ def plan(
     hw = get_hardware(hw_name, mfu=mfu)
     registry = get_registry()
     patterns = tuple(p for p in (models or "").split(",") if p.strip())
-    family = family or planner.family_of(registry, patterns)
+    family = family or family_of(registry, patterns)
     if batch_size is None:
         from_runs = None
         if from_ is not None:
@@ -183,16 +161,18 @@ def plan(
         result = plan_fitted(request, registry, from_, bootstrap=bootstrap)
     else:
         result = planner.plan_prior(request, registry)
-    document = planner.plan_to_dict(result)
     if json_:
-        print_json(document)
+        print_json(planner.plan_to_dict(result))
         return
-    _print_plan(result, document)
+    show_plan(result)
 
 
-def _print_plan(plan: "Plan", document: dict[str, Any]) -> None:
+def show_plan(plan: "Plan") -> None:
+    """Print a plan as ``convscale plan`` does: the budget, the ranked candidates and the recommended commands."""
     from convscale_cli.budget import format_amount
+    from convscale_cli.planner import plan_to_dict
 
+    document = plan_to_dict(plan)
     request = plan.request
     b = document["budget"]
     ds = request.dataset
@@ -259,16 +239,6 @@ def _print_plan(plan: "Plan", document: dict[str, Any]) -> None:
         print(f"* {' or '.join(outside)} outside the fitted runs' range: the prediction extrapolates")
     for note in document["notes"]:
         print(f"Note: {note}")
-
-
-def _infer_dataset(runs_dir: Path) -> str:
-    from convscale_cli.tuning import load_runs
-
-    found = sorted({r.dataset for r in load_runs(runs_dir)}) if runs_dir.is_dir() else []
-    if len(found) != 1:
-        where = f"it holds runs on {', '.join(found)}" if found else "it holds no finished runs"
-        raise UsageError(f"cannot infer the dataset from {str(runs_dir)!r} ({where}); pass --dataset")
-    return found[0]
 
 
 @app.command("tune-lr")
@@ -338,19 +308,13 @@ def tune_lr(
             raise UsageError(
                 f"--lr-grid {lr_grid!r} is not a comma-separated list of positive numbers, e.g. 1.6,0.8,0.4"
             )
-    registry = get_registry()
-    registry.architecture(model)  # a misspelt model or a bad budget is named before the runs directory is read
-    if not (math.isfinite(epochs) and epochs > 0):
-        raise UsageError(f"--epochs must be a positive number, got {epochs}")
-    if runs.exists() and not runs.is_dir():
-        raise UsageError(f"--runs {str(runs)!r} is a file, expected a runs directory")
     with progress_to_stderr(json_):
         result = tune_cell(
             model,
             epochs,
             runs,
-            dataset=dataset or _infer_dataset(runs),
-            registry=registry,
+            dataset=dataset,
+            registry=get_registry(),
             options=options,
             grid=grid_values,
             size_axis=size_axis,  # type: ignore[arg-type]

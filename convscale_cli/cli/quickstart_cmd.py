@@ -26,12 +26,15 @@ def quickstart(
     larger budget from the fitted runs.
     """
     from convscale_cli import quickstart as job
-    from convscale_cli.cli import main
+    from convscale_cli.cli.plan_cmd import show_plan
+    from convscale_cli.cli.report_cmd import show_report
+    from convscale_cli.cli.sweep_cmd import show_sweep
 
+    display = job.Display(sweep=show_sweep, report=show_report, plan=show_plan)
     if not json_:
-        job.run(out, main, study=study)
+        job.run(out, study=study, display=display)
         return
     # Machine-readable mode: the steps' own tables and progress go to stderr, only the summary to stdout.
     with contextlib.redirect_stdout(sys.stderr):
-        summary = job.run(out, main, study=study, echo=lambda _: None)
-    print_json(summary)
+        result = job.run(out, study=study, display=display, echo=lambda _: None)
+    print_json(result.to_dict())

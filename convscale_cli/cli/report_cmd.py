@@ -1,7 +1,7 @@
 """``convscale report``: scaling-law fits, plots and an HTML report over a directory of runs."""
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -55,6 +55,11 @@ def report(
     if json_:
         print_json(result)
         return
+    show_report(result, out_dir)
+
+
+def show_report(result: dict[str, Any], out_dir: Path) -> None:
+    """Print what ``convscale report`` wrote: the verdicts, the runs skipped and where the files are."""
     for verdict in result["verdicts"]:
         print(f"({verdict['finding']}) {verdict['text']}")
     if result["skipped"]:

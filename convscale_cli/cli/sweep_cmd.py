@@ -83,12 +83,20 @@ def sweep(
             }
         )
         return
+    show_sweep(config, registry, worker, wait_timeout)
+
+
+def show_sweep(
+    config: "StudyConfig", registry: "Registry", worker: "Shard | None" = None, wait_timeout: float = 3600.0
+) -> "SweepResult":
+    """Run the study as ``convscale sweep`` shows it: a live table of the cells, then the runs the rule used."""
     result = _sweep_live(config, registry, worker, wait_timeout)
     mine = "" if worker is None else f" of worker {worker}"
     print(
         f"{len(result.results)} cells{mine}: the {config.rule} rule used {result.runs_used} runs "
         f"({result.trained} trained now) where a full {result.grid_size}-point lr grid needs {result.full_grid_runs}."
     )
+    return result
 
 
 def _print_plan(config: "StudyConfig", registry: "Registry", worker: "Shard | None", json_: bool) -> None:
@@ -186,6 +194,13 @@ def _sweep_live(
             live.update(render())
         else:
             print(" ".join(x for x in rows[(cell.model, cell.epochs)] if x), flush=True)
+        for trial in result.trials:
+            if trial.error:
+                why = f"{cell.model} x {cell.epochs:g} epochs, alpha {trial.lr:g} failed: {trial.error}"
+                if live_mode:
+                    console.print(why, markup=False, highlight=False)
+                else:
+                    print(why, flush=True)
 
     def wait(message: str) -> None:
         if live_mode:

@@ -96,10 +96,10 @@ def convert_imagefolder(
     if shard_size <= 0:
         raise UsageError(f"shard size must be > 0, got {shard_size}")
     if workers is not None and workers < 0:
-        raise UsageError(f"--workers must be >= 0 (0 or unset: one per CPU, at most 16), got {workers}")
+        raise UsageError(f"`workers` must be >= 0 (0 or unset: one per CPU, at most 16), got {workers}")
     workers = workers or min(16, os.cpu_count() or 1)
     if out.exists():
-        raise UsageError(f"output directory {out} already exists: choose a new --out or delete it")
+        raise UsageError(f"output directory {out} already exists: choose a new `out` or delete it")
     splits = {"train": scan_split(src, "train")}
     if (src / SPLIT_DIRS["eval"]).is_dir():
         splits["eval"] = scan_split(src, "eval")

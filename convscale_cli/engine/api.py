@@ -123,7 +123,7 @@ def _start(
         if want != got:
             raise UsageError(
                 f"initial_checkpoint {config.initial_checkpoint!r} does not fit this run's model (other build "
-                "options or resolution-dependent shapes); train from it with matching --set model_options"
+                "options or resolution-dependent shapes); train from it with matching `model_options`"
             )
         with ledger.timed("compile"):
             state = jax.block_until_ready(built.with_params(params))

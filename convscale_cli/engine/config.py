@@ -144,11 +144,11 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         if not self.model:
-            raise ConfigError("model is required, e.g. --model nfnet-f0")
+            raise ConfigError("model is required, e.g. `model=nfnet-f0`")
         if not self.dataset:
-            raise ConfigError("dataset is required, e.g. --dataset shapes")
+            raise ConfigError("dataset is required, e.g. `dataset=shapes`")
         if not self.out:
-            raise ConfigError("out (the run directory) is required, e.g. --out runs/f0-shapes")
+            raise ConfigError("out (the run directory) is required, e.g. `out=runs/f0-shapes`")
         given = [k for k in ("epochs", "examples", "steps") if getattr(self, k) is not None]
         if len(given) > 1:
             raise ConfigError(f"give one duration, not {' and '.join(given)}: choose epochs, examples or steps")

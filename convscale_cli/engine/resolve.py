@@ -198,10 +198,10 @@ def check_num_classes(num_classes: int, info: DatasetInfo, dataset: str) -> None
 # The build keywords a run sets itself (docs/plugins.md, "build: the exact calls"), and where each is given. A model
 # option of the same name would reach ``build`` twice.
 RUN_BUILD_ARGUMENTS = {
-    "num_classes": "--set num_classes=N",
-    "dtype": "--precision bf16|fp32",
-    "drop_rate": "--set drop_rate=P",
-    "stochdepth_rate": "--set stochdepth_rate=P",
+    "num_classes": "`num_classes=N`",
+    "dtype": "`precision=bf16|fp32`",
+    "drop_rate": "`drop_rate=P`",
+    "stochdepth_rate": "`stochdepth_rate=P`",
 }
 
 
@@ -265,7 +265,7 @@ def check_budget_buys_a_step(budget: Budget, batch_size: int, flops_per_example:
         raise UsageError(
             f"budget {budget.text or budget} buys {budget.to_flops():.3g} model FLOPs, less than one step of batch "
             f"{batch_size} of {model} ({step:.3g} FLOPs); give at least {need:.3g} {budget.unit_label} or a smaller "
-            "--batch-size"
+            "`batch_size`"
         )
 
 
@@ -289,7 +289,7 @@ def resolve(config: PretrainConfig, registry: Registry) -> ResolvedRun:
     if config.batch_size is not None and train_size and batch_size > train_size:
         raise UsageError(
             f"batch size {batch_size} is larger than dataset {data.name!r}'s {train_size} training examples; "
-            f"use --batch-size {train_size} or less"
+            f"use `batch_size={train_size}` or less"
         )
     if config.holdout:
         if info.split_sizes.get("eval"):
@@ -303,7 +303,7 @@ def resolve(config: PretrainConfig, registry: Registry) -> ResolvedRun:
     if "eval" not in info.split_sizes or not info.split_sizes["eval"]:
         raise UsageError(
             f"dataset {data.name!r} has no held-out 'eval' split to evaluate on; carve one from train with "
-            "--set holdout=0.01 (1% of it, the same examples on every run)"
+            "`holdout=0.01` (1% of it, the same examples on every run)"
         )
     macs = int(arch.count(resolution, num_classes).macs)
     # Checked here, before the run directory is claimed (they are used only once training starts).

@@ -100,11 +100,11 @@ class RunDir:
         self.primary = primary
         self.kind = kind
         if self.path.exists() and not self.path.is_dir():
-            raise UsageError(f"--out {str(self.path)!r} is a file, expected a run directory")
+            raise UsageError(f"`out` {str(self.path)!r} is a file, expected a run directory")
         for parent in self.path.absolute().parents:  # a run's checkpoints are rotated and --force clears tb/
             if parent.name in _RUN_DIRS and is_run_config(read_json(parent.parent / "config.json")):
                 raise UsageError(
-                    f"--out {str(self.path)!r} is inside {str(parent)!r}, which the run in {str(parent.parent)!r} "
+                    f"`out` {str(self.path)!r} is inside {str(parent)!r}, which the run in {str(parent.parent)!r} "
                     "manages and deletes from; choose a directory outside it"
                 )
 
@@ -163,7 +163,7 @@ class RunDir:
                 raise CheckpointError(
                     f"{str(self.path)!r} holds a run with a different config "
                     f"({shown} {'differs' if len(changed) == 1 else 'differ'}); "
-                    "choose another --out or pass --force to start over"
+                    "choose another `out` or pass `force` to start over"
                 )
             if changed:
                 self.clear()
@@ -212,8 +212,8 @@ class RunDir:
         else:
             what = "it is not a convscale run"
         return (
-            f"--out {str(self.path)!r} is a non-empty directory and {what}; convscale only writes into a new or "
-            "empty directory or one of its own runs (--force included), so choose another --out or empty it yourself"
+            f"`out` {str(self.path)!r} is a non-empty directory and {what}; convscale only writes into a new or "
+            "empty directory or one of its own runs (`force` included), so choose another `out` or empty it yourself"
         )
 
     def trained(self) -> bool:

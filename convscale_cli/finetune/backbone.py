@@ -181,8 +181,8 @@ def _from_run(run: Path, step: int | None, named: Path) -> Pretrained:
     )
 
 
-def locate(path: str | Path, what: str = "--from") -> Pretrained:
-    """Find the checkpoint ``path`` names (``what`` names it in errors: the flag or argument that gave it).
+def locate(path: str | Path, what: str = "`pretrained`") -> Pretrained:
+    """Find the checkpoint ``path`` names (``what`` names it in errors: the parameter that gave it, in backticks).
 
     Raises:
         CheckpointError: ``path`` does not exist, or is none of a run directory, a checkpoint inside one, or a

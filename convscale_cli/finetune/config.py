@@ -111,9 +111,9 @@ class FinetuneConfig:
     process_id: int | None = None  # multi-host: this process's index
 
     def __post_init__(self) -> None:
-        for key, flag in (("pretrained", "--from"), ("dataset", "--dataset"), ("out", "--out")):
+        for key in ("pretrained", "dataset", "out"):
             if not getattr(self, key):
-                raise ConfigError(f"{key} is required ({flag})")
+                raise ConfigError(f"{key} is required (`{key}`)")
         given = [k for k in ("epochs", "examples", "steps") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ConfigError(f"give exactly one duration (epochs, examples or steps), got {given or 'none'}")

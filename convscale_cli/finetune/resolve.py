@@ -75,7 +75,9 @@ def resolve(config: FinetuneConfig, registry: Registry) -> FinetuneRun:
     pre = locate(config.pretrained)
     arch = registry.architecture(pre.architecture)
     if config.model is not None and registry.architecture(config.model).name != arch.name:
-        raise UsageError(f"--from {config.pretrained!r} holds a {arch.name} checkpoint, not --model {config.model}")
+        raise UsageError(
+            f"`pretrained` {config.pretrained!r} holds a {arch.name} checkpoint, not `model={config.model}`"
+        )
     data = registry.dataset(config.dataset)
     check_options(f"{data.name} data option", config.data_options, data.options)
     info = data.info(**config.data_options)

@@ -2,8 +2,8 @@
 
 A runs directory holds run directories (possibly nested, e.g. ``sweep/f0-e1-lr1.6``), each finished run with a
 ``summary.json`` written by the engine. Runs that cannot be used (no or broken summary, failed, missing numbers) are
-skipped and listed with the reason, so one bad run never hides the rest of a study. This is the one reader of run
-directories behind ``report`` and ``plan --from``.
+skipped and listed with the reason, so one bad run never hides the rest of a study. The directories are found and
+read by :func:`convscale_cli.runs_dir.scan_runs`, the reader behind every command that reads runs.
 
 Runs belong to one study only when they were trained on the same data: the dataset plugin *and* its options, the
 resolution and the class count (:attr:`Run.data_key`). Held-out losses on different data are not comparable.
@@ -19,12 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from convscale_cli.errors import UsageError
+from convscale_cli.runs_dir import COMPLETE, DEFAULT_DEPTH, Skipped, run_dirs, scan_runs
 
-# A run stopped by its compute budget is a complete data point: the budget is the study's design (§1.6).
-USABLE_STATUSES = ("finished", "budget")
-# Files that mark a directory as a run directory even before summary.json exists (an unfinished or crashed run).
-_RUN_MARKERS = ("config.json", "metrics.jsonl", "checkpoints")
-_MAX_DEPTH = 3
+# A run stopped by its compute budget is a complete data point: the budget is the study's design.
+USABLE_STATUSES = COMPLETE
 
 
 @dataclass(frozen=True)
@@ -89,18 +87,6 @@ class Run:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready copy."""
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
-
-
-@dataclass(frozen=True)
-class Skipped:
-    """A run directory that was not used, and why."""
-
-    path: str
-    reason: str
-
-    def to_dict(self) -> dict[str, str]:
-        """JSON-ready copy."""
-        return {"path": self.path, "reason": self.reason}
 
 
 class _Invalid(Exception):
@@ -229,26 +215,12 @@ def _int(value: Any) -> int:
     return int(value) if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
-def _candidate_dirs(root: Path) -> list[Path]:
-    """Directories under ``root`` that are (or look like) run directories, not descending into runs."""
-    found: list[Path] = []
-
-    def walk(directory: Path, depth: int) -> None:
-        for child in sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            if (child / "summary.json").exists() or any((child / m).exists() for m in _RUN_MARKERS):
-                found.append(child)
-            elif depth < _MAX_DEPTH:
-                walk(child, depth + 1)
-
-    walk(root, 1)
-    return found
-
-
-def load_runs(runs_dir: str | Path) -> tuple[list[Run], list[Skipped]]:
-    """Read every run directory under ``runs_dir``.
+def load_runs(runs_dir: str | Path, *, max_depth: int = DEFAULT_DEPTH) -> tuple[list[Run], list[Skipped]]:
+    """Read every finished or budget-stopped run under ``runs_dir`` (:func:`convscale_cli.runs_dir.scan_runs`).
 
     Args:
         runs_dir: Directory holding run directories.
+        max_depth: Directory levels below ``runs_dir`` searched for runs.
 
     Returns:
         ``(runs, skipped)``: the usable runs sorted by name, and the run directories that were skipped with reasons
@@ -258,44 +230,19 @@ def load_runs(runs_dir: str | Path) -> tuple[list[Run], list[Skipped]]:
         UsageError: The directory does not exist, is not a directory, or holds no run directories at all.
     """
     root = Path(runs_dir)
-    if not root.exists():
-        raise UsageError(f"runs directory {str(root)!r} does not exist")
-    if not root.is_dir():
-        raise UsageError(f"runs directory {str(root)!r} is not a directory")
-    if (root / "summary.json").exists():
-        raise UsageError(
-            f"{str(root)!r} is a single run directory; pass the directory that holds the runs ({str(root.parent)!r})"
-        )
-    candidates = _candidate_dirs(root)
-    if not candidates:
+    found, skipped = scan_runs(root, statuses=USABLE_STATUSES, max_depth=max_depth)
+    if not found and not skipped and not run_dirs(root, max_depth):
         raise UsageError(
             f"no run directories in {str(root)!r}: expected sub-directories with summary.json "
             "(written by `convscale pretrain` / `finetune`)"
         )
     runs: list[Run] = []
-    skipped: list[Skipped] = []
-    for directory in candidates:
-        name = directory.relative_to(root).as_posix()
-        path = directory / "summary.json"
-        if not path.exists():
-            skipped.append(Skipped(name, "no summary.json (unfinished or crashed run)"))
-            continue
-        if not path.is_file():
-            skipped.append(Skipped(name, "summary.json is not a file"))
-            continue
+    for run in found:
         try:
-            summary = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(summary, Mapping):
-                raise _Invalid("summary.json is not a JSON object")
-            if summary.get("status") == "paused":
-                # A trunk of a branching sweep, paused where its longest budget's cooldown starts: its branches are
-                # the study's runs (each records its trunk share), the trunk itself is no cell.
-                continue
-            runs.append(parse_summary(summary, name))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            skipped.append(Skipped(name, f"summary.json is not valid JSON ({exc})"))
+            runs.append(parse_summary(run.summary, run.name))
         except _Invalid as exc:
-            skipped.append(Skipped(name, str(exc)))
+            skipped.append(Skipped(run.name, str(exc)))
+    skipped.sort(key=lambda s: s.path.split("/"))  # in the order of the walk
     return runs, skipped
 
 
@@ -356,7 +303,7 @@ def select_dataset(runs: Iterable[Run], dataset: str | None = None) -> list[Run]
         shown = "; ".join(f"{k!r} ({sum(r.data_key == k for r in pretrain)} runs)" for k in candidates)
         raise UsageError(
             f"runs span {len(candidates)} data settings, whose losses cannot share one law: {shown}; pick one with "
-            "--dataset (a name, or a setting as quoted here)"
+            "`dataset` (a name, or a setting as quoted here)"
         )
     chosen = [r for r in pretrain if r.data_key == candidates[0]]
     names = {r.name for r in chosen} | {r.name.rsplit("/", 1)[-1] for r in chosen}
