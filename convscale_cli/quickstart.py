@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -196,24 +196,46 @@ def plan_from_runs(study: StudyConfig, registry: Registry, runs_dir: Path, budge
     from convscale_cli.budget import get_hardware, parse_budget
     from convscale_cli.plan_fit import plan_fitted, runs_batch_size
 
-    family = plan_data.family_of(registry, ())
+    family = plan_data.family_of(registry, study.models)
     size = study.data_options.get("size")
+    options = {k: v for k, v in study.data_options.items() if k != "size"}
     request = planner.PlanRequest(
         budget=parse_budget(f"{budget_flops:.4g}-flops"),  # as the command line would give it
         hardware=get_hardware("cpu"),
         dataset=plan_data.dataset_plan(
-            registry, study.dataset, size=int(size) if size else None, resolution=study.resolution or 32
+            registry,
+            study.dataset,
+            size=int(size) if size else None,
+            resolution=study.resolution or 32,
+            options=options,
         ),
         family=family,
         batch_size=study.batch_size or runs_batch_size(runs_dir, family) or planner.PAPER_BATCH_SIZE,
+        models=_ladder_of(registry, family, study.models),
     )
     return plan_fitted(request, registry, runs_dir)
+
+
+def _rule_text(study: StudyConfig) -> str:
+    if study.rule == "grid":
+        grid = ", ".join(f"{lr:g}" for lr in study.lr_grid) if study.lr_grid else "of the recipe's grid"
+        return f"learning rates alpha {grid} on every cell"
+    return f"learning rates tuned by the {study.rule} rule"
+
+
+def _ladder_of(registry: Registry, family: str, models: Sequence[str]) -> tuple[str, ...]:
+    """The plan's candidates: every model of ``family`` that carries all the tags the study's models share (the
+    study's ladder, larger rungs included), so the plan does not extrapolate the fitted law to another ladder."""
+    specs = {s.name: s for s in registry.architectures if s.family == family}
+    shared = set.intersection(*(set(specs[m].tags) for m in models if m in specs) or [set()])
+    return tuple(name for name, s in specs.items() if shared <= set(s.tags)) if shared else ()
 
 
 def run(
     out: Path,
     *,
     study: Path | None = None,
+    seed: int | None = None,
     finetune: FinetuneSettings = FinetuneSettings(),
     registry: Registry | None = None,
     display: Display = Display(),
@@ -224,6 +246,8 @@ def run(
     Args:
         out: output directory; rerunning with the same ``out`` resumes (finished runs are skipped).
         study: a study TOML to use instead of the packaged one.
+        seed: the study's training seed instead of its own (its runs then go to ``out/runs`` as usual: use another
+            ``out`` per seed).
         finetune: fine-tuning settings.
         registry: models and datasets (default: the installed plugins).
         display: how the steps run and show their results.
@@ -242,12 +266,13 @@ def run(
         registry = get_registry()
     study_path = Path(study) if study is not None else default_study()
     runs_dir, report_dir = out / "runs", out / "report"
-    loaded = load_study(study_path, {"out": str(runs_dir)})  # validates the study before anything runs
+    overrides: dict[str, Any] = {"out": str(runs_dir)} | ({} if seed is None else {"seed": seed})
+    loaded = load_study(study_path, overrides)  # validates the study before anything runs
     plan_cells(loaded, registry)  # and its model and dataset names, in one line of their own
 
     echo(
         f"[1/4] pre-training: {len(loaded.models)} models x {len(loaded.epochs)} epoch budgets on {loaded.dataset}, "
-        "learning rates tuned by the two-trial rule"
+        f"seed {loaded.seed}, {_rule_text(loaded)}"
     )
     swept = display.sweep(loaded, registry)
     interrupts.check()
@@ -294,10 +319,13 @@ def run(
     grid = swept.full_grid_runs
     echo("")
     echo("Quickstart summary")
-    echo(
-        f"  two-trial rule: {swept.runs_used} runs for {len(swept.results)} cells (a full {swept.grid_size}-point lr "
-        f"grid needs {grid})"
-    )
+    if loaded.rule == "grid":
+        echo(f"  lr grid of {swept.grid_size}: {swept.runs_used} runs for {len(swept.results)} cells")
+    else:
+        echo(
+            f"  {loaded.rule} rule: {swept.runs_used} runs for {len(swept.results)} cells (a full "
+            f"{swept.grid_size}-point lr grid needs {grid})"
+        )
     for verdict in fit.get("verdicts", []):
         echo(f"  {verdict.get('claim') or verdict.get('finding')}: {verdict.get('text')}")
     echo(

@@ -119,3 +119,50 @@ def test_the_job_chains_the_library_steps_on_their_return_values(
     assert "  two-trial rule: 2 runs for 1 cells (a full 4-point lr grid needs 4)" in lines
     assert any("99.0% (EMA 98.0%) fine-tuned from l1, 90.0% (EMA 89.0%) from scratch" in line for line in lines)
     assert not (runs / "tuning.jsonl").exists() and not (runs / "finetune-digits" / "summary.json").exists()
+
+
+def test_a_seed_and_a_grid_study_are_what_the_job_runs_and_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--seed` replaces the study's seed; a grid study's summary names its grid, not the two-trial rule."""
+    import convscale_cli.finetune.api as finetune_api
+    import convscale_cli.report as report
+    from convscale_cli.sweep import SweepResult
+    from convscale_cli.tuning import Trial, TuneResult
+
+    seen: list[Any] = []
+
+    def sweep(study: Any, registry: Any) -> SweepResult:
+        seen.append(study)
+        _summary(Path(study.out), "w32", "pretrain", 2.0, 1e9)
+        trials = (Trial(25.6, "w32", 2.0, "trained"), Trial(51.2, "w32b", 2.1, "trained"))
+        return SweepResult(
+            results=(TuneResult("m", "shapes", 1.0, "grid", 25.6, "grid", trials, 25.6, "w32", None),), grid_size=2
+        )
+
+    monkeypatch.setattr(finetune_api, "finetune", lambda config, registry=None: {"final": {"eval_top1": 0.9}})
+    monkeypatch.setattr(report, "build_report", lambda *a, **kw: {"verdicts": []})
+    monkeypatch.setattr(quickstart, "plan_from_runs", lambda *a: "plan")
+    display = quickstart.Display(sweep=sweep, report=lambda fit, out: None, plan=lambda plan: None)
+    lines: list[str] = []
+    quickstart.run(
+        tmp_path / "job", study=REPO / "examples" / "powerlaw.toml", seed=2, display=display, echo=lines.append
+    )
+    assert seen[0].seed == 2 and seen[0].rule == "grid"
+    assert any("seed 2, learning rates alpha 25.6, 51.2 on every cell" in line for line in lines)
+    assert "  lr grid of 2: 2 runs for 1 cells" in lines and not any("two-trial" in line for line in lines)
+
+
+def test_the_plan_stays_on_the_studys_ladder_and_data(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The plan ranks the study's ladder (larger rungs included) on the study's data setting (70 classes, not the
+    dataset's default 420), so it does not carry the law fitted on one ladder over to another."""
+    import convscale_cli.plan_fit as plan_fit
+    from convscale_cli.plugins import get_registry
+
+    requests: list[Any] = []
+    monkeypatch.setattr(plan_fit, "plan_fitted", lambda request, registry, runs_dir: requests.append(request))
+    study = load_study(REPO / "examples" / "powerlaw.toml")
+    quickstart.plan_from_runs(study, get_registry(), tmp_path, 1e12)
+    (request,) = requests
+    assert request.dataset.num_classes == 70 and request.dataset.size == 16384 and request.batch_size == 32
+    assert set(request.models) == {"nfnet-w64", "nfnet-w32", "nfnet-w16", "nfnet-w8", "nfnet-w4", "nfnet-w2"}

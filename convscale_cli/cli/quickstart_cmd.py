@@ -17,6 +17,9 @@ def quickstart(
     study: Annotated[
         Path | None, typer.Option(help="Study TOML instead of the packaged one (see examples/quickstart.toml).")
     ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Training seed instead of the study's (use another --out per seed).")
+    ] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print the final summary as JSON.")] = False,
 ) -> None:
     """Run a complete small scaling study on the embedded data (about 4.5 minutes on a 2-core CPU, install included).
@@ -32,9 +35,9 @@ def quickstart(
 
     display = job.Display(sweep=show_sweep, report=show_report, plan=show_plan)
     if not json_:
-        job.run(out, study=study, display=display)
+        job.run(out, study=study, seed=seed, display=display)
         return
     # Machine-readable mode: the steps' own tables and progress go to stderr, only the summary to stdout.
     with contextlib.redirect_stdout(sys.stderr):
-        result = job.run(out, study=study, display=display, echo=lambda _: None)
+        result = job.run(out, study=study, seed=seed, display=display, echo=lambda _: None)
     print_json(result.to_dict())
