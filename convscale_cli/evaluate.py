@@ -93,6 +93,7 @@ def evaluate(
 
     import jax
 
+    from convscale_cli.data.device import Normalizer
     from convscale_cli.engine.build import abstract_batch, compile_eval_step, host_batch, make_evaluate
     from convscale_cli.engine.cache import enable_compilation_cache
     from convscale_cli.engine.mesh import batch_sharding, make_mesh, replicated
@@ -117,7 +118,8 @@ def evaluate(
     params = jax.device_put(loaded.params, replicated(mesh))
     shapes = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated(mesh)), params)
     held_out = _Shapes(info=info, num_classes=loaded.num_classes)
-    common = {"normalize": pipeline.normalize, "loss": loaded.loss, "num_classes": loaded.num_classes}
+    normalize = Normalizer(pipeline.normalize, loaded.normalization)  # what the parameters were trained with
+    common = {"normalize": normalize, "loss": loaded.loss, "num_classes": loaded.num_classes}
     data_sharding = batch_sharding(mesh)
     eval_fn = compile_eval_step(
         loaded.module, common, shapes, abstract_batch(held_out, batch, resolution, data_sharding), replicated(mesh)

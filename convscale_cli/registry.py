@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
 from convscale_cli.budget import train_flops
+from convscale_cli.data import IMAGENET, Normalization
 from convscale_cli.errors import DuplicateRegistrationError, UnknownNameError, UsageError
 from convscale_cli.recipe import Recipe
 
@@ -77,6 +78,11 @@ class ArchitectureSpec:
         export_weights: ``export_weights(target, params, num_classes, options)`` converting this model's ``params``
             into a foreign state dict (the reverse of ``import_weights``), returning an
             :class:`~convscale_cli.weights.ExportedWeights`; raises a UsageError for options the target cannot hold.
+        normalization: the input normalisation the model trains with (ImageNet's mean and std unless the family's
+            reference code uses another); recorded with every run and checkpoint.
+        weights_normalization: ``weights_normalization(source, model)`` -> the :class:`Normalization` the foreign
+            weights ``model`` of ``source`` (a tagged timm name such as ``vit_small_patch16_224.dino``) were trained
+            with, or None for ``normalization``; ``import-weights`` records it in ``model.json``.
     """
 
     name: str
@@ -96,6 +102,8 @@ class ArchitectureSpec:
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     numerics: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     export_weights: Callable[..., Any] | None = None
+    normalization: Normalization = IMAGENET
+    weights_normalization: Callable[[str, str], Normalization | None] | None = None
 
     def numerics_options(self, name: str) -> dict[str, Any]:
         """The build options of the numerics called ``name``; an UnknownNameError naming the choices."""

@@ -21,6 +21,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
+from convscale_cli.data.device import Normalizer
 from convscale_cli.engine.cache import program, tree_key
 from convscale_cli.engine.ledger import Ledger
 from convscale_cli.engine.mesh import batch_sharding, check_batch, make_mesh, replicated, state_shardings
@@ -245,12 +246,13 @@ def compile_steps(
     Args:
         built: the run's device-side pieces.
         run: the resolved run.
-        pipeline: the input pipeline module (its ``normalize`` is traced into both steps).
+        pipeline: the input pipeline module (its ``normalize``, with the run's statistics, is traced into both steps).
         eval_batch: the held-out batch size.
         options: static options of :func:`~convscale_cli.engine.step.train_step` besides the model, optimiser,
             schedule, normalisation, loss and class count (label smoothing, EMA, accumulation, SAM, mixing).
     """
-    common = {"normalize": pipeline.normalize, "loss": run.recipe.loss, "num_classes": run.num_classes}
+    normalize = Normalizer(pipeline.normalize, run.normalization)
+    common = {"normalize": normalize, "loss": run.recipe.loss, "num_classes": run.num_classes}
     train_fn = compile_train_step(
         train_step,
         model=built.model,

@@ -18,6 +18,7 @@ from typing import Any
 
 from convscale_plugins.vit.variants import VARIANTS, Variant
 
+from convscale_cli.data import IMAGENET, INCEPTION, Normalization
 from convscale_cli.errors import UnknownNameError
 from convscale_cli.hookspecs import hookimpl
 from convscale_cli.recipe import Recipe
@@ -79,6 +80,21 @@ def _export_weights(
     return export_timm(variant, params, num_classes, options)
 
 
+# timm's ViT weights are trained on [-1, 1] inputs (its default_cfg: IMAGENET_INCEPTION_MEAN / _STD) except these
+# tags, self-supervised in torch with the ImageNet statistics (timm vision_transformer.py default_cfgs: DINO, Caron et
+# al. 2021; MAE, He et al. 2022).
+TIMM_IMAGENET_TAGS = ("dino", "mae")
+
+
+def _weights_normalization(source: str, model: str) -> Normalization | None:
+    """The normalisation of the timm weights ``model`` (``architecture`` or ``architecture.tag``); None for another
+    source (the family's)."""
+    if source != "timm":
+        return None
+    tag = model.partition(".")[2]
+    return IMAGENET if tag.split("_")[0] in TIMM_IMAGENET_TAGS else INCEPTION
+
+
 # timm's ViT computes as big_vision's does (erf GELU, LayerNorm eps 1e-6), so both numerics are the build defaults.
 NUMERICS: Mapping[str, Mapping[str, Any]] = {"reference": {"layernorm_eps": 1e-6}, "timm": {"layernorm_eps": 1e-6}}
 
@@ -105,6 +121,9 @@ def spec(variant: Variant) -> ArchitectureSpec:
         options={**DEFAULT_OPTIONS, "resolution": variant.train_resolution},
         numerics=NUMERICS,
         export_weights=functools.partial(_export_weights, variant) if variant.timm_name else None,
+        # From scratch a ViT normalises as every convscale model does (ImageNet's statistics), so runs and studies
+        # compare ConvNets and ViTs on identical inputs; imported timm weights keep their own (mostly [-1, 1]).
+        weights_normalization=_weights_normalization,
     )
 
 
