@@ -348,7 +348,7 @@ def test_gradient_accumulation_is_the_large_batch_update() -> None:
 
 def test_held_out_batches_are_read_once_and_reused_by_later_evaluations() -> None:
     # Worker processes (--workers N) start for every pass over a loader: a small held-out set is read once.
-    from convscale_cli.engine.build import make_evaluate
+    from convscale_cli.engine.build import Evaluate
     from convscale_cli.engine.ledger import Ledger
 
     calls = []
@@ -368,8 +368,8 @@ def test_held_out_batches_are_read_once_and_reused_by_later_evaluations() -> Non
         return {"loss_sum": n * params, "top1_sum": n / 2, "top5_sum": n, "count": n}
 
     ledger = Ledger(flops_per_example=1.0, num_devices=1, hardware="cpu", peak_flops=1e9)
-    evaluate = make_evaluate(eval_fn, [0] * 12, pipeline=Pipeline, batch_size=4, resolution=2, crop_fraction=1.0,
-                             worker_count=2, to_device=lambda b: b, ledger=ledger)  # fmt: skip
+    evaluate = Evaluate(eval_fn, [0] * 12, pipeline=Pipeline, batch_size=4, resolution=2, crop_fraction=1.0,
+                        worker_count=2, to_device=lambda b: b, ledger=ledger)  # fmt: skip
     first, second = evaluate(1.0), evaluate(2.0)
     assert len(calls) == 1 and first["eval_top1"] == second["eval_top1"] == 0.5
     assert (first["eval_loss"], second["eval_loss"]) == (1.0, 2.0)  # the parameters still change the result
