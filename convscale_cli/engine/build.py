@@ -320,12 +320,17 @@ class HeldOut:
             loader, self._loader = self._loader, None
             source = self._fresh(iter(loader))
         held: list[dict[str, Any]] | None = []
-        size = 0
-        for batch in source:
-            if held is not None:
-                size += sum(getattr(v, "nbytes", 0) for v in batch.values())
-                held = held + [batch] if size <= EVAL_CACHE_BYTES else None
-            yield batch
+        size, done = 0, False
+        try:
+            for batch in source:
+                if held is not None:
+                    size += sum(getattr(v, "nbytes", 0) for v in batch.values())
+                    held = held + [batch] if size <= EVAL_CACHE_BYTES else None
+                yield batch
+            done = True
+        finally:
+            if not done:  # a pass cut short leaves the live iteration mid-pass: the next one starts afresh
+                self.close()
         if held is not None:
             self._kept = held
             self.close()
