@@ -3,7 +3,7 @@
 Any checkpoint :func:`convscale_cli.loading.load` accepts is evaluated on one split of any registered dataset, at any
 resolution the model accepts (the paper fine-tunes at 384 px and evaluates at 480: Smith et al. 2023 §3; timm's
 ``validate.py`` does the same job for timm models). The pass is the engine's own held-out evaluation
-(:func:`convscale_cli.engine.build.make_evaluate` with the compiled :func:`~convscale_cli.engine.step.eval_step`),
+(:class:`convscale_cli.engine.build.Evaluate` with the compiled :func:`~convscale_cli.engine.step.eval_step`),
 sharded over the local devices like training's, so a run evaluated at its own resolution reproduces the numbers its
 ``summary.json`` records.
 """
@@ -93,7 +93,8 @@ def evaluate(
 
     import jax
 
-    from convscale_cli.engine.build import abstract_batch, compile_eval_step, host_batch, make_evaluate
+    from convscale_cli.data.device import Normalizer
+    from convscale_cli.engine.build import Evaluate, abstract_batch, compile_eval_step, host_batch
     from convscale_cli.engine.cache import enable_compilation_cache
     from convscale_cli.engine.mesh import batch_sharding, make_mesh, replicated
     from convscale_cli.loading import default_eval_crop, load
@@ -117,7 +118,8 @@ def evaluate(
     params = jax.device_put(loaded.params, replicated(mesh))
     shapes = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated(mesh)), params)
     held_out = _Shapes(info=info, num_classes=loaded.num_classes)
-    common = {"normalize": pipeline.normalize, "loss": loaded.loss, "num_classes": loaded.num_classes}
+    normalize = Normalizer(pipeline.normalize, loaded.normalization)  # what the parameters were trained with
+    common = {"normalize": normalize, "loss": loaded.loss, "num_classes": loaded.num_classes}
     data_sharding = batch_sharding(mesh)
     eval_fn = compile_eval_step(
         loaded.module, common, shapes, abstract_batch(held_out, batch, resolution, data_sharding), replicated(mesh)
@@ -126,7 +128,7 @@ def evaluate(
     def to_device(host: dict[str, Any]) -> Any:
         return pipeline.to_global(host_batch(host, info.multi_label), data_sharding)
 
-    run_eval = make_evaluate(
+    run_eval = Evaluate(
         eval_fn,
         source,
         pipeline=pipeline,
@@ -137,7 +139,10 @@ def evaluate(
         to_device=to_device,
     )
     start = time.perf_counter()
-    metrics = run_eval(params)
+    try:
+        metrics = run_eval(params)
+    finally:
+        run_eval.close()
     seconds = time.perf_counter() - start
     return {
         "checkpoint": loaded.describe(),

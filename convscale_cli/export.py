@@ -13,6 +13,7 @@ that differs, and the result says so.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,7 @@ def export(
             num_classes=loaded.num_classes,
             options=loaded.options,
             source=source,
+            normalization=loaded.normalization,
         )
         return {
             "format": format,
@@ -120,9 +122,24 @@ def export(
     params = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), loaded.params)
     result = spec.export_weights(format, params, loaded.num_classes, dict(loaded.options))
     note = numerics_note(spec, dict(loaded.options), format, result.model)
+    norm = loaded.normalization
+    # What the foreign library feeds this model by default (timm's pretrained_cfg for the untagged name).
+    foreign = spec.weights_normalization(format, result.model) if spec.weights_normalization else None
+    foreign = foreign or spec.normalization
+    if norm != foreign:
+        note = " ".join(
+            part
+            for part in (
+                note,
+                f"these weights expect inputs normalised with mean {list(norm.mean)} and std {list(norm.std)}, not "
+                f"{result.model}'s default {list(foreign.mean)} / {list(foreign.std)}.",
+            )
+            if part
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in result.tensors.items()}
-    save_file(tensors, str(out), metadata={"format": "pt", "model": result.model})
+    metadata = {"format": "pt", "model": result.model, "mean": json.dumps(norm.mean), "std": json.dumps(norm.std)}
+    save_file(tensors, str(out), metadata=metadata)
     return {
         "format": format,
         "path": str(out),
@@ -130,6 +147,7 @@ def export(
         "model": result.model,
         "kwargs": dict(result.kwargs),
         "tensors": len(tensors),
+        "normalization": norm.to_json(),
         "numerics_note": " ".join(part for part in (note, result.note) if part),
     }
 

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from convscale_cli.data import IMAGENET, Normalization
 from convscale_cli.data.augment import DEFAULT_EVAL_CROP_FRACTION
 from convscale_cli.engine.rundir import read_json
 from convscale_cli.errors import CheckpointError, UnknownNameError
@@ -47,6 +48,8 @@ class LoadedModel:
         eval_resolution: the run's held-out resolution, else the architecture's.
         eval_crop: the run's held-out centre-crop fraction, or None when the checkpoint does not record one.
         batch_size: the run's global batch (training's held-out batches are at most this), or None.
+        normalization: the input normalisation the parameters were trained with (``apply`` takes images normalised
+            with it).
     """
 
     spec: ArchitectureSpec
@@ -61,6 +64,7 @@ class LoadedModel:
     eval_resolution: int
     eval_crop: float | None
     batch_size: int | None = None
+    normalization: Normalization = IMAGENET
 
     @property
     def numerics(self) -> str:
@@ -79,6 +83,7 @@ class LoadedModel:
             "num_classes": self.num_classes,
             "numerics": self.numerics,
             "precision": self.precision,
+            "normalization": self.normalization.to_json(),
         }
 
 
@@ -162,6 +167,7 @@ def load(
         eval_resolution=int(config.get("eval_resolution") or spec.eval_resolution),
         eval_crop=float(crop) if crop is not None else None,
         batch_size=int(config["batch_size"]) if isinstance(config.get("batch_size"), int) else None,
+        normalization=pre.normalization,
     )
 
 

@@ -285,8 +285,7 @@ def affordable(request: PlanRequest, spec: ArchitectureSpec, frontier_macs: floa
         return None
     examples = int(round(epochs * request.dataset.size))
     flops = per_example * examples
-    alpha = prior_lr(spec.recipe.lr, count.macs * _paper_scale(request.dataset), epochs)
-    lr = round_lr(alpha_for_batch(alpha, spec.recipe.optimizer, spec.recipe.base_batch_size, request.batch_size))
+    lr, lr_source = _start_lr(request, spec, count.macs * _paper_scale(request.dataset), epochs)
     return Candidate(
         model=spec.name,
         family=spec.family,
@@ -303,7 +302,27 @@ def affordable(request: PlanRequest, spec: ArchitectureSpec, frontier_macs: floa
         lr=lr,
         lr_trials=(lr, lr / 2),
         frontier_distance=abs(math.log(count.macs / frontier_macs)),
-        lr_source=prior_lr_source(spec, request.batch_size),
+        lr_source=lr_source,
+    )
+
+
+def _start_lr(request: PlanRequest, spec: ArchitectureSpec, paper_macs: float, epochs: float) -> tuple[float, str]:
+    """The alpha a prior plan prints for ``spec`` and where it comes from: the model's measured optimum
+    (:attr:`~convscale_cli.registry.ArchitectureSpec.measured_lr`) moved to ``epochs`` by the paper's epoch decay and
+    to the planned batch by the optimizer's rule; else the paper's prior at the recipe's batch, moved alike."""
+    recipe = spec.recipe
+    measured = spec.measured_lr
+    if measured is None:
+        alpha = prior_lr(recipe.lr, paper_macs, epochs)
+        lr = alpha_for_batch(alpha, recipe.optimizer, recipe.base_batch_size, request.batch_size)
+        return round_lr(lr), prior_lr_source(spec, request.batch_size)
+    alpha = measured.alpha * prior_lr(1.0, paper_macs, epochs) / prior_lr(1.0, paper_macs, measured.epochs)
+    lr = alpha_for_batch(alpha, recipe.optimizer, measured.batch_size, request.batch_size)
+    rule = "linear" if batch_rule(recipe.optimizer) == "linear" else "square-root"
+    return round_lr(lr), (
+        f"measured: alpha {measured.alpha:g} tuned at batch {measured.batch_size} for {measured.epochs:g} epochs "
+        f"({measured.source}), moved to {epochs:g} epochs by the paper's decay (Smith et al. 2023 Fig. 3) and to "
+        f"batch {request.batch_size} by {recipe.optimizer}'s {rule} batch rule"
     )
 
 
@@ -374,7 +393,7 @@ def plan_prior(request: PlanRequest, registry: Registry, frontier: Frontier | No
             "the lr prior's decay was measured for NFNets trained with SGD (Fig. 3); for other optimizers it is only "
             "a starting point for the two trials"
         )
-    if request.batch_size < PAPER_BATCH_SIZE:
+    if request.batch_size < PAPER_BATCH_SIZE and any(s.measured_lr is None for s in specs):
         notes.append(
             "the lr prior is the paper's JFT-scale setting; small models at small batches often train best far above "
             "it (examples/quickstart.toml measured alpha 25.6-51.2 for the tiny NFNets at batch 64): tune it with "

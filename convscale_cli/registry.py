@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
 from convscale_cli.budget import train_flops
+from convscale_cli.data import IMAGENET, Normalization
 from convscale_cli.errors import DuplicateRegistrationError, UnknownNameError, UsageError
 from convscale_cli.recipe import Recipe
 
@@ -36,6 +38,31 @@ class ModelCount:
     def train_flops(self) -> float:
         """Training FLOPs per image (:func:`convscale_cli.budget.train_flops`)."""
         return train_flops(self.macs)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeasuredLr:
+    """A learning rate tuned for a model in a small study, which ``plan`` starts from instead of the paper's prior.
+
+    The paper's prior (alpha at batch 4096 for JFT-scale models) does not carry down to laptop-scale models at small
+    batches: their tuned optimum lies one to two orders of magnitude above it. ``plan`` moves ``alpha`` to the planned
+    run by the paper's epoch decay and the optimizer's batch rule, and says where it comes from.
+
+    Attributes:
+        alpha: the tuned ``--lr`` (quoted at the recipe's ``base_batch_size``, as every alpha is).
+        batch_size: the batch it was tuned at.
+        epochs: the epoch budget it was tuned for.
+        source: where it was measured, in words (a study file and its setting).
+    """
+
+    alpha: float
+    batch_size: int
+    epochs: float
+    source: str
+
+    def __post_init__(self) -> None:
+        if not (0 < self.alpha < math.inf and self.batch_size > 0 and 0 < self.epochs < math.inf):
+            raise ValueError(f"measured lr {self!r}: alpha, batch_size and epochs must be positive and finite")
 
 
 def head_params(count: Callable[[int, int], ModelCount], resolution: int, num_classes: int) -> int:
@@ -77,6 +104,13 @@ class ArchitectureSpec:
         export_weights: ``export_weights(target, params, num_classes, options)`` converting this model's ``params``
             into a foreign state dict (the reverse of ``import_weights``), returning an
             :class:`~convscale_cli.weights.ExportedWeights`; raises a UsageError for options the target cannot hold.
+        normalization: the input normalisation the model trains with (ImageNet's mean and std unless the family's
+            reference code uses another); recorded with every run and checkpoint.
+        weights_normalization: ``weights_normalization(source, model)`` -> the :class:`Normalization` the foreign
+            weights ``model`` of ``source`` (a tagged timm name such as ``vit_small_patch16_224.dino``) were trained
+            with, or None for ``normalization``; ``import-weights`` records it in ``model.json``.
+        measured_lr: a learning rate tuned for this model in a small study (:class:`MeasuredLr`), which ``plan``
+            prints instead of the paper's prior; None where there is none.
     """
 
     name: str
@@ -96,6 +130,9 @@ class ArchitectureSpec:
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     numerics: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     export_weights: Callable[..., Any] | None = None
+    normalization: Normalization = IMAGENET
+    weights_normalization: Callable[[str, str], Normalization | None] | None = None
+    measured_lr: MeasuredLr | None = None
 
     def numerics_options(self, name: str) -> dict[str, Any]:
         """The build options of the numerics called ``name``; an UnknownNameError naming the choices."""

@@ -4,7 +4,7 @@ A weights checkpoint is a directory::
 
     CKPT/model.json   {"format": "convscale-weights", "version": 1, "architecture": "vit-b/16", "family": "vit",
                        "num_classes": 1000, "options": {...build options...}, "numerics": "reference",
-                       "params": 86567656,
+                       "params": 86567656, "normalization": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
                        "source": {"kind": "timm", "model": "vit_base_patch16_224", "file": "...", "note": "..."}}
     CKPT/params/      the ``params`` collection, an Orbax StandardCheckpointer directory (float32)
 
@@ -14,9 +14,11 @@ without Orbax or jax.
 
 ``options`` hold every build option the parameters need, the numerics included (``numerics`` names them: the paper's
 ``reference`` code, or a foreign library's, e.g. ``timm``), so every command that loads the weights computes the same
-way. ``convscale import-weights`` writes a checkpoint from a foreign one; :func:`load_model` turns any checkpoint
-(:mod:`convscale_cli.loading`) back into an apply function. Nothing here imports jax at module level (the CLI imports
-this module to start).
+way. ``normalization`` is the input normalisation the parameters were trained with (the source's, e.g. timm's
+``pretrained_cfg`` mean and std; a ``model.json`` without one predates the key and means ImageNet's), and every
+command that trains or evaluates from the weights normalises with it. ``convscale import-weights`` writes a
+checkpoint from a foreign one; :func:`load_model` turns any checkpoint (:mod:`convscale_cli.loading`) back into an
+apply function. Nothing here imports jax at module level (the CLI imports this module to start).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from convscale_cli.errors import CheckpointError, UnknownNameError, UsageError
 from convscale_cli.registry import MAX_NUM_CLASSES
 
 if TYPE_CHECKING:
+    from convscale_cli.data import Normalization
     from convscale_cli.registry import ArchitectureSpec, Registry
 
 FORMAT = "convscale-weights"
@@ -118,6 +121,7 @@ def save_weights(
     options: Mapping[str, Any] | None = None,
     source: Mapping[str, Any] | None = None,
     numerics: str | None = None,
+    normalization: Normalization | None = None,
 ) -> Path:
     """Write a weights checkpoint after checking ``params`` against the model ``spec`` builds.
 
@@ -129,6 +133,7 @@ def save_weights(
         options: build options to record (JSON-serialisable).
         source: provenance to record (JSON-serialisable).
         numerics: the name recorded for the numerics ``options`` select (default: the first that matches).
+        normalization: the input normalisation the parameters expect (default: the architecture's).
 
     Returns:
         The absolute checkpoint path.
@@ -146,7 +151,7 @@ def save_weights(
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(out / PARAMS_DIR, params)
         checkpointer.wait_until_finished()
-    meta = _meta(spec, params, num_classes, options, source, numerics)
+    meta = _meta(spec, params, num_classes, options, source, numerics, normalization)
     # Written last: a directory without model.json is an interrupted save, never a usable checkpoint.
     (out / MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n")
     return out
@@ -159,6 +164,7 @@ def _meta(
     options: Mapping[str, Any],
     source: Mapping[str, Any] | None,
     numerics: str | None = None,
+    normalization: Normalization | None = None,
 ) -> dict[str, Any]:
     from convscale_cli.engine.state import param_count
 
@@ -174,6 +180,7 @@ def _meta(
         "options": dict(options),
         "numerics": numerics,
         "params": param_count(dict(params)),
+        "normalization": (normalization or spec.normalization).to_json(),
         "source": dict(source or {}),
     }
 
@@ -186,12 +193,13 @@ def save_safetensors_weights(
     num_classes: int,
     options: Mapping[str, Any] | None = None,
     source: Mapping[str, Any] | None = None,
+    normalization: Normalization | None = None,
 ) -> Path:
     """Write the parameters as a ``.safetensors`` file with a ``model.json`` beside it (a portable checkpoint).
 
     Args:
         file: the ``.safetensors`` file to create; neither it nor a ``model.json`` in its directory may exist.
-        spec, params, num_classes, options, source: as for :func:`save_weights`.
+        spec, params, num_classes, options, source, normalization: as for :func:`save_weights`.
 
     Returns:
         The absolute path of the file.
@@ -215,7 +223,7 @@ def save_safetensors_weights(
     flat = {"/".join(k): np.ascontiguousarray(v) for k, v in flatten_dict(params).items()}
     file.parent.mkdir(parents=True, exist_ok=True)
     save_file(flat, str(file), metadata={"format": FORMAT, "architecture": spec.name})
-    meta = {**_meta(spec, params, num_classes, options, source), "params_file": file.name}
+    meta = {**_meta(spec, params, num_classes, options, source, normalization=normalization), "params_file": file.name}
     meta_file.write_text(json.dumps(meta, indent=2) + "\n")  # last, as in save_weights
     return file
 
@@ -275,6 +283,9 @@ def read_model_json(path: str | Path) -> dict[str, Any]:
         if not ok:
             got = repr(meta[key]) if key in meta else "missing"
             raise CheckpointError(f"{str(file)!r}: {key} is {got}, expected {expected}")
+    from convscale_cli.data import Normalization
+
+    Normalization.from_json(meta.get("normalization"), str(file))
     # The parameters are an Orbax params/ directory, or (convscale export) the safetensors file model.json names.
     if meta.get("params_file") is not None:
         params_file(path, meta)
@@ -309,7 +320,7 @@ def load_weights(path: str | Path, registry: Registry | None = None) -> tuple[An
 
 
 def load_model(
-    path: str | Path, ema: bool = True, precision: str | None = None
+    path: str | Path, ema: bool = True, precision: str | None = None, *, normalize: bool = False
 ) -> tuple[Callable[[Any, Any], Any], dict[str, Any]]:
     """Load any checkpoint for inference; see :func:`convscale_cli.loading.load` for what ``path`` may name.
 
@@ -318,10 +329,13 @@ def load_model(
             checkpoint ``RUN/checkpoints/<step>``.
         ema: a fine-tuning run's EMA parameters when it kept them (False: the raw parameters).
         precision: ``fp32`` or ``bf16`` activations; None: the run's own precision (float32 for weights).
+        normalize: ``apply_fn`` takes NHWC pixels in [0, 255] (uint8 or float) and normalises them as the checkpoint
+            records (``loaded.normalization``: ImageNet's for NFNets, 0.5 for timm's ViTs), as training does.
 
     Returns:
-        ``(apply_fn, variables)`` where ``apply_fn(variables, images)`` maps float32 NHWC images, normalised with the
-        ImageNet mean and std, to float32 logits in inference mode (jitted).
+        ``(apply_fn, variables)`` where ``apply_fn(variables, images)`` maps NHWC images to float32 logits in
+        inference mode (jitted); the images are float32 already normalised with the checkpoint's mean and std
+        (:func:`convscale_cli.loading.load` names them), or pixels with ``normalize``.
     """
     import functools
 
@@ -330,8 +344,17 @@ def load_model(
     from convscale_cli.loading import load
 
     loaded = load(path, ema=ema, precision=precision)
-    apply_fn = jax.jit(functools.partial(loaded.module.apply, train=False))
-    return apply_fn, {"params": loaded.params}
+    apply = functools.partial(loaded.module.apply, train=False)
+    if normalize:
+        from convscale_cli.data.device import Normalizer
+        from convscale_cli.data.device import normalize as scale
+
+        apply = functools.partial(_apply_pixels, apply, Normalizer(scale, loaded.normalization))
+    return jax.jit(apply), {"params": loaded.params}
+
+
+def _apply_pixels(apply: Callable[..., Any], norm: Callable[[Any], Any], variables: Any, images: Any) -> Any:
+    return apply(variables, norm(images))
 
 
 def find_by_source(registry: Registry, source: str, model: str) -> ArchitectureSpec:
@@ -425,7 +448,9 @@ def import_weights(
 
     Args:
         source: the foreign library ("timm").
-        model: its model name (e.g. "vit_base_patch16_224"), which selects the convscale architecture.
+        model: its model name, which selects the convscale architecture; a timm name may carry the tag of one set of
+            weights (``vit_base_patch16_224.augreg_in21k``), which the checkpoint records with the normalisation
+            those weights expect.
         file: a ``.safetensors`` state dict.
         out: the checkpoint directory to create (absent or empty).
         num_classes: classifier size; None keeps the file's.
@@ -458,11 +483,19 @@ def import_weights(
         params, options, note = result, {}, ""
         classes = num_classes if num_classes is not None else spec.default_num_classes
     options.update(numerics_options)
+    normalization = spec.weights_normalization(source, model) if spec.weights_normalization else None
     provenance = {"kind": source, "model": model, "file": str(Path(file).expanduser().resolve())}
     if note:
         provenance["note"] = note
     path = save_weights(
-        out, spec=spec, params=params, num_classes=classes, options=options, source=provenance, numerics=numerics
+        out,
+        spec=spec,
+        params=params,
+        num_classes=classes,
+        options=options,
+        source=provenance,
+        numerics=numerics,
+        normalization=normalization,
     )
     return path, read_model_json(path)
 

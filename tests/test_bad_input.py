@@ -110,6 +110,14 @@ CASES = {
         lambda tmp: [*SHAPES, "--set", "augment.min_area=x", "--steps", "1", "--out", str(tmp / "o")],
         "augment.min_area = 'x' has the wrong type",
     ),
+    "set-flip-maybe": (  # a bool key: neither "maybe" nor the typo "ture" is a truthy string
+        lambda tmp: [*SHAPES, "--set", "augment.flip=maybe", "--steps", "1", "--out", str(tmp / "o")],
+        "augment.flip = 'maybe' has the wrong type: expected bool",
+    ),
+    "set-flip-ture": (
+        lambda tmp: [*SHAPES, "--set", "augment.flip=ture", "--steps", "1", "--out", str(tmp / "o")],
+        "augment.flip = 'ture' has the wrong type: expected bool",
+    ),
     "eval-resolution-522024": (
         lambda tmp: [*SHAPES, "--eval-resolution", "522024", "--steps", "1", "--out", str(tmp / "o")],
         "resolution 522024 is over the limit of 2048 px",

@@ -191,3 +191,13 @@ def test_pretrain_dry_run_prints_the_resolved_run_without_jax(tmp_path) -> None:
     assert resolved["derived"]["peak_lr"] == pytest.approx(25.6 * 64 / 4096)
     text = _run(args).stdout
     assert "pretrain nfnet-tiny-l1 on shapes" in text and "5 steps" in text and "peak lr 0.4" in text
+
+
+def test_models_table_shows_small_models_in_thousands(capsys: pytest.CaptureFixture[str]) -> None:
+    from convscale_cli.cli.registry_cmds import _millions
+
+    shown = [_millions(n) for n in (512, 25_400, 999_949, 999_950)]
+    assert shown == ["512", "25.4k", "999.9k", "1.0M"]
+    assert main(["models", "vit-tiny-l0"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("vit-tiny-l0"))
+    assert "0.0M" not in row and "k " in row  # ~25k parameters printed as 0.0M before

@@ -208,6 +208,26 @@ def test_worker_processes_produce_the_same_batches():
         np.testing.assert_array_equal(x["image"], y["image"])
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_passes_repeat_the_held_out_batches_from_one_live_iteration(workers: int) -> None:
+    """``Loader.passes``: every evaluation of a run reads the same batches from one iteration, so ``--workers``
+    processes start once per run, not once per evaluation."""
+    import multiprocessing
+
+    loader = eval_loader(ArraySource(20), global_batch_size=8, resolution=8, worker_count=workers)
+    once = list(loader)
+    step = loader.step
+    passes = loader.passes()
+    for _ in range(3):
+        again = [next(passes) for _ in range(len(loader))]
+        assert [b["id"].tolist() for b in again] == [b["id"].tolist() for b in once]
+        np.testing.assert_array_equal(np.stack([b["image"] for b in again]), np.stack([b["image"] for b in once]))
+        if workers:
+            assert len(multiprocessing.active_children()) == workers  # the same processes serve the next pass
+    passes.close()
+    assert loader._live is None and loader.step == step  # stopped; passes never move the resume position
+
+
 class BadLabelSource(ArraySource):
     """Example 3 carries ``label``; the others are fine."""
 

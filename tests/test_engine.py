@@ -348,7 +348,7 @@ def test_gradient_accumulation_is_the_large_batch_update() -> None:
 
 def test_held_out_batches_are_read_once_and_reused_by_later_evaluations() -> None:
     # Worker processes (--workers N) start for every pass over a loader: a small held-out set is read once.
-    from convscale_cli.engine.build import make_evaluate
+    from convscale_cli.engine.build import Evaluate
     from convscale_cli.engine.ledger import Ledger
 
     calls = []
@@ -368,8 +368,56 @@ def test_held_out_batches_are_read_once_and_reused_by_later_evaluations() -> Non
         return {"loss_sum": n * params, "top1_sum": n / 2, "top5_sum": n, "count": n}
 
     ledger = Ledger(flops_per_example=1.0, num_devices=1, hardware="cpu", peak_flops=1e9)
-    evaluate = make_evaluate(eval_fn, [0] * 12, pipeline=Pipeline, batch_size=4, resolution=2, crop_fraction=1.0,
-                             worker_count=2, to_device=lambda b: b, ledger=ledger)  # fmt: skip
+    evaluate = Evaluate(eval_fn, [0] * 12, pipeline=Pipeline, batch_size=4, resolution=2, crop_fraction=1.0,
+                        worker_count=2, to_device=lambda b: b, ledger=ledger)  # fmt: skip
     first, second = evaluate(1.0), evaluate(2.0)
     assert len(calls) == 1 and first["eval_top1"] == second["eval_top1"] == 0.5
     assert (first["eval_loss"], second["eval_loss"]) == (1.0, 2.0)  # the parameters still change the result
+
+
+def test_a_held_out_set_too_large_to_keep_is_read_by_one_live_iteration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every evaluation takes one pass from the same ``Loader.passes`` iteration (its workers start once); an
+    evaluation cut short drops that iteration, so the next one starts at the first batch, not mid-pass."""
+    import itertools
+    import time
+
+    from convscale_cli.engine import build
+    from convscale_cli.engine.ledger import Ledger
+
+    monkeypatch.setattr(build, "EVAL_CACHE_BYTES", 0)
+    started = []
+
+    class Loader:
+        def __len__(self) -> int:
+            return 3
+
+        def passes(self):  # noqa: ANN202
+            started.append(1)
+            time.sleep(0.2)  # the workers starting
+            for i in itertools.cycle(range(3)):
+                yield {"image": np.full((2, 1, 1, 3), i, np.uint8), "label": np.arange(2), "mask": np.ones(2)}
+
+    class Pipeline:
+        @staticmethod
+        def eval_loader(source, **kwargs):  # noqa: ANN001, ANN003, ANN205
+            return Loader()
+
+    seen = []
+
+    def eval_fn(params, batch):  # noqa: ANN001, ANN202
+        seen.append(int(batch["image"][0, 0, 0, 0]))
+        if params == "fail" and len(seen) == 2:
+            raise RuntimeError("interrupted")
+        return {"loss_sum": float(seen[-1]), "top1_sum": 0.0, "top5_sum": 0.0, "count": 2.0}
+
+    ledger = Ledger(num_devices=1)
+    evaluate = build.Evaluate(eval_fn, None, pipeline=Pipeline, batch_size=2, resolution=1, crop_fraction=1.0,
+                              worker_count=2, to_device=lambda b: b, ledger=ledger)  # fmt: skip
+    assert [evaluate(1.0)["eval_loss"] for _ in range(3)] == [0.5, 0.5, 0.5]  # (0 + 1 + 2) / 6 each time
+    assert seen == [0, 1, 2] * 3 and started == [1]
+    assert ledger.device_seconds["loader_startup"] >= 0.2 and ledger.device_seconds["eval"] < 0.2
+    seen.clear()
+    with pytest.raises(RuntimeError):
+        evaluate("fail")
+    assert evaluate(1.0)["eval_loss"] == 0.5 and seen[2:] == [0, 1, 2] and started == [1, 1]
+    evaluate.close()

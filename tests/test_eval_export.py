@@ -251,3 +251,57 @@ def test_export_refuses_what_it_cannot_write(
         code, out, err = helpers.run_cli(["export", str(pretrained), *args], capsys)
         assert code == 2 and len(err.splitlines()) == 1 and needle in err, (args, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.safetensors"]  # nothing half-written
+
+
+# --- input normalisation -------------------------------------------------------------------------------------------
+
+
+def test_checkpoints_that_predate_the_normalization_key_mean_imagenet(
+    pretrained: Path, tmp_path: Path, loaded: plugin_loader.Plugins, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Runs and weights written before checkpoints recorded their input normalisation were trained with ImageNet's:
+    they load, evaluate and resume (nothing to do) as before, instead of being refused as another run."""
+    import shutil
+
+    from convscale_cli.data import IMAGENET
+    from convscale_cli.engine.api import pretrain
+    from convscale_cli.loading import load
+
+    imagenet = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    run = tmp_path / "old-run"
+    shutil.copytree(pretrained, run)
+    config = json.loads((run / "config.json").read_text())
+    assert config.pop("normalization") == imagenet  # the tiny CNN's, the default
+    (run / "config.json").write_text(json.dumps(config))
+    assert load(run, registry=loaded.registry).normalization == IMAGENET
+    summary = pretrain(helpers.config(run, steps=8), loaded.registry)
+    assert summary["status"] == "finished" and summary["final"] == _summary(pretrained)["final"]
+
+    file = tmp_path / "old-weights" / "tiny.safetensors"
+    assert helpers.run_cli(["export", str(run), "--format", "safetensors", "--out", str(file)], capsys)[0] == 0
+    meta = json.loads((file.parent / "model.json").read_text())
+    assert meta.pop("normalization") == imagenet
+    (file.parent / "model.json").write_text(json.dumps(meta))
+    assert load(file, registry=loaded.registry).normalization == IMAGENET
+    code, out, err = helpers.run_cli(["eval", str(file), "--dataset", "colours", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["eval_loss"] == pytest.approx(_summary(pretrained)["final"]["eval_loss"], rel=1e-5)
+
+    (file.parent / "model.json").write_text(json.dumps({**meta, "normalization": {"mean": [0.5], "std": [0.5]}}))
+    code, out, err = helpers.run_cli(["eval", str(file), "--dataset", "colours"], capsys)
+    assert code == 2 and err.startswith("Error: ") and "model.json" in err and "normalization mean [0.5]" in err, err
+
+
+def test_load_model_normalises_pixels_with_the_checkpoints_statistics(pretrained: Path, tmp_path: Path) -> None:
+    """``normalize=True``: pixels in, the checkpoint's own normalisation applied (here a run that records 0.5)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(pretrained, run)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3}}))
+    pixels = np.random.default_rng(4).integers(0, 256, (4, 8, 8, 3)).astype(np.uint8)
+    apply_fn, variables = load_model(run)
+    want = np.asarray(apply_fn(variables, (pixels / 255.0 - 0.5) / 0.5))
+    apply_pixels, variables = load_model(run, normalize=True)
+    np.testing.assert_allclose(np.asarray(apply_pixels(variables, pixels)), want, rtol=1e-5, atol=1e-6)

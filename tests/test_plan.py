@@ -439,6 +439,26 @@ def test_plan_with_builtin_ladder_passes_the_dataset_size(capsys: pytest.Capture
     assert all("--data-option size=16384" in cmd for cmd in doc["recommendation"]["commands"])
 
 
+def test_laptop_ladders_start_from_their_measured_lr_not_the_jft_prior(capsys: pytest.CaptureFixture[str]) -> None:
+    """The paper's prior moved to batch 64 left the tiny ViT at chance (alpha 0.004; the ladder's tuned optimum is
+    0.4-0.8) and the tiny NFNets 30x below theirs: the ladders plan from the alpha measured on them, moved by the
+    paper's epoch decay and the optimizer's batch rule, and say so."""
+    args = ["plan", "--budget", "0.05-cpu-hours", "--dataset", "shapes", "--dataset-size", "16384", "--json"]
+    found = {}
+    for family, batch in (("vit", 64), ("vit", 256), ("nfnet", 64), ("nfnet", 256)):
+        assert main([*args, "--models", f"{family}-tiny-l0", "--batch-size", str(batch)]) == 0
+        found[family, batch] = json.loads(capsys.readouterr().out)["recommendation"]
+    vit, nfnet = found["vit", 64], found["nfnet", 64]
+    assert vit["lr"] == 0.4 and vit["lr_trials"] == [0.4, 0.2]  # 0.8 at 0.5 epochs, halved for ~4 epochs
+    assert nfnet["lr"] == 25.6 and nfnet["lr_trials"] == [25.6, 12.8]
+    assert "measured" in vit["lr_source"] and "convnet-vs-vit.toml" in vit["lr_source"]
+    assert "square-root" in vit["lr_source"] and "linear" in nfnet["lr_source"]
+    assert all(f"--lr {c['lr']:g} " in c["commands"][0] for c in found.values())
+    # 4x the batch: AdamW's alpha x sqrt(64/256) (its peak lr, alpha x batch/4096, grows 2x); SGD's alpha unchanged.
+    assert found["vit", 256]["epochs"] == vit["epochs"] and found["vit", 256]["lr"] == vit["lr"] / 2
+    assert found["nfnet", 256]["epochs"] == nfnet["epochs"] and found["nfnet", 256]["lr"] == nfnet["lr"]
+
+
 class _RootedDataPlugin:
     """A dataset that, like arrayrecord and imagefolder, knows its size only once told where it lives."""
 

@@ -71,7 +71,7 @@ def test_run_writes_summary_metrics_and_config(finished: tuple[Path, dict[str, A
     assert ledger["train_flops"] == pytest.approx(6 * summary["macs_per_image"] * 192)
     assert ledger["xla_flops"] > 0 and ledger["core_hours"] > 0 and 0 < ledger["mfu"] < 1
     assert ledger["host_peak_memory_bytes"] > 10 << 20  # at least the interpreter and jax
-    assert set(ledger["device_seconds"]) == {"train", "eval", "compile", "checkpoint", "lost"}
+    assert set(ledger["device_seconds"]) == {"train", "eval", "compile", "checkpoint", "lost", "loader_startup"}
     assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary, default=str))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["split"] == "train"]
@@ -371,3 +371,34 @@ def test_holdout_carves_a_deterministic_held_out_split_from_train(tmp_path: Path
     assert holdout_indices(helpers.TRAIN_SIZE, 0.25) == (train, held)  # the same split on every run
     with pytest.raises(UsageError, match="already has a held-out 'eval' split"):
         pretrain(helpers.config(tmp_path / "both", holdout=0.25), registry)
+
+
+def test_loader_startup_is_charged_apart_and_one_held_out_loader_serves_every_evaluation(
+    tmp_path: Path, registry: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Worker processes (``--workers N``) take seconds to start before the first batch: that wait is the ledger's
+    ``loader_startup``, not train or eval time (which img/s and MFU divide by), and the held-out loader starts once per
+    run even for a set too large to keep decoded, instead of at every evaluation."""
+    import time
+
+    from convscale_cli.data.pipeline import Loader
+    from convscale_cli.engine import build
+
+    pause, starts = 1.0, []
+    dataset = Loader._dataset
+
+    def slow_start(self: Loader, *args: Any, **kwargs: Any) -> Any:  # a loader's iteration starting its workers
+        starts.append(self.kind)
+        time.sleep(pause)
+        return dataset(self, *args, **kwargs)
+
+    monkeypatch.setattr(Loader, "_dataset", slow_start)
+    monkeypatch.setattr(build, "EVAL_CACHE_BYTES", 0)  # read at every evaluation, never kept
+    summary = pretrain(helpers.config(tmp_path / "run", eval_every=4, checkpoint_every=0), registry)
+    evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in evals if r["split"] == "eval"] == [4, 8, 12]
+    assert starts == ["train", "eval"]
+    ledger = summary["ledger"]
+    seconds = {k: v / ledger["num_devices"] for k, v in ledger["device_seconds"].items()}
+    assert seconds["loader_startup"] >= 2 * pause
+    assert seconds["train"] < pause and seconds["eval"] < pause, seconds

@@ -6,6 +6,7 @@ timm's ``vit_base_patch16_224`` (every parameter randomised) goes through a real
 
 from __future__ import annotations
 
+import json
 import types
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def _logits(model, images: np.ndarray) -> np.ndarray:  # noqa: ANN001
     import torch
 
     with torch.no_grad():
-        return model(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
+        return model(torch.from_numpy(images.astype(np.float32).transpose(0, 3, 1, 2).copy())).numpy()
 
 
 def _relative_error(got: np.ndarray, want: np.ndarray) -> float:
@@ -142,3 +143,110 @@ def test_every_timm_source_has_the_layout_import_weights_expects() -> None:
         pool = "map" if model.global_pool == "map" else "tok"
         expected = timm_shapes(variant.config, grid, model.num_classes or None, pool)
         assert list(state.items()) == list(expected.items()), variant.name
+
+
+def _timm_tiny(num_classes: int):  # noqa: ANN202
+    from timm.models.vision_transformer import VisionTransformer
+
+    c = TINY.config
+    return VisionTransformer(
+        img_size=16, patch_size=c.patch_size, embed_dim=c.width, depth=c.depth, num_heads=c.num_heads,
+        mlp_ratio=c.mlp_dim / c.width, num_classes=num_classes,
+    )  # fmt: skip
+
+
+def _timm_loss(model, batches: list[dict[str, np.ndarray]], normalization: tuple[float, float]) -> float:  # noqa: ANN001
+    """Mean softmax cross-entropy of timm's ``model`` over the real rows of ``batches``, its inputs normalised with
+    ``(mean, std)`` as timm's own transforms do (``x / 255``, then ``(x - mean) / std``)."""
+    import torch
+
+    mean, std = normalization
+    total, count = 0.0, 0.0
+    for batch in batches:
+        logits = _logits(model, (batch["image"].astype(np.float32) / 255.0 - mean) / std)
+        losses = torch.nn.functional.cross_entropy(
+            torch.from_numpy(logits), torch.from_numpy(np.asarray(batch["label"], np.int64)), reduction="none"
+        ).numpy()
+        total += float((losses * batch["mask"]).sum())
+        count += float(batch["mask"].sum())
+    return total / count
+
+
+def test_timm_vit_weights_are_normalised_as_timm_does_everywhere(tmp_path: Path, capsys, monkeypatch) -> None:  # noqa: ANN001
+    """timm's ViT weights expect inputs scaled to [-1, 1] (mean = std = 0.5), not the ImageNet statistics: a tagged
+    import records that in model.json, and load_model, convscale eval and fine-tuning (its compiled steps, checked
+    through its exported weights) all compute timm's losses and logits with timm's own normalisation."""
+    import_timm()
+    import _engine_helpers as helpers
+    import torch
+
+    from convscale_cli import data
+    from convscale_cli.evaluate import evaluate
+    from convscale_cli.export import export
+
+    @hookimpl
+    def register_architectures(register):  # noqa: ANN001, ANN202
+        register(vit_spec(TINY))
+
+    extra = [("paritytest", types.SimpleNamespace(register_architectures=register_architectures))]
+    loaded = plugin_loader.load_plugins(extra=[*extra, ("colours", helpers.TinyPlugin())])
+    monkeypatch.setattr(plugin_loader, "_CACHE", loaded)
+
+    model = _timm_tiny(helpers.CLASSES)
+    file = tmp_path / "tiny.safetensors"
+    save_file(_randomise(model, seed=5), str(file))
+    name = "vit_paritytest.augreg_in21k"  # a tagged timm name: the tag is kept, the architecture is the base name
+    _, meta = import_weights("timm", name, file, tmp_path / "ckpt")
+    assert meta["normalization"] == {"mean": [0.5] * 3, "std": [0.5] * 3}
+    assert meta["source"]["model"] == name and meta["architecture"] == TINY.name
+    inception, imagenet = (0.5, 0.5), (np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225]))
+
+    # load_model(normalize=True) takes pixels and normalises them as the weights expect.
+    pixels = np.random.default_rng(6).integers(0, 256, (2, 16, 16, 3)).astype(np.uint8)
+    apply_fn, variables = load_model(tmp_path / "ckpt", normalize=True)
+    got = np.asarray(apply_fn(variables, jnp.asarray(pixels)))
+    want = _logits(model, (pixels / 255.0 - 0.5) / 0.5)
+    assert _relative_error(got, want) <= TOLERANCE
+    assert _relative_error(_logits(model, (pixels / 255.0 - imagenet[0]) / imagenet[1]), want) > 100 * TOLERANCE
+
+    # convscale eval: the held-out loss timm computes on the very batches the pipeline makes.
+    source = loaded.registry.dataset("colours").open("eval")
+    batches = list(data.eval_loader(source, global_batch_size=8, resolution=16, crop_fraction=1.0))
+    result = evaluate(tmp_path / "ckpt", "colours", resolution=16, crop_fraction=1.0, batch_size=8)
+    timm_loss = _timm_loss(model, batches, inception)
+    assert result["checkpoint"]["normalization"] == meta["normalization"]
+    assert abs(result["eval_loss"] - timm_loss) <= TOLERANCE * timm_loss
+    assert abs(_timm_loss(model, batches, imagenet) - timm_loss) > 100 * TOLERANCE * timm_loss  # the check can fail
+
+    # Fine-tuning trains and evaluates with the weights' normalisation: its final held-out loss is timm's loss of the
+    # fine-tuned weights under timm's preprocessing.
+    out = tmp_path / "ft"
+    argv = [
+        "finetune", "--from", str(tmp_path / "ckpt"), "--dataset", "colours", "--out", str(out), "--steps", "2",
+        "--batch-size", "8", "--resolution", "16", "--eval-resolution", "16", "--precision", "fp32", "--lr", "0.01",
+        "--sam-rho", "0", "--set", "eval_crop_fraction=1.0", "--set", "ema_decay=0", "--set", "progress=none",
+        "--set", "tensorboard=false", "--json",
+    ]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 0, capsys.readouterr().err
+    summary = json.loads(capsys.readouterr().out)
+    assert json.loads((out / "config.json").read_text())["normalization"] == meta["normalization"]
+    exported = export(out, "timm", tmp_path / "ft.safetensors")
+    tuned = _timm_tiny(helpers.CLASSES)
+    from safetensors.torch import load_file
+
+    tuned.load_state_dict(load_file(str(tmp_path / "ft.safetensors")))
+    tuned.eval()
+    assert exported["normalization"] == meta["normalization"]
+    with torch.no_grad():
+        tuned_loss = _timm_loss(tuned, batches, inception)
+    assert abs(summary["final"]["eval_loss"] - tuned_loss) <= TOLERANCE * tuned_loss
+    assert abs(tuned_loss - timm_loss) > 100 * TOLERANCE * timm_loss  # fine-tuning moved the weights
+
+
+def test_timm_vit_tags_trained_on_imagenet_statistics_record_them(tmp_path: Path, tiny_registered) -> None:  # noqa: ANN001
+    import_timm()
+    file = tmp_path / "tiny.safetensors"
+    save_file(_randomise(_timm_tiny(3), seed=7), str(file))
+    _, meta = import_weights("timm", "vit_paritytest.dino", file, tmp_path / "ckpt")
+    assert meta["normalization"] == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}

@@ -1,9 +1,10 @@
 """On-device parts of the input pipeline: normalisation, MixUp/CutMix/label smoothing, and global batch assembly.
 
 The host ships uint8 images (4x less host-to-device traffic than float32); the jitted training step normalises them
-with the ImageNet statistics timm's NFNet and ViT weights expect, and mixes examples there because MixUp/CutMix need
-pairs of examples and soft labels (NFNet fine-tuning recipe, Brock et al. 2021 A.3: MixUp 0.2 on half the batch,
-CutMix on the other half).
+with the statistics the parameters are trained with (:class:`~convscale_cli.data.Normalization`: ImageNet's, or those
+of imported weights, e.g. 0.5 for timm's ViTs), and mixes examples there because MixUp/CutMix need pairs of examples
+and soft labels (NFNet fine-tuning recipe, Brock et al. 2021 A.3: MixUp 0.2 on half the batch, CutMix on the other
+half).
 
 Multi-host: every process builds only its ``b = B / P`` rows of each global batch (see
 :mod:`convscale_cli.data.pipeline`). :func:`to_global` turns those process-local numpy arrays into global
@@ -15,19 +16,42 @@ sharded over all devices of the mesh in process order (the default device order 
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from convscale_cli.data import IMAGENET_MEAN, IMAGENET_STD
+from convscale_cli.data import IMAGENET_MEAN, IMAGENET_STD, Normalization
 
 
-def normalize(images: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
-    """uint8 ``[..., H, W, 3]`` images -> ``(x - mean) / std`` with the ImageNet statistics (0-255 scale)."""
-    mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
-    inv_std = 1.0 / jnp.asarray(IMAGENET_STD, jnp.float32)
-    return ((images.astype(jnp.float32) - mean) * inv_std).astype(dtype)
+def normalize(
+    images: jax.Array,
+    dtype: Any = jnp.float32,
+    *,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+) -> jax.Array:
+    """uint8 ``[..., H, W, 3]`` images -> ``(x - mean) / std``, statistics on the 0-255 scale (default ImageNet's)."""
+    inv_std = 1.0 / jnp.asarray(std, jnp.float32)
+    return ((images.astype(jnp.float32) - jnp.asarray(mean, jnp.float32)) * inv_std).astype(dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalizer:
+    """``normalize`` with a model's statistics bound: what the compiled steps call on their uint8 batches.
+
+    A frozen dataclass rather than a ``functools.partial`` so that two runs of one model compare equal and share
+    their compiled programs (:mod:`convscale_cli.engine.cache`).
+    """
+
+    fn: Callable[..., jax.Array]
+    normalization: Normalization
+
+    def __call__(self, images: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+        mean, std = self.normalization.scaled()
+        return self.fn(images, dtype, mean=mean, std=std)
 
 
 def to_global(batch: dict[str, Any], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:

@@ -247,10 +247,13 @@ class Loader:
     def __len__(self) -> int:
         return self.steps
 
-    def _dataset(self, start: int) -> Any:
+    def _dataset(self, start: int, *, repeat: bool = False) -> Any:
         import grain
 
-        ds = grain.MapDataset.range(start, self.steps).map(self._examples)
+        ds = grain.MapDataset.range(start, self.steps)
+        if repeat:
+            ds = ds.repeat(None)  # batch ``i`` of every pass is built from index ``i`` alone: the same batches
+        ds = ds.map(self._examples)
         if self.worker_count > 0:
             from absl import flags
 
@@ -279,6 +282,23 @@ class Loader:
                 # Count before yielding: a state saved right after receiving batch k resumes at batch k + 1.
                 self._step += 1
                 yield batch
+        finally:
+            self.close()
+
+    def passes(self) -> Iterator[dict[str, np.ndarray]]:
+        """Endless passes over the loader's batches from one live iteration: with ``worker_count`` > 0 its worker
+        processes start once and serve every pass (a held-out set read at each evaluation of a run).
+
+        Each pass yields :attr:`steps` batches, identical in every pass (the batches depend on their index only); the
+        resume position (:attr:`step`) is not advanced. Stop it with :meth:`close`.
+        """
+        self.close()
+        if self.steps == 0:
+            return
+        iterator = iter(self._dataset(0, repeat=True))
+        self._live = iterator
+        try:
+            yield from iterator
         finally:
             self.close()
 

@@ -30,7 +30,7 @@ from convscale_cli.engine.config import MUTABLE_KEYS, PretrainConfig
 from convscale_cli.engine.ledger import Ledger
 from convscale_cli.engine.optim import WarmupStableDecay
 from convscale_cli.engine.resolve import ResolvedRun, resolved_dict
-from convscale_cli.engine.rundir import MARKER, is_run_config, read_json
+from convscale_cli.engine.rundir import MARKER, is_run_config, read_json, with_defaults
 from convscale_cli.errors import UsageError
 
 # Config keys a branch may differ from its trunk in: where it writes, how long it runs, where it starts.
@@ -47,7 +47,7 @@ def check_trunk_config(trunk: Path, resolved: dict[str, Any]) -> None:
     if not is_run_config(saved):
         raise UsageError(f"branch_from {str(trunk)!r} is not a convscale run directory (no run config.json)")
     assert saved is not None
-    changed = [k for k in diff(saved, resolved) if k.split(".")[0] not in MUTABLE_KEYS | _BRANCH_KEYS]
+    changed = [k for k in diff(with_defaults(saved), resolved) if k.split(".")[0] not in MUTABLE_KEYS | _BRANCH_KEYS]
     if changed:
         shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
         raise UsageError(

@@ -9,9 +9,10 @@ rate, the shapes and the shardings: the later runs of a sweep or a two-trial tun
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
+import itertools
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -21,6 +22,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
+from convscale_cli.data.device import Normalizer
 from convscale_cli.engine.cache import program, tree_key
 from convscale_cli.engine.ledger import Ledger
 from convscale_cli.engine.mesh import batch_sharding, check_batch, make_mesh, replicated, state_shardings
@@ -245,12 +247,13 @@ def compile_steps(
     Args:
         built: the run's device-side pieces.
         run: the resolved run.
-        pipeline: the input pipeline module (its ``normalize`` is traced into both steps).
+        pipeline: the input pipeline module (its ``normalize``, with the run's statistics, is traced into both steps).
         eval_batch: the held-out batch size.
         options: static options of :func:`~convscale_cli.engine.step.train_step` besides the model, optimiser,
             schedule, normalisation, loss and class count (label smoothing, EMA, accumulation, SAM, mixing).
     """
-    common = {"normalize": pipeline.normalize, "loss": run.recipe.loss, "num_classes": run.num_classes}
+    normalize = Normalizer(pipeline.normalize, run.normalization)
+    common = {"normalize": normalize, "loss": run.recipe.loss, "num_classes": run.num_classes}
     train_fn = compile_train_step(
         train_step,
         model=built.model,
@@ -268,64 +271,129 @@ def compile_steps(
 
 
 # Held-out sets up to this many bytes of decoded batches per process are read once and kept: every later evaluation
-# reuses them instead of decoding again and starting --workers processes anew (the held-out set never changes).
+# reuses them instead of decoding again (the held-out set never changes).
 EVAL_CACHE_BYTES = 256 << 20
 
 
-def make_evaluate(
-    eval_fn: Any,
-    eval_source: Any,
-    *,
-    pipeline: Any,
-    batch_size: int,
-    resolution: int,
-    crop_fraction: float,
-    worker_count: int,
-    to_device: Callable[[dict[str, Any]], Any],
-    ledger: Ledger | None = None,
-) -> Callable[[Any], dict[str, float]]:
+class HeldOut:
+    """The held-out batches of every evaluation of one run, read by one loader that lives as long as the run.
+
+    A set small enough (:data:`EVAL_CACHE_BYTES`) is decoded once and kept, and its loader closed. A larger one is
+    read by one live iteration over endless passes (``Loader.passes``), so ``--workers`` processes start once, not
+    at every evaluation. The time until a fresh iteration's first batch (worker start-up and the first decode) is
+    charged to the ledger as ``loader_startup``, never as evaluation.
+
+    Args:
+        make_loader: ``() -> loader`` of one padded pass over the held-out source (called once).
+        ledger: where the start-up time is charged, or None.
+    """
+
+    def __init__(self, make_loader: Callable[[], Any], ledger: Ledger | None) -> None:
+        self._make_loader = make_loader
+        self._ledger = ledger
+        self._loader: Any = None
+        self._live: Iterator[dict[str, Any]] | None = None
+        self._kept: list[dict[str, Any]] | None = None
+        self.startup_seconds = 0.0  # of the pass now being read
+
+    def _fresh(self, iterator: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        start = time.perf_counter()
+        first = next(iterator, None)
+        self.startup_seconds = time.perf_counter() - start
+        if first is None:
+            return iter(())
+        return itertools.chain([first], iterator)
+
+    def batches(self) -> Iterator[dict[str, Any]]:
+        """One pass over the held-out set."""
+        self.startup_seconds = 0.0
+        if self._kept is not None:
+            yield from self._kept
+            return
+        if self._loader is None:
+            self._loader = self._make_loader()
+        if hasattr(self._loader, "passes"):
+            if self._live is None:
+                self._live = self._fresh(self._loader.passes())
+            source = itertools.islice(self._live, len(self._loader))
+        else:  # a pipeline whose loaders only iterate once: a fresh one for each pass
+            loader, self._loader = self._loader, None
+            source = self._fresh(iter(loader))
+        held: list[dict[str, Any]] | None = []
+        size, done = 0, False
+        try:
+            for batch in source:
+                if held is not None:
+                    size += sum(getattr(v, "nbytes", 0) for v in batch.values())
+                    held = held + [batch] if size <= EVAL_CACHE_BYTES else None
+                yield batch
+            done = True
+        finally:
+            if not done:  # a pass cut short leaves the live iteration mid-pass: the next one starts afresh
+                self.close()
+        if held is not None:
+            self._kept = held
+            self.close()
+
+    def close(self) -> None:
+        """Stop the loader's worker processes (a later pass starts them again)."""
+        live, self._live = self._live, None
+        if self._loader is not None and hasattr(self._loader, "close"):
+            self._loader.close()
+        if live is not None and hasattr(live, "close"):
+            live.close()
+
+
+class Evaluate:
     """``evaluate(params)``: one padded pass over the held-out source; masked sums, so padding never counts.
 
     The one held-out evaluation of convscale: training's periodic and final evaluations and ``convscale eval`` use
-    it. Each process reads its share of every batch (``pipeline.eval_loader``); ``eval_fn`` is the compiled
-    :func:`~convscale_cli.engine.step.eval_step` for ``batch_size`` images of ``resolution`` pixels.
-
-    Returns:
-        ``evaluate(params) -> {"eval_loss", "eval_top1", "eval_top5"}``, charging the time to ``ledger`` (when
-        given) as ``eval``.
+    it. Each process reads its share of every batch (``pipeline.eval_loader``, through one :class:`HeldOut` for all
+    evaluations); ``eval_fn`` is the compiled :func:`~convscale_cli.engine.step.eval_step` for ``batch_size`` images
+    of ``resolution`` pixels. Calling it returns ``{"eval_loss", "eval_top1", "eval_top5"}``, charging the time to
+    ``ledger`` (when given) as ``eval`` and the loader's start-up as ``loader_startup``; :meth:`close` stops the
+    loader's workers.
     """
 
-    kept: list[list[dict[str, Any]]] = []  # the held-out batches of a set small enough to keep, once read
+    def __init__(
+        self,
+        eval_fn: Any,
+        eval_source: Any,
+        *,
+        pipeline: Any,
+        batch_size: int,
+        resolution: int,
+        crop_fraction: float,
+        worker_count: int,
+        to_device: Callable[[dict[str, Any]], Any],
+        ledger: Ledger | None = None,
+    ) -> None:
+        self._eval_fn, self._to_device, self._ledger = eval_fn, to_device, ledger
+        self.held_out = HeldOut(
+            functools.partial(
+                pipeline.eval_loader,
+                eval_source,
+                global_batch_size=batch_size,
+                resolution=resolution,
+                process_index=jax.process_index(),
+                process_count=jax.process_count(),
+                worker_count=worker_count,
+                crop_fraction=crop_fraction,
+            ),
+            ledger,
+        )
 
-    def batches() -> Iterator[dict[str, Any]]:
-        if kept:
-            yield from kept[0]
-            return
-        held: list[dict[str, Any]] | None = []
-        size = 0
-        for batch in pipeline.eval_loader(
-            eval_source,
-            global_batch_size=batch_size,
-            resolution=resolution,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-            worker_count=worker_count,
-            crop_fraction=crop_fraction,
-        ):
-            if held is not None:
-                size += sum(getattr(v, "nbytes", 0) for v in batch.values())
-                held = held + [batch] if size <= EVAL_CACHE_BYTES else None
-            yield batch
-        if held is not None:
-            kept.append(held)
-
-    def evaluate(params: Any) -> dict[str, float]:
-        with ledger.timed("eval") if ledger is not None else contextlib.nullcontext():
-            sums = None
-            for batch in batches():
-                out = eval_fn(params, to_device(batch))
-                sums = out if sums is None else jax.tree_util.tree_map(jnp.add, sums, out)
-            host = {k: float(v) for k, v in jax.device_get(sums).items()}
+    def __call__(self, params: Any) -> dict[str, float]:
+        start = time.perf_counter()
+        sums = None
+        for batch in self.held_out.batches():
+            out = self._eval_fn(params, self._to_device(batch))
+            sums = out if sums is None else jax.tree_util.tree_map(jnp.add, sums, out)
+        host = {k: float(v) for k, v in jax.device_get(sums).items()}
+        if self._ledger is not None:
+            startup = self.held_out.startup_seconds
+            self._ledger.charge("loader_startup", startup)
+            self._ledger.charge("eval", time.perf_counter() - start - startup)
         count = max(host["count"], 1.0)
         return {
             "eval_loss": host["loss_sum"] / count,
@@ -333,4 +401,6 @@ def make_evaluate(
             "eval_top5": host["top5_sum"] / count,
         }
 
-    return evaluate
+    def close(self) -> None:
+        """Stop the held-out loader's worker processes."""
+        self.held_out.close()

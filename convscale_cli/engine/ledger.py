@@ -18,7 +18,9 @@ from typing import Any
 
 from convscale_cli.budget import Budget, flops_to_core_hours
 
-CATEGORIES = ("train", "eval", "compile", "checkpoint", "lost")
+# ``loader_startup``: the wait for an input pipeline's first batch (``--workers`` processes starting, the first decode),
+# charged apart so that train and eval time (and img/s, MFU) measure the steps alone.
+CATEGORIES = ("train", "eval", "compile", "checkpoint", "lost", "loader_startup")
 
 
 @dataclasses.dataclass
@@ -30,7 +32,8 @@ class Ledger:
         examples: real (unpadded) training examples seen.
         flops_per_example: analytic training FLOPs of one example at the training resolution (6 x MACs).
         xla_flops_per_step: FLOPs of one compiled training step as XLA's cost analysis reports it, for all devices.
-        device_seconds: wall seconds x devices spent per activity (train, eval, compile, checkpoint, lost).
+        device_seconds: wall seconds x devices spent per activity (train, eval, compile, checkpoint, lost,
+            loader_startup).
         num_devices: devices the run currently uses.
         hardware: hardware table key (``cpu``, ``tpu-v4``, ``h100``, ...).
         peak_flops: dense peak FLOP/s of one device used for the MFU.

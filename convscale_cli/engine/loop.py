@@ -9,6 +9,7 @@ last step's update is seen by the final evaluation alone, which :func:`check_fin
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import signal
 import threading
@@ -239,8 +240,13 @@ def train(ctx: LoopContext, state: Any, loader: Any, start_step: int) -> tuple[A
     step = start_step
     status = "budget" if budget_spent(ctx) else "finished"  # the checkpoint's ledger: the same on every process
     pending: list[tuple[int, Any]] = []
-    since, last_save = time.perf_counter(), time.monotonic()
     batches: Iterator[dict[str, np.ndarray]] = iter(loader)
+    if step < end and status == "finished":
+        # The first batch waits for the loader to start (worker processes, the first decode): not training time.
+        with ctx.ledger.timed("loader_startup"):
+            first = next(batches)
+        batches = itertools.chain([first], batches)
+    since, last_save = time.perf_counter(), time.monotonic()
     with StopSignals() as signals:
         while step < end and status == "finished":
             state, metrics = ctx.train_fn(state, ctx.to_device(next(batches)))

@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Protocol, TypeVar, get_args
 
 from convscale_cli.budget import Budget, get_hardware, parse_budget, train_flops
 from convscale_cli.config import check_options, from_dict, to_dict
+from convscale_cli.data import Normalization
 from convscale_cli.data.augment import DEFAULT_EVAL_CROP_FRACTION, augment_from_dict
 from convscale_cli.engine.config import Precision, PretrainConfig
 from convscale_cli.engine.steps import Duration, resolve_duration
@@ -98,6 +99,8 @@ class RunSpec:
         macs_per_image: forward MACs of one image at the training resolution.
         budget: the parsed compute budget at which the run stops, or None.
         eval_crop: central fraction of each held-out image evaluated.
+        normalization: the input normalisation the steps apply (the architecture's, or that of the parameters the
+            run starts from).
     """
 
     config: RunSettings
@@ -115,6 +118,7 @@ class RunSpec:
     macs_per_image: int
     budget: Budget | None
     eval_crop: float
+    normalization: Normalization
 
     @property
     def flops_per_example(self) -> float:
@@ -348,7 +352,18 @@ def resolve(config: PretrainConfig, registry: Registry) -> ResolvedRun:
         budget=budget,
         augment=augment,
         eval_crop=data.eval_crop or DEFAULT_EVAL_CROP_FRACTION,
+        normalization=_normalization(config, arch),
     )
+
+
+def _normalization(config: PretrainConfig, arch: ArchitectureSpec) -> Normalization:
+    """The architecture's input normalisation, or that of the parameters ``initial_checkpoint`` names (they were
+    trained with it)."""
+    if config.initial_checkpoint is None:
+        return arch.normalization
+    from convscale_cli.finetune.backbone import locate
+
+    return locate(config.initial_checkpoint, what="initial_checkpoint").normalization
 
 
 def _check_schedule(config: PretrainConfig, recipe: Recipe, duration: Duration) -> None:
@@ -414,6 +429,7 @@ def resolved_layout(run: RunSpec, **own: Any) -> dict[str, Any]:
         resolution=run.resolution,
         eval_resolution=run.eval_resolution,
         num_classes=run.num_classes,
+        normalization=run.normalization.to_json(),
         **own,
         derived={
             "total_steps": run.duration.steps,

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from convscale_cli.config import diff, option_word
+from convscale_cli.data import IMAGENET
 from convscale_cli.engine.config import MUTABLE_KEYS
 from convscale_cli.engine.tracking import TrackerWarning, close_trackers
 from convscale_cli.errors import CheckpointError, UsageError
@@ -75,6 +76,14 @@ def is_run_config(config: dict[str, Any] | None) -> bool:
 def as_json(value: Any) -> Any:
     """``value`` as a JSON file stores it (tuples become lists, other objects strings), for comparing with one."""
     return json.loads(json.dumps(value, default=str))
+
+
+def with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved run config with the values implied by keys it predates: a run that records no input normalisation
+    was trained with ImageNet's."""
+    if "normalization" in saved:
+        return saved
+    return {**saved, "normalization": IMAGENET.to_json()}
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -182,7 +191,7 @@ class RunDir:
 
     @staticmethod
     def _changed(saved: dict[str, Any], resolved: dict[str, Any]) -> list[str]:
-        changed = [k for k in diff(saved, resolved) if k.split(".")[0] not in MUTABLE_KEYS]
+        changed = [k for k in diff(with_defaults(saved), resolved) if k.split(".")[0] not in MUTABLE_KEYS]
         # Derived values (total steps, peak lr) only name the difference when no given value explains it.
         return [k for k in changed if not k.startswith("derived.")] or changed
 

@@ -22,7 +22,7 @@ import jax
 
 from convscale_cli import interrupts
 from convscale_cli.engine import loop
-from convscale_cli.engine.build import Built, build, compile_steps, host_batch, make_evaluate
+from convscale_cli.engine.build import Built, Evaluate, build, compile_steps, host_batch
 from convscale_cli.engine.cache import enable_compilation_cache
 from convscale_cli.engine.checkpoint import Checkpoints, CheckpointWarning
 from convscale_cli.engine.hardware import device_peak
@@ -234,7 +234,7 @@ class _Session:
         def to_device(batch: dict[str, Any]) -> Any:
             return pipeline.to_global(host_batch(batch, run.info.multi_label, run.num_classes), built.data_sharding)
 
-        evaluate = make_evaluate(
+        evaluate = Evaluate(
             eval_fn,
             eval_source,
             pipeline=pipeline,
@@ -279,6 +279,7 @@ class _Session:
                 state, status, step = loop.train(ctx, state, loader, start_step)
                 final, final_ema = self.finish(ctx, state, loader, status, start_step, step)
         finally:
+            evaluate.close()
             log.close()
         summary = build_summary(run, self.resolved, self.kind, status, step, final, final_ema, ledger, state)
         self.rundir.write_summary(summary)

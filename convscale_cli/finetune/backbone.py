@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from convscale_cli.data import IMAGENET, Normalization
 from convscale_cli.errors import CheckpointError, UsageError
 from convscale_cli.registry import ArchitectureSpec
 
@@ -50,6 +51,8 @@ class Pretrained:
         core_hours: TPU-v4 core-hours the pre-training had spent at that checkpoint, or None when unknown.
         source: provenance recorded in the fine-tuning summary.
         params_file: the ``.safetensors`` file holding the parameters (``/``-joined names), instead of Orbax.
+        normalization: the input normalisation the parameters were trained with (``model.json``'s or the run
+            config's ``normalization``; ImageNet's when a checkpoint predates the key).
     """
 
     kind: Literal["run", "weights"]
@@ -64,6 +67,7 @@ class Pretrained:
     core_hours: float | None = None
     source: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     params_file: Path | None = None
+    normalization: Normalization = IMAGENET
 
     def describe(self, *, scratch: bool = False) -> dict[str, Any]:
         """The ``pretrain`` block of a fine-tuning summary (with ``scratch``: of its from-scratch baseline)."""
@@ -125,6 +129,7 @@ def from_weights(path: Path) -> Pretrained:
         num_classes=int(meta["num_classes"]),
         options=dict(meta.get("options") or {}),
         source=dict(meta.get("source") or {}),
+        normalization=Normalization.from_json(meta.get("normalization"), str(path / _WEIGHTS_JSON)),
     )
 
 
@@ -178,6 +183,7 @@ def _from_run(run: Path, step: int | None, named: Path) -> Pretrained:
         step=step,
         core_hours=_ledger_core_hours(step_dir),
         source={"kind": kind, "dataset": config.get("dataset"), "seed": config.get("seed")},
+        normalization=Normalization.from_json(config.get("normalization"), str(run / "config.json")),
     )
 
 

@@ -128,6 +128,9 @@ def resolve(config: FinetuneConfig, registry: Registry) -> FinetuneRun:
         macs_per_image=int(arch.count(resolution, num_classes).macs),
         budget=None,
         eval_crop=config.eval_crop_fraction or data.eval_crop or DEFAULT_EVAL_CROP_FRACTION,
+        # The backbone's parameters were trained on inputs normalised this way; from-scratch baselines share it so
+        # that the two runs of a comparison see the same inputs.
+        normalization=pre.normalization,
     )
 
 
