@@ -151,9 +151,7 @@ def test_bad_input_exits_2_with_one_line(
         assert err.startswith("Error: ") and "\n" not in err and needle in err, (extra, err)
 
 
-def test_model_check_refuses_another_architecture(
-    tmp_path: Path, pretrained: Path, loaded: Any, capsys: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_model_check_refuses_another_architecture(tmp_path: Path, pretrained: Path, loaded: Any, capsys: Any) -> None:
     other = types.SimpleNamespace()
 
     @hookimpl
@@ -164,7 +162,7 @@ def test_model_check_refuses_another_architecture(
 
     other.register_architectures = register_architectures
     plugins = plugin_loader.load_plugins(extra=[("a", _Plugin()), ("b", other)], entry_points=lambda: [])
-    monkeypatch.setattr(plugin_loader, "_CACHE", plugins)
+    plugin_loader.use_plugins(plugins)
     argv = [
         "finetune",
         "--from",

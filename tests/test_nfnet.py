@@ -362,12 +362,12 @@ def test_build_rejects_bad_options():
 
 def _fake_timm_state_dict(variant, num_classes: int) -> dict[str, np.ndarray]:
     """timm's names and shapes for ``variant`` (from the same mapping), each tensor a distinct constant."""
-    from convscale_plugins.nfnet.timm_import import _timm_shape
+    from convscale_plugins.nfnet.timm_import import timm_shape
 
     out = {}
     for i, (path, shape) in enumerate(param_shapes(variant.config, num_classes).items()):
         tname, kind = timm_name(path)
-        out[tname] = np.broadcast_to(np.float32(i), _timm_shape(shape, kind))  # no memory for F0-sized tensors
+        out[tname] = np.broadcast_to(np.float32(i), timm_shape(shape, kind))  # no memory for F0-sized tensors
     return out
 
 

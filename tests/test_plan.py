@@ -62,10 +62,10 @@ def registry() -> Registry:
 
 
 @pytest.fixture
-def cli_registry(registry: Registry, monkeypatch: pytest.MonkeyPatch) -> Iterator[Registry]:
+def cli_registry(registry: Registry) -> Iterator[Registry]:
     """Make the CLI see only the fixture models."""
     loaded = plugin_loader.load_plugins(extra=[("paper", _PaperPlugin())], entry_points=lambda: [])
-    monkeypatch.setattr(plugin_loader, "_CACHE", loaded)
+    plugin_loader.use_plugins(loaded)
     yield loaded.registry
 
 
@@ -328,9 +328,9 @@ def _write_runs(root, models=("lad-0", "lad-1", "lad-2"), epochs=(0.25, 0.5, 1.0
 
 
 @pytest.fixture
-def ladder(monkeypatch: pytest.MonkeyPatch) -> Registry:
+def ladder() -> Registry:
     loaded = plugin_loader.load_plugins(extra=[("ladder", _LadderPlugin())], entry_points=lambda: [])
-    monkeypatch.setattr(plugin_loader, "_CACHE", loaded)
+    plugin_loader.use_plugins(loaded)
     return loaded.registry
 
 
@@ -459,10 +459,10 @@ class _RootedDataPlugin:
 
 
 @pytest.fixture
-def rooted(monkeypatch: pytest.MonkeyPatch) -> Registry:
+def rooted() -> Registry:
     plugins = [("ladder", _LadderPlugin()), ("rooted", _RootedDataPlugin())]
     loaded = plugin_loader.load_plugins(extra=plugins, entry_points=lambda: [])
-    monkeypatch.setattr(plugin_loader, "_CACHE", loaded)
+    plugin_loader.use_plugins(loaded)
     return loaded.registry
 
 

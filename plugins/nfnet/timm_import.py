@@ -66,7 +66,12 @@ def timm_name(path: str) -> tuple[str, str]:
     }[leaf]
 
 
-def _timm_shape(shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
+def timm_shape(shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
+    """The shape timm stores for our parameter of ``shape``, given its conversion ``kind`` from :func:`timm_name`.
+
+    timm keeps PyTorch layouts: convolutions ``(out, in, h, w)`` where flax has ``(h, w, in, out)``, linear weights
+    transposed, and gains as ``(out, 1, 1, 1)``.
+    """
     if kind == "conv":
         h, w, i, o = shape
         return (o, i, h, w)
@@ -122,7 +127,7 @@ def import_timm(variant: Variant, tensors: Mapping[str, Any], num_classes: int |
     used: set[str] = set()
     for path, shape in shapes.items():
         name, kind = timm_name(path)
-        expected = _timm_shape(shape, kind)
+        expected = timm_shape(shape, kind)
         if name not in tensors:
             raise UsageError(f"{source} state dict has no tensor {name!r} (needed for {variant.name} {path})")
         array = _as_numpy(tensors[name])
