@@ -28,24 +28,14 @@ from convscale_cli.weights import MODEL_JSON
 MIN_RESOLUTION = 4
 
 
-class _Plugin:
+def _plugin(**dataset: Any) -> helpers.TinyPlugin:
     """The engine's tiny CNN (with a minimum resolution, to test that check) and its ``colours`` dataset."""
-
-    @hookimpl
-    def register_architectures(self, register: Any) -> None:
-        specs: list[Any] = []
-        helpers.TinyPlugin().register_architectures(specs.append)
-        for spec in specs:
-            register(dataclasses.replace(spec, min_resolution=MIN_RESOLUTION))
-
-    @hookimpl
-    def register_datasets(self, register: Any) -> None:
-        helpers.TinyPlugin().register_datasets(register)
+    return helpers.TinyPlugin(model={"min_resolution": MIN_RESOLUTION}, dataset=dataset)
 
 
 @pytest.fixture(scope="module")
 def loaded() -> plugin_loader.Plugins:
-    return plugin_loader.load_plugins(extra=[("finetune-test", _Plugin())], entry_points=lambda: [])
+    return plugin_loader.load_plugins(extra=[("finetune-test", _plugin())], entry_points=lambda: [])
 
 
 def test_locate_accepts_the_run_its_checkpoints_and_one_checkpoint(pretrained: Path) -> None:
@@ -161,7 +151,7 @@ def test_model_check_refuses_another_architecture(tmp_path: Path, pretrained: Pa
         register(dataclasses.replace(specs[0], name="tiny-cnn-2"))
 
     other.register_architectures = register_architectures
-    plugins = plugin_loader.load_plugins(extra=[("a", _Plugin()), ("b", other)], entry_points=lambda: [])
+    plugins = plugin_loader.load_plugins(extra=[("a", _plugin()), ("b", other)], entry_points=lambda: [])
     plugin_loader.use_plugins(plugins)
     argv = [
         "finetune",
@@ -241,15 +231,9 @@ def test_dataset_defaults_choose_the_augmentation_and_eval_crop(pretrained: Path
     from convscale_cli.finetune.resolve import resolve
     from convscale_cli.plugins import get_registry
 
-    class Handwriting(_Plugin):  # the same data, declared like digits: never flipped or cropped, judged whole
-        @hookimpl
-        def register_datasets(self, register: Any) -> None:
-            specs: list[Any] = []
-            helpers.TinyPlugin().register_datasets(specs.append)
-            for spec in specs:
-                register(dataclasses.replace(spec, augment={"crop": "resize", "flip": False}, eval_crop=1.0))
-
-    registry = plugin_loader.load_plugins(extra=[("hw", Handwriting())], entry_points=lambda: []).registry
+    # The same data, declared like digits: never flipped or cropped, judged whole.
+    handwriting = _plugin(augment={"crop": "resize", "flip": False}, eval_crop=1.0)
+    registry = plugin_loader.load_plugins(extra=[("hw", handwriting)], entry_points=lambda: []).registry
     base = {"pretrained": str(pretrained), "dataset": "colours", "out": "o", "steps": 4}
     run = resolve(FinetuneConfig(**base), registry)
     assert (run.augment.crop, run.augment.flip, run.eval_crop) == ("resize", False, 1.0)
