@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from convscale_cli import plugins as plugin_loader
-from convscale_cli.errors import CheckpointError, ConfigError, ExitCode
+from convscale_cli.errors import CheckpointError, ConfigError, ExitCode, UsageError
 from convscale_cli.finetune.backbone import head_paths, load_params, locate
 from convscale_cli.finetune.config import FinetuneConfig
 from convscale_cli.hookspecs import hookimpl
@@ -102,7 +102,8 @@ def test_mismatched_backbone_names_the_first_tensor(tmp_path: Path, pretrained: 
         ({"drop_rate": 1.0}, "drop_rate"),
         ({"eval_crop_fraction": 0.0}, "eval_crop_fraction"),
         ({"randaugment": (-1, 5.0)}, "randaugment"),
-        ({"epochs": 1.0}, "exactly one duration"),
+        ({"epochs": 1.0}, "give one duration, not epochs and steps"),
+        ({"steps": None}, "no duration: give epochs, examples, steps or a FLOP/core-hour budget"),
         ({"recipe": {"weight_decy": 0.1}}, "did you mean 'recipe.weight_decay'"),
         ({"augment": {"min_areaa": 0.5}}, "augment.min_area"),
     ],
@@ -169,6 +170,62 @@ def test_model_check_refuses_another_architecture(tmp_path: Path, pretrained: Pa
     code, _, err = helpers.run_cli(argv, capsys)
     assert code == ExitCode.USAGE_ERROR
     assert "holds a tiny-cnn checkpoint, not --model tiny-cnn-2" in err
+
+
+def test_an_unreadable_budget_is_refused_with_the_config() -> None:
+    with pytest.raises(UsageError, match="unknown budget unit 'parsecs' in '2-parsecs'"):
+        FinetuneConfig(pretrained="x", dataset="colours", out="o", budget="2-parsecs")
+
+
+def _budget_argv(pretrained: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "finetune", "--from", str(pretrained), "--dataset", "colours", "--out", str(out), "--batch-size", "8",
+        "--resolution", "8", "--eval-resolution", "8", "--sam-rho", "0.1", "--sam-fraction", "0.25",
+        "--precision", "fp32", "--set", "progress=none", "--set", "tensorboard=false", "--json", *extra,
+    ]  # fmt: skip
+
+
+def test_a_flop_budget_stops_finetuning_cleanly_and_lifting_it_resumes(
+    tmp_path: Path, pretrained: Path, cli_registry: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "ft"
+    # One step: 8 examples of 6 x MACs, plus the SAM ascent pass over a quarter of the batch.
+    per_step = 8 * 6 * helpers.count_tiny(8, helpers.CLASSES).macs * 1.25
+    budget = f"{2.5 * per_step!r}-flops"
+    code, stdout, err = helpers.run_cli(_budget_argv(pretrained, out, "--steps", "5", "--budget", budget), capsys)
+    assert code == ExitCode.OK, err
+    summary = json.loads(stdout)
+    assert (summary["status"], summary["steps"], summary["total_steps"]) == ("budget", 3, 5)
+    assert summary["budget"] == budget and summary["budget_spent"] >= 2.5 * per_step
+    assert summary["ledger"]["train_flops"] == pytest.approx(3 * per_step)
+    # The same budget again has nothing to do; without it the run resumes to its 5 steps.
+    code, stdout, err = helpers.run_cli(_budget_argv(pretrained, out, "--steps", "5", "--budget", budget), capsys)
+    assert code == ExitCode.OK and json.loads(stdout)["steps"] == 3, err
+    code, stdout, err = helpers.run_cli(_budget_argv(pretrained, out, "--steps", "5"), capsys)
+    assert code == ExitCode.OK, err
+    assert (json.loads(stdout)["status"], json.loads(stdout)["steps"]) == ("finished", 5)
+
+
+def test_a_flop_budget_alone_sets_the_finetuning_duration(
+    tmp_path: Path, pretrained: Path, cli_registry: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    per_step = 8 * 6 * helpers.count_tiny(8, helpers.CLASSES).macs * 1.25
+    argv = _budget_argv(pretrained, tmp_path / "ft", "--budget", f"{4 * per_step!r}-flops")
+    code, stdout, err = helpers.run_cli(argv, capsys)
+    assert code == ExitCode.OK, err
+    summary = json.loads(stdout)
+    assert (summary["total_steps"], summary["steps"]) == (4, 4)
+    assert summary["ledger"]["train_flops"] == pytest.approx(4 * per_step)
+    from convscale_cli.finetune.resolve import header, resolve
+
+    config = FinetuneConfig(
+        pretrained=str(pretrained), dataset="colours", out="o", budget="1e15-flops", batch_size=8, resolution=8
+    )
+    assert "; stops at budget 1e15-flops" in header(resolve(config, cli_registry), "given", None, None)
+    code, _, err = helpers.run_cli(
+        _budget_argv(pretrained, tmp_path / "tiny", "--budget", f"{per_step / 2!r}-flops"), capsys
+    )
+    assert code == ExitCode.USAGE_ERROR and "less than one step of batch 8" in err and "\n" not in err
 
 
 def test_every_option_end_to_end_then_rerun_is_a_no_op(
