@@ -21,7 +21,7 @@ from convscale_plugins.nfnet.variants import (
 
 from convscale_cli.errors import UsageError
 
-# NFNet paper Table 3 (1000 classes, MACs at the test resolution), paper-facts §3.1; F7 is derived in §3.1/§3.7.
+# NFNet paper Table 3 (1000 classes, MACs at the test resolution); F7 is derived (docs/paper-notes.md).
 PAPER_TABLE = {
     "nfnet-f0": (256, "71.5M", "12.38B"),
     "nfnet-f1": (320, "132.6M", "35.54B"),
@@ -33,7 +33,7 @@ PAPER_TABLE = {
     "nfnet-f7": (608, "499.5M", "478.78B"),
 }
 
-# paper-facts §3.7: params with 1k / 30k heads, MACs at 224 with a 30k head, MACs at the test px with a 1k head.
+# docs/paper-notes.md: params with 1k / 30k heads, MACs at 224 with a 30k head, MACs at the test px with a 1k head.
 # "+" rows: (stage-1 bottleneck 128 = code rounding, 192 = the paper's F4+ convention).
 REPLICA_TABLE = {
     ("nfnet-f0", 128): ("71.5M", "160.6M", "9.58B", "12.38B"),
@@ -81,7 +81,8 @@ def test_counts_reproduce_the_30k_head_and_plus_replica(name, mid):
 
 
 def test_paper_f4_plus_needs_the_192_wide_stage1_bottleneck():
-    """N Table 5 gives F4+ as 527M / 367B: only the unrounded 192-wide stage-1 bottleneck reproduces it (§3.7)."""
+    """N Table 5 gives F4+ as 527M / 367B: only the unrounded 192-wide stage-1 bottleneck reproduces it (see
+    docs/paper-notes.md)."""
     assert (_fmt(count_params(_config("nfnet-f4+", 192), 1000), "527.0M")) == "527.0M"
     assert _fmt(count_macs(_config("nfnet-f4+", 192), 512, 1000), "367.4B") == "367.4B"
     assert _fmt(count_params(_config("nfnet-f4+"), 1000), "525.0M") == "525.0M"

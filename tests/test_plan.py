@@ -1,4 +1,4 @@
-"""``convscale plan``: the paper's end points (paper-facts §1.5-1.6), the lr prior (§1.4), errors and ``--json``."""
+"""``convscale plan``: the paper's end points (docs/paper-notes.md), the lr prior (Fig. 3), errors and ``--json``."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from convscale_cli.hookspecs import hookimpl
 from convscale_cli.recipe import Recipe
 from convscale_cli.registry import ArchitectureSpec, ModelCount, Registry
 
-# The paper's Fig. 2 models with the counts of paper-facts §3.7 (224 px, 30k-class head, mid-128 rounding).
+# The paper's Fig. 2 models with the counts of docs/paper-notes.md (224 px, 30k-class head, mid-128 rounding).
 PAPER_MODELS = {
     "nfnet-f0": (160.6e6, 9.58e9),
     "nfnet-f1": (221.8e6, 17.53e9),

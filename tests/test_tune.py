@@ -1,4 +1,4 @@
-"""The two-trial learning-rate rule (paper-facts §1.4), ``tune-lr`` and resumable ``sweep``, with a fake trainer."""
+"""The two-trial learning-rate rule (Smith et al. 2023 §2), ``tune-lr`` and resumable ``sweep``, with a fake trainer."""
 
 from __future__ import annotations
 

@@ -73,7 +73,7 @@ class PretrainConfig:
     holdout: float = 0.0
 
     # --- how long (one of these, or a FLOP/core-hour budget) -------------------------------------------------------
-    epochs: float | None = None  # passes over the train split; fractional epochs are exact (paper: 0.25 .. 8, §1.3)
+    epochs: float | None = None  # passes over the train split; fractional epochs are exact (paper: 0.25 .. 8)
     examples: int | None = None  # training examples seen
     steps: int | None = None  # optimiser steps
     # Compute budget ("2-cpu-hours", "1e15-flops", "0.01-core-hours") in model FLOPs, a device-hour budget converted
@@ -94,7 +94,7 @@ class PretrainConfig:
     branch_step: int | None = None
 
     # --- recipe (None: the architecture's Recipe) ------------------------------------------------------------------
-    batch_size: int | None = None  # global batch; default the recipe's base batch (4096 in the paper, §1.3)
+    batch_size: int | None = None  # global batch; default the recipe's base batch (4096 in the paper)
     # Peak learning rate alpha quoted at the recipe's base batch (4096) and scaled linearly: lr = alpha * B / 4096.
     lr: float | None = None
     loss: LossName | None = None  # softmax cross-entropy or sigmoid (multi-label) cross-entropy
@@ -102,7 +102,7 @@ class PretrainConfig:
     recipe: dict[str, Any] = dataclasses.field(default_factory=dict)  # any other Recipe field, e.g. weight_decay
     stochdepth_rate: float = 0.0  # the JFT pre-training recipe uses no stochastic depth (NFNet 2021 A.5)
     drop_rate: float = 0.0  # nor dropout
-    resolution: int | None = None  # training resolution; default the model's (224 in the paper, §1.3)
+    resolution: int | None = None  # training resolution; default the model's (224 in the paper)
     eval_resolution: int | None = None  # held-out resolution; default the model's (256 in the paper)
     # bf16 activations with fp32 params/optimizer (NFNet A.1), or fp32. None: the run's own when resuming, else fp32
     # on CPU (XLA emulates bf16 arithmetic there: slower than fp32) and bf16 on accelerators (default_precision).

@@ -1,6 +1,6 @@
 """The fine-tuning run config: a frozen dataclass filled from a TOML file, CLI flags and ``--set`` overrides.
 
-Defaults are the transfer recipe of Smith et al. (2023 §3, paper-facts §2.1) where the paper states it (SAM, stochastic
+Defaults are the transfer recipe of Smith et al. (2023 §3) where the paper states it (SAM, stochastic
 depth, dropout, optional repeated augmentation with multiplicity 4) and the NFNet 2021 JFT -> ImageNet recipe it builds
 on where it does not (Brock et al. 2021 A.4-A.5: SAM rho 0.05 on 20% of the batch, stochastic depth 0.1, dropout
 0.25, weight decay 1e-5, EMA 0.9999, batch 2048 at lr 0.1). ``None`` means "the model's recipe / spec default".

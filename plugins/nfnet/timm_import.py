@@ -2,7 +2,7 @@
 
 timm's ``dm_nfnet_*`` (timm/models/nfnet.py, ``_dm_nfnet_cfg``) are DeepMind's NFNets with DM's weights:
 ``gamma_in_act=True``, ``same_padding=True`` (ScaledStdConv2dSame, TF-style SAME), ``skipinit=True``. Module names
-map one to one (paper-facts §3.2-3.3)::
+map one to one (timm ``nfnet.py``, DM ``nfnet.py``)::
 
     stem.conv{1..4}                    -> stem/conv{0..3}
     stages.S.B.conv1/conv2/conv2b/conv3 -> stageS/blockB/conv0/conv1/conv1b/conv2
