@@ -238,6 +238,25 @@ def test_grouped_conv_paths_agree_forward_and_backward(size, stride, kernel, gro
     np.testing.assert_allclose(native, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize(("backend", "size", "native"), [("gpu", 8, True), ("tpu", 2, True), ("cpu", 8, False)])
+def test_grouped_conv_dispatches_to_the_native_grouped_convolution_on_accelerators(
+    monkeypatch: pytest.MonkeyPatch, backend: str, size: int, native: bool
+) -> None:
+    """What an accelerator compiles, checked on CPU: the backend is faked and the lowered program read back.
+
+    Accelerators get one convolution with ``feature_group_count`` (whatever the map size); the CPU gets per-group
+    convolutions instead (``test_grouped_conv_paths_agree_forward_and_backward`` shows all paths compute the same).
+    """
+    import jax
+    import jax.numpy as jnp
+    from convscale_plugins.nfnet.model import grouped_conv
+
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    x, w = jnp.ones((1, size, size, 8)), jnp.ones((3, 3, 2, 8))
+    text = jax.jit(lambda x, w: grouped_conv(x, w, 1, 4)).lower(x, w).as_text()
+    assert ("feature_group_count = 4" in text) is native, text
+
+
 def test_grouped_conv_refuses_an_unknown_method():
     import jax.numpy as jnp
     from convscale_plugins.nfnet.model import grouped_conv
