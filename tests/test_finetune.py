@@ -172,6 +172,35 @@ def test_model_check_refuses_another_architecture(tmp_path: Path, pretrained: Pa
     assert "holds a tiny-cnn checkpoint, not --model tiny-cnn-2" in err
 
 
+@pytest.mark.parametrize(
+    "scale_out",
+    [
+        ["--fsdp", "--coordinator-address", "10.0.0.1:1234", "--num-processes", "2", "--process-id", "1"],
+        ["--set", "fsdp=true", "--set", "coordinator_address=10.0.0.1:1234", "--set", "num_processes=2",
+         "--set", "process_id=1"],
+    ],
+)  # fmt: skip
+def test_scale_out_and_budget_options_reach_the_finetuning_config(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], scale_out: list[str]
+) -> None:
+    """FSDP, the multi-host settings and a budget, as flags or ``--set`` keys, are the run config's (as pretrain's)."""
+    from convscale_cli.finetune import api
+
+    seen: list[FinetuneConfig] = []
+    monkeypatch.setattr(api, "finetune", lambda config: seen.append(config) or {})
+    argv = ["finetune", "--from", "x", "--dataset", "colours", "--out", "o", "--budget", "2-cpu-hours", *scale_out]
+    code, _, err = helpers.run_cli(argv, capsys)
+    assert code == ExitCode.OK, err
+    (config,) = seen
+    assert (config.fsdp, config.coordinator_address, config.num_processes, config.process_id, config.budget) == (
+        True,
+        "10.0.0.1:1234",
+        2,
+        1,
+        "2-cpu-hours",
+    )
+
+
 def test_an_unreadable_budget_is_refused_with_the_config() -> None:
     with pytest.raises(UsageError, match="unknown budget unit 'parsecs' in '2-parsecs'"):
         FinetuneConfig(pretrained="x", dataset="colours", out="o", budget="2-parsecs")
