@@ -80,7 +80,7 @@ class QuickstartFailed(ConvscaleError):
         self.exit_code = ExitCode(code) if code in ExitCode._value2member_map_ else ExitCode.INTERNAL_ERROR
 
 
-def _best_pretrain_run(runs_dir: Path) -> RunRecord:
+def best_pretrain_run(runs_dir: Path) -> RunRecord:
     """The finished pre-training run with the lowest held-out loss (the fine-tuning source)."""
     runs = [r for r in load_runs(runs_dir) if math.isfinite(r.eval_loss)]
     if not runs:
@@ -102,7 +102,7 @@ def _percent(top1: dict[str, float | None]) -> str:
     return text + (f" (EMA {100 * ema:.1f}%)" if ema is not None else "")
 
 
-def _largest_flops(runs_dir: Path) -> float:
+def largest_flops(runs_dir: Path) -> float:
     """Training FLOPs of the largest finished pre-training run (the plan's budget is a multiple of it)."""
     return max((r.train_flops for r in load_runs(runs_dir)), default=0.0)
 
@@ -138,7 +138,7 @@ def run(
     )
     _call(run_command, ["sweep", str(study_path), "--set", f"out={runs_dir}"])
 
-    best = _best_pretrain_run(runs_dir)
+    best = best_pretrain_run(runs_dir)
     best_dir = best.path
     ft_dir = runs_dir / f"finetune-{FINETUNE_DATASET}"
     scratch_dir = runs_dir / f"scratch-{FINETUNE_DATASET}"
@@ -156,7 +156,7 @@ def run(
     _call(run_command, ["report", str(runs_dir), "--out", str(report_dir), "--dataset", loaded.dataset])
     fit = json.loads((report_dir / "fit.json").read_text())
 
-    budget_flops = PLAN_BUDGET_FACTOR * _largest_flops(runs_dir)
+    budget_flops = PLAN_BUDGET_FACTOR * largest_flops(runs_dir)
     echo(
         f"[4/4] planning a budget {PLAN_BUDGET_FACTOR:g}x the largest run ({budget_flops:.3g} FLOPs) from the "
         "fitted runs"

@@ -57,9 +57,9 @@ def test_best_run_and_largest_compute_are_read_from_the_summaries(tmp_path: Path
     _summary(tmp_path, "b", "pretrain", 4.0, 3e9)
     _summary(tmp_path, "c", "pretrain", 3.0, 5e9, status="budget")  # not finished: neither source nor budget base
     _summary(tmp_path, "d", "finetune", 0.1, 9e9)
-    best = quickstart._best_pretrain_run(tmp_path)
+    best = quickstart.best_pretrain_run(tmp_path)
     assert best.path.name == "b" and best.eval_loss == 4.0
-    assert quickstart._largest_flops(tmp_path) == 3e9  # finished pre-training runs only
+    assert quickstart.largest_flops(tmp_path) == 3e9  # finished pre-training runs only
 
 
 def test_the_job_fine_tunes_the_best_run_and_its_scratch_baseline(tmp_path: Path) -> None:
