@@ -1,7 +1,7 @@
 """Compute units: hardware peaks, utilisation, and budgets such as ``10k-core-hours`` or ``250-h100-hours``.
 
-Smith et al. (2023) measure every pre-training budget in **TPU-v4 core-hours** (§1.6 of
-shared/research/paper-facts.md), estimated by eye from steps per second, not counted in FLOPs. This module turns that
+Smith et al. (2023) measure every pre-training budget in **TPU-v4 core-hours**, estimated by eye from steps per second
+(their footnote 2), not counted in FLOPs; docs/paper-notes.md derives the numbers below. This module turns that
 axis into FLOPs and back, so runs on other hardware (and the planner) can be placed on the paper's plots:
 
 * A *model FLOP* budget is ``6 x MACs x examples`` (forward + backward ~ 3 forward passes, 2 FLOPs per MAC), the
@@ -9,11 +9,11 @@ axis into FLOPs and back, so runs on other hardware (and the planner) can be pla
 * A device-hour budget on hardware ``h`` holds ``hours x 3600 x peak(h) x mfu`` model FLOPs, where ``peak`` is the dense
   bf16 peak per device (per *TensorCore* for TPUs, the unit the paper counts) and ``mfu`` the model-FLOP utilisation.
 * The TPU-v4 utilisation is **calibrated** on the paper's one stated end point: NFNet-F7+ pre-trained for 8 epochs of
-  JFT-4B (4e9 images) at 224 px with a 30k-class head "takes roughly 110k TPU-v4 core hours" (§1.6). With the NFNet
-  counts of §3.7 (100.86 GMACs, mid-128 rounding) that is 1.94e22 FLOPs in 5.45e22 peak FLOPs: MFU ~ 0.356.
-* TPU-v3 is calibrated the same way on the paper's "250 TPU-v3 core hours" for the same run (read as 250k, §1.6):
+  JFT-4B (4e9 images) at 224 px with a 30k-class head "takes roughly 110k TPU-v4 core hours". With convscale's NFNet
+  counts (100.86 GMACs, mid-128 rounding) that is 1.94e22 FLOPs in 5.45e22 peak FLOPs: MFU ~ 0.356.
+* TPU-v3 is calibrated the same way on the paper's "250 TPU-v3 core hours" for the same run (read as 250k):
   MFU ~ 0.35, consistent with "roughly double the theoretical flops" per core (footnote 1).
-* GPUs default to the TPU-v4 utilisation (equal-utilisation conversion, §5). The paper warns that NFNets "perform less
+* GPUs default to the TPU-v4 utilisation (equal-utilisation conversion). The paper warns that NFNets "perform less
   well" off TPU-v4, so pass a measured ``mfu`` when you have one (``convscale plan --mfu``).
 
 Nothing here imports jax: ``convscale plan`` must answer in well under a second.
@@ -40,15 +40,15 @@ def train_flops(macs: float) -> float:
     return TRAIN_FLOPS_PER_MAC * macs
 
 
-# The calibration run (paper-facts §1.6 and §3.7): NFNet-F7+, 8 epochs of JFT-4B, 224 px, 30k-class head.
-CALIBRATION_MACS_PER_IMAGE = 100.86e9  # F7+ forward MACs at 224 px with a 30k head (mid-128 rounding, §3.7)
-CALIBRATION_EXAMPLES = 8 * 4.0e9  # 8 epochs of JFT-4B's ~4 billion images (§1.1)
+# The calibration run (Smith et al. 2023; docs/paper-notes.md): NFNet-F7+, 8 epochs of JFT-4B, 224 px, 30k classes.
+CALIBRATION_MACS_PER_IMAGE = 100.86e9  # F7+ forward MACs at 224 px with a 30k head (mid-128 rounding)
+CALIBRATION_EXAMPLES = 8 * 4.0e9  # 8 epochs of JFT-4B's "roughly 4 billion" images (Smith et al. 2023 §2)
 CALIBRATION_TRAIN_FLOPS = train_flops(CALIBRATION_MACS_PER_IMAGE) * CALIBRATION_EXAMPLES
-CALIBRATION_TPU_V4_CORE_HOURS = 110e3  # "roughly 110k TPU-v4 core hours to pre-train" (§1.6)
-CALIBRATION_TPU_V3_CORE_HOURS = 250e3  # "250 TPU-v3 core hours", almost certainly 250k (§1.6)
+CALIBRATION_TPU_V4_CORE_HOURS = 110e3  # "roughly 110k TPU-v4 core hours to pre-train"
+CALIBRATION_TPU_V3_CORE_HOURS = 250e3  # "250 TPU-v3 core hours", almost certainly 250k
 
-TPU_V4_CORE_PEAK_FLOPS = 137.5e12  # 275 TFLOP/s per chip, 2 TensorCores (§5)
-TPU_V3_CORE_PEAK_FLOPS = 61.5e12  # 123 TFLOP/s per chip, 2 TensorCores (§5)
+TPU_V4_CORE_PEAK_FLOPS = 137.5e12  # 275 TFLOP/s per chip, 2 TensorCores (Cloud TPU v4 docs)
+TPU_V3_CORE_PEAK_FLOPS = 61.5e12  # 123 TFLOP/s per chip, 2 TensorCores (Cloud TPU v3 docs)
 
 TPU_V4_MFU = CALIBRATION_TRAIN_FLOPS / (CALIBRATION_TPU_V4_CORE_HOURS * SECONDS_PER_HOUR * TPU_V4_CORE_PEAK_FLOPS)
 TPU_V3_MFU = CALIBRATION_TRAIN_FLOPS / (CALIBRATION_TPU_V3_CORE_HOURS * SECONDS_PER_HOUR * TPU_V3_CORE_PEAK_FLOPS)

@@ -31,7 +31,7 @@ def _batch_size(given: int | None, examples: int, devices: int, cap: int) -> int
                 f"{max(devices, given - given % devices)}"
             )
         return given
-    # As in training (engine.api._eval_batch_size): never pad a small split up to a large batch, and never exceed
+    # As in training (engine.sources.eval_batch_size): never pad a small split up to a large batch, and never exceed
     # the run's own batch, so a run is evaluated in the batches its summary was.
     return min(-(-cap // devices) * devices, max(devices, -(-examples // devices) * devices))
 

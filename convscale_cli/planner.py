@@ -2,7 +2,7 @@
 
 Two modes share one candidate set (each model trained for the epochs the budget affords):
 
-* **Prior** (no runs): the paper's rules of thumb (Smith et al. 2023; shared/research/paper-facts.md §1.4-1.6).
+* **Prior** (no runs): the paper's rules of thumb (Smith et al. 2023; docs/paper-notes.md).
   Model size and epoch budget grow together with compute along a frontier anchored on the paper's three stated
   facts: the smallest budget (~0.4k TPU-v4 core-hours) trains F0 for 0.25 epochs, the optimal epoch budget crosses
   1 epoch at ~5k core-hours, and 110k core-hours trains F7+ for 8 epochs. Candidates are ranked by how close their
@@ -43,13 +43,14 @@ from convscale_cli.plan_data import (
 )
 from convscale_cli.registry import ArchitectureSpec, Registry
 
-# The paper's pre-training batch (§1.3).
+# The paper's pre-training batch (Smith et al. 2023, §2).
 PAPER_BATCH_SIZE = 4096
 # Fig. 3's epoch grid: 0.25 .. 8 in factors of 2. The smallest is the smallest run the paper trained.
 MIN_EPOCHS = 0.25
 
-# Frontier anchors (paper-facts §1.5-1.6, §3.7): F0 (9.58 GMACs at 224 px, 30k head) for 0.25 epochs of JFT-4B; one
-# epoch at ~5k core-hours; F7+ (100.86 GMACs) for 8 epochs at 110k core-hours (the budget calibration itself).
+# Frontier anchors (Smith et al. 2023, with the counts of docs/paper-notes.md): F0 (9.58 GMACs at 224 px, 30k head) for
+# 0.25 epochs of JFT-4B; one epoch at ~5k core-hours; F7+ (100.86 GMACs) for 8 epochs at 110k core-hours (the budget
+# calibration itself).
 F0_MACS_224 = 9.58e9
 F7PLUS_MACS_224 = 100.86e9
 FRONTIER_ANCHORS: tuple[tuple[float, float], ...] = (
@@ -57,9 +58,10 @@ FRONTIER_ANCHORS: tuple[tuple[float, float], ...] = (
     (core_hours_to_flops(5e3), 1.0 * JFT4B_SIZE),
     (CALIBRATION_TRAIN_FLOPS, 8.0 * JFT4B_SIZE),
 )
-# Learning-rate prior (§1.4, Fig. 3): alpha is the recipe's (1.6) up to half an epoch, then loses HALVINGS_PER_OCTAVE
-# halvings per doubling of epochs, from 0.25 (F0) to 0.5 (F7+): "for large models the optimal learning rate falls more
-# quickly". At most MAX_HALVINGS, so F7+ at 8 epochs gets 0.4 and every value stays in Fig. 3's [0.4, 1.6].
+# Learning-rate prior (Smith et al. 2023 Fig. 3): alpha is the recipe's (1.6) up to half an epoch, then loses
+# HALVINGS_PER_OCTAVE halvings per doubling of epochs, from 0.25 (F0) to 0.5 (F7+): "for large models the optimal
+# learning rate falls more quickly". At most MAX_HALVINGS, so F7+ at 8 epochs gets 0.4 and every value stays in Fig. 3's
+# [0.4, 1.6].
 LR_FLAT_EPOCHS = 0.5
 HALVINGS_PER_OCTAVE = (0.25, 0.5)
 MAX_HALVINGS = 2
@@ -101,7 +103,7 @@ class Frontier:
 
 
 def prior_lr(base_lr: float, macs_per_image: float, epochs: float) -> float:
-    """The paper-shaped learning-rate prior on the factor-2 grid below ``base_lr`` (§1.4, Fig. 3).
+    """The paper-shaped learning-rate prior on the factor-2 grid below ``base_lr`` (Smith et al. 2023 Fig. 3).
 
     Monotone: never rises with epochs or model size. The model-size effect is measured in the paper's own units
     (F0 -> F7+ MACs at 224 px), so the laptop ladder gets the small-model (slowest) decay.
@@ -376,11 +378,12 @@ def candidates(
 
 
 def plan_prior(request: PlanRequest, registry: Registry, frontier: Frontier | None = None) -> Plan:
-    """Rank the candidates by distance to the paper's compute-optimal frontier (§1.5)."""
+    """Rank the candidates by distance to the paper's compute-optimal frontier (Smith et al. 2023 §2)."""
     frontier = frontier or Frontier()
     specs = select_models(registry, request.family, request.models)
     found, frontier_macs = candidates(request, specs, frontier)
-    # Ties (equal distance) go to the larger model: the fine-tuning regime favours "slightly larger models" (§1.5).
+    # Ties (equal distance) go to the larger model: the fine-tuning regime favours "slightly larger models" (Smith et
+    # al. 2023 §2).
     found.sort(key=lambda c: (round(c.frontier_distance, 9), -c.macs_per_image))
     examples = frontier.examples(request.flops)
     notes = [

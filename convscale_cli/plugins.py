@@ -365,10 +365,19 @@ def get_registry() -> Registry:
     return get_plugins().registry
 
 
+def use_plugins(plugins: Plugins | None) -> None:
+    """Make ``plugins`` the process-wide plugins that commands look names up in (``None``: load them again on next use).
+
+    A notebook or a test that built its own set with :func:`load_plugins` (say with ``extra=`` in-code plugins) can
+    then drive the CLI's commands with it.
+    """
+    global _CACHE
+    _CACHE = plugins
+
+
 def reset() -> None:
     """Forget the loaded plugins (tests; after installing a plugin in the same process)."""
-    global _CACHE
-    _CACHE = None
+    use_plugins(None)
 
 
 __all__ = [
@@ -383,5 +392,6 @@ __all__ = [
     "load_plugins",
     "reset",
     "strict_mode",
+    "use_plugins",
     "warn_left_out",
 ]

@@ -1,7 +1,8 @@
 """The default training recipe an architecture plugin supplies, consumed by the training engine.
 
-Values are the paper's (2310.16764 §1.3 and the NFNet 2021 JFT recipe it defers to, see
-shared/research/paper-facts.md §1.3, §3.6, §3.8). Every field can be overridden from a run config.
+Values are the paper's (Smith et al. 2023 §2) and, where it is silent, those of the NFNet 2021 JFT recipe it defers
+to (Brock et al. 2021 §6.2, A.1, A.5; docs/paper-notes.md lists which are which). Every field can be overridden from a
+run config.
 """
 
 from __future__ import annotations

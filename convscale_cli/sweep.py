@@ -1,6 +1,6 @@
 """``convscale sweep STUDY.toml``: a grid of (model, epoch budget) cells, each tuned by the two-trial rule.
 
-This is the experiment behind the paper's Figs. 2 and 3 (paper-facts §1.3-1.5) at any scale: every model of the study
+This is the experiment behind the paper's Figs. 2 and 3 (Smith et al. 2023 §2) at any scale: every model of the study
 trained for every epoch budget, the learning rate of each cell tuned on a factor-2 grid. Cells run cheapest first, so
 when a cell starts, every cell with a smaller-or-equal model and epoch budget has finished and the two-trial rule
 (:func:`convscale_cli.tuning.tune_cell`) can take its start alpha from the nearest of them. All runs go into one

@@ -1,6 +1,6 @@
 """Learning-rate tuning by the paper's two-trial rule.
 
-Smith et al. (2023, §2; paper-facts §1.4): "one can efficiently tune the learning rate within 2 trials by assuming
+Smith et al. (2023, §2): "one can efficiently tune the learning rate within 2 trials by assuming
 that the optimal learning rate falls slowly but monotonically as both the model size and the epoch budget increases."
 So for a new cell (model, epochs) :func:`tune_cell` takes the best alpha of the nearest finished cell with a smaller
 or equal model and a smaller or equal epoch budget (none: the recipe's alpha, 1.6 for NFNets), trains alpha and
@@ -64,7 +64,8 @@ class Cell:
 
     @property
     def best(self) -> RunRecord:
-        """The trial with the lowest held-out loss (ties: the larger lr, the paper's fine-tuning preference §1.5)."""
+        """The trial with the lowest held-out loss; ties go to the larger lr (the fine-tuning preference of Smith et al.
+        2023 §2)."""
         return min(self.runs, key=lambda r: (r.eval_loss, -r.lr))
 
 

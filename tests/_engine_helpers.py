@@ -6,11 +6,13 @@ resume, 1 vs 4 devices, 2 processes) train the same tiny setup with whatever ``X
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -72,38 +74,44 @@ class ColourSource:
 
 
 class TinyPlugin:
-    """Registers ``tiny-cnn`` and ``colours`` through the ordinary hooks."""
+    """Registers ``tiny-cnn`` and ``colours`` through the ordinary hooks.
+
+    ``model`` and ``dataset`` are field changes applied to the two specs (``model={"min_resolution": 4}``), for tests
+    that need a variant of the tiny setup under the same or another name.
+    """
+
+    def __init__(self, *, model: Mapping[str, Any] | None = None, dataset: Mapping[str, Any] | None = None) -> None:
+        self.model_changes = dict(model or {})
+        self.dataset_changes = dict(dataset or {})
 
     @hookimpl
     def register_architectures(self, register: Any) -> None:
-        register(
-            ArchitectureSpec(
-                name="tiny-cnn",
-                family="tiny",
-                build=build_tiny,
-                count=count_tiny,
-                train_resolution=NATIVE,
-                eval_resolution=NATIVE,
-                recipe=Recipe(lr=0.4, base_batch_size=16, weight_decay=1e-5, agc_exclude=(r"^head/kernel$",)),
-                tags=("tiny",),
-                options={"width": WIDTH},
-            )
+        spec = ArchitectureSpec(
+            name="tiny-cnn",
+            family="tiny",
+            build=build_tiny,
+            count=count_tiny,
+            train_resolution=NATIVE,
+            eval_resolution=NATIVE,
+            recipe=Recipe(lr=0.4, base_batch_size=16, weight_decay=1e-5, agc_exclude=(r"^head/kernel$",)),
+            tags=("tiny",),
+            options={"width": WIDTH},
         )
+        register(dataclasses.replace(spec, **self.model_changes))
 
     @hookimpl
     def register_datasets(self, register: Any) -> None:
         def info(**options: Any) -> DatasetInfo:
             return DatasetInfo(CLASSES, {"train": options.get("size", TRAIN_SIZE), "eval": EVAL_SIZE}, NATIVE)
 
-        register(
-            DatasetSpec(
-                name="colours",
-                description="in-memory colour classes (engine tests)",
-                open=lambda split, size=TRAIN_SIZE: ColourSource(split, size if split == "train" else EVAL_SIZE, 0),
-                info=info,
-                options={"size": TRAIN_SIZE},
-            )
+        spec = DatasetSpec(
+            name="colours",
+            description="in-memory colour classes (engine tests)",
+            open=lambda split, size=TRAIN_SIZE: ColourSource(split, size if split == "train" else EVAL_SIZE, 0),
+            info=info,
+            options={"size": TRAIN_SIZE},
         )
+        register(dataclasses.replace(spec, **self.dataset_changes))
 
 
 def registry() -> Any:

@@ -62,9 +62,9 @@ def _fresh_plugins() -> Iterator[None]:
 
 
 @pytest.fixture
-def cli_registry(loaded: plugin_loader.Plugins, monkeypatch: pytest.MonkeyPatch) -> Any:
+def cli_registry(loaded: plugin_loader.Plugins) -> Any:
     """Make the module's ``loaded`` plugins the CLI's process-wide registry for one test."""
-    monkeypatch.setattr(plugin_loader, "_CACHE", loaded)
+    plugin_loader.use_plugins(loaded)
     return loaded.registry
 
 

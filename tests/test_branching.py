@@ -137,7 +137,8 @@ ENGINE = {
 }
 
 
-def _study(out: Path, **overrides: Any) -> StudyConfig:
+def tiny_study(out: Path, **overrides: Any) -> StudyConfig:
+    """A branching study of ``tiny-cnn`` on ``colours`` at 1 and 2 epochs (also run by the child process below)."""
     # 96 images at batch 8: 12 and 24 steps, cooling down from steps 10 and 19; the warm-up is 5% of 12 steps.
     values: dict[str, Any] = dict(
         out=str(out), dataset="colours", models=("tiny-cnn",), epochs=(1.0, 2.0), batch_size=8, start_lr=0.4,
@@ -146,7 +147,9 @@ def _study(out: Path, **overrides: Any) -> StudyConfig:
     return StudyConfig(**(values | overrides))
 
 
-def _trainer(registry: Any, pipeline: Any = None) -> Any:
+def pretrain_trainer(registry: Any, pipeline: Any = None) -> Any:
+    """A sweep trainer that pre-trains each cell in process with ``registry`` (and ``pipeline``, if given)."""
+
     def train(model: str, dataset: str, epochs: float, lr: float, out: Path, **options: Any) -> dict:
         fields = {"model": model, "dataset": dataset, "epochs": epochs, "lr": lr, "out": str(out), **options}
         return pretrain(from_dict(PretrainConfig, fields), registry, pipeline=pipeline)
@@ -169,7 +172,7 @@ def _outcome(out: Path) -> dict[str, Any]:
 def swept(registry: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One uninterrupted branching sweep (1 model x 2 budgets, two trials each)."""
     out = tmp_path_factory.mktemp("sweep") / "branching"
-    run_sweep(_study(out), registry, trainer=_trainer(registry))
+    run_sweep(tiny_study(out), registry, trainer=pretrain_trainer(registry))
     return out
 
 
@@ -177,7 +180,7 @@ def test_a_branching_sweep_equals_the_sweep_without_branching_for_less_compute(
     swept: Path, registry: Any, tmp_path: Path
 ) -> None:
     direct = tmp_path / "direct"
-    run_sweep(_study(direct, branching=False), registry, trainer=_trainer(registry))
+    run_sweep(tiny_study(direct, branching=False), registry, trainer=pretrain_trainer(registry))
     assert _outcome(swept) == _outcome(direct)
     for name in _outcome(direct)["runs"]:
         _assert_same_params(direct / name, swept / name)
@@ -208,7 +211,7 @@ sys.path.insert(0, {tests!r})
 import _engine_helpers as helpers
 import test_branching as t
 registry = helpers.registry()
-t.run_sweep(t._study(t.Path({out!r})), registry, trainer=t._trainer(registry, helpers.slow_pipeline(0.1)))
+t.run_sweep(t.tiny_study(t.Path({out!r})), registry, trainer=t.pretrain_trainer(registry, helpers.slow_pipeline(0.1)))
 """
 
 
@@ -238,7 +241,7 @@ def test_a_killed_branching_sweep_resumes_with_the_same_results(swept: Path, reg
     proc.wait()
     killed = _outcome(out)["runs"] if (out / "tuning.jsonl").exists() else {}
     assert len(killed) < 4  # the kill landed before the end of the sweep
-    run_sweep(_study(out), registry, trainer=_trainer(registry))
+    run_sweep(tiny_study(out), registry, trainer=pretrain_trainer(registry))
     assert _outcome(out) == _outcome(swept)
     for name in _outcome(swept)["runs"]:
         _assert_same_params(swept / name, out / name)
@@ -248,7 +251,7 @@ def test_a_killed_branching_sweep_resumes_with_the_same_results(swept: Path, reg
 
 def test_branching_without_wsd_is_a_one_line_config_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(ConfigError, match="branching = true needs the wsd schedule, not cosine"):
-        _study(tmp_path, engine={"precision": "fp32"})
+        tiny_study(tmp_path, engine={"precision": "fp32"})
     study = tmp_path / "study.toml"
     study.write_text(f'out = "{tmp_path / "runs"}"\ndataset = "shapes"\nmodels = ["nfnet-tiny-l0"]\nepochs = [1]\n')
     assert load_study(study).branching is False
@@ -261,15 +264,15 @@ def test_branching_without_wsd_is_a_one_line_config_error(tmp_path: Path, capsys
 def test_a_budget_too_short_for_a_cooldown_is_refused_before_training(registry: Any, tmp_path: Path) -> None:
     # 0.0625 epochs of 96 images at batch 8 is 1 step: 20% of it rounds to no cooldown step.
     with pytest.raises(UsageError, match="the 0.0625-epoch budget of tiny-cnn is 1 step at batch 8, too short"):
-        run_sweep(_study(tmp_path / "runs", epochs=(0.0625, 1.0)), registry, trainer=_trainer(registry))
+        run_sweep(tiny_study(tmp_path / "runs", epochs=(0.0625, 1.0)), registry, trainer=pretrain_trainer(registry))
     assert not (tmp_path / "runs").exists()
 
 
 def test_a_study_that_names_the_default_cosine_schedule_reuses_its_finished_runs(registry: Any, tmp_path: Path) -> None:
     # A cosine run's config.json leaves the schedule keys out; naming "cosine" is still the same setting.
-    study = _study(
+    study = tiny_study(
         tmp_path / "runs", epochs=(1.0,), branching=False, engine=ENGINE | {"recipe": {"schedule": "cosine"}}
     )
-    first = run_sweep(study, registry, trainer=_trainer(registry))
-    again = run_sweep(study, registry, trainer=_trainer(registry))
+    first = run_sweep(study, registry, trainer=pretrain_trainer(registry))
+    again = run_sweep(study, registry, trainer=pretrain_trainer(registry))
     assert (first.trained, again.trained) == (2, 0)

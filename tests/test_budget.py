@@ -1,4 +1,4 @@
-"""Compute units: budget parsing, hardware table, the paper's TPU-v4 calibration (paper-facts §1.6, §5)."""
+"""Compute units: budget parsing, hardware table, the paper's TPU-v4 calibration (docs/paper-notes.md)."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def test_parse_rejects_bad_strings_listing_accepted_forms(text: str, needle: str
 
 
 def test_tpu_v4_calibration_reproduces_paper_end_point() -> None:
-    # F7+ at 224 px with a 30k head for 8 epochs of JFT-4B costs ~110k TPU-v4 core-hours (paper-facts §1.6).
+    # F7+ at 224 px with a 30k head for 8 epochs of JFT-4B costs ~110k TPU-v4 core-hours (Smith et al. 2023).
     flops = 6 * 100.86e9 * 8 * 4e9
     assert B.flops_to_core_hours(flops) == pytest.approx(110e3, rel=1e-9)
     assert 0.34 < B.TPU_V4_MFU < 0.37

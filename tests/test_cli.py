@@ -55,7 +55,7 @@ def test_version() -> None:
 
 
 HEAVY = ("jax", "flax", "optax", "grain", "orbax", "torch", "tensorflow")
-# pydantic is typer's, for coercing option values; convscale/_coerce.py keeps it out of the light commands.
+# pydantic is typer's, for coercing option values; convscale_cli/cli/coerce.py keeps it out of the light commands.
 LIGHT_ONLY = (*HEAVY, "pydantic", "numpy")
 
 
@@ -125,12 +125,12 @@ def test_fast_coercion_agrees_with_typer_or_declines(annotation: type, value: ob
     import typer._coercion
     from typer.models import OptionInfo
 
-    from convscale_cli.cli._coerce import _MISS, fast_value
+    from convscale_cli.cli.coerce import UNDECIDED, fast_value
 
     info = OptionInfo()
     fast = fast_value(annotation, info, None, value)
     if (annotation, value) in DECLINED:
-        assert fast is _MISS  # left to typer's pydantic adapter: lax forms and every error message stay typer's
+        assert fast is UNDECIDED  # left to typer's pydantic adapter: lax forms and every error message stay typer's
         return
     descriptor = typer._coercion.resolve_type_descriptor(annotation, info)
     expected = typer._coercion.build_runtime_param(descriptor)._coerce_value(value, param=None, ctx=None)
@@ -140,10 +140,10 @@ def test_fast_coercion_agrees_with_typer_or_declines(annotation: type, value: ob
 def test_ranged_and_parsed_options_are_left_to_typer() -> None:
     from typer.models import OptionInfo
 
-    from convscale_cli.cli._coerce import _MISS, fast_value
+    from convscale_cli.cli.coerce import UNDECIDED, fast_value
 
-    assert fast_value(int, OptionInfo(min=1), None, "5") is _MISS
-    assert fast_value(str, OptionInfo(parser=str.upper), None, "a") is _MISS
+    assert fast_value(int, OptionInfo(min=1), None, "5") is UNDECIDED
+    assert fast_value(str, OptionInfo(parser=str.upper), None, "a") is UNDECIDED
 
 
 COMMANDS = ["pretrain", "finetune", "plan", "tune-lr", "sweep", "eval", "export", "models", "datasets", "report"]

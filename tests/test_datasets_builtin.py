@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from convscale_plugins.datasets import _shapes_render as render
 from convscale_plugins.datasets import digits, shapes
+from convscale_plugins.datasets import shapes_render as render
 
 from convscale_cli.errors import DataError, UsageError
 from convscale_cli.plugins import get_registry
@@ -89,7 +89,7 @@ def test_shapes_small_split_is_rendered_once_and_reads_back_the_same_bytes(monke
         return real(*args, **kwargs)
 
     monkeypatch.setattr(render, "render", counting)
-    monkeypatch.setattr(shapes, "_CACHES", {})
+    shapes.clear_cache()
     fresh = [real(0, 0, i, 32, 0.5)[0] for i in range(40)]
     source = shapes.open_split("train", size=40, clutter=0.5)
     for i in range(40):

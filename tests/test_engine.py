@@ -13,7 +13,7 @@ import pytest
 from convscale_cli.budget import parse_budget
 from convscale_cli.engine.config import PretrainConfig
 from convscale_cli.engine.ledger import Ledger
-from convscale_cli.engine.mesh import _fsdp_spec, check_batch
+from convscale_cli.engine.mesh import check_batch, fsdp_spec
 from convscale_cli.engine.optim import (
     WarmupStableDecay,
     clip_by_global_norm,
@@ -277,9 +277,9 @@ def test_batch_divisibility_error_names_devices() -> None:
 
 
 def test_fsdp_shards_largest_divisible_dimension() -> None:
-    assert tuple(_fsdp_spec((3, 3, 64, 128), 4)) == (None, None, None, "data")
-    assert tuple(_fsdp_spec((8,), 4)) == ()  # small arrays stay replicated
-    assert tuple(_fsdp_spec((4099, 3), 4)) == ()  # nothing divisible
+    assert tuple(fsdp_spec((3, 3, 64, 128), 4)) == (None, None, None, "data")
+    assert tuple(fsdp_spec((8,), 4)) == ()  # small arrays stay replicated
+    assert tuple(fsdp_spec((4099, 3), 4)) == ()  # nothing divisible
 
 
 def _tiny_specs() -> list:

@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from convscale_cli import plugins as plugin_loader
-from convscale_cli.errors import CheckpointError, ConfigError, ExitCode
+from convscale_cli.errors import CheckpointError, ConfigError, ExitCode, UsageError
 from convscale_cli.finetune.backbone import head_paths, load_params, locate
 from convscale_cli.finetune.config import FinetuneConfig
 from convscale_cli.hookspecs import hookimpl
@@ -28,24 +28,14 @@ from convscale_cli.weights import MODEL_JSON
 MIN_RESOLUTION = 4
 
 
-class _Plugin:
+def _plugin(**dataset: Any) -> helpers.TinyPlugin:
     """The engine's tiny CNN (with a minimum resolution, to test that check) and its ``colours`` dataset."""
-
-    @hookimpl
-    def register_architectures(self, register: Any) -> None:
-        specs: list[Any] = []
-        helpers.TinyPlugin().register_architectures(specs.append)
-        for spec in specs:
-            register(dataclasses.replace(spec, min_resolution=MIN_RESOLUTION))
-
-    @hookimpl
-    def register_datasets(self, register: Any) -> None:
-        helpers.TinyPlugin().register_datasets(register)
+    return helpers.TinyPlugin(model={"min_resolution": MIN_RESOLUTION}, dataset=dataset)
 
 
 @pytest.fixture(scope="module")
 def loaded() -> plugin_loader.Plugins:
-    return plugin_loader.load_plugins(extra=[("finetune-test", _Plugin())], entry_points=lambda: [])
+    return plugin_loader.load_plugins(extra=[("finetune-test", _plugin())], entry_points=lambda: [])
 
 
 def test_locate_accepts_the_run_its_checkpoints_and_one_checkpoint(pretrained: Path) -> None:
@@ -112,7 +102,8 @@ def test_mismatched_backbone_names_the_first_tensor(tmp_path: Path, pretrained: 
         ({"drop_rate": 1.0}, "drop_rate"),
         ({"eval_crop_fraction": 0.0}, "eval_crop_fraction"),
         ({"randaugment": (-1, 5.0)}, "randaugment"),
-        ({"epochs": 1.0}, "exactly one duration"),
+        ({"epochs": 1.0}, "give one duration, not epochs and steps"),
+        ({"steps": None}, "no duration: give epochs, examples, steps or a FLOP/core-hour budget"),
         ({"recipe": {"weight_decy": 0.1}}, "did you mean 'recipe.weight_decay'"),
         ({"augment": {"min_areaa": 0.5}}, "augment.min_area"),
     ],
@@ -151,9 +142,7 @@ def test_bad_input_exits_2_with_one_line(
         assert err.startswith("Error: ") and "\n" not in err and needle in err, (extra, err)
 
 
-def test_model_check_refuses_another_architecture(
-    tmp_path: Path, pretrained: Path, loaded: Any, capsys: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_model_check_refuses_another_architecture(tmp_path: Path, pretrained: Path, loaded: Any, capsys: Any) -> None:
     other = types.SimpleNamespace()
 
     @hookimpl
@@ -163,8 +152,8 @@ def test_model_check_refuses_another_architecture(
         register(dataclasses.replace(specs[0], name="tiny-cnn-2"))
 
     other.register_architectures = register_architectures
-    plugins = plugin_loader.load_plugins(extra=[("a", _Plugin()), ("b", other)], entry_points=lambda: [])
-    monkeypatch.setattr(plugin_loader, "_CACHE", plugins)
+    plugins = plugin_loader.load_plugins(extra=[("a", _plugin()), ("b", other)], entry_points=lambda: [])
+    plugin_loader.use_plugins(plugins)
     argv = [
         "finetune",
         "--from",
@@ -181,6 +170,91 @@ def test_model_check_refuses_another_architecture(
     code, _, err = helpers.run_cli(argv, capsys)
     assert code == ExitCode.USAGE_ERROR
     assert "holds a tiny-cnn checkpoint, not --model tiny-cnn-2" in err
+
+
+@pytest.mark.parametrize(
+    "scale_out",
+    [
+        ["--fsdp", "--coordinator-address", "10.0.0.1:1234", "--num-processes", "2", "--process-id", "1"],
+        ["--set", "fsdp=true", "--set", "coordinator_address=10.0.0.1:1234", "--set", "num_processes=2",
+         "--set", "process_id=1"],
+    ],
+)  # fmt: skip
+def test_scale_out_and_budget_options_reach_the_finetuning_config(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], scale_out: list[str]
+) -> None:
+    """FSDP, the multi-host settings and a budget, as flags or ``--set`` keys, are the run config's (as pretrain's)."""
+    from convscale_cli.finetune import api
+
+    seen: list[FinetuneConfig] = []
+    monkeypatch.setattr(api, "finetune", lambda config: seen.append(config) or {})
+    argv = ["finetune", "--from", "x", "--dataset", "colours", "--out", "o", "--budget", "2-cpu-hours", *scale_out]
+    code, _, err = helpers.run_cli(argv, capsys)
+    assert code == ExitCode.OK, err
+    (config,) = seen
+    assert (config.fsdp, config.coordinator_address, config.num_processes, config.process_id, config.budget) == (
+        True,
+        "10.0.0.1:1234",
+        2,
+        1,
+        "2-cpu-hours",
+    )
+
+
+def test_an_unreadable_budget_is_refused_with_the_config() -> None:
+    with pytest.raises(UsageError, match="unknown budget unit 'parsecs' in '2-parsecs'"):
+        FinetuneConfig(pretrained="x", dataset="colours", out="o", budget="2-parsecs")
+
+
+def _budget_argv(pretrained: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "finetune", "--from", str(pretrained), "--dataset", "colours", "--out", str(out), "--batch-size", "8",
+        "--resolution", "8", "--eval-resolution", "8", "--sam-rho", "0.1", "--sam-fraction", "0.25",
+        "--precision", "fp32", "--set", "progress=none", "--set", "tensorboard=false", "--json", *extra,
+    ]  # fmt: skip
+
+
+def test_a_flop_budget_stops_finetuning_cleanly_and_lifting_it_resumes(
+    tmp_path: Path, pretrained: Path, cli_registry: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "ft"
+    # One step: 8 examples of 6 x MACs, plus the SAM ascent pass over a quarter of the batch.
+    per_step = 8 * 6 * helpers.count_tiny(8, helpers.CLASSES).macs * 1.25
+    budget = f"{2.5 * per_step!r}-flops"
+    code, stdout, err = helpers.run_cli(_budget_argv(pretrained, out, "--steps", "5", "--budget", budget), capsys)
+    assert code == ExitCode.OK, err
+    summary = json.loads(stdout)
+    assert (summary["status"], summary["steps"], summary["total_steps"]) == ("budget", 3, 5)
+    assert summary["budget"] == budget and summary["budget_spent"] >= 2.5 * per_step
+    assert summary["ledger"]["train_flops"] == pytest.approx(3 * per_step)
+    # The same budget again has nothing to do; without it the run resumes to its 5 steps.
+    code, stdout, err = helpers.run_cli(_budget_argv(pretrained, out, "--steps", "5", "--budget", budget), capsys)
+    assert code == ExitCode.OK and json.loads(stdout)["steps"] == 3, err
+    code, stdout, err = helpers.run_cli(_budget_argv(pretrained, out, "--steps", "5"), capsys)
+    assert code == ExitCode.OK, err
+    assert (json.loads(stdout)["status"], json.loads(stdout)["steps"]) == ("finished", 5)
+
+
+def test_a_flop_budget_alone_sets_the_finetuning_duration(
+    tmp_path: Path, pretrained: Path, cli_registry: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    per_step = 8 * 6 * helpers.count_tiny(8, helpers.CLASSES).macs * 1.25
+    argv = _budget_argv(pretrained, tmp_path / "ft", "--budget", f"{4 * per_step!r}-flops")
+    code, stdout, err = helpers.run_cli(argv, capsys)
+    assert code == ExitCode.OK, err
+    summary = json.loads(stdout)
+    assert (summary["total_steps"], summary["steps"]) == (4, 4)
+    assert summary["ledger"]["train_flops"] == pytest.approx(4 * per_step)
+    from convscale_cli.finetune.resolve import header, resolve
+
+    config = FinetuneConfig(
+        pretrained=str(pretrained), dataset="colours", out="o", budget="1e15-flops", batch_size=8, resolution=8
+    )
+    assert "; stops at budget 1e15-flops" in header(resolve(config, cli_registry), "given", None, None)
+    code, _, err = helpers.run_cli(
+        _budget_argv(pretrained, tmp_path / "tiny", "--budget", f"{per_step / 2!r}-flops"), capsys
+    )
+    assert code == ExitCode.USAGE_ERROR and "less than one step of batch 8" in err and "\n" not in err
 
 
 def test_every_option_end_to_end_then_rerun_is_a_no_op(
@@ -243,15 +317,9 @@ def test_dataset_defaults_choose_the_augmentation_and_eval_crop(pretrained: Path
     from convscale_cli.finetune.resolve import resolve
     from convscale_cli.plugins import get_registry
 
-    class Handwriting(_Plugin):  # the same data, declared like digits: never flipped or cropped, judged whole
-        @hookimpl
-        def register_datasets(self, register: Any) -> None:
-            specs: list[Any] = []
-            helpers.TinyPlugin().register_datasets(specs.append)
-            for spec in specs:
-                register(dataclasses.replace(spec, augment={"crop": "resize", "flip": False}, eval_crop=1.0))
-
-    registry = plugin_loader.load_plugins(extra=[("hw", Handwriting())], entry_points=lambda: []).registry
+    # The same data, declared like digits: never flipped or cropped, judged whole.
+    handwriting = _plugin(augment={"crop": "resize", "flip": False}, eval_crop=1.0)
+    registry = plugin_loader.load_plugins(extra=[("hw", handwriting)], entry_points=lambda: []).registry
     base = {"pretrained": str(pretrained), "dataset": "colours", "out": "o", "steps": 4}
     run = resolve(FinetuneConfig(**base), registry)
     assert (run.augment.crop, run.augment.flip, run.eval_crop) == ("resize", False, 1.0)

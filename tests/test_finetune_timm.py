@@ -24,9 +24,7 @@ from convscale_cli.errors import ExitCode
 pytestmark = pytest.mark.slow
 
 
-def test_finetune_from_imported_timm_weights(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_finetune_from_imported_timm_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from _timm import import_timm
     from safetensors.numpy import save_file
 
@@ -37,7 +35,7 @@ def test_finetune_from_imported_timm_weights(
 
     # The installed plugins (vit-ti/16 among them) plus the in-memory colours dataset.
     loaded = plugin_loader.load_plugins(extra=[("colours", helpers.TinyPlugin())])
-    monkeypatch.setattr(plugin_loader, "_CACHE", loaded)
+    plugin_loader.use_plugins(loaded)
     weights = tmp_path / "weights"
     assert main(["import-weights", "timm", "vit_tiny_patch16_224", str(file), "--out", str(weights)]) == ExitCode.OK
     capsys.readouterr()

@@ -21,7 +21,7 @@ from convscale_plugins.nfnet.variants import (
 
 from convscale_cli.errors import UsageError
 
-# NFNet paper Table 3 (1000 classes, MACs at the test resolution), paper-facts §3.1; F7 is derived in §3.1/§3.7.
+# NFNet paper Table 3 (1000 classes, MACs at the test resolution); F7 is derived (docs/paper-notes.md).
 PAPER_TABLE = {
     "nfnet-f0": (256, "71.5M", "12.38B"),
     "nfnet-f1": (320, "132.6M", "35.54B"),
@@ -33,7 +33,7 @@ PAPER_TABLE = {
     "nfnet-f7": (608, "499.5M", "478.78B"),
 }
 
-# paper-facts §3.7: params with 1k / 30k heads, MACs at 224 with a 30k head, MACs at the test px with a 1k head.
+# docs/paper-notes.md: params with 1k / 30k heads, MACs at 224 with a 30k head, MACs at the test px with a 1k head.
 # "+" rows: (stage-1 bottleneck 128 = code rounding, 192 = the paper's F4+ convention).
 REPLICA_TABLE = {
     ("nfnet-f0", 128): ("71.5M", "160.6M", "9.58B", "12.38B"),
@@ -81,7 +81,8 @@ def test_counts_reproduce_the_30k_head_and_plus_replica(name, mid):
 
 
 def test_paper_f4_plus_needs_the_192_wide_stage1_bottleneck():
-    """N Table 5 gives F4+ as 527M / 367B: only the unrounded 192-wide stage-1 bottleneck reproduces it (§3.7)."""
+    """N Table 5 gives F4+ as 527M / 367B: only the unrounded 192-wide stage-1 bottleneck reproduces it (see
+    docs/paper-notes.md)."""
     assert (_fmt(count_params(_config("nfnet-f4+", 192), 1000), "527.0M")) == "527.0M"
     assert _fmt(count_macs(_config("nfnet-f4+", 192), 512, 1000), "367.4B") == "367.4B"
     assert _fmt(count_params(_config("nfnet-f4+"), 1000), "525.0M") == "525.0M"
@@ -238,6 +239,25 @@ def test_grouped_conv_paths_agree_forward_and_backward(size, stride, kernel, gro
     np.testing.assert_allclose(native, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize(("backend", "size", "native"), [("gpu", 8, True), ("tpu", 2, True), ("cpu", 8, False)])
+def test_grouped_conv_dispatches_to_the_native_grouped_convolution_on_accelerators(
+    monkeypatch: pytest.MonkeyPatch, backend: str, size: int, native: bool
+) -> None:
+    """What an accelerator compiles, checked on CPU: the backend is faked and the lowered program read back.
+
+    Accelerators get one convolution with ``feature_group_count`` (whatever the map size); the CPU gets per-group
+    convolutions instead (``test_grouped_conv_paths_agree_forward_and_backward`` shows all paths compute the same).
+    """
+    import jax
+    import jax.numpy as jnp
+    from convscale_plugins.nfnet.model import grouped_conv
+
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    x, w = jnp.ones((1, size, size, 8)), jnp.ones((3, 3, 2, 8))
+    text = jax.jit(lambda x, w: grouped_conv(x, w, 1, 4)).lower(x, w).as_text()
+    assert ("feature_group_count = 4" in text) is native, text
+
+
 def test_grouped_conv_refuses_an_unknown_method():
     import jax.numpy as jnp
     from convscale_plugins.nfnet.model import grouped_conv
@@ -363,12 +383,12 @@ def test_build_rejects_bad_options():
 
 def _fake_timm_state_dict(variant, num_classes: int) -> dict[str, np.ndarray]:
     """timm's names and shapes for ``variant`` (from the same mapping), each tensor a distinct constant."""
-    from convscale_plugins.nfnet.timm_import import _timm_shape
+    from convscale_plugins.nfnet.timm_import import timm_shape
 
     out = {}
     for i, (path, shape) in enumerate(param_shapes(variant.config, num_classes).items()):
         tname, kind = timm_name(path)
-        out[tname] = np.broadcast_to(np.float32(i), _timm_shape(shape, kind))  # no memory for F0-sized tensors
+        out[tname] = np.broadcast_to(np.float32(i), timm_shape(shape, kind))  # no memory for F0-sized tensors
     return out
 
 

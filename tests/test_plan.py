@@ -1,4 +1,4 @@
-"""``convscale plan``: the paper's end points (paper-facts §1.5-1.6), the lr prior (§1.4), errors and ``--json``."""
+"""``convscale plan``: the paper's end points (docs/paper-notes.md), the lr prior (Fig. 3), errors and ``--json``."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from convscale_cli.plan_data import JFT4B_CLASSES, JFT4B_SIZE, DatasetPlan
 from convscale_cli.recipe import Recipe
 from convscale_cli.registry import ArchitectureSpec, ModelCount, Registry
 
-# The paper's Fig. 2 models with the counts of paper-facts §3.7 (224 px, 30k-class head, mid-128 rounding).
+# The paper's Fig. 2 models with the counts of docs/paper-notes.md (224 px, 30k-class head, mid-128 rounding).
 PAPER_MODELS = {
     "nfnet-f0": (160.6e6, 9.58e9),
     "nfnet-f1": (221.8e6, 17.53e9),
@@ -63,10 +63,10 @@ def registry() -> Registry:
 
 
 @pytest.fixture
-def cli_registry(registry: Registry, monkeypatch: pytest.MonkeyPatch) -> Iterator[Registry]:
+def cli_registry(registry: Registry) -> Iterator[Registry]:
     """Make the CLI see only the fixture models."""
     loaded = plugin_loader.load_plugins(extra=[("paper", _PaperPlugin())], entry_points=lambda: [])
-    monkeypatch.setattr(plugin_loader, "_CACHE", loaded)
+    plugin_loader.use_plugins(loaded)
     yield loaded.registry
 
 
@@ -329,9 +329,9 @@ def _write_runs(root, models=("lad-0", "lad-1", "lad-2"), epochs=(0.25, 0.5, 1.0
 
 
 @pytest.fixture
-def ladder(monkeypatch: pytest.MonkeyPatch) -> Registry:
+def ladder() -> Registry:
     loaded = plugin_loader.load_plugins(extra=[("ladder", _LadderPlugin())], entry_points=lambda: [])
-    monkeypatch.setattr(plugin_loader, "_CACHE", loaded)
+    plugin_loader.use_plugins(loaded)
     return loaded.registry
 
 
@@ -480,10 +480,10 @@ class _RootedDataPlugin:
 
 
 @pytest.fixture
-def rooted(monkeypatch: pytest.MonkeyPatch) -> Registry:
+def rooted() -> Registry:
     plugins = [("ladder", _LadderPlugin()), ("rooted", _RootedDataPlugin())]
     loaded = plugin_loader.load_plugins(extra=plugins, entry_points=lambda: [])
-    monkeypatch.setattr(plugin_loader, "_CACHE", loaded)
+    plugin_loader.use_plugins(loaded)
     return loaded.registry
 
 

@@ -17,7 +17,7 @@ import pytest
 from convscale_cli import hookspecs
 from convscale_cli import plugins as plugin_loader
 from convscale_cli.cli import main
-from convscale_cli.cli.registry_cmds import _millions
+from convscale_cli.cli.registry_cmds import format_params
 from convscale_cli.errors import PluginError, UsageError
 from convscale_cli.plugins import ModelBuildError, ModelCountError, PluginWarning, load_plugins
 from convscale_cli.recipe import Recipe
@@ -263,7 +263,7 @@ def test_models_json_shows_each_models_build_options(
     ("params", "shown"), [(25_600_000, "25.6M"), (999_999, "1.0M"), (45_123, "45.1k"), (1_000, "1.0k"), (512, "512")]
 )
 def test_a_tiny_model_never_shows_zero_million_parameters(params: int, shown: str) -> None:
-    assert _millions(params) == shown
+    assert format_params(params) == shown
 
 
 def test_pretrain_with_a_build_missing_drop_rate_is_one_line_naming_plugin_and_model(
@@ -349,7 +349,9 @@ def test_a_build_that_raises_is_one_line_naming_plugin_and_model(
 def test_a_builtin_build_keeps_its_own_exceptions() -> None:
     """A built-in model's exception is convscale's bug: it keeps its traceback instead of blaming a plugin."""
     build = plugin_loader.get_registry().architecture("nfnet-test").build
-    assert not isinstance(build, plugin_loader._CheckedBuild)
+    with pytest.raises(ValueError, match="invalid literal for int") as raised:
+        build(num_classes="ten")
+    assert not isinstance(raised.value, ModelBuildError)  # what a third-party plugin's build would raise instead
 
 
 @pytest.mark.parametrize(

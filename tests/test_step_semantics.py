@@ -13,7 +13,6 @@ every training forward pass) is pre-trained for three steps and fine-tuned from 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -26,7 +25,6 @@ import orbax.checkpoint as ocp
 import pytest
 
 from convscale_cli import plugins as plugin_loader
-from convscale_cli.hookspecs import hookimpl
 
 PRETRAIN_STEPS, FINETUNE_STEPS, DECAY = 3, 2, 0.9
 DRAWS: list[float] = []  # one value per training forward pass, appended by the probe's host callback
@@ -60,22 +58,12 @@ def build_probe(
     return Probe()
 
 
-class _Plugin:
-    @hookimpl
-    def register_architectures(self, register: Any) -> None:
-        specs: list[Any] = []
-        helpers.TinyPlugin().register_architectures(specs.append)
-        for spec in specs:
-            register(dataclasses.replace(spec, name="probe-cnn", build=build_probe))
-
-    @hookimpl
-    def register_datasets(self, register: Any) -> None:
-        helpers.TinyPlugin().register_datasets(register)
-
-
 @pytest.fixture(scope="module")
 def registry() -> Any:
-    return plugin_loader.load_plugins(extra=[("semantics-test", _Plugin())], entry_points=lambda: []).registry
+    return plugin_loader.load_plugins(
+        extra=[("semantics-test", helpers.TinyPlugin(model={"name": "probe-cnn", "build": build_probe}))],
+        entry_points=lambda: [],
+    ).registry
 
 
 def _train(run: Any, config: Any, registry: Any) -> list[float]:

@@ -207,14 +207,14 @@ def _threaded_sweep(out: Path, workers: int) -> dict[str, Any]:
     import threading
 
     import test_tune
-    from test_tune import FakeTrainer, _ToyPlugin
+    from test_tune import FakeTrainer, ToyPlugin
 
     from convscale_cli.plugins import load_plugins
     from convscale_cli.sweep import load_study
 
-    reg = load_plugins(extra=[("toy", _ToyPlugin())], entry_points=lambda: []).registry
+    reg = load_plugins(extra=[("toy", ToyPlugin())], entry_points=lambda: []).registry
     out.parent.mkdir(parents=True, exist_ok=True)
-    toy = load_study(test_tune._study(out.parent), {"out": str(out), "start_lr": 3.2})
+    toy = load_study(test_tune.toy_study(out.parent), {"out": str(out), "start_lr": 3.2})
     errors: list[BaseException] = []
 
     def run(index: int) -> None:

@@ -1,4 +1,4 @@
-"""The two-trial learning-rate rule (paper-facts §1.4), ``tune-lr`` and resumable ``sweep``, with a fake trainer."""
+"""The two-trial learning-rate rule (Smith et al. 2023 §2), ``tune-lr`` and resumable ``sweep``, with a fake trainer."""
 
 from __future__ import annotations
 
@@ -36,7 +36,9 @@ def _arch(name: str, params: int, family: str = "toy") -> ArchitectureSpec:
     )
 
 
-class _ToyPlugin:
+class ToyPlugin:
+    """The toy models (``toy-s/m/l`` of known size, ``other-s``) and datasets (``toyset``, ``otherset``)."""
+
     @hookimpl
     def register_architectures(self, register) -> None:  # noqa: ANN001
         for name, params in SIZES.items():
@@ -128,9 +130,9 @@ def write_run(root: Path, model: str, epochs: float, lr: float, loss: float, **k
 
 
 @pytest.fixture
-def registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[Registry]:
-    loaded = plugin_loader.load_plugins(extra=[("toy", _ToyPlugin())], entry_points=lambda: [])
-    monkeypatch.setattr(plugin_loader, "_CACHE", loaded)
+def registry() -> Iterator[Registry]:
+    loaded = plugin_loader.load_plugins(extra=[("toy", ToyPlugin())], entry_points=lambda: [])
+    plugin_loader.use_plugins(loaded)
     yield loaded.registry
 
 
@@ -271,7 +273,7 @@ def test_a_failed_trial_keeps_its_reason(
     [entry] = _log(runs)
     assert [t.get("error") for t in entry["trials"]] == ["non-finite loss at lr 1.6", None]  # none when trained
     (tmp_path / "study").mkdir()  # a study of its own: no cell passes it an alpha below 1.6
-    study = str(_study(tmp_path / "study"))
+    study = str(toy_study(tmp_path / "study"))
     assert main(["sweep", study, "--set", "models=['toy-m']", "--set", "epochs=[0.5]"]) == 0
     assert "toy-m x 0.5 epochs, alpha 1.6 failed: non-finite loss at lr 1.6" in capsys.readouterr().out
 
@@ -408,14 +410,15 @@ def test_json_output_is_json_alone_with_progress_on_stderr(
     if command == "tune-lr":
         args = ["tune-lr", "--model", "toy-s", "--epochs", "0.5", "--runs", str(tmp_path / "r"), "--dataset", "toyset"]
     else:
-        args = ["sweep", str(_study(tmp_path)), "--set", "models=['toy-s']", "--set", "epochs=[0.5]"]
+        args = ["sweep", str(toy_study(tmp_path)), "--set", "models=['toy-s']", "--set", "epochs=[0.5]"]
     assert main([*args, "--json"]) == 0
     out, err = capsys.readouterr()
     assert isinstance(json.loads(out), dict)
     assert "step 1/1  loss 2.3  (toy-s at alpha 1.6)" in err
 
 
-def _study(tmp_path: Path, **extra: Any) -> Path:
+def toy_study(tmp_path: Path, **extra: Any) -> Path:
+    """A study file over the toy models on ``toyset`` (runs under ``tmp_path/runs``), with ``extra`` top-level keys."""
     lines = [
         f"out = '{tmp_path / 'runs'}'",
         "dataset = 'toyset'",
@@ -432,7 +435,7 @@ def _study(tmp_path: Path, **extra: Any) -> Path:
 
 
 def test_sweep_runs_cheapest_first_two_trials_each_and_resumes(registry: Registry, tmp_path: Path) -> None:
-    study = load_study(_study(tmp_path))
+    study = load_study(toy_study(tmp_path))
     first = FakeTrainer()
     result = run_sweep(study, registry, trainer=first)
     costs = [SIZES[m] * e for m, e, _ in first.calls]
@@ -453,7 +456,7 @@ def test_sweep_passes_study_options_to_the_trainer(registry: Registry, tmp_path:
         seen.append(options)
         return FakeTrainer()(model, dataset, epochs, lr, out)
 
-    study = load_study(_study(tmp_path, batch_size=64, resolution=32), {"models": ["toy-s"], "epochs": [0.5]})
+    study = load_study(toy_study(tmp_path, batch_size=64, resolution=32), {"models": ["toy-s"], "epochs": [0.5]})
     run_sweep(study, registry, trainer=trainer)
     assert seen[0] == {"seed": 3, "precision": "fp32", "batch_size": 64, "resolution": 32}
 
@@ -462,15 +465,15 @@ def test_sweep_cli_reports_rule_versus_grid(
     registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr(tuning, "engine_trainer", FakeTrainer())
-    assert main(["sweep", str(_study(tmp_path)), "--set", "models=['toy-s','toy-m']"]) == 0
+    assert main(["sweep", str(toy_study(tmp_path)), "--set", "models=['toy-s','toy-m']"]) == 0
     out = capsys.readouterr().out
     assert "6 cells: the two-trial rule used 12 runs (12 trained now) where a full 6-point lr grid needs 36." in out
-    assert main(["sweep", str(_study(tmp_path)), "--set", "models=['toy-s','toy-m']"]) == 0
+    assert main(["sweep", str(toy_study(tmp_path)), "--set", "models=['toy-s','toy-m']"]) == 0
     assert "(0 trained now)" in capsys.readouterr().out
 
 
 def test_plan_cells_orders_by_cost(registry: Registry, tmp_path: Path) -> None:
-    cells = plan_cells(load_study(_study(tmp_path)), registry)
+    cells = plan_cells(load_study(toy_study(tmp_path)), registry)
     assert [c.flops for c in cells] == sorted(c.flops for c in cells)
     assert (cells[0].model, cells[0].epochs) == ("toy-s", 0.5)
 
@@ -490,7 +493,7 @@ def test_plan_cells_orders_by_cost(registry: Registry, tmp_path: Path) -> None:
 )
 def test_bad_study_is_a_config_error(tmp_path: Path, override: dict, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
-        load_study(_study(tmp_path), override)
+        load_study(toy_study(tmp_path), override)
 
 
 def test_study_defaults() -> None:
@@ -528,7 +531,7 @@ def test_a_swallowed_ctrl_c_still_stops_the_sweep(
     monkeypatch.setattr(tuning, "engine_trainer", fake)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal; background jobs ignore it
     try:
-        assert main(["sweep", str(_study(tmp_path))]) == ExitCode.INTERRUPTED
+        assert main(["sweep", str(toy_study(tmp_path))]) == ExitCode.INTERRUPTED
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored when the command ends
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -570,7 +573,7 @@ def test_a_branching_sweep_trains_trunks_and_branches_with_the_registry_it_was_g
     fake = FakeTrainer()
     monkeypatch.setattr(tuning, "engine_trainer", fake)
     study = load_study(
-        _study(tmp_path, branching=True, batch_size=16),
+        toy_study(tmp_path, branching=True, batch_size=16),
         {"models": ["toy-s"], "epochs": [0.5, 1], "engine.recipe.schedule": "wsd"},
     )
     run_sweep(study, registry)

@@ -84,7 +84,7 @@ def tiny_registered() -> None:
         register(vit_spec(TINY))
 
     plugin = types.SimpleNamespace(register_architectures=register_architectures)
-    plugin_loader._CACHE = plugin_loader.load_plugins(extra=[("paritytest", plugin)])  # reset by conftest
+    plugin_loader.use_plugins(plugin_loader.load_plugins(extra=[("paritytest", plugin)]))  # reset by conftest
 
 
 @pytest.mark.parametrize(("pool", "size"), [("tok", 24), ("tok", 12), ("map", 20)])

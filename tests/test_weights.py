@@ -40,7 +40,7 @@ def registry() -> plugin_loader.Registry:
     loaded = plugin_loader.load_plugins(
         extra=[("timmtest", types.SimpleNamespace(register_architectures=register_architectures))]
     )
-    plugin_loader._CACHE = loaded
+    plugin_loader.use_plugins(loaded)
     return loaded.registry
 
 

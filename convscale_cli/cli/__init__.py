@@ -21,10 +21,10 @@ from collections.abc import Sequence
 import typer
 
 from convscale_cli import __version__, interrupts
-from convscale_cli.cli import _coerce, _state
+from convscale_cli.cli import _state, coerce
 from convscale_cli.errors import ConvscaleError, ExitCode
 
-_coerce.install()  # typer would import pydantic (~145 ms) to pass most options through unchanged
+coerce.install()  # typer would import pydantic (~145 ms) to pass most options through unchanged
 
 app = typer.Typer(
     name="convscale",

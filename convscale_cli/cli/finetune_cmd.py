@@ -29,8 +29,9 @@ per batch stream with independent augmentations and the duration counts augmente
 the same with k times fewer passes.
 
 It runs on the same engine as pretrain: --fsdp shards the parameters and optimizer state over the devices (the
-paper's 384 px F7+ fine-tune does not fit one accelerator), and --coordinator-address/--num-processes/--process-id
-run it on several hosts.
+paper's 384 px F7+ fine-tune does not fit one accelerator), --coordinator-address/--num-processes/--process-id
+run it on several hosts, and --budget stops it at a compute budget (counting the SAM ascent pass) or, given alone,
+sets its duration.
 
 Rerunning the same command resumes; a finished run says so and exits 0. Writes OUT/config.json, metrics.jsonl,
 checkpoints/ and summary.json (kind "finetune": final, final_ema, and the pre-training cost under pretrain)."""
@@ -67,6 +68,7 @@ def finetune(
     epochs: Annotated[float | None, typer.Option(help="Duration: augmented samples / train size (50).")] = None,
     steps: opt.Steps = None,
     examples: Annotated[int | None, typer.Option(help="Duration in (augmented) training examples.")] = None,
+    budget: opt.Budget = None,
     lr: Annotated[
         float | None,
         typer.Option(
@@ -124,6 +126,7 @@ def finetune(
         "epochs": epochs,
         "steps": steps,
         "examples": examples,
+        "budget": budget,
         "lr": lr,
         "batch_size": batch_size,
         "resolution": resolution,

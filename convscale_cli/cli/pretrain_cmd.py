@@ -50,13 +50,7 @@ def pretrain(
     ] = None,
     steps: opt.Steps = None,
     examples: Annotated[int | None, typer.Option(help="Duration in training examples.")] = None,
-    budget: Annotated[
-        str | None,
-        typer.Option(
-            help="Stop cleanly once spent, in model FLOPs as plan converts it: 2-cpu-hours, 1e15-flops, "
-            "0.01-core-hours (TPU-v4)."
-        ),
-    ] = None,
+    budget: opt.Budget = None,
     lr: Annotated[
         float | None, typer.Option(help="Peak lr alpha at batch 4096, scaled by batch/4096 (default: recipe, 1.6).")
     ] = None,

@@ -86,7 +86,7 @@ def models(
             (
                 r["name"],
                 r["family"],
-                _millions(r["params"]),
+                format_params(r["params"]),
                 f"{r['macs'] / 1e9:.2f}" if r["macs"] >= 1e7 else f"{r['macs'] / 1e9:.4f}",
                 r["resolution"],
                 f"{r['train_resolution']}/{r['eval_resolution']}",
@@ -98,8 +98,8 @@ def models(
     )
 
 
-def _millions(params: int) -> str:
-    """``25.6M``, ``45.1k`` or ``512``: a model under 50k parameters never shows as ``0.0M``."""
+def format_params(params: int) -> str:
+    """A parameter count as ``models`` shows it: ``25.6M``, ``45.1k`` or ``512`` (a tiny model never shows ``0.0M``)."""
     if params >= 999_950:
         return f"{params / 1e6:.1f}M"
     return f"{params / 1e3:.1f}k" if params >= 1000 else str(params)

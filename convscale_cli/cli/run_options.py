@@ -10,6 +10,13 @@ import typer
 ConfigFile = Annotated[Path | None, typer.Option("--config", help="Run config TOML (flags override it).")]
 Out = Annotated[str | None, typer.Option(help="Run directory (created; rerun to resume).")]
 Steps = Annotated[int | None, typer.Option(help="Duration in optimiser steps.")]
+Budget = Annotated[
+    str | None,
+    typer.Option(
+        help="Stop cleanly once spent, in model FLOPs as plan converts it: 2-cpu-hours, 1e15-flops, "
+        "0.01-core-hours (TPU-v4); alone, it sets the duration."
+    ),
+]
 Precision = Annotated[
     str | None, typer.Option(help="bf16 activations (fp32 params) or fp32 (default: fp32 on CPU, bf16 on GPU/TPU).")
 ]

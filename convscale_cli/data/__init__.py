@@ -12,12 +12,12 @@ Public API (imported lazily, so ``import convscale_cli.data`` never pulls in jax
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
 from collections.abc import Mapping
 from typing import Any
 
 from convscale_cli.errors import CheckpointError
+from convscale_cli.lazy import attach
 
 # The ImageNet statistics DeepMind's NFNets (and timm's dm_nfnet weights) normalise with (0-255 scale, RGB).
 IMAGENET_MEAN: tuple[float, float, float] = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -97,14 +97,4 @@ _LAZY = {
 
 __all__ = ["IMAGENET", "IMAGENET_MEAN", "IMAGENET_STD", "INCEPTION", "Normalization", *_LAZY]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = attach(__name__, _LAZY, __all__)

@@ -1,6 +1,6 @@
 """Per-example image transforms run on the host (in Grain workers): training crops and flips, evaluation crops.
 
-Training default follows the NFNet JFT pre-training recipe the paper reuses (Smith et al. 2023 §1.3; Brock et al.
+Training default follows the NFNet JFT pre-training recipe the paper reuses (Smith et al. 2023 §2; Brock et al.
 2021 §6.2/A.5: "no augmentation beyond random crops and flips"): an Inception-style random-resized crop and a
 horizontal flip. Fine-tuning adds RandAugment (host, :mod:`convscale_cli.data.randaugment`), and MixUp/CutMix and
 label smoothing (device, :func:`convscale_cli.data.device.mix_batch`, because they mix pairs of examples), and

@@ -68,13 +68,9 @@ def pretrain(config: PretrainConfig, registry: Registry | None = None, *, pipeli
 
 
 def _done(config: PretrainConfig, previous: dict[str, Any]) -> bool:
-    """Whether a rerun has nothing to do: the run finished, spent this budget, or paused at or past ``stop_step``."""
+    """Whether a rerun has nothing to do: the run finished, or paused at or past ``stop_step``."""
     status = previous.get("status")
-    return (
-        status == "finished"
-        or (status == "budget" and previous.get("budget") == config.budget)
-        or (status == "paused" and _paused_past(previous, config.stop_step))
-    )
+    return status == "finished" or (status == "paused" and _paused_past(previous, config.stop_step))
 
 
 def _paused_past(previous: dict[str, Any], stop_step: int | None) -> bool:
@@ -135,14 +131,9 @@ def _start(
 
 
 def _summary(run: ResolvedRun, ledger: Ledger) -> dict[str, Any]:
-    """Pre-training's keys of ``summary.json``: the budget and what it spent, and where a trunk paused."""
+    """Pre-training's keys of ``summary.json``: where a trunk paused."""
     config = run.config
-    out: dict[str, Any] = {"budget": config.budget}
-    if run.budget is not None:
-        out["budget_spent"] = ledger.spent(run.budget)
-    if config.stop_step is not None:
-        out["stop_step"] = config.stop_step
-    return out
+    return {"stop_step": config.stop_step} if config.stop_step is not None else {}
 
 
 __all__ = ["PretrainConfig", "pretrain", "primary_process"]

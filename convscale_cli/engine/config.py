@@ -73,7 +73,7 @@ class PretrainConfig:
     holdout: float = 0.0
 
     # --- how long (one of these, or a FLOP/core-hour budget) -------------------------------------------------------
-    epochs: float | None = None  # passes over the train split; fractional epochs are exact (paper: 0.25 .. 8, §1.3)
+    epochs: float | None = None  # passes over the train split; fractional epochs are exact (paper: 0.25 .. 8)
     examples: int | None = None  # training examples seen
     steps: int | None = None  # optimiser steps
     # Compute budget ("2-cpu-hours", "1e15-flops", "0.01-core-hours") in model FLOPs, a device-hour budget converted
@@ -94,7 +94,7 @@ class PretrainConfig:
     branch_step: int | None = None
 
     # --- recipe (None: the architecture's Recipe) ------------------------------------------------------------------
-    batch_size: int | None = None  # global batch; default the recipe's base batch (4096 in the paper, §1.3)
+    batch_size: int | None = None  # global batch; default the recipe's base batch (4096 in the paper)
     # Peak learning rate alpha quoted at the recipe's base batch (4096) and scaled linearly: lr = alpha * B / 4096.
     lr: float | None = None
     loss: LossName | None = None  # softmax cross-entropy or sigmoid (multi-label) cross-entropy
@@ -102,7 +102,7 @@ class PretrainConfig:
     recipe: dict[str, Any] = dataclasses.field(default_factory=dict)  # any other Recipe field, e.g. weight_decay
     stochdepth_rate: float = 0.0  # the JFT pre-training recipe uses no stochastic depth (NFNet 2021 A.5)
     drop_rate: float = 0.0  # nor dropout
-    resolution: int | None = None  # training resolution; default the model's (224 in the paper, §1.3)
+    resolution: int | None = None  # training resolution; default the model's (224 in the paper)
     eval_resolution: int | None = None  # held-out resolution; default the model's (256 in the paper)
     # bf16 activations with fp32 params/optimizer (NFNet A.1), or fp32. None: the run's own when resuming, else fp32
     # on CPU (XLA emulates bf16 arithmetic there: slower than fp32) and bf16 on accelerators (default_precision).
@@ -149,12 +149,8 @@ class PretrainConfig:
             raise ConfigError("dataset is required, e.g. `dataset=shapes`")
         if not self.out:
             raise ConfigError("out (the run directory) is required, e.g. `out=runs/f0-shapes`")
-        given = [k for k in ("epochs", "examples", "steps") if getattr(self, k) is not None]
-        if len(given) > 1:
-            raise ConfigError(f"give one duration, not {' and '.join(given)}: choose epochs, examples or steps")
-        if not given and self.budget is None:
-            raise ConfigError("no duration: give epochs, examples, steps or a FLOP/core-hour budget")
-        _positive(self, "epochs", "examples", "steps", "batch_size", "lr", "resolution", "eval_resolution")
+        check_duration(self)
+        _positive(self, "batch_size", "lr", "resolution", "eval_resolution")
         _positive(self, "num_classes")
         if self.label_smoothing is not None and not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing = {self.label_smoothing!r} must be in [0, 1)")
@@ -172,10 +168,27 @@ class PretrainConfig:
             raise ConfigError(f"keep_steps = {list(self.keep_steps)!r} must hold step numbers >= 1")
         if (self.branch_from is None) != (self.branch_step is None):
             raise ConfigError("branch_from and branch_step go together: the trunk's run directory and its step")
-        if self.budget is not None:
-            from convscale_cli.budget import parse_budget
 
-            parse_budget(self.budget)  # fail at config time, not after compiling
+
+def check_duration(config: Any) -> None:
+    """Validate a run's duration, the same for pre-training and fine-tuning: at most one of ``epochs``, ``examples``
+    and ``steps``, and a compute ``budget`` that sets the duration when it stands alone and stops the run early when
+    one of them is given.
+
+    Raises:
+        ConfigError: no duration, several, or one that is not a finite number > 0.
+        UsageError: a budget :func:`convscale_cli.budget.parse_budget` cannot read (here, not after compiling).
+    """
+    given = [k for k in ("epochs", "examples", "steps") if getattr(config, k) is not None]
+    if len(given) > 1:
+        raise ConfigError(f"give one duration, not {' and '.join(given)}: choose epochs, examples or steps")
+    if not given and config.budget is None:
+        raise ConfigError("no duration: give epochs, examples, steps or a FLOP/core-hour budget")
+    _positive(config, "epochs", "examples", "steps")
+    if config.budget is not None:
+        from convscale_cli.budget import parse_budget
+
+        parse_budget(config.budget)
 
 
 def check_run_settings(config: Any) -> None:

@@ -1,7 +1,7 @@
 """The compute ledger: what a run has spent, in examples, FLOPs, device-seconds and TPU-v4 core-hours.
 
-Smith et al. (2023) put every run on an axis of TPU-v4 core-hours estimated from steps per second (footnote 2,
-paper-facts §1.6). The ledger keeps both sides of that conversion: the analytic model FLOPs (``6 x MACs x examples``)
+Smith et al. (2023) put every run on an axis of TPU-v4 core-hours estimated from steps per second (footnote 2;
+docs/paper-notes.md). The ledger keeps both sides of that conversion: the analytic model FLOPs (``6 x MACs x examples``)
 and XLA's own count, the measured device-seconds per activity, and the MFU they imply against the hardware table of
 :mod:`convscale_cli.budget`. It is saved in every checkpoint, so a resumed run keeps counting (big_vision ``Chrono``),
 and the time lost to a crash (device-seconds since the last checkpoint) is charged on resume.

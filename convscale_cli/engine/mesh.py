@@ -83,9 +83,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def _fsdp_spec(shape: tuple[int, ...], devices: int) -> PartitionSpec:
-    # Split the largest dimension the device count divides; small or indivisible arrays (gains, biases) stay
-    # replicated, where sharding would cost more in communication than it saves in memory.
+def fsdp_spec(shape: tuple[int, ...], devices: int) -> PartitionSpec:
+    """How ``fsdp`` splits an array of ``shape`` over ``devices``: along its largest dimension that ``devices`` divides.
+
+    Small or indivisible arrays (gains, biases) stay replicated, where sharding would cost more in communication than
+    it saves in memory.
+    """
     if devices == 1 or int(np.prod(shape, dtype=np.int64)) < 2**12:
         return PartitionSpec()
     for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
@@ -103,6 +106,6 @@ def state_shardings(abstract_state: Any, mesh: Mesh, *, fsdp: bool) -> Any:
         shape = tuple(getattr(x, "shape", ()))
         if not fsdp or not shape:
             return replicated(mesh)
-        return NamedSharding(mesh, _fsdp_spec(shape, mesh.size))
+        return NamedSharding(mesh, fsdp_spec(shape, mesh.size))
 
     return jax.tree_util.tree_map(leaf, abstract_state)

@@ -1,9 +1,10 @@
 """Optimisers of the recipes: SGD-Nesterov + unit-wise AGC for NFNets, AdamW / Adafactor + global clipping for ViTs.
 
-NFNet (Brock et al. 2021 §4, A.1; paper-facts §1.3, §3.8): gradients are clipped unit-wise (AGC, lambda 0.01,
+NFNet (Brock et al. 2021 §4, A.1; DM ``optim.py`` SGD_AGC): gradients are clipped unit-wise (AGC, lambda 0.01,
 eps 1e-3) on every parameter except the classifier weight, *then* the L2 weight decay is added to the gradient (it is
 not decoupled), then Nesterov momentum 0.9 and the learning rate. The schedule warms up linearly from 0 and decays
-with a cosine to 0 (§1.3). The peak learning rate is alpha quoted at batch 4096 and scaled linearly with the batch.
+with a cosine to 0 (Smith et al. 2023 §2). The peak learning rate is alpha quoted at batch 4096 and scaled linearly
+with the batch.
 
 A recipe may instead select the warm-up-stable-decay schedule (``schedule = "wsd"``; Hägele et al. 2024, "Scaling Laws
 and Compute-Optimal Training Beyond Fixed Training Durations"): the same warm-up, a constant rate, then a cooldown to
@@ -162,7 +163,7 @@ def learning_rate_schedule(
     """Linear warm-up from 0 over ``warmup_fraction`` of the run, then cosine decay to 0 at ``total_steps``.
 
     The warm-up is a fraction of the run rather than the ImageNet recipe's fixed 5 epochs, so 0.25-epoch budgets
-    (§1.3) still spend most steps at a useful learning rate. ``warmup_steps`` fixes its length instead.
+    (Smith et al. 2023 §2) still spend most steps at a useful learning rate. ``warmup_steps`` fixes its length instead.
     ``kind="wsd"`` holds the peak after the warm-up and cools down to 0 over the last ``cooldown_fraction`` of the
     steps (``cooldown_shape`` linear or 1-sqrt).
 

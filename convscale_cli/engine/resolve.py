@@ -76,6 +76,8 @@ class RunSettings(Protocol):
     def num_processes(self) -> int | None: ...
     @property
     def process_id(self) -> int | None: ...
+    @property
+    def budget(self) -> str | None: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,12 +259,25 @@ def with_precision(config: C, backend: str, saved: Mapping[str, Any] | None) -> 
     return dataclasses.replace(config, precision=precision), why
 
 
-def check_budget_buys_a_step(budget: Budget, batch_size: int, flops_per_example: float, model: str) -> None:
-    """Refuse a budget that cannot pay for one optimiser step, before anything compiles.
+def resolve_budget(
+    config: RunSettings, batch_size: int, flops_per_example: float, model: str
+) -> tuple[Budget | None, float | None]:
+    """``(budget, budget_flops)``: the run's parsed compute budget, and the FLOPs it sets the duration to when no
+    epochs, examples or steps are given (None when one is: the budget only stops the run early).
 
     Raises:
-        UsageError: naming what the budget buys, what one step costs and the smallest budget that buys one.
+        UsageError: a budget that cannot pay for one optimiser step, naming what it buys, what one step costs and
+            the smallest budget that buys one.
     """
+    if config.budget is None:
+        return None, None
+    budget = parse_budget(config.budget)
+    _check_budget_buys_a_step(budget, batch_size, flops_per_example, model)
+    sets_duration = all(getattr(config, k) is None for k in ("epochs", "examples", "steps"))
+    return budget, budget.to_flops() if sets_duration else None
+
+
+def _check_budget_buys_a_step(budget: Budget, batch_size: int, flops_per_example: float, model: str) -> None:
     step = batch_size * flops_per_example
     if budget.to_flops() < step:
         need = budget.from_flops(step)
@@ -315,12 +330,7 @@ def resolve(config: PretrainConfig, registry: Registry) -> ResolvedRun:
     augment_from_dict(augment)
     if config.hardware is not None:
         get_hardware(config.hardware)
-    budget = parse_budget(config.budget) if config.budget is not None else None
-    budget_flops = None
-    if budget is not None:
-        check_budget_buys_a_step(budget, batch_size, train_flops(macs), arch.name)
-        if config.epochs is None and config.examples is None and config.steps is None:
-            budget_flops = budget.to_flops()
+    budget, budget_flops = resolve_budget(config, batch_size, train_flops(macs), arch.name)
     duration = resolve_duration(
         train_size=train_size,
         batch_size=batch_size,
@@ -448,9 +458,9 @@ def header(run: ResolvedRun, precision_why: str, devices: int | None, backend: s
     """
     config = run.config
     train_size = int(run.info.split_sizes.get("train", 0))
-    notes = f"; stops at budget {config.budget}" if config.budget else ""
+    notes = ""
     if config.grad_accum_steps > 1:
-        notes += f"; {config.grad_accum_steps} micro-batches of {run.batch_size // config.grad_accum_steps} per step"
+        notes = f"; {config.grad_accum_steps} micro-batches of {run.batch_size // config.grad_accum_steps} per step"
     title = f"pretrain {run.arch.name} on {run.data.name} ({train_size} training examples) -> {config.out}"
     return run_header(run, title, notes, precision_why, devices, backend)
 
@@ -461,6 +471,8 @@ def run_header(
     """The header of any run: ``title``, then its duration (with ``notes``), learning rate, resolution, precision
     and devices (``devices`` None leaves them out)."""
     config, duration, recipe = run.config, run.duration, run.recipe
+    if config.budget:
+        notes = f"; stops at budget {config.budget}{notes}"
     chosen = config.precision or "auto"
     precision = chosen if precision_why == "given" else f"{chosen} ({precision_why})"
     return "\n".join(

@@ -1,6 +1,6 @@
 """Sharpness-aware minimisation (Foret et al. 2021) as the NFNet transfer recipe uses it.
 
-Smith et al. (2023 §3, paper-facts §2.1) fine-tune "using sharpness aware minimization (SAM) with stochastic depth
+Smith et al. (2023 §3) fine-tune "using sharpness aware minimization (SAM) with stochastic depth
 and dropout"; the NFNet recipe they build on uses rho = 0.05 and computes the ascent step on only **20% of the
 batch**, which makes SAM cost 20-40% more than a plain step instead of 100% (Brock et al. 2021 A.4-A.5).
 

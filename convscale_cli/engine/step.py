@@ -36,7 +36,7 @@ def per_example_loss(
         logits: ``[b, C]`` logits.
         labels: ``int[b]`` class indices, or ``float[b, C]`` multi-hot targets (multi-label datasets).
         loss: ``softmax`` (multi-hot targets are normalised to sum to 1) or ``sigmoid`` (independent binary
-            cross-entropies summed over classes, the ViT/JFT-3B loss, paper-facts §1.3).
+            cross-entropies summed over classes, the ViT/JFT-3B loss, Zhai et al. 2022 §3.3).
         num_classes: ``C``.
         label_smoothing: softmax only; mixes the targets with the uniform distribution (NFNet A.1 uses 0.1).
     """

@@ -2,7 +2,7 @@
 
 A duration is exactly one of epochs, examples, steps or a compute budget. Everything downstream (the data loader's
 ``num_examples``, the cosine schedule's length, the ledger's ETA) reads the :class:`Duration` this returns, so a
-0.25-epoch run (the paper's smallest budget, §1.3) means the same thing everywhere.
+0.25-epoch run (the paper's smallest budget) means the same thing everywhere.
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ def resolve_duration(
             examples).
         examples: training examples.
         steps: optimiser steps of ``batch_size`` examples each.
-        budget_flops: model-FLOP budget (``6 x MACs x examples``, §1.6 of the fact sheet); the run takes as many
-            whole examples as fit.
+        budget_flops: model-FLOP budget (``6 x MACs x examples``, :func:`convscale_cli.budget.train_flops`); the run
+            takes as many whole examples as fit.
         flops_per_example: training FLOPs of one example, required with ``budget_flops``.
 
     Raises:

@@ -61,7 +61,8 @@ class RunKind:
         step_options: static options of :func:`~convscale_cli.engine.step.train_step` besides the model, optimiser,
             loss and normalisation (label smoothing, EMA decay, SAM, mixing, gradient accumulation); hashable.
         summary: ``summary(run, ledger) -> dict``: the summary's keys of this kind, added to the common ones.
-        done: ``done(previous) -> bool``: a rerun finds this ``summary.json`` and has nothing to do.
+        done: ``done(previous) -> bool``: a rerun finds this ``summary.json`` and has nothing to do (a run that
+            stopped at the same compute budget has nothing to do whatever its kind).
         header: printed before anything compiles.
         augment: the training loader's augmentation (None: the pipeline's default).
         holdout: fraction of the train split held out when the dataset has no ``eval`` split.
@@ -147,7 +148,7 @@ def train_run(
     resuming = rundir.prepare(resolved, force=config.force)
     progress = Progress(run.duration.steps, mode=config.progress if primary_process() else "none")
     previous = rundir.summary() if resuming else None
-    if previous and kind.done(previous):
+    if previous and (kind.done(previous) or spent_this_budget(previous, config.budget)):
         progress.message(
             f"{config.out}: run already {previous['status']} at step {previous.get('steps')}; nothing to do"
         )
@@ -334,6 +335,12 @@ class _Session:
         return final, final_ema
 
 
+def spent_this_budget(previous: dict[str, Any], budget: str | None) -> bool:
+    """Whether the run whose ``summary.json`` is ``previous`` stopped at ``budget`` (a rerun has nothing to do; a
+    rerun with a larger budget continues it)."""
+    return previous.get("status") == "budget" and previous.get("budget") == budget
+
+
 def build_summary(
     run: RunSpec,
     resolved: dict[str, Any],
@@ -373,6 +380,8 @@ def build_summary(
         "steps": step,
         "total_steps": run.duration.steps,
         "final": final,
+        "budget": config.budget,
+        **({"budget_spent": ledger.spent(run.budget)} if run.budget is not None else {}),
         **kind.summary(run, ledger),
         "ledger": ledger.summary(),
         "config": resolved,
@@ -391,6 +400,7 @@ __all__ = [
     "build_summary",
     "open_run",
     "primary_process",
+    "spent_this_budget",
     "sync",
     "train_run",
 ]

@@ -9,8 +9,7 @@ Public API (imported lazily, so ``import convscale_cli.finetune`` never pulls in
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from convscale_cli.lazy import attach
 
 _LAZY = {
     "FinetuneConfig": "config",
@@ -21,14 +20,4 @@ _LAZY = {
 
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = attach(__name__, _LAZY, __all__)

@@ -1,6 +1,6 @@
 """The fine-tuning run config: a frozen dataclass filled from a TOML file, CLI flags and ``--set`` overrides.
 
-Defaults are the transfer recipe of Smith et al. (2023 §3, paper-facts §2.1) where the paper states it (SAM, stochastic
+Defaults are the transfer recipe of Smith et al. (2023 §3) where the paper states it (SAM, stochastic
 depth, dropout, optional repeated augmentation with multiplicity 4) and the NFNet 2021 JFT -> ImageNet recipe it builds
 on where it does not (Brock et al. 2021 A.4-A.5: SAM rho 0.05 on 20% of the batch, stochastic depth 0.1, dropout
 0.25, weight decay 1e-5, EMA 0.9999, batch 2048 at lr 0.1). ``None`` means "the model's recipe / spec default".
@@ -14,7 +14,7 @@ import dataclasses
 import math
 from typing import Any, Literal
 
-from convscale_cli.engine.config import RECIPE_FIELDS, check_known, check_run_settings
+from convscale_cli.engine.config import RECIPE_FIELDS, check_duration, check_known, check_run_settings
 from convscale_cli.errors import ConfigError
 from convscale_cli.recipe import DEFAULT_EMA_DECAY, DEFAULT_SAM_FRACTION, DEFAULT_SAM_RHO
 
@@ -31,7 +31,7 @@ _AUGMENT_FIELDS = frozenset({"crop", "min_area", "max_area", "aspect_ratio", "fl
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig:
-    """Everything a fine-tuning run needs. Exactly one duration (epochs, examples or steps) is required."""
+    """Everything a fine-tuning run needs. One duration (epochs, examples or steps) or a compute budget is required."""
 
     # --- what to fine-tune ----------------------------------------------------------------------------------------
     # ``--from``: a pre-training run directory (its newest checkpoint), one checkpoint directory inside it
@@ -51,6 +51,9 @@ class FinetuneConfig:
     epochs: float | None = None
     examples: int | None = None
     steps: int | None = None
+    # Compute budget ("2-cpu-hours", "1e15-flops"), counted as in pre-training (model FLOPs, here with the SAM ascent
+    # pass): it sets the duration when none is given, else the run stops cleanly with status "budget" once spent.
+    budget: str | None = None
 
     # --- optimiser (the architecture's recipe with these overrides) ------------------------------------------------
     batch_size: int | None = None  # global batch; default DEFAULT_BATCH_SIZE (NFNet A.5)
@@ -114,13 +117,8 @@ class FinetuneConfig:
         for key in ("pretrained", "dataset", "out"):
             if not getattr(self, key):
                 raise ConfigError(f"{key} is required (`{key}`)")
-        given = [k for k in ("epochs", "examples", "steps") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ConfigError(f"give exactly one duration (epochs, examples or steps), got {given or 'none'}")
+        check_duration(self)
         for key in (
-            "epochs",
-            "examples",
-            "steps",
             "batch_size",
             "lr",
             "resolution",

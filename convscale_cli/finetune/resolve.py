@@ -13,7 +13,7 @@ from typing import Any
 from convscale_cli.budget import get_hardware, train_flops
 from convscale_cli.config import check_options, from_dict, to_dict
 from convscale_cli.data.augment import DEFAULT_EVAL_CROP_FRACTION, AugmentConfig
-from convscale_cli.engine.resolve import RunSpec, resolve_sizes, resolved_layout, run_header
+from convscale_cli.engine.resolve import RunSpec, resolve_budget, resolve_sizes, resolved_layout, run_header
 from convscale_cli.engine.steps import resolve_duration
 from convscale_cli.errors import UsageError
 from convscale_cli.finetune.backbone import Pretrained, locate
@@ -33,7 +33,7 @@ class FinetuneRun(RunSpec):
         augment: the host-side and on-device augmentation (the dataset's defaults updated with the config's).
 
     Its ``arch`` is the checkpoint's architecture; ``build_options`` are the checkpoint's, plus stochastic depth and
-    dropout; ``budget`` is None (fine-tuning has no compute-budget stop); ``eval_crop`` is the config's, else the
+    dropout; ``budget`` counts the SAM ascent pass (:func:`finetune_flops`); ``eval_crop`` is the config's, else the
     dataset's, else 0.875.
     """
 
@@ -43,10 +43,15 @@ class FinetuneRun(RunSpec):
 
     @property
     def flops_per_example(self) -> float:
-        """Training FLOPs of one example (:func:`convscale_cli.budget.train_flops`), plus the SAM ascent pass over
-        ``sam_fraction`` of the batch."""
-        sam = self.config.sam_fraction if self.config.sam_rho > 0 else 0.0
-        return train_flops(self.macs_per_image) * (1.0 + sam)
+        """Training FLOPs of one example: see :func:`finetune_flops`."""
+        return finetune_flops(self.macs_per_image, self.config)
+
+
+def finetune_flops(macs_per_image: int, config: FinetuneConfig) -> float:
+    """Training FLOPs of one fine-tuning example (:func:`convscale_cli.budget.train_flops`), plus the SAM ascent pass
+    over ``sam_fraction`` of the batch (Foret et al. 2021: one more forward and backward pass on those rows)."""
+    sam = config.sam_fraction if config.sam_rho > 0 else 0.0
+    return train_flops(macs_per_image) * (1.0 + sam)
 
 
 def _recipe(base: Recipe, config: FinetuneConfig) -> Recipe:
@@ -70,7 +75,7 @@ def resolve(config: FinetuneConfig, registry: Registry) -> FinetuneRun:
     Raises:
         CheckpointError: ``--from`` is not a usable checkpoint.
         UsageError: ``--model`` differs from the checkpoint's architecture, a resolution the model refuses, an
-            unknown dataset or option, a duration under one example.
+            unknown dataset or option, a duration under one example, a budget that buys no step.
     """
     pre = locate(config.pretrained)
     arch = registry.architecture(pre.architecture)
@@ -103,12 +108,16 @@ def resolve(config: FinetuneConfig, registry: Registry) -> FinetuneRun:
     )
     if config.hardware is not None:
         get_hardware(config.hardware)  # before the run directory is claimed
+    macs = int(arch.count(resolution, num_classes).macs)
+    budget, budget_flops = resolve_budget(config, batch_size, finetune_flops(macs, config), arch.name)
     duration = resolve_duration(
         train_size=int(info.split_sizes.get("train", 0)),
         batch_size=batch_size,
         epochs=config.epochs,
         examples=config.examples,
         steps=config.steps,
+        budget_flops=budget_flops,
+        flops_per_example=finetune_flops(macs, config),
     )
     return FinetuneRun(
         config=config,
@@ -125,8 +134,8 @@ def resolve(config: FinetuneConfig, registry: Registry) -> FinetuneRun:
         eval_resolution=eval_resolution,
         num_classes=num_classes,
         duration=duration,
-        macs_per_image=int(arch.count(resolution, num_classes).macs),
-        budget=None,
+        macs_per_image=macs,
+        budget=budget,
         eval_crop=config.eval_crop_fraction or data.eval_crop or DEFAULT_EVAL_CROP_FRACTION,
         # The backbone's parameters were trained on inputs normalised this way; from-scratch baselines share it so
         # that the two runs of a comparison see the same inputs.

@@ -58,7 +58,7 @@ DEFAULTS: dict[str, Any] = {
     "classes": 420,  # label space: 420, 210, 70 or 10 (see the module docstring)
 }
 # Divisor of the 420-class label for each coarser label space. The renderer's class index varies layout fastest, then
-# texture, then colour (``_shapes_render.class_index``), so merging the fastest factors is one integer division.
+# texture, then colour (``shapes_render.class_index``), so merging the fastest factors is one integer division.
 CLASS_DIVISORS = {420: 1, 210: 2, 70: 6, 10: 42}
 # Splits up to this many image bytes per process are kept in memory (a 32 px image is 3 KiB: ~87k images).
 CACHE_BYTES = 256 << 20
@@ -78,6 +78,11 @@ class _RenderCache:
 # One cache per (seed, split, size, resolution, clutter) and process: the runs of a sweep share it, and a Grain worker
 # process builds its own (the cache is never pickled with the source).
 _CACHES: dict[tuple, _RenderCache] = {}
+
+
+def clear_cache() -> None:
+    """Drop every split this process has rendered (frees its memory; the next read renders again)."""
+    _CACHES.clear()
 
 
 def _cache_for(key: tuple, size: int, resolution: int) -> _RenderCache | None:
@@ -120,7 +125,7 @@ class ShapesSource:
 
     def _render(self, index: int) -> tuple[Any, list[int]]:
         """``(image, present)``: the image and the 420-class labels of its objects (main object first)."""
-        from convscale_plugins.datasets._shapes_render import render
+        from convscale_plugins.datasets.shapes_render import render
 
         key = (self.seed, self._split_key, self.size, self.resolution, self.clutter)
         cache = _cache_for(key, self.size, self.resolution)

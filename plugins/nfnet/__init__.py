@@ -3,7 +3,7 @@
 Registers, through the same ``register_architectures`` hook a third-party plugin uses:
 
 * ``nfnet-f0`` .. ``nfnet-f7`` and the wider ``nfnet-f0+`` .. ``nfnet-f7+`` (tag ``paper``), whose analytic counts
-  reproduce the NFNet paper's Table 3 and paper-facts §3.7; F0-F6 import timm ``dm_nfnet_fN`` state dicts.
+  reproduce the NFNet paper's Table 3 and docs/paper-notes.md; F0-F6 import timm ``dm_nfnet_fN`` state dicts.
 * the laptop ladder ``nfnet-tiny-l0`` .. ``nfnet-tiny-l6`` (tag ``ladder``): the same block structure at 1/16 .. 1/2
   width and F0/F1-style depths, trained and evaluated at 32 px, spanning 120x in MACs;
 * the width-only ladder ``nfnet-w64``, ``nfnet-w32``, ``nfnet-w16``, ``nfnet-w8``, ``nfnet-w4``, ``nfnet-w2`` (tags
@@ -52,9 +52,9 @@ from convscale_cli.registry import ArchitectureSpec, MeasuredLr, ModelCount
 
 __all__ = ["NUMERICS", "RECIPE", "VARIANTS", "build", "count", "options", "register_architectures", "spec"]
 
-# The NFNet 2021 JFT pre-training recipe that 2310.16764 says it reused (paper-facts §1.3, §3.8): SGD + Nesterov 0.9,
-# peak lr 0.1 x B/256 = 1.6 at batch 4096, AGC lambda 0.01 (eps 1e-3) on everything but the classifier weight,
-# L2 weight decay 1e-6 except on WS gains, biases and skip gains, softmax cross-entropy (the JFT loss is not stated).
+# The NFNet 2021 JFT pre-training recipe that 2310.16764 says it reused (Brock et al. 2021 A.1, A.5): SGD + Nesterov
+# 0.9, peak lr 0.1 x B/256 = 1.6 at batch 4096, AGC lambda 0.01 (eps 1e-3) on everything but the classifier weight, L2
+# weight decay 1e-6 except on WS gains, biases and skip gains, softmax cross-entropy (the JFT loss is not stated).
 RECIPE = Recipe(
     optimizer="sgd",
     lr=1.6,

@@ -5,15 +5,15 @@ Reference: github.com/google-deepmind/deepmind-research nfnets/nfnet.py and base
 ``se_ratio``, ``conv0``/``conv1``/``conv1b``/``conv2``/``conv_shortcut``) are kept so the two can be read side by side.
 The architecture itself (block plan, widths, betas) comes from :mod:`convscale_plugins.nfnet.variants`.
 
-Options and where they depart from the paper text (paper-facts §3):
+Options and where they depart from the paper text (Brock et al. 2021; DM ``nfnet.py``):
     activation: "gelu" (default) is ``jax.nn.gelu`` as DM calls it, i.e. the tanh approximation; "gelu_exact" is
         the erf GELU of PyTorch/timm (same gamma). Every nonlinearity of DM's table is available, scaled by its gamma.
     se_activation: the SE inner nonlinearity, unscaled. "relu" as in the released code (default); the paper's
         App. C writes GELU: use "gelu".
     plus_stage1_mid ("+" variants only): 128 = the code's rounding (192 // 128 = 1 group of 128); 192 = one
-        unrounded group of 192, which reproduces the paper's F4+ at 527M params / 367B MACs (paper-facts §3.7).
-    stochdepth_rate: 0.0 by default (JFT pre-training recipe, paper-facts §1.3); set 0.25 (ImageNet from scratch) or
-        0.1 for fine-tuning. Per-block rate = stochdepth_rate * block_index / num_blocks, dropped per example, no
+        unrounded group of 192, which reproduces the paper's F4+ at 527M params / 367B MACs (docs/paper-notes.md).
+    stochdepth_rate: 0.0 by default (JFT pre-training recipe, Brock et al. 2021 A.5); set 0.25 (ImageNet from scratch)
+        or 0.1 for fine-tuning. Per-block rate = stochdepth_rate * block_index / num_blocks, dropped per example, no
         1/keep rescaling (DM ``StochDepth(scale_by_keep=False)``).
     ws_eps, ws_eps_style: Scaled WS computes ``(w - mean) * rsqrt(max(var * fan_in, ws_eps)) * gain`` with
         ws_eps = 1e-4 in DM style ("dm"); timm's ScaledStdConv2d computes ``(w - mean) * rsqrt((var + ws_eps) *
@@ -203,7 +203,7 @@ def stochastic_depth(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
 
 
 class NFBlock(nn.Module):
-    """Pre-activation bottleneck: two grouped 3x3 convs, SE, stochastic depth, skip gain, alpha (paper-facts §3.3)."""
+    """Pre-activation bottleneck: two grouped 3x3 convs, SE, stochastic depth, skip gain, alpha (NFNet 2021 App. C)."""
 
     plan: BlockPlan
     alpha: float = 0.2

@@ -2,7 +2,7 @@
 
 timm's ``dm_nfnet_*`` (timm/models/nfnet.py, ``_dm_nfnet_cfg``) are DeepMind's NFNets with DM's weights:
 ``gamma_in_act=True``, ``same_padding=True`` (ScaledStdConv2dSame, TF-style SAME), ``skipinit=True``. Module names
-map one to one (paper-facts §3.2-3.3)::
+map one to one (timm ``nfnet.py``, DM ``nfnet.py``)::
 
     stem.conv{1..4}                    -> stem/conv{0..3}
     stages.S.B.conv1/conv2/conv2b/conv3 -> stageS/blockB/conv0/conv1/conv1b/conv2
@@ -66,7 +66,12 @@ def timm_name(path: str) -> tuple[str, str]:
     }[leaf]
 
 
-def _timm_shape(shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
+def timm_shape(shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
+    """The shape timm stores for our parameter of ``shape``, given its conversion ``kind`` from :func:`timm_name`.
+
+    timm keeps PyTorch layouts: convolutions ``(out, in, h, w)`` where flax has ``(h, w, in, out)``, linear weights
+    transposed, and gains as ``(out, 1, 1, 1)``.
+    """
     if kind == "conv":
         h, w, i, o = shape
         return (o, i, h, w)
@@ -122,7 +127,7 @@ def import_timm(variant: Variant, tensors: Mapping[str, Any], num_classes: int |
     used: set[str] = set()
     for path, shape in shapes.items():
         name, kind = timm_name(path)
-        expected = _timm_shape(shape, kind)
+        expected = timm_shape(shape, kind)
         if name not in tensors:
             raise UsageError(f"{source} state dict has no tensor {name!r} (needed for {variant.name} {path})")
         array = _as_numpy(tensors[name])

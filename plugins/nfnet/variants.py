@@ -4,7 +4,7 @@ The block plan (:func:`block_plan`) is the single description of the network: th
 exactly these blocks, :func:`param_shapes` lists exactly the parameters it creates (a test checks the two against
 ``jax.eval_shape``) and :func:`count_macs` follows DeepMind's ``count_flops`` (deepmind-research nfnets/nfnet.py), so
 the NFNet paper's Table 3 "FLOPs", which are multiply-accumulates at the test resolution, come out exactly
-(paper-facts §3.1, §3.7).
+(docs/paper-notes.md).
 
 One deliberate difference from ``count_flops``: DM divides the feature-map size by each stride as a float, whereas
 here it is rounded up like the SAME-padded convolutions really do. For resolutions divisible by 32 (every resolution
@@ -18,7 +18,7 @@ import math
 from collections.abc import Iterator
 
 # Activation gains gamma of DM base.py `nonlinearities` (timm `_nonlin_gamma`): Var(gamma * act(x)) = 1 for
-# x ~ N(0, 1) (paper-facts §3.4). "gelu" is jax.nn.gelu as DM calls it (tanh approximation); "gelu_exact" is the erf
+# x ~ N(0, 1) (Brock et al. 2021 §3). "gelu" is jax.nn.gelu as DM calls it (tanh approximation); "gelu_exact" is the erf
 # GELU that PyTorch/timm use, with the same gamma, needed for numerical parity with timm.
 GAMMA: dict[str, float] = {
     "identity": 1.0,
@@ -60,7 +60,7 @@ class NFNetConfig:
     final_conv_mult: int = 2  # head 1x1 conv to final_conv_mult x widths[-1] channels
     drop_rate: float = 0.2  # dropout on the pooled features
     # Bottleneck width of stage 1 when not None, instead of the code's rounding (one group of this width if it is
-    # smaller than 2 * group_size). 192 reproduces the paper's F4+ (527M / 367B, paper-facts §3.7).
+    # smaller than 2 * group_size). 192 reproduces the paper's F4+ (527M / 367B, docs/paper-notes.md).
     stage1_mid: int | None = None
 
     def __post_init__(self) -> None:
@@ -115,7 +115,7 @@ def bottleneck(config: NFNetConfig, stage: int) -> tuple[int, int]:
 
 
 def block_plan(config: NFNetConfig) -> list[BlockPlan]:
-    """All blocks in order, with the signal-propagation constants of DM nfnet.py (paper-facts §3.3-3.4)."""
+    """All blocks in order, with the signal-propagation constants of DM nfnet.py (Brock et al. 2021 §3, App. C)."""
     plan = []
     ch = config.stem_out
     expected_std = 1.0
@@ -213,7 +213,8 @@ def count_macs(config: NFNetConfig, resolution: int, num_classes: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The variant table (paper-facts §3.1; DM base.py nfnet_params). "+" variants keep depth, dropout and resolutions.
+# The variant table (Brock et al. 2021 Table 1; DM base.py nfnet_params). "+" variants keep depth, dropout and
+# resolutions.
 
 
 @dataclasses.dataclass(frozen=True)

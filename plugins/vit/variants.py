@@ -1,9 +1,9 @@
 """ViT variants as data, and their analytic parameter / MAC counts (pure Python: no jax, no numpy).
 
-Shapes are Table 2 of Zhai et al. 2022, "Scaling Vision Transformers" (paper-facts §4.1), plus SoViT-400m
-(Alabdulmohsin et al. 2023, paper-facts §4.2) and a laptop ladder. :func:`param_shapes` lists exactly the parameters
-the Flax model in ``model.py`` creates (a test checks the two against ``jax.eval_shape``) and :func:`count_macs`
-counts the matrix multiplications of one forward pass (a test checks it against XLA's ``cost_analysis()``).
+Shapes are Table 2 of Zhai et al. 2022, "Scaling Vision Transformers", plus SoViT-400m (Alabdulmohsin et al. 2023,
+"Getting ViT in Shape") and a laptop ladder. :func:`param_shapes` lists exactly the parameters the Flax model in
+``model.py`` creates (a test checks the two against ``jax.eval_shape``) and :func:`count_macs` counts the matrix
+multiplications of one forward pass (a test checks it against XLA's ``cost_analysis()``).
 
 What the published parameter counts include (checked by tests/test_vit.py):
     * Zhai et al. Table 2 (L/16 303M, g/14 1011M, G/14 1843M) is the encoder alone: patch embedding, learned
@@ -195,7 +195,7 @@ def _paper_variants() -> list[Variant]:
     for key, (display, width, depth, mlp, heads, timm_names) in _SHAPES.items():
         patches = (16, 14, 32) if key == "b" else (16, 14)
         for patch in patches:
-            # Pre-training at 224 px as in Zhai et al. and 2310.16764 (paper-facts §1.4, §4.1); fine-tuning raises
+            # Pre-training at 224 px as in Zhai et al. and 2310.16764 §2; fine-tuning raises
             # the resolution and resizes the position embedding.
             out.append(
                 Variant(

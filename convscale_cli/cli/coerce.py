@@ -16,7 +16,7 @@ import dataclasses
 import re
 from typing import Any
 
-_MISS = object()
+UNDECIDED = object()  # fast_value's answer when only typer's own adapter can coerce the value
 # Plain decimal numerals only: pydantic's lax parsing also accepts "1_000", " 7 ", "0x1f" or "1.0" for an int; those
 # (and every error) are left to it so the accepted values and the messages stay exactly typer's.
 _INT = re.compile(r"-?(?:0|[1-9][0-9]{0,17})")
@@ -24,22 +24,22 @@ _FLOAT = re.compile(r"-?[0-9]{1,15}(?:\.[0-9]{1,15})?(?:[eE]-?[0-9]{1,2})?")
 
 
 def fast_value(annotation: Any, parameter_info: Any, file_annotation: Any, value: Any) -> Any:
-    """The value typer would produce for ``value``, or ``_MISS`` when only typer's adapter can tell."""
+    """The value typer would produce for ``value``, or ``UNDECIDED`` when only typer's adapter can tell."""
     if file_annotation is not None or parameter_info.parser is not None:
-        return _MISS
+        return UNDECIDED
     if annotation is str:
-        return value if type(value) is str else _MISS
+        return value if type(value) is str else UNDECIDED
     if annotation not in (int, float):
-        return _MISS
+        return UNDECIDED
     if parameter_info.min is not None or parameter_info.max is not None or parameter_info.clamp:
-        return _MISS
+        return UNDECIDED
     if type(value) is annotation:
         return value
     if type(value) is str:
         pattern = _INT if annotation is int else _FLOAT
         if pattern.fullmatch(value):
             return annotation(value)
-    return _MISS
+    return UNDECIDED
 
 
 def install() -> bool:
@@ -62,7 +62,7 @@ def install() -> bool:
 
         def _coerce_value(self, value: Any, param: Any, ctx: Any) -> Any:
             result = fast_value(self.annotation, self.parameter_info, self.descriptor.file_annotation, value)
-            if result is not _MISS:
+            if result is not UNDECIDED:
                 return result
             if not self.full:
                 self.full.append(build(self.descriptor))
