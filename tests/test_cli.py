@@ -194,9 +194,9 @@ def test_pretrain_dry_run_prints_the_resolved_run_without_jax(tmp_path) -> None:
 
 
 def test_models_table_shows_small_models_in_thousands(capsys: pytest.CaptureFixture[str]) -> None:
-    from convscale_cli.cli.registry_cmds import _millions
+    from convscale_cli.cli.registry_cmds import format_params
 
-    shown = [_millions(n) for n in (512, 25_400, 999_949, 999_950)]
+    shown = [format_params(n) for n in (512, 25_400, 999_949, 999_950)]
     assert shown == ["512", "25.4k", "999.9k", "1.0M"]
     assert main(["models", "vit-tiny-l0"]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("vit-tiny-l0"))
