@@ -26,9 +26,11 @@ SIZE = 16384
 
 
 @pytest.mark.slow
-# model, and the study's best held-out loss for it after one epoch
-@pytest.mark.parametrize(("model", "tuned"), [("vit-tiny-l0", 4.318), ("nfnet-tiny-l0", 4.762)])
-def test_the_planned_command_trains_as_printed(tmp_path: Path, model: str, tuned: float) -> None:
+# model, the study's best held-out loss for it after one epoch, and how far above it the planned run may land: the
+# NFNet must do at least as well as the quickstart's tuned cell; the ViT's cell comes from another study
+# (examples/convnet-vs-vit.toml, other engine settings), so it may land within that study's seed noise (~0.05).
+@pytest.mark.parametrize(("model", "tuned", "slack"), [("vit-tiny-l0", 4.318, 0.05), ("nfnet-tiny-l0", 4.762, 0.0)])
+def test_the_planned_command_trains_as_printed(tmp_path: Path, model: str, tuned: float, slack: float) -> None:
     from convscale_cli.plugins import load_plugins
 
     spec = load_plugins().registry.architecture(model)
@@ -50,6 +52,6 @@ def test_the_planned_command_trains_as_printed(tmp_path: Path, model: str, tuned
     assert run.returncode == 0, run.stderr[-2000:]
     out = tmp_path / command[command.index("--out") + 1]
     final = json.loads((out / "summary.json").read_text())["final"]
-    # Trains: far below chance, and about as low as the quickstart's tuned cell (its noise is ~0.05).
+    # Trains: far below chance, and as low as the tuned cell.
     assert final["eval_loss"] < CHANCE - 1.0, (recommendation["lr"], final)
-    assert final["eval_loss"] <= tuned + 0.15, (recommendation["lr"], final)
+    assert final["eval_loss"] <= tuned + slack, (recommendation["lr"], final)
