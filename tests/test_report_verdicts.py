@@ -57,7 +57,7 @@ def test_two_trials_per_cell_can_never_show_a_falling_lr(tmp_path: Path) -> None
     """The two-trial rule keeps alpha or alpha/2, so kept optima can only stay or halve: no evidence of a fall."""
     found = verdicts_of(scenarios()["two-trial"], tmp_path)
     assert found["lr_falls"].status == INCONCLUSIVE
-    assert found["lr_falls"].reason.startswith("two trials per cell cannot show a fall")
+    assert found["lr_falls"].reason.startswith("two learning rates per cell cannot show a fall")
 
 
 def test_one_lr_per_cell_says_so_and_not_two_trials(tmp_path: Path) -> None:

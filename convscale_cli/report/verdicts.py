@@ -201,7 +201,8 @@ def lr_falls(est: Estimates, boot: Bootstrap, noise: Noise, design: StudyDesign)
     tried = design.lrs_per_cell
     if len(tried) and tried.max() <= 2:
         why = (
-            "two trials per cell cannot show a fall (the two-trial rule keeps alpha or alpha/2 by design)"
+            "two learning rates per cell cannot show a fall (the better of two is always at an edge of the pair, so no "
+            "cell has an interior optimum; the two-trial rule keeps alpha or alpha/2 by design)"
             if tried.max() == 2
             else "one learning rate per cell cannot show a fall (no cell has an optimum to compare)"
         )
