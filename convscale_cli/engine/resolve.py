@@ -347,23 +347,39 @@ def resolve(config: PretrainConfig, registry: Registry) -> ResolvedRun:
         data=data,
         info=info,
         recipe=recipe,
-        batch_size=batch_size,
         build_options={
             "stochdepth_rate": config.stochdepth_rate,
             "drop_rate": config.drop_rate,
             **config.model_options,
         },
-        peak_lr=peak_learning_rate(recipe.lr, batch_size, recipe.base_batch_size),
-        resolution=resolution,
-        eval_resolution=eval_resolution,
-        num_classes=num_classes,
-        duration=duration,
-        macs_per_image=macs,
-        budget=budget,
+        **sized_fields(recipe, batch_size, (resolution, eval_resolution, num_classes), macs, duration, budget),
         augment=augment,
         eval_crop=data.eval_crop or DEFAULT_EVAL_CROP_FRACTION,
         normalization=_normalization(config, arch),
     )
+
+
+def sized_fields(
+    recipe: Recipe,
+    batch_size: int,
+    sizes: tuple[int, int, int],
+    macs: int,
+    duration: Duration,
+    budget: Budget | None,
+) -> dict[str, Any]:
+    """The :class:`RunSpec` fields every run kind derives alike: batch and peak lr (the recipe's alpha scaled to the
+    batch), resolutions and classes (``sizes``, as :func:`resolve_sizes` returns them), MACs, duration and budget."""
+    resolution, eval_resolution, num_classes = sizes
+    return {
+        "batch_size": batch_size,
+        "peak_lr": peak_learning_rate(recipe.lr, batch_size, recipe.base_batch_size),
+        "resolution": resolution,
+        "eval_resolution": eval_resolution,
+        "num_classes": num_classes,
+        "duration": duration,
+        "macs_per_image": macs,
+        "budget": budget,
+    }
 
 
 def _normalization(config: PretrainConfig, arch: ArchitectureSpec) -> Normalization:

@@ -13,12 +13,19 @@ from typing import Any
 from convscale_cli.budget import get_hardware, train_flops
 from convscale_cli.config import check_options, from_dict, to_dict
 from convscale_cli.data.augment import DEFAULT_EVAL_CROP_FRACTION, AugmentConfig
-from convscale_cli.engine.resolve import RunSpec, resolve_budget, resolve_sizes, resolved_layout, run_header
+from convscale_cli.engine.resolve import (
+    RunSpec,
+    resolve_budget,
+    resolve_sizes,
+    resolved_layout,
+    run_header,
+    sized_fields,
+)
 from convscale_cli.engine.steps import resolve_duration
 from convscale_cli.errors import UsageError
 from convscale_cli.finetune.backbone import Pretrained, locate
 from convscale_cli.finetune.config import DEFAULT_BATCH_SIZE, FINETUNE_LR_FRACTION, FinetuneConfig
-from convscale_cli.recipe import Recipe, peak_learning_rate, without_default_schedule
+from convscale_cli.recipe import Recipe, without_default_schedule
 from convscale_cli.registry import Registry
 
 
@@ -128,14 +135,7 @@ def resolve(config: FinetuneConfig, registry: Registry) -> FinetuneRun:
         recipe=recipe,
         augment=augment,
         build_options={**pre.options, "stochdepth_rate": config.stochdepth_rate, "drop_rate": config.drop_rate},
-        batch_size=batch_size,
-        peak_lr=peak_learning_rate(recipe.lr, batch_size, recipe.base_batch_size),
-        resolution=resolution,
-        eval_resolution=eval_resolution,
-        num_classes=num_classes,
-        duration=duration,
-        macs_per_image=macs,
-        budget=budget,
+        **sized_fields(recipe, batch_size, (resolution, eval_resolution, num_classes), macs, duration, budget),
         eval_crop=config.eval_crop_fraction or data.eval_crop or DEFAULT_EVAL_CROP_FRACTION,
         # The backbone's parameters were trained on inputs normalised this way; from-scratch baselines share it so
         # that the two runs of a comparison see the same inputs.
