@@ -46,6 +46,16 @@ def _safetensors(tensors: dict[str, tuple[str, list[int], bytes]], *extra: str) 
     return make
 
 
+def _model_option(model: str, option: str, *extra: str) -> Callable[[Path], list[str]]:
+    """``pretrain`` of ``model`` with one ``--set model_options.OPTION``."""
+
+    def make(tmp: Path) -> list[str]:
+        args = ["pretrain", "--model", model, "--dataset", "shapes", "--steps", "1", "--batch-size", "8"]
+        return [*args, "--set", f"model_options.{option}", "--out", str(tmp / "o"), *extra]
+
+    return make
+
+
 def _weights_file(make_path: Callable[[Path], Any] | None) -> Callable[[Path], list[str]]:
     """``import-weights`` of a path that is no readable file: ``make_path`` creates it (None: ``/dev/zero``). A FIFO
     or ``/dev/zero`` would block or read forever, a symlink loop cannot be resolved; none of them "does not exist"."""
@@ -187,6 +197,21 @@ CASES = {
     "from-model-options-5": (
         _run_dir({"model": "nfnet-test", "num_classes": 10, "model_options": 5}),
         "model_options is 5, expected a table",
+    ),
+    "model-option-int-as-text": (_model_option("vit-test", "resolution=abc"), "resolution = 'abc' has the wrong type"),
+    "model-option-int-as-float": (_model_option("vit-test", "resolution=2.5"), "resolution = 2.5 has the wrong type"),
+    "model-option-bool-as-text": (_model_option("vit-test", "qkv_bias=maybe"), "qkv_bias = 'maybe' has the wrong"),
+    "model-option-text-dry-run": (
+        _model_option("nfnet-test", "ws_eps=abc", "--dry-run"),
+        "ws_eps = 'abc' has the wrong type",
+    ),
+    "model-option-resolution-100000": (
+        _model_option("vit-test", "resolution=100000"),
+        "resolution 100000 is over the limit of 2048 px",
+    ),
+    "model-option-stage1-mid-2**66": (
+        _model_option("nfnet-f0+", "plus_stage1_mid=99999999999999999999"),
+        "plus_stage1_mid=99999999999999999999",
     ),
     "manifest-no-splits": (_manifest(lambda m: _set(m, "splits", None)), "splits is None"),
     "manifest-splits-list": (_manifest(lambda m: _set(m, "splits", ["train"])), "splits is ['train']"),
