@@ -128,3 +128,61 @@ def test_a_fallback_past_an_unrestorable_step_is_one_warning(finished: Path, tmp
         assert proc.returncode == 0 and '"steps": 8' in proc.stdout, proc.stderr[-3000:]
         assert "checkpoint of step 8" in proc.stderr and "trying the previous one" in proc.stderr
         assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr, proc.stderr[-3000:]
+
+
+def _truncate_array_data(step_dir: Path) -> None:
+    for data in (step_dir / "state").rglob("*"):
+        if data.is_file() and (data.parent.name == "d"):  # OCDBT data files: arrays and zarr metadata
+            data.write_bytes(data.read_bytes()[:100])
+
+
+def test_no_readable_checkpoint_is_one_clean_error(
+    finished: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from convscale_cli.engine.api import pretrain
+    from convscale_cli.errors import CheckpointError
+
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    for step in ("4", "8"):
+        (out / "checkpoints" / step / checkpoint.CHECKSUMS).unlink()
+        _truncate_array_data(out / "checkpoints" / step)
+    capfd.readouterr()
+    with pytest.warns(checkpoint.CheckpointWarning), pytest.raises(CheckpointError) as info:
+        pretrain(helpers.config(out, steps=8), helpers.registry())
+    gc.collect()
+    message = str(info.value)
+    assert message.startswith(f"no readable checkpoint in {out / 'checkpoints'}: step 8: "), message
+    assert "pybind11" not in message and "bound method" not in message, message
+    err = capfd.readouterr().err
+    assert "Exception ignored" not in err and "Traceback" not in err, err[-3000:]
+
+
+def test_a_tensorstore_failure_is_described_without_its_method_repr() -> None:
+    # Orbax's wording when an array's bytes cannot be read; the repr named a pybind11 function record.
+    exc = Exception(
+        "Encountered error while reading array index: (slice(0, 8, 1),). See full TensorStore details: <bound method "
+        "pybind11_detail_function_record_v1_system_libstdcpp_gxx_abi_1xxx_use_cxx11_abi_1.spec of TensorStore({\n})>."
+    )
+    assert checkpoint._detail(exc) == "Encountered error while reading array index: (slice(0, 8, 1),)."
+
+
+def test_abandoned_orbax_read_coroutines_are_not_reported(quiet: list[BaseException]) -> None:
+    namespace: dict[str, object] = {}
+    for filename in (os.path.join(os.sep, "site-packages", "orbax", "checkpoint", "x.py"), "/elsewhere/y.py"):
+        exec(compile("async def read():\n    pass\n", filename, "exec"), namespace)
+        coroutine = namespace["read"]()  # type: ignore[operator]
+        try:
+            raise Exception("Encountered error while reading array index")
+        except Exception as exc:
+            sys.unraisablehook(
+                types.SimpleNamespace(
+                    exc_type=type(exc),
+                    exc_value=exc,
+                    exc_traceback=exc.__traceback__,
+                    err_msg="Exception ignored in",
+                    object=coroutine,
+                )
+            )
+        coroutine.close()  # type: ignore[attr-defined]
+    assert len(quiet) == 1  # only the coroutine from elsewhere

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -236,7 +237,7 @@ class Checkpoints:
             try:
                 restored = self._restore_step(step, abstract_state)
             except Exception as exc:
-                detail = " ".join(str(exc).split())[:200]
+                detail = _detail(exc)
                 errors.append(f"step {step}: {type(exc).__name__}: {detail}")
                 why = f"{detail}" if isinstance(exc, CorruptCheckpoint) else type(exc).__name__
                 warnings.warn(
@@ -263,7 +264,7 @@ class Checkpoints:
         try:
             restored = self._restore_step(step, abstract_state)
         except Exception as exc:
-            detail = " ".join(str(exc).split())[:200]
+            detail = _detail(exc)
             raise CheckpointError(
                 f"checkpoint of step {step} in {self.directory} is unreadable ({type(exc).__name__}: {detail})"
             ) from exc
@@ -336,9 +337,21 @@ class Checkpoints:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _detail(exc: BaseException) -> str:
+    """An Orbax/TensorStore failure in one line for the user, without the repr of a TensorStore method that Orbax
+    appends ("See full TensorStore details: <bound method pybind11_...>")."""
+    text = " ".join(str(exc).split())
+    text = re.sub(r"\s*See full TensorStore details:.*", "", text)
+    return re.sub(r"<bound method [^>]*>", "<...>", text)[:200]
+
+
 def _is_closed_loop_callback(args: Any) -> bool:
-    """Whether an unraisable exception is a callback scheduled onto an asyncio loop that had already closed."""
+    """Whether an unraisable exception is a callback scheduled onto an asyncio loop that had already closed, or the
+    failure of an Orbax read coroutine abandoned with that loop (reported as "Exception ignored in <coroutine>")."""
     exc, tb = args.exc_value, args.exc_traceback
+    code = getattr(args.object, "cr_code", None)
+    if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
+        return True
     if args.object is not None or not isinstance(exc, RuntimeError) or str(exc) != "Event loop is closed":
         return False
     frames = []
