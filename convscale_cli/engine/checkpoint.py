@@ -333,8 +333,15 @@ class Checkpoints:
         """
         if jax.process_index() != 0 or not self.directory.is_dir():
             return
-        for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
-            shutil.rmtree(tmp, ignore_errors=True)
+        # TensorStore writes already issued may still land (recreating a directory) after the threads stop: remove
+        # until the directory stays clean for a moment, for at most about two seconds.
+        for _ in range(20):
+            leftovers = list(self.directory.glob("*.orbax-checkpoint-tmp*"))
+            for tmp in leftovers:
+                shutil.rmtree(tmp, ignore_errors=True)
+            time.sleep(0.1)
+            if not leftovers and not list(self.directory.glob("*.orbax-checkpoint-tmp*")):
+                return
 
 
 def _detail(exc: BaseException) -> str:
