@@ -103,11 +103,73 @@ class _CheckedBuild:
 
     def __call__(self, **kwargs: Any) -> Any:
         try:
-            return self.build(**kwargs)
+            module = self.build(**kwargs)
         except ConvscaleError:
             raise  # the plugin's own one-line error (an option it refuses, say)
         except _PLUGIN_FAILURES as exc:
             raise ModelBuildError(self.plugin, self.model, _describe(exc)) from exc
+        return _checked_module(module, self.plugin, self.model)
+
+
+class ModelRunError(PluginError):
+    """A third-party model's ``init`` or ``apply`` raised something other than a convscale error."""
+
+    def __init__(self, plugin: str, model: str, method: str, reason: str) -> None:
+        self.plugin, self.model, self.method, self.reason = plugin, model, method, reason
+        super().__init__(f"plugin {plugin!r}: model {model!r} failed in {method}: {reason}")
+
+
+def _checked_module(module: Any, plugin: str, model: str) -> Any:
+    """``module`` as an instance of a subclass whose ``init`` and ``apply`` turn the plugin's exceptions into
+    :class:`ModelRunError`.
+
+    A model's own bugs surface only when it is traced (in ``init``, in the training or evaluation step), far from
+    ``build``; every caller (the engine, fine-tuning, ``load_model``, ``import-weights``) goes through these two
+    methods. Parameter names are unchanged: a Flax module's class does not appear in its parameter tree. Anything
+    that is not a Flax module is returned as it is.
+    """
+    import flax.linen as nn
+
+    if not isinstance(module, nn.Module) or getattr(module, "_convscale_checked", False):
+        return module
+    base = type(module)
+    # One checked subclass per class, plugin and model, kept on the class (and freed with it), so that two builds of
+    # one model stay equal: the compiled-program cache keys on the module, and Flax modules compare by class.
+    made = base.__dict__.get("_convscale_checked_classes")
+    if made is None:
+        made = {}
+        type.__setattr__(base, "_convscale_checked_classes", made)
+    checked = made.get((plugin, model))
+    if checked is None:
+
+        def run(method: str) -> Callable[..., Any]:
+            def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+                try:
+                    return getattr(base, method)(self, *args, **kwargs)
+                except ConvscaleError:
+                    raise
+                except Exception as exc:
+                    if type(exc).__name__ in _RUNTIME_ERRORS:
+                        raise  # the device failed (out of memory, say), not the plugin's code
+                    raise ModelRunError(plugin, model, method, _describe(exc)) from exc
+
+            call.__name__ = call.__qualname__ = method
+            return call
+
+        namespace = {
+            "__module__": base.__module__,
+            "__qualname__": base.__qualname__,
+            "_convscale_checked": True,
+            "init": run("init"),
+            "apply": run("apply"),
+        }
+        checked = made[(plugin, model)] = type(base.__name__, (base,), namespace)
+    fields = {f.name: getattr(module, f.name) for f in dataclasses.fields(module) if f.init}
+    return checked(**fields)
+
+
+# Errors raised while a compiled program runs on the device, which no plugin code causes.
+_RUNTIME_ERRORS = frozenset({"XlaRuntimeError", "JaxRuntimeError"})
 
 
 @dataclasses.dataclass
@@ -384,6 +446,7 @@ __all__ = [
     "DuplicateRegistrationError",
     "ModelBuildError",
     "ModelCountError",
+    "ModelRunError",
     "PluginRecord",
     "PluginWarning",
     "Plugins",

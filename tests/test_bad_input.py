@@ -7,6 +7,7 @@ bad value. Checkpoint ledgers of the wrong schema are checked at the library lev
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 import warnings
@@ -41,6 +42,40 @@ def _safetensors(tensors: dict[str, tuple[str, list[int], bytes]], *extra: str) 
         raw = json.dumps(header).encode()
         (tmp / "w.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + body)
         return ["import-weights", "timm", "dm_nfnet_f0", str(tmp / "w.safetensors"), "--out", str(tmp / "w"), *extra]
+
+    return make
+
+
+def _model_option(model: str, option: str, *extra: str) -> Callable[[Path], list[str]]:
+    """``pretrain`` of ``model`` with one ``--set model_options.OPTION``."""
+
+    def make(tmp: Path) -> list[str]:
+        args = ["pretrain", "--model", model, "--dataset", "shapes", "--steps", "1", "--batch-size", "8"]
+        return [*args, "--set", f"model_options.{option}", "--out", str(tmp / "o"), *extra]
+
+    return make
+
+
+def _weights_file(make_path: Callable[[Path], Any] | None) -> Callable[[Path], list[str]]:
+    """``import-weights`` of a path that is no readable file: ``make_path`` creates it (None: ``/dev/zero``). A FIFO
+    or ``/dev/zero`` would block or read forever, a symlink loop cannot be resolved; none of them "does not exist"."""
+
+    def make(tmp: Path) -> list[str]:
+        path = tmp / "w.safetensors"
+        if make_path is None:
+            path = Path("/dev/zero")
+        else:
+            make_path(path)
+        return ["import-weights", "timm", "dm_nfnet_f0", str(path), "--out", str(tmp / "w")]
+
+    return make
+
+
+def _study(extra: str) -> Callable[[Path], list[str]]:
+    def make(tmp: Path) -> list[str]:
+        study = f'out = "{tmp / "runs"}"\ndataset = "shapes"\nmodels = ["nfnet-tiny-l0"]\nepochs = [0.01]\n{extra}\n'
+        (tmp / "study.toml").write_text(study)
+        return ["sweep", str(tmp / "study.toml")]
 
     return make
 
@@ -131,10 +166,33 @@ CASES = {
         "cannot read budget '１２-cpu-hours'",
     ),
     "steps-2**31": (lambda tmp: [*SHAPES, "--steps", "2147483648", "--out", str(tmp / "o")], "32-bit integer"),
+    "examples-over-int32": (
+        lambda tmp: [*SHAPES, "--examples", "10000000000000", "--out", str(tmp / "o")],
+        "is 2441406250 steps at batch 4096; the optimiser's step counter is a 32-bit integer",
+    ),
+    "epochs-over-int32": (
+        lambda tmp: [*SHAPES, "--epochs", "10000000", "--out", str(tmp / "o")],
+        "is 4882812500 steps at batch 4096",
+    ),
+    "config-dev-zero": (
+        lambda tmp: ["pretrain", "--config", "/dev/zero", "--out", str(tmp / "o")],
+        "'/dev/zero' is not a regular file",
+    ),
+    "study-resolution-100000": (_study("resolution = 100000"), "resolution 100000 is over the limit of 2048 px"),
     "weights-f8": (_safetensors({"head.fc.weight": ("F8_E4M3", [2, 2], b"\0" * 4)}), "unsupported dtype F8_E4M3"),
     "weights-scalar-head": (
         _safetensors({"head.fc.weight": ("F32", [], b"\0" * 4), "head.fc.bias": ("F32", [], b"\0" * 4)}),
         "does not hold a timm dm_nfnet_f0 state dict",
+    ),
+    "weights-10M-classes": (
+        _safetensors({"head.fc.bias": ("F32", [1], b"\0" * 4)}, "--num-classes", "10000000"),
+        "--num-classes must be in [1, 100000], got 10000000",
+    ),
+    "weights-fifo": (_weights_file(lambda path: os.mkfifo(path)), "w.safetensors' is not a regular file"),
+    "weights-dev-zero": (_weights_file(None), "'/dev/zero' is not a regular file"),
+    "weights-symlink-loop": (
+        _weights_file(lambda path: path.symlink_to(path)),
+        "cannot be read (Too many levels of symbolic links)",
     ),
     "weights-2**31-classes": (
         _safetensors({"head.fc.bias": ("F32", [1], b"\0" * 4)}, "--num-classes", "2147483648"),
@@ -147,6 +205,21 @@ CASES = {
     "from-model-options-5": (
         _run_dir({"model": "nfnet-test", "num_classes": 10, "model_options": 5}),
         "model_options is 5, expected a table",
+    ),
+    "model-option-int-as-text": (_model_option("vit-test", "resolution=abc"), "resolution = 'abc' has the wrong type"),
+    "model-option-int-as-float": (_model_option("vit-test", "resolution=2.5"), "resolution = 2.5 has the wrong type"),
+    "model-option-bool-as-text": (_model_option("vit-test", "qkv_bias=maybe"), "qkv_bias = 'maybe' has the wrong"),
+    "model-option-text-dry-run": (
+        _model_option("nfnet-test", "ws_eps=abc", "--dry-run"),
+        "ws_eps = 'abc' has the wrong type",
+    ),
+    "model-option-resolution-100000": (
+        _model_option("vit-test", "resolution=100000"),
+        "resolution 100000 is over the limit of 2048 px",
+    ),
+    "model-option-stage1-mid-2**66": (
+        _model_option("nfnet-f0+", "plus_stage1_mid=99999999999999999999"),
+        "plus_stage1_mid=99999999999999999999",
     ),
     "manifest-no-splits": (_manifest(lambda m: _set(m, "splits", None)), "splits is None"),
     "manifest-splits-list": (_manifest(lambda m: _set(m, "splits", ["train"])), "splits is ['train']"),
@@ -169,6 +242,18 @@ def test_bad_input_is_one_error_line(case: str, tmp_path: Path, capsys: pytest.C
     assert "Traceback" not in captured.out + captured.err
     errors = [line for line in captured.err.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and needle in errors[0], captured.err[-3000:]
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "steps"), [("--examples", "100000000000", 24414063), ("--epochs", "100000", 48828125)]
+)
+def test_long_budgets_within_the_step_counter_resolve_without_overflow(
+    option: str, value: str, steps: int, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # These once overflowed an int32 while resolving the run; they fit the step counter, so they are valid runs.
+    assert main([*SHAPES, option, value, "--out", str(tmp_path / "o"), "--dry-run", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["derived"]["total_steps"] == steps
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,11 @@ without the file (a run killed between the commit and the checksum) is restored 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
+import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -114,6 +118,7 @@ class Checkpoints:
             cleanup_tmp_directories=not read_only,  # remove what a killed save left behind
             enable_async_checkpointing=use_async,
         )
+        quiet_async_leftovers()
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
         self.read_only = read_only
         self._pending: int | None = None  # the step of the newest save not yet confirmed on disk
@@ -232,7 +237,7 @@ class Checkpoints:
             try:
                 restored = self._restore_step(step, abstract_state)
             except Exception as exc:
-                detail = " ".join(str(exc).split())[:200]
+                detail = _detail(exc)
                 errors.append(f"step {step}: {type(exc).__name__}: {detail}")
                 why = f"{detail}" if isinstance(exc, CorruptCheckpoint) else type(exc).__name__
                 warnings.warn(
@@ -259,7 +264,7 @@ class Checkpoints:
         try:
             restored = self._restore_step(step, abstract_state)
         except Exception as exc:
-            detail = " ".join(str(exc).split())[:200]
+            detail = _detail(exc)
             raise CheckpointError(
                 f"checkpoint of step {step} in {self.directory} is unreadable ({type(exc).__name__}: {detail})"
             ) from exc
@@ -318,6 +323,89 @@ class Checkpoints:
         finally:
             if self._failed:
                 release_stranded_threads()
+                self._remove_failed_saves()
+
+    def _remove_failed_saves(self) -> None:
+        """Delete the temporary directories of failed saves (process 0), once their threads are stopped.
+
+        Orbax removes them when the next run opens the directory; removing them now frees what a full disk holds
+        and leaves nothing half-written next to the intact checkpoints.
+        """
+        if jax.process_index() != 0 or not self.directory.is_dir():
+            return
+        # TensorStore writes already issued may still land (recreating a directory) after the threads stop: remove
+        # until the directory stays clean for a moment, for at most about two seconds.
+        for _ in range(20):
+            leftovers = list(self.directory.glob("*.orbax-checkpoint-tmp*"))
+            for tmp in leftovers:
+                shutil.rmtree(tmp, ignore_errors=True)
+            time.sleep(0.1)
+            if not leftovers and not list(self.directory.glob("*.orbax-checkpoint-tmp*")):
+                return
+
+
+def _detail(exc: BaseException) -> str:
+    """An Orbax/TensorStore failure in one line for the user, without the repr of a TensorStore method that Orbax
+    appends ("See full TensorStore details: <bound method pybind11_...>")."""
+    text = " ".join(str(exc).split())
+    text = re.sub(r"\s*See full TensorStore details:.*", "", text)
+    return re.sub(r"<bound method [^>]*>", "<...>", text)[:200]
+
+
+def _is_closed_loop_callback(args: Any) -> bool:
+    """Whether an unraisable exception is a callback scheduled onto an asyncio loop that had already closed, or the
+    failure of an Orbax read coroutine abandoned with that loop (reported as "Exception ignored in <coroutine>")."""
+    exc, tb = args.exc_value, args.exc_traceback
+    code = getattr(args.object, "cr_code", None)
+    if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
+        return True
+    if args.object is not None or not isinstance(exc, RuntimeError) or str(exc) != "Event loop is closed":
+        return False
+    frames = []
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    return frames[:1] == ["call_soon_threadsafe"]  # raised by the loop itself, from no Python caller (native code)
+
+
+class _OrbaxTaskLeftovers(logging.Filter):
+    """Drops asyncio's "exception was never retrieved" for Orbax's tasks (see :func:`quiet_async_leftovers`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # "Task exception ...", "_GatheringFuture exception ..." (a gather of writes cancelled with its loop)
+        if "exception was never retrieved" not in str(record.msg).split("\n", 1)[0] or not record.exc_info:
+            return True
+        tb = record.exc_info[2]
+        while tb is not None:
+            if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+                return False
+            tb = tb.tb_next
+        return True
+
+
+def quiet_async_leftovers() -> None:
+    """Stop reporting what a failed Orbax operation leaves behind on its event loop (once per process; idempotent).
+
+    Orbax awaits TensorStore reads and writes on an asyncio loop it closes as soon as the operation fails. Reads or
+    writes still in flight then complete on TensorStore's threads, whose callback into the closed loop raises
+    ``RuntimeError: Event loop is closed`` through :data:`sys.unraisablehook`; and its other tasks that failed too
+    are logged as "Task exception was never retrieved" when collected. Both came as dozens of tracebacks after a
+    restore fell back or a save failed, at random points of the rest of the run, repeating what the caller reports
+    in one line. Every other unraisable exception and asyncio error is reported as before.
+    """
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _OrbaxTaskLeftovers) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_OrbaxTaskLeftovers())
+    previous = sys.unraisablehook
+    if getattr(previous, "_convscale_quiet", False):
+        return
+
+    def hook(args: Any) -> None:
+        if not _is_closed_loop_callback(args):
+            previous(args)
+
+    hook._convscale_quiet = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 def release_stranded_threads() -> int:

@@ -17,7 +17,7 @@ from convscale_cli.data import Normalization
 from convscale_cli.data.augment import DEFAULT_EVAL_CROP_FRACTION, augment_from_dict
 from convscale_cli.engine.config import Precision, PretrainConfig
 from convscale_cli.engine.steps import Duration, resolve_duration
-from convscale_cli.errors import UnknownNameError, UsageError
+from convscale_cli.errors import UsageError
 from convscale_cli.recipe import Recipe, peak_learning_rate, stable_end, without_default_schedule
 from convscale_cli.registry import MAX_NUM_CLASSES, ArchitectureSpec, DatasetInfo, DatasetSpec, Registry
 
@@ -212,13 +212,15 @@ RUN_BUILD_ARGUMENTS = {
 
 
 def check_model_options(arch: ArchitectureSpec, options: dict[str, Any]) -> None:
-    """Refuse model options the spec does not declare, or that name a build argument the run passes itself.
+    """Refuse model options the spec does not declare, that name a build argument the run passes itself, or whose
+    value is not of the declared default's type.
 
     Checked before the run directory is claimed, as the data options are, so the plugin's ``build`` never sees them.
 
     Raises:
         UsageError: a run setting given as a model option (naming where it is set).
         UnknownNameError: an option not in ``arch.options`` (with close matches).
+        ConfigError: a value of another type than its default's (``resolution = "abc"``).
     """
     for key in options:
         if key in RUN_BUILD_ARGUMENTS:
@@ -226,10 +228,8 @@ def check_model_options(arch: ArchitectureSpec, options: dict[str, Any]) -> None
                 f"model option {key!r} is set by the run, not as a model option: use {RUN_BUILD_ARGUMENTS[key]} "
                 f"instead of model_options.{key}"
             )
-    declared = [k for k in arch.options if k not in RUN_BUILD_ARGUMENTS]
-    unknown = sorted(set(options) - set(declared))
-    if unknown:
-        raise UnknownNameError(f"{arch.name} model option", unknown[0], declared)
+    declared = {k: v for k, v in arch.options.items() if k not in RUN_BUILD_ARGUMENTS}
+    check_options(f"{arch.name} model option", options, declared)
 
 
 def default_precision(backend: str, saved: Mapping[str, Any] | None = None) -> tuple[str, str]:

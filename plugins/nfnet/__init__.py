@@ -43,7 +43,7 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
-from convscale_plugins.nfnet.variants import VARIANTS, NFNetConfig, Variant
+from convscale_plugins.nfnet.variants import VARIANTS, NFNetConfig, Variant, bottleneck
 
 from convscale_cli.errors import UnknownNameError, UsageError
 from convscale_cli.hookspecs import hookimpl
@@ -72,6 +72,9 @@ RECIPE = Recipe(
 )
 
 _PLUS_STAGE1_MID = 128  # the code's rounding of the 192-wide "+" stage-1 bottleneck; 192 gives the paper's F4+
+# The widest stage of any published NFNet has 1536 output channels (F0-F7); a stage-1 bottleneck past this many
+# channels is a typo, and its parameters would not fit an accelerator.
+_MAX_STAGE1_MID = 8192
 
 
 def options(variant: Variant) -> dict[str, Any]:
@@ -94,12 +97,16 @@ def _config(variant: Variant, plus_stage1_mid: int | None) -> NFNetConfig:
 
     if plus_stage1_mid is None or plus_stage1_mid == _PLUS_STAGE1_MID:
         return variant.config
-    if not isinstance(plus_stage1_mid, int) or plus_stage1_mid < 1:
+    if not isinstance(plus_stage1_mid, int) or isinstance(plus_stage1_mid, bool) or plus_stage1_mid < 1:
         raise UsageError(f"plus_stage1_mid must be a positive integer, got {plus_stage1_mid!r}")
+    if plus_stage1_mid > _MAX_STAGE1_MID:
+        raise UsageError(f"plus_stage1_mid={plus_stage1_mid} is over the limit of {_MAX_STAGE1_MID} channels")
     try:
-        return dataclasses.replace(variant.config, stage1_mid=plus_stage1_mid)
+        config = dataclasses.replace(variant.config, stage1_mid=plus_stage1_mid)
+        bottleneck(config, 0)  # the groups must divide it; found here rather than when the model is traced
     except ValueError as exc:
         raise UsageError(f"plus_stage1_mid={plus_stage1_mid}: {exc}") from None
+    return config
 
 
 def build(variant: Variant | str, num_classes: int | None = None, dtype: Any = "float32", **overrides: Any) -> Any:

@@ -26,6 +26,7 @@ import numpy as np
 from convscale_plugins.vit.variants import ViTConfig, check_options
 
 from convscale_cli.errors import UnknownNameError, UsageError
+from convscale_cli.registry import MAX_RESOLUTION
 
 Dtype = Any
 
@@ -276,6 +277,8 @@ def build(
     check_options(pool, posemb, config.width)
     if resolution <= 0 or resolution % config.patch_size:
         raise UsageError(f"resolution {resolution} is not a positive multiple of the patch size {config.patch_size}")
+    if resolution > MAX_RESOLUTION:  # the position embedding grows with its square: 100000 px asks for 80 GB
+        raise UsageError(f"resolution {resolution} is over the limit of {MAX_RESOLUTION} px")
     if layernorm_eps <= 0:
         raise UsageError(f"layernorm_eps must be > 0, got {layernorm_eps}")
     return ViT(
