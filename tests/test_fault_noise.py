@@ -164,7 +164,7 @@ def test_a_tensorstore_failure_is_described_without_its_method_repr() -> None:
         "Encountered error while reading array index: (slice(0, 8, 1),). See full TensorStore details: <bound method "
         "pybind11_detail_function_record_v1_system_libstdcpp_gxx_abi_1xxx_use_cxx11_abi_1.spec of TensorStore({\n})>."
     )
-    assert checkpoint._detail(exc) == "Encountered error while reading array index: (slice(0, 8, 1),)."
+    assert checkpoint.describe_failure(exc) == "Encountered error while reading array index: (slice(0, 8, 1),)."
 
 
 def test_abandoned_orbax_read_coroutines_are_not_reported(quiet: list[BaseException]) -> None:

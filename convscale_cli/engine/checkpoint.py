@@ -237,7 +237,7 @@ class Checkpoints:
             try:
                 restored = self._restore_step(step, abstract_state)
             except Exception as exc:
-                detail = _detail(exc)
+                detail = describe_failure(exc)
                 errors.append(f"step {step}: {type(exc).__name__}: {detail}")
                 why = f"{detail}" if isinstance(exc, CorruptCheckpoint) else type(exc).__name__
                 warnings.warn(
@@ -264,7 +264,7 @@ class Checkpoints:
         try:
             restored = self._restore_step(step, abstract_state)
         except Exception as exc:
-            detail = _detail(exc)
+            detail = describe_failure(exc)
             raise CheckpointError(
                 f"checkpoint of step {step} in {self.directory} is unreadable ({type(exc).__name__}: {detail})"
             ) from exc
@@ -344,7 +344,7 @@ class Checkpoints:
                 return
 
 
-def _detail(exc: BaseException) -> str:
+def describe_failure(exc: BaseException) -> str:
     """An Orbax/TensorStore failure in one line for the user, without the repr of a TensorStore method that Orbax
     appends ("See full TensorStore details: <bound method pybind11_...>")."""
     text = " ".join(str(exc).split())
