@@ -18,9 +18,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import time
 from collections.abc import Callable
-from typing import Any
+
+from bench_train_step import step_timer
 
 
 def _step_timers(
@@ -74,19 +74,7 @@ def _step_timers(
             for i, s in enumerate(states):
                 s.opt_state.hyperparams["peak_lr"] = s.opt_state.hyperparams["peak_lr"] * 2.0 ** (i - k // 2)
             state = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *states)
-        holder = {"state": state}
-
-        def timed(steps: int, step: Any = step, holder: dict[str, Any] = holder) -> float:
-            state = holder["state"]
-            start = time.perf_counter()
-            for _ in range(steps):
-                state, metrics = step(state, batch_data)
-            jax.block_until_ready(metrics)
-            holder["state"] = state
-            return (time.perf_counter() - start) / steps
-
-        timed(2)  # compile + warm-up
-        timers[k] = timed
+        timers[k] = step_timer(step, state, batch_data)
     return timers
 
 
