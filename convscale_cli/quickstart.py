@@ -218,6 +218,9 @@ def plan_from_runs(study: StudyConfig, registry: Registry, runs_dir: Path, budge
 
 def _rule_text(study: StudyConfig) -> str:
     if study.rule == "grid":
+        if isinstance(study.lr_grid, dict):
+            grids = "; ".join(f"{f} {', '.join(f'{lr:g}' for lr in g)}" for f, g in study.lr_grid.items())
+            return f"learning rates alpha {grids} on every cell"
         grid = ", ".join(f"{lr:g}" for lr in study.lr_grid) if study.lr_grid else "of the recipe's grid"
         return f"learning rates alpha {grid} on every cell"
     return f"learning rates tuned by the {study.rule} rule"
@@ -320,11 +323,12 @@ def run(
     echo("")
     echo("Quickstart summary")
     if loaded.rule == "grid":
-        echo(f"  lr grid of {swept.grid_size}: {swept.runs_used} runs for {len(swept.results)} cells")
+        echo(f"  lr grid of {swept.grid_size or 'each family'}: {swept.runs_used} runs for {len(swept.results)} cells")
     else:
         echo(
-            f"  {loaded.rule} rule: {swept.runs_used} runs for {len(swept.results)} cells (a full "
-            f"{swept.grid_size}-point lr grid needs {grid})"
+            f"  {loaded.rule} rule: {swept.runs_used} runs for {len(swept.results)} cells ("
+            + (f"a full {swept.grid_size}-point lr grid" if swept.grid_size else "each family's full lr grid")
+            + f" needs {grid})"
         )
     for verdict in fit.get("verdicts", []):
         echo(f"  {verdict.get('claim') or verdict.get('finding')}: {verdict.get('text')}")

@@ -74,8 +74,9 @@ class StudyConfig:
     # NFNets, the paper's JFT-4B optimum). A table gives one per family, {nfnet = 51.2, vit = 1.6}: SGD and AdamW
     # alphas differ by orders of magnitude, and the rule only passes an optimum on within a family.
     start_lr: float | dict[str, float] | None = None
-    # Explicit lr grid for rule = "grid" and for the "full grid" count; empty: the recipe's alpha x 2^(1 .. -4).
-    lr_grid: tuple[float, ...] = ()
+    # Explicit lr grid for rule = "grid" and for the "full grid" count; empty: the recipe's alpha x 2^(1 .. -4). A
+    # table gives one per family, {nfnet = [25.6, 51.2], vit = [0.4, 0.8]}; a family it leaves out gets its recipe's.
+    lr_grid: tuple[float, ...] | dict[str, tuple[float, ...]] = ()
     size_axis: Literal["params", "macs"] = "params"  # how "smaller model" is judged by the two-trial rule
     engine: dict[str, Any] = dataclasses.field(default_factory=dict)  # other PretrainConfig fields (precision, ...)
     # wsd only: train each (model, lr) once as a trunk and every budget as a cooldown branch of it (module docstring).
@@ -95,8 +96,11 @@ class StudyConfig:
             if lr is not None and not (_is_number(lr) and math.isfinite(lr) and lr > 0):
                 key = f"start_lr.{family}" if family else "start_lr"
                 raise ConfigError(f"{key} must be a positive number, got {lr!r}")
-        if any(not (math.isfinite(lr) and lr > 0) for lr in self.lr_grid):
-            raise ConfigError(f"lr_grid must hold positive finite values, got {list(self.lr_grid)}")
+        if isinstance(self.lr_grid, dict):
+            grids = {family: _check_grid(f"lr_grid.{family}", grid) for family, grid in self.lr_grid.items()}
+            object.__setattr__(self, "lr_grid", grids)
+        else:
+            _check_grid("lr_grid", self.lr_grid)
         clash = sorted(set(self.engine) & _RESERVED)
         if clash and clash[0] == "lr":
             raise ConfigError("engine.lr is set by the study's rule per trial; use the top-level key 'start_lr'")
@@ -123,6 +127,30 @@ class StudyConfig:
             return None if value is None else float(value)
         return self.start_lr
 
+    def grid_for(self, family: str) -> tuple[float, ...]:
+        """The explicit lr grid of ``family``'s cells (empty: its recipe's)."""
+        if isinstance(self.lr_grid, dict):
+            return self.lr_grid.get(family, ())
+        return self.lr_grid
+
+    def trials_for(self, family: str) -> int:
+        """Runs per cell of ``family`` that the rule trains: 2 for the two-trial rule, the grid's size for a grid."""
+        if self.rule == "two-trial":
+            return 2
+        return self.full_grid_size(family)
+
+    def full_grid_size(self, family: str) -> int:
+        """Learning rates per cell of ``family``'s full grid (the study's, else the recipe's)."""
+        return len(self.grid_for(family)) or len(lr_grid(1.0))
+
+
+def _check_grid(key: str, grid: object) -> tuple[float, ...]:
+    if not isinstance(grid, (list, tuple)) or not all(_is_number(lr) for lr in grid):
+        raise ConfigError(f"{key} = {grid!r} has the wrong type: expected a list of numbers")
+    if any(not (math.isfinite(lr) and lr > 0) for lr in grid):
+        raise ConfigError(f"{key} must hold positive finite values, got {list(grid)}")
+    return tuple(float(lr) for lr in grid)
+
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -148,7 +176,13 @@ class SweepResult:
     """What the sweep did: a decision per cell and how many runs the rule needed."""
 
     results: tuple[TuneResult, ...]
-    grid_size: int  # learning rates per cell of the full grid
+    grid_sizes: tuple[int, ...]  # learning rates of each result's cell's full grid
+
+    @property
+    def grid_size(self) -> int | None:
+        """Learning rates per cell of the full grid; None where the families' grids differ in size."""
+        sizes = set(self.grid_sizes)
+        return sizes.pop() if len(sizes) == 1 else None
 
     @property
     def runs_used(self) -> int:
@@ -163,7 +197,7 @@ class SweepResult:
     @property
     def full_grid_runs(self) -> int:
         """Runs a full lr grid over every cell would have needed."""
-        return len(self.results) * self.grid_size
+        return sum(self.grid_sizes)
 
 
 def plan_cells(study: StudyConfig, registry: Registry) -> list[CellPlan]:
@@ -171,7 +205,7 @@ def plan_cells(study: StudyConfig, registry: Registry) -> list[CellPlan]:
 
     Raises:
         UnknownNameError: a model or the dataset is not registered.
-        ConfigError: ``start_lr`` names a family none of the study's models belongs to.
+        ConfigError: ``start_lr`` or ``lr_grid`` names a family none of the study's models belongs to.
     """
     data = registry.dataset(study.dataset)
     unknown_options = sorted(set(study.data_options) - set(data.options))
@@ -188,16 +222,15 @@ def plan_cells(study: StudyConfig, registry: Registry) -> list[CellPlan]:
         macs = spec.count(resolution, classes).macs
         for epochs in study.epochs:
             cells.append(CellPlan(spec.name, spec.family, float(epochs), train_flops(macs) * epochs * train_size))
-    if isinstance(study.start_lr, dict):
-        families = sorted({c.family for c in cells})
-        unknown = sorted(set(study.start_lr) - set(families))
+    families = sorted({c.family for c in cells})
+    for key, value in (("start_lr", study.start_lr), ("lr_grid", study.lr_grid)):
+        unknown = sorted(set(value) - set(families)) if isinstance(value, dict) else []
         if unknown:
             kind = "family" if len(families) == 1 else "families"
             hint = did_you_mean(unknown[0], families)
             hint = f"; {hint}" if hint else ""
             raise ConfigError(
-                f"start_lr names family {unknown[0]!r}, but the study's models are of {kind} {', '.join(families)}"
-                f"{hint}"
+                f"{key} names family {unknown[0]!r}, but the study's models are of {kind} {', '.join(families)}{hint}"
             )
     return sorted(cells, key=lambda c: (c.flops, c.model, c.epochs))
 
@@ -367,9 +400,6 @@ def run_sweep(
     schedules = {m: model_schedule(study, registry, m) for m in {c.model for c in cells}}
     if study.branching:
         trainer = BranchingTrainer(study, schedules, trainer, registry)
-    grid: bool | tuple[float, ...] = False
-    if study.rule == "grid":
-        grid = study.lr_grid or True
     owner = graph.assign(shard.count)
     remaining = [c for c in cells if owner[cell_key(c)] == shard.index]
     stamp = sweep_dir.fingerprint(study)
@@ -394,7 +424,7 @@ def run_sweep(
             registry=registry,
             trainer=trainer,
             options=cell_options(study, schedules[cell.model]),
-            grid=grid,
+            grid=(study.grid_for(cell.family) or True) if study.rule == "grid" else False,
             size_axis=study.size_axis,
             start_lr=study.start_lr_for(cell.family),
             hidden=[k for k in keys if k not in deps],
@@ -405,8 +435,11 @@ def run_sweep(
         results[cell_key(cell)] = result
         if on_done is not None:
             on_done(cell, result)
-    ordered = tuple(results[k] for k in keys if k in results)
-    return SweepResult(results=ordered, grid_size=len(study.lr_grid) or len(lr_grid(1.0)))
+    done = [c for c in cells if cell_key(c) in results]
+    return SweepResult(
+        results=tuple(results[cell_key(c)] for c in done),
+        grid_sizes=tuple(study.full_grid_size(c.family) for c in done),
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,7 +27,7 @@ from convscale_cli.budget import flops_to_core_hours
 from convscale_cli.errors import UsageError
 from convscale_cli.registry import Registry
 from convscale_cli.sweep import CellPlan, StudyConfig, plan_cells
-from convscale_cli.tuning import lr_grid, target_size
+from convscale_cli.tuning import target_size
 
 Key = tuple[str, float]  # (model, epochs): one cell
 
@@ -81,19 +81,24 @@ class StudyGraph:
     Attributes:
         cells: the cells in the one-process sweep's order (:func:`convscale_cli.sweep.plan_cells`).
         deps: each cell's dependencies, in that order.
-        trials: runs per cell the rule trains (2 for the two-trial rule, the grid's size for a grid).
+        trials: runs per cell the rule trains, per family (2 for the two-trial rule, the grid's size for a grid).
         inherits: whether runs inherit settings the study leaves unset from the first finished run, so that every
             cell waits for the first cell (for the cell after it, when every trial of the first failed).
     """
 
     cells: tuple[CellPlan, ...]
     deps: dict[Key, tuple[Key, ...]]
-    trials: int
+    trials: dict[str, int]
     inherits: bool = False
+
+    def trials_of(self, key: Key) -> int:
+        """Runs the rule trains for the cell."""
+        return self.trials[self._by_key[key].family]
 
     def cost(self, key: Key) -> float:
         """Estimated training FLOPs of the cell: each trial trained from scratch (6 x MACs x examples)."""
-        return self.trials * self._by_key[key].flops
+        cell = self._by_key[key]
+        return self.trials[cell.family] * cell.flops
 
     @property
     def _by_key(self) -> dict[Key, CellPlan]:
@@ -197,7 +202,7 @@ def study_graph(study: StudyConfig, registry: Registry) -> StudyGraph:
             if same:
                 found.add(cell_key(same[-1]))
         deps[cell_key(cell)] = tuple(cell_key(c) for c in earlier if cell_key(c) in found)
-    trials = 2 if study.rule == "two-trial" else len(study.lr_grid) or len(lr_grid(1.0))
+    trials = {family: study.trials_for(family) for family in sorted({c.family for c in cells})}
     return StudyGraph(tuple(cells), deps, trials, inherits)
 
 
@@ -213,7 +218,7 @@ def plan_dict(graph: StudyGraph, workers: Sequence[int] = (1, 2, 4, 8)) -> dict[
                 "model": c.model,
                 "epochs": c.epochs,
                 "wave": wave_of[cell_key(c)],
-                "trials": graph.trials,
+                "trials": graph.trials_of(cell_key(c)),
                 "train_flops": graph.cost(cell_key(c)),
                 "core_hours": flops_to_core_hours(graph.cost(cell_key(c))),
                 "depends_on": [{"model": m, "epochs": e} for m, e in graph.deps[cell_key(c)]],

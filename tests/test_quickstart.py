@@ -85,7 +85,7 @@ def test_the_job_chains_the_library_steps_on_their_return_values(
         _summary(runs, "l1", "pretrain", 4.0, 3e9)
         trials = (Trial(1.6, "l0", 5.0, "trained"), Trial(0.8, "l1", 4.0, "trained"))
         cell = TuneResult("m", "shapes", 1.0, "two-trial", 1.6, "recipe", trials, 0.8, "l1", 0.4)
-        return SweepResult(results=(cell,), grid_size=4)
+        return SweepResult(results=(cell,), grid_sizes=(4,))
 
     def finetune(config: Any, registry: Any = None) -> dict[str, Any]:
         calls.append("scratch" if config.scratch else "finetune")
@@ -137,7 +137,7 @@ def test_a_seed_and_a_grid_study_are_what_the_job_runs_and_says(
         _summary(Path(study.out), "w32", "pretrain", 2.0, 1e9)
         trials = (Trial(25.6, "w32", 2.0, "trained"), Trial(51.2, "w32b", 2.1, "trained"))
         return SweepResult(
-            results=(TuneResult("m", "shapes", 1.0, "grid", 25.6, "grid", trials, 25.6, "w32", None),), grid_size=2
+            results=(TuneResult("m", "shapes", 1.0, "grid", 25.6, "grid", trials, 25.6, "w32", None),), grid_sizes=(2,)
         )
 
     monkeypatch.setattr(finetune_api, "finetune", lambda config, registry=None: {"final": {"eval_top1": 0.9}})

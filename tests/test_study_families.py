@@ -61,11 +61,11 @@ def _trainer(calls: list[tuple[str, float, float]]):  # noqa: ANN202
     return train
 
 
-def _study(tmp_path: Path, start_lr: str) -> Path:
+def _study(tmp_path: Path, start_lr: str, *lines: str) -> Path:
     path = tmp_path / "study.toml"
     path.write_text(
         f"out = '{tmp_path / 'runs'}'\ndataset = 'toyset'\nmodels = ['conv-s', 'conv-m', 'attn-s']\n"
-        f"epochs = [0.5, 1]\nstart_lr = {start_lr}\n"
+        f"epochs = [0.5, 1]\nstart_lr = {start_lr}\n" + "".join(f"{line}\n" for line in lines)
     )
     return path
 
@@ -114,6 +114,59 @@ def test_bad_start_alphas_are_config_errors(tmp_path: Path, start_lr: str, needl
 def test_a_start_alpha_for_a_family_the_study_lacks_is_a_config_error(registry: Registry, tmp_path: Path) -> None:
     study = load_study(_study(tmp_path, "{ conv = 51.2, atn = 1.6 }"))
     with pytest.raises(ConfigError, match=r"start_lr names family 'atn', but the study's models are of families attn"):
+        plan_cells(study, registry)
+
+
+def test_a_grid_per_family_trains_each_family_on_its_own_grid(registry: Registry, tmp_path: Path) -> None:
+    calls: list[tuple[str, float, float]] = []
+    path = _study(tmp_path, "1.0", "rule = 'grid'", "lr_grid = { conv = [25.6, 51.2, 102.4], attn = [0.4, 0.8] }")
+    result = run_sweep(load_study(path), registry, trainer=_trainer(calls))
+    tried = {m: sorted({lr for model, _, lr in calls if model == m}) for m in MODELS}
+    assert tried == {"conv-s": [25.6, 51.2, 102.4], "conv-m": [25.6, 51.2, 102.4], "attn-s": [0.4, 0.8]}
+    assert result.grid_size is None and result.full_grid_runs == 4 * 3 + 2 * 2 == result.runs_used
+    by_cell = {(r.model, r.epochs): r.best_lr for r in result.results}
+    assert by_cell[("conv-m", 1.0)] == 102.4 and by_cell[("attn-s", 1.0)] == 0.8
+
+
+def test_a_family_the_grid_table_leaves_out_gets_its_recipe_grid(registry: Registry, tmp_path: Path) -> None:
+    calls: list[tuple[str, float, float]] = []
+    path = _study(tmp_path, "1.0", "rule = 'grid'", "lr_grid = { conv = [51.2] }")
+    run_sweep(load_study(path), registry, trainer=_trainer(calls))
+    assert sorted({lr for model, _, lr in calls if model == "attn-s"}) == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2]  # Recipe().lr
+    assert {lr for model, _, lr in calls if model != "attn-s"} == {51.2}
+
+
+def test_the_sweep_plan_counts_each_familys_trials(registry: Registry, tmp_path: Path, capsys: Any) -> None:
+    from convscale_cli.cli.sweep_cmd import _print_plan
+    from convscale_cli.sweep_graph import plan_dict, study_graph
+
+    grid = "lr_grid = { conv = [25.6, 51.2, 102.4], attn = [0.4] }"
+    study = load_study(_study(tmp_path, "1.0", "rule = 'grid'", grid))
+    graph = study_graph(study, registry)
+    assert graph.trials == {"attn": 1, "conv": 3}
+    trials = {(c["model"], c["epochs"]): c["trials"] for c in plan_dict(graph)["cells"]}
+    assert trials[("conv-s", 0.5)] == 3 and trials[("attn-s", 1.0)] == 1
+    _print_plan(study, registry, None, json_=False)
+    assert "attn 1, conv 3 trials per cell (grid rule)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("grid", "needle"),
+    [
+        ("{ conv = [1.0, -2.0] }", r"lr_grid.conv must hold positive finite values, got \[1.0, -2.0\]"),
+        ("{ conv = 'fast' }", r"lr_grid.conv = 'fast' has the wrong type: expected a list of numbers"),
+        ("{ conv = [true] }", r"lr_grid.conv = \[True\] has the wrong type"),
+        ("[0.0]", r"lr_grid must hold positive finite values"),
+    ],
+)
+def test_bad_grids_are_config_errors(tmp_path: Path, grid: str, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        load_study(_study(tmp_path, "1.0", "rule = 'grid'", f"lr_grid = {grid}"))
+
+
+def test_a_grid_for_a_family_the_study_lacks_is_a_config_error(registry: Registry, tmp_path: Path) -> None:
+    study = load_study(_study(tmp_path, "1.0", "rule = 'grid'", "lr_grid = { conv = [1.0], atn = [0.4] }"))
+    with pytest.raises(ConfigError, match=r"lr_grid names family 'atn', .* families attn, conv; did you mean 'attn'"):
         plan_cells(study, registry)
 
 

@@ -175,7 +175,7 @@ def test_the_graph_chains_cells_as_the_two_trial_rule_reads_them() -> None:
 def test_a_grid_study_waits_only_for_the_first_cell_and_a_branching_one_chains_each_model() -> None:
     grid = dataclasses.replace(study(Path("unused")), rule="grid", lr_grid=(0.8, 0.4))
     graph = study_graph(grid, registry())
-    assert graph.trials == 2 and len(graph.waves()) == 2  # the first cell, whose runs set the inherited resolution
+    assert graph.trials == {"tiny": 2} and len(graph.waves()) == 2  # the first cell sets the inherited resolution
     fixed = study_graph(dataclasses.replace(grid, resolution=8), registry())
     assert len(fixed.waves()) == 1 and max(graph.assign(3).values()) == 2
     wsd = {**ENGINE, "recipe": {"schedule": "wsd"}}

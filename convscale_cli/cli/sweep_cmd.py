@@ -94,7 +94,7 @@ def show_sweep(
     mine = "" if worker is None else f" of worker {worker}"
     print(
         f"{len(result.results)} cells{mine}: the {config.rule} rule used {result.runs_used} runs "
-        f"({result.trained} trained now) where a full {result.grid_size}-point lr grid needs {result.full_grid_runs}."
+        f"({result.trained} trained now) where {_full_grid_text(result.grid_size)} needs {result.full_grid_runs}."
     )
     return result
 
@@ -116,7 +116,7 @@ def _print_plan(config: "StudyConfig", registry: "Registry", worker: "Shard | No
     hours = lambda flops: format_amount(flops_to_core_hours(flops), "core-hours")  # noqa: E731
     note = "; a branching study pays each trunk once, so less" if config.branching else ""
     print(
-        f"{len(graph.cells)} cells, {graph.trials} trials each ({config.rule} rule); estimated cost: each trial "
+        f"{len(graph.cells)} cells, {_trials_text(graph.trials)} ({config.rule} rule); estimated cost: each trial "
         f"trained from scratch, 6 x MACs x examples{note}"
     )
     for n, wave in enumerate(graph.waves()):
@@ -221,3 +221,15 @@ def _sweep_live(
     result = run_sweep(config, registry, **options)
     Console(width=1000).print(render())
     return result
+
+
+def _trials_text(trials: dict[str, int]) -> str:
+    """``3 trials each``, or per family where the families' grids differ (``nfnet 3, vit 2 trials per cell``)."""
+    sizes = set(trials.values())
+    if len(sizes) == 1:
+        return f"{sizes.pop()} trials each"
+    return ", ".join(f"{family} {n}" for family, n in trials.items()) + " trials per cell"
+
+
+def _full_grid_text(grid_size: int | None) -> str:
+    return f"a full {grid_size}-point lr grid" if grid_size else "each family's full lr grid"
