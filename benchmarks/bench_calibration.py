@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -54,7 +55,10 @@ def main(argv: list[str] | None = None) -> int:
 
     chosen = [s for s in scenarios().values() if not args.scenarios or s.name in args.scenarios.split(",")]
     summaries, failures = [], []
-    with tempfile.TemporaryDirectory() as workdir, ProcessPoolExecutor(args.workers) as pool:
+    with (
+        tempfile.TemporaryDirectory() as workdir,
+        ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool,
+    ):
         for scenario in chosen:
             start = time.time()
             rows = list(

@@ -11,6 +11,7 @@ often, a true one "not supported" too often, or power drop.
 from __future__ import annotations
 
 import math
+import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -33,7 +34,8 @@ def _one(name: str, workdir: str, seed: int) -> dict:
 @pytest.mark.parametrize("name", ["law-holds", "saturating", "size-and-lr-null", "two-trial", "families-match"])
 def test_intervals_and_verdicts_are_calibrated(name: str, tmp_path: Path) -> None:
     scenario = scenarios()[name]
-    with ProcessPoolExecutor(2) as pool:
+    # Spawned workers: forking a process that has imported jax (other tests have) can deadlock.
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
         rows = list(pool.map(partial(_one, name, str(tmp_path)), range(1000, 1000 + SIMULATIONS)))
     summary = tally(scenario, rows)
     assert summary["sims"] == SIMULATIONS
