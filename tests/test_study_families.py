@@ -176,12 +176,15 @@ def test_the_convnet_vs_vit_example_is_a_valid_two_family_study() -> None:
     cells = plan_cells(study, registry)
     assert len(cells) == len(study.models) * len(study.epochs)
     families = {c.family for c in cells}
-    assert families == {"nfnet", "vit"} and set(study.start_lr) == families
+    assert families == {"nfnet", "vit"} and set(study.lr_grid) == families
     assert all("ladder" in registry.architecture(m).tags for m in study.models)
-    assert study.dataset == "shapes" and study.rule == "two-trial"
-    # Its header promises the quickstart's data and engine settings (so its NFNet cells repeat the quickstart's).
-    quick = load_study(REPO / "examples" / "quickstart.toml")
-    assert (study.engine, study.data_options, study.resolution) == (quick.engine, quick.data_options, quick.resolution)
+    assert study.dataset == "shapes" and study.rule == "grid" and study.branching
+    # Its header promises the power-law study's design, so its NFNet cells are that study's runs, bit for bit.
+    power = load_study(REPO / "examples" / "powerlaw.toml")
+    same = ("engine", "data_options", "resolution", "batch_size", "epochs", "seed")
+    assert {k: getattr(study, k) for k in same} == {k: getattr(power, k) for k in same}
+    assert [m for m in study.models if m.startswith("nfnet")] == list(power.models)
+    assert study.grid_for("nfnet") == power.lr_grid
     # The report compares the families where their compute ranges overlap: make sure they do, by a wide margin.
     span = {f: [min(c.flops for c in cells if c.family == f), max(c.flops for c in cells if c.family == f)]
             for f in families}  # fmt: skip
