@@ -451,7 +451,7 @@ def test_laptop_ladders_start_from_their_measured_lr_not_the_jft_prior(capsys: p
     vit, nfnet = found["vit", 64], found["nfnet", 64]
     assert vit["lr"] == 0.4 and vit["lr_trials"] == [0.4, 0.2]  # 0.8 at 0.5 epochs, halved for ~4 epochs
     assert nfnet["lr"] == 25.6 and nfnet["lr_trials"] == [25.6, 12.8]
-    assert "measured" in vit["lr_source"] and "convnet-vs-vit.toml" in vit["lr_source"]
+    assert "measured" in vit["lr_source"] and "convnet-vs-vit-quick.toml" in vit["lr_source"]
     assert "square-root" in vit["lr_source"] and "linear" in nfnet["lr_source"]
     assert all(f"--lr {c['lr']:g} " in c["commands"][0] for c in found.values())
     # 4x the batch: AdamW's alpha x sqrt(64/256) (its peak lr, alpha x batch/4096, grows 2x); SGD's alpha unchanged.

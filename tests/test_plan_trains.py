@@ -4,7 +4,7 @@ The paper's learning-rate prior (alpha at batch 4096, for JFT-scale models) move
 chance (ln 420 = 6.04) after a thousand steps; the plan must print a learning rate that trains. Each case plans one
 epoch of the tiny ladder's smallest model on the quickstart's data (16,384 `shapes` images, no clutter), runs the
 first printed command in a subprocess, and compares the held-out loss with the quickstart's tuned cell of the same
-model and epochs (examples/quickstart.toml, examples/convnet-vs-vit.toml).
+model and epochs (examples/quickstart.toml, examples/convnet-vs-vit-quick.toml).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ SIZE = 16384
 @pytest.mark.slow
 # model, the study's best held-out loss for it after one epoch, and how far above it the planned run may land: the
 # NFNet must do at least as well as the quickstart's tuned cell; the ViT's cell comes from another study
-# (examples/convnet-vs-vit.toml, other engine settings), so it may land within that study's seed noise (~0.05).
+# (examples/convnet-vs-vit-quick.toml, other engine settings), so it may land within that study's seed noise (~0.05).
 @pytest.mark.parametrize(("model", "tuned", "slack"), [("vit-tiny-l0", 4.318, 0.05), ("nfnet-tiny-l0", 4.762, 0.0)])
 def test_the_planned_command_trains_as_printed(tmp_path: Path, model: str, tuned: float, slack: float) -> None:
     from convscale_cli.plugins import load_plugins

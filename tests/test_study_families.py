@@ -1,5 +1,5 @@
 """A sweep over two model families (ConvNets and ViTs at equal compute, paper §3): a start alpha per family, and the
-``examples/convnet-vs-vit.toml`` study."""
+``examples/convnet-vs-vit.toml`` and ``examples/convnet-vs-vit-quick.toml`` studies."""
 
 from __future__ import annotations
 
@@ -190,3 +190,12 @@ def test_the_convnet_vs_vit_example_is_a_valid_two_family_study() -> None:
             for f in families}  # fmt: skip
     low, high = max(s[0] for s in span.values()), min(s[1] for s in span.values())
     assert high > 4 * low
+
+
+def test_the_quick_convnet_vs_vit_example_has_the_quickstarts_design() -> None:
+    study = load_study(REPO / "examples" / "convnet-vs-vit-quick.toml")
+    cells = plan_cells(study, plugin_loader.get_registry())
+    assert {c.family for c in cells} == {"nfnet", "vit"} == set(study.start_lr) and study.rule == "two-trial"
+    # Its header promises the quickstart's data and engine settings (so its NFNet cells repeat the quickstart's).
+    quick = load_study(REPO / "examples" / "quickstart.toml")
+    assert (study.engine, study.data_options, study.resolution) == (quick.engine, quick.data_options, quick.resolution)

@@ -310,7 +310,7 @@ def test_a_bad_shard_is_a_one_line_error(
     assert not runs.exists()
 
 
-@pytest.mark.parametrize("example", ["quickstart.toml", "convnet-vs-vit.toml"])
+@pytest.mark.parametrize("example", ["quickstart.toml", "convnet-vs-vit-quick.toml"])
 def test_plan_prints_the_waves_and_the_critical_path(capsys: pytest.CaptureFixture, example: str) -> None:
     assert main(["sweep", str(EXAMPLES / example), "--plan", "--json"]) == ExitCode.OK
     plan = json.loads(capsys.readouterr().out)

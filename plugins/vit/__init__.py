@@ -100,10 +100,10 @@ NUMERICS: Mapping[str, Mapping[str, Any]] = {"reference": {"layernorm_eps": 1e-6
 
 
 # The laptop ladder's tuned learning rate, one to two orders of magnitude above the paper's batch-4096 setting moved
-# to batch 64 (examples/convnet-vs-vit.toml's header: vit-tiny-l1 for 0.5 epochs of `shapes`, alpha 0.1 -> loss 5.59,
-# 0.2 -> 5.28, 0.4 -> 4.98, 0.8 -> 5.01, 1.6 -> 5.19; its cells on l0-l2 kept 0.4-0.8).
+# to batch 64 (examples/convnet-vs-vit-quick.toml's header: vit-tiny-l1 for 0.5 epochs of `shapes`, alpha 0.1 ->
+# loss 5.59, 0.2 -> 5.28, 0.4 -> 4.98, 0.8 -> 5.01, 1.6 -> 5.19; its cells on l0-l2 kept 0.4-0.8).
 LADDER_LR = MeasuredLr(
-    alpha=0.8, batch_size=64, epochs=0.5, source="examples/convnet-vs-vit.toml, vit-tiny-l1 at 32 px on shapes"
+    alpha=0.8, batch_size=64, epochs=0.5, source="examples/convnet-vs-vit-quick.toml, vit-tiny-l1 at 32 px on shapes"
 )
 
 
