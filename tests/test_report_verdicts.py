@@ -125,3 +125,13 @@ def test_a_sweep_that_learned_nothing_supports_nothing(tmp_path: Path) -> None:
     )
     found = verdicts_of(flat, tmp_path)
     assert all(v.status != SUPPORTED for v in found.values()), {f: v.text for f, v in found.items()}
+
+
+@pytest.mark.parametrize(("gap", "ahead"), [(0.0, False), (-0.25, True)])
+def test_convnets_well_ahead_support_the_match_and_the_text_says_they_are_ahead(
+    tmp_path: Path, gap: float, ahead: bool
+) -> None:
+    scenario = dataclasses.replace(scenarios()["families-match"], vit_gap=gap)
+    found = verdicts_of(scenario, tmp_path)["families_match"]
+    assert found.status == SUPPORTED, found.text  # the paper claims ConvNets are not behind; ahead is not behind
+    assert ("ConvNets ahead by more than the tolerance" in found.text) is ahead, found.text
