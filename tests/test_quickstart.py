@@ -166,3 +166,10 @@ def test_the_plan_stays_on_the_studys_ladder_and_data(monkeypatch: pytest.Monkey
     (request,) = requests
     assert request.dataset.num_classes == 70 and request.dataset.size == 16384 and request.batch_size == 32
     assert set(request.models) == {"nfnet-w64", "nfnet-w32", "nfnet-w16", "nfnet-w8", "nfnet-w4", "nfnet-w2"}
+
+
+def test_a_grid_per_family_is_named_family_by_family() -> None:
+    from convscale_cli.sweep import load_study
+
+    study = load_study(REPO / "examples" / "convnet-vs-vit.toml")
+    assert quickstart._rule_text(study) == "learning rates alpha nfnet 25.6, 51.2; vit 0.4, 0.8 on every cell"
