@@ -151,6 +151,10 @@ def test_a_seed_and_a_grid_study_are_what_the_job_runs_and_says(
     assert seen[0].seed == 2 and seen[0].rule == "grid"
     assert any("seed 2, learning rates alpha 25.6, 51.2 on every cell" in line for line in lines)
     assert "  lr grid of 2: 2 runs for 1 cells" in lines and not any("two-trial" in line for line in lines)
+    lines.clear()  # a grid per family is named family by family
+    families = REPO / "examples" / "convnet-vs-vit.toml"
+    quickstart.run(tmp_path / "job2", study=families, display=display, echo=lines.append)
+    assert any("learning rates alpha nfnet 25.6, 51.2; vit " in line for line in lines), lines
 
 
 def test_the_plan_stays_on_the_studys_ladder_and_data(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -166,10 +170,3 @@ def test_the_plan_stays_on_the_studys_ladder_and_data(monkeypatch: pytest.Monkey
     (request,) = requests
     assert request.dataset.num_classes == 70 and request.dataset.size == 16384 and request.batch_size == 32
     assert set(request.models) == {"nfnet-w64", "nfnet-w32", "nfnet-w16", "nfnet-w8", "nfnet-w4", "nfnet-w2"}
-
-
-def test_a_grid_per_family_is_named_family_by_family() -> None:
-    from convscale_cli.sweep import load_study
-
-    study = load_study(REPO / "examples" / "convnet-vs-vit.toml")
-    assert quickstart._rule_text(study) == "learning rates alpha nfnet 25.6, 51.2; vit 0.4, 0.8 on every cell"

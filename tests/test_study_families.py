@@ -136,8 +136,11 @@ def test_a_family_the_grid_table_leaves_out_gets_its_recipe_grid(registry: Regis
     assert {lr for model, _, lr in calls if model != "attn-s"} == {51.2}
 
 
-def test_the_sweep_plan_counts_each_familys_trials(registry: Registry, tmp_path: Path, capsys: Any) -> None:
-    from convscale_cli.cli.sweep_cmd import _print_plan
+def test_the_sweep_plan_counts_each_familys_trials(
+    registry: Registry, tmp_path: Path, capsys: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import convscale_cli.plugins as plugins
+    from convscale_cli.cli import main
     from convscale_cli.sweep_graph import plan_dict, study_graph
 
     grid = "lr_grid = { conv = [25.6, 51.2, 102.4], attn = [0.4] }"
@@ -146,7 +149,8 @@ def test_the_sweep_plan_counts_each_familys_trials(registry: Registry, tmp_path:
     assert graph.trials == {"attn": 1, "conv": 3}
     trials = {(c["model"], c["epochs"]): c["trials"] for c in plan_dict(graph)["cells"]}
     assert trials[("conv-s", 0.5)] == 3 and trials[("attn-s", 1.0)] == 1
-    _print_plan(study, registry, None, json_=False)
+    monkeypatch.setattr(plugins, "get_registry", lambda: registry)
+    assert main(["sweep", str(tmp_path / "study.toml"), "--plan"]) == 0
     assert "attn 1, conv 3 trials per cell (grid rule)" in capsys.readouterr().out
 
 
