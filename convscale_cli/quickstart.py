@@ -325,11 +325,8 @@ def run(
     if loaded.rule == "grid":
         echo(f"  lr grid of {swept.grid_size or 'each family'}: {swept.runs_used} runs for {len(swept.results)} cells")
     else:
-        echo(
-            f"  {loaded.rule} rule: {swept.runs_used} runs for {len(swept.results)} cells ("
-            + (f"a full {swept.grid_size}-point lr grid" if swept.grid_size else "each family's full lr grid")
-            + f" needs {grid})"
-        )
+        cells = len(swept.results)
+        echo(f"  {loaded.rule} rule: {swept.runs_used} runs for {cells} cells ({swept.full_grid_text} needs {grid})")
     for verdict in fit.get("verdicts", []):
         echo(f"  {verdict.get('claim') or verdict.get('finding')}: {verdict.get('text')}")
     echo(

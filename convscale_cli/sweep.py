@@ -199,6 +199,11 @@ class SweepResult:
         """Runs a full lr grid over every cell would have needed."""
         return sum(self.grid_sizes)
 
+    @property
+    def full_grid_text(self) -> str:
+        """What :attr:`full_grid_runs` counts, in words: "a full 6-point lr grid" or "each family's full lr grid"."""
+        return f"a full {self.grid_size}-point lr grid" if self.grid_size else "each family's full lr grid"
+
 
 def plan_cells(study: StudyConfig, registry: Registry) -> list[CellPlan]:
     """The study's cells, cheapest first (ties: smaller model, then fewer epochs).

@@ -124,6 +124,7 @@ def test_a_grid_per_family_trains_each_family_on_its_own_grid(registry: Registry
     tried = {m: sorted({lr for model, _, lr in calls if model == m}) for m in MODELS}
     assert tried == {"conv-s": [25.6, 51.2, 102.4], "conv-m": [25.6, 51.2, 102.4], "attn-s": [0.4, 0.8]}
     assert result.grid_size is None and result.full_grid_runs == 4 * 3 + 2 * 2 == result.runs_used
+    assert result.full_grid_text == "each family's full lr grid"  # the sweep's and the quickstart's closing lines
     by_cell = {(r.model, r.epochs): r.best_lr for r in result.results}
     assert by_cell[("conv-m", 1.0)] == 102.4 and by_cell[("attn-s", 1.0)] == 0.8
 

@@ -94,7 +94,7 @@ def show_sweep(
     mine = "" if worker is None else f" of worker {worker}"
     print(
         f"{len(result.results)} cells{mine}: the {config.rule} rule used {result.runs_used} runs "
-        f"({result.trained} trained now) where {_full_grid_text(result.grid_size)} needs {result.full_grid_runs}."
+        f"({result.trained} trained now) where {result.full_grid_text} needs {result.full_grid_runs}."
     )
     return result
 
@@ -229,7 +229,3 @@ def _trials_text(trials: dict[str, int]) -> str:
     if len(sizes) == 1:
         return f"{sizes.pop()} trials each"
     return ", ".join(f"{family} {n}" for family, n in trials.items()) + " trials per cell"
-
-
-def _full_grid_text(grid_size: int | None) -> str:
-    return f"a full {grid_size}-point lr grid" if grid_size else "each family's full lr grid"
