@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import textwrap
 from collections.abc import Callable, Iterator
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from convscale_cli import interrupts
 from convscale_cli import plugins as plugin_loader
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,6 +61,17 @@ def _fresh_plugins() -> Iterator[None]:
 
 # --- A tiny pre-trained run, for the fine-tuning and evaluation tests. Both fixtures take the plugins from the
 # requesting module's own ``loaded`` fixture (the tiny CNN and its in-memory dataset, plus whatever that module adds).
+
+
+@pytest.fixture
+def terminal_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM as a terminal leaves them (default handlers), restored afterwards."""
+    previous = {sig: signal.getsignal(sig) for sig in interrupts.SIGNALS}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 @pytest.fixture

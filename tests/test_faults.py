@@ -336,17 +336,6 @@ def _leftovers(out: Path) -> list[str]:
     )
 
 
-@pytest.fixture
-def terminal_signals() -> Any:
-    """SIGINT and SIGTERM as a terminal leaves them (default handlers), restored afterwards."""
-    previous = {sig: signal.getsignal(sig) for sig in interrupts.SIGNALS}
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    yield
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)
-
-
 def test_an_inherited_ignored_sigint_does_not_stop_training(
     registry: Any, tmp_path: Path, terminal_signals: Any
 ) -> None:

@@ -6,23 +6,12 @@ import gc
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from convscale_cli import interrupts
-
-
-@pytest.fixture
-def terminal_signals() -> Iterator[None]:
-    """SIGINT and SIGTERM as a terminal leaves them (default handlers), restored afterwards."""
-    previous = {sig: signal.getsignal(sig) for sig in interrupts.SIGNALS}
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    yield
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)
 
 
 @pytest.fixture
