@@ -47,6 +47,31 @@ def default_study() -> Path:
     return Path(str(resources.files("convscale_cli.studies").joinpath(STUDY)))
 
 
+def packaged_studies() -> dict[str, Path]:
+    """The studies shipped with convscale, by name: ``quickstart`` (the main job's) and ``powerlaw``."""
+    root = resources.files("convscale_cli.studies")
+    return {Path(e.name).stem: Path(str(e)) for e in root.iterdir() if e.name.endswith(".toml")}
+
+
+def study_file(study: str | Path | None) -> Path:
+    """The study file ``--study`` names: a path, or the name of a packaged study; None is the quickstart's own.
+
+    Raises:
+        UsageError: a bare name that is neither a file nor a packaged study.
+    """
+    if study is None:
+        return default_study()
+    path = Path(study)
+    if path.exists() or path.suffix or len(path.parts) > 1:
+        return path  # a file (load_study reports one that cannot be read)
+    packaged = packaged_studies()
+    if path.name not in packaged:
+        raise UsageError(
+            f"unknown study {path.name!r}: name a packaged study ({', '.join(sorted(packaged))}) or a study TOML file"
+        )
+    return packaged[path.name]
+
+
 @dataclasses.dataclass(frozen=True)
 class FinetuneSettings:
     """How the best pre-trained run is fine-tuned on ``digits`` (small, so the whole job stays within minutes)."""
@@ -145,6 +170,7 @@ class QuickstartResult:
             "runs_used": self.sweep.runs_used,
             "full_grid_runs": self.sweep.full_grid_runs,
             "verdicts": list(self.fit.get("verdicts", [])),
+            "regime": self.fit.get("regime"),
             "best_pretrain_run": self.best.path.name,
             "finetune": {
                 "dataset": FINETUNE_DATASET,
@@ -237,7 +263,7 @@ def _ladder_of(registry: Registry, family: str, models: Sequence[str]) -> tuple[
 def run(
     out: Path,
     *,
-    study: Path | None = None,
+    study: str | Path | None = None,
     seed: int | None = None,
     finetune: FinetuneSettings = FinetuneSettings(),
     registry: Registry | None = None,
@@ -248,7 +274,7 @@ def run(
 
     Args:
         out: output directory; rerunning with the same ``out`` resumes (finished runs are skipped).
-        study: a study TOML to use instead of the packaged one.
+        study: a study TOML, or the name of a packaged study (:func:`packaged_studies`), instead of the quickstart's.
         seed: the study's training seed instead of its own (its runs then go to ``out/runs`` as usual: use another
             ``out`` per seed).
         finetune: fine-tuning settings.
@@ -267,7 +293,7 @@ def run(
         from convscale_cli.plugins import get_registry
 
         registry = get_registry()
-    study_path = Path(study) if study is not None else default_study()
+    study_path = study_file(study)
     runs_dir, report_dir = out / "runs", out / "report"
     overrides: dict[str, Any] = {"out": str(runs_dir)} | ({} if seed is None else {"seed": seed})
     loaded = load_study(study_path, overrides)  # validates the study before anything runs
@@ -329,6 +355,19 @@ def run(
         echo(f"  {loaded.rule} rule: {swept.runs_used} runs for {cells} cells ({swept.full_grid_text} needs {grid})")
     for verdict in fit.get("verdicts", []):
         echo(f"  {verdict.get('claim') or verdict.get('finding')}: {verdict.get('text')}")
+    regime = fit.get("regime")
+    if regime:
+        echo(
+            f"  regime: the best cell's held-out loss {regime['best_loss']:.3f} is "
+            f"{100 * regime['fraction_of_chance']:.0f}% of chance "
+            f"(ln {regime['classes']} = {regime['chance_loss']:.2f})"
+            + (
+                ": the early transient, where only the log-log law can show; a study past it: "
+                f"convscale quickstart --study powerlaw --out {out.parent / 'powerlaw'}"
+                if regime["early_transient"]
+                else ""
+            )
+        )
     echo(
         f"  {FINETUNE_DATASET} top-1 on the held-out split after {finetune.epochs:g} epochs: "
         f"{_percent(result.top1)} fine-tuned from {best.path.name}, {_percent(result.top1_scratch)} from scratch "

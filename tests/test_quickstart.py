@@ -141,20 +141,60 @@ def test_a_seed_and_a_grid_study_are_what_the_job_runs_and_says(
         )
 
     monkeypatch.setattr(finetune_api, "finetune", lambda config, registry=None: {"final": {"eval_top1": 0.9}})
-    monkeypatch.setattr(report, "build_report", lambda *a, **kw: {"verdicts": []})
+    regimes = [  # as the report computes it (tests/test_report.py): past the transient, then still in it
+        {"classes": 70, "chance_loss": 4.248, "best_loss": 1.274, "fraction_of_chance": 0.3, "early_transient": False},
+        {"classes": 70, "chance_loss": 4.248, "best_loss": 2.9, "fraction_of_chance": 0.68, "early_transient": True},
+    ]
+    monkeypatch.setattr(report, "build_report", lambda *a, **kw: {"verdicts": [], "regime": regimes.pop(0)})
     monkeypatch.setattr(quickstart, "plan_from_runs", lambda *a: "plan")
     display = quickstart.Display(sweep=sweep, report=lambda fit, out: None, plan=lambda plan: None)
     lines: list[str] = []
-    quickstart.run(
-        tmp_path / "job", study=REPO / "examples" / "powerlaw.toml", seed=2, display=display, echo=lines.append
-    )
-    assert seen[0].seed == 2 and seen[0].rule == "grid"
+    result = quickstart.run(tmp_path / "job", study="powerlaw", seed=2, display=display, echo=lines.append)
+    assert seen[0].seed == 2 and seen[0].rule == "grid" and seen[0].models == load_study(POWERLAW).models
     assert any("seed 2, learning rates alpha 25.6, 51.2 on every cell" in line for line in lines)
     assert "  lr grid of 2: 2 runs for 1 cells" in lines and not any("two-trial" in line for line in lines)
+    assert "  regime: the best cell's held-out loss 1.274 is 30% of chance (ln 70 = 4.25)" in lines
+    assert result.to_dict()["regime"]["fraction_of_chance"] == 0.3
     lines.clear()  # a grid per family is named family by family
     families = REPO / "examples" / "convnet-vs-vit.toml"
     quickstart.run(tmp_path / "job2", study=families, display=display, echo=lines.append)
     assert any("learning rates alpha nfnet 25.6, 51.2; vit " in line for line in lines), lines
+    (line,) = [line for line in lines if line.startswith("  regime:")]
+    hint = f"a study past it: convscale quickstart --study powerlaw --out {tmp_path / 'powerlaw'}"
+    transient = "68% of chance (ln 70 = 4.25): the early transient, where only the log-log law can show; "
+    assert line.endswith(transient + hint)
+
+
+POWERLAW = REPO / "examples" / "powerlaw.toml"
+
+
+def test_the_packaged_studies_are_the_documented_examples() -> None:
+    studies = quickstart.packaged_studies()
+    assert set(studies) == {"quickstart", "powerlaw"}
+    for name, path in studies.items():
+        assert path.read_text() == (REPO / "examples" / f"{name}.toml").read_text(), name
+
+
+def test_study_names_a_packaged_study_or_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from convscale_cli.errors import UsageError
+
+    assert quickstart.study_file(None) == quickstart.default_study() == quickstart.study_file("quickstart")
+    assert quickstart.study_file("powerlaw") == quickstart.packaged_studies()["powerlaw"]
+    assert quickstart.study_file("mine.toml") == Path("mine.toml")  # a file, even one that is missing
+    monkeypatch.chdir(tmp_path)
+    Path("powerlaw").write_text("")  # a file in the working directory wins over the packaged name
+    assert quickstart.study_file("powerlaw") == Path("powerlaw")
+    with pytest.raises(UsageError, match=r"unknown study 'powerlow': name a packaged study \(powerlaw, quickstart\)"):
+        quickstart.study_file("powerlow")
+
+
+def test_an_unknown_study_name_is_one_error_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from convscale_cli.cli import main
+
+    assert main(["quickstart", "--study", "powerlow", "--out", str(tmp_path / "job")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Error: unknown study 'powerlow'") and err.count("\n") == 1
+    assert not (tmp_path / "job").exists()
 
 
 def test_the_plan_stays_on_the_studys_ladder_and_data(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

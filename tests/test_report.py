@@ -282,3 +282,34 @@ def test_diverged_trials_are_listed_with_the_rates_tried(tmp_path: Path) -> None
     assert "| f0 | 0.5 | 1.6 | " in markdown and "| 0.4, 0.8, 1.6 | yes |" in markdown  # other cells unchanged
     assert "| f0 | 1 | grid | " in markdown and "| 1.6, 3.2 (diverged) | 1.6 |" in markdown
     assert "stopped at a non-finite loss" in markdown
+
+
+@pytest.mark.parametrize(("classes", "early"), [(30_000, True), (1_000_000, False)])
+def test_the_report_says_how_far_below_chance_the_best_cell_got(tmp_path: Path, classes: int, early: bool) -> None:
+    """The best cell's loss as a fraction of ln K, and the early-transient warning exactly when it is above half."""
+    runs = study(tmp_path / "runs")
+    for path in runs.glob("*/summary.json"):
+        path.write_text(json.dumps({**json.loads(path.read_text()), "num_classes": classes}))
+    result = build_report(runs, tmp_path / "out", bootstrap=0)
+    best = min(c["loss"] for c in result["cells"])
+    chance = math.log(classes)
+    assert result["regime"] == {
+        "classes": classes,
+        "chance_loss": pytest.approx(chance),
+        "best_loss": best,
+        "best_cell": {"model": "f3", "epochs": 4.0},
+        "fraction_of_chance": pytest.approx(best / chance),
+        "early_transient": best > chance / 2,
+    }
+    assert result["regime"]["early_transient"] is early  # 6.29 nats: 61% of ln 30k, 46% of ln 1M
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert f"reaches a held-out loss of {best:.3f}, {100 * best / chance:.0f}% of chance (ln {classes} = " in markdown
+    assert ("early transient" in markdown) is early
+
+
+def test_runs_that_do_not_record_their_classes_have_no_regime(tmp_path: Path) -> None:
+    runs = study(tmp_path / "runs")
+    for path in runs.glob("*/summary.json"):
+        path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "num_classes"}))
+    result = build_report(runs, tmp_path / "out", bootstrap=0)
+    assert result["regime"] is None and "of chance" not in (tmp_path / "out" / "report.md").read_text()

@@ -15,7 +15,12 @@ from convscale_cli.cli._output import print_json
 def quickstart(
     out: Annotated[Path, typer.Option(help="Where runs/ and report/ go; rerun to resume.")] = Path("quickstart"),
     study: Annotated[
-        Path | None, typer.Option(help="Study TOML instead of the packaged one (see examples/quickstart.toml).")
+        str | None,
+        typer.Option(
+            help="A packaged study by name (quickstart, the default; powerlaw, past the early transient, ~12 min) or "
+            "a study TOML file (see examples/).",
+            metavar="<name|path>",
+        ),
     ] = None,
     seed: Annotated[
         int | None, typer.Option(help="Training seed instead of the study's (use another --out per seed).")
@@ -27,6 +32,9 @@ def quickstart(
     Pre-trains a ladder of tiny NFNets on `shapes` for several epoch budgets with two-trial learning-rate tuning,
     fine-tunes the best on the real `digits` data, fits the scaling laws, writes the HTML report and plans a 10x
     larger budget from the fitted runs.
+
+    The packaged study is quick and sits in the early transient, where only the log-log law can show; `--study
+    powerlaw` runs one past it, where the allocation finding can show too (about 12 minutes).
     """
     from convscale_cli import quickstart as job
     from convscale_cli.cli.plan_cmd import show_plan

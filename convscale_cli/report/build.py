@@ -26,6 +26,11 @@ from convscale_cli.report.render import to_html, to_markdown
 from convscale_cli.report.runs import Run, Skipped, load_runs, load_tuning, select_dataset
 
 SIZE_AXES = ("params", "macs")
+# The paper's held-out losses on JFT-4B run from about 3.0 to 2.4 (Smith et al. 2023, Fig. 2) against a chance level
+# of ln 30k = 10.3: 23-29% of chance. A study whose best cell is still above half of its chance level trains in the
+# early transient, where the loss falls faster than any power law and the findings on allocation and learning rate
+# cannot show.
+EARLY_TRANSIENT = 0.5
 COMPUTE_NOTE = (
     "TPU-v4 core-hours (the paper's axis), converted from each run's training FLOPs at the calibrated MFU "
     "(convscale plan's TPU-v4 calibration)"
@@ -261,6 +266,24 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def regime(result: Analysis) -> dict[str, Any] | None:
+    """Where the study's best cell got to: its held-out loss as a fraction of chance, ``ln K`` for a ``K``-class
+    classifier (the loss of a uniform prediction). None when the runs do not record ``K``."""
+    classes = next((r.num_classes for r in result.runs if r.kind == "pretrain"), 0)
+    if classes < 2 or not result.cells:
+        return None
+    best = min(result.cells, key=lambda c: c.loss)
+    chance = math.log(classes)
+    return {
+        "classes": classes,
+        "chance_loss": chance,
+        "best_loss": best.loss,
+        "best_cell": {"model": best.model, "epochs": best.epochs},
+        "fraction_of_chance": best.loss / chance,
+        "early_transient": best.loss / chance > EARLY_TRANSIENT,
+    }
+
+
 def to_result(result: Analysis, runs_dir: Path) -> dict[str, Any]:
     """The ``fit.json`` dictionary of an analysis (no files written)."""
     est, boot, design = result.estimates, result.boot, result.design
@@ -297,6 +320,7 @@ def to_result(result: Analysis, runs_dir: Path) -> dict[str, Any]:
         "noise": result.noise.to_dict(),
         "bootstrap": {"replicates": boot.replicates, "level": boot.level, "method": "runs, whole pipeline"},
         "design": summary(design, est),
+        "regime": regime(result),
         "cells": [c.to_dict() for c in cells],
         "frontier": [c.to_dict() for c in front],
         "power_law": power_dict,

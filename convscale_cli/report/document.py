@@ -47,6 +47,7 @@ def _summary(result: dict[str, Any]) -> list[Block]:
         f"budget) cell (seeds averaged), leaving {_count(design['cells'], 'cell')}, {design['frontier_points']} of "
         f"them on the compute-optimal envelope. Compute is in {result['compute_note']}."
     )
+    text += _regime_text(result.get("regime"))
     noise, boot = result["noise"], result["bootstrap"]
     if noise["sigma"] is not None and noise["df"]:
         source = {
@@ -68,6 +69,23 @@ def _summary(result: dict[str, Any]) -> list[Block]:
         for i, v in enumerate(result["verdicts"])
     )
     return [Heading("Verdicts on the paper's findings"), Paragraph(text), Bullets(items)]
+
+
+def _regime_text(regime: dict[str, Any] | None) -> str:
+    if not regime:
+        return ""
+    best = regime["best_cell"]
+    text = (
+        f" The best cell ({best['model']} x {_g(best['epochs'])} epochs) reaches a held-out loss of "
+        f"{regime['best_loss']:.3f}, {100 * regime['fraction_of_chance']:.0f}% of chance (ln {regime['classes']} = "
+        f"{regime['chance_loss']:.2f}; the paper's JFT-4B losses are 23-29% of theirs)."
+    )
+    if regime["early_transient"]:
+        text += (
+            " Above half of chance a study is in its early transient, where the loss falls faster than a power law "
+            "and the findings on model size and learning rate cannot show: train longer or on an easier task."
+        )
+    return text
 
 
 def _loss_section(result: dict[str, Any], images: dict[str, str]) -> list[Block]:
