@@ -74,9 +74,9 @@ def _summary(result: dict[str, Any]) -> list[Block]:
 def _regime_text(regime: dict[str, Any] | None) -> str:
     if not regime:
         return ""
-    best = regime["best_cell"]
+    best, epochs = regime["best_cell"], regime["best_cell"]["epochs"]
     text = (
-        f" The best cell ({best['model']} x {_g(best['epochs'])} epochs) reaches a held-out loss of "
+        f" The best cell ({best['model']}, {_g(epochs)} epoch{'' if epochs == 1 else 's'}) reaches a held-out loss of "
         f"{regime['best_loss']:.3f}, {100 * regime['fraction_of_chance']:.0f}% of chance (ln {regime['classes']} = "
         f"{regime['chance_loss']:.2f}; the paper's JFT-4B losses are 23-29% of theirs)."
     )
