@@ -313,3 +313,17 @@ def test_runs_that_do_not_record_their_classes_have_no_regime(tmp_path: Path) ->
         path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "num_classes"}))
     result = build_report(runs, tmp_path / "out", bootstrap=0)
     assert result["regime"] is None and "of chance" not in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_the_loss_plot_marks_half_of_chance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from convscale_cli.report import plots
+
+    figures: list[Any] = []
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda figure, path: figures.append(figure) or save(figure, path))
+    runs = study(tmp_path / "runs")
+    for path in runs.glob("*/summary.json"):
+        path.write_text(json.dumps({**json.loads(path.read_text()), "num_classes": 30_000}))
+    build_report(runs, tmp_path / "out", bootstrap=0)
+    levels = [line.get_ydata()[0] for line in figures[0].axes[0].lines if line.get_label().startswith("half of chance")]
+    assert levels == [pytest.approx(math.log(30_000) / 2)]

@@ -411,7 +411,8 @@ def _write_plots(content: dict[str, Any], result: Analysis, out_dir: Path) -> di
     cells = result.cells
     front = [c for c in cells if c.on_frontier]
     images = {"loss_vs_compute": "loss_vs_compute.png"}
-    plots.loss_vs_compute(cells, front, result.power_law, out_dir / images["loss_vs_compute"])
+    chance = (content["regime"] or {}).get("chance_loss")
+    plots.loss_vs_compute(cells, front, result.power_law, out_dir / images["loss_vs_compute"], chance)
     optimal = content["compute_optimal"]
     if len(front) >= 2 or optimal["predicted"]:
         images["compute_optimal"] = "compute_optimal.png"

@@ -94,9 +94,14 @@ def _draw_fit(ax: Any, fit: PowerLawFit, low: float, high: float, label: str, co
         ax.fill_between(grid, lo, hi, color=color, alpha=0.12, lw=0)
 
 
-def loss_vs_compute(cells: Sequence[Cell], front: Sequence[Cell], fit: PowerLawFit | None, path: Path) -> Path:
-    """Held-out loss vs compute: a curve per model over epoch budgets, the frontier and the fitted law (Fig. 2)."""
+def loss_vs_compute(
+    cells: Sequence[Cell], front: Sequence[Cell], fit: PowerLawFit | None, path: Path, chance: float | None = None
+) -> Path:
+    """Held-out loss vs compute: a curve per model over epoch budgets, the frontier and the fitted law (Fig. 2);
+    with ``chance`` (ln K), a level line at half of it, above which a study is in its early transient."""
     figure, (ax,) = _figure()
+    if chance is not None:
+        ax.axhline(chance / 2, color="grey", ls=":", lw=1, label=f"half of chance (ln K / 2 = {chance / 2:.2f})")
     for model, group in _by_model(cells).items():
         group = sorted(group, key=lambda c: c.core_hours)
         ax.plot([c.core_hours for c in group], [c.loss for c in group], "o-", ms=4, lw=1.2, label=model)
