@@ -287,6 +287,7 @@ def run(
     """
     from convscale_cli.finetune.api import finetune as run_finetune
     from convscale_cli.report import build_report
+    from convscale_cli.report.document import regime_line
     from convscale_cli.sweep import load_study, plan_cells
 
     if registry is None:
@@ -357,17 +358,8 @@ def run(
         echo(f"  {verdict.get('claim') or verdict.get('finding')}: {verdict.get('text')}")
     regime = fit.get("regime")
     if regime:
-        echo(
-            f"  regime: the best cell's held-out loss {regime['best_loss']:.3f} is "
-            f"{100 * regime['fraction_of_chance']:.0f}% of chance "
-            f"(ln {regime['classes']} = {regime['chance_loss']:.2f})"
-            + (
-                ": the early transient, where only the log-log law can show; a study past it: "
-                f"convscale quickstart --study powerlaw --out {out.parent / 'powerlaw'}"
-                if regime["early_transient"]
-                else ""
-            )
-        )
+        hint = f"; a study past it: convscale quickstart --study powerlaw --out {out.parent / 'powerlaw'}"
+        echo(f"  regime: {regime_line(regime)}" + (hint if regime["early_transient"] else ""))
     echo(
         f"  {FINETUNE_DATASET} top-1 on the held-out split after {finetune.epochs:g} epochs: "
         f"{_percent(result.top1)} fine-tuned from {best.path.name}, {_percent(result.top1_scratch)} from scratch "

@@ -191,6 +191,10 @@ def test_report_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert str(out / "report.html") in printed and "(log_log_law)" in printed
+    # The synthetic losses (> 6.2) are above ln 100: the runs never left the early transient, and the report says so.
+    best = min(c["loss"] for c in json.loads((out / "fit.json").read_text())["cells"])
+    regime = f"held-out loss {best:.3f} is {100 * best / math.log(100):.0f}% of chance (ln 100 = 4.61): the early"
+    assert f"\n(regime) the best cell's {regime} transient" in printed
     for name in (
         "report.md",
         "report.html",

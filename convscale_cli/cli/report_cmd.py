@@ -60,8 +60,12 @@ def report(
 
 def show_report(result: dict[str, Any], out_dir: Path) -> None:
     """Print what ``convscale report`` wrote: the verdicts, the runs skipped and where the files are."""
+    from convscale_cli.report.document import regime_line
+
     for verdict in result["verdicts"]:
         print(f"({verdict['finding']}) {verdict['text']}")
+    if result.get("regime"):
+        print(f"(regime) {regime_line(result['regime'])}")
     if result["skipped"]:
         count = len(result["skipped"])
         print(f"skipped {count} run {'directory' if count == 1 else 'directories'} (listed in the report)")

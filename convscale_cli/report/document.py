@@ -71,6 +71,15 @@ def _summary(result: dict[str, Any]) -> list[Block]:
     return [Heading("Verdicts on the paper's findings"), Paragraph(text), Bullets(items)]
 
 
+def regime_line(regime: dict[str, Any]) -> str:
+    """The regime in one line, as ``convscale report`` and the quickstart print it."""
+    return (
+        f"the best cell's held-out loss {regime['best_loss']:.3f} is {100 * regime['fraction_of_chance']:.0f}% of "
+        f"chance (ln {regime['classes']} = {regime['chance_loss']:.2f})"
+        + (": the early transient, where only the log-log law can show" if regime["early_transient"] else "")
+    )
+
+
 def _regime_text(regime: dict[str, Any] | None) -> str:
     if not regime:
         return ""
