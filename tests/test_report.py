@@ -320,14 +320,19 @@ def test_runs_that_do_not_record_their_classes_have_no_regime(tmp_path: Path) ->
 
 
 def test_the_loss_plot_marks_half_of_chance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from convscale_cli.report import plots
+    from matplotlib.axes import Axes
 
-    figures: list[Any] = []
-    save = plots._save
-    monkeypatch.setattr(plots, "_save", lambda figure, path: figures.append(figure) or save(figure, path))
+    levels: list[tuple[float, str]] = []
+    axhline = Axes.axhline
+
+    def spy(self: Axes, y: float = 0, *args: Any, **kwargs: Any) -> Any:
+        levels.append((y, kwargs.get("label", "")))
+        return axhline(self, y, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "axhline", spy)
     runs = study(tmp_path / "runs")
     for path in runs.glob("*/summary.json"):
         path.write_text(json.dumps({**json.loads(path.read_text()), "num_classes": 30_000}))
     build_report(runs, tmp_path / "out", bootstrap=0)
-    levels = [line.get_ydata()[0] for line in figures[0].axes[0].lines if line.get_label().startswith("half of chance")]
-    assert levels == [pytest.approx(math.log(30_000) / 2)]
+    half = [y for y, label in levels if label.startswith("half of chance")]
+    assert half == [pytest.approx(math.log(30_000) / 2)]
