@@ -1,6 +1,6 @@
 """Study efficiency: the two-trial rule against the full learning-rate grid, and cooldown branching against cosine.
 
-Run: `python benchmarks/bench_study.py [--runs quickstart/runs] [--study STUDY.toml]`. It runs (or resumes) the study
+Run: `python benchmarks/bench_study.py [--runs runs/quickstart] [--study STUDY.toml]`. It runs (or resumes) the study
 with the two-trial rule, then the same cells on a full 6-point factor-2 grid around the study's `start_lr` into the
 same runs directory (runs the rule already trained are reused, not retrained), and prints per cell the rule's choice,
 the grid's optimum and the loss regret, plus the runs and training FLOPs each approach used. Not a test: it trains
@@ -236,23 +236,24 @@ def compare_workers(study_file: Path, study: Any, registry: Any, runs: Path, wor
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=Path, default=Path("quickstart/runs"))
-    parser.add_argument("--study", type=Path, default=None, help="default: the packaged quickstart study")
+    parser.add_argument("--runs", type=Path, default=Path("runs/quickstart"))
+    parser.add_argument("--study", type=Path, default=None, help="default: the packaged two-trial study, quickstart")
     parser.add_argument("--branching", action="store_true", help="cosine vs wsd cooldown branching instead")
     parser.add_argument("--workers", type=int, default=None, help="1 vs N worker processes instead")
     args = parser.parse_args()
 
     from convscale_cli.plugins import get_registry
-    from convscale_cli.quickstart import default_study
+    from convscale_cli.quickstart import packaged_studies
     from convscale_cli.sweep import load_study, run_sweep
 
-    study = load_study(args.study or default_study(), {"out": str(args.runs)})
+    study_path = args.study or packaged_studies()["quickstart"]
+    study = load_study(study_path, {"out": str(args.runs)})
     registry = get_registry()
     if args.branching:
         compare_branching(study, registry, args.runs)
         return
     if args.workers is not None:
-        compare_workers(Path(args.study or default_study()), study, registry, args.runs, args.workers)
+        compare_workers(Path(study_path), study, registry, args.runs, args.workers)
         return
     run_sweep(study, registry)
     families: dict[str, list[str]] = {}

@@ -4,8 +4,10 @@
 them in one process (so compiled programs are shared), and uses what each returns:
 
 1. :func:`~convscale_cli.sweep.run_sweep` (``convscale sweep``) over the packaged study
-   (``convscale_cli/studies/quickstart.toml``): a few rungs of the tiny NFNet ladder x a few epoch budgets on
-   ``shapes``, each cell's learning rate tuned by the two-trial rule;
+   (``convscale_cli/studies/powerlaw.toml``): a width-only NFNet ladder x epoch budgets 0.5-8 on ``shapes``, two
+   learning rates per cell, every shorter budget a cooldown branch of its (model, lr)'s longest run. Its cells reach
+   the power-law regime (held-out losses at ~25-30% of chance, as the paper's are), where the paper's findings can
+   show and can fail; ``--study quickstart`` runs the same job on a 4-minute study in the early transient;
 2. :func:`~convscale_cli.finetune.api.finetune` (``convscale finetune``) of the lowest-loss pre-trained run on the
    real ``digits`` data, and of the same architecture from a random initialisation with the same recipe and compute
    (``--scratch``), the baseline pre-training must beat;
@@ -37,24 +39,24 @@ if TYPE_CHECKING:
     from convscale_cli.registry import Registry
     from convscale_cli.sweep import StudyConfig, SweepResult
 
-STUDY = "quickstart.toml"
+STUDY = "powerlaw.toml"  # the main job's study
 FINETUNE_DATASET = "digits"
 PLAN_BUDGET_FACTOR = 10.0
 
 
 def default_study() -> Path:
-    """The packaged quickstart study file."""
+    """The packaged study the main job runs (``powerlaw``)."""
     return Path(str(resources.files("convscale_cli.studies").joinpath(STUDY)))
 
 
 def packaged_studies() -> dict[str, Path]:
-    """The studies shipped with convscale, by name: ``quickstart`` (the main job's) and ``powerlaw``."""
+    """The studies shipped with convscale, by name: ``powerlaw`` (the main job's) and ``quickstart`` (4 minutes)."""
     root = resources.files("convscale_cli.studies")
     return {Path(e.name).stem: Path(str(e)) for e in root.iterdir() if e.name.endswith(".toml")}
 
 
 def study_file(study: str | Path | None) -> Path:
-    """The study file ``--study`` names: a path, or the name of a packaged study; None is the quickstart's own.
+    """The study file ``--study`` names: a path, or the name of a packaged study; None is the main job's own.
 
     Raises:
         UsageError: a bare name that is neither a file nor a packaged study.
@@ -274,7 +276,7 @@ def run(
 
     Args:
         out: output directory; rerunning with the same ``out`` resumes (finished runs are skipped).
-        study: a study TOML, or the name of a packaged study (:func:`packaged_studies`), instead of the quickstart's.
+        study: a study TOML, or the name of a packaged study (:func:`packaged_studies`), instead of the main job's.
         seed: the study's training seed instead of its own (its runs then go to ``out/runs`` as usual: use another
             ``out`` per seed).
         finetune: fine-tuning settings.

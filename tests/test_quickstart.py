@@ -14,8 +14,9 @@ from convscale_cli.sweep import load_study
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_the_packaged_study_is_the_documented_example() -> None:
-    assert quickstart.default_study().read_text() == (REPO / "examples" / "quickstart.toml").read_text()
+def test_the_main_job_runs_the_power_law_study() -> None:
+    assert quickstart.default_study() == quickstart.packaged_studies()["powerlaw"] == quickstart.study_file(None)
+    assert quickstart.default_study().read_text() == (REPO / "examples" / "powerlaw.toml").read_text()
 
 
 def test_the_study_exempts_exactly_the_skip_gains_and_the_classifier_from_agc() -> None:
@@ -38,10 +39,15 @@ def test_the_study_exempts_exactly_the_skip_gains_and_the_classifier_from_agc() 
     assert len(gains) >= 6 and sorted(set(hits) - set(gains)) == ["fc/kernel"]
 
 
-def test_the_packaged_study_is_a_valid_ladder_study() -> None:
+def test_the_main_jobs_study_is_a_branching_width_ladder_past_one_epoch() -> None:
+    """A clean size axis (one depth, widths ~4x apart), budgets past one epoch, more than one rate on every cell."""
+    from convscale_cli.plugins import get_registry
+
     study = load_study(quickstart.default_study())
-    assert study.dataset == "shapes" and study.rule == "two-trial"
-    assert len(study.models) >= 3 and len(study.epochs) >= 3
+    assert study.dataset == "shapes" and study.rule == "grid" and study.branching
+    assert len(study.lr_grid) >= 2 and len(study.epochs) >= 5 and max(study.epochs) >= 8
+    specs = [get_registry().architecture(m) for m in study.models]
+    assert len(specs) >= 3 and all("width" in s.tags for s in specs)  # the width-only ladder: one depth
 
 
 def _summary(root: Path, name: str, kind: str, loss: float, flops: float, status: str = "finished") -> None:
@@ -108,7 +114,7 @@ def test_the_job_chains_the_library_steps_on_their_return_values(
     shown: list[Any] = []
     display = quickstart.Display(sweep=sweep, report=lambda fit, out: shown.append(fit), plan=shown.append)
     lines: list[str] = []
-    result = quickstart.run(tmp_path / "job", display=display, echo=lines.append)
+    result = quickstart.run(tmp_path / "job", study="quickstart", display=display, echo=lines.append)
     assert calls == ["sweep", "finetune", "scratch", "report", "plan"]
     assert shown == [result.fit, "the plan"] and result.plan == "the plan"
     summary = result.to_dict()
@@ -124,7 +130,8 @@ def test_the_job_chains_the_library_steps_on_their_return_values(
 def test_a_seed_and_a_grid_study_are_what_the_job_runs_and_says(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`--seed` replaces the study's seed; a grid study's summary names its grid, not the two-trial rule."""
+    """`--seed` replaces the study's seed; the main job's grid study's summary names its grid, not the two-trial
+    rule."""
     import convscale_cli.finetune.api as finetune_api
     import convscale_cli.report as report
     from convscale_cli.sweep import SweepResult
@@ -149,7 +156,7 @@ def test_a_seed_and_a_grid_study_are_what_the_job_runs_and_says(
     monkeypatch.setattr(quickstart, "plan_from_runs", lambda *a: "plan")
     display = quickstart.Display(sweep=sweep, report=lambda fit, out: None, plan=lambda plan: None)
     lines: list[str] = []
-    result = quickstart.run(tmp_path / "job", study="powerlaw", seed=2, display=display, echo=lines.append)
+    result = quickstart.run(tmp_path / "job", seed=2, display=display, echo=lines.append)  # the main job's study
     assert seen[0].seed == 2 and seen[0].rule == "grid" and seen[0].models == load_study(POWERLAW).models
     assert any("seed 2, learning rates alpha 25.6, 51.2 on every cell" in line for line in lines)
     assert "  lr grid of 2: 2 runs for 1 cells" in lines and not any("two-trial" in line for line in lines)
@@ -178,7 +185,7 @@ def test_the_packaged_studies_are_the_documented_examples() -> None:
 def test_study_names_a_packaged_study_or_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from convscale_cli.errors import UsageError
 
-    assert quickstart.study_file(None) == quickstart.default_study() == quickstart.study_file("quickstart")
+    assert quickstart.study_file("quickstart") == quickstart.packaged_studies()["quickstart"]
     assert quickstart.study_file("powerlaw") == quickstart.packaged_studies()["powerlaw"]
     assert quickstart.study_file("mine.toml") == Path("mine.toml")  # a file, even one that is missing
     monkeypatch.chdir(tmp_path)

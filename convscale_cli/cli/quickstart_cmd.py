@@ -17,8 +17,8 @@ def quickstart(
     study: Annotated[
         str | None,
         typer.Option(
-            help="A packaged study by name (quickstart, the default; powerlaw, past the early transient, ~12 min) or "
-            "a study TOML file (see examples/).",
+            help="A packaged study by name (powerlaw, the default; quickstart, 4 minutes in the early transient, "
+            "where only the log-log law can show) or a study TOML file (see examples/).",
             metavar="<name|path>",
         ),
     ] = None,
@@ -27,14 +27,14 @@ def quickstart(
     ] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print the final summary as JSON.")] = False,
 ) -> None:
-    """Run a complete small scaling study on the embedded data (about 4.5 minutes on a 2-core CPU, install included).
+    """Run a complete small scaling study on the embedded data (about 11 minutes on a 2-core CPU, install included).
 
-    Pre-trains a ladder of tiny NFNets on `shapes` for several epoch budgets with two-trial learning-rate tuning,
-    fine-tunes the best on the real `digits` data, fits the scaling laws, writes the HTML report and plans a 10x
-    larger budget from the fitted runs.
+    Pre-trains a width ladder of small NFNets on `shapes` for epoch budgets of 0.5 to 8 epochs at two learning rates
+    (each shorter budget a cooldown branch of the longest run), fine-tunes the best on the real `digits` data, fits the
+    scaling laws, writes the HTML report and plans a 10x larger budget from the fitted runs.
 
-    The packaged study is quick and sits in the early transient, where only the log-log law can show; `--study
-    powerlaw` runs one past it, where the allocation finding can show too (about 12 minutes).
+    Its cells reach the power-law regime (held-out losses near a quarter of chance, as the paper's), where the paper's
+    findings can show, or fail to; `--study quickstart` is a 4-minute version in the early transient of training.
     """
     from convscale_cli import quickstart as job
     from convscale_cli.cli.plan_cmd import show_plan

@@ -1,1 +1,1 @@
-"""Packaged study files (``convscale quickstart`` runs quickstart.toml)."""
+"""Packaged study files (``convscale quickstart`` runs powerlaw.toml; ``--study quickstart`` the 4-minute one)."""
