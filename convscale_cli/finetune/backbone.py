@@ -255,7 +255,7 @@ def checkpoint_shapes(pre: Pretrained) -> dict[str, tuple[int, ...]]:
     import orbax.checkpoint as ocp
 
     if pre.params_file is not None:
-        from convscale_cli.weights import safetensors_shapes
+        from convscale_cli.safetensors_io import safetensors_shapes
 
         return safetensors_shapes(pre.params_file)
     try:
@@ -305,7 +305,7 @@ def restore_params(pre: Pretrained, wanted: Mapping[str, Any]) -> dict[str, Any]
 
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     if pre.params_file is not None:
-        from convscale_cli.weights import load_safetensors
+        from convscale_cli.safetensors_io import load_safetensors
 
         tensors = load_safetensors(pre.params_file)
         flat = {tuple(p.split("/")): jax.device_put(jnp.asarray(tensors[p], jnp.float32), device) for p in wanted}
