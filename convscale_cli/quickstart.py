@@ -31,13 +31,13 @@ from typing import TYPE_CHECKING, Any
 
 from convscale_cli import interrupts
 from convscale_cli.errors import UsageError
-from convscale_cli.runs_dir import FINISHED, RunRecord, load_runs
+from convscale_cli.runs_dir import FINISHED, RunRecord, load_runs, scan_runs
 
 if TYPE_CHECKING:
     from convscale_cli.finetune.config import FinetuneConfig
     from convscale_cli.planner import Plan
     from convscale_cli.registry import Registry
-    from convscale_cli.sweep import StudyConfig, SweepResult
+    from convscale_cli.sweep import CellPlan, StudyConfig, SweepResult
 
 STUDY = "powerlaw.toml"  # the main job's study
 FINETUNE_DATASET = "digits"
@@ -199,6 +199,33 @@ def best_pretrain_run(runs_dir: Path) -> RunRecord:
     return min(runs, key=lambda r: r.eval_loss)
 
 
+def check_runs_are_the_studys(runs_dir: Path, cells: Sequence[CellPlan]) -> None:
+    """Refuse a runs directory that holds pre-training runs of none of the study's cells, before anything trains.
+
+    Such runs come from another study or from an earlier convscale's quickstart (whose study was another); the job's
+    report could not fit them with this study's runs (their held-out losses are on other data), and its fine-tuning
+    would start from whichever run is lowest. Runs of the study's own cells, finished or not, are resumed as usual.
+
+    Raises:
+        UsageError: naming the first foreign runs and the way out.
+    """
+    if not runs_dir.is_dir():
+        return
+    mine = {(c.model, float(c.epochs)) for c in cells}
+    found, _ = scan_runs(runs_dir, statuses=None, kinds=("pretrain",), max_depth=1)
+    foreign = [r.name for r in found if (r.summary.get("model"), _float(r.summary.get("epochs"))) not in mine]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise UsageError(
+            f"{str(runs_dir)!r} holds pre-training runs that are not this study's ({shown}), from another study or an "
+            "earlier convscale's quickstart: give another --out, or move them"
+        )
+
+
+def _float(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
 def largest_flops(runs_dir: Path) -> float:
     """Training FLOPs of the largest finished pre-training run (the plan's budget is a multiple of it)."""
     return max((r.train_flops for r in load_runs(runs_dir, statuses=FINISHED)), default=0.0)
@@ -300,7 +327,8 @@ def run(
     runs_dir, report_dir = out / "runs", out / "report"
     overrides: dict[str, Any] = {"out": str(runs_dir)} | ({} if seed is None else {"seed": seed})
     loaded = load_study(study_path, overrides)  # validates the study before anything runs
-    plan_cells(loaded, registry)  # and its model and dataset names, in one line of their own
+    cells = plan_cells(loaded, registry)  # and its model and dataset names, in one line of their own
+    check_runs_are_the_studys(runs_dir, cells)
 
     echo(
         f"[1/4] pre-training: {len(loaded.models)} models x {len(loaded.epochs)} epoch budgets on {loaded.dataset}, "

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from convscale_cli import quickstart
+from convscale_cli.errors import UsageError
 from convscale_cli.sweep import load_study
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,6 +70,45 @@ def test_best_run_and_largest_compute_are_read_from_the_summaries(tmp_path: Path
     best = quickstart.best_pretrain_run(tmp_path)
     assert best.path.name == "b" and best.eval_loss == 4.0
     assert quickstart.largest_flops(tmp_path) == 3e9  # finished pre-training runs only
+
+
+def test_runs_of_another_study_in_out_are_refused_before_anything_trains(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An earlier quickstart's runs (another study: other models, other data) would train the whole study and then
+    break its report; the job says so at once, in one line, and leaves them as they were."""
+    from convscale_cli.cli import main
+
+    runs = tmp_path / "quickstart" / "runs"
+    _summary(runs, "nfnet-tiny-l0-e1-lr25.6", "pretrain", 4.7, 1e9)
+    _summary(runs, "finetune-digits", "finetune", 0.1, 1e8)  # not a pre-training run: no cell to match
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert main(["quickstart", "--out", str(tmp_path / "quickstart")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds pre-training runs that are not this study's (nfnet-tiny-l0-e1-lr25.6)" in err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_the_studys_own_runs_finished_or_not_are_resumed(tmp_path: Path) -> None:
+    from convscale_cli.plugins import get_registry
+    from convscale_cli.sweep import plan_cells
+
+    cells = plan_cells(load_study(quickstart.default_study()), get_registry())
+    runs = tmp_path / "runs"
+    quickstart.check_runs_are_the_studys(runs, cells)  # no runs directory yet
+    for name, model, epochs, status in [
+        ("nfnet-w16-e8-lr25.6", "nfnet-w16", 8, "finished"),
+        ("nfnet-w64-e0.5-lr51.2", "nfnet-w64", 0.5, "paused"),
+        ("trunks/nfnet-w32-e8-lr25.6", "nfnet-w32", 8, "paused"),
+    ]:
+        (runs / name).mkdir(parents=True)
+        doc = {"kind": "pretrain", "status": status, "model": model, "epochs": epochs}
+        (runs / name / "summary.json").write_text(json.dumps(doc))
+    quickstart.check_runs_are_the_studys(runs, cells)
+    (runs / "nfnet-w16-e3-lr25.6").mkdir()  # a budget the study does not have
+    (runs / "nfnet-w16-e3-lr25.6" / "summary.json").write_text(json.dumps({"model": "nfnet-w16", "epochs": 3}))
+    with pytest.raises(UsageError, match=r"not this study's \(nfnet-w16-e3-lr25.6\)"):
+        quickstart.check_runs_are_the_studys(runs, cells)
 
 
 def test_the_job_chains_the_library_steps_on_their_return_values(
