@@ -150,7 +150,8 @@ def pretrain(
 
 def _dry_run(config: "PretrainConfig", json_: bool) -> None:
     """The run as ``config.json`` would record it, resolved without jax (so without choosing the devices)."""
-    from convscale_cli.engine.resolve import header, resolve, resolved_dict
+    from convscale_cli.engine.header import header
+    from convscale_cli.engine.resolve import resolve, resolved_dict
     from convscale_cli.plugins import get_registry
 
     run = resolve(config, get_registry())

@@ -9,6 +9,7 @@ Nothing is imported here, so ``import convscale_cli.engine`` stays cheap; import
 * :mod:`~convscale_cli.engine.summary` -- ``versions``.
 * :mod:`~convscale_cli.engine.config` -- ``PretrainConfig`` (frozen, validated) and ``MUTABLE_KEYS``.
 * :mod:`~convscale_cli.engine.resolve` -- ``resolve(config, registry) -> ResolvedRun``, ``resolved_dict``.
+* :mod:`~convscale_cli.engine.header` -- ``header`` / ``run_header``: what a run prints before anything compiles.
 * :mod:`~convscale_cli.engine.steps` -- ``resolve_duration``: the one epochs/examples/steps/FLOPs -> steps conversion.
 * :mod:`~convscale_cli.engine.optim` -- ``make_optimizer(recipe, schedule)``, ``learning_rate_schedule``,
   ``peak_learning_rate``, ``path_mask``.

@@ -20,9 +20,10 @@ import numpy as np
 from convscale_cli.engine.branch import branch_start
 from convscale_cli.engine.build import Built
 from convscale_cli.engine.config import PretrainConfig
+from convscale_cli.engine.header import header
 from convscale_cli.engine.ledger import Ledger
 from convscale_cli.engine.progress import Progress
-from convscale_cli.engine.resolve import ResolvedRun, header, resolve, resolved_dict
+from convscale_cli.engine.resolve import ResolvedRun, resolve, resolved_dict
 from convscale_cli.engine.trainer import RunKind, Start, open_run, primary_process, train_run
 from convscale_cli.errors import UsageError
 from convscale_cli.registry import Registry

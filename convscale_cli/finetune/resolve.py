@@ -13,14 +13,8 @@ from typing import Any
 from convscale_cli.budget import get_hardware, train_flops
 from convscale_cli.config import check_options, from_dict, to_dict
 from convscale_cli.data.augment import DEFAULT_EVAL_CROP_FRACTION, AugmentConfig
-from convscale_cli.engine.resolve import (
-    RunSpec,
-    resolve_budget,
-    resolve_sizes,
-    resolved_layout,
-    run_header,
-    sized_fields,
-)
+from convscale_cli.engine.header import run_header
+from convscale_cli.engine.resolve import RunSpec, resolve_budget, resolve_sizes, resolved_layout, sized_fields
 from convscale_cli.engine.steps import resolve_duration
 from convscale_cli.errors import UsageError
 from convscale_cli.finetune.backbone import Pretrained, locate
@@ -158,7 +152,7 @@ def resolved_dict(run: FinetuneRun) -> dict[str, Any]:
 
 
 def header(run: FinetuneRun, precision_why: str, devices: int | None, backend: str | None) -> str:
-    """What is about to run, printed before anything compiles (:func:`~convscale_cli.engine.resolve.run_header`)."""
+    """What is about to run, printed before anything compiles (:func:`~convscale_cli.engine.header.run_header`)."""
     config = run.config
     train_size = int(run.info.split_sizes.get("train", 0))
     source = "a random initialisation" if config.scratch else str(run.pretrained.path)
