@@ -218,7 +218,7 @@ def check_runs_are_the_studys(runs_dir: Path, cells: Sequence[CellPlan]) -> None
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise UsageError(
             f"{str(runs_dir)!r} holds pre-training runs that are not this study's ({shown}), from another study or an "
-            "earlier convscale's quickstart: give another --out, or move them"
+            "earlier convscale's quickstart: give another `out`, or move them"
         )
 
 
