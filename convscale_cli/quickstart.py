@@ -132,6 +132,7 @@ class QuickstartResult:
     """What each step of the job returned, and where its files are.
 
     Attributes:
+        study: the study file the job ran.
         sweep: the study's decisions, one per cell.
         best: the lowest-loss finished pre-training run, the fine-tuning source.
         finetune: the fine-tuning run's summary (``summary.json``).
@@ -144,6 +145,7 @@ class QuickstartResult:
         finetune_epochs: the fine-tuning duration.
     """
 
+    study: Path
     sweep: SweepResult
     best: RunRecord
     finetune: Mapping[str, Any]
@@ -168,6 +170,7 @@ class QuickstartResult:
     def to_dict(self) -> dict[str, Any]:
         """The summary ``convscale quickstart --json`` prints."""
         return {
+            "study": str(self.study),
             "cells": len(self.sweep.results),
             "runs_used": self.sweep.runs_used,
             "full_grid_runs": self.sweep.full_grid_runs,
@@ -365,6 +368,7 @@ def run(
     interrupts.check()
 
     result = QuickstartResult(
+        study=study_path,
         sweep=swept,
         best=best,
         finetune=tuned,

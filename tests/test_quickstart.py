@@ -160,6 +160,7 @@ def test_the_job_chains_the_library_steps_on_their_return_values(
     summary = result.to_dict()
     assert summary["finetune"]["top1"] == 0.99 and summary["finetune"]["scratch"]["top1"] == 0.9
     assert summary["runs_used"] == 2 and summary["best_pretrain_run"] == "l1"
+    assert summary["study"] == str(quickstart.packaged_studies()["quickstart"])
     assert summary["cells"] == 1 and summary["full_grid_runs"] == 4  # the sweep's grid, not a hard-coded one
     assert summary["verdicts"] == [{"claim": "log-log law", "text": "supported"}]
     assert "  two-trial rule: 2 runs for 1 cells (a full 4-point lr grid needs 4)" in lines

@@ -1,11 +1,12 @@
-"""The fine-tuning demonstration, as the quickstart runs it: pre-training on `shapes` helps the real digits.
+"""The fine-tuning demonstration, as the main job runs it: pre-training on `shapes` helps the real digits.
 
-One quickstart study run (nfnet-tiny-l2, one pass over 16,384 `shapes` images, the study's own engine settings) is
-fine-tuned on scikit-learn's handwritten digits with the quickstart's fine-tuning settings, and the same architecture
-is trained on digits from a random initialisation with the same recipe and compute. The pre-trained model must reach
-97% top-1 on the held-out split and beat the one trained from scratch (seeds 0-2 are in docs/benchmarks.md, "Transfer
-to digits"). It runs in a child process on one CPU device, as the quickstart does on a laptop: the suite's four
-emulated devices would make it half again as slow. About 100 s on the 2-core CI machine with an empty compile cache.
+The main job's lowest-loss run on seed 0 (nfnet-w16 for 8 epochs at alpha 25.6 with the study's engine settings;
+trained directly, which gives the branch the study trains bit for bit) is fine-tuned on scikit-learn's handwritten
+digits with the main job's fine-tuning settings, and the same architecture is trained on digits from a random
+initialisation with the same recipe and compute. The pre-trained model must reach 97% top-1 on the held-out split and
+beat the one trained from scratch (the job measured 98.3% against 95.3%; seeds 1 and 2 in the study header). It runs
+in a child process on one CPU device, as the main job does on a laptop: the suite's four emulated devices would make
+it half again as slow. About 3 minutes on the 2-core CI machine with an empty compile cache.
 """
 
 from __future__ import annotations
@@ -21,20 +22,22 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-MODEL = "nfnet-tiny-l2"  # the quickstart's lowest-loss run
-EPOCHS = 1.0
-ALPHA = 25.6  # the alpha the two-trial rule keeps for this cell
+MODEL = "nfnet-w16"  # the main job's lowest-loss run on seed 0
+EPOCHS = 8.0
+ALPHA = 25.6  # the better of the study's two rates for this cell
 
 
 def demonstrate(out: Path) -> dict[str, float]:
-    """Pre-train the quickstart's best cell, then the quickstart's own fine-tune and from-scratch runs."""
+    """Pre-train the main job's best cell, then the job's own fine-tune and from-scratch runs."""
     from convscale_cli import quickstart
     from convscale_cli.finetune.api import finetune
-    from convscale_cli.sweep import load_study, trainer_options
+    from convscale_cli.plugins import get_registry
+    from convscale_cli.sweep import cell_options, load_study, model_schedule
     from convscale_cli.tuning import engine_trainer
 
     study = load_study(quickstart.default_study())
-    options = trainer_options(study) | {"eval_examples": 256, "checkpoint_every": 0, "progress": "none"}
+    schedule = model_schedule(study, get_registry(), MODEL)  # the warm-up the study's runs of MODEL share
+    options = cell_options(study, schedule) | {"eval_examples": 256, "checkpoint_every": 0, "progress": "none"}
     engine_trainer(MODEL, study.dataset, EPOCHS, ALPHA, out / "pre", **options)
     top1 = {}
     for name in ("ft", "scratch"):
