@@ -273,17 +273,27 @@ def _other_settings(out: Path, summary: Mapping[str, Any], dataset: str, options
 
 
 # The settings every trial must share with the cells already in its runs directory: a tuned alpha or a fitted loss is
-# not comparable across a different data set size, batch size (the lr scales with it) or precision, and the report
-# fits runs of one resolution and class count together (a trial at the model's default resolution would not join).
-INHERITED_SETTINGS = ("data_options", "batch_size", "precision", "resolution", "num_classes")
+# not comparable across a different data set size, batch size (the lr scales with it) or precision, or a loss measured
+# on another number of held-out examples, and the report fits runs of one resolution and class count together (a
+# trial at the model's default resolution would not join).
+INHERITED_SETTINGS = ("data_options", "batch_size", "precision", "resolution", "num_classes", "eval_examples")
+# The settings a trial must share with the runs of its own model family: the optimiser recipe (a study's schedule,
+# shared warm-up and AGC exemptions) and the augmentation. Families may differ in these by design (an NFNet and a ViT
+# ladder side by side, each with its own recipe), so only the runs of the trial's family are asked.
+FAMILY_SETTINGS = ("recipe", "augment")
+# Dict-valued settings are compared, and given values merged into the runs', key by key.
+_KEYED = ("data_options", "recipe", "augment")
 
 
-def _inherit(runs: Sequence[RunRecord], options: Mapping[str, Any], data_defaults: Mapping[str, Any]) -> dict[str, Any]:
+def _inherit(
+    runs: Sequence[RunRecord], options: Mapping[str, Any], data_defaults: Mapping[str, Any], family: str
+) -> dict[str, Any]:
     """``options`` completed with the settings the finished ``runs`` were trained with (their ``config.json``).
 
-    A setting the runs agree on fills in one the caller left out; one the caller gave must equal theirs. Data options
-    are completed with the runs' (then the dataset's defaults) key by key, so ``size=4096`` given and the default 4096
-    are the same setting.
+    A setting the runs agree on fills in one the caller left out; one the caller gave must equal theirs. The
+    :data:`FAMILY_SETTINGS` are asked of the runs of ``family`` only. Data options are completed with the runs' (then
+    the dataset's defaults) key by key, so ``size=4096`` given and the default 4096 are the same setting; a recipe or
+    augmentation given in part is completed with the runs' the same way.
 
     Raises:
         UsageError: the runs disagree among themselves, or with a given setting; names the setting, both values and
@@ -292,15 +302,20 @@ def _inherit(runs: Sequence[RunRecord], options: Mapping[str, Any], data_default
     from convscale_cli.engine.rundir import as_json, read_json
 
     def norm(key: str, value: Any) -> Any:
-        return as_json({**data_defaults, **value} if key == "data_options" and isinstance(value, Mapping) else value)
+        if key == "data_options" and isinstance(value, Mapping):
+            return as_json({**data_defaults, **value})
+        if key == "recipe" and isinstance(value, Mapping):
+            return as_json(without_default_schedule(dict(value)))  # as a run saves it: cosine leaves its keys out
+        return as_json(value)
 
     out = dict(options)
-    configs = [(run.path, read_json(run.path / "config.json")) for run in runs]
-    for key in INHERITED_SETTINGS:
+    configs = [(run, read_json(run.path / "config.json")) for run in runs]
+    for key in (*INHERITED_SETTINGS, *FAMILY_SETTINGS):
         found: dict[str, tuple[Any, Path]] = {}
-        for path, saved in configs:
-            if saved is not None and key in saved:
-                found.setdefault(json.dumps(norm(key, saved[key]), sort_keys=True), (saved[key], path))
+        for run, saved in configs:
+            if saved is None or saved.get(key) is None or (key in FAMILY_SETTINGS and run.family != family):
+                continue
+            found.setdefault(json.dumps(norm(key, saved[key]), sort_keys=True), (saved[key], run.path))
         if not found:
             continue
         (value, path), *others = found.values()
@@ -310,17 +325,28 @@ def _inherit(runs: Sequence[RunRecord], options: Mapping[str, Any], data_default
                 f"the runs in {str(path.parent)!r} differ in {key} ({value!r} in {path.name}, {other!r} in "
                 f"{other_path.name}), so a new trial cannot match them; tune into a runs directory of one setting"
             )
-        if key == "data_options" and isinstance(out.get(key), Mapping) and isinstance(value, Mapping):
-            out[key] = {**value, **out[key]}  # the options given replace theirs one by one
+        if key in _KEYED and isinstance(out.get(key), Mapping) and isinstance(value, Mapping):
+            out[key] = {**value, **out[key]}  # the values given replace theirs one by one
         if out.get(key) is None:
             out[key] = value
         elif norm(key, out[key]) != norm(key, value):
-            given = "`data_options.KEY=VALUE`" if key == "data_options" else f"`{key}=...`"
+            name, here, there = _first_difference(key, norm(key, out[key]), norm(key, value), out[key], value)
             raise UsageError(
-                f"{key} {out[key]!r} here, but the runs in {str(path.parent)!r} used {value!r} ({path.name}): a trial "
-                f"must match the cells it continues; drop {given} to inherit it, or tune into another runs directory"
+                f"{name} {here!r} here, but the runs in {str(path.parent)!r} used {there!r} ({path.name}): a trial "
+                f"must match the cells it continues; drop `{name}=...` to inherit it, or tune into another runs "
+                "directory"
             )
     return out
+
+
+def _first_difference(key: str, here: Any, there: Any, shown_here: Any, shown_there: Any) -> tuple[str, Any, Any]:
+    """The name of the first entry of setting ``key`` whose compared values ``here`` and ``there`` differ, with its
+    values as given (``shown_*``); the setting itself when it is not a dict."""
+    if isinstance(here, dict) and isinstance(there, dict):
+        for k in sorted(set(here) | set(there)):
+            if here.get(k) != there.get(k):
+                return f"{key}.{k}", shown_here.get(k), shown_there.get(k)
+    return key, shown_here, shown_there
 
 
 def target_size(registry: Registry, model: str, size_axis: SizeAxis, resolution: int | None, classes: int) -> float:
@@ -357,9 +383,10 @@ def tune_cell(
         registry: resolves the model's family, recipe alpha and size, and is the one the default trainer trains with.
         trainer: ``trainer(model, dataset, epochs, lr, out, **options) -> summary`` (default: :func:`engine_trainer`
             with ``registry``).
-        options: passed to the trainer (engine config fields). The data options, batch size, precision, resolution
-            and class count default to those of the finished runs already in ``runs_dir`` on ``dataset``; a value
-            given must equal theirs.
+        options: passed to the trainer (engine config fields). The data options, batch size, precision, resolution,
+            class count and held-out example count default to those of the finished runs already in ``runs_dir`` on
+            ``dataset``, the recipe and augmentation to those of its runs of the model's family; a value given must
+            equal theirs.
         grid: True for the default factor-2 grid, a sequence for an explicit grid, False for the two-trial rule.
         size_axis: compare models by ``params`` or ``macs`` when looking for a smaller cell.
         num_classes: class count for the size comparison (default: the dataset's).
@@ -373,9 +400,8 @@ def tune_cell(
 
     Raises:
         UsageError: unknown model or dataset, a non-positive epoch budget or lr, ``runs_dir`` a file; no
-            ``dataset`` given and ``runs_dir`` holding finished runs of none or several; a data option, batch size,
-            precision, resolution or class count other than the one of the runs already in ``runs_dir``. Checked in
-            that order, before anything is trained.
+            ``dataset`` given and ``runs_dir`` holding finished runs of none or several; a setting other than the one
+            of the runs already in ``runs_dir`` (``options``). Checked in that order, before anything is trained.
     """
     spec = registry.architecture(model)
     if not (math.isfinite(epochs) and epochs > 0):
@@ -396,7 +422,7 @@ def tune_cell(
     unknown = sorted(set(options.get("data_options") or {}) - set(data.options))
     if unknown:  # as the engine says it (engine/resolve.py), before the plugin's info() is called with it
         raise UnknownNameError(f"{data.name} data option", unknown[0], data.options)
-    options = _inherit(study, options, data.options)
+    options = _inherit(study, options, data.options, spec.family)
     data_options = options.get("data_options") or {}
     if num_classes is None:
         info = data.info(**data_options) if data_options or data.static_info is None else data.static_info

@@ -243,7 +243,7 @@ def test_a_finished_trial_with_other_settings_is_refused_not_reused(registry: Re
     assert again.calls == [] and {t.status for t in result.trials} == {"reused"}
     for other, needle in [
         ({"batch_size": 32}, "batch_size 32 here, but the runs in .* used 64 "),
-        ({"recipe": {"weight_decay": 1e-4}}, "recipe.weight_decay 1e-06 there, 0.0001 here"),
+        ({"recipe": {"weight_decay": 1e-4}}, r"recipe.weight_decay 0.0001 here, but the runs in .* used 1e-06 "),
     ]:
         with pytest.raises(UsageError, match=needle):
             tuning.tune_cell(
@@ -374,6 +374,41 @@ def test_tune_lr_inherits_the_resolution_and_class_count_of_the_runs_it_continue
     assert err.startswith(f"Error: resolution 32 here, but the runs in {str(runs)!r} used 16 (toy-")
     assert err.endswith("drop --resolution to inherit it, or tune into another runs directory")
     assert len(trainer.options) == 2
+
+
+def test_tune_lr_inherits_the_recipe_and_augmentation_of_its_familys_runs(
+    registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A trial added to a wsd study (the main job's) trains with the study's schedule, shared warm-up, AGC exemptions,
+    augmentation and held-out set, not the family's defaults: else its loss joins cells it cannot be compared with."""
+    runs = tmp_path / "runs"
+    study = {
+        "recipe": {"schedule": "wsd", "warmup_steps": 13, "agc_exclude": ["^(.*/)?skip_gain$"]},
+        "augment": {"min_area": 0.35},
+        "eval_examples": 2048,
+    }
+    FakeTrainer()("toy-s", "toyset", 0.5, 1.6, runs / "toy-s-e0.5-lr1.6", **study)
+    # A run of another family in the same directory, with a recipe of its own: it does not speak for the toy family.
+    other = runs / "vit-e0.5-lr1.6"
+    other.mkdir()
+    (other / "summary.json").write_text(json.dumps(fake_summary("vit", "toyset", 0.5, 1.6, 2.0, family="vit")))
+    (other / "config.json").write_text(json.dumps({"dataset": "toyset", "recipe": {"optimizer": "adamw"}}))
+    trainer = RecordingTrainer()
+    monkeypatch.setattr(tuning, "engine_trainer", trainer)
+    assert main(["tune-lr", "--model", "toy-m", "--epochs", "1", "--runs", str(runs)]) == 0
+    assert len(trainer.options) == 2
+    for options in trainer.options:
+        assert options["recipe"] == {"weight_decay": 1e-6, **study["recipe"]}
+        assert (options["augment"], options["eval_examples"]) == (study["augment"], 2048)
+    # A recipe key given that the runs share is the same setting; one they do not share is refused, naming both.
+    args = ["tune-lr", "--model", "toy-l", "--runs", str(runs), "--set"]
+    assert main([*args, "recipe.schedule=wsd", "--epochs", "1"]) == 0
+    capsys.readouterr()
+    assert main([*args, "recipe.schedule=cosine", "--epochs", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"Error: recipe.schedule 'cosine' here, but the runs in {str(runs)!r} used 'wsd' (toy-")
+    assert err.endswith("drop --set recipe.schedule=... to inherit it, or tune into another runs directory")
+    assert len(trainer.options) == 4  # nothing was trained for the refused trial
 
 
 def test_tune_lr_refuses_a_runs_directory_whose_runs_differ_in_a_setting(

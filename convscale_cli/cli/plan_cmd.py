@@ -278,9 +278,10 @@ def tune_lr(
     alpha is the best learning rate of the nearest finished cell with a smaller-or-equal model and epoch budget in
     RUNS (none: the recipe's, 1.6 for NFNets). Decisions are appended to RUNS/tuning.jsonl.
 
-    Trials inherit the data options, batch size, precision, resolution and class count of the runs already in RUNS on
-    the dataset, so they stay comparable with the cells they continue; a different value given with --batch-size,
-    --resolution or --set is refused.
+    Trials inherit the data options, batch size, precision, resolution, class count and held-out example count of the
+    runs already in RUNS on the dataset, and the recipe (schedule, warm-up, AGC exemptions) and augmentation of its
+    runs of the model's family, so they stay comparable with the cells they continue; a different value given with
+    --batch-size, --resolution or --set is refused.
     """
     from convscale_cli.config import nested_overrides
     from convscale_cli.plugins import get_registry
