@@ -274,6 +274,20 @@ def test_cells_average_seeds_and_pick_the_best_lr(tmp_path: Path) -> None:
     assert cell.seed_sd == pytest.approx(math.sqrt(0.02)) and cell.lrs == (0.8, 1.6)
 
 
+def test_main_jobs_of_several_seeds_pool_in_one_report(tmp_path: Path) -> None:
+    """The README's pooled reading: `quickstart --seed S --out seeds/sS` for each seed, then `report seeds`. Each job
+    names its runs alike (`seeds/s0/runs/f0-e1-lr0.8`, `seeds/s1/runs/f0-e1-lr0.8`); the report takes both seeds'
+    runs, three levels down, as one cell's two seeds, and leaves the jobs' paused trunks, a level deeper, alone."""
+    from convscale_cli.report.build import analyse
+
+    root = tmp_path / "seeds"
+    for seed, loss in ((0, 2.0), (1, 2.2)):
+        write(root, f"s{seed}/runs/f0-e1-lr0.8", summary("f0", 1.0, 0.8, seed=seed, final={"eval_loss": loss}))
+        write(root, f"s{seed}/runs/trunks/f0-e1-lr0.8", summary("f0", 1.0, 0.8, seed=seed, final={"eval_loss": 9.0}))
+    (cell,) = analyse(root, replicates=0).cells
+    assert cell.seeds == 2 and cell.loss == pytest.approx(2.1)
+
+
 def test_diverged_trials_are_listed_with_the_rates_tried(tmp_path: Path) -> None:
     """A rate that diverged leaves no run directory; the report still names it where the cell's rates are listed."""
     runs = study(tmp_path / "runs")
