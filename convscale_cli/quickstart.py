@@ -394,6 +394,13 @@ def run(
     if regime:
         hint = f"; a study past it: convscale quickstart --study powerlaw --out {out.parent / 'powerlaw'}"
         echo(f"  regime: {regime_line(regime)}" + (hint if regime["early_transient"] else ""))
+    short = [v for v in fit.get("verdicts", []) if v.get("status") != "supported"]
+    if regime and not regime["early_transient"] and short:
+        # Past the transient a verdict can go either way, and one seed's run is one draw of the training noise.
+        echo(
+            f"  seed {loaded.seed} only: each verdict is one draw of the training noise; for a steadier reading pool "
+            "several seeds' jobs in one report (README, \"The main job's study\")"
+        )
     echo(
         f"  {FINETUNE_DATASET} top-1 on the held-out split after {finetune.epochs:g} epochs: "
         f"{_percent(result.top1)} fine-tuned from {best.path.name}, {_percent(result.top1_scratch)} from scratch "

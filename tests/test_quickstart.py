@@ -193,7 +193,8 @@ def test_a_seed_and_a_grid_study_are_what_the_job_runs_and_says(
         {"classes": 70, "chance_loss": 4.248, "best_loss": 1.274, "fraction_of_chance": 0.3, "early_transient": False},
         {"classes": 70, "chance_loss": 4.248, "best_loss": 2.9, "fraction_of_chance": 0.68, "early_transient": True},
     ]
-    monkeypatch.setattr(report, "build_report", lambda *a, **kw: {"verdicts": [], "regime": regimes.pop(0)})
+    verdicts = [{"finding": "log_log_law", "status": "supported"}, {"finding": "lr_falls", "status": "inconclusive"}]
+    monkeypatch.setattr(report, "build_report", lambda *a, **kw: {"verdicts": verdicts, "regime": regimes.pop(0)})
     monkeypatch.setattr(quickstart, "plan_from_runs", lambda *a: "plan")
     display = quickstart.Display(sweep=sweep, report=lambda fit, out: None, plan=lambda plan: None)
     lines: list[str] = []
@@ -203,6 +204,9 @@ def test_a_seed_and_a_grid_study_are_what_the_job_runs_and_says(
     assert "  lr grid of 2: 2 runs for 1 cells" in lines and not any("two-trial" in line for line in lines)
     assert "  regime: the best cell's held-out loss 1.274 is 30% of chance (ln 70 = 4.25)" in lines
     assert result.to_dict()["regime"]["fraction_of_chance"] == 0.3
+    # Past the transient, with a verdict short of supported: one seed's verdicts are draws, and pooling is named.
+    pool = [line for line in lines if line.startswith("  seed 2 only: each verdict is one draw")]
+    assert pool and pool[0].endswith("pool several seeds' jobs in one report (README, \"The main job's study\")")
     lines.clear()  # a grid per family is named family by family
     families = REPO / "examples" / "convnet-vs-vit.toml"
     quickstart.run(tmp_path / "job2", study=families, display=display, echo=lines.append)
@@ -211,6 +215,7 @@ def test_a_seed_and_a_grid_study_are_what_the_job_runs_and_says(
     hint = f"a study past it: convscale quickstart --study powerlaw --out {tmp_path / 'powerlaw'}"
     transient = "68% of chance (ln 70 = 4.25): the early transient, where only the log-log law can show; "
     assert line.endswith(transient + hint)
+    assert not any("one draw" in line for line in lines)  # in the transient the design, not the noise, decides
 
 
 POWERLAW = REPO / "examples" / "powerlaw.toml"
