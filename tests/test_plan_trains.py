@@ -3,8 +3,9 @@
 The paper's learning-rate prior (alpha at batch 4096, for JFT-scale models) moved to batch 64 leaves a tiny ViT at
 chance (ln 420 = 6.04) after a thousand steps; the plan must print a learning rate that trains. Each case plans one
 epoch of the tiny ladder's smallest model on the quickstart's data (16,384 `shapes` images, no clutter), runs the
-first printed command in a subprocess, and compares the held-out loss with the quickstart's tuned cell of the same
-model and epochs (examples/quickstart.toml, examples/convnet-vs-vit-quick.toml).
+first printed command in a subprocess and checks that it trains; where the printed alpha is not the one the study
+tuned for the same model and epochs (examples/quickstart.toml, examples/convnet-vs-vit-quick.toml), its held-out loss
+must also be as low as that cell's.
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ SIZE = 16384
 
 
 @pytest.mark.slow
-# model, the study's best held-out loss for it after one epoch, and how far above it the planned run may land: the
-# NFNet must do at least as well as the quickstart's tuned cell; the ViT's cell comes from another study
-# (examples/convnet-vs-vit-quick.toml, other engine settings), so it may land within that study's seed noise (~0.05).
-@pytest.mark.parametrize(("model", "tuned", "slack"), [("vit-tiny-l0", 4.318, 0.05), ("nfnet-tiny-l0", 4.762, 0.0)])
-def test_the_planned_command_trains_as_printed(tmp_path: Path, model: str, tuned: float, slack: float) -> None:
+# model, and the alpha and held-out loss of the study's tuned cell for it after one epoch. A plan that prints another
+# alpha than the tuned one must train at least as low as the tuned cell (the NFNet: 51.2 planned, 25.6 tuned). One
+# that prints the tuned alpha has chosen as the study did, and its run must train: the loss of one alpha is not a
+# constant across machines (XLA's code for each CPU rounds differently; this ViT cell measured 4.318 on one 2-core
+# CPU and 4.383 on another, docs/study-pilot.md round 7), so comparing it with the study's number would test the CPU.
+@pytest.mark.parametrize(("model", "alpha", "tuned"), [("vit-tiny-l0", 0.8, 4.318), ("nfnet-tiny-l0", 25.6, 4.762)])
+def test_the_planned_command_trains_as_printed(tmp_path: Path, model: str, alpha: float, tuned: float) -> None:
     from convscale_cli.plugins import load_plugins
 
     spec = load_plugins().registry.architecture(model)
@@ -52,6 +55,7 @@ def test_the_planned_command_trains_as_printed(tmp_path: Path, model: str, tuned
     assert run.returncode == 0, run.stderr[-2000:]
     out = tmp_path / command[command.index("--out") + 1]
     final = json.loads((out / "summary.json").read_text())["final"]
-    # Trains: far below chance, and as low as the tuned cell.
+    # Trains: far below chance, and, at another alpha than the study's, as low as the tuned cell.
     assert final["eval_loss"] < CHANCE - 1.0, (recommendation["lr"], final)
-    assert final["eval_loss"] <= tuned + slack, (recommendation["lr"], final)
+    if recommendation["lr"] != alpha:
+        assert final["eval_loss"] <= tuned, (recommendation["lr"], final)
