@@ -313,7 +313,7 @@ def _inherit(
     for key in (*INHERITED_SETTINGS, *FAMILY_SETTINGS):
         found: dict[str, tuple[Any, Path]] = {}
         for run, saved in configs:
-            if saved is None or saved.get(key) is None or (key in FAMILY_SETTINGS and run.family != family):
+            if saved is None or key not in saved or (key in FAMILY_SETTINGS and run.family != family):
                 continue
             found.setdefault(json.dumps(norm(key, saved[key]), sort_keys=True), (saved[key], run.path))
         if not found:
