@@ -289,23 +289,51 @@ def test_a_run_with_worker_processes_leaves_no_shared_memory_behind(tmp_path: Pa
     assert "leaked shared_memory" not in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
+def _worker_pids() -> list[int]:
+    """This process's spawned multiprocessing children (Grain's workers, not the resource tracker), from /proc."""
+    import os
+
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == os.getpid() and b"spawn_main" in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+        except (OSError, ValueError, IndexError):
+            continue  # not a process, or it ended while being read
+    return pids
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="lists child processes from /proc")
 def test_worker_processes_leave_ctrl_c_to_the_main_process() -> None:
     """A terminal's Ctrl-C reaches every process of the group: the workers must not die of it (each printed a
-    KeyboardInterrupt traceback, and the main process lost its batches before it could save and stop)."""
-    import multiprocessing
+    KeyboardInterrupt traceback, and the main process lost its batches before it could save and stop) — including
+    a Ctrl-C while a worker's interpreter is still starting, before its start-up code could ignore it."""
     import os
     import signal
+    import threading
 
     kwargs = dict(global_batch_size=8, resolution=8, seed=0, num_examples=40)
-    loader = train_loader(ArraySource(64), worker_count=2, **kwargs)
-    batches = iter(loader)
-    first = next(batches)
-    workers = multiprocessing.active_children()
-    assert workers
-    for worker in workers:
-        os.kill(worker.pid, signal.SIGINT)
-    rest = list(batches)
-    assert len(rest) == 4 and all(w.is_alive() or w.exitcode == 0 for w in workers)
+    stop, hit = threading.Event(), set()
+
+    def ctrl_c_every_worker_from_the_start() -> None:
+        while not stop.is_set():
+            for pid in _worker_pids():
+                try:
+                    os.kill(pid, signal.SIGINT)
+                    hit.add(pid)
+                except ProcessLookupError:
+                    pass
+            stop.wait(0.002)
+
+    interrupter = threading.Thread(target=ctrl_c_every_worker_from_the_start)
+    interrupter.start()
+    try:
+        batches = list(train_loader(ArraySource(64), worker_count=2, **kwargs))
+    finally:
+        stop.set()
+        interrupter.join()
+    assert len(hit) >= 2, "the workers were never interrupted: the test tested nothing"
     expected = _ids(train_loader(ArraySource(64), **kwargs))
-    np.testing.assert_array_equal(np.concatenate([b["id"][b["mask"] > 0] for b in [first, *rest]]), expected)
+    np.testing.assert_array_equal(np.concatenate([b["id"][b["mask"] > 0] for b in batches]), expected)

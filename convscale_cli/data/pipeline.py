@@ -23,10 +23,12 @@ Grain provides the parallelism: ``MapDataset.range(steps).map(make_batch)`` read
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import math
 import signal
 from collections.abc import Iterator
+from multiprocessing import resource_tracker
 from typing import Any
 
 import numpy as np
@@ -203,10 +205,35 @@ def _ignore_interrupts(worker_index: int, worker_count: int) -> None:
     """Grain worker start-up: leave Ctrl-C to the main process.
 
     A terminal's Ctrl-C reaches the whole process group. The main process saves a checkpoint and stops its workers
-    itself (exit 130); workers that took the SIGINT too each died printing a ``KeyboardInterrupt`` traceback.
+    itself (exit 130); workers that took the SIGINT too each died printing a ``KeyboardInterrupt`` traceback. A
+    worker starts with SIGINT held (:func:`_ctrl_c_held`); ignoring it discards one that arrived during start-up,
+    after which it can be let through.
     """
     del worker_index, worker_count
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+@contextlib.contextmanager
+def _ctrl_c_held(workers: bool) -> Iterator[None]:
+    """Hold SIGINT in this thread while worker processes start, as CPython's resource tracker does when it spawns.
+
+    A spawned worker's interpreter takes a Ctrl-C as ``KeyboardInterrupt`` until :func:`_ignore_interrupts` runs, and
+    a Ctrl-C in that start-up window killed it. Processes (and the threads that spawn them) inherit the signal mask of
+    the thread that starts them, so a worker starts with SIGINT held. This process gets its own Ctrl-C when the mask is
+    restored: delivered late, never lost.
+    """
+    if not workers:
+        yield
+        return
+    # Spawning starts the resource tracker if it is not running, which unblocks SIGINT in the spawning thread (it
+    # does not restore the mask), so the next worker would start with Ctrl-C let through: start it first.
+    resource_tracker.ensure_running()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @functools.cache
@@ -275,13 +302,16 @@ class Loader:
         self.close()
         if self._step >= self.steps:
             return
-        iterator = iter(self._dataset(self._step))
-        self._live = iterator
         try:
-            for batch in iterator:
+            # The worker processes (if any) start with the iterator's first batch.
+            with _ctrl_c_held(self.worker_count > 0):
+                iterator = self._live = iter(self._dataset(self._step))
+                batch = next(iterator, None)
+            while batch is not None:
                 # Count before yielding: a state saved right after receiving batch k resumes at batch k + 1.
                 self._step += 1
                 yield batch
+                batch = next(iterator, None)
         finally:
             self.close()
 
@@ -295,9 +325,11 @@ class Loader:
         self.close()
         if self.steps == 0:
             return
-        iterator = iter(self._dataset(0, repeat=True))
-        self._live = iterator
         try:
+            with _ctrl_c_held(self.worker_count > 0):
+                iterator = self._live = iter(self._dataset(0, repeat=True))
+                batch = next(iterator)
+            yield batch
             yield from iterator
         finally:
             self.close()
