@@ -143,7 +143,7 @@ def scan_runs(
         name = directory.relative_to(root).as_posix()
         path = directory / "summary.json"
         if not path.exists():
-            skipped.append(Skipped(name, "no summary.json (unfinished or crashed run)"))
+            skipped.append(Skipped(name, f"no summary.json ({_why_unfinished(directory)})"))
             continue
         if not path.is_file():
             skipped.append(Skipped(name, "summary.json is not a file", broken=True))
@@ -166,6 +166,16 @@ def scan_runs(
             continue
         runs.append(found)
     return runs, skipped
+
+
+def _why_unfinished(directory: Path) -> str:
+    """Why a run directory holds no summary: the error its training stopped with (a non-finite loss), which the
+    engine notes in the live ledger, else an unfinished or crashed run."""
+    try:
+        error = json.loads((directory / "ledger.json").read_text(encoding="utf-8")).get("error")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        error = None
+    return f"diverged: {error}" if isinstance(error, str) and error else "unfinished or crashed run"
 
 
 class RunWarning(UserWarning):

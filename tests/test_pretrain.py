@@ -18,7 +18,9 @@ import convscale_cli.data as data
 from convscale_cli.budget import parse_budget
 from convscale_cli.engine.api import pretrain
 from convscale_cli.engine.checkpoint import CheckpointWarning
+from convscale_cli.engine.ledger import Ledger
 from convscale_cli.errors import CheckpointError, ExitCode, RunInterrupted, TrainingError, UnknownNameError, UsageError
+from convscale_cli.runs_dir import scan_runs
 
 SUMMARY_KEYS = {
     "kind", "status", "model", "family", "dataset", "epochs", "lr", "batch_size", "seed", "params", "macs_per_image",
@@ -211,6 +213,11 @@ def test_non_finite_loss_stops_naming_the_step(registry: Any, tmp_path: Path) ->
     kept = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
     assert kept and max(kept) < bad
     assert not (out / "summary.json").exists()
+    # A study's listing says why the run has no summary (it was "unfinished or crashed"); the note is the live
+    # ledger's, which stays a ledger a resume can read.
+    _, skipped = scan_runs(tmp_path)
+    assert [(s.path, s.reason) for s in skipped] == [("nan", f"no summary.json (diverged: {info.value})")]
+    Ledger.from_dict(json.loads((out / "ledger.json").read_text()))
 
 
 def test_a_last_step_that_diverges_is_a_training_error_not_a_finished_run(registry: Any, tmp_path: Path) -> None:

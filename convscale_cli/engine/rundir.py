@@ -4,7 +4,8 @@ Layout::
 
     RUN/config.json      resolved config (every default filled in)
     RUN/metrics.jsonl    one JSON object per log / eval point
-    RUN/ledger.json      the live compute ledger (heartbeat; charges time lost to a crash on resume)
+    RUN/ledger.json      the live compute ledger (heartbeat; charges time lost to a crash on resume; ``error``:
+                         why a run that diverged stopped)
     RUN/checkpoints/     Orbax checkpoints: <step>/{state,data,ledger}
     RUN/tb/              TensorBoard events (the default tensorboard tracker)
     RUN/summary.json     written when the run ends: status "finished", "budget" or "interrupted"
@@ -266,6 +267,13 @@ class RunDir:
     def write_live_ledger(self, ledger: dict[str, Any]) -> None:
         if self.primary:
             write_json(self.path / "ledger.json", ledger)
+
+    def record_failure(self, error: str) -> None:
+        """Note in the live ledger why training stopped without a summary (a non-finite loss): a runs directory's
+        listing then says so instead of "unfinished or crashed". The next heartbeat of a rerun drops the note."""
+        if self.primary:
+            live = self.live_ledger() or {}
+            write_json(self.path / "ledger.json", {**live, "error": error})
 
 
 def _append(path: Path) -> Any:

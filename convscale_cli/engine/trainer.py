@@ -35,7 +35,7 @@ from convscale_cli.engine.sources import eval_batch_size, open_sources
 from convscale_cli.engine.state import param_count
 from convscale_cli.engine.summary import versions
 from convscale_cli.engine.tracking import choose_trackers, open_trackers
-from convscale_cli.errors import RunInterrupted
+from convscale_cli.errors import RunInterrupted, TrainingError
 from convscale_cli.registry import Registry, head_params
 
 BARRIER_TIMEOUT_S = 600  # how long processes wait for each other at a named sync point (first compiles included)
@@ -185,6 +185,9 @@ def train_run(
                 )
                 checkpoints.set_aside([exc.step])
                 return session.train(ledger)
+    except TrainingError as exc:
+        rundir.record_failure(str(exc))
+        raise
     finally:
         with interrupts.deferred():  # pending saves complete even when a signal arrives now
             checkpoints.close()
