@@ -27,7 +27,7 @@ def quickstart(
     ] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print the final summary as JSON.")] = False,
 ) -> None:
-    """Run a complete small scaling study on the embedded data (10-13 minutes on a 2-core CPU, install included).
+    """Run a complete small scaling study on the embedded data (8-13 minutes on a 2-core CPU, install included).
 
     Pre-trains a width ladder of small NFNets on `shapes` for epoch budgets of 0.5 to 8 epochs at two learning rates
     (each shorter budget a cooldown branch of the longest run), fine-tunes the best on the real `digits` data, fits the
