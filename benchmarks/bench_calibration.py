@@ -15,6 +15,7 @@ as JSON with ``--json``); the exit status is 1 when any bound is missed:
     python benchmarks/bench_calibration.py                       # 200 simulations per scenario (~45 min, 2 cores)
     python benchmarks/bench_calibration.py --sims 40 --workers 2  # a quick look
     python benchmarks/bench_calibration.py --plan-at 10            # plan --from at 10x the largest cell's compute
+    python benchmarks/bench_calibration.py --scenarios main-job --seeds 5   # a what-if design: 5 seeds pooled
 """
 
 from __future__ import annotations
@@ -30,10 +31,18 @@ from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 
 
-def _one(name: str, workdir: str, replicates: int, plan_at: float, seed: int) -> dict:
-    from convscale_cli.report.simulate import run_once, scenarios
+def _scenario(name: str, changes: dict) -> object:
+    import dataclasses
 
-    return run_once(scenarios()[name], seed, workdir, replicates, plan_at)
+    from convscale_cli.report.simulate import scenarios
+
+    return dataclasses.replace(scenarios()[name], **changes)
+
+
+def _one(name: str, changes: dict, workdir: str, replicates: int, plan_at: float, seed: int) -> dict:
+    from convscale_cli.report.simulate import run_once
+
+    return run_once(_scenario(name, changes), seed, workdir, replicates, plan_at)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,12 +57,17 @@ def main(argv: list[str] | None = None) -> int:
         default=1.0,
         help="plan --from's budget as a multiple of the largest cell's compute (10: the quickstart's extrapolation)",
     )
+    parser.add_argument("--seeds", type=int, default=0, help="seeds pooled per study (default: each scenario's)")
+    parser.add_argument("--sigma", type=float, default=0.0, help="run noise in log loss (default: each scenario's)")
     parser.add_argument("--json", dest="json_out", default="", help="also write the tallies to this file")
     args = parser.parse_args(argv)
 
     from convscale_cli.report.simulate import check, scenarios, tally
 
-    chosen = [s for s in scenarios().values() if not args.scenarios or s.name in args.scenarios.split(",")]
+    # What-if designs: another seed count or run noise for the chosen scenarios (their truths unchanged).
+    changes = {k: v for k, v in {"seeds": args.seeds, "sigma": args.sigma}.items() if v}
+    names = [name for name in scenarios() if not args.scenarios or name in args.scenarios.split(",")]
+    chosen = [_scenario(name, changes) for name in names]
     summaries, failures = [], []
     with (
         tempfile.TemporaryDirectory() as workdir,
@@ -62,9 +76,13 @@ def main(argv: list[str] | None = None) -> int:
         for scenario in chosen:
             start = time.time()
             rows = list(
-                pool.map(partial(_one, scenario.name, workdir, args.replicates, args.plan_at), range(args.sims))
+                pool.map(
+                    partial(_one, scenario.name, changes, workdir, args.replicates, args.plan_at), range(args.sims)
+                )
             )
             summary = tally(scenario, rows)
+            if changes:
+                summary["scenario"] += " with " + ", ".join(f"{k} {v:g}" for k, v in changes.items())
             summary["rows"] = rows
             summary["seconds"] = time.time() - start
             summaries.append(summary)

@@ -1,7 +1,7 @@
 """The report's intervals and verdicts are calibrated on simulated studies with a known truth.
 
 A smaller version of ``benchmarks/bench_calibration.py`` (which runs 200 simulations per scenario and records the
-table in docs/calibration.md): 50 simulated studies for each of five scenarios, each through the real sweep, report
+table in docs/calibration.md): 50 simulated studies for each of six scenarios, each through the real sweep, report
 analysis and ``plan --from``, with the same bounds widened by its own sampling error. The seeds are fixed, so the
 test is deterministic; it fails when
 a change to the analysis makes an interval cover the truth too rarely or too often, a null finding "supported" too
@@ -31,7 +31,9 @@ def _one(name: str, workdir: str, seed: int) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["law-holds", "saturating", "size-and-lr-null", "two-trial", "families-match"])
+@pytest.mark.parametrize(
+    "name", ["law-holds", "saturating", "size-and-lr-null", "two-trial", "families-match", "main-job"]
+)
 def test_intervals_and_verdicts_are_calibrated(name: str, tmp_path: Path) -> None:
     scenario = scenarios()[name]
     # Spawned workers: forking a process that has imported jax (other tests have) can deadlock.
