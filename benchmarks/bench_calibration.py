@@ -40,7 +40,7 @@ def _scenario(name: str, changes: dict) -> object:
 
 
 def _one(name: str, changes: dict, workdir: str, replicates: int, plan_at: float, seed: int) -> dict:
-    from convscale_cli.report.simulate import run_once
+    from convscale_cli.report.calibration import run_once
 
     return run_once(_scenario(name, changes), seed, workdir, replicates, plan_at)
 
@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", dest="json_out", default="", help="also write the tallies to this file")
     args = parser.parse_args(argv)
 
-    from convscale_cli.report.simulate import check, scenarios, tally
+    from convscale_cli.report.calibration import check, tally
+    from convscale_cli.report.simulate import scenarios
 
     # What-if designs: another seed count or run noise for the chosen scenarios (their truths unchanged).
     changes = {k: v for k, v in {"seeds": args.seeds, "sigma": args.sigma}.items() if v}

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from convscale_cli.report.simulate import check, run_once, scenarios, tally
+from convscale_cli.report.calibration import check, run_once, tally
+from convscale_cli.report.simulate import scenarios
 
 SIMULATIONS = 50
 REPLICATES = 60
